@@ -1,0 +1,145 @@
+"""`tumorseg prepare`: every case in parallel, resumable, then the manifest and split."""
+
+from __future__ import annotations
+
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import TumorsegError
+from ..io import Case, discover_cases, write_text
+from .case import prepare_case, record_path
+from .config import PrepareConfig, default_workers
+from .split import split_cases
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class PrepareResult:
+    """What a prepare run did; `manifest` is what was written to manifest.json."""
+
+    out_dir: Path
+    manifest: dict
+    failed: dict[str, str] = field(default_factory=dict)
+    skipped: int = 0
+
+    @property
+    def kept(self) -> list[str]:
+        return [c["case_id"] for c in self.manifest["cases"] if c["status"] == "kept"]
+
+
+def _run_one(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
+    """Worker entry point: a record, or an error record naming the case (never raises)."""
+    try:
+        return prepare_case(case, config, out_dir)
+    except TumorsegError as exc:
+        return {"case_id": case.case_id, "status": "failed", "reason": str(exc)}
+    except (MemoryError, Exception) as exc:  # a bug or resource problem: still name the case
+        return {"case_id": case.case_id, "status": "failed", "reason": f"{case.case_id}: {type(exc).__name__}: {exc}"}
+
+
+def _finished(case: Case, config: PrepareConfig, out_dir: Path) -> dict | None:
+    """The saved record of a case already prepared with the same settings, else None."""
+    path = record_path(out_dir, case.case_id)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("settings") != config.case_settings():
+        return None
+    needed = [] if record["status"] == "dropped" else ["images"] + (["masks"] if record["status"] == "kept" else [])
+    if not all((out_dir / kind / f"{case.case_id}.npy").exists() for kind in needed):
+        return None
+    return record
+
+
+def prepare(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    config: PrepareConfig | None = None,
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> PrepareResult:
+    """Prepare every BraTS case under `data_dir` into `out_dir` (images/, masks/, manifest.json).
+
+    Cases already prepared with the same settings are skipped unless `force`. A failing case
+    is reported in one line and recorded; the others are still processed.
+    """
+    config = config or PrepareConfig()
+    out_dir = Path(out_dir)
+    cases = discover_cases(data_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records: dict[str, dict] = {}
+    todo = []
+    for case in cases:
+        done = None if force else _finished(case, config, out_dir)
+        if done is not None:
+            records[case.case_id] = done
+        else:
+            todo.append(case)
+        if case.seg_note:
+            _say(case.seg_note)
+    skipped = len(records)
+    workers = max(1, min(workers or default_workers(), len(todo) or 1))
+    bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress)
+    if workers == 1:
+        for case in todo:
+            records[case.case_id] = _report(_run_one(case, config, out_dir), bar)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(_run_one, case, config, out_dir) for case in todo]
+            for fut in as_completed(futures):
+                record = _report(fut.result(), bar)
+                records[record["case_id"]] = record
+    bar.close()
+    manifest = _manifest(data_dir, config, [records[c.case_id] for c in cases])
+    write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    failed = {r["case_id"]: r["reason"] for r in manifest["cases"] if r["status"] == "failed"}
+    return PrepareResult(out_dir=out_dir, manifest=manifest, failed=failed, skipped=skipped)
+
+
+def _report(record: dict, bar: tqdm) -> dict:
+    if record["status"] == "failed":
+        _say(f"error: {record['reason']}", bar)
+    bar.update(1)
+    return record
+
+
+def _say(line: str, bar: tqdm | None = None) -> None:
+    (bar.write if bar is not None else print)(line, file=sys.stderr)
+
+
+def _manifest(data_dir, config: PrepareConfig, records: list[dict]) -> dict:
+    kept = [r["case_id"] for r in records if r["status"] == "kept"]
+    split = split_cases(kept, config.val_fraction, config.seed)
+    for r in records:
+        r["split"] = "train" if r["case_id"] in split["train"] else "val" if r["case_id"] in split["val"] else None
+    counts = {s: sum(r["status"] == s for r in records) for s in ("kept", "dropped", "unlabelled", "failed")}
+    return {
+        "format": "tumorseg-prepared-v1",
+        "source": str(Path(data_dir).resolve()),
+        "settings": config.to_dict(),
+        "counts": counts,
+        "split": split,
+        "cases": records,
+    }
+
+
+def load_manifest(prepared_dir: str | Path) -> dict:
+    """Read a prepared folder's manifest, with a clear error if it is not one."""
+    path = Path(prepared_dir) / MANIFEST
+    if not path.is_file():
+        raise TumorsegError(f"{prepared_dir}: not a prepared folder (no {MANIFEST}; run 'tumorseg prepare' first)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise TumorsegError(f"{path}: corrupt manifest ({exc})") from None
+    if manifest.get("format") != "tumorseg-prepared-v1":
+        raise TumorsegError(f"{path}: not a tumorseg manifest")
+    return manifest

@@ -1,0 +1,59 @@
+"""Hand-made BraTS-format cases with exactly known content, for precise tests."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from tumorseg.labels import MODALITIES
+
+AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+
+
+def write_case(
+    root: Path,
+    case_id: str,
+    shape=(40, 40, 32),
+    seg: np.ndarray | None | bool = True,
+    ext: str = ".nii.gz",
+    modalities=MODALITIES,
+    seed: int = 0,
+) -> Path:
+    """A case folder with a box 'brain' of random int16 values and (by default) a cube tumour.
+
+    Each modality m gets values offset by its index so channel order is visible in outputs.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    brain = np.zeros(shape, bool)
+    brain[4:-4, 4:-4, 3:-3] = True
+    for i, m in enumerate(modalities):
+        img = np.where(brain, rng.integers(100, 200, shape) + 1000 * (MODALITIES.index(m) + 1), 0).astype(np.int16)
+        nib.save(nib.Nifti1Image(img, AFFINE), folder / f"{case_id}_{m}{ext}")
+    if seg is True:
+        seg = np.zeros(shape, np.uint8)
+        c = [s // 2 for s in shape]
+        seg[c[0] - 6 : c[0] + 6, c[1] - 6 : c[1] + 6, c[2] - 5 : c[2] + 5] = 2
+        seg[c[0] - 3 : c[0] + 3, c[1] - 3 : c[1] + 3, c[2] - 3 : c[2] + 3] = 4
+        seg[c[0] - 1 : c[0] + 1, c[1] - 1 : c[1] + 1, c[2] - 1 : c[2] + 1] = 1
+    if seg is not None and seg is not False:
+        nib.save(nib.Nifti1Image(np.asarray(seg), AFFINE), folder / f"{case_id}_seg{ext}")
+    return folder
+
+
+def kaggle_copy(src_case: Path, root: Path, number: int, seg_name: str | None = None) -> Path:
+    """Lay a real sample case out as the Kaggle BraTS 2020 download has it (uncompressed .nii)."""
+    case_id = f"BraTS20_Training_{number:03d}"
+    folder = root / "BraTS2020_TrainingData" / "MICCAI_BraTS2020_TrainingData" / case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src_case.glob("*.nii.gz")):
+        kind = path.name[: -len(".nii.gz")].rsplit("_", 1)[1]
+        name = seg_name if kind == "seg" and seg_name else f"{case_id}_{kind}.nii"
+        with gzip.open(path, "rb") as fin, open(folder / name, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+    return folder.parent

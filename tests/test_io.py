@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from tumorseg.errors import TumorsegError
+from tumorseg.io import atomic_path, discover_cases, load_nifti, save_npy
+
+from factory import kaggle_copy, write_case
+
+
+def test_folder_of_case_folders(tmp_path):
+    for i in (2, 1):
+        write_case(tmp_path, f"BraTS20_Training_00{i}")
+    cases = discover_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    assert set(cases[0].images) == {"t1", "t1ce", "t2", "flair"}
+    assert cases[0].seg.name == "BraTS20_Training_001_seg.nii.gz"
+
+
+def test_single_case_folder_and_uncompressed(tmp_path):
+    folder = write_case(tmp_path, "BraTS20_Training_007", ext=".nii")
+    (case,) = discover_cases(folder)
+    assert case.case_id == "BraTS20_Training_007" and case.seg.suffix == ".nii"
+
+
+def test_validation_case_without_segmentation(tmp_path):
+    write_case(tmp_path, "BraTS20_Validation_001", seg=None)
+    (case,) = discover_cases(tmp_path)
+    assert case.seg is None and len(case.images) == 4
+
+
+def test_case_355_segmentation_name(tmp_path):
+    folder = write_case(tmp_path, "BraTS20_Training_355", seg=None, ext=".nii")
+    write_case(tmp_path / "x", "y", ext=".nii")  # a donor segmentation file
+    (tmp_path / "x" / "y" / "y_seg.nii").rename(folder / "W39_1998.09.19_Segm.nii")
+    case = discover_cases(tmp_path / "BraTS20_Training_355")[0]
+    assert case.seg.name == "W39_1998.09.19_Segm.nii"
+    assert "W39_1998.09.19_Segm.nii" in case.seg_note
+
+
+def test_missing_modality_is_reported_by_name(tmp_path):
+    write_case(tmp_path, "case_a", modalities=("t1", "t2", "flair"))
+    (case,) = discover_cases(tmp_path)
+    with pytest.raises(TumorsegError, match="case_a: missing modality 't1ce'"):
+        case.image("t1ce")
+
+
+def test_empty_and_missing_folder(tmp_path):
+    with pytest.raises(TumorsegError, match="no BraTS cases found"):
+        discover_cases(tmp_path)
+    with pytest.raises(TumorsegError, match="no such folder"):
+        discover_cases(tmp_path / "nope")
+
+
+def test_corrupt_nifti_names_file(tmp_path):
+    bad = tmp_path / "bad_t1.nii.gz"
+    bad.write_bytes(b"not a nifti file at all")
+    with pytest.raises(TumorsegError, match="bad_t1.nii.gz: cannot read NIfTI"):
+        load_nifti(bad)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "a.npy"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+    save_npy(target, np.arange(3))
+    assert np.array_equal(np.load(target), np.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npy"]
+
+
+def test_kaggle_layout_from_real_case(real_data_dir, tmp_path):
+    src = real_data_dir / "Brats18_2013_2_1"
+    kaggle_copy(src, tmp_path, 1)
+    kaggle_copy(src, tmp_path, 355, seg_name="W39_1998.09.19_Segm.nii")
+    cases = discover_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["BraTS20_Training_001", "BraTS20_Training_355"]
+    assert cases[1].seg.name == "W39_1998.09.19_Segm.nii" and cases[1].seg_note
+    vol = load_nifti(cases[0].seg)
+    assert vol.data.shape == (240, 240, 155) and vol.spacing == (1.0, 1.0, 1.0)

@@ -1,0 +1,161 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tumorseg.cli import main
+from tumorseg.errors import TumorsegError
+from tumorseg.io import discover_cases, load_nifti
+from tumorseg.labels import to_training_labels
+from tumorseg.prepare import PrepareConfig, prepare, uncrop
+from tumorseg.prepare.scaling import scale
+from tumorseg.prepare.split import split_cases
+
+from factory import write_case
+
+SMALL = dict(crop_size=(32, 32, 24))
+
+
+def _nii(folder, case_id, kind):
+    return folder / case_id / f"{case_id}_{kind}.nii.gz"
+
+
+def test_minmax_and_zscore_scaling():
+    v = np.array([[[0, 10], [20, 40]]], dtype=np.int16)
+    brain = v != 0
+    assert np.allclose(scale(v, "minmax", brain), v / 40)
+    z = scale(v, "zscore", brain)
+    vals = np.array([10, 20, 40.0])
+    assert z[0, 0, 0] == 0 and np.allclose(z[brain], (vals - vals.mean()) / vals.std())
+    assert scale(v, "minmax", brain, (slice(None), slice(1, 2), slice(None))).shape == (1, 1, 2)
+
+
+def test_channels_relabel_and_crop_box_round_trip(tmp_path):
+    write_case(tmp_path / "raw", "c1")
+    cfg = PrepareConfig(channels=("flair", "t1"), **SMALL)
+    res = prepare(tmp_path / "raw", tmp_path / "out", cfg, workers=1, progress=False)
+    image = np.load(tmp_path / "out/images/c1.npy")
+    mask = np.load(tmp_path / "out/masks/c1.npy")
+    assert image.shape == (2, 32, 32, 24) and image.dtype == np.float32
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1, 2, 3}
+    raw_flair = load_nifti(_nii(tmp_path / "raw", "c1", "flair")).data
+    rec = res.manifest["cases"][0]
+    box = [tuple(b) for b in rec["crop_box"]]
+    assert box == [(4, 36), (4, 36), (4, 28)]
+    back = uncrop(image[0], box, (40, 40, 32))
+    expected = (raw_flair - raw_flair.min()) / (raw_flair.max() - raw_flair.min())
+    assert np.allclose(back[4:36, 4:36, 4:28], expected[4:36, 4:36, 4:28])
+    seg = load_nifti(_nii(tmp_path / "raw", "c1", "seg")).data
+    assert np.array_equal(uncrop(mask, box, seg.shape)[4:36, 4:36, 4:28], to_training_labels(seg)[4:36, 4:36, 4:28])
+    assert rec["status"] == "kept" and rec["affine"][1][3] == 239 and rec["shape"] == [40, 40, 32]
+
+
+def test_drop_rule_and_manifest(tmp_path):
+    small = np.zeros((40, 40, 32), np.uint8)
+    small[20, 20, 16] = 2  # one voxel: far below 1 %
+    write_case(tmp_path / "raw", "big")
+    write_case(tmp_path / "raw", "tiny", seg=small)
+    write_case(tmp_path / "raw", "val_only", seg=None)
+    res = prepare(tmp_path / "raw", tmp_path / "out", PrepareConfig(**SMALL), workers=1, progress=False)
+    status = {c["case_id"]: c["status"] for c in res.manifest["cases"]}
+    assert status == {"big": "kept", "tiny": "dropped", "val_only": "unlabelled"}
+    tiny = next(c for c in res.manifest["cases"] if c["case_id"] == "tiny")
+    assert "tumour fraction" in tiny["reason"] and tiny["tumour_fraction"] == pytest.approx(1 / (32 * 32 * 24), rel=1e-3)
+    assert not (tmp_path / "out/images/tiny.npy").exists()
+    assert (tmp_path / "out/images/val_only.npy").exists() and not (tmp_path / "out/masks/val_only.npy").exists()
+    on_disk = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert on_disk["counts"] == {"kept": 1, "dropped": 1, "unlabelled": 1, "failed": 0}
+    res = prepare(tmp_path / "raw", tmp_path / "out2", PrepareConfig(min_tumour=0.0, **SMALL), workers=1, progress=False)
+    assert res.kept == ["big", "tiny"]
+
+
+def test_split_is_deterministic_and_seeded():
+    ids = [f"c{i:02d}" for i in range(20)]
+    a = split_cases(ids, 0.25, 42)
+    assert a == split_cases(list(reversed(ids)), 0.25, 42)
+    assert len(a["val"]) == 5 and sorted(a["train"] + a["val"]) == ids
+    assert split_cases(ids, 0.25, 1) != a
+    assert split_cases(["a", "b"], 0.25, 0)["val"] and split_cases(["a"], 0.25, 0)["val"] == []
+
+
+def test_resumable_and_force(tmp_path):
+    for i in range(3):
+        write_case(tmp_path / "raw", f"c{i}", seed=i)
+    cfg = PrepareConfig(**SMALL)
+    first = prepare(tmp_path / "raw", tmp_path / "out", cfg, workers=2, progress=False)
+    assert first.skipped == 0 and len(first.kept) == 3
+    stamp = (tmp_path / "out/images/c1.npy").stat().st_mtime_ns
+    (tmp_path / "out/images/c2.npy").unlink()  # as if killed while writing c2
+    again = prepare(tmp_path / "raw", tmp_path / "out", cfg, workers=1, progress=False)
+    assert again.skipped == 2 and (tmp_path / "out/images/c2.npy").exists()
+    assert (tmp_path / "out/images/c1.npy").stat().st_mtime_ns == stamp
+    assert again.manifest["split"] == first.manifest["split"]
+    forced = prepare(tmp_path / "raw", tmp_path / "out", cfg, workers=1, force=True, progress=False)
+    assert forced.skipped == 0
+    other = prepare(tmp_path / "raw", tmp_path / "out", PrepareConfig(norm="zscore", **SMALL), workers=1, progress=False)
+    assert other.skipped == 0  # changed settings redo the cases
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("missing", "missing modality 't1ce'"),
+        ("corrupt", "bad_t2.nii.gz: cannot read NIfTI"),
+        ("shape", "bad_flair.nii.gz has shape (40, 40, 30)"),
+        ("label3", "contains label(s) [3]"),
+    ],
+)
+def test_bad_case_reported_others_processed(tmp_path, breakage, message):
+    write_case(tmp_path / "raw", "good")
+    folder = write_case(tmp_path / "raw", "bad")
+    if breakage == "missing":
+        (folder / "bad_t1ce.nii.gz").unlink()
+    elif breakage == "corrupt":
+        (folder / "bad_t2.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    elif breakage == "shape":
+        nib.save(nib.Nifti1Image(np.ones((40, 40, 30), np.int16), np.eye(4)), folder / "bad_flair.nii.gz")
+    else:
+        seg = np.zeros((40, 40, 32), np.uint8)
+        seg[10:30, 10:30, 10:20] = 3
+        nib.save(nib.Nifti1Image(seg, np.eye(4)), folder / "bad_seg.nii.gz")
+    res = prepare(tmp_path / "raw", tmp_path / "out", PrepareConfig(**SMALL), workers=1, progress=False)
+    assert list(res.failed) == ["bad"] and message in res.failed["bad"] and res.kept == ["good"]
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(TumorsegError, match="bad channels"):
+        PrepareConfig(channels=("t2", "dwi"))
+    with pytest.raises(TumorsegError, match="min tumour"):
+        PrepareConfig(min_tumour=2)
+
+
+def test_cli_prepare(tmp_path, capsys):
+    write_case(tmp_path / "raw", "c0")
+    write_case(tmp_path / "raw", "c1", seed=1)
+    rc = main(["prepare", str(tmp_path / "raw"), str(tmp_path / "out"), "--crop", "32,32,24", "--channels", "all", "--workers", "1"])
+    assert rc == 0 and "2 kept" in capsys.readouterr().out
+    assert np.load(tmp_path / "out/images/c0.npy").shape == (4, 32, 32, 24)
+    (tmp_path / "raw/c1/c1_t2.nii.gz").write_bytes(b"junk")
+    rc = main(["prepare", str(tmp_path / "raw"), str(tmp_path / "out2"), "--crop", "32", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "c1: " in err and "c1_t2.nii.gz" in err and "Traceback" not in err
+    assert main(["prepare", str(tmp_path / "empty"), str(tmp_path / "o")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_real_cases_kaggle_layout(real_data_dir, tmp_path):
+    from factory import kaggle_copy
+
+    kaggle_copy(real_data_dir / "Brats18_CBICA_AQR_1", tmp_path / "dl", 10)  # 0.7 % tumour: dropped
+    kaggle_copy(real_data_dir / "Brats18_2013_11_1", tmp_path / "dl", 355, seg_name="W39_1998.09.19_Segm.nii")
+    res = prepare(tmp_path / "dl", tmp_path / "out", workers=2, progress=False)
+    by_id = {c["case_id"]: c for c in res.manifest["cases"]}
+    assert by_id["BraTS20_Training_010"]["status"] == "dropped"
+    c355 = by_id["BraTS20_Training_355"]
+    assert c355["status"] == "kept" and "W39_1998.09.19_Segm.nii" in c355["note"]
+    assert c355["crop_box"] == [[56, 184], [56, 184], [13, 141]]
+    assert c355["tumour_fraction"] == pytest.approx(0.0664, abs=1e-3)
+    image = np.load(tmp_path / "out/images/BraTS20_Training_355.npy", mmap_mode="r")
+    assert image.shape == (3, 128, 128, 128) and 0.0 <= image.min() and image.max() <= 1.0
+    assert set(np.unique(np.load(tmp_path / "out/masks/BraTS20_Training_355.npy"))) <= {0, 1, 2, 3}
