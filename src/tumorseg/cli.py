@@ -69,6 +69,43 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_FLAGS = ("model", "filters", "epochs", "batch_size", "lr", "patch", "target", "schedule", "augment",
+               "steps_per_epoch", "workers", "seed", "device", "amp")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import resolve_config, train
+
+    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}
+    for key in ("filters", "patch"):
+        if overrides[key] is not None:
+            overrides[key] = list(overrides[key])
+    config_file = args.config
+    if args.resume and config_file is None and (args.run_dir / "config.yaml").is_file():
+        config_file = args.run_dir / "config.yaml"  # a resumed run keeps its settings; flags still override
+    config = resolve_config(config_file, overrides)
+    result = train(args.prepared_dir, args.run_dir, config, resume=args.resume)
+    best = f"best mean Dice {result.best_metric:.3f} at epoch {result.best_epoch}" if result.best_epoch else "no validation"
+    print(f"trained {len(result.history)} epochs; {best}; checkpoints in {args.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    out = args.out or args.pred_dir / "metrics.csv"
+    result = evaluate(args.pred_dir, args.gt_dir, out_csv=out, workers=args.workers)
+    print(result.report())
+    return 1 if result.failed else 0
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got '{text}'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tumorseg", description="Brain tumour segmentation for BraTS MRI.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -94,6 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
     p.add_argument("--force", action="store_true", help="redo cases already prepared")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a network on a prepared folder")
+    p.add_argument("prepared_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="checkpoints, metrics.csv, curves.png and config.yaml go here")
+    p.add_argument("--config", type=Path, help="YAML or TOML file of settings (flags override it)")
+    p.add_argument("--model", help="unet3d (ours), unet, segresnet or dynunet (MONAI)")
+    p.add_argument("--filters", type=_int_list, help="widths per level, e.g. 16,32,64,128,256")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--patch", type=_ints(3), metavar="X,Y,Z", help="random patches of this size (default: whole crop)")
+    p.add_argument("--target", choices=("labels", "regions"), help="4 softmax classes (seed) or 3 sigmoid regions")
+    p.add_argument("--schedule", choices=("none", "cosine", "poly"))
+    p.add_argument("--augment", choices=("none", "light", "heavy"))
+    p.add_argument("--steps-per-epoch", type=int, help="batches per epoch (default: one pass over the cases)")
+    p.add_argument("--workers", type=int, help="data loader processes")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), help="mixed precision on GPU")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="BraTS region metrics (Dice, HD95, sensitivity, specificity) per case + summary")
+    p.add_argument("pred_dir", type=Path, help="folder of <case>.nii.gz predictions (BraTS labels 0,1,2,4)")
+    p.add_argument("gt_dir", type=Path, help="BraTS case folders with segmentations")
+    p.add_argument("--out", type=Path, help="per-case CSV (default PRED_DIR/metrics.csv); summary JSON beside it")
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -1,0 +1,72 @@
+"""A Dataset over the arrays `tumorseg prepare` writes, read from disk on demand.
+
+Arrays are memory-mapped, so only the samples in flight are in memory and datasets far
+larger than RAM train; the page cache keeps hot cases fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import TumorsegError
+from ..prepare import load_manifest
+
+
+def split_ids(prepared_dir: str | Path, split: str) -> list[str]:
+    """Case ids of a split ("train" or "val") of a prepared folder, checked to exist on disk."""
+    prepared_dir = Path(prepared_dir)
+    manifest = load_manifest(prepared_dir)
+    if split not in manifest["split"]:
+        raise TumorsegError(f"{prepared_dir}: manifest has no '{split}' split")
+    ids = manifest["split"][split]
+    for case_id in ids:
+        for kind in ("images", "masks"):
+            if not (prepared_dir / kind / f"{case_id}.npy").is_file():
+                raise TumorsegError(f"{prepared_dir / kind / f'{case_id}.npy'}: missing (re-run 'tumorseg prepare')")
+    return ids
+
+
+class PreparedDataset(Dataset):
+    """Samples `{"image": (C, X, Y, Z) float32, "label": (1, X, Y, Z) uint8, "case_id": str}`.
+
+    Args:
+        prepared_dir: output folder of `tumorseg prepare`.
+        case_ids: which cases (e.g. `split_ids(prepared_dir, "train")`).
+        transform: optional MONAI dictionary transform applied to each sample; if it
+            returns a list (patch samplers), the first element is used.
+    """
+
+    def __init__(self, prepared_dir: str | Path, case_ids: list[str], transform: Callable | None = None) -> None:
+        self.root = Path(prepared_dir)
+        self.case_ids = list(case_ids)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def load(self, index: int) -> dict:
+        case_id = self.case_ids[index]
+        try:
+            image = np.load(self.root / "images" / f"{case_id}.npy", mmap_mode="r")
+            label = np.load(self.root / "masks" / f"{case_id}.npy", mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise TumorsegError(f"{self.root}: cannot read arrays of {case_id} ({exc})") from None
+        # One copy out of the page cache; the arrays on disk are never written to.
+        return {
+            "image": torch.from_numpy(np.array(image, dtype=np.float32)),
+            "label": torch.from_numpy(np.array(label, dtype=np.uint8)[None]),
+            "case_id": case_id,
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.load(index)
+        if self.transform is not None:
+            sample = self.transform(sample)
+            if isinstance(sample, list):
+                sample = sample[0]
+        return sample

@@ -1,0 +1,30 @@
+"""Evaluation: BraTS region metrics per case and leaderboard-style summaries over folders."""
+
+from .evaluate import CaseResult, EvaluationResult, evaluate, format_table
+from .metrics import (
+    FAILED_CASE,
+    HD95_ONE_EMPTY,
+    METRICS,
+    dice,
+    hd95,
+    region_dice_from_labels,
+    region_metrics,
+    sensitivity,
+    specificity,
+)
+
+__all__ = [
+    "CaseResult",
+    "EvaluationResult",
+    "FAILED_CASE",
+    "HD95_ONE_EMPTY",
+    "METRICS",
+    "dice",
+    "evaluate",
+    "format_table",
+    "hd95",
+    "region_dice_from_labels",
+    "region_metrics",
+    "sensitivity",
+    "specificity",
+]

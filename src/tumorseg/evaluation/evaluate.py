@@ -1,0 +1,285 @@
+"""Score a folder of predictions against BraTS ground truth, as the BraTS leaderboard does.
+
+Pairing: `PRED_DIR/<case_id>.nii.gz` (or `.nii`) is scored against the segmentation of the
+case folder `<case_id>` that `io.discover_cases(GT_DIR)` finds. Metrics per case and region
+are those of `evaluation.metrics` (BraTS 2020 / CaPTk / medpy definitions, see
+`shared/BRATS_METRICS.md`); the voxel spacing comes from the ground truth's header.
+
+Every ground-truth case is accounted for, never silently skipped:
+- status "ok": scored.
+- status "missing": no prediction file; scored as failed (`metrics.FAILED_CASE`: Dice 0,
+  HD95 373.13 as BraTS says, and sensitivity 0, specificity 0, the worst value of each).
+- status "error": the prediction could not be scored (unreadable file, shape or affine
+  different from the ground truth, labels outside 0/1/2/4, both `.nii` and `.nii.gz`);
+  one line says why, and the case is scored as failed like a missing one.
+Ground-truth cases without a segmentation are skipped with a note; predictions without a
+ground-truth case are listed as extra.
+
+Summary (over all cases above, failed ones included, as BraTS leaderboards): per region and
+metric the mean, standard deviation (numpy, ddof=0), median and the 25th / 75th percentiles
+(numpy default, linear).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..errors import TumorsegError
+from ..io import NIFTI_RE, Volume, discover_cases, load_nifti, write_text
+from ..labels import REGIONS
+from .metrics import FAILED_CASE, METRICS, region_metrics
+
+STATUS_OK, STATUS_MISSING, STATUS_ERROR = "ok", "missing", "error"
+STATS: tuple[str, ...] = ("mean", "std", "median", "25quantile", "75quantile")
+AFFINE_ATOL_MM = 1e-3
+_METRIC_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)", "sensitivity": "Sensitivity", "specificity": "Specificity"}
+
+
+@dataclass
+class CaseResult:
+    """One ground-truth case: its status, metrics per region (failed values unless ok)."""
+
+    case_id: str
+    status: str
+    metrics: dict[str, dict[str, float]]
+    message: str = ""
+
+
+@dataclass
+class EvaluationResult:
+    """What `evaluate` found: per-case rows, the summary (also the JSON), and the lists."""
+
+    rows: list[CaseResult]
+    summary: dict[str, Any]
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    csv_path: Path | None = None
+    json_path: Path | None = None
+
+    @property
+    def failed(self) -> list[str]:
+        """Case ids scored as failed (missing or error)."""
+        return [r.case_id for r in self.rows if r.status != STATUS_OK]
+
+    def table(self) -> str:
+        return format_table(self.summary)
+
+    def report(self) -> str:
+        """The table plus every missing, extra, failed and skipped case, for printing."""
+        lines = [self.table()]
+        if self.missing:
+            lines.append(f"missing predictions, scored as failed ({len(self.missing)}): {', '.join(self.missing)}")
+        if self.errors:
+            lines.append(f"errors, scored as failed ({len(self.errors)}):")
+            lines += [f"  {msg}" for msg in self.errors.values()]
+        if self.extra:
+            lines.append(f"predictions without ground truth, ignored ({len(self.extra)}): {', '.join(self.extra)}")
+        lines += [f"skipped: {s}" for s in self.skipped] + [f"note: {n}" for n in self.notes]
+        lines += [f"wrote {p}" for p in (self.csv_path, self.json_path) if p is not None]
+        return "\n".join(lines)
+
+
+def _failed_metrics() -> dict[str, dict[str, float]]:
+    return {region: dict(FAILED_CASE) for region in REGIONS}
+
+
+def find_predictions(pred_dir: str | os.PathLike) -> tuple[dict[str, Path], dict[str, str]]:
+    """Prediction files `<case_id>.nii[.gz]` in `pred_dir` -> ({case id: path}, {case id: conflict})."""
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise TumorsegError(f"{pred_dir}: no such folder (expected predictions <case_id>.nii.gz)")
+    found: dict[str, list[Path]] = {}
+    for path in sorted(pred_dir.iterdir()):
+        match = NIFTI_RE.match(path.name)
+        if match and path.is_file() and not path.name.startswith("."):
+            found.setdefault(match["stem"], []).append(path)
+    if not found:
+        raise TumorsegError(f"{pred_dir}: no predictions found (expected <case_id>.nii.gz files)")
+    preds = {cid: paths[0] for cid, paths in found.items() if len(paths) == 1}
+    conflicts = {
+        cid: f"{cid}: more than one prediction ({', '.join(p.name for p in paths)}); keep one"
+        for cid, paths in found.items()
+        if len(paths) > 1
+    }
+    return preds, conflicts
+
+
+def _check_geometry(case_id: str, pred: Volume, gt: Volume) -> None:
+    if pred.data.shape != gt.data.shape:
+        raise TumorsegError(
+            f"{case_id}: prediction {pred.path} has shape {pred.data.shape} "
+            f"but the ground truth {gt.path.name} has {gt.data.shape}"
+        )
+    diff = float(np.max(np.abs(np.asarray(pred.affine) - np.asarray(gt.affine))))
+    if not diff <= AFFINE_ATOL_MM:
+        raise TumorsegError(
+            f"{case_id}: prediction {pred.path} has a different affine from the ground truth "
+            f"{gt.path.name} (largest difference {diff:.4g}); write predictions with the "
+            "ground truth's geometry"
+        )
+
+
+def evaluate_case(case_id: str, pred_path: Path, seg_path: Path) -> CaseResult:
+    """Score one prediction file against one ground-truth file; errors become a status."""
+    try:
+        gt = load_nifti(seg_path, case_id)
+        pred = load_nifti(pred_path, case_id)
+        _check_geometry(case_id, pred, gt)
+        metrics = region_metrics(pred.data, gt.data, gt.spacing)
+    except TumorsegError as exc:
+        return CaseResult(case_id, STATUS_ERROR, _failed_metrics(), str(exc))
+    except ValueError as exc:
+        msg = f"{case_id}: {exc} (prediction {pred_path}, ground truth {Path(seg_path).name})"
+        return CaseResult(case_id, STATUS_ERROR, _failed_metrics(), msg)
+    return CaseResult(case_id, STATUS_OK, metrics)
+
+
+def _run_jobs(jobs: list[tuple[str, Path, Path]], workers: int, progress: bool) -> list[CaseResult]:
+    from tqdm import tqdm
+
+    bar = dict(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
+    if workers <= 1 or len(jobs) <= 1:
+        return [evaluate_case(*job) for job in tqdm(jobs, **bar)]
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        results = pool.map(evaluate_case, *zip(*jobs))
+        return list(tqdm(results, **bar))
+
+
+def summarize(rows: Iterable[CaseResult]) -> dict[str, dict[str, dict[str, float]]]:
+    """{region: {metric: {mean, std, median, 25quantile, 75quantile}}} over all rows."""
+    rows = list(rows)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for region in REGIONS:
+        out[region] = {}
+        for metric in METRICS:
+            values = np.array([r.metrics[region][metric] for r in rows], dtype=np.float64)
+            q25, median, q75 = np.percentile(values, [25, 50, 75])
+            out[region][metric] = {
+                "mean": float(values.mean()),
+                "std": float(values.std()),
+                "median": float(median),
+                "25quantile": float(q25),
+                "75quantile": float(q75),
+            }
+    return out
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A leaderboard-style text table of the summary's metrics (one row per region/metric)."""
+    head = f"{'region':<7}{'metric':<13}" + "".join(f"{s:>12}" for s in ("mean", "std", "median", "25%", "75%"))
+    lines = [
+        f"BraTS metrics over {summary['cases']} cases ({summary['evaluated']} evaluated, "
+        f"{summary['failed']} failed and scored Dice 0, HD95 {FAILED_CASE['hd95']})",
+        head,
+        "-" * len(head),
+    ]
+    for region in REGIONS:
+        for i, metric in enumerate(METRICS):
+            stats = summary["metrics"][region][metric]
+            fmt = "{:>12.2f}" if metric == "hd95" else "{:>12.4f}"
+            cells = "".join(fmt.format(stats[s]) for s in STATS)
+            lines.append(f"{region if i == 0 else '':<7}{_METRIC_LABELS[metric]:<13}{cells}")
+    return "\n".join(lines)
+
+
+def rows_to_csv(rows: Iterable[CaseResult]) -> str:
+    """Per-case CSV: case, status, <REGION>_<metric> for WT, TC, ET, message."""
+    buf = _stdio.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case", "status", *(f"{r}_{m}" for r in REGIONS for m in METRICS), "message"])
+    for row in rows:
+        values = [row.metrics[r][m] for r in REGIONS for m in METRICS]
+        writer.writerow([row.case_id, row.status, *values, row.message])
+    return buf.getvalue()
+
+
+def _pair_cases(
+    gt_dir: str | os.PathLike, pred_dir: str | os.PathLike
+) -> tuple[list[tuple[str, Path, Path]], list[CaseResult], dict[str, list[str]]]:
+    """Jobs to score, rows already decided (missing, conflicting), and the lists to report."""
+    cases = discover_cases(gt_dir)
+    preds, conflicts = find_predictions(pred_dir)
+    with_seg = [c for c in cases if c.seg is not None]
+    if not with_seg:
+        raise TumorsegError(f"{gt_dir}: no ground-truth segmentations (<case>_seg.nii[.gz]) found")
+    jobs, decided = [], []
+    for case in with_seg:
+        cid = case.case_id
+        if cid in conflicts:
+            decided.append(CaseResult(cid, STATUS_ERROR, _failed_metrics(), conflicts[cid]))
+        elif cid in preds:
+            jobs.append((cid, preds[cid], case.seg))
+        else:
+            msg = f"{cid}: no prediction {cid}.nii.gz in {pred_dir}"
+            decided.append(CaseResult(cid, STATUS_MISSING, _failed_metrics(), msg))
+    gt_ids = {c.case_id for c in with_seg}
+    lists = {
+        "extra": sorted((set(preds) | set(conflicts)) - gt_ids),
+        "skipped": [f"{c.case_id}: no segmentation in {c.folder}" for c in cases if c.seg is None],
+        "notes": [c.seg_note for c in with_seg if c.seg_note],
+    }
+    return jobs, decided, lists
+
+
+def evaluate(
+    pred_dir: str | os.PathLike,
+    gt_dir: str | os.PathLike,
+    out_csv: str | os.PathLike | None = None,
+    out_json: str | os.PathLike | None = None,
+    progress: bool = True,
+    workers: int = 1,
+) -> EvaluationResult:
+    """Score every prediction in `pred_dir` against the BraTS cases in `gt_dir`.
+
+    Args:
+        pred_dir: folder of `<case_id>.nii.gz` (or `.nii`) label maps, raw labels 0/1/2/4.
+        gt_dir: BraTS case folders (any layout `io.discover_cases` knows).
+        out_csv: per-case CSV to write (atomically); None writes none.
+        out_json: summary JSON; default `<csv stem>_summary.json` beside `out_csv`.
+        progress: show a tqdm bar over the cases.
+        workers: processes scoring cases in parallel (1: in this process).
+
+    Raises:
+        TumorsegError: a folder is missing, holds no predictions or no segmentations.
+    """
+    jobs, decided, lists = _pair_cases(gt_dir, pred_dir)
+    rows = sorted(decided + _run_jobs(jobs, workers, progress), key=lambda r: r.case_id)
+    missing = [r.case_id for r in rows if r.status == STATUS_MISSING]
+    errors = {r.case_id: r.message for r in rows if r.status == STATUS_ERROR}
+    summary = {
+        "cases": len(rows),
+        "evaluated": sum(r.status == STATUS_OK for r in rows),
+        "failed": len(rows) - sum(r.status == STATUS_OK for r in rows),
+        "failed_case_values": dict(FAILED_CASE),
+        "metrics": summarize(rows),
+        "missing": missing,
+        "errors": errors,
+        **lists,
+        "definitions": "BraTS 2020 (CaPTk/medpy): pooled HD95 in mm; std ddof=0; quantiles numpy linear",
+    }
+    result = EvaluationResult(rows, summary, missing, lists["extra"], errors, lists["skipped"], lists["notes"])
+    _write_outputs(result, out_csv, out_json)
+    return result
+
+
+def _write_outputs(result: EvaluationResult, out_csv: Any, out_json: Any) -> None:
+    if out_csv is not None:
+        result.csv_path = Path(out_csv)
+        write_text(result.csv_path, rows_to_csv(result.rows))
+        if out_json is None:
+            out_json = result.csv_path.with_name(f"{result.csv_path.stem}_summary.json")
+    if out_json is not None:
+        result.json_path = Path(out_json)
+        write_text(result.json_path, json.dumps(result.summary, indent=2) + "\n")

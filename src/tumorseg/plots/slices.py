@@ -1,0 +1,369 @@
+"""Slices of one case with segmentation overlays: the seed's "predict and plot" figure.
+
+Rows are views (axial, coronal, sagittal); columns are the modalities, then the ground
+truth over FLAIR (or the last channel) when there is one, then the prediction over the same
+channel when one is given. Overlays use the usual BraTS colours: necrotic / non-enhancing
+core (label 1) red, oedema (label 2) green, enhancing tumour (label 4; 3 in training
+labels) yellow, at alpha 0.45.
+
+Volumes are turned to the BraTS voxel orientation (LPS: i towards the patient's left, j
+posterior, k superior) before slicing, which changes nothing for BraTS data, and every
+panel is displayed upright: axial with anterior at the top, coronal and sagittal with
+superior at the top, in radiological convention (the patient's right on the image's left).
+Slice numbers are voxel indices in that orientation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import TumorsegError
+from ..io import Case, atomic_path, discover_cases, load_nifti
+from ..labels import CLASS_NAMES, MODALITIES, invalid_raw_labels, to_training_labels
+
+VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
+VIEW_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}  # voxel axis in LPS order
+
+# Training label -> (RGB, raw BraTS label, short name). Raw label 4 is training label 3.
+LABEL_STYLE: dict[int, tuple[tuple[float, float, float], int, str]] = {
+    1: ((1.0, 0.0, 0.0), 1, "NCR"),
+    2: ((0.0, 0.8, 0.0), 2, "ED"),
+    3: ((1.0, 1.0, 0.0), 4, "ET"),
+}
+OVERLAY_ALPHA = 0.45
+PANEL_INCHES = 3.0  # each panel is PANEL_INCHES square
+MARGIN_INCHES = 1.0  # extra figure height for the title and the legend
+DPI = 100
+_LPS = ("L", "P", "S")
+
+
+@dataclass(frozen=True)
+class CaseImages:
+    """A case ready to plot, still in its stored voxel orientation.
+
+    Attributes:
+        case_id: shown in the title and the default file name.
+        names: one column name per channel, e.g. ("t1", "t1ce", "t2", "flair").
+        images: intensities (C, X, Y, Z) float32.
+        truth: ground truth in training labels (X, Y, Z) uint8, or None.
+        source: the file or folder the case came from, for error messages.
+        affine: voxel-to-world matrix (4, 4) used for orientation, or None (assume LPS).
+        spacing: voxel size in mm along X, Y, Z.
+        full_shape: for a prepared case, the shape of the scan before cropping.
+        crop_box: for a prepared case, where the crop sits in the full scan.
+    """
+
+    case_id: str
+    names: tuple[str, ...]
+    images: np.ndarray
+    truth: np.ndarray | None
+    source: Path
+    affine: np.ndarray | None = None
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    full_shape: tuple[int, ...] | None = None
+    crop_box: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+
+def save_case_plot(
+    case: str | os.PathLike | Case,
+    pred: str | os.PathLike | np.ndarray | None = None,
+    out: str | os.PathLike | None = None,
+    slice_index: int | None = None,
+    views: str | Sequence[str] = VIEWS,
+) -> Path:
+    """Write a PNG of a case's slices with ground truth and prediction overlays.
+
+    Args:
+        case: a raw BraTS case folder (or `io.Case`, or one of its NIfTI files), or a
+            prepared case `<prepared>/images/<case>.npy` (mask from `<prepared>/masks/`,
+            channel names from `<prepared>/manifest.json`).
+        pred: prediction on the case's grid: NIfTI with BraTS labels 0, 1, 2, 4, or `.npy`
+            (or array) with training labels 0..3. For a prepared case a full-size
+            prediction is cropped with the manifest's crop box. Optional.
+        out: PNG path, written atomically; default `<case_id>.png` in the current folder.
+        slice_index: the slice shown in every view; default the slice with the most tumour
+            (ground truth, else prediction, else the middle of the brain).
+        views: "all", one view name, or a sequence of "axial", "coronal", "sagittal".
+
+    Returns:
+        The path of the PNG written. Figure: rows = views, columns = channels (+ truth,
+        + prediction), each panel `PANEL_INCHES` square, plus `MARGIN_INCHES` of height,
+        at `DPI` dots per inch.
+    """
+    views = _check_views(views)
+    data = load_case(case)
+    labels = None if pred is None else load_prediction(pred, data)
+    images, truth, labels, spacing = _to_lps(data, labels)
+    brain = np.any(images != 0, axis=0)
+    if slice_index is None:
+        reference = truth if truth is not None and truth.any() else labels
+        slices = choose_slices(reference, brain, views)
+    else:
+        slices = {v: _check_slice(slice_index, v, images.shape[1:], data) for v in views}
+    out = Path(out) if out is not None else Path.cwd() / f"{data.case_id}.png"
+    _draw(data, images, truth, labels, spacing, slices, out)
+    return out
+
+
+def choose_slices(
+    labels: np.ndarray | None, brain: np.ndarray | None = None, views: Sequence[str] = VIEWS
+) -> dict[str, int]:
+    """The slice with the most labelled (non-zero) voxels in each view (ties: the middle one).
+
+    Args:
+        labels: label volume (X, Y, Z) in LPS voxel order, or None.
+        brain: boolean brain mask (X, Y, Z); its bounding-box middle is used when `labels`
+            is None or empty, and the middle of the volume when it is empty too.
+        views: view names; the result has one entry per view.
+    """
+    if labels is None and brain is None:
+        raise ValueError("choose_slices needs a label volume or a brain mask")
+    shape = labels.shape if labels is not None else brain.shape
+    out = {}
+    for view in views:
+        axis = VIEW_AXIS[view]
+        others = tuple(a for a in range(3) if a != axis)
+        if labels is not None and labels.any():
+            counts = np.count_nonzero(labels, axis=others)
+            best = np.flatnonzero(counts == counts.max())
+            out[view] = int(best[len(best) // 2])  # the middle one of tied slices
+        elif brain is not None and brain.any():
+            idx = np.flatnonzero(brain.any(axis=others))
+            out[view] = int((idx[0] + idx[-1]) // 2)
+        else:
+            out[view] = shape[axis] // 2
+    return out
+
+
+def display_slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:
+    """One slice of an LPS-ordered volume (X, Y, Z), turned upright for `imshow`.
+
+    Axial (X, Y) -> rows anterior to posterior, columns right to left (transpose); coronal
+    (X, Z) and sagittal (Y, Z) -> rows superior to inferior (`np.rot90`).
+    """
+    plane = np.take(volume, index, axis=VIEW_AXIS[view])
+    return plane.T if view == "axial" else np.rot90(plane)
+
+
+def load_case(case: str | os.PathLike | Case) -> CaseImages:
+    """A raw case folder / `Case` / NIfTI file of a case, or a prepared `images/<case>.npy`."""
+    if isinstance(case, Case):
+        return _load_raw(case)
+    path = Path(case)
+    if path.suffix == ".npy":
+        return _load_prepared(path)
+    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+        path = path.parent
+    if not path.exists():
+        raise TumorsegError(f"{path}: no such case folder or file")
+    cases = discover_cases(path)
+    if len(cases) != 1:
+        raise TumorsegError(f"{path}: holds {len(cases)} cases; give one case folder")
+    return _load_raw(cases[0])
+
+
+def _load_raw(case: Case) -> CaseImages:
+    names = tuple(m for m in MODALITIES if m in case.images)
+    vols = [load_nifti(case.image(m), case.case_id) for m in names]
+    shape = vols[0].data.shape
+    for v in vols[1:]:
+        if v.data.shape != shape:
+            raise TumorsegError(f"{v.path}: shape {v.data.shape} differs from {vols[0].path.name} {shape}")
+    images = np.stack([v.data.astype(np.float32, copy=False) for v in vols])
+    truth = None
+    if case.seg is not None:
+        seg = load_nifti(case.seg, case.case_id)
+        if seg.data.shape != shape:
+            raise TumorsegError(f"{case.seg}: shape {seg.data.shape} differs from the images' {shape}")
+        truth = _raw_to_labels(seg.data, case.seg)
+    return CaseImages(case.case_id, names, images, truth, case.folder, vols[0].affine, vols[0].spacing)
+
+
+def _load_prepared(path: Path) -> CaseImages:
+    case_id = path.stem
+    image = _load_npy(path)
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4:
+        raise TumorsegError(f"{path}: expected a prepared image (C, X, Y, Z), got shape {image.shape}")
+    root = path.parent.parent
+    names = tuple(f"channel {i}" for i in range(image.shape[0]))
+    record: dict = {}
+    if (root / "manifest.json").is_file():
+        from ..prepare.run import load_manifest
+
+        manifest = load_manifest(root)
+        channels = tuple(manifest.get("settings", {}).get("channels", ()))
+        if len(channels) == image.shape[0]:
+            names = channels
+        record = next((c for c in manifest.get("cases", []) if c.get("case_id") == case_id), {})
+    truth = None
+    mask_path = root / "masks" / path.name
+    if mask_path.is_file():
+        truth = _npy_to_labels(_load_npy(mask_path), mask_path)
+        if truth.shape != image.shape[1:]:
+            raise TumorsegError(f"{mask_path}: shape {truth.shape} differs from the image's {image.shape[1:]}")
+    return CaseImages(
+        case_id,
+        names,
+        np.asarray(image, dtype=np.float32),
+        truth,
+        path,
+        np.asarray(record["affine"], dtype=float) if "affine" in record else None,
+        tuple(record.get("spacing", (1.0, 1.0, 1.0))),
+        tuple(record["shape"]) if "shape" in record else None,
+        tuple(tuple(b) for b in record["crop_box"]) if "crop_box" in record else None,
+    )
+
+
+def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> np.ndarray:
+    """A prediction as training labels (X, Y, Z) uint8 on `data`'s grid, checked."""
+    if isinstance(pred, np.ndarray):
+        labels, where = _npy_to_labels(pred, "prediction array"), "prediction array"
+    else:
+        where = Path(pred)
+        if where.suffix == ".npy":
+            labels = _npy_to_labels(_load_npy(where), where)
+        else:
+            labels = _raw_to_labels(load_nifti(where, data.case_id).data, where)
+    if labels.shape == data.shape:
+        return labels
+    if data.crop_box is not None and labels.shape == data.full_shape:
+        from ..prepare.crop import crop
+
+        return crop(labels, data.crop_box)
+    raise TumorsegError(f"{where}: prediction has shape {labels.shape}, but case {data.case_id} has {data.shape}")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise TumorsegError(f"{path}: file not found") from None
+    except (OSError, ValueError) as exc:
+        raise TumorsegError(f"{path}: cannot read .npy ({exc})") from None
+
+
+def _raw_to_labels(seg: np.ndarray, where) -> np.ndarray:
+    values = np.unique(seg)
+    bad = [v for v in values.tolist() if not float(v).is_integer()] or invalid_raw_labels(values)
+    if bad:
+        raise TumorsegError(f"{where}: contains label(s) {bad}; BraTS segmentations use 0, 1, 2, 4")
+    return to_training_labels(seg)
+
+
+def _npy_to_labels(mask: np.ndarray, where) -> np.ndarray:
+    values = set(np.unique(mask).tolist())
+    if not values <= {0, 1, 2, 3, 4} or {3, 4} <= values:
+        raise TumorsegError(
+            f"{where}: labels {sorted(values)} are neither training (0..3) nor BraTS (0, 1, 2, 4) labels"
+        )
+    return to_training_labels(mask)
+
+
+def _to_lps(data: CaseImages, pred: np.ndarray | None):
+    """Images (C, X, Y, Z), truth, prediction and spacing, reoriented to LPS voxel order."""
+    images, truth, spacing = data.images, data.truth, data.spacing
+    if data.affine is None:
+        return images, truth, pred, spacing
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+    transform = ornt_transform(nib.io_orientation(data.affine), axcodes2ornt(_LPS))
+    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+        return images, truth, pred, spacing
+    turn = lambda a: None if a is None else np.ascontiguousarray(apply_orientation(a, transform))  # noqa: E731
+    new_spacing = [0.0] * 3
+    for axis, (target, _) in enumerate(transform):
+        new_spacing[int(target)] = spacing[axis]
+    return np.stack([turn(c) for c in images]), turn(truth), turn(pred), tuple(new_spacing)
+
+
+def _check_views(views: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(views, str):
+        views = VIEWS if views == "all" else (views,)
+    views = tuple(views)
+    bad = [v for v in views if v not in VIEWS]
+    if bad or not views:
+        raise TumorsegError(f"unknown view {bad[0] if bad else '(none)'!r}: choose from {', '.join(VIEWS)}, all")
+    return views
+
+
+def _check_slice(index: int, view: str, shape: tuple[int, ...], data: CaseImages) -> int:
+    size = shape[VIEW_AXIS[view]]
+    if not 0 <= int(index) < size:
+        raise TumorsegError(f"{data.case_id}: slice {index} is outside the {view} range 0..{size - 1}")
+    return int(index)
+
+
+def _window(channel: np.ndarray) -> tuple[float, float]:
+    """1st and 99th percentile of the brain (non-zero) voxels of one channel."""
+    values = channel[channel != 0]
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(values, (1, 99)))
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def _overlay(labels2d: np.ndarray) -> np.ndarray:
+    rgba = np.zeros(labels2d.shape + (4,), np.float32)
+    for label, (colour, _, _) in LABEL_STYLE.items():
+        rgba[labels2d == label] = (*colour, OVERLAY_ALPHA)
+    return rgba
+
+
+def _draw(data, images, truth, pred, spacing, slices: dict[str, int], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    base = data.names.index("flair") if "flair" in data.names else len(data.names) - 1
+    base_name = data.names[base].upper()
+    columns = [(n.upper(), i, None) for i, n in enumerate(data.names)]
+    columns += [(f"{base_name} + ground truth", base, truth)] if truth is not None else []
+    columns += [(f"{base_name} + prediction", base, pred)] if pred is not None else []
+    windows = [_window(c) for c in images]
+    nrows, ncols = len(slices), len(columns)
+    fig, axes = plt.subplots(
+        nrows, ncols, squeeze=False, layout="constrained",
+        figsize=(PANEL_INCHES * ncols, PANEL_INCHES * nrows + MARGIN_INCHES),
+    )
+    for row, (view, index) in enumerate(slices.items()):
+        sx, sy, sz = spacing
+        aspect = {"axial": sy / sx, "coronal": sz / sx, "sagittal": sz / sy}[view]
+        for col, (title, channel, labels) in enumerate(columns):
+            ax = axes[row, col]
+            lo, hi = windows[channel]
+            ax.imshow(display_slice(images[channel], view, index), cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
+            if labels is not None:
+                ax.imshow(_overlay(display_slice(labels, view, index)), aspect=aspect, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=11)
+            if col == 0:
+                ax.set_ylabel(f"{view} slice {index}", fontsize=11)
+    fig.suptitle(data.case_id, fontsize=13)
+    if truth is not None or pred is not None:
+        handles = [
+            Patch(facecolor=colour, alpha=OVERLAY_ALPHA, edgecolor="black",
+                  label=f"{raw} {CLASS_NAMES[label]} ({short})")
+            for label, (colour, raw, short) in LABEL_STYLE.items()
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=10, frameon=False)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)

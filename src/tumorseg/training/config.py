@@ -1,0 +1,117 @@
+"""Training settings: one dataclass, filled from defaults, a YAML/TOML file, then CLI flags."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import TumorsegError
+
+TARGETS = ("labels", "regions")
+SCHEDULES = ("none", "cosine", "poly")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `tumorseg train` needs besides the two folders.
+
+    Defaults follow the seed (3D U-Net 16-256, Dice + focal over 4 classes, Adam 1e-4,
+    batch 2). `patch` None trains on whole prepared crops; smaller patches are sampled with
+    `fg_ratio` of them centred on tumour. `steps_per_epoch` caps an epoch (0: one pass).
+    """
+
+    model: str = "unet3d"
+    filters: list[int] | None = None
+    dropout: float | None = None
+    deep_supervision: bool = False
+    target: str = "labels"
+    class_weights: list[float] | None = None
+    epochs: int = 100
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    schedule: str = "none"
+    patch: list[int] | None = None
+    fg_ratio: float = 0.33
+    augment: str = "light"
+    steps_per_epoch: int = 0
+    val_every: int = 1
+    workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    tta: bool = False
+    postprocess: bool = False
+
+    def __post_init__(self) -> None:
+        from ..data import AUGMENTATIONS
+        from ..networks import NETWORKS
+
+        checks = [
+            (self.model in NETWORKS, f"unknown model '{self.model}' (choose from {', '.join(NETWORKS)})"),
+            (self.target in TARGETS, f"unknown target '{self.target}' (choose from {', '.join(TARGETS)})"),
+            (self.schedule in SCHEDULES, f"unknown schedule '{self.schedule}' (choose from {', '.join(SCHEDULES)})"),
+            (self.augment in AUGMENTATIONS, f"unknown augment '{self.augment}' (choose from {', '.join(AUGMENTATIONS)})"),
+            (self.amp in AMP_MODES, f"unknown amp '{self.amp}' (choose from {', '.join(AMP_MODES)})"),
+            (self.device in DEVICES, f"unknown device '{self.device}' (choose from {', '.join(DEVICES)})"),
+            (self.optimizer in ("adam", "adamw", "sgd"), f"unknown optimizer '{self.optimizer}' (adam, adamw, sgd)"),
+            (self.epochs >= 1 and self.batch_size >= 1, f"epochs and batch size must be >= 1 (got {self.epochs}, {self.batch_size})"),
+            (self.lr > 0, f"learning rate must be > 0 (got {self.lr})"),
+            (0.0 <= self.fg_ratio <= 1.0, f"fg_ratio must be in [0, 1] (got {self.fg_ratio})"),
+            (self.patch is None or len(self.patch) == 3, f"patch must be 3 integers (got {self.patch})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TumorsegError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TumorsegError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise TumorsegError(f"{source}: {exc}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML (.yaml/.yml), TOML (.toml) or JSON file, as a plain dict."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TumorsegError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+    except Exception as exc:  # each parser has its own error type
+        raise TumorsegError(f"{path}: cannot parse config ({type(exc).__name__}: {exc})") from None
+    if not isinstance(values, dict):
+        raise TumorsegError(f"{path}: config must be a mapping of settings")
+    return values
+
+
+def resolve_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- config file <- explicit overrides (CLI flags that were given)."""
+    values: dict[str, Any] = read_config_file(file) if file else {}
+    source = str(file) if file else "config"
+    merged = {**values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    return TrainConfig.from_dict(merged, source)

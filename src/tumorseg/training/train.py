@@ -1,0 +1,239 @@
+"""`tumorseg train`: the loop that ties data, network, loss and checkpoints together.
+
+Resumable at epoch boundaries: every epoch re-seeds the RNGs from (seed, epoch), and
+`last.pt` holds the optimizer, scheduler, history and RNG state, so `--resume` continues
+exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data import PreparedDataset, eval_transform, make_loader, shard, split_ids, train_transform
+from ..errors import TumorsegError
+from ..io import write_text
+from ..labels import NUM_CLASSES, REGIONS, RAW_LABELS
+from ..networks import build_network, network_spec, required_divisor
+from ..plots import plot_curves
+from ..prepare import load_manifest
+from . import distributed
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .engine import mean_dice, train_epoch, validate
+from .losses import build_loss
+
+COLUMNS = ["epoch", "train_loss", "val_loss"] + [f"dice_{r}" for r in REGIONS] + ["dice_mean", "lr", "seconds"]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict]
+    best_metric: float
+    best_epoch: int | None
+
+
+def _check_patch(config: TrainConfig, crop: list[int]) -> list[int]:
+    patch = list(config.patch or crop)
+    divisor = required_divisor(config.model, config.filters)
+    if any(p > c for p, c in zip(patch, crop)):
+        raise TumorsegError(f"patch {patch} is larger than the prepared size {crop}")
+    if any(p % divisor for p in patch):
+        raise TumorsegError(f"patch {patch} must be divisible by {divisor} for {config.model} with these filters")
+    return patch
+
+
+def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or config.amp == "off":
+        return None
+    if config.amp == "fp16" or (config.amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def _optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.99, nesterov=True, weight_decay=config.weight_decay)
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _scheduler(config: TrainConfig, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.schedule == "poly":  # nnU-Net: (1 - epoch / epochs) ** 0.9
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 - e / config.epochs) ** 0.9)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int, transform) -> None:
+    s = seed + 1000 * epoch + 100_003 * rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    transform.set_random_state(seed=s % 2**32)
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
+    write_text(run_dir / "metrics.csv", buf.getvalue())
+    plot_curves(history, run_dir / "curves.png")
+
+
+def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch, spec, config, manifest, patch) -> dict:
+    settings = manifest["settings"]
+    return {
+        "network": spec,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "history": history,
+        "best_metric": best,
+        "best_epoch": best_epoch,
+        "config": config.to_dict(),
+        "prepare": {k: settings[k] for k in ("channels", "norm", "crop_size", "crop_mode")},
+        "patch": list(patch),
+        "target": config.target,
+        "label_map": {i: RAW_LABELS[i] for i in range(NUM_CLASSES)},  # training label -> BraTS label
+        "regions": list(REGIONS),
+        "inference": {"tta": config.tta, "postprocess_et_threshold": None},
+        "rng": rng_state(),
+        "torch_version": str(torch.__version__),
+    }
+
+
+def _resume(run_dir: Path, spec: dict, manifest: dict) -> dict:
+    state = load_checkpoint(run_dir / "last.pt")
+    if state["network"] != spec:
+        raise TumorsegError(
+            f"{run_dir / 'last.pt'}: checkpoint of another network ({state['network']['name']} "
+            f"{list(state['network']['filters'])}, this run: {spec['name']} {list(spec['filters'])})"
+        )
+    if state["prepare"]["channels"] != manifest["settings"]["channels"]:
+        raise TumorsegError(f"{run_dir / 'last.pt'}: trained on channels {state['prepare']['channels']}, data has {manifest['settings']['channels']}")
+    return state
+
+
+def train(
+    prepared_dir: str | Path,
+    run_dir: str | Path,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a network on a prepared folder; checkpoints, metrics.csv and curves.png go to `run_dir`.
+
+    Under torchrun this is data-parallel (DDP); only rank 0 writes. Ctrl-C leaves the
+    `last.pt` of the last finished epoch, from which `resume=True` continues.
+    """
+    config = config or TrainConfig()
+    prepared_dir, run_dir = Path(prepared_dir), Path(run_dir)
+    manifest = load_manifest(prepared_dir)
+    train_ids, val_ids = split_ids(prepared_dir, "train"), split_ids(prepared_dir, "val")
+    if not train_ids:
+        raise TumorsegError(f"{prepared_dir}: no training cases in the manifest's split")
+    if not resume and (run_dir / "last.pt").exists():
+        raise TumorsegError(f"{run_dir}: already holds a run (last.pt); use --resume or another folder")
+    crop = list(manifest["settings"]["crop_size"])
+    patch = _check_patch(config, crop)
+    out_channels = len(REGIONS) if config.target == "regions" else NUM_CLASSES
+    spec = network_spec(config.model, len(manifest["settings"]["channels"]), out_channels,
+                        config.filters, config.dropout, config.deep_supervision)
+    state = _resume(run_dir, spec, manifest) if resume else None
+    ctx = distributed.setup(config.device)
+    try:
+        return _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress)
+    finally:
+        distributed.cleanup()
+
+
+def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress) -> TrainResult:
+    progress = progress and ctx.is_main
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = build_network(**spec).to(ctx.device)
+    optimizer = _optimizer(config, model.parameters())
+    scheduler = _scheduler(config, optimizer)
+    amp_dtype = _amp_dtype(config, ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    history, best, best_epoch, start = [], -1.0, None, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, best, best_epoch, start = state["history"], state["best_metric"], state["best_epoch"], state["epoch"]
+        set_rng_state(state["rng"])
+    net = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) if ctx.distributed else model
+    transform = train_transform(patch, manifest["settings"]["crop_size"], config.augment, config.fg_ratio)
+    loader = make_loader(PreparedDataset(prepared_dir, train_ids, transform), config.batch_size, True, config.seed,
+                         config.workers, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
+    val_set = PreparedDataset(prepared_dir, shard(val_ids, ctx.rank, ctx.world_size), eval_transform())
+    loss_fn = build_loss(config.target, config.class_weights)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "config.yaml", _config_yaml(config, prepared_dir))
+        print(f"training {spec['name']} on {len(train_ids)} cases ({len(val_ids)} validation), patch {patch}, "
+              f"device {ctx.device}{f' x{ctx.world_size}' if ctx.distributed else ''}, epochs {start + 1}-{config.epochs}",
+              file=sys.stderr)
+    try:
+        for epoch in range(start, config.epochs):
+            t0 = time.perf_counter()
+            _seed_epoch(config.seed, epoch, ctx.rank, transform)
+            train_loss = train_epoch(net, loader, loss_fn, optimizer, scaler, ctx, epoch, config.steps_per_epoch, amp_dtype, progress)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
+            if val_ids and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
+                val_loss, dice = validate(model, val_set, loss_fn, ctx, patch, config.target, amp_dtype, progress)
+                row.update(val_loss=val_loss, dice_mean=mean_dice(dice), **{f"dice_{r}": dice[r] for r in REGIONS})
+            scheduler.step()
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            history.append(row)
+            improved = row.get("dice_mean", -1.0) > best
+            if improved:
+                best, best_epoch = row["dice_mean"], epoch + 1
+            if ctx.is_main:
+                state = _state(model, optimizer, scheduler, scaler, epoch + 1, history, best, best_epoch, spec, config, manifest, patch)
+                save_checkpoint(run_dir / "last.pt", state)
+                if improved or not val_ids:
+                    save_checkpoint(run_dir / "best.pt", state)
+                _write_history(run_dir, history)
+                print(_format_row(row), file=sys.stderr)
+            distributed.barrier(ctx)
+    except KeyboardInterrupt:
+        if ctx.is_main:
+            print(f"interrupted: {run_dir / 'last.pt'} holds epoch {len(history)}; continue with --resume", file=sys.stderr)
+        raise
+    return TrainResult(run_dir, history, best, best_epoch)
+
+
+def _format_row(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.4f}"]
+    if "val_loss" in row:
+        parts += [f"val loss {row['val_loss']:.4f}"] + [f"{r} {row[f'dice_{r}']:.3f}" for r in REGIONS]
+    return " | ".join(parts + [f"{row['seconds']:.0f}s"])
+
+
+def _config_yaml(config: TrainConfig, prepared_dir: Path) -> str:
+    import yaml
+
+    header = f"# effective settings of this run; prepared data: {prepared_dir.resolve()}\n"
+    return header + yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+__all__ = ["TrainResult", "train"]

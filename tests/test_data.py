@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+
+from tumorseg.data import PreparedDataset, eval_transform, make_loader, split_ids, train_transform
+from tumorseg.errors import TumorsegError
+from tumorseg.prepare import PrepareConfig, prepare
+
+from factory import write_case
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for i in range(5):
+        write_case(root / "raw", f"c{i}", seed=i)
+    prepare(root / "raw", root / "prep", PrepareConfig(crop_size=(32, 32, 24), val_fraction=0.4), workers=1, progress=False)
+    return root / "prep"
+
+
+def test_dataset_reads_prepared_split(prepared):
+    train, val = split_ids(prepared, "train"), split_ids(prepared, "val")
+    assert len(train) == 3 and len(val) == 2 and not set(train) & set(val)
+    ds = PreparedDataset(prepared, train)
+    sample = ds[0]
+    assert sample["image"].shape == (3, 32, 32, 24) and sample["image"].dtype == torch.float32
+    assert sample["label"].shape == (1, 32, 32, 24) and sample["case_id"] == train[0]
+    assert np.array_equal(sample["image"].numpy(), np.load(prepared / "images" / f"{train[0]}.npy"))
+
+
+def test_missing_arrays_and_folder_are_clear_errors(prepared, tmp_path):
+    with pytest.raises(TumorsegError, match="not a prepared folder"):
+        split_ids(tmp_path, "train")
+    broken = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(prepared, broken)
+    (broken / "masks" / f"{split_ids(prepared, 'val')[0]}.npy").unlink()
+    with pytest.raises(TumorsegError, match="missing"):
+        split_ids(broken, "val")
+
+
+def test_patches_and_augmentation_shapes(prepared):
+    ds = PreparedDataset(prepared, split_ids(prepared, "train"), train_transform((16, 16, 16), (32, 32, 24), "heavy"))
+    s = ds[1]
+    assert s["image"].shape == (3, 16, 16, 16) and s["label"].shape == (1, 16, 16, 16)
+    assert set(np.unique(s["label"].numpy())) <= {0, 1, 2, 3}  # nearest-neighbour labels survive rotation
+    ev = PreparedDataset(prepared, split_ids(prepared, "val"), eval_transform())[0]
+    assert ev["image"].shape == (3, 32, 32, 24)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_foreground_oversampling_rate(prepared, ratio):
+    # A patch is centred on tumour with probability fg_ratio; check the centre voxel's label.
+    transform = train_transform((8, 8, 8), (32, 32, 24), "none", fg_ratio=ratio)
+    transform.set_random_state(0)
+    ds = PreparedDataset(prepared, split_ids(prepared, "train")[:1], transform)
+    hits = [bool(ds[0]["label"][0, 4, 4, 4] > 0) for _ in range(200)]
+    assert abs(np.mean(hits) - ratio) < 0.1
+
+
+def test_loader_order_depends_only_on_seed_and_epoch(prepared):
+    ds = PreparedDataset(prepared, split_ids(prepared, "train"))
+
+    def order(epoch):
+        loader = make_loader(ds, batch_size=1, shuffle=True, seed=3)
+        loader.sampler.set_epoch(epoch)
+        return [b["case_id"][0] for b in loader]
+
+    assert order(0) == order(0) and sorted(order(1)) == sorted(ds.case_ids)
+    assert any(order(0) != order(e) for e in range(1, 6))

@@ -1,0 +1,138 @@
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tumorseg.errors import TumorsegError
+from tumorseg.evaluation import FAILED_CASE, evaluate
+from tumorseg.evaluation.evaluate import STATS
+
+from factory import AFFINE, write_case
+
+SHAPE = (24, 24, 20)
+
+
+def case_id(n: int) -> str:
+    return f"BraTS20_Training_{n:03d}"
+
+
+def seg_of(gt_dir, n):
+    return np.asarray(nib.load(gt_dir / case_id(n) / f"{case_id(n)}_seg.nii.gz").dataobj)
+
+
+def save(path, array, affine=AFFINE):
+    nib.save(nib.Nifti1Image(np.asarray(array, np.uint8), affine), path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """GT cases 1-4 and 6 with segs, 5 without; predictions: 1 perfect, 2 missing,
+    3 wrong shape, 4 with label 3, 6 with a shifted affine, plus an extra 999."""
+    root = tmp_path_factory.mktemp("eval")
+    gt, pred = root / "gt", root / "pred"
+    pred.mkdir()
+    for n in (1, 2, 3, 4, 6):
+        write_case(gt, case_id(n), shape=SHAPE, seed=n)
+    write_case(gt, case_id(5), shape=SHAPE, seg=None)
+    save(pred / f"{case_id(1)}.nii.gz", seg_of(gt, 1))
+    save(pred / f"{case_id(3)}.nii.gz", seg_of(gt, 3)[:, :, :-1])
+    save(pred / f"{case_id(4)}.nii.gz", np.where(seg_of(gt, 4) == 4, 3, seg_of(gt, 4)))
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 2.0
+    save(pred / f"{case_id(6)}.nii", seg_of(gt, 6), shifted)
+    save(pred / f"{case_id(999)}.nii.gz", seg_of(gt, 1))
+    (pred / "notes.txt").write_text("not a prediction")
+    return gt, pred
+
+
+def test_statuses_lists_and_csv(folders, tmp_path):
+    gt, pred = folders
+    result = evaluate(pred, gt, out_csv=tmp_path / "out" / "metrics.csv", progress=False)
+    statuses = {r.case_id: r.status for r in result.rows}
+    expected = {1: "ok", 2: "missing", 3: "error", 4: "error", 6: "error"}
+    assert statuses == {case_id(n): status for n, status in expected.items()}
+    assert result.missing == [case_id(2)] and result.extra == [case_id(999)]
+    assert result.failed == [case_id(n) for n in (2, 3, 4, 6)]
+    assert "shape (24, 24, 19)" in result.errors[case_id(3)] and "(24, 24, 20)" in result.errors[case_id(3)]
+    assert "label 3" in result.errors[case_id(4)] and "affine" in result.errors[case_id(6)]
+    assert all("\n" not in msg for msg in result.errors.values())
+    assert len(result.skipped) == 1 and case_id(5) in result.skipped[0]
+
+    with open(tmp_path / "out" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[:4] == ["case", "status", "WT_dice", "WT_hd95"] and list(rows[0])[-1] == "message"
+    assert [r["case"] for r in rows] == [case_id(n) for n in (1, 2, 3, 4, 6)]
+    perfect, missing = rows[0], rows[1]
+    for region in ("WT", "TC", "ET"):
+        assert float(perfect[f"{region}_dice"]) == 1.0 and float(perfect[f"{region}_hd95"]) == 0.0
+        assert float(missing[f"{region}_dice"]) == 0.0 and float(missing[f"{region}_hd95"]) == 373.13
+    assert missing["status"] == "missing" and "no prediction" in missing["message"]
+
+
+def test_summary_json_and_table(folders, tmp_path):
+    gt, pred = folders
+    result = evaluate(pred, gt, out_csv=tmp_path / "metrics.csv", progress=False)
+    assert result.json_path == tmp_path / "metrics_summary.json"
+    summary = json.loads(result.json_path.read_text())
+    assert (summary["cases"], summary["evaluated"], summary["failed"]) == (5, 1, 4)
+    assert summary["failed_case_values"] == FAILED_CASE
+    assert summary["missing"] == [case_id(2)] and summary["extra"] == [case_id(999)]
+    assert set(summary["errors"]) == {case_id(3), case_id(4), case_id(6)}
+    wt_dice = summary["metrics"]["WT"]["dice"]  # values 1, 0, 0, 0, 0
+    assert set(wt_dice) == set(STATS)
+    assert wt_dice == pytest.approx({"mean": 0.2, "std": 0.4, "median": 0.0, "25quantile": 0.0, "75quantile": 0.0})
+    hd = summary["metrics"]["ET"]["hd95"]  # values 0 and 4 x 373.13
+    assert hd["mean"] == pytest.approx(373.13 * 4 / 5) and hd["median"] == 373.13
+    table = result.table()
+    assert "WT" in table and "HD95 (mm)" in table and "0.2000" in table and "5 cases" in table
+    report = result.report()
+    assert case_id(2) in report and case_id(999) in report and "label 3" in report
+
+
+def test_json_only_and_parallel_workers_agree(folders, tmp_path):
+    gt, pred = folders
+    serial = evaluate(pred, gt, out_json=tmp_path / "s.json", progress=False)
+    assert serial.csv_path is None and (tmp_path / "s.json").exists()
+    parallel = evaluate(pred, gt, progress=False, workers=2)
+    assert parallel.rows == serial.rows and parallel.summary == serial.summary
+
+
+def test_spacing_comes_from_the_ground_truth_header(tmp_path):
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    write_case(tmp_path / "gt", case_id(1), shape=SHAPE, seg=None)
+    g, p = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)
+    g[:, :, 5], p[:, :, 7] = 2, 2  # oedema planes two slices apart: 4 mm
+    save(tmp_path / "gt" / case_id(1) / f"{case_id(1)}_seg.nii.gz", g, affine)
+    (tmp_path / "pred").mkdir()
+    save(tmp_path / "pred" / f"{case_id(1)}.nii.gz", p, affine)
+    (row,) = evaluate(tmp_path / "pred", tmp_path / "gt", progress=False).rows
+    assert row.metrics["WT"]["hd95"] == 4.0 and row.metrics["WT"]["dice"] == 0.0
+    assert row.metrics["ET"] == {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0}
+
+
+def test_folder_problems_are_one_line_errors(folders, tmp_path):
+    gt, pred = folders
+    with pytest.raises(TumorsegError, match="no such folder"):
+        evaluate(tmp_path / "nowhere", gt, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TumorsegError, match="no predictions"):
+        evaluate(tmp_path / "empty", gt, progress=False)
+    both = tmp_path / "both"
+    both.mkdir()
+    for ext in (".nii", ".nii.gz"):
+        save(both / f"{case_id(1)}{ext}", seg_of(gt, 1))
+    result = evaluate(both, gt, progress=False)
+    assert "more than one prediction" in result.errors[case_id(1)]
+
+
+def test_real_case_scored_against_itself(real_data_dir, tmp_path):
+    case = real_data_dir / "Brats18_CBICA_ABM_1"
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "pred" / f"{case.name}.nii.gz").symlink_to(case / f"{case.name}_seg.nii.gz")
+    result = evaluate(tmp_path / "pred", case, out_csv=tmp_path / "m.csv", progress=False)
+    (row,) = result.rows
+    assert row.status == "ok"
+    for region in ("WT", "TC", "ET"):
+        assert row.metrics[region] == {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0}

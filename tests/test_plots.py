@@ -1,0 +1,158 @@
+"""Slice figures: real PNGs of the expected size, slice choice, inputs checked."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from factory import AFFINE, write_case
+
+from tumorseg.errors import TumorsegError
+from tumorseg.plots import save_case_plot
+from tumorseg.plots.slices import DPI, MARGIN_INCHES, PANEL_INCHES, choose_slices, display_slice
+from tumorseg.prepare import PrepareConfig, prepare
+
+SHAPE = (40, 40, 32)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's signature and IHDR chunk."""
+    head = Path(path).read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def expected_size(nrows: int, ncols: int) -> tuple[int, int]:
+    return round(PANEL_INCHES * ncols * DPI), round((PANEL_INCHES * nrows + MARGIN_INCHES) * DPI)
+
+
+@pytest.fixture(scope="module")
+def raw_case(tmp_path_factory) -> Path:
+    return write_case(tmp_path_factory.mktemp("raw"), "case_a", SHAPE)
+
+
+def test_raw_case_without_prediction(raw_case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = save_case_plot(raw_case)
+    assert out == tmp_path / "case_a.png"
+    assert png_size(out) == expected_size(3, 4 + 1)  # 4 modalities + ground truth
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_raw_case_with_nifti_prediction(raw_case, tmp_path):
+    seg = nib.load(raw_case / "case_a_seg.nii.gz")
+    pred = tmp_path / "case_a_pred.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(seg.dataobj)[::-1].copy(), AFFINE), pred)
+    out = save_case_plot(raw_case, pred, tmp_path / "figs" / "a.png")
+    assert png_size(out) == expected_size(3, 4 + 2)
+
+
+def test_single_view_and_slice(raw_case, tmp_path):
+    out = save_case_plot(raw_case, out=tmp_path / "a.png", slice_index=3, views="coronal")
+    assert png_size(out) == expected_size(1, 5)
+    with pytest.raises(TumorsegError, match="slice 32 is outside the axial range 0..31"):
+        save_case_plot(raw_case, out=tmp_path / "b.png", slice_index=32, views="all")
+    with pytest.raises(TumorsegError, match="unknown view 'top'"):
+        save_case_plot(raw_case, out=tmp_path / "b.png", views=("axial", "top"))
+
+
+def test_case_without_segmentation(tmp_path):
+    folder = write_case(tmp_path, "case_b", SHAPE, seg=None)
+    out = save_case_plot(folder, out=tmp_path / "b.png")
+    assert png_size(out) == expected_size(3, 4)
+
+
+def test_prepared_case(tmp_path):
+    write_case(tmp_path / "raw", "case_p1", SHAPE, seed=1)
+    write_case(tmp_path / "raw", "case_p2", SHAPE, seed=2)
+    prepare(tmp_path / "raw", tmp_path / "prep", PrepareConfig(crop_size=(32, 32, 24)), workers=1, progress=False)
+    image = tmp_path / "prep" / "images" / "case_p1.npy"
+    mask = np.load(tmp_path / "prep" / "masks" / "case_p1.npy")
+    pred = tmp_path / "pred.npy"
+    np.save(pred, mask)
+    out = save_case_plot(image, pred, tmp_path / "p.png")
+    assert png_size(out) == expected_size(3, 3 + 2)  # T2, T1CE, FLAIR + truth + prediction
+    # a full-size NIfTI prediction is cropped with the manifest's crop box
+    full = tmp_path / "raw" / "case_p1" / "case_p1_seg.nii.gz"
+    assert png_size(save_case_plot(image, full, tmp_path / "q.png")) == expected_size(3, 5)
+
+
+def test_prediction_shape_mismatch(raw_case, tmp_path):
+    pred = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 30), np.uint8), AFFINE), pred)
+    message = r"bad\.nii\.gz: prediction has shape \(40, 40, 30\), but case case_a has \(40, 40, 32\)"
+    with pytest.raises(TumorsegError, match=message):
+        save_case_plot(raw_case, pred, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_files(raw_case, tmp_path):
+    with pytest.raises(TumorsegError, match="nope.nii.gz: file not found"):
+        save_case_plot(raw_case, tmp_path / "nope.nii.gz", tmp_path / "x.png")
+    with pytest.raises(TumorsegError, match="nope.npy: file not found"):
+        save_case_plot(tmp_path / "images" / "nope.npy", out=tmp_path / "x.png")
+    with pytest.raises(TumorsegError, match="no such"):
+        save_case_plot(tmp_path / "no_case", out=tmp_path / "x.png")
+
+
+def test_bad_prediction_labels(raw_case, tmp_path):
+    pred = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(SHAPE, 3, np.uint8), AFFINE), pred)
+    with pytest.raises(TumorsegError, match=r"bad\.nii\.gz: contains label\(s\) \[3\]"):
+        save_case_plot(raw_case, pred, tmp_path / "x.png")
+
+
+def test_choose_slices_picks_most_tumour():
+    mask = np.zeros((20, 30, 10), np.uint8)
+    mask[5, 2:8, 2:4] = 1  # 12 voxels: sagittal 5, coronal 2..7 (2 each), axial 2, 3 (6 each)
+    mask[7:10, 20, 6] = 2  # 3 voxels: coronal 20
+    mask[12, 10:25, 6] = 3  # 15 voxels: sagittal 12 (most), coronal 10..24 (1 each), axial 6
+    assert choose_slices(mask) == {"axial": 6, "coronal": 20, "sagittal": 12}
+    tied = np.zeros((8, 8, 9), np.uint8)
+    tied[2:4, 2:4, 3:8] = 2  # axial slices 3..7 tie: the middle one, 5
+    assert choose_slices(tied, views=("axial",)) == {"axial": 5}
+    brain = np.zeros(mask.shape, bool)
+    brain[2:11, 4:9, 0:5] = True
+    assert choose_slices(np.zeros_like(mask), brain) == {"axial": 2, "coronal": 6, "sagittal": 6}
+    assert choose_slices(None, np.zeros_like(brain), ("axial",)) == {"axial": 5}
+
+
+def test_display_is_upright():
+    vol = np.zeros((4, 5, 6))
+    vol[0, 0, 5] = 1  # patient right, anterior, superior (LPS voxel order)
+    axial = display_slice(vol, "axial", 5)
+    assert axial.shape == (5, 4) and axial[0, 0] == 1  # anterior at top, right on the left
+    coronal = display_slice(vol, "coronal", 0)
+    assert coronal.shape == (6, 4) and coronal[0, 0] == 1  # superior at top
+    sagittal = display_slice(vol, "sagittal", 0)
+    assert sagittal.shape == (6, 5) and sagittal[0, 0] == 1  # superior at top, anterior on the left
+
+
+def test_reoriented_case_matches(tmp_path):
+    """A case stored in RAS order gives the same picture as the BraTS (LPS) original."""
+    lps = write_case(tmp_path / "lps", "case_o", SHAPE, seg=True)
+    ras = tmp_path / "ras" / "case_o"
+    ras.mkdir(parents=True)
+    for path in lps.iterdir():
+        img = nib.load(path)
+        data = np.asarray(img.dataobj)[::-1, ::-1]
+        affine = img.affine @ np.array([[-1, 0, 0, SHAPE[0] - 1], [0, -1, 0, SHAPE[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]])
+        nib.save(nib.Nifti1Image(data, affine), ras / path.name)
+    assert nib.aff2axcodes(nib.load(next(ras.iterdir())).affine) == ("R", "A", "S")
+    a = save_case_plot(lps, out=tmp_path / "a.png")
+    b = save_case_plot(ras, out=tmp_path / "b.png")
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.real
+def test_real_case_with_its_segmentation(real_data_dir, tmp_path):
+    folder = real_data_dir / "Brats18_2013_2_1"
+    out = save_case_plot(folder, folder / "Brats18_2013_2_1_seg.nii.gz", tmp_path / "real.png")
+    assert png_size(out) == expected_size(3, 6)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(out)
+    assert pixels.shape[:2] == expected_size(3, 6)[::-1]

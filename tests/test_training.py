@@ -1,0 +1,124 @@
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tumorseg.cli import main
+from tumorseg.errors import TumorsegError
+from tumorseg.networks import build_network
+from tumorseg.prepare import PrepareConfig, prepare
+from tumorseg.training import TrainConfig, load_checkpoint, resolve_config, train
+
+train_module = importlib.import_module("tumorseg.training.train")
+
+from factory import write_case
+
+TINY = dict(filters=[4, 8, 16], batch_size=2, lr=3e-3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    for i in range(5):
+        write_case(root / "raw", f"c{i}", seed=i)
+    prepare(root / "raw", root / "prep", PrepareConfig(crop_size=(32, 32, 32), val_fraction=0.4), workers=1, progress=False)
+    return root / "prep"
+
+
+def _weights(run_dir, name="last.pt"):
+    return load_checkpoint(run_dir / name)["model"]
+
+
+def test_training_reduces_the_loss(prepared, tmp_path):
+    result = train(prepared, tmp_path / "run", TrainConfig(epochs=6, lr=1e-2, **{k: v for k, v in TINY.items() if k != "lr"}), progress=False)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < 0.8 * losses[0]
+    assert (tmp_path / "run/metrics.csv").read_text().count("\n") == 7
+    assert (tmp_path / "run/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "model: unet3d" in (tmp_path / "run/config.yaml").read_text()
+
+
+def test_resume_equals_uninterrupted(prepared, tmp_path):
+    cfg = dict(**TINY, patch=[16, 16, 16], augment="heavy")
+    train(prepared, tmp_path / "full", TrainConfig(epochs=3, **cfg), progress=False)
+    train(prepared, tmp_path / "part", TrainConfig(epochs=2, **cfg), progress=False)
+    resumed = train(prepared, tmp_path / "part", TrainConfig(epochs=3, **cfg), resume=True, progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    full, part = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert all(torch.equal(full[k], part[k]) for k in full)
+
+
+def test_checkpoint_is_self_describing_and_safe(prepared, tmp_path):
+    train(prepared, tmp_path / "run", TrainConfig(epochs=1, target="regions", **TINY), progress=False)
+    state = torch.load(tmp_path / "run/best.pt", weights_only=True)  # no code can run on load
+    assert state["prepare"] == {"channels": ["t2", "t1ce", "flair"], "norm": "minmax", "crop_size": [32, 32, 32], "crop_mode": "fixed"}
+    assert state["target"] == "regions" and state["patch"] == [32, 32, 32]
+    assert state["label_map"] == {0: 0, 1: 1, 2: 2, 3: 4} and state["regions"] == ["WT", "TC", "ET"]
+    net = build_network(**state["network"])
+    net.load_state_dict(state["model"])
+    assert net(torch.zeros(1, 3, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+
+
+def test_ctrl_c_leaves_a_usable_last_checkpoint(prepared, tmp_path, monkeypatch):
+    real = train_module.train_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[6] == 1:  # the epoch argument
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(prepared, tmp_path / "run", TrainConfig(epochs=3, **TINY), progress=False)
+    assert load_checkpoint(tmp_path / "run/last.pt")["epoch"] == 1
+    monkeypatch.setattr(train_module, "train_epoch", real)
+    assert len(train(prepared, tmp_path / "run", TrainConfig(epochs=2, **TINY), resume=True, progress=False).history) == 2
+
+
+def test_bad_inputs_are_one_line_errors(prepared, tmp_path):
+    with pytest.raises(TumorsegError, match="not a prepared folder"):
+        train(tmp_path, tmp_path / "run", TrainConfig(**TINY))
+    train(prepared, tmp_path / "run", TrainConfig(epochs=1, **TINY), progress=False)
+    with pytest.raises(TumorsegError, match="already holds a run"):
+        train(prepared, tmp_path / "run", TrainConfig(epochs=1, **TINY))
+    with pytest.raises(TumorsegError, match="checkpoint of another network"):
+        train(prepared, tmp_path / "run", TrainConfig(epochs=2, **{**TINY, "filters": [4, 8]}), resume=True)
+    with pytest.raises(TumorsegError, match="patch"):
+        train(prepared, tmp_path / "r2", TrainConfig(patch=[10, 10, 10], **TINY))
+    (tmp_path / "bad.toml").write_text("epochs = 2\nlearning_rate = 1\n")
+    with pytest.raises(TumorsegError, match="unknown key.*learning_rate"):
+        resolve_config(tmp_path / "bad.toml")
+    if not torch.cuda.is_available():
+        with pytest.raises(TumorsegError, match="no CUDA GPU"):
+            train(prepared, tmp_path / "r3", TrainConfig(device="cuda", **TINY))
+
+
+def test_config_file_then_flags(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: unet\nepochs: 7\nlr: 0.01\n")
+    cfg = resolve_config(tmp_path / "c.yaml", {"epochs": 3, "lr": None})
+    assert (cfg.model, cfg.epochs, cfg.lr) == ("unet", 3, 0.01)
+
+
+def test_cli_train_and_resume(prepared, tmp_path, capsys):
+    args = ["train", str(prepared), str(tmp_path / "run"), "--filters", "4,8,16", "--epochs", "1", "--model", "unet"]
+    assert main(args) == 0
+    assert main(["train", str(prepared), str(tmp_path / "run"), "--resume", "--epochs", "2"]) == 0
+    assert load_checkpoint(tmp_path / "run/last.pt")["epoch"] == 2  # settings came from the run's config.yaml
+    assert main(["train", str(tmp_path), str(tmp_path / "x")]) == 2
+    assert "not a prepared folder" in capsys.readouterr().err
+
+
+def test_ddp_two_cpu_processes(prepared, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tumorseg.cli", "train", str(prepared), str(tmp_path / "ddp"),
+           "--filters", "4,8,16", "--epochs", "2", "--batch-size", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "x2" in proc.stderr  # both ranks joined one process group
+    state = load_checkpoint(tmp_path / "ddp/last.pt")
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
