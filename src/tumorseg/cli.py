@@ -99,6 +99,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import predict
+
+    result = predict(args.checkpoint, args.input, args.out_dir, device=args.device, tta=args.tta,
+                     probabilities=args.probabilities, force=args.force, plots=args.plots, overlap=args.overlap)
+    n_cases = len({Path(p).name.split(".")[0].removesuffix("_probabilities") for p in result.written})
+    print(f"predicted {n_cases} case(s) into {args.out_dir}"
+          + (f", {len(result.skipped)} already done" if result.skipped else "")
+          + (f", {len(result.failed)} failed" if result.failed else ""))
+    return 1 if result.failed else 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .plots import save_case_plot
+
+    views = ("axial", "coronal", "sagittal") if args.view == "all" else (args.view,)
+    path = save_case_plot(args.case, pred=args.pred, out=args.out, slice_index=args.slice, views=views)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoSettings, run_demo
+
+    settings = DemoSettings(epochs=args.epochs) if args.epochs else DemoSettings()
+    result = run_demo(args.work_dir, data=args.data, settings=settings)
+    return 1 if result.failed else 0
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
@@ -159,6 +188,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="per-case CSV (default PRED_DIR/metrics.csv); summary JSON beside it")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment new cases into NIfTI in their original space")
+    p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run")
+    p.add_argument("input", type=Path, help="a case folder or a folder of case folders (segmentations not needed)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation (default: as the checkpoint says)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
+    p.add_argument("--plots", action="store_true", help="also write <case>.png with the prediction overlaid")
+    p.add_argument("--force", action="store_true", help="redo cases already predicted")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("show", help="plot slices of a case with ground truth and prediction overlaid")
+    p.add_argument("case", type=Path, help="a raw case folder, or a prepared images/<case>.npy")
+    p.add_argument("--pred", type=Path, help="a prediction (.nii.gz, or .npy for prepared cases)")
+    p.add_argument("--out", type=Path, help="PNG file (default: <case>.png here)")
+    p.add_argument("--slice", type=int, help="slice index (default: the slice with the most tumour)")
+    p.add_argument("--view", choices=("all", "axial", "coronal", "sagittal"), default="all")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data (or --data DIR) on the CPU")
+    p.add_argument("work_dir", type=Path, nargs="?", default=Path("demo_out"))
+    p.add_argument("--data", type=Path, help="a real BraTS download to run on instead of synthetic cases")
+    p.add_argument("--epochs", type=int, help="training epochs (default 20)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,0 +1,216 @@
+"""Training-step speed and peak memory of every network in the registry.
+
+What is measured, per network (default widths from `DEFAULT_FILTERS`), on random inputs of
+shape `(batch, 3, size, size, size)` with random label maps `(batch, 1, size, size, size)`
+(values 0..3): one training step exactly as `training.engine.train_epoch` takes it (forward
+under autocast, the "labels" loss (Dice + focal over 4 classes) on float32 logits, backward,
+Adam step). One warm-up step, then `--steps` timed steps (default 3 on CPU, 20 on CUDA);
+reported as seconds per step (mean and min) and samples per second.
+
+Each network runs in its own subprocess, so peak memory is that network's alone: on CPU the
+peak resident set size (`ru_maxrss`), on CUDA `torch.cuda.max_memory_allocated` (bf16
+autocast, timing with `torch.cuda.synchronize`).
+
+    python benchmarks/bench_train.py [--size 128] [--device auto|cpu|cuda] [--networks unet3d,unet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "bench_train.json"
+
+
+def pick_device(choice: str) -> str:
+    """"auto" -> "cuda" when available, else "cpu"; "cuda" without a GPU is an error."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return choice
+
+
+def make_step(name: str, size: int, batch: int, device: str) -> tuple[Callable[[], float], int]:
+    """A closure running one training step of network `name`, and its parameter count."""
+    import torch
+
+    from tumorseg.networks import build_network
+    from tumorseg.training.losses import build_loss
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = build_network(name, in_channels=3, out_channels=4).to(dev).train()
+    loss_fn = build_loss("labels").to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    image = torch.rand(batch, 3, size, size, size, device=dev)
+    labels = torch.randint(0, 4, (batch, 1, size, size, size), device=dev)
+    amp = torch.bfloat16 if device == "cuda" else None
+
+    def step() -> float:
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(image)
+        loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())  # .item() waits for the device, like the training loop
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def time_network(name: str, size: int, batch: int, device: str, steps: int, warmup: int) -> dict:
+    """Run `warmup` + `steps` training steps of one network; seconds, throughput, memory."""
+    import torch
+
+    build_start = time.perf_counter()
+    step, params = make_step(name, size, batch, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    mean = sum(times) / len(times)
+    out = {
+        "network": name,
+        "params_m": round(params / 1e6, 3),
+        "s_per_step": round(mean, 4),
+        "s_per_step_min": round(min(times), 4),
+        "samples_per_s": round(batch / mean, 3),
+        "step_seconds": [round(t, 4) for t in times],
+        "wall_s_total": round(time.perf_counter() - build_start, 2),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "threads": torch.get_num_threads(),
+    }
+    if device == "cuda":
+        out["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
+
+
+def run_child(name: str, args: argparse.Namespace, device: str, steps: int) -> dict:
+    """`time_network` in a fresh interpreter, so its peak memory is its own."""
+    cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size), "--batch", str(args.batch),
+           "--device", device, "--steps", str(steps), "--warmup", str(args.warmup)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"network": name, "error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else whatever platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device: str) -> dict:
+    """Where the numbers come from: CPUs, load, library versions, device name, threads."""
+    import torch
+
+    info = {
+        "cpu_count": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name(),
+        "cpu_name": cpu_name(),
+    }
+    if device == "cuda":
+        info["cuda"] = torch.version.cuda
+        info["bf16_autocast"] = True
+    return info
+
+
+def print_table(res: dict) -> None:
+    """One row per network: parameters, seconds per step, samples per second, peak memory."""
+    cuda = res["device"] == "cuda"
+    m = res["machine"]
+    print(f"\n{res['size']}^3, batch {res['batch']}, {res['device']} ({m['device_name']}), "
+          f"{m['torch_threads']} threads, load average {m['load_average']}")
+    mem = "peak GiB (cuda)" if cuda else "peak RSS GiB"
+    print(f"{'network':<11}{'params M':>9}{'s/step':>9}{'min s':>8}{'samples/s':>11}{mem:>17}")
+    for r in res["results"]:
+        if "error" in r:
+            print(f"{r['network']:<11}  error: {r['error']}")
+            continue
+        peak = r["peak_cuda_gib"] if cuda else r["peak_rss_gib"]
+        print(f"{r['network']:<11}{r['params_m']:>9.2f}{r['s_per_step']:>9.3f}{r['s_per_step_min']:>8.3f}"
+              f"{r['samples_per_s']:>11.3f}{peak:>17.2f}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=128, help="cube side of the input (default 128)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--networks", help="comma-separated subset of the registry (default: all)")
+    parser.add_argument("--steps", type=int, help="timed steps (default 3 on CPU, 20 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: time one network, print JSON
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(time_network(args.child, args.size, args.batch, args.device, args.steps, args.warmup)))
+        return
+    from tumorseg.networks import NETWORKS, required_divisor
+
+    names = args.networks.split(",") if args.networks else list(NETWORKS)
+    unknown = [n for n in names if n not in NETWORKS]
+    if unknown:
+        raise SystemExit(f"unknown network(s) {', '.join(unknown)}; known: {', '.join(NETWORKS)}")
+    bad = [n for n in names if args.size % required_divisor(n)]
+    if bad:
+        raise SystemExit(f"--size {args.size} is not divisible by what {', '.join(bad)} need(s)")
+    device = pick_device(args.device)
+    steps = args.steps or (20 if device == "cuda" else 3)
+    res = {"size": args.size, "batch": args.batch, "device": device, "steps": steps, "warmup": args.warmup,
+           "loss": "labels (Dice + focal, 4 classes)", "optimizer": "Adam lr 1e-4",
+           "autocast": "bf16" if device == "cuda" else None, "machine": machine(device), "results": []}
+    for name in names:
+        res["results"].append(run_child(name, args, device, steps))
+        print(json.dumps(res["results"][-1]), flush=True)
+    res["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1))
+    print_table(res)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Step 4b: trained network -> segmentations of new cases in their original space."""
+
+from .postprocess import suppress_small_et, tune_et_threshold
+from .predict import CasePrediction, PredictResult, Predictor, predict, predict_case
+from .window import probabilities, to_labels
+
+__all__ = [
+    "CasePrediction",
+    "PredictResult",
+    "Predictor",
+    "predict",
+    "predict_case",
+    "probabilities",
+    "suppress_small_et",
+    "to_labels",
+    "tune_et_threshold",
+]

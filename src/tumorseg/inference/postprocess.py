@@ -1,0 +1,80 @@
+"""BraTS postprocessing: small enhancing-tumour predictions become necrosis (nnU-Net's rule).
+
+BraTS scores a case with no enhancing tumour (ET) in the ground truth as Dice 1 only if the
+prediction has no ET either, and 0 otherwise. A network that predicts a few scattered ET
+voxels in such a case loses the whole case, so nnU-Net (Isensee et al., BraTS 2020)
+relabels the predicted ET as necrosis when it has fewer voxels than a threshold tuned on
+validation cases. The voxels stay in the tumour core, so WT and TC are unchanged.
+
+Everything here works on training labels 0..3 (3 = ET, 1 = necrosis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from ..evaluation.metrics import region_dice_from_labels
+
+ET_LABEL = 3  # training label of enhancing tumour (raw BraTS label 4)
+NECROSIS_LABEL = 1
+
+
+def suppress_small_et(labels: np.ndarray, threshold: int | None) -> np.ndarray:
+    """Relabel all predicted ET voxels as necrosis when there are fewer than `threshold`.
+
+    Args:
+        labels: training labels 0..3 of one case, any shape (usually (X, Y, Z)).
+        threshold: minimum number of ET voxels to keep them; None (or 0) leaves `labels` alone.
+
+    Returns:
+        `labels` itself when nothing changes, else a relabelled copy.
+    """
+    if not threshold:
+        return labels
+    et = labels == ET_LABEL
+    count = int(np.count_nonzero(et))
+    if count == 0 or count >= threshold:
+        return labels
+    out = labels.copy()
+    out[et] = NECROSIS_LABEL
+    return out
+
+
+def tune_et_threshold(
+    pred_label_list: Sequence[np.ndarray],
+    gt_label_list: Sequence[np.ndarray],
+    candidates: Iterable[int],
+) -> int | None:
+    """The ET threshold giving the highest mean ET Dice over cases; None if none helps.
+
+    Args:
+        pred_label_list: predicted training labels (0..3) per case, before postprocessing.
+        gt_label_list: ground-truth training labels per case, same shapes.
+        candidates: thresholds (voxel counts) to try.
+
+    Returns:
+        The best candidate, or None when no candidate beats leaving predictions as they
+        are. Ties go to no postprocessing, then to the smallest threshold. ET Dice uses the
+        BraTS empty rule (both empty -> 1).
+    """
+    if len(pred_label_list) != len(gt_label_list):
+        raise ValueError(f"{len(pred_label_list)} predictions but {len(gt_label_list)} ground truths")
+    # Per case: ET voxel count, ET Dice as predicted, ET Dice with all its ET removed.
+    rows = []
+    for pred, gt in zip(pred_label_list, gt_label_list):
+        pred, gt = np.asarray(pred), np.asarray(gt)
+        kept = region_dice_from_labels(pred, gt)["ET"]
+        removed = region_dice_from_labels(suppress_small_et(pred, np.iinfo(np.int64).max), gt)["ET"]
+        rows.append((int(np.count_nonzero(pred == ET_LABEL)), kept, removed))
+    if not rows:
+        return None
+    best, best_score = None, float(np.mean([kept for _, kept, _ in rows]))
+    for t in sorted({int(c) for c in candidates}):
+        if t <= 0:
+            continue
+        score = float(np.mean([removed if 0 < n < t else kept for n, kept, removed in rows]))
+        if score > best_score + 1e-12:
+            best, best_score = t, score
+    return best

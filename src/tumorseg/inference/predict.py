@@ -1,0 +1,293 @@
+"""`tumorseg predict`: a checkpoint and BraTS case folders -> segmentations in the scans' space.
+
+Each case is preprocessed exactly as `prepare` did for training (the checkpoint records the
+channels and normalisation), but over the whole brain rather than the training crop: the
+brain's bounding box, padded to at least the patch size and to a multiple of the network's
+divisor, goes through sliding-window inference (optionally with flip TTA). The labels are
+put back into the original grid and written as BraTS labels 0, 1, 2, 4 with the first
+channel's affine and header, so they open aligned with the scans in any viewer.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import TumorsegError
+from ..io import Case, Volume, discover_cases, save_nifti
+from ..labels import NUM_CLASSES, RAW_LABELS, to_raw_labels
+from ..networks import build_network, required_divisor
+from ..prepare.case import load_channels
+from ..prepare.crop import Box, bounding_box, brain_mask, crop, inside, uncrop
+from ..prepare.scaling import scale
+from ..training.checkpoint import load_checkpoint
+from ..training.distributed import resolve_device
+from .postprocess import suppress_small_et
+from .window import probabilities as window_probabilities
+from .window import to_labels
+
+REQUIRED_KEYS: tuple[str, ...] = ("network", "model", "prepare", "patch", "target")
+
+
+@dataclass
+class Predictor:
+    """A network ready for inference and the settings it was trained with.
+
+    Build it with `Predictor.from_checkpoint`; tests may construct one around any module
+    that maps `(B, len(channels), X, Y, Z)` to logits `(B, K, X, Y, Z)`.
+
+    Attributes:
+        model: the network, in eval mode on `device`.
+        device: where inference runs.
+        channels: modalities in input-channel order (from prepare's settings).
+        norm: intensity scaling, "minmax" or "zscore" (from prepare's settings).
+        patch: sliding-window size (the training patch).
+        target: "labels" (softmax over 4 classes) or "regions" (sigmoid WT, TC, ET).
+        divisor: every padded input side is a multiple of this.
+        tta: average over the 8 flip combinations.
+        et_threshold: relabel predicted ET as necrosis when it has fewer voxels (None: off).
+        overlap: sliding-window overlap in [0, 1).
+        amp_dtype: autocast dtype (bf16 on CUDA where supported), None for float32.
+    """
+
+    model: nn.Module
+    device: torch.device
+    channels: tuple[str, ...]
+    norm: str
+    patch: tuple[int, int, int]
+    target: str = "labels"
+    divisor: int = 1
+    tta: bool = False
+    et_threshold: int | None = None
+    overlap: float = 0.5
+    amp_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise TumorsegError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.target not in ("labels", "regions"):
+            raise TumorsegError(f"unknown target '{self.target}' (choose from labels, regions)")
+        if len(self.patch) != 3 or any(p < 1 for p in self.patch):
+            raise TumorsegError(f"patch must be three positive integers, got {self.patch}")
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path | dict[str, Any],
+        device: str = "auto",
+        tta: bool | None = None,
+        overlap: float = 0.5,
+    ) -> "Predictor":
+        """Load a checkpoint file (or an already loaded state dict) once, for many cases.
+
+        `tta` None uses the checkpoint's choice (`inference.tta`).
+        """
+        where = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
+        state = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+        missing = [k for k in REQUIRED_KEYS if k not in state]
+        if missing:
+            raise TumorsegError(f"{where}: checkpoint lacks {', '.join(missing)}")
+        _check_label_map(state, where)
+        spec, dev = state["network"], resolve_device(device)
+        model = build_network(**spec)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            reason = str(exc).splitlines()[0]
+            raise TumorsegError(f"{where}: weights do not fit the stored network ({reason})") from None
+        inference = state.get("inference") or {}
+        threshold = inference.get("postprocess_et_threshold")
+        return cls(
+            model=model.to(dev).eval(),
+            device=dev,
+            channels=tuple(state["prepare"]["channels"]),
+            norm=state["prepare"]["norm"],
+            patch=tuple(int(p) for p in state["patch"]),
+            target=state["target"],
+            divisor=required_divisor(spec["name"], spec.get("filters")),
+            tta=bool(inference.get("tta", False)) if tta is None else bool(tta),
+            et_threshold=threshold if isinstance(threshold, int) and not isinstance(threshold, bool) else None,
+            overlap=float(overlap),
+            amp_dtype=torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None,
+        )
+
+
+def _check_label_map(state: dict[str, Any], where: str) -> None:
+    """Predictions are written with `labels.to_raw_labels`; refuse a checkpoint that disagrees."""
+    label_map = state.get("label_map")
+    if label_map is None:
+        return
+    expected = {i: RAW_LABELS[i] for i in range(NUM_CLASSES)}
+    if {int(k): int(v) for k, v in label_map.items()} != expected:
+        raise TumorsegError(f"{where}: label map {label_map} differs from BraTS's {expected}")
+
+
+class CasePrediction(NamedTuple):
+    """One case predicted in its original grid.
+
+    labels: BraTS labels 0, 1, 2, 4, uint8 (X, Y, Z).
+    probabilities: float32 (K, X, Y, Z) network probabilities (before postprocessing), or None.
+    affine, header: those of the case's first channel scan.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    affine: np.ndarray
+    header: Any
+
+
+@dataclass
+class PredictResult:
+    """What a predict run did: files written, cases skipped (outputs existed), cases failed."""
+
+    out_dir: Path
+    written: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def inference_box(brain: np.ndarray, patch: tuple[int, ...], divisor: int) -> Box:
+    """The brain's bounding box grown (about its centre) to >= `patch` and a multiple of `divisor`.
+
+    The box may reach outside the image; `crop` zero-pads there. An empty brain (all-zero
+    scans) uses the whole image.
+    """
+    bbox = bounding_box(brain) or tuple((0, n) for n in brain.shape)
+    box = []
+    for (a, b), p in zip(bbox, patch):
+        size = max(b - a, int(p))
+        size = -(-size // divisor) * divisor
+        start = a - (size - (b - a)) // 2
+        box.append((start, start + size))
+    return tuple(box)
+
+
+def network_input(vols: list[Volume], predictor: Predictor) -> tuple[np.ndarray, Box]:
+    """Scaled, stacked channels `(C, *box size)` float32 over the inference box, and the box.
+
+    Scaling uses each full volume's statistics, exactly as `prepare` does for training.
+    """
+    data = [v.data for v in vols]
+    brain = brain_mask(data)
+    box = inference_box(brain, predictor.patch, predictor.divisor)
+    src, _ = inside(box, data[0].shape)
+    image = np.stack([scale(d, predictor.norm, brain, src) for d in data])
+    shifted = tuple((a - s.start, b - s.start) for (a, b), s in zip(box, src))  # crop() only pads now
+    return crop(image, shifted), box
+
+
+def _full_probabilities(probs: np.ndarray, box: Box, shape: tuple[int, ...], target: str) -> np.ndarray:
+    """Box probabilities (K, ...) -> the image grid; background is certain outside the box."""
+    full = uncrop(probs, box, shape, fill=0.0)
+    if target == "labels":
+        full[0] = uncrop(probs[0], box, shape, fill=1.0)
+    return full
+
+
+def predict_case(predictor: Predictor, case: Case, probabilities: bool = False) -> CasePrediction:
+    """Segment one case in its original grid (see `CasePrediction`).
+
+    Raises TumorsegError naming the case and file for a missing, unreadable or mismatched scan.
+    """
+    vols = load_channels(case, predictor.channels)
+    shape = vols[0].data.shape
+    image, box = network_input(vols, predictor)
+    x = torch.from_numpy(image)[None].to(predictor.device)
+    with torch.inference_mode():
+        probs = window_probabilities(
+            predictor.model, x, predictor.patch, predictor.target, predictor.overlap, predictor.tta, predictor.amp_dtype
+        )[0]
+        labels = suppress_small_et(to_labels(probs, predictor.target), predictor.et_threshold)
+        probs_np = probs.float().cpu().numpy() if probabilities else None
+    raw = to_raw_labels(uncrop(labels, box, shape))
+    full = _full_probabilities(probs_np, box, shape, predictor.target) if probabilities else None
+    return CasePrediction(raw, full, vols[0].affine, vols[0].header)
+
+
+def output_paths(out_dir: Path, case_id: str, probabilities: bool = False, plots: bool = False) -> list[Path]:
+    """The files `predict` writes for one case: labels, then probabilities and plot if asked."""
+    paths = [out_dir / f"{case_id}.nii.gz"]
+    if probabilities:
+        paths.append(out_dir / f"{case_id}_probabilities.nii.gz")
+    if plots:
+        paths.append(out_dir / f"{case_id}.png")
+    return paths
+
+
+def _predict_and_write(predictor: Predictor, case: Case, out_dir: Path, probabilities: bool, plots: bool) -> list[Path]:
+    paths = output_paths(out_dir, case.case_id, probabilities, plots)
+    pred = predict_case(predictor, case, probabilities)
+    save_nifti(paths[0], pred.labels, pred.affine, pred.header)
+    if probabilities:
+        probs = np.ascontiguousarray(np.moveaxis(pred.probabilities, 0, -1), dtype=np.float32)  # (X, Y, Z, K)
+        save_nifti(paths[1], probs, pred.affine, pred.header)
+    if plots:
+        from ..plots.slices import save_case_plot  # matplotlib only when asked for
+
+        save_case_plot(case, paths[0], paths[-1])
+    return paths
+
+
+def predict(
+    checkpoint: str | Path | Predictor,
+    input_dir: str | Path,
+    out_dir: str | Path,
+    device: str = "auto",
+    tta: bool | None = None,
+    probabilities: bool = False,
+    force: bool = False,
+    plots: bool = False,
+    overlap: float = 0.5,
+    progress: bool = True,
+) -> PredictResult:
+    """Segment every BraTS case under `input_dir` into `out_dir/<case_id>.nii.gz`.
+
+    Args:
+        checkpoint: a tumorseg checkpoint (`best.pt` of a run), or a loaded `Predictor`
+            (used as it is, except that `tta`, when given, and `overlap` replace its own).
+        input_dir: one case folder or a folder of them, any layout `prepare` accepts;
+            segmentations are not needed.
+        out_dir: where predictions go (created if needed).
+        device: "auto", "cpu" or "cuda".
+        tta: flip test-time augmentation; None uses the checkpoint's setting.
+        probabilities: also write `<case_id>_probabilities.nii.gz`, float32 (X, Y, Z, K).
+        force: predict cases whose outputs already exist (otherwise they are skipped).
+        plots: also write `<case_id>.png`, slices with the prediction overlaid.
+        overlap: sliding-window overlap in [0, 1).
+        progress: show a progress bar.
+
+    A failing case is reported in one line and recorded in the result; the others go on.
+    """
+    out_dir = Path(out_dir)
+    cases = discover_cases(input_dir)
+    if isinstance(checkpoint, Predictor):
+        predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta), overlap=float(overlap))
+    else:
+        predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap)
+    result = PredictResult(out_dir=out_dir)
+    todo = []
+    for case in cases:
+        done = not force and all(p.exists() for p in output_paths(out_dir, case.case_id, probabilities, plots))
+        if done:
+            result.skipped.append(case.case_id)
+        else:
+            todo.append(case)
+    bar = tqdm(todo, desc="predict", unit="case", disable=not progress)
+    for case in bar:
+        try:
+            result.written.extend(_predict_and_write(predictor, case, out_dir, probabilities, plots))
+        except TumorsegError as exc:
+            result.failed[case.case_id] = str(exc)
+        except Exception as exc:  # a resource problem (GPU memory) or a bug: still name the case
+            result.failed[case.case_id] = f"{case.case_id}: {type(exc).__name__}: {exc}"
+        if case.case_id in result.failed:
+            bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)
+    bar.close()
+    return result

@@ -1,0 +1,261 @@
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tumorseg.errors import TumorsegError
+from tumorseg.inference import Predictor, predict, predict_case
+from tumorseg.inference.predict import inference_box, network_input
+from tumorseg.io import discover_cases
+from tumorseg.labels import RAW_LABELS, to_raw_labels
+from tumorseg.networks import build_network, network_spec
+from tumorseg.prepare import PrepareConfig, prepare, uncrop
+from tumorseg.prepare.case import load_channels
+from tumorseg.training.checkpoint import save_checkpoint
+
+from factory import AFFINE, write_case
+
+CHANNELS = ("t2", "t1ce", "flair")
+CPU = torch.device("cpu")
+
+
+def _state(name="unet3d", filters=(4, 8, 16), target="labels", patch=(32, 32, 32), norm="minmax", **inference) -> dict:
+    """A checkpoint state as training writes it, with untrained weights."""
+    torch.manual_seed(0)
+    spec = network_spec(name, len(CHANNELS), 3 if target == "regions" else 4, list(filters))
+    return {
+        "network": spec,
+        "model": build_network(**spec).state_dict(),
+        "prepare": {"channels": list(CHANNELS), "norm": norm, "crop_size": [32, 32, 32], "crop_mode": "fixed"},
+        "patch": list(patch),
+        "target": target,
+        "label_map": {i: RAW_LABELS[i] for i in range(4)},
+        "inference": {"tta": False, "postprocess_et_threshold": None, **inference},
+    }
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    write_case(root, "c0")
+    write_case(root, "v1", shape=(36, 44, 30), seg=None, seed=1)  # a validation case: no segmentation
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, _state())
+    return path
+
+
+def _assert_same_geometry(out_path, in_path):
+    out, ref = nib.load(out_path), nib.load(in_path)
+    assert out.shape == ref.shape and out.get_data_dtype() == np.uint8
+    assert np.array_equal(out.affine, ref.affine)
+    assert np.array_equal(out.header.get_qform(), ref.header.get_qform())
+    assert np.array_equal(out.header.get_sform(), ref.header.get_sform())
+    assert int(out.header["qform_code"]) == int(ref.header["qform_code"])
+    assert int(out.header["sform_code"]) == int(ref.header["sform_code"])
+    assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(ref.affine)
+    assert out.header.get_zooms() == ref.header.get_zooms()
+    data = np.asarray(out.dataobj)
+    assert data.dtype == np.uint8 and set(np.unique(data).tolist()) <= {0, 1, 2, 4}
+    return data
+
+
+@pytest.mark.parametrize(
+    "bbox, shape, patch, divisor",
+    [
+        (((6, 58), (5, 50), (4, 36)), (64, 56, 40), (16, 16, 16), 8),
+        (((0, 3), (2, 9), (0, 40)), (10, 12, 40), (16, 8, 16), 4),
+    ],
+)
+def test_inference_box_holds_brain_fits_network(bbox, shape, patch, divisor):
+    brain = np.zeros(shape, bool)
+    brain[tuple(slice(a, b) for a, b in bbox)] = True
+    box = inference_box(brain, patch, divisor)
+    for (a, b), (lo, hi), p in zip(box, bbox, patch):
+        assert a <= lo and hi <= b and b - a >= p and (b - a) % divisor == 0 and b - a - (hi - lo) < max(p, divisor)
+    if shape == (10, 12, 40):  # an empty brain: the whole image, grown about its centre
+        assert inference_box(np.zeros(shape, bool), patch, 1) == ((-3, 13), (0, 12), (0, 40))
+
+
+def test_network_input_scales_as_prepare(raw, tmp_path):
+    cfg = PrepareConfig(channels=("flair", "t1"), norm="zscore", crop_size=(24, 24, 16))
+    res = prepare(raw / "c0", tmp_path / "prep", cfg, workers=1, progress=False)
+    prepared = np.load(tmp_path / "prep/images/c0.npy")
+    case = discover_cases(raw / "c0")[0]
+    predictor = Predictor(nn.Identity(), CPU, ("flair", "t1"), "zscore", (16, 16, 16), divisor=4)
+    image, box = network_input(load_channels(case, predictor.channels), predictor)
+    shape = (40, 40, 32)
+    a = uncrop(prepared, [tuple(b) for b in res.manifest["cases"][0]["crop_box"]], shape)
+    b = uncrop(image, box, shape)
+    assert image.dtype == np.float32 and np.allclose(a[:, 8:32, 8:32, 8:24], b[:, 8:32, 8:32, 8:24])
+
+
+def test_prepared_mask_uncrops_to_segmentation(raw, tmp_path):
+    res = prepare(raw / "c0", tmp_path / "prep", PrepareConfig(crop_size=(16, 48, 16)), workers=1, progress=False)
+    box = [tuple(b) for b in res.manifest["cases"][0]["crop_box"]]
+    assert box == [(12, 28), (-4, 44), (8, 24)]  # reaches outside the 40-voxel y axis
+    seg = np.asarray(nib.load(raw / "c0/c0_seg.nii.gz").dataobj)
+    back = to_raw_labels(uncrop(np.load(tmp_path / "prep/masks/c0.npy"), box, seg.shape))
+    inner = (slice(12, 28), slice(0, 40), slice(8, 24))
+    assert np.array_equal(back[inner], seg[inner]) and set(np.unique(seg[inner])) == {0, 1, 2, 4}
+    assert not back[:12].any() and not back[28:].any()
+
+
+def test_outputs_have_input_geometry_and_validation_case(raw, ckpt, tmp_path):
+    res = predict(ckpt, raw, tmp_path / "pred", device="cpu", progress=False)
+    assert res.failed == {} and res.skipped == []
+    assert res.written == [tmp_path / "pred/c0.nii.gz", tmp_path / "pred/v1.nii.gz"]
+    for case_id in ("c0", "v1"):
+        _assert_same_geometry(tmp_path / f"pred/{case_id}.nii.gz", raw / case_id / f"{case_id}_t2.nii.gz")
+
+
+class ThresholdNet(nn.Module):
+    """Pointwise 'perfect' model: class `label` where channel 0 > 0.5, else background."""
+
+    def __init__(self, label: int = 2):
+        super().__init__()
+        self.label = label
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fg = (x[:, :1] > 0.5).to(x.dtype)
+        logits = [1 - fg] + [fg if k == self.label else torch.zeros_like(fg) for k in (1, 2, 3)]
+        return 10.0 * torch.cat(logits, dim=1)
+
+
+@pytest.fixture(scope="module")
+def edge_case(tmp_path_factory):
+    """A (64, 56, 40) case whose brain touches the x border; tumour blobs at two brain edges."""
+    root = tmp_path_factory.mktemp("edge")
+    shape, folder = (64, 56, 40), root / "edge"
+    folder.mkdir()
+    brain = np.zeros(shape, bool)
+    brain[6:64, 5:50, 4:36] = True
+    tumour = np.zeros(shape, bool)
+    tumour[6:10, 20:26, 10:16] = True  # far outside a centred 24^3 training crop (x 20:44)
+    tumour[60:64, 30:34, 20:24] = True  # on the image border: the inference box reaches outside
+    t2 = np.where(tumour, 300, np.where(brain, 100, 0)).astype(np.int16)
+    for m in CHANNELS:
+        data = t2 if m == "t2" else (brain * 50).astype(np.int16)
+        nib.save(nib.Nifti1Image(data, AFFINE), folder / f"edge_{m}.nii.gz")
+    return folder, np.where(tumour, 2, 0).astype(np.uint8)
+
+
+def test_known_model_finds_tumour_at_brain_edge(edge_case, tmp_path):
+    folder, expected = edge_case
+    predictor = Predictor(ThresholdNet(), CPU, CHANNELS, "minmax", (16, 16, 16), divisor=8)
+    for tta in (False, True):
+        res = predict(predictor, folder, tmp_path / f"tta{tta}", tta=tta, overlap=0.25, progress=False)
+        assert res.failed == {}
+        labels = _assert_same_geometry(res.written[0], folder / "edge_t2.nii.gz")
+        assert np.array_equal(labels, expected)
+
+
+def test_small_et_becomes_necrosis(edge_case):
+    folder, expected = edge_case
+    case = discover_cases(folder)[0]
+    n = int(np.count_nonzero(expected))  # 208 voxels
+    for threshold, label in ((None, 4), (n, 4), (n + 1, 1)):
+        predictor = Predictor(ThresholdNet(3), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, et_threshold=threshold)
+        pred = predict_case(predictor, case)
+        assert np.array_equal(pred.labels, np.where(expected > 0, label, 0)) and pred.probabilities is None
+    assert Predictor.from_checkpoint(_state(postprocess_et_threshold=50, tta=True), device="cpu").et_threshold == 50
+
+
+def test_skip_existing_and_force(raw, ckpt, tmp_path):
+    out = tmp_path / "pred"
+    predict(ckpt, raw, out, device="cpu", progress=False)
+    os.utime(out / "c0.nii.gz", (1, 1))
+    again = predict(ckpt, raw, out, device="cpu", progress=False)
+    assert again.skipped == ["c0", "v1"] and again.written == [] and (out / "c0.nii.gz").stat().st_mtime == 1
+    forced = predict(ckpt, raw / "c0", out, device="cpu", force=True, progress=False)
+    assert forced.written == [out / "c0.nii.gz"] and (out / "c0.nii.gz").stat().st_mtime > 1
+    more = predict(ckpt, raw / "c0", out, device="cpu", probabilities=True, progress=False)  # a new output: not skipped
+    assert more.skipped == [] and more.written[1] == out / "c0_probabilities.nii.gz"
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("missing", "bad: missing modality 't1ce'"),
+        ("corrupt", "bad_t2.nii.gz: cannot read NIfTI"),
+        ("shape", "bad_flair.nii.gz has shape (40, 40, 30)"),
+    ],
+)
+def test_broken_case_reported_others_written(ckpt, tmp_path, capsys, breakage, message):
+    write_case(tmp_path / "raw", "good", seg=None)
+    folder = write_case(tmp_path / "raw", "bad", seg=None)
+    if breakage == "missing":
+        (folder / "bad_t1ce.nii.gz").unlink()
+    elif breakage == "corrupt":
+        (folder / "bad_t2.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    else:
+        nib.save(nib.Nifti1Image(np.ones((40, 40, 30), np.int16), AFFINE), folder / "bad_flair.nii.gz")
+    res = predict(ckpt, tmp_path / "raw", tmp_path / "pred", device="cpu", progress=False)
+    assert list(res.failed) == ["bad"] and message in res.failed["bad"]
+    assert res.written == [tmp_path / "pred/good.nii.gz"] and not (tmp_path / "pred/bad.nii.gz").exists()
+    err = capsys.readouterr().err
+    assert f"error: {res.failed['bad']}" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("target", ["labels", "regions"])
+def test_probabilities_file(raw, tmp_path, target):
+    predictor = Predictor.from_checkpoint(_state(target=target), device="cpu")
+    res = predict(predictor, raw / "c0", tmp_path, tta=True, probabilities=True, progress=False)
+    labels = np.asarray(nib.load(res.written[0]).dataobj)
+    img = nib.load(res.written[1])
+    probs = np.asarray(img.dataobj)
+    assert img.shape == (40, 40, 32, 3 if target == "regions" else 4) and probs.dtype == np.float32
+    assert np.array_equal(img.affine, AFFINE) and 0.0 <= probs.min() and probs.max() <= 1.0
+    assert np.array_equal(probs[0, 0, 0], [0, 0, 0] if target == "regions" else [1, 0, 0, 0])  # outside the box
+    if target == "labels":
+        assert np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+        assert np.array_equal(labels, to_raw_labels(probs.argmax(-1)))
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(TumorsegError, match="lacks model, prepare, patch, target"):
+        Predictor.from_checkpoint({"network": _state()["network"]})
+    with pytest.raises(TumorsegError, match="label map"):
+        Predictor.from_checkpoint({**_state(), "label_map": {0: 0, 1: 1, 2: 2, 3: 3}})
+    with pytest.raises(TumorsegError, match="weights do not fit"):
+        Predictor.from_checkpoint({**_state(), "model": _state(filters=(4, 8, 32))["model"]})
+    with pytest.raises(TumorsegError, match="overlap must be in"):
+        Predictor.from_checkpoint(_state(), device="cpu", overlap=1.0)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    write_case(tmp_path / "raw", "c0")
+    with pytest.raises(TumorsegError, match="junk.pt: not a readable tumorseg checkpoint"):
+        predict(tmp_path / "junk.pt", tmp_path / "raw", tmp_path / "out")
+
+
+def test_trained_checkpoint_with_plots(tmp_path):
+    from tumorseg.training import TrainConfig, train
+
+    for i in range(3):
+        write_case(tmp_path / "raw", f"c{i}", seed=i)
+    prepare(tmp_path / "raw", tmp_path / "prep", PrepareConfig(crop_size=(32, 32, 32)), workers=1, progress=False)
+    config = TrainConfig(filters=[4, 8, 16], epochs=1, batch_size=2, device="cpu")
+    train(tmp_path / "prep", tmp_path / "run", config, progress=False)
+    res = predict(tmp_path / "run/best.pt", tmp_path / "raw/c1", tmp_path / "pred", plots=True, progress=False)
+    assert res.failed == {} and res.written == [tmp_path / "pred/c1.nii.gz", tmp_path / "pred/c1.png"]
+    assert (tmp_path / "pred/c1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _assert_same_geometry(res.written[0], tmp_path / "raw/c1/c1_t2.nii.gz")
+
+
+@pytest.mark.real
+def test_real_case_geometry(real_data_dir, tmp_path):
+    # MONAI's UNet: a few times faster than ours on 2 CPU cores; 96^3 windows without
+    # overlap keep a whole 240x240x155 case to about 8 windows.
+    save_checkpoint(tmp_path / "tiny.pt", _state(name="unet", patch=(96, 96, 96)))
+    case = real_data_dir / "Brats18_2013_2_1"
+    res = predict(tmp_path / "tiny.pt", case, tmp_path / "pred", device="cpu", overlap=0.0, progress=False)
+    assert res.failed == {}
+    labels = _assert_same_geometry(res.written[0], case / "Brats18_2013_2_1_t2.nii.gz")
+    assert labels.shape == (240, 240, 155)
