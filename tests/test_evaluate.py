@@ -44,6 +44,7 @@ def folders(tmp_path_factory):
     save(pred / f"{case_id(6)}.nii", seg_of(gt, 6), shifted)
     save(pred / f"{case_id(999)}.nii.gz", seg_of(gt, 1))
     (pred / "notes.txt").write_text("not a prediction")
+    save(pred / f"{case_id(1)}_probabilities.nii.gz", seg_of(gt, 1))  # predict --probabilities output: ignored
     return gt, pred
 
 

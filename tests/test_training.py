@@ -122,3 +122,11 @@ def test_ddp_two_cpu_processes(prepared, tmp_path):
     state = load_checkpoint(tmp_path / "ddp/last.pt")
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
+
+
+def test_postprocess_threshold_tuned_on_validation_and_stored(prepared, tmp_path):
+    train(prepared, tmp_path / "run", TrainConfig(epochs=1, postprocess=True, **TINY), progress=False)
+    state = load_checkpoint(tmp_path / "run/last.pt")
+    threshold = state["inference"]["postprocess_et_threshold"]
+    assert "et_threshold" in state["history"][-1] and threshold == state["history"][-1]["et_threshold"]
+    assert threshold is None or threshold in train_module.ET_THRESHOLDS

@@ -103,7 +103,8 @@ def find_predictions(pred_dir: str | os.PathLike) -> tuple[dict[str, Path], dict
     found: dict[str, list[Path]] = {}
     for path in sorted(pred_dir.iterdir()):
         match = NIFTI_RE.match(path.name)
-        if match and path.is_file() and not path.name.startswith("."):
+        # `<case>_probabilities.nii.gz` beside a prediction is `predict --probabilities` output, not a label map.
+        if match and path.is_file() and not path.name.startswith(".") and not match["stem"].endswith("_probabilities"):
             found.setdefault(match["stem"], []).append(path)
     if not found:
         raise TumorsegError(f"{pred_dir}: no predictions found (expected <case_id>.nii.gz files)")

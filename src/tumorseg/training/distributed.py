@@ -66,6 +66,15 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return values.cpu()
 
 
+def gather_lists(items: list, ctx: DistContext) -> list:
+    """Concatenate a list from every rank (picklable items; used for small validation outputs)."""
+    if not ctx.distributed:
+        return items
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()

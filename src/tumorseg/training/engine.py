@@ -72,8 +72,13 @@ def validate(
     target: str,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    collect: list | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """Validation loss and mean region Dice (WT, TC, ET) over this rank's cases, summed over ranks."""
+    """Validation loss and mean region Dice (WT, TC, ET) over this rank's cases, summed over ranks.
+
+    If `collect` is a list, (predicted, true) training-label arrays of each case are appended
+    to it (for tuning post-processing on the validation cases).
+    """
     model.eval()
     sums = torch.zeros(2 + len(REGIONS), dtype=torch.float64)  # loss, dice per region, count
     for index in tqdm(range(len(dataset)), desc="validate", leave=False, disable=not progress):
@@ -82,7 +87,10 @@ def validate(
         label = sample["label"][None].to(ctx.device)
         probs = probabilities(model, image, roi, target, amp_dtype=amp_dtype)
         loss = loss_fn(_logits_from(probs, target), label)  # exact: the loss re-applies the activation
-        dice = region_dice_from_labels(to_labels(probs[0], target), sample["label"][0].numpy())
+        pred = to_labels(probs[0], target)
+        dice = region_dice_from_labels(pred, sample["label"][0].numpy())
+        if collect is not None:
+            collect.append((pred, sample["label"][0].numpy()))
         sums += torch.tensor([loss.item(), *[dice[r] for r in REGIONS], 1.0], dtype=torch.float64)
     sums = all_reduce_sum(sums, ctx)
     count = max(float(sums[-1]), 1.0)

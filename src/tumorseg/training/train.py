@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data import PreparedDataset, eval_transform, make_loader, shard, split_ids, train_transform
 from ..errors import TumorsegError
 from ..io import write_text
-from ..labels import NUM_CLASSES, REGIONS, RAW_LABELS
+from ..inference.postprocess import tune_et_threshold
+from ..labels import NUM_CLASSES, RAW_LABELS, REGIONS
 from ..networks import build_network, network_spec, required_divisor
 from ..plots import plot_curves
 from ..prepare import load_manifest
@@ -33,7 +34,7 @@ from .config import TrainConfig
 from .engine import mean_dice, train_epoch, validate
 from .losses import build_loss
 
-COLUMNS = ["epoch", "train_loss", "val_loss"] + [f"dice_{r}" for r in REGIONS] + ["dice_mean", "lr", "seconds"]
+COLUMNS = ["epoch", "train_loss", "val_loss"] + [f"dice_{r}" for r in REGIONS] + ["dice_mean", "et_threshold", "lr", "seconds"]
 
 
 @dataclass
@@ -113,10 +114,18 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch
         "target": config.target,
         "label_map": {i: RAW_LABELS[i] for i in range(NUM_CLASSES)},  # training label -> BraTS label
         "regions": list(REGIONS),
-        "inference": {"tta": config.tta, "postprocess_et_threshold": None},
+        "inference": {"tta": config.tta, "postprocess_et_threshold": history[-1].get("et_threshold") if history else None},
         "rng": rng_state(),
         "torch_version": str(torch.__version__),
     }
+
+
+ET_THRESHOLDS = (50, 100, 200, 300, 500, 750, 1000, 1500)
+
+
+def _tune_threshold(outputs: list) -> int | None:
+    """nnU-Net's BraTS post-processing: the smallest predicted-ET size worth keeping, on validation."""
+    return tune_et_threshold([p for p, _ in outputs], [g for _, g in outputs], ET_THRESHOLDS)
 
 
 def _resume(run_dir: Path, spec: dict, manifest: dict) -> dict:
@@ -199,8 +208,11 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
             train_loss = train_epoch(net, loader, loss_fn, optimizer, scaler, ctx, epoch, config.steps_per_epoch, amp_dtype, progress)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
             if val_ids and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
-                val_loss, dice = validate(model, val_set, loss_fn, ctx, patch, config.target, amp_dtype, progress)
+                outputs: list | None = [] if config.postprocess else None
+                val_loss, dice = validate(model, val_set, loss_fn, ctx, patch, config.target, amp_dtype, progress, outputs)
                 row.update(val_loss=val_loss, dice_mean=mean_dice(dice), **{f"dice_{r}": dice[r] for r in REGIONS})
+                if outputs is not None:
+                    row["et_threshold"] = _tune_threshold(distributed.gather_lists(outputs, ctx))
             scheduler.step()
             row["seconds"] = round(time.perf_counter() - t0, 2)
             history.append(row)
