@@ -45,16 +45,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .prepare import PrepareConfig, prepare
+    from .recipes import load_recipe
 
-    config = PrepareConfig(
-        channels=args.channels,
-        norm=args.norm,
-        crop_size=args.crop,
-        crop_mode=args.crop_mode,
-        min_tumour=args.min_tumour,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-    )
+    values = {**PrepareConfig().to_dict(), **(load_recipe(args.recipe)["prepare"] if args.recipe else {})}
+    flags = {"channels": args.channels, "norm": args.norm, "crop_size": args.crop, "crop_mode": args.crop_mode,
+             "min_tumour": args.min_tumour, "val_fraction": args.val_fraction, "seed": args.seed}
+    config = PrepareConfig.from_dict({**values, **{k: v for k, v in flags.items() if v is not None}})
     result = prepare(args.data_dir, args.out_dir, config, workers=args.workers, force=args.force)
     counts = result.manifest["counts"]
     split = result.manifest["split"]
@@ -70,7 +66,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 TRAIN_FLAGS = ("model", "filters", "epochs", "batch_size", "lr", "patch", "target", "schedule", "augment",
-               "steps_per_epoch", "workers", "seed", "device", "amp")
+               "steps_per_epoch", "max_minutes", "workers", "seed", "device", "amp")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -83,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config_file = args.config
     if args.resume and config_file is None and (args.run_dir / "config.yaml").is_file():
         config_file = args.run_dir / "config.yaml"  # a resumed run keeps its settings; flags still override
-    config = resolve_config(config_file, overrides)
+    config = resolve_config(config_file, overrides, recipe=args.recipe)
     result = train(args.prepared_dir, args.run_dir, config, resume=args.resume)
     best = f"best mean Dice {result.best_metric:.3f} at epoch {result.best_epoch}" if result.best_epoch else "no validation"
     print(f"trained {len(result.history)} epochs; {best}; checkpoints in {args.run_dir}")
@@ -150,13 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="BraTS case folders -> training arrays (.npy) + manifest")
     p.add_argument("data_dir", type=Path, help="BraTS download, folder of case folders, or one case folder")
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--channels", type=_channels, default=("t2", "t1ce", "flair"), help="comma list or 'all' (default: t2,t1ce,flair)")
-    p.add_argument("--norm", choices=("minmax", "zscore"), default="minmax")
-    p.add_argument("--crop", type=_ints(3), default=(128, 128, 128), metavar="X,Y,Z")
-    p.add_argument("--crop-mode", choices=("fixed", "brain"), default="fixed")
-    p.add_argument("--min-tumour", type=float, default=0.01, help="drop cases with less tumour in the crop")
-    p.add_argument("--val-fraction", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=42, help="seed of the train/val split")
+    p.add_argument("--recipe", help="take the settings of a named recipe (seed, brats-cpu, brats-gpu); flags override")
+    p.add_argument("--channels", type=_channels, help="comma list or 'all' (default: t2,t1ce,flair)")
+    p.add_argument("--norm", choices=("minmax", "zscore"), help="default minmax")
+    p.add_argument("--crop", type=_ints(3), metavar="X,Y,Z", help="default 128,128,128")
+    p.add_argument("--crop-mode", choices=("fixed", "brain"), help="default fixed (the seed's window)")
+    p.add_argument("--min-tumour", type=float, help="drop cases with less tumour in the crop (default 0.01)")
+    p.add_argument("--val-fraction", type=float, help="default 0.25")
+    p.add_argument("--seed", type=int, help="seed of the train/val split (default 42)")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
     p.add_argument("--force", action="store_true", help="redo cases already prepared")
     p.set_defaults(func=cmd_prepare)
@@ -164,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a network on a prepared folder")
     p.add_argument("prepared_dir", type=Path)
     p.add_argument("run_dir", type=Path, help="checkpoints, metrics.csv, curves.png and config.yaml go here")
+    p.add_argument("--recipe", help="start from a named recipe: seed, brats-cpu, brats-gpu (config file and flags override)")
     p.add_argument("--config", type=Path, help="YAML or TOML file of settings (flags override it)")
     p.add_argument("--model", help="unet3d (ours), unet, segresnet or dynunet (MONAI)")
     p.add_argument("--filters", type=_int_list, help="widths per level, e.g. 16,32,64,128,256")
@@ -175,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=("none", "cosine", "poly"))
     p.add_argument("--augment", choices=("none", "light", "heavy"))
     p.add_argument("--steps-per-epoch", type=int, help="batches per epoch (default: one pass over the cases)")
+    p.add_argument("--max-minutes", type=float, help="wall-clock training budget; stops after the epoch that spends it")
     p.add_argument("--workers", type=int, help="data loader processes")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))

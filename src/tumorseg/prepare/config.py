@@ -59,6 +59,9 @@ class PrepareConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrepareConfig":
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TumorsegError(f"unknown prepare setting(s) {', '.join(unknown)}")
         return cls(**{**d, "channels": tuple(d["channels"]), "crop_size": tuple(d["crop_size"])})
 
     def case_settings(self) -> dict:

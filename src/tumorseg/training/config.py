@@ -22,7 +22,9 @@ class TrainConfig:
 
     Defaults follow the seed (3D U-Net 16-256, Dice + focal over 4 classes, Adam 1e-4,
     batch 2). `patch` None trains on whole prepared crops; smaller patches are sampled with
-    `fg_ratio` of them centred on tumour. `steps_per_epoch` caps an epoch (0: one pass).
+    `fg_ratio` of them centred on tumour. `steps_per_epoch` sets the batches per epoch (0: one
+    pass over the cases). `max_minutes` stops training after the epoch that exceeds this
+    wall-clock budget (0: no budget); the last epoch is validated and saved.
     """
 
     model: str = "unet3d"
@@ -41,6 +43,7 @@ class TrainConfig:
     fg_ratio: float = 0.33
     augment: str = "light"
     steps_per_epoch: int = 0
+    max_minutes: float = 0.0
     val_every: int = 1
     workers: int = 0
     seed: int = 0
@@ -109,9 +112,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def resolve_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- config file <- explicit overrides (CLI flags that were given)."""
+def resolve_config(
+    file: str | Path | None = None, overrides: dict[str, Any] | None = None, recipe: str | None = None
+) -> TrainConfig:
+    """Defaults <- recipe's train settings <- config file <- explicit overrides (CLI flags given)."""
+    from ..recipes import load_recipe
+
+    base = load_recipe(recipe)["train"] if recipe else {}
     values: dict[str, Any] = read_config_file(file) if file else {}
-    source = str(file) if file else "config"
-    merged = {**values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    source = str(file) if file else f"recipe '{recipe}'" if recipe else "config"
+    merged = {**base, **values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     return TrainConfig.from_dict(merged, source)

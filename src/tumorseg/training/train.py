@@ -202,12 +202,16 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
               f"device {ctx.device}{f' x{ctx.world_size}' if ctx.distributed else ''}, epochs {start + 1}-{config.epochs}",
               file=sys.stderr)
     try:
+        spent = sum(row["seconds"] for row in history)  # wall-clock budget counts resumed time too
         for epoch in range(start, config.epochs):
             t0 = time.perf_counter()
             _seed_epoch(config.seed, epoch, ctx.rank, transform)
             train_loss = train_epoch(net, loader, loss_fn, optimizer, scaler, ctx, epoch, config.steps_per_epoch, amp_dtype, progress)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
-            if val_ids and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
+            out_of_time = bool(config.max_minutes) and spent + time.perf_counter() - t0 > 60 * config.max_minutes
+            out_of_time = bool(distributed.all_reduce_sum(torch.tensor([float(out_of_time)]), ctx)[0] > 0)  # ranks agree
+            final = out_of_time or epoch + 1 == config.epochs
+            if val_ids and ((epoch + 1) % config.val_every == 0 or final):
                 outputs: list | None = [] if config.postprocess else None
                 val_loss, dice = validate(model, val_set, loss_fn, ctx, patch, config.target, amp_dtype, progress, outputs)
                 row.update(val_loss=val_loss, dice_mean=mean_dice(dice), **{f"dice_{r}": dice[r] for r in REGIONS})
@@ -215,6 +219,7 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
                     row["et_threshold"] = _tune_threshold(distributed.gather_lists(outputs, ctx))
             scheduler.step()
             row["seconds"] = round(time.perf_counter() - t0, 2)
+            spent += row["seconds"]
             history.append(row)
             improved = row.get("dice_mean", -1.0) > best
             if improved:
@@ -227,6 +232,10 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
                 _write_history(run_dir, history)
                 print(_format_row(row), file=sys.stderr)
             distributed.barrier(ctx)
+            if out_of_time:
+                if ctx.is_main:
+                    print(f"stopping: the {config.max_minutes:g}-minute budget is spent", file=sys.stderr)
+                break
     except KeyboardInterrupt:
         if ctx.is_main:
             print(f"interrupted: {run_dir / 'last.pt'} holds epoch {len(history)}; continue with --resume", file=sys.stderr)

@@ -1,0 +1,107 @@
+"""Learning on real scans: train recipes on real BraTS cases, score held-out cases.
+
+Holds out a fixed, seeded set of test cases that no recipe sees (not for training, not for
+model selection), then for each recipe: prepare the rest with the recipe's settings, train
+for the same wall-clock budget, predict the held-out cases in their original space with
+the checkpoint alone, and evaluate with the BraTS metrics. Prints a markdown table and
+writes everything as JSON.
+
+    python benchmarks/real_learning.py --data ../shared/data/brats --work /tmp/real --recipes brats-cpu seed --minutes 55
+
+Works the same on a full Kaggle BraTS 2020 download (`--data BraTS2020_TrainingData`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tumorseg.evaluation import evaluate
+from tumorseg.inference import predict
+from tumorseg.io import discover_cases
+from tumorseg.prepare import PrepareConfig, prepare
+from tumorseg.recipes import load_recipe
+from tumorseg.training import resolve_config, train
+
+
+def hold_out(data: Path, work: Path, n_test: int, seed: int) -> tuple[Path, Path, list[str]]:
+    """Link the cases into train/ and test/ folders (the user's files stay where they are)."""
+    cases = [c for c in discover_cases(data) if c.seg is not None]
+    order = np.random.default_rng(seed).permutation(len(cases))
+    test_ids = sorted(cases[i].case_id for i in order[:n_test])
+    for case in cases:
+        link = work / ("test" if case.case_id in test_ids else "train") / case.case_id
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(case.folder.resolve(), target_is_directory=True)
+    return work / "train", work / "test", test_ids
+
+
+def run_recipe(name: str, train_dir: Path, test_dir: Path, work: Path, minutes: float, val_fraction: float) -> dict:
+    recipe = load_recipe(name)
+    out = work / name
+    prep_cfg = PrepareConfig.from_dict({**PrepareConfig().to_dict(), **recipe["prepare"], "val_fraction": val_fraction})
+    prepare(train_dir, out / "prepared", prep_cfg)
+    config = resolve_config(overrides={"max_minutes": minutes, "device": "auto"}, recipe=name)
+    t0 = time.perf_counter()
+    result = train(out / "prepared", out / "run", config, resume=(out / "run" / "last.pt").exists())
+    train_seconds = sum(row["seconds"] for row in result.history)
+    t1 = time.perf_counter()
+    predict(out / "run" / "best.pt", test_dir, out / "predictions")
+    predict_seconds = time.perf_counter() - t1
+    scores = evaluate(out / "predictions", test_dir, out_csv=out / "predictions" / "metrics.csv")
+    print(scores.report())
+    return {
+        "recipe": name,
+        "train_minutes": round(train_seconds / 60, 1),
+        "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
+        "predict_seconds_per_case": round(predict_seconds / max(len(scores.rows), 1), 1),
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
+        "best_val_mean_dice": result.best_metric,
+        "summary": scores.summary,
+    }
+
+
+def table(rows: list[dict], machine: str) -> str:
+    lines = ["| recipe | machine | training (min) | Dice WT | Dice TC | Dice ET | HD95 WT | HD95 TC | HD95 ET |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["summary"]["metrics"]
+        dice = [f"{m[k]['dice']['mean']:.3f}" for k in ("WT", "TC", "ET")]
+        hd = [f"{m[k]['hd95']['mean']:.1f}" for k in ("WT", "TC", "ET")]
+        lines.append(f"| {r['recipe']} | {machine} | {r['train_minutes']} | " + " | ".join(dice + hd) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/brats"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tumorseg_real"))
+    parser.add_argument("--recipes", nargs="+", default=["brats-cpu", "seed"])
+    parser.add_argument("--minutes", type=float, default=55.0, help="training budget per recipe")
+    parser.add_argument("--test-cases", type=int, default=4)
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/real_learning.json"))
+    args = parser.parse_args()
+    train_dir, test_dir, test_ids = hold_out(args.data, args.work, args.test_cases, args.seed)
+    print(f"held-out test cases: {', '.join(test_ids)}")
+    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    rows = [run_recipe(name, train_dir, test_dir, args.work, args.minutes, args.val_fraction) for name in args.recipes]
+    print(table(rows, machine))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "platform": platform.platform(), "test_cases": test_ids,
+                                    "budget_minutes": args.minutes, "results": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
