@@ -24,9 +24,8 @@ from ..errors import TumorsegError
 from ..io import Case, Volume, discover_cases, save_nifti
 from ..labels import NUM_CLASSES, RAW_LABELS, to_raw_labels
 from ..networks import build_network, required_divisor
-from ..prepare.case import load_channels
-from ..prepare.crop import Box, bounding_box, brain_mask, crop, inside, uncrop
-from ..prepare.scaling import scale
+from ..prepare.case import load_channels, scaled_window
+from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
 from ..training.checkpoint import load_checkpoint
 from ..training.distributed import resolve_device
 from .postprocess import suppress_small_et
@@ -177,10 +176,7 @@ def network_input(vols: list[Volume], predictor: Predictor) -> tuple[np.ndarray,
     data = [v.data for v in vols]
     brain = brain_mask(data)
     box = inference_box(brain, predictor.patch, predictor.divisor)
-    src, _ = inside(box, data[0].shape)
-    image = np.stack([scale(d, predictor.norm, brain, src) for d in data])
-    shifted = tuple((a - s.start, b - s.start) for (a, b), s in zip(box, src))  # crop() only pads now
-    return crop(image, shifted), box
+    return scaled_window(data, predictor.norm, brain, box), box
 
 
 def _full_probabilities(probs: np.ndarray, box: Box, shape: tuple[int, ...], target: str) -> np.ndarray:

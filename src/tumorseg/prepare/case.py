@@ -55,20 +55,22 @@ def _maybe_invalid(seg: np.ndarray) -> bool:
     return bool(seg.min() < 0 or seg.max() > 4 or (seg == 3).any())
 
 
+def scaled_window(data: list[np.ndarray], norm: str, brain: np.ndarray, box: Box) -> np.ndarray:
+    """Channels scaled with their full volumes' statistics, stacked and cut to `box` (zero-padded
+    where it leaves the image): `(C, *box size)` float32. Training and prediction both use this.
+    """
+    src, _ = inside(box, data[0].shape)
+    image = np.stack([scale(d, norm, brain, src) for d in data])
+    shifted = tuple((a - s.start, b - s.start) for (a, b), s in zip(box, src))  # crop() only pads now
+    return crop(image, shifted)
+
+
 def preprocess(vols: list[Volume], config: PrepareConfig) -> tuple[np.ndarray, Box, np.ndarray]:
     """Scaled, stacked, cropped image (C, *crop_size) float32, its crop box, and the brain mask."""
     data = [v.data for v in vols]
     brain = brain_mask(data)
     box = crop_box(data[0].shape, config.crop_size, config.crop_mode, brain)
-    src, _ = inside(box, data[0].shape)
-    channels = [scale(d, config.norm, brain, src) for d in data]
-    image = crop(np.stack(channels), _shift(box, src))
-    return image, box, brain
-
-
-def _shift(box: Box, src: tuple[slice, ...]) -> Box:
-    """The box relative to the already-cut region `src` (so crop() only pads)."""
-    return tuple((a - s.start, b - s.start) for (a, b), s in zip(box, src))
+    return scaled_window(data, config.norm, brain, box), box, brain
 
 
 def prepare_case(case: Case, config: PrepareConfig, out_dir: Path) -> dict:

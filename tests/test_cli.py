@@ -1,0 +1,63 @@
+"""The command line as a user meets it: each subcommand end to end, errors as one line."""
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tumorseg.cli import main
+
+from factory import write_case
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    for i in range(3):
+        write_case(root / "raw", f"BraTS20_Training_00{i}", seed=i)
+    assert main(["prepare", str(root / "raw"), str(root / "prep"), "--crop", "32", "--workers", "1"]) == 0
+    assert main(["train", str(root / "prep"), str(root / "run"), "--filters", "4,8,16", "--epochs", "1"]) == 0
+    return root
+
+
+def test_help_is_instant_and_lists_commands():
+    proc = subprocess.run([sys.executable, "-m", "tumorseg.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for command in ("synth", "prepare", "train", "predict", "evaluate", "show", "demo"):
+        assert command in proc.stdout
+
+
+def test_synth(tmp_path, capsys):
+    assert main(["synth", str(tmp_path), "--cases", "2", "--shape", "32,32,24", "--seed", "1"]) == 0
+    assert "wrote 2 synthetic cases" in capsys.readouterr().out
+    assert nib.load(tmp_path / "BraTS20_Training_002/BraTS20_Training_002_seg.nii.gz").shape == (32, 32, 24)
+    assert main(["synth", str(tmp_path), "--cases", "0"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_predict_evaluate_show(trained, capsys):
+    run, raw, out = trained / "run", trained / "raw", trained / "pred"
+    assert main(["predict", str(run / "best.pt"), str(raw), str(out), "--plots", "--no-tta"]) == 0
+    assert "predicted 3 case(s)" in capsys.readouterr().out
+    pred = nib.load(out / "BraTS20_Training_000.nii.gz")
+    assert pred.shape == (40, 40, 32) and set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}
+    assert (out / "BraTS20_Training_000.png").exists()
+    assert main(["predict", str(run / "best.pt"), str(raw), str(out)]) == 0
+    assert "3 already done" in capsys.readouterr().out
+    assert main(["evaluate", str(out), str(raw), "--out", str(trained / "m.csv")]) == 0
+    report = capsys.readouterr().out
+    assert "WT" in report and (trained / "m.csv").exists() and (trained / "m_summary.json").exists()
+    png = trained / "show.png"
+    assert main(["show", str(raw / "BraTS20_Training_001"), "--pred", str(out / "BraTS20_Training_001.nii.gz"), "--out", str(png), "--view", "axial"]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_user_errors_are_one_line(trained, tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["predict", str(tmp_path / "junk.pt"), str(trained / "raw"), str(tmp_path / "o")]) == 2
+    assert main(["evaluate", str(tmp_path / "none"), str(trained / "raw")]) == 2
+    assert main(["show", str(tmp_path / "missing_case")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([l for l in err.splitlines() if "error:" in l]) == 3
