@@ -77,3 +77,8 @@ def test_dynunet_deep_supervision_shapes():
     assert out.shape == (2, 3, 4, 16, 16, 16)  # 4 levels: full resolution + 2 heads
     with torch.no_grad():
         assert net.eval()(x).shape == (2, 4, 16, 16, 16)
+
+
+def test_dynunet_needs_three_levels():
+    with pytest.raises(TumorsegError, match="at least 3 levels"):
+        network_spec("dynunet", 3, 4, filters=(8, 16))

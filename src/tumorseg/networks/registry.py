@@ -123,10 +123,8 @@ def network_spec(
     filters = DEFAULT_FILTERS[name] if filters is None else tuple(filters)
     if len(filters) < 2 or not all(int(f) == f and f > 0 for f in filters):
         raise TumorsegError(f"filters must be at least 2 positive integers, got {filters!r}")
-    if name == "dynunet" and deep_supervision and len(filters) < 3:
-        raise TumorsegError(
-            f"dynunet deep supervision needs at least 3 levels, got filters {filters!r}"
-        )
+    if name == "dynunet" and len(filters) < 3:  # MONAI's DynUNet needs 3 levels, with or without heads
+        raise TumorsegError(f"dynunet needs at least 3 levels, got filters {filters!r}")
     if dropout is not None and not 0.0 <= dropout < 1.0:
         raise TumorsegError(f"dropout must be in [0, 1), got {dropout!r}")
     if deep_supervision and name not in DEEP_SUPERVISION:
