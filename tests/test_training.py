@@ -130,3 +130,12 @@ def test_postprocess_threshold_tuned_on_validation_and_stored(prepared, tmp_path
     threshold = state["inference"]["postprocess_et_threshold"]
     assert "et_threshold" in state["history"][-1] and threshold == state["history"][-1]["et_threshold"]
     assert threshold is None or threshold in train_module.ET_THRESHOLDS
+
+
+def test_wall_clock_budget_stops_and_decays_the_learning_rate(prepared, tmp_path, capsys):
+    config = TrainConfig(epochs=50, max_minutes=1e-4, schedule="poly", val_every=10, **TINY)
+    result = train(prepared, tmp_path / "run", config, progress=False)
+    assert len(result.history) == 1 and result.history[0]["dice_mean"] is not None  # the last epoch is validated
+    assert "budget is spent" in capsys.readouterr().err
+    state = load_checkpoint(tmp_path / "run/last.pt")
+    assert state["scheduler"]["_last_lr"][0] == pytest.approx(0.0)  # poly reached its end with the budget

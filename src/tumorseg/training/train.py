@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import math
 import random
 import sys
 import time
@@ -70,11 +71,24 @@ def _optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _scheduler(config: TrainConfig, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+def _scheduler(config: TrainConfig, optimizer, clock: dict[str, float]) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine or poly (nnU-Net: (1 - progress) ** 0.9) decay over the run.
+
+    Progress is the share of epochs done or, under a wall-clock budget, the share of the
+    budget spent if that is larger, so a budgeted run still ends with a decayed learning rate.
+    `clock["spent"]` (seconds) is updated by the training loop before each scheduler step.
+    """
+
+    def progress(epoch: int) -> float:
+        done = epoch / config.epochs
+        if config.max_minutes:
+            done = max(done, clock["spent"] / (60 * config.max_minutes))
+        return min(done, 1.0)
+
     if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    if config.schedule == "poly":  # nnU-Net: (1 - epoch / epochs) ** 0.9
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 - e / config.epochs) ** 0.9)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * progress(e))))
+    if config.schedule == "poly":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 - progress(e)) ** 0.9)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
 
 
@@ -178,7 +192,8 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_network(**spec).to(ctx.device)
     optimizer = _optimizer(config, model.parameters())
-    scheduler = _scheduler(config, optimizer)
+    clock = {"spent": 0.0}
+    scheduler = _scheduler(config, optimizer, clock)
     amp_dtype = _amp_dtype(config, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
     history, best, best_epoch, start = [], -1.0, None, 0
@@ -188,6 +203,7 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         history, best, best_epoch, start = state["history"], state["best_metric"], state["best_epoch"], state["epoch"]
+        clock["spent"] = sum(row["seconds"] for row in history)
         set_rng_state(state["rng"])
     net = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) if ctx.distributed else model
     transform = train_transform(patch, manifest["settings"]["crop_size"], config.augment, config.fg_ratio)
@@ -202,13 +218,13 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
               f"device {ctx.device}{f' x{ctx.world_size}' if ctx.distributed else ''}, epochs {start + 1}-{config.epochs}",
               file=sys.stderr)
     try:
-        spent = sum(row["seconds"] for row in history)  # wall-clock budget counts resumed time too
         for epoch in range(start, config.epochs):
             t0 = time.perf_counter()
             _seed_epoch(config.seed, epoch, ctx.rank, transform)
             train_loss = train_epoch(net, loader, loss_fn, optimizer, scaler, ctx, epoch, config.steps_per_epoch, amp_dtype, progress)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
-            out_of_time = bool(config.max_minutes) and spent + time.perf_counter() - t0 > 60 * config.max_minutes
+            elapsed = clock["spent"] + time.perf_counter() - t0  # a resumed run's budget counts its earlier epochs
+            out_of_time = bool(config.max_minutes) and elapsed > 60 * config.max_minutes
             out_of_time = bool(distributed.all_reduce_sum(torch.tensor([float(out_of_time)]), ctx)[0] > 0)  # ranks agree
             final = out_of_time or epoch + 1 == config.epochs
             if val_ids and ((epoch + 1) % config.val_every == 0 or final):
@@ -217,9 +233,10 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
                 row.update(val_loss=val_loss, dice_mean=mean_dice(dice), **{f"dice_{r}": dice[r] for r in REGIONS})
                 if outputs is not None:
                     row["et_threshold"] = _tune_threshold(distributed.gather_lists(outputs, ctx))
+            seconds = distributed.all_reduce_sum(torch.tensor([time.perf_counter() - t0], dtype=torch.float64), ctx)
+            row["seconds"] = round(float(seconds[0]) / ctx.world_size, 2)  # identical on every rank, so is the LR
+            clock["spent"] += row["seconds"]
             scheduler.step()
-            row["seconds"] = round(time.perf_counter() - t0, 2)
-            spent += row["seconds"]
             history.append(row)
             improved = row.get("dice_mean", -1.0) > best
             if improved:
