@@ -43,21 +43,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import cpu_name, pick_device, write_results
+
 RESULTS = Path(__file__).parent / "results" / "bench_predict.json"
 CPU_NETWORKS = ("unet", "segresnet")
 CPU_FILTERS = ("default", "8,16,32,64")
 CHANNELS = ("t2", "t1ce", "flair")
-
-
-def pick_device(choice: str) -> str:
-    """"auto" -> "cuda" when available, else "cpu"; "cuda" without a GPU is an error."""
-    import torch
-
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return choice
 
 
 def parse_filters(text: str) -> tuple[int, ...] | None:
@@ -191,17 +182,6 @@ def run_child(name: str, filters: str, tta: str, case_dir: Path, device: str, ar
     return json.loads(lines[-1])
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else whatever platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine(device: str) -> dict:
     """Where the numbers come from: CPUs, load, library versions, device name, threads."""
     import monai
@@ -323,10 +303,7 @@ def main() -> None:
             res["results"].append(run_child(name, filters, tta, case_dir, device, args))
             print(json.dumps(res["results"][-1]), flush=True)
     res["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
-    print_table(res)
-    print(f"wrote {args.out}")
+    write_results(args.out, res, print_table)
 
 
 if __name__ == "__main__":

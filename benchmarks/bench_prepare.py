@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import platform
 import resource
@@ -33,6 +32,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from common import write_results
 
 import nibabel as nib
 import numpy as np
@@ -263,10 +264,7 @@ def main() -> None:
     identical = all(c["identical"] for c in res["comparison"].values()) and res["kept"]["same_cases"]
     res["identical"] = identical
     res["target"] = {"speedup_ours_n_at_least": 3.0, "met": res["speedup"]["ours_n"] >= 3.0 and identical}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
-    print_table(res)
-    print(f"wrote {args.out}")
+    write_results(args.out, res, print_table)
 
 
 if __name__ == "__main__":

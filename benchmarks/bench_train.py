@@ -27,18 +27,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common import cpu_name, pick_device, write_results
+
 RESULTS = Path(__file__).parent / "results" / "bench_train.json"
-
-
-def pick_device(choice: str) -> str:
-    """"auto" -> "cuda" when available, else "cpu"; "cuda" without a GPU is an error."""
-    import torch
-
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return choice
 
 
 def make_step(name: str, size: int, batch: int, device: str) -> tuple[Callable[[], float], int]:
@@ -114,17 +105,6 @@ def run_child(name: str, args: argparse.Namespace, device: str, steps: int) -> d
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"network": name, "error": f"exit {proc.returncode}: {tail}"}
     return json.loads(lines[-1])
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else whatever platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine(device: str) -> dict:
@@ -206,10 +186,7 @@ def main() -> None:
         res["results"].append(run_child(name, args, device, steps))
         print(json.dumps(res["results"][-1]), flush=True)
     res["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
-    print_table(res)
-    print(f"wrote {args.out}")
+    write_results(args.out, res, print_table)
 
 
 if __name__ == "__main__":
