@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from tumorseg.inference.postprocess import suppress_small_et, tune_et_threshold
+from tumorseg.inference.postprocess import (
+    keep_largest_tumour,
+    postprocess,
+    suppress_small_et,
+    tune_et_threshold,
+    tune_postprocessing,
+)
 from tumorseg.labels import regions_from_labels
 
 
@@ -42,3 +48,43 @@ def test_tune_picks_threshold_that_removes_false_et():
     assert tune_et_threshold([], [], [10]) is None
     with pytest.raises(ValueError, match="1 predictions but 2"):
         tune_et_threshold([good], [et_gt, et_gt], [10])
+
+
+def _two_lesions(big: int = 6, small: int = 2, gap: int = 2) -> np.ndarray:
+    """A big cubic lesion (oedema around an ET core) and a small oedema island `gap` voxels away."""
+    out = np.zeros((20, 20, 20), np.uint8)
+    out[2 : 2 + big, 2 : 2 + big, 2 : 2 + big] = 2
+    out[3 : 1 + big, 3 : 1 + big, 3 : 1 + big] = 3
+    start = 2 + big + gap
+    out[start : start + small, 2 : 2 + small, 2 : 2 + small] = 2
+    return out
+
+
+def test_keep_largest_tumour_removes_islands_only():
+    labels = _two_lesions()
+    out = keep_largest_tumour(labels)
+    assert np.count_nonzero(out) == 6**3 and np.array_equal(out[:8], labels[:8])  # the lesion keeps its labels
+    assert np.count_nonzero(labels) == 6**3 + 2**3  # the input is not modified
+    touching = _two_lesions(gap=0)  # diagonal or face contact makes one 26-connected component
+    assert keep_largest_tumour(touching) is touching
+    empty = np.zeros((4, 4, 4), np.uint8)
+    assert keep_largest_tumour(empty) is empty
+
+
+def test_postprocess_applies_both_steps():
+    labels = _two_lesions()
+    out = postprocess(labels, largest_tumour=True, et_threshold=4**3 + 1)  # the 64 ET voxels are too few
+    assert np.count_nonzero(out) == 6**3 and np.count_nonzero(out == 3) == 0 and np.count_nonzero(out == 1) == 4**3
+    assert postprocess(labels) is labels
+
+
+def test_tune_postprocessing_keeps_largest_unless_it_costs_dice():
+    gt = _two_lesions(small=0)  # one lesion
+    with_island = _two_lesions()  # a false-positive island: removing it raises WT Dice
+    assert tune_postprocessing([with_island], [gt], [10]) == {"largest_tumour": True, "et_threshold": None}
+    assert tune_postprocessing([gt], [gt], [10])["largest_tumour"]  # a tie keeps it (HD95 gains)
+    two_true = _two_lesions(small=4)  # a real second focus: removing it lowers WT Dice
+    assert not tune_postprocessing([two_true], [two_true], [10])["largest_tumour"]
+    assert tune_postprocessing([], [], [10]) == {"largest_tumour": False, "et_threshold": None}
+    with pytest.raises(ValueError, match="1 predictions but 0"):
+        tune_postprocessing([gt], [], [10])

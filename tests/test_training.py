@@ -129,6 +129,7 @@ def test_postprocess_threshold_tuned_on_validation_and_stored(prepared, tmp_path
     state = load_checkpoint(tmp_path / "run/last.pt")
     threshold = state["inference"]["postprocess_et_threshold"]
     assert "et_threshold" in state["history"][-1] and threshold == state["history"][-1]["et_threshold"]
+    assert state["inference"]["postprocess_largest_tumour"] is state["history"][-1]["largest_tumour"]
     assert threshold is None or threshold in train_module.ET_THRESHOLDS
 
 

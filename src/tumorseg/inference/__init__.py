@@ -1,6 +1,6 @@
 """Step 4b: trained network -> segmentations of new cases in their original space."""
 
-from .postprocess import suppress_small_et, tune_et_threshold
+from .postprocess import keep_largest_tumour, postprocess, suppress_small_et, tune_et_threshold, tune_postprocessing
 from .predict import CasePrediction, PredictResult, Predictor, predict, predict_case
 from .window import probabilities, to_labels
 
@@ -8,10 +8,13 @@ __all__ = [
     "CasePrediction",
     "PredictResult",
     "Predictor",
+    "keep_largest_tumour",
+    "postprocess",
     "predict",
     "predict_case",
     "probabilities",
     "suppress_small_et",
     "to_labels",
     "tune_et_threshold",
+    "tune_postprocessing",
 ]

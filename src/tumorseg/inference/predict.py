@@ -28,7 +28,7 @@ from ..prepare.case import load_channels, scaled_window
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
 from ..training.checkpoint import load_checkpoint
 from ..training.distributed import resolve_device
-from .postprocess import suppress_small_et
+from .postprocess import postprocess
 from .window import probabilities as window_probabilities
 from .window import to_labels
 
@@ -51,6 +51,7 @@ class Predictor:
         target: "labels" (softmax over 4 classes) or "regions" (sigmoid WT, TC, ET).
         divisor: every padded input side is a multiple of this.
         tta: average over the 8 flip combinations.
+        largest_tumour: keep only the largest connected whole-tumour component.
         et_threshold: relabel predicted ET as necrosis when it has fewer voxels (None: off).
         overlap: sliding-window overlap in [0, 1).
         amp_dtype: autocast dtype (bf16 on CUDA where supported), None for float32.
@@ -64,6 +65,7 @@ class Predictor:
     target: str = "labels"
     divisor: int = 1
     tta: bool = False
+    largest_tumour: bool = False
     et_threshold: int | None = None
     overlap: float = 0.5
     amp_dtype: torch.dtype | None = None
@@ -112,6 +114,7 @@ class Predictor:
             target=state["target"],
             divisor=required_divisor(spec["name"], spec.get("filters")),
             tta=bool(inference.get("tta", False)) if tta is None else bool(tta),
+            largest_tumour=bool(inference.get("postprocess_largest_tumour", False)),
             et_threshold=threshold if isinstance(threshold, int) and not isinstance(threshold, bool) else None,
             overlap=float(overlap),
             amp_dtype=torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None,
@@ -200,7 +203,7 @@ def predict_case(predictor: Predictor, case: Case, probabilities: bool = False) 
         probs = window_probabilities(
             predictor.model, x, predictor.patch, predictor.target, predictor.overlap, predictor.tta, predictor.amp_dtype
         )[0]
-        labels = suppress_small_et(to_labels(probs, predictor.target), predictor.et_threshold)
+        labels = postprocess(to_labels(probs, predictor.target), predictor.largest_tumour, predictor.et_threshold)
         probs_np = probs.float().cpu().numpy() if probabilities else None
     raw = to_raw_labels(uncrop(labels, box, shape))
     full = _full_probabilities(probs_np, box, shape, predictor.target) if probabilities else None

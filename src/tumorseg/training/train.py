@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data import PreparedDataset, eval_transform, make_loader, shard, split_ids, train_transform
 from ..errors import TumorsegError
 from ..io import write_text
-from ..inference.postprocess import tune_et_threshold
+from ..inference.postprocess import tune_postprocessing
 from ..labels import NUM_CLASSES, RAW_LABELS, REGIONS
 from ..networks import build_network, network_spec, required_divisor
 from ..plots import plot_curves
@@ -35,7 +35,7 @@ from .config import TrainConfig
 from .engine import mean_dice, train_epoch, validate
 from .losses import build_loss
 
-COLUMNS = ["epoch", "train_loss", "val_loss"] + [f"dice_{r}" for r in REGIONS] + ["dice_mean", "et_threshold", "lr", "seconds"]
+COLUMNS = ["epoch", "train_loss", "val_loss"] + [f"dice_{r}" for r in REGIONS] + ["dice_mean", "largest_tumour", "et_threshold", "lr", "seconds"]
 
 
 @dataclass
@@ -112,6 +112,7 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
 
 def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch, spec, config, manifest, patch) -> dict:
     settings = manifest["settings"]
+    tuned = next((row for row in reversed(history) if "dice_mean" in row), {})  # the latest validated epoch
     return {
         "network": spec,
         "model": model.state_dict(),
@@ -128,7 +129,11 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch
         "target": config.target,
         "label_map": {i: RAW_LABELS[i] for i in range(NUM_CLASSES)},  # training label -> BraTS label
         "regions": list(REGIONS),
-        "inference": {"tta": config.tta, "postprocess_et_threshold": history[-1].get("et_threshold") if history else None},
+        "inference": {
+            "tta": config.tta,
+            "postprocess_largest_tumour": bool(tuned.get("largest_tumour", False)),
+            "postprocess_et_threshold": tuned.get("et_threshold"),
+        },
         "rng": rng_state(),
         "torch_version": str(torch.__version__),
     }
@@ -137,9 +142,9 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch
 ET_THRESHOLDS = (50, 100, 200, 300, 500, 750, 1000, 1500)
 
 
-def _tune_threshold(outputs: list) -> int | None:
-    """nnU-Net's BraTS post-processing: the smallest predicted-ET size worth keeping, on validation."""
-    return tune_et_threshold([p for p, _ in outputs], [g for _, g in outputs], ET_THRESHOLDS)
+def _tune_postprocessing(outputs: list) -> dict:
+    """nnU-Net's BraTS post-processing (largest tumour only, smallest ET worth keeping), on validation."""
+    return tune_postprocessing([p for p, _ in outputs], [g for _, g in outputs], ET_THRESHOLDS)
 
 
 def _resume(run_dir: Path, spec: dict, manifest: dict) -> dict:
@@ -232,7 +237,7 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
                 val_loss, dice = validate(model, val_set, loss_fn, ctx, patch, config.target, amp_dtype, progress, outputs)
                 row.update(val_loss=val_loss, dice_mean=mean_dice(dice), **{f"dice_{r}": dice[r] for r in REGIONS})
                 if outputs is not None:
-                    row["et_threshold"] = _tune_threshold(distributed.gather_lists(outputs, ctx))
+                    row.update(_tune_postprocessing(distributed.gather_lists(outputs, ctx)))
             seconds = distributed.all_reduce_sum(torch.tensor([time.perf_counter() - t0], dtype=torch.float64), ctx)
             row["seconds"] = round(float(seconds[0]) / ctx.world_size, 2)  # identical on every rank, so is the LR
             clock["spent"] += row["seconds"]
