@@ -18,8 +18,17 @@ def trained(tmp_path_factory):
     for i in range(3):
         write_case(root / "raw", f"BraTS20_Training_00{i}", seed=i)
     assert main(["prepare", str(root / "raw"), str(root / "prep"), "--crop", "32", "--workers", "1"]) == 0
-    assert main(["train", str(root / "prep"), str(root / "run"), "--filters", "4,8,16", "--epochs", "1"]) == 0
+    assert main(["train", str(root / "prep"), str(root / "run"), "--filters", "4,8,16", "--epochs", "1",
+                 "--tta", "--postprocess"]) == 0
     return root
+
+
+def test_train_flags_set_the_checkpoints_inference(trained):
+    from tumorseg.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(trained / "run/best.pt")
+    assert state["config"]["tta"] and state["config"]["postprocess"] and state["inference"]["tta"]
+    assert isinstance(state["inference"]["postprocess_largest_tumour"], bool)
 
 
 def test_help_is_instant_and_lists_commands():
@@ -39,7 +48,7 @@ def test_synth(tmp_path, capsys):
 
 def test_predict_evaluate_show(trained, capsys):
     run, raw, out = trained / "run", trained / "raw", trained / "pred"
-    assert main(["predict", str(run / "best.pt"), str(raw), str(out), "--plots", "--no-tta"]) == 0
+    assert main(["predict", str(run / "best.pt"), str(raw), str(out), "--plots", "--no-tta", "--no-postprocess"]) == 0
     assert "predicted 3 case(s)" in capsys.readouterr().out
     pred = nib.load(out / "BraTS20_Training_000.nii.gz")
     assert pred.shape == (40, 40, 32) and set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}

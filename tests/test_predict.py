@@ -168,13 +168,15 @@ def test_small_et_becomes_necrosis(edge_case):
     assert Predictor.from_checkpoint(_state(postprocess_et_threshold=50, tta=True), device="cpu").et_threshold == 50
 
 
-def test_largest_tumour_only(edge_case):
+def test_largest_tumour_only(edge_case, tmp_path):
     folder, expected = edge_case
     predictor = Predictor(ThresholdNet(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, largest_tumour=True)
     pred = predict_case(predictor, discover_cases(folder)[0])
     big = expected.copy()
     big[40:] = 0  # the 4x6x6 blob at the x = 6 edge beats the 4x4x4 one at the far border
     assert np.array_equal(pred.labels, big) and np.count_nonzero(big) == 144
+    raw = predict(predictor, folder, tmp_path, postprocess=False, progress=False)  # the user's opt-out
+    assert np.array_equal(np.asarray(nib.load(raw.written[0]).dataobj), expected)
     assert Predictor.from_checkpoint(_state(postprocess_largest_tumour=True), device="cpu").largest_tumour
     assert not Predictor.from_checkpoint(_state(), device="cpu").largest_tumour  # older checkpoints: off
 

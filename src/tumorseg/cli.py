@@ -66,7 +66,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 TRAIN_FLAGS = ("model", "filters", "epochs", "batch_size", "lr", "patch", "target", "schedule", "augment",
-               "steps_per_epoch", "max_minutes", "workers", "seed", "device", "amp")
+               "steps_per_epoch", "max_minutes", "workers", "seed", "device", "amp", "tta", "postprocess")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -99,7 +99,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import predict
 
     result = predict(args.checkpoint, args.input, args.out_dir, device=args.device, tta=args.tta,
-                     probabilities=args.probabilities, force=args.force, plots=args.plots, overlap=args.overlap)
+                     postprocess=args.postprocess, probabilities=args.probabilities, force=args.force, plots=args.plots, overlap=args.overlap)
     n_cases = len({Path(p).name.split(".")[0].removesuffix("_probabilities") for p in result.written})
     print(f"predicted {n_cases} case(s) into {args.out_dir}"
           + (f", {len(result.skipped)} already done" if result.skipped else "")
@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), help="mixed precision on GPU")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="record flip test-time augmentation as the checkpoint's inference setting")
+    p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=None,
+                   help="choose largest-tumour and small-ET post-processing on validation, for prediction")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.set_defaults(func=cmd_train)
 
@@ -196,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation (default: as the checkpoint says)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                   help="skip the checkpoint's post-processing (raw network output)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
     p.add_argument("--plots", action="store_true", help="also write <case>.png with the prediction overlaid")
     p.add_argument("--force", action="store_true", help="redo cases already predicted")
@@ -212,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data (or --data DIR) on the CPU")
     p.add_argument("work_dir", type=Path, nargs="?", default=Path("demo_out"))
     p.add_argument("--data", type=Path, help="a real BraTS download to run on instead of synthetic cases")
-    p.add_argument("--epochs", type=int, help="training epochs (default 20)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 40)")
     p.set_defaults(func=cmd_demo)
     return parser
 

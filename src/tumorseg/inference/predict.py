@@ -240,6 +240,7 @@ def predict(
     out_dir: str | Path,
     device: str = "auto",
     tta: bool | None = None,
+    postprocess: bool = True,
     probabilities: bool = False,
     force: bool = False,
     plots: bool = False,
@@ -256,6 +257,7 @@ def predict(
         out_dir: where predictions go (created if needed).
         device: "auto", "cpu" or "cuda".
         tta: flip test-time augmentation; None uses the checkpoint's setting.
+        postprocess: apply the checkpoint's post-processing (False: the network's raw labels).
         probabilities: also write `<case_id>_probabilities.nii.gz`, float32 (X, Y, Z, K).
         force: predict cases whose outputs already exist (otherwise they are skipped).
         plots: also write `<case_id>.png`, slices with the prediction overlaid.
@@ -270,6 +272,8 @@ def predict(
         predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta), overlap=float(overlap))
     else:
         predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap)
+    if not postprocess:
+        predictor = replace(predictor, largest_tumour=False, et_threshold=None)
     result = PredictResult(out_dir=out_dir)
     todo = []
     for case in cases:
