@@ -29,6 +29,7 @@ from tumorseg.io import discover_cases
 from tumorseg.prepare import PrepareConfig, prepare
 from tumorseg.recipes import load_recipe
 from tumorseg.training import resolve_config, train
+from tumorseg.training.checkpoint import load_checkpoint
 
 
 def hold_out(data: Path, work: Path, n_test: int, seed: int) -> tuple[Path, Path, list[str]]:
@@ -66,6 +67,7 @@ def run_recipe(name: str, train_dir: Path, test_dir: Path, work: Path, minutes: 
         "epochs": len(result.history),
         "best_epoch": result.best_epoch,
         "best_val_mean_dice": result.best_metric,
+        "inference": load_checkpoint(out / "run" / "best.pt")["inference"],  # TTA and post-processing chosen
         "summary": scores.summary,
     }
 
