@@ -46,28 +46,30 @@ def hold_out(data: Path, work: Path, n_test: int, seed: int) -> tuple[Path, Path
 
 
 def run_recipe(name: str, train_dir: Path, test_dir: Path, work: Path, minutes: float, val_fraction: float) -> dict:
+    """Prepare, train, predict and evaluate one recipe; a re-run continues where the last one stopped."""
     recipe = load_recipe(name)
     out = work / name
     prep_cfg = PrepareConfig.from_dict({**PrepareConfig().to_dict(), **recipe["prepare"], "val_fraction": val_fraction})
     prepare(train_dir, out / "prepared", prep_cfg)
     config = resolve_config(overrides={"max_minutes": minutes, "device": "auto"}, recipe=name)
+    last = out / "run" / "last.pt"
+    history = load_checkpoint(last)["history"] if last.exists() else []
+    if not history or sum(row["seconds"] for row in history) <= 60 * minutes:  # budget not yet spent
+        history = train(out / "prepared", out / "run", config, resume=last.exists()).history
     t0 = time.perf_counter()
-    result = train(out / "prepared", out / "run", config, resume=(out / "run" / "last.pt").exists())
-    train_seconds = sum(row["seconds"] for row in result.history)
-    t1 = time.perf_counter()
-    predict(out / "run" / "best.pt", test_dir, out / "predictions")
-    predict_seconds = time.perf_counter() - t1
+    predicted = predict(out / "run" / "best.pt", test_dir, out / "predictions")
+    predict_seconds = time.perf_counter() - t0
     scores = evaluate(out / "predictions", test_dir, out_csv=out / "predictions" / "metrics.csv")
     print(scores.report())
+    best = load_checkpoint(out / "run" / "best.pt")
     return {
         "recipe": name,
-        "train_minutes": round(train_seconds / 60, 1),
-        "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
-        "predict_seconds_per_case": round(predict_seconds / max(len(scores.rows), 1), 1),
-        "epochs": len(result.history),
-        "best_epoch": result.best_epoch,
-        "best_val_mean_dice": result.best_metric,
-        "inference": load_checkpoint(out / "run" / "best.pt")["inference"],  # TTA and post-processing chosen
+        "train_minutes": round(sum(row["seconds"] for row in history) / 60, 1),
+        "predict_seconds_per_case": round(predict_seconds / len(predicted.written), 1) if predicted.written else None,
+        "epochs": len(history),
+        "best_epoch": best["best_epoch"],
+        "best_val_mean_dice": best["best_metric"],
+        "inference": best["inference"],  # TTA and post-processing chosen
         "summary": scores.summary,
     }
 

@@ -28,7 +28,7 @@ def test_train_flags_set_the_checkpoints_inference(trained):
 
     state = load_checkpoint(trained / "run/best.pt")
     assert state["config"]["tta"] and state["config"]["postprocess"] and state["inference"]["tta"]
-    assert isinstance(state["inference"]["postprocess_largest_tumour"], bool)
+    assert state["inference"]["postprocess_largest_tumour"] is state["history"][-1]["largest_tumour"]
 
 
 def test_help_is_instant_and_lists_commands():

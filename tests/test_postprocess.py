@@ -65,17 +65,24 @@ def test_keep_largest_tumour_removes_islands_only():
     out = keep_largest_tumour(labels)
     assert np.count_nonzero(out) == 6**3 and np.array_equal(out[:8], labels[:8])  # the lesion keeps its labels
     assert np.count_nonzero(labels) == 6**3 + 2**3  # the input is not modified
-    touching = _two_lesions(gap=0)  # diagonal or face contact makes one 26-connected component
-    assert keep_largest_tumour(touching) is touching
+    corner = _two_lesions(gap=0)
+    corner[8:10, 2:4, 2:4] = 0
+    corner[8, 8, 8] = 2  # touches the lesion's corner voxel (7, 7, 7) only: one 26-connected component
+    assert keep_largest_tumour(corner) is corner
     empty = np.zeros((4, 4, 4), np.uint8)
     assert keep_largest_tumour(empty) is empty
 
 
-def test_postprocess_applies_both_steps():
+def test_postprocess_applies_both_steps_in_order():
     labels = _two_lesions()
     out = postprocess(labels, largest_tumour=True, et_threshold=4**3 + 1)  # the 64 ET voxels are too few
     assert np.count_nonzero(out) == 6**3 and np.count_nonzero(out == 3) == 0 and np.count_nonzero(out == 1) == 4**3
     assert postprocess(labels) is labels
+    et_island = _two_lesions()
+    et_island[et_island == 3] = 2
+    et_island[10:12, 2:4, 2:4] = 3  # 8 ET voxels, all in the island
+    assert np.count_nonzero(postprocess(et_island, largest_tumour=True, et_threshold=10) == 1) == 0  # removed first
+    assert np.count_nonzero(postprocess(et_island, et_threshold=10) == 1) == 8
 
 
 def test_tune_postprocessing_keeps_largest_unless_it_costs_dice():
@@ -85,6 +92,19 @@ def test_tune_postprocessing_keeps_largest_unless_it_costs_dice():
     assert tune_postprocessing([gt], [gt], [10])["largest_tumour"]  # a tie keeps it (HD95 gains)
     two_true = _two_lesions(small=4)  # a real second focus: removing it lowers WT Dice
     assert not tune_postprocessing([two_true], [two_true], [10])["largest_tumour"]
+    # A second focus with true ET in false oedema: WT Dice rises without it, ET Dice falls.
+    et_gt = _two_lesions(small=0)
+    et_gt[10:12, 2:4, 2:4] = 3
+    et_pred = _two_lesions(small=6)
+    et_pred[10:12, 2:4, 2:4] = 3
+    assert not tune_postprocessing([et_pred], [et_gt], [10])["largest_tumour"]
+    # The ET threshold is tuned on the cleaned predictions: ET only in a false island needs none.
+    et_island = _two_lesions()
+    et_island[et_island == 3] = 2
+    et_island[10:12, 2:4, 2:4] = 3
+    no_et = _two_lesions(small=0)
+    no_et[no_et == 3] = 2
+    assert tune_postprocessing([et_island], [no_et], [10]) == {"largest_tumour": True, "et_threshold": None}
     assert tune_postprocessing([], [], [10]) == {"largest_tumour": False, "et_threshold": None}
     with pytest.raises(ValueError, match="1 predictions but 0"):
         tune_postprocessing([gt], [], [10])

@@ -114,7 +114,7 @@ def test_cli_train_and_resume(prepared, tmp_path, capsys):
 def test_ddp_two_cpu_processes(prepared, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "tumorseg.cli", "train", str(prepared), str(tmp_path / "ddp"),
-           "--filters", "4,8,16", "--epochs", "2", "--batch-size", "1", "--device", "cpu"]
+           "--filters", "4,8,16", "--epochs", "2", "--batch-size", "1", "--device", "cpu", "--postprocess"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -122,6 +122,9 @@ def test_ddp_two_cpu_processes(prepared, tmp_path):
     state = load_checkpoint(tmp_path / "ddp/last.pt")
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped
+    row = state["history"][-1]  # tuned on the validation outputs gathered from both ranks
+    assert state["inference"]["postprocess_largest_tumour"] is row["largest_tumour"]
+    assert state["inference"]["postprocess_et_threshold"] == row["et_threshold"]
 
 
 def test_postprocess_threshold_tuned_on_validation_and_stored(prepared, tmp_path):

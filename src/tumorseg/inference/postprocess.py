@@ -1,15 +1,16 @@
-"""BraTS postprocessing, both steps decided on validation cases as nnU-Net does.
+"""BraTS postprocessing in two steps, both decided on validation cases (after nnU-Net).
 
-1. Whole-tumour islands: a glioma is (nearly always) one connected lesion, so predicted
-   tumour voxels outside the largest connected whole-tumour component are usually false
-   positives far from the lesion. They barely move Dice but dominate HD95 (on held-out
-   real cases: WT HD95 72 mm -> 4 mm). nnU-Net keeps only the largest component when that
-   does not lower validation Dice; so does `tune_postprocessing`.
-2. Small enhancing tumour: BraTS scores a case with no enhancing tumour (ET) in the ground truth as Dice 1 only if the
-prediction has no ET either, and 0 otherwise. A network that predicts a few scattered ET
-voxels in such a case loses the whole case, so nnU-Net (Isensee et al., BraTS 2020)
-relabels the predicted ET as necrosis when it has fewer voxels than a threshold tuned on
-validation cases. The voxels stay in the tumour core, so WT and TC are unchanged.
+1. Whole-tumour islands: a glioma is nearly always one connected lesion, so predicted tumour
+   outside the largest connected whole-tumour component is usually a false positive far
+   from the lesion. Such islands barely move Dice but dominate HD95 (README, "Measured").
+   nnU-Net removes them when that raises validation Dice and lowers no class; we also
+   remove them on a Dice tie, because their cost is in HD95, which Dice does not see.
+2. Small enhancing tumour: BraTS scores a case with no enhancing tumour (ET) in the ground
+   truth as Dice 1 only if the prediction has no ET either, and 0 otherwise. A network that
+   predicts a few scattered ET voxels in such a case loses the whole case, so nnU-Net
+   (Isensee et al., BraTS 2020) relabels predicted ET as necrosis when it has fewer voxels
+   than a threshold tuned on validation. The voxels stay in the tumour core, so WT and TC
+   are unchanged.
 
 Everything here works on training labels 0..3 (3 = ET, 1 = necrosis).
 """
@@ -76,9 +77,9 @@ def tune_postprocessing(
 ) -> dict[str, bool | int | None]:
     """Choose both steps on validation cases: `{"largest_tumour": bool, "et_threshold": int | None}`.
 
-    Keeping only the largest tumour is chosen unless it lowers the mean WT Dice (a tie keeps
-    it: its gain is in HD95, which Dice does not see); the ET threshold is then tuned on the
-    predictions as they will be after that step.
+    Keeping only the largest tumour is chosen unless it lowers the mean Dice of any region
+    (WT, TC or ET; a tie keeps it: its gain is in HD95, which Dice does not see). The ET
+    threshold is then tuned on the predictions as they will be after that step.
     """
     if len(pred_label_list) != len(gt_label_list):
         raise ValueError(f"{len(pred_label_list)} predictions but {len(gt_label_list)} ground truths")
@@ -86,10 +87,10 @@ def tune_postprocessing(
         return {"largest_tumour": False, "et_threshold": None}
     cleaned = [keep_largest_tumour(np.asarray(p)) for p in pred_label_list]
 
-    def mean_wt(preds) -> float:
-        return float(np.mean([region_dice_from_labels(p, g)["WT"] for p, g in zip(preds, gt_label_list)]))
+    def mean_dice(preds) -> np.ndarray:
+        return np.mean([list(region_dice_from_labels(p, g).values()) for p, g in zip(preds, gt_label_list)], axis=0)
 
-    largest = mean_wt(cleaned) >= mean_wt(pred_label_list) - 1e-12
+    largest = bool(np.all(mean_dice(cleaned) >= mean_dice(pred_label_list) - 1e-12))
     preds = cleaned if largest else pred_label_list
     return {"largest_tumour": largest, "et_threshold": tune_et_threshold(preds, gt_label_list, et_candidates)}
 
@@ -102,7 +103,7 @@ def tune_et_threshold(
     """The ET threshold giving the highest mean ET Dice over cases; None if none helps.
 
     Args:
-        pred_label_list: predicted training labels (0..3) per case, before postprocessing.
+        pred_label_list: predicted training labels (0..3) per case, before this ET step.
         gt_label_list: ground-truth training labels per case, same shapes.
         candidates: thresholds (voxel counts) to try.
 

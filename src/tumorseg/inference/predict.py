@@ -88,7 +88,8 @@ class Predictor:
     ) -> "Predictor":
         """Load a checkpoint file (or an already loaded state dict) once, for many cases.
 
-        `tta` None uses the checkpoint's choice (`inference.tta`).
+        `tta` None uses the checkpoint's choice (`inference.tta`); the post-processing
+        (`inference.postprocess_*`) always comes from the checkpoint.
         """
         where = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
         state = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
