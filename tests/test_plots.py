@@ -156,3 +156,15 @@ def test_real_case_with_its_segmentation(real_data_dir, tmp_path):
 
     pixels = matplotlib.image.imread(out)
     assert pixels.shape[:2] == expected_size(3, 6)[::-1]
+
+
+@pytest.mark.parametrize("validated", [False, True])
+def test_training_curves_png(tmp_path, validated, recwarn):
+    from tumorseg.plots import plot_curves
+
+    history = [{"epoch": e, "train_loss": 1.0 / e} for e in (1, 2, 3)]
+    if validated:
+        history[-1].update(val_loss=0.4, dice_WT=0.8, dice_TC=0.6, dice_ET=0.5, dice_mean=0.63)
+    plot_curves(history, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [w for w in recwarn if "legend" in str(w.message)]  # no empty legend before validation

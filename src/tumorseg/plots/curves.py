@@ -28,7 +28,8 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
         if points:
             ax_dice.plot(*zip(*points), label=key[5:], linestyle="--" if key == "dice_mean" else "-")
     ax_dice.set(xlabel="epoch", ylabel="Dice", title="Validation Dice", ylim=(0, 1))
-    ax_dice.legend()
+    if ax_dice.lines:  # nothing validated yet (val_every > epochs so far)
+        ax_dice.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
