@@ -54,3 +54,28 @@ def test_cli_prepare_with_recipe(tmp_path):
     settings = json.loads((tmp_path / "out/manifest.json").read_text())["settings"]
     assert settings["norm"] == "zscore" and settings["crop_mode"] == "brain" and settings["crop_size"] == [32, 32, 32]
     assert len(settings["channels"]) == 4 and sorted(recipe_names()) == ["brats-cpu", "brats-gpu", "seed"]
+
+
+@pytest.mark.parametrize("name", ["brats-cpu", "brats-gpu"])
+def test_recipe_trains_and_predicts_on_the_cpu_at_tiny_size(name, tmp_path):
+    """The recipe's whole code path (its network, loss, augmentation, optimiser, TTA and
+    post-processing) on two small cases; only the sizes are overridden."""
+    import nibabel as nib
+    import numpy as np
+
+    from factory import write_case
+    from tumorseg.training.checkpoint import load_checkpoint
+
+    for i in range(3):
+        write_case(tmp_path / "raw", f"c{i}", seed=i)
+    assert main(["prepare", str(tmp_path / "raw"), str(tmp_path / "prep"), "--recipe", name, "--crop", "32",
+                 "--val-fraction", "0.34", "--workers", "1"]) == 0
+    assert main(["train", str(tmp_path / "prep"), str(tmp_path / "run"), "--recipe", name, "--filters", "4,8,16",
+                 "--patch", "16,16,16", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1",
+                 "--workers", "0", "--device", "cpu"]) == 0
+    state = load_checkpoint(tmp_path / "run/best.pt")
+    assert state["network"]["name"] == load_recipe(name)["train"]["model"] and state["inference"]["tta"]
+    assert main(["predict", str(tmp_path / "run/best.pt"), str(tmp_path / "raw/c0"), str(tmp_path / "pred")]) == 0
+    labels = np.asarray(nib.load(tmp_path / "pred/c0.nii.gz").dataobj)
+    assert labels.shape == nib.load(next((tmp_path / "raw/c0").glob("*_t1.nii.gz"))).shape
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
