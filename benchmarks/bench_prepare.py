@@ -33,10 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import write_results
-
 import nibabel as nib
 import numpy as np
+from common import write_results
 
 from tumorseg.io import Case, discover_cases, save_npy
 from tumorseg.prepare import PrepareConfig, prepare

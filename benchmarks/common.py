@@ -7,6 +7,8 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
+from tumorseg.io import write_text
+
 
 def pick_device(choice: str) -> str:
     """"auto" -> "cuda" when available, else "cpu"; "cuda" without a GPU is an error."""
@@ -31,8 +33,8 @@ def cpu_name() -> str:
 
 
 def write_results(out: Path, res: dict, print_table: Callable[[dict], None]) -> None:
-    """Write the JSON results, print the human table, say where the file went."""
+    """Write the JSON results atomically, print the human table, say where the file went."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    write_text(out, json.dumps(res, indent=1))
     print_table(res)
     print(f"wrote {out}")

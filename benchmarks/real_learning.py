@@ -14,7 +14,6 @@ Works the same on a full Kaggle BraTS 2020 download (`--data BraTS2020_TrainingD
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import write_results
 
 from tumorseg.evaluation import evaluate
 from tumorseg.inference import predict
@@ -100,11 +100,9 @@ def main() -> None:
     print(f"held-out test cases: {', '.join(test_ids)}")
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     rows = [run_recipe(name, train_dir, test_dir, args.work, args.minutes, args.val_fraction) for name in args.recipes]
-    print(table(rows, machine))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "platform": platform.platform(), "test_cases": test_ids,
-                                    "budget_minutes": args.minutes, "results": rows}, indent=1))
-    print(f"wrote {args.out}")
+    res = {"machine": machine, "platform": platform.platform(), "test_cases": test_ids,
+           "budget_minutes": args.minutes, "results": rows}
+    write_results(args.out, res, lambda r: print(table(r["results"], r["machine"])))
 
 
 if __name__ == "__main__":

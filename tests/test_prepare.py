@@ -6,7 +6,7 @@ import pytest
 
 from tumorseg.cli import main
 from tumorseg.errors import TumorsegError
-from tumorseg.io import discover_cases, load_nifti
+from tumorseg.io import load_nifti
 from tumorseg.labels import to_training_labels
 from tumorseg.prepare import PrepareConfig, prepare, uncrop
 from tumorseg.prepare.scaling import scale

@@ -99,7 +99,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import predict
 
     result = predict(args.checkpoint, args.input, args.out_dir, device=args.device, tta=args.tta,
-                     postprocess=args.postprocess, probabilities=args.probabilities, force=args.force, plots=args.plots, overlap=args.overlap)
+                     postprocess=args.postprocess, probabilities=args.probabilities, force=args.force,
+                     plots=args.plots, overlap=args.overlap)
     n_cases = len({Path(p).name.split(".")[0].removesuffix("_probabilities") for p in result.written})
     print(f"predicted {n_cases} case(s) into {args.out_dir}"
           + (f", {len(result.skipped)} already done" if result.skipped else "")

@@ -15,7 +15,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +34,8 @@ from .config import TrainConfig
 from .engine import mean_dice, train_epoch, validate
 from .losses import build_loss
 
-COLUMNS = ["epoch", "train_loss", "val_loss"] + [f"dice_{r}" for r in REGIONS] + ["dice_mean", "largest_tumour", "et_threshold", "lr", "seconds"]
+COLUMNS = ["epoch", "train_loss", "val_loss", *(f"dice_{r}" for r in REGIONS), "dice_mean",
+           "largest_tumour", "et_threshold", "lr", "seconds"]
 
 
 @dataclass
