@@ -117,7 +117,8 @@ def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, devi
     import torch
 
     from tumorseg.inference.predict import predict_case
-    from tumorseg.io import discover_cases, save_nifti
+    from tumorseg.io import save_nifti
+    from tumorseg.layouts import discover_cases
     from tumorseg.networks import DEFAULT_FILTERS
 
     build_start = time.perf_counter()
@@ -291,7 +292,7 @@ def main() -> None:
 
             case_dir = synthesize(Path(tmp), 1, seed=0, progress=False)[0]
         else:
-            from tumorseg.io import discover_cases
+            from tumorseg.layouts import discover_cases
 
             case_dir = discover_cases(args.data)[0].folder  # errors name the folder
         res = {"data": str(args.data) if args.data else "synthetic 240x240x155 .nii.gz, seed 0",

@@ -37,7 +37,9 @@ import nibabel as nib
 import numpy as np
 from common import write_results
 
-from tumorseg.io import Case, discover_cases, save_npy
+from tumorseg.io import save_npy
+
+from tumorseg.layouts import Case, discover_cases
 from tumorseg.prepare import PrepareConfig, prepare
 from tumorseg.prepare.case import load_channels, load_segmentation, preprocess
 from tumorseg.prepare.config import default_workers

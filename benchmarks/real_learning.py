@@ -25,7 +25,7 @@ from common import write_results
 
 from tumorseg.evaluation import evaluate
 from tumorseg.inference import predict
-from tumorseg.io import discover_cases
+from tumorseg.layouts import discover_cases
 from tumorseg.prepare import PrepareConfig, prepare
 from tumorseg.recipes import load_recipe
 from tumorseg.training import resolve_config, train

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from tumorseg.errors import TumorsegError
-from tumorseg.io import atomic_path, discover_cases, load_nifti, save_npy
+from tumorseg.io import atomic_path, load_nifti, save_npy
+from tumorseg.layouts import discover_cases
 
 from factory import kaggle_copy, write_case
 
@@ -45,7 +46,7 @@ def test_missing_modality_is_reported_by_name(tmp_path):
 
 
 def test_empty_and_missing_folder(tmp_path):
-    with pytest.raises(TumorsegError, match="no BraTS cases found"):
+    with pytest.raises(TumorsegError, match="no cases found"):
         discover_cases(tmp_path)
     with pytest.raises(TumorsegError, match="no such folder"):
         discover_cases(tmp_path / "nope")

@@ -9,7 +9,7 @@ from torch import nn
 from tumorseg.errors import TumorsegError
 from tumorseg.inference import Predictor, predict, predict_case
 from tumorseg.inference.predict import inference_box, network_input
-from tumorseg.io import discover_cases
+from tumorseg.layouts import discover_cases
 from tumorseg.labels import RAW_LABELS, to_raw_labels
 from tumorseg.networks import build_network, network_spec
 from tumorseg.prepare import PrepareConfig, prepare, uncrop
@@ -199,7 +199,7 @@ def test_skip_existing_and_force(raw, ckpt, tmp_path):
     [
         ("missing", "bad: missing modality 't1ce'"),
         ("corrupt", "bad_t2.nii.gz: cannot read NIfTI"),
-        ("shape", "bad_flair.nii.gz has shape (40, 40, 30)"),
+        ("disjoint", "bad_flair.nii.gz and bad_t2.nii.gz do not overlap in world space"),
     ],
 )
 def test_broken_case_reported_others_written(ckpt, tmp_path, capsys, breakage, message):
@@ -210,7 +210,7 @@ def test_broken_case_reported_others_written(ckpt, tmp_path, capsys, breakage, m
     elif breakage == "corrupt":
         (folder / "bad_t2.nii.gz").write_bytes(b"\x1f\x8b garbage")
     else:
-        nib.save(nib.Nifti1Image(np.ones((40, 40, 30), np.int16), AFFINE), folder / "bad_flair.nii.gz")
+        nib.save(nib.Nifti1Image(np.ones((40, 40, 30), np.int16), np.eye(4)), folder / "bad_flair.nii.gz")
     res = predict(ckpt, tmp_path / "raw", tmp_path / "pred", device="cpu", progress=False)
     assert list(res.failed) == ["bad"] and message in res.failed["bad"]
     assert res.written == [tmp_path / "pred/good.nii.gz"] and not (tmp_path / "pred/bad.nii.gz").exists()

@@ -102,7 +102,7 @@ def test_resumable_and_force(tmp_path):
     [
         ("missing", "missing modality 't1ce'"),
         ("corrupt", "bad_t2.nii.gz: cannot read NIfTI"),
-        ("shape", "bad_flair.nii.gz has shape (40, 40, 30)"),
+        ("shape", "bad_flair.nii.gz and bad_t2.nii.gz do not overlap in world space"),
         ("label3", "contains label(s) [3]"),
     ],
 )

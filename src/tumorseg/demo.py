@@ -47,7 +47,7 @@ def _synthetic_data(work: Path, s: DemoSettings) -> tuple[Path, Path]:
 
 def _held_out_links(data: Path, prepared: Path, work: Path) -> Path:
     """A folder of links to the validation cases of a real download (the user's files stay untouched)."""
-    from .io import discover_cases
+    from .layouts import discover_cases
     from .prepare import load_manifest
 
     val = set(load_manifest(prepared)["split"]["val"])

@@ -1,23 +1,46 @@
-"""BraTS label conventions: the one place that knows labels, regions and modalities.
+"""Label conventions and modalities: the one place that knows what each label value means.
 
-Raw BraTS segmentations use labels 0 (background), 1 (necrotic / non-enhancing core),
-2 (oedema) and 4 (enhancing tumour); label 3 is unused. Training uses 0..3 (4 -> 3) so
-class indices are contiguous.
+Every dataset users hold names the same tumour parts with different numbers:
+
+| convention  | necrotic / non-enhancing core | oedema (SNFH) | enhancing tumour | resection cavity |
+|-------------|-------------------------------|---------------|------------------|------------------|
+| `brats2020` | 1                             | 2             | 4                | -                |
+| `brats2023` | 1                             | 2             | 3                | 4 (2024 post-treatment) |
+| `msd`       | 2                             | 1             | 3                | -                |
+
+(BraTS 2018-2021 use `brats2020`; nnU-Net's BraTS conversions use `msd`'s numbers.)
+Internally everything is in training labels: 0 background, 1 necrotic core, 2 oedema,
+3 enhancing tumour, and 4 resection cavity when a run keeps it. The BraTS regions are the
+same in every convention: WT = core + oedema + enhancing, TC = core + enhancing, ET =
+enhancing; the resection cavity belongs to none of them.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import numpy as np
+
+from .errors import TumorsegError
 
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 SEED_CHANNELS: tuple[str, ...] = ("t2", "t1ce", "flair")  # the seed's channel order
+# Every spelling of a modality that datasets use, lower case -> canonical name.
+MODALITY_ALIASES: dict[str, str] = {
+    "t1": "t1", "t1n": "t1", "t1w": "t1", "t1native": "t1", "native": "t1",
+    "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1-gd": "t1ce", "t1wce": "t1ce", "t1post": "t1ce",
+    "t2": "t2", "t2w": "t2",
+    "flair": "flair", "t2f": "flair", "t2-flair": "flair", "t2flair": "flair",
+}
 
-RAW_LABELS: tuple[int, ...] = (0, 1, 2, 4)
-NUM_CLASSES = 4  # background + 3 tumour classes after the 4 -> 3 remap
-CLASS_NAMES: tuple[str, ...] = ("background", "necrotic core", "oedema", "enhancing tumour")
+NUM_CLASSES = 4  # background + 3 tumour classes
+CAVITY_CLASS = 4  # training label of the resection cavity, only when a run keeps it
+CLASS_NAMES: tuple[str, ...] = ("background", "necrotic core", "oedema", "enhancing tumour", "resection cavity")
+CAVITY_MODES: tuple[str, ...] = ("keep", "drop")
 
-# Regions scored by BraTS, in training labels (0..3). Order is the channel order of
-# region-based outputs everywhere in tumorseg.
+# Regions scored by BraTS, in training labels. Order is the channel order of region-based
+# outputs everywhere in tumorseg.
 REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
 REGION_LABELS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 REGION_NAMES: dict[str, str] = {
@@ -27,27 +50,170 @@ REGION_NAMES: dict[str, str] = {
 }
 
 
+def canonical_modality(name: str) -> str | None:
+    """'T1w', 't1gd', 'FLAIR', 't2f', ... -> 't1', 't1ce', 'flair', ...; None if unknown."""
+    return MODALITY_ALIASES.get(re.sub(r"[\s_]", "", name.strip().lower()))
+
+
+@dataclass(frozen=True)
+class LabelConvention:
+    """The raw label value of each tumour part in one dataset's segmentations."""
+
+    name: str
+    necrosis: int
+    oedema: int
+    enhancing: int
+    cavity: int | None = None
+
+    @property
+    def tumour_values(self) -> tuple[int, int, int]:
+        """Raw values of training classes 1, 2, 3."""
+        return self.necrosis, self.oedema, self.enhancing
+
+    @property
+    def values(self) -> tuple[int, ...]:
+        """Every raw value a segmentation in this convention may hold, background included."""
+        return (0, *sorted(self.tumour_values)) + ((self.cavity,) if self.cavity is not None else ())
+
+    def invalid(self, seg: np.ndarray) -> list[int]:
+        """Values present in `seg` that this convention does not allow."""
+        if seg.dtype.kind in "ui" and seg.size and 0 <= seg.min() and seg.max() <= max(self.values):
+            present = np.flatnonzero(np.bincount(seg.ravel().astype(np.int64, copy=False)))
+        else:
+            present = np.unique(seg)
+        return [int(v) if float(v).is_integer() else float(v) for v in present if v not in self.values]
+
+    def to_training(self, seg: np.ndarray, cavity: str | None = None) -> np.ndarray:
+        """Raw labels -> training labels uint8 (valid values assumed: check `invalid` first).
+
+        The resection cavity becomes class 4 with `cavity="keep"` and background with
+        "drop"; when it is present and `cavity` is None the caller must choose (error).
+        """
+        seg = np.asarray(seg)
+        lut = np.zeros(max(self.values) + 1, dtype=np.uint8)
+        for cls, value in enumerate(self.tumour_values, start=1):
+            lut[value] = cls
+        if self.cavity is not None:
+            if cavity is None and (seg == self.cavity).any():
+                raise TumorsegError(
+                    f"resection cavity (label {self.cavity}) present: choose to keep it as its own class "
+                    "or drop it to background (--cavity keep|drop)"
+                )
+            lut[self.cavity] = CAVITY_CLASS if cavity == "keep" else 0
+        return lut[seg.astype(np.intp, copy=False)]
+
+    def from_training(self, mask: np.ndarray) -> np.ndarray:
+        """Training labels (0..3, 4 = cavity) -> raw labels of this convention, uint8."""
+        lut = np.zeros(CAVITY_CLASS + 1, dtype=np.uint8)
+        lut[1:4] = self.tumour_values
+        lut[CAVITY_CLASS] = self.cavity if self.cavity is not None else 0
+        return lut[np.asarray(mask).astype(np.intp, copy=False)]
+
+    def regions(self, seg: np.ndarray) -> np.ndarray:
+        """Raw labels (...) -> boolean region masks (3, ...) in the order WT, TC, ET."""
+        core = (seg == self.necrosis) | (seg == self.enhancing)
+        return np.stack([core | (seg == self.oedema), core, seg == self.enhancing])
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "necrosis": self.necrosis, "oedema": self.oedema,
+                "enhancing": self.enhancing, "cavity": self.cavity}
+
+    def tag(self) -> str:
+        """Short text stored in written NIfTI headers (`descrip`) so `evaluate` can read it back."""
+        values = f"{self.necrosis},{self.oedema},{self.enhancing}" + (f",{self.cavity}" if self.cavity is not None else "")
+        return f"labels={self.name}:{values}"
+
+
+CONVENTIONS: dict[str, LabelConvention] = {
+    "brats2020": LabelConvention("brats2020", necrosis=1, oedema=2, enhancing=4),
+    "brats2023": LabelConvention("brats2023", necrosis=1, oedema=2, enhancing=3, cavity=4),
+    "msd": LabelConvention("msd", necrosis=2, oedema=1, enhancing=3),
+}
+BRATS2020 = CONVENTIONS["brats2020"]
+_TAG_RE = re.compile(r"labels=(?P<name>[\w.-]+):(?P<values>\d+(,\d+){2,3})")
+
+
+def convention(spec: str | dict | LabelConvention) -> LabelConvention:
+    """A convention by name ('brats2020', 'brats2023', 'msd'), from `to_dict()`, or as it is."""
+    if isinstance(spec, LabelConvention):
+        return spec
+    if isinstance(spec, dict):
+        return LabelConvention(**{k: spec.get(k) for k in ("name", "necrosis", "oedema", "enhancing", "cavity")})
+    if spec not in CONVENTIONS:
+        raise TumorsegError(f"unknown label convention '{spec}' (choose from {', '.join(CONVENTIONS)})")
+    return CONVENTIONS[spec]
+
+
+def convention_from_tag(text: str) -> LabelConvention | None:
+    """The convention a `tag()` in a header's description names, or None."""
+    m = _TAG_RE.search(text)
+    if m is None:
+        return None
+    values = [int(v) for v in m["values"].split(",")]
+    return LabelConvention(m["name"], *values[:3], cavity=values[3] if len(values) == 4 else None)
+
+
+def convention_from_names(labels: dict[str, int], name: str) -> LabelConvention:
+    """A convention from label names -> values (MSD and nnU-Net `dataset.json` "labels").
+
+    Recognises the names these datasets use ("edema", "non-enhancing tumor", "enhancing
+    tumour", "necrotic ...", "resection cavity"); a preset with the same values keeps its name.
+    """
+    parts: dict[str, int] = {}
+    for label, value in labels.items():
+        text = label.lower().replace("-", " ").replace("_", " ")
+        if "background" in text:
+            continue
+        if "edema" in text or "oedema" in text or "snfh" in text or "hyperintens" in text:
+            part = "oedema"
+        elif "non enh" in text or "necro" in text or "netc" in text or "ncr" in text or text.strip() == "core":
+            part = "necrosis"
+        elif "enhanc" in text or text.strip() == "et":
+            part = "enhancing"
+        elif "cavity" in text or text.strip() == "rc":
+            part = "cavity"
+        else:
+            raise TumorsegError(f"unknown label name '{label}' (expected oedema, necrosis, enhancing tumour, cavity)")
+        parts[part] = int(value)
+    missing = [p for p in ("necrosis", "oedema", "enhancing") if p not in parts]
+    if missing:
+        raise TumorsegError(f"labels {labels} name no {', '.join(missing)}")
+    found = LabelConvention(name, parts["necrosis"], parts["oedema"], parts["enhancing"], parts.get("cavity"))
+    return next((c for c in CONVENTIONS.values() if _same_values(c, found)), found)
+
+
+def convention_from_regions(regions: dict[str, list[int]], name: str) -> LabelConvention:
+    """A convention from nnU-Net's region form: {"whole tumor": [1, 2, 3], "tumor core": [2, 3],
+    "enhancing tumor": [3]} (WT, TC, ET as lists of label values)."""
+    by_size = sorted((set(int(v) for v in values) for values in regions.values()), key=len)
+    if len(by_size) != 3 or not (len(by_size[0]) == 1 and by_size[0] < by_size[1] < by_size[2]):
+        raise TumorsegError(f"regions {regions} are not nested WT > TC > ET label sets")
+    (et,), (nec,), (oed,) = by_size[0], by_size[1] - by_size[0], by_size[2] - by_size[1]
+    found = LabelConvention(name, necrosis=nec, oedema=oed, enhancing=et)
+    return next((c for c in CONVENTIONS.values() if _same_values(c, found)), found)
+
+
+def _same_values(a: LabelConvention, b: LabelConvention) -> bool:
+    return a.tumour_values == b.tumour_values and a.cavity == b.cavity
+
+
+# BraTS 2020 shorthands, used where data is known to be in that convention (metrics on raw labels).
+RAW_LABELS: tuple[int, ...] = BRATS2020.values
+
+
 def invalid_raw_labels(seg: np.ndarray) -> list[int]:
-    """Labels present in a raw segmentation that BraTS does not allow (3 included)."""
-    present = np.unique(seg)
-    return [int(v) for v in present if v not in RAW_LABELS]
+    """Labels present in a BraTS 2020 segmentation that it does not allow (3 included)."""
+    return BRATS2020.invalid(np.asarray(seg))
 
 
 def to_training_labels(seg: np.ndarray) -> np.ndarray:
-    """Raw BraTS labels (0,1,2,4) -> contiguous training labels (0,1,2,3), uint8.
-
-    The caller validates with `invalid_raw_labels` first; values are assumed valid here.
-    """
-    out = np.asarray(seg).astype(np.uint8, copy=True)
-    out[out == 4] = 3
-    return out
+    """BraTS 2020 labels (0,1,2,4) -> training labels (0,1,2,3), uint8."""
+    return BRATS2020.to_training(seg)
 
 
 def to_raw_labels(mask: np.ndarray) -> np.ndarray:
-    """Training labels (0..3) -> BraTS labels (0,1,2,4), uint8."""
-    out = np.asarray(mask).astype(np.uint8, copy=True)
-    out[out == 3] = 4
-    return out
+    """Training labels (0..3) -> BraTS 2020 labels (0,1,2,4), uint8."""
+    return BRATS2020.from_training(mask)
 
 
 def regions_from_labels(mask: np.ndarray) -> np.ndarray:
@@ -56,8 +222,8 @@ def regions_from_labels(mask: np.ndarray) -> np.ndarray:
 
 
 def regions_from_raw_labels(seg: np.ndarray) -> np.ndarray:
-    """Raw BraTS labels (...) -> boolean region masks (3, ...) in the order WT, TC, ET."""
-    return regions_from_labels(np.where(seg == 4, 3, seg))
+    """BraTS 2020 labels (...) -> boolean region masks (3, ...) in the order WT, TC, ET."""
+    return BRATS2020.regions(seg)
 
 
 def labels_from_regions(regions: np.ndarray) -> np.ndarray:

@@ -34,7 +34,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import TumorsegError
-from ..io import NIFTI_RE, Volume, discover_cases, load_nifti, write_text
+from ..io import NIFTI_RE, Volume, load_nifti, write_text
+from ..layouts import discover_cases
 from ..labels import REGIONS
 from .metrics import FAILED_CASE, METRICS, region_metrics
 

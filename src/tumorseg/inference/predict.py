@@ -21,7 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import TumorsegError
-from ..io import Case, Volume, discover_cases, save_nifti
+from ..io import Volume, save_nifti
+from ..layouts import Case, discover_cases
 from ..labels import NUM_CLASSES, RAW_LABELS, to_raw_labels
 from ..networks import build_network, required_divisor
 from ..prepare.case import load_channels, scaled_window

@@ -23,7 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import TumorsegError
-from ..io import Case, atomic_path, discover_cases, load_nifti
+from ..io import atomic_path, load_nifti
+from ..layouts import Case, discover_cases
 from ..labels import CLASS_NAMES, MODALITIES, invalid_raw_labels, to_training_labels
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")

@@ -12,47 +12,74 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TumorsegError
-from ..io import Case, Volume, load_nifti, save_npy, write_text
-from ..labels import invalid_raw_labels, to_training_labels
+from ..geometry import Grid, network_grid, overlap_fraction, resample
+from ..io import Volume, load_nifti, save_npy, write_text
+from ..labels import CAVITY_CLASS
+from ..layouts import Case, load_images
 from .config import PrepareConfig
 from .crop import Box, brain_mask, crop, crop_box, inside
 from .scaling import scale
 
 
+def grid(vol: Volume) -> Grid:
+    return Grid(vol.data.shape, vol.affine)
+
+
+def reference_index(grids: list[Grid]) -> int:
+    """The modality whose grid the others are resampled onto: the finest (smallest voxels),
+    the first in channel order on a tie, so a 1 mm T1CE is never blurred to a 5 mm FLAIR's grid."""
+    volumes = [round(float(np.prod(g.spacing)), 6) for g in grids]
+    return volumes.index(min(volumes))
+
+
 def load_channels(case: Case, channels: tuple[str, ...]) -> list[Volume]:
-    """Load the requested modalities of a case, checking they share one grid."""
-    vols = [load_nifti(case.image(m), case.case_id) for m in channels]
-    first = vols[0]
-    for v in vols[1:]:
-        if v.data.shape != first.data.shape:
+    """Load the requested modalities of a case on one grid (the finest of theirs).
+
+    Modalities stored on other grids of the same world space are resampled onto it
+    (linear); modalities that do not overlap in world space are an error naming both files.
+    """
+    vols = load_images(case, channels)
+    grids = [grid(v) for v in vols]
+    ref = reference_index(grids)
+    out = []
+    for vol, g in zip(vols, grids):
+        if g.same_as(grids[ref]):
+            out.append(vol)
+            continue
+        if overlap_fraction(g, grids[ref]) <= 0.0:
             raise TumorsegError(
-                f"{case.case_id}: {v.path.name} has shape {v.data.shape}, "
-                f"but {first.path.name} has {first.data.shape}"
+                f"{case.case_id}: {vol.path.name} and {vols[ref].path.name} do not overlap in world space "
+                "(check their affines)"
             )
-    return vols
+        data = resample(vol.data, g, grids[ref], order=1)
+        out.append(Volume(data=data, affine=vols[ref].affine, header=vols[ref].header, path=vol.path))
+    return out
 
 
-def load_segmentation(case: Case, shape: tuple[int, ...]) -> np.ndarray:
-    """Load and validate a raw segmentation (labels 0,1,2,4), returned as training labels."""
+def to_network_grid(vols: list[Volume], spacing) -> tuple[list[np.ndarray], Grid, Grid]:
+    """The channels on the network's grid (canonical orientation, `spacing` in mm or None to keep
+    the scan's), with the scan's grid and the network's grid. BraTS scans pass through untouched."""
+    src = grid(vols[0])
+    net = network_grid(src, spacing)
+    return [resample(v.data, src, net, order=1) for v in vols], src, net
+
+
+def load_segmentation(case: Case, src: Grid, net: Grid, cavity: str | None) -> np.ndarray:
+    """The case's segmentation, validated in its label convention, as training labels on `net`."""
     seg = load_nifti(case.seg, case.case_id)
-    if seg.data.shape != shape:
-        raise TumorsegError(f"{case.case_id}: {case.seg.name} has shape {seg.data.shape}, images have {shape}")
-    bad = invalid_raw_labels(seg.data) if _maybe_invalid(seg.data) else []
+    if seg.data.shape != src.shape:
+        raise TumorsegError(f"{case.case_id}: {case.seg.name} has shape {seg.data.shape}, images have {src.shape}")
+    bad = case.labels.invalid(seg.data)
     if bad:
         raise TumorsegError(
-            f"{case.case_id}: {case.seg} contains label(s) {bad}; BraTS segmentations use 0, 1, 2, 4"
+            f"{case.case_id}: {case.seg} contains label(s) {bad}; {case.labels.name} segmentations use "
+            f"{', '.join(map(str, case.labels.values))}"
         )
-    return to_training_labels(seg.data)
-
-
-def _maybe_invalid(seg: np.ndarray) -> bool:
-    """False when an integer segmentation surely holds only 0, 1, 2, 4 (three fast passes).
-
-    Lets clean cases skip `invalid_raw_labels`, whose full-volume sort costs ~40 ms a case.
-    """
-    if seg.dtype.kind not in "ui" or seg.size == 0:
-        return True
-    return bool(seg.min() < 0 or seg.max() > 4 or (seg == 3).any())
+    try:
+        labels = case.labels.to_training(seg.data, cavity)
+    except TumorsegError as exc:
+        raise TumorsegError(f"{case.case_id}: {case.seg}: {exc}") from None
+    return resample(labels, src, net, order=0)
 
 
 def scaled_window(data: list[np.ndarray], norm: str, brain: np.ndarray, box: Box) -> np.ndarray:
@@ -65,9 +92,8 @@ def scaled_window(data: list[np.ndarray], norm: str, brain: np.ndarray, box: Box
     return crop(image, shifted)
 
 
-def preprocess(vols: list[Volume], config: PrepareConfig) -> tuple[np.ndarray, Box, np.ndarray]:
+def preprocess(data: list[np.ndarray], config: PrepareConfig) -> tuple[np.ndarray, Box, np.ndarray]:
     """Scaled, stacked, cropped image (C, *crop_size) float32, its crop box, and the brain mask."""
-    data = [v.data for v in vols]
     brain = brain_mask(data)
     box = crop_box(data[0].shape, config.crop_size, config.crop_mode, brain)
     return scaled_window(data, config.norm, brain, box), box, brain
@@ -76,31 +102,33 @@ def preprocess(vols: list[Volume], config: PrepareConfig) -> tuple[np.ndarray, B
 def prepare_case(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
     """Process one case and write its arrays and record; returns the record."""
     vols = load_channels(case, config.channels)
-    shape = vols[0].data.shape
-    image, box, _ = preprocess(vols, config)
+    data, src, net = to_network_grid(vols, config.spacing)
+    image, box, _ = preprocess(data, config)
     record = {
         "case_id": case.case_id,
         "sources": {m: str(case.images[m]) for m in config.channels},
         "segmentation": str(case.seg) if case.seg else None,
         "note": case.seg_note,
-        "shape": list(shape),
-        "affine": np.round(vols[0].affine, 6).tolist(),
-        "spacing": list(vols[0].spacing),
+        "shape": list(src.shape),
+        "affine": np.round(src.affine, 6).tolist(),
+        "spacing": list(src.spacing),
+        "network_shape": list(net.shape),
+        "network_affine": np.round(net.affine, 6).tolist(),
         "crop_box": [list(b) for b in box],
         "settings": config.case_settings(),
     }
     if case.seg is None:
         record.update(status="unlabelled", reason="no segmentation: prepared for prediction only")
     else:
-        labels = load_segmentation(case, shape)
+        labels = load_segmentation(case, src, net, config.cavity)
         mask = crop(labels, box)
-        tumour_total = int(np.count_nonzero(labels))
-        tumour_crop = int(np.count_nonzero(mask))
+        tumour_total = int(np.count_nonzero((labels > 0) & (labels < CAVITY_CLASS)))  # the cavity is not tumour
+        tumour_crop = int(np.count_nonzero((mask > 0) & (mask < CAVITY_CLASS)))
         fraction = tumour_crop / mask.size
         record.update(
             tumour_fraction=fraction,
             tumour_inside_crop=round(tumour_crop / tumour_total, 6) if tumour_total else None,
-            label_voxels={str(k): int(np.count_nonzero(mask == k)) for k in (1, 2, 3)},
+            label_voxels={str(k): int(np.count_nonzero(mask == k)) for k in (1, 2, 3, CAVITY_CLASS) if k < CAVITY_CLASS or config.cavity == "keep"},
         )
         if fraction < config.min_tumour:
             record.update(status="dropped", reason=f"tumour fraction {fraction:.3g} in the crop is below {config.min_tumour}")

@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from ..errors import TumorsegError
-from ..labels import MODALITIES, SEED_CHANNELS
+from ..labels import CAVITY_MODES, MODALITIES, SEED_CHANNELS
 from .crop import CROP_MODES
 from .scaling import NORMS
 
@@ -24,6 +24,10 @@ class PrepareConfig:
             dropped (seed: 1 %).
         val_fraction: share of kept cases in the validation split (seed: 0.25).
         seed: seed of the train/val split.
+        spacing: voxel size (mm) the network sees, in the canonical (LPS) axis order; None
+            takes the data's median spacing when preparing (1 mm for BraTS) and is recorded.
+        cavity: the 2024 post-treatment resection cavity (BraTS 2023 label 4): "keep" as its
+            own class, "drop" to background; None refuses data that holds one.
     """
 
     channels: tuple[str, ...] = SEED_CHANNELS
@@ -33,6 +37,8 @@ class PrepareConfig:
     min_tumour: float = 0.01
     val_fraction: float = 0.25
     seed: int = 42
+    spacing: tuple[float, float, float] | None = None
+    cavity: str | None = None
 
     def __post_init__(self) -> None:
         bad = [c for c in self.channels if c not in MODALITIES]
@@ -48,6 +54,10 @@ class PrepareConfig:
             raise TumorsegError(f"crop size must be three positive integers, got {self.crop_size}")
         if not 0.0 <= self.min_tumour < 1.0:
             raise TumorsegError(f"min tumour fraction must be in [0, 1), got {self.min_tumour}")
+        if self.spacing is not None and (len(self.spacing) != 3 or not all(float(s) > 0 for s in self.spacing)):
+            raise TumorsegError(f"spacing must be three positive numbers (mm), got {self.spacing}")
+        if self.cavity is not None and self.cavity not in CAVITY_MODES:
+            raise TumorsegError(f"unknown cavity mode '{self.cavity}' (choose from {', '.join(CAVITY_MODES)})")
         if not 0.0 <= self.val_fraction < 1.0:
             raise TumorsegError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -55,6 +65,7 @@ class PrepareConfig:
         d = asdict(self)
         d["channels"] = list(self.channels)
         d["crop_size"] = list(self.crop_size)
+        d["spacing"] = [float(s) for s in self.spacing] if self.spacing is not None else None
         return d
 
     @classmethod
@@ -62,7 +73,9 @@ class PrepareConfig:
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
             raise TumorsegError(f"unknown prepare setting(s) {', '.join(unknown)}")
-        return cls(**{**d, "channels": tuple(d["channels"]), "crop_size": tuple(d["crop_size"])})
+        spacing = d.get("spacing")
+        return cls(**{**d, "channels": tuple(d["channels"]), "crop_size": tuple(d["crop_size"]),
+                      "spacing": tuple(float(s) for s in spacing) if spacing is not None else None})
 
     def case_settings(self) -> dict:
         """The settings that change a case's arrays (the split does not), for resumability."""

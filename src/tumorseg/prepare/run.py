@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from ..errors import TumorsegError
-from ..io import Case, discover_cases, write_text
+from ..io import write_text
+from ..geometry import Grid, network_grid
+from ..layouts import Case, dataset_layout, discover_cases
 from .case import prepare_case, record_path
 from .config import PrepareConfig, default_workers
 from .split import split_cases
@@ -74,6 +77,8 @@ def prepare(
     config = config or PrepareConfig()
     out_dir = Path(out_dir)
     cases = discover_cases(data_dir)
+    if config.spacing is None:
+        config = replace(config, spacing=median_spacing(cases, config.channels))
     out_dir.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
     todo = []
@@ -98,7 +103,7 @@ def prepare(
                 record = _report(fut.result(), bar)
                 records[record["case_id"]] = record
     bar.close()
-    manifest = _manifest(data_dir, config, [records[c.case_id] for c in cases])
+    manifest = _manifest(data_dir, config, [records[c.case_id] for c in cases], cases)
     write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
     failed = {r["case_id"]: r["reason"] for r in manifest["cases"] if r["status"] == "failed"}
     return PrepareResult(out_dir=out_dir, manifest=manifest, failed=failed, skipped=skipped)
@@ -115,7 +120,29 @@ def _say(line: str, bar: tqdm | None = None) -> None:
     (bar.write if bar is not None else print)(line, file=sys.stderr)
 
 
-def _manifest(data_dir, config: PrepareConfig, records: list[dict]) -> dict:
+def median_spacing(cases: list[Case], channels: tuple[str, ...]) -> tuple[float, float, float]:
+    """The median voxel size (mm, canonical axis order) of the cases' finest modality, from headers only."""
+    import nibabel as nib
+
+    from .case import reference_index
+
+    spacings = []
+    for case in cases:
+        grids = []
+        for m in channels:
+            try:
+                img = nib.load(str(case.image(m)))
+                grids.append(network_grid(Grid(img.shape[:3], img.affine)))
+            except Exception:  # noqa: BLE001 - a bad file fails with one line when its case is prepared
+                continue
+        if grids:
+            spacings.append(grids[reference_index(grids)].spacing)
+    if not spacings:
+        return (1.0, 1.0, 1.0)
+    return tuple(round(float(s), 4) for s in np.median(np.asarray(spacings), axis=0))
+
+
+def _manifest(data_dir, config: PrepareConfig, records: list[dict], cases: list[Case]) -> dict:
     kept = [r["case_id"] for r in records if r["status"] == "kept"]
     split = split_cases(kept, config.val_fraction, config.seed)
     for r in records:
@@ -124,6 +151,8 @@ def _manifest(data_dir, config: PrepareConfig, records: list[dict]) -> dict:
     return {
         "format": "tumorseg-prepared-v1",
         "source": str(Path(data_dir).resolve()),
+        "layout": dataset_layout(cases)[0],
+        "labels": dataset_layout(cases)[1].to_dict(),
         "settings": config.to_dict(),
         "counts": counts,
         "split": split,

@@ -1,0 +1,197 @@
+"""Voxel grids: the one place that maps arrays between a scan's grid and the network's grid.
+
+A grid is an array shape plus a 4x4 affine taking voxel indices (i, j, k) to world millimetres in
+nibabel's RAS+ convention. Two arrays can only be compared voxel by voxel when they share a grid.
+
+The canonical orientation is LPS (axis codes ('L', 'P', 'S')) because that is how BraTS stores its
+scans (affine diag(-1, -1, 1)) and the networks were trained on those arrays as stored: BraTS data
+therefore passes through untouched and old results stay bit-identical.
+
+Orientation is fixed exactly, by permuting and flipping axes (the nearest axes of the affine, so an
+oblique scan stays oblique): no voxel value changes. Only a change of spacing needs interpolation,
+which is done with scipy (nearest neighbour for labels, linear for images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from nibabel.affines import apply_affine, rescale_affine, voxel_sizes
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    inv_ornt_aff,
+    io_orientation,
+    ornt_transform,
+)
+from scipy.ndimage import affine_transform
+
+from .errors import TumorsegError
+
+CANONICAL_AXCODES: tuple[str, str, str] = ("L", "P", "S")
+SPACING_RTOL = 1e-3  # spacings closer than this (relative) count as equal: no resampling
+
+_ROT_ATOL = 1e-4  # voxel-to-voxel matrix entries this close to 0/±1 count as an exact permutation
+_SHIFT_ATOL = 1e-3  # voxels
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """Array shape (X, Y, Z) plus the voxel -> world (mm) affine. Compares with `same_as`."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in self.shape)
+        affine = np.array(self.affine, dtype=np.float64)
+        if len(shape) != 3 or min(shape) < 1:
+            raise TumorsegError(f"a volume needs 3 non-empty spatial axes, got shape {shape}")
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise TumorsegError(f"voxel-to-world affine must be a finite 4x4 matrix: {affine!r}")
+        if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise TumorsegError("the voxel-to-world affine is singular (zero voxel size?)")
+        affine.setflags(write=False)  # frozen means frozen: nobody edits a shared grid in place
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "affine", affine)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel sizes in mm along the array axes (norms of the affine's columns)."""
+        return tuple(float(v) for v in voxel_sizes(self.affine))  # type: ignore[return-value]
+
+    def same_as(self, other: Grid, atol: float = 1e-3) -> bool:
+        """Same shape and affines equal within `atol` (mm): arrays on both match voxel for voxel."""
+        return self.shape == other.shape and np.allclose(
+            self.affine, other.affine, rtol=0, atol=atol
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Grid) and self.same_as(other)
+
+    def __hash__(self) -> int:  # equal grids have equal shapes, so this agrees with __eq__
+        return hash(self.shape)
+
+
+def grid_of(img) -> Grid:
+    """The grid of a nibabel image (its first three axes and its affine)."""
+    if len(img.shape) < 3 or img.affine is None:
+        raise TumorsegError(f"expected a 3-D image with an affine, got shape {img.shape}")
+    return Grid(tuple(img.shape[:3]), img.affine)
+
+
+def network_grid(grid: Grid, spacing: Sequence[float] | None = None) -> Grid:
+    """The grid the network sees for a scan on `grid`: canonical (LPS) axes, optionally new spacing.
+
+    Orientation: axes permuted/flipped to the nearest canonical axes (an oblique scan stays
+    oblique, so no interpolation). Spacing: when given and different by more than SPACING_RTOL,
+    the same field of view at that spacing: shape round(extent / spacing), at least 1, same centre.
+    `spacing` is per axis of the returned (canonical) grid.
+    """
+    ornt = ornt_transform(io_orientation(grid.affine), axcodes2ornt(CANONICAL_AXCODES))
+    shape = [0, 0, 0]
+    for axis, (new_axis, _) in enumerate(ornt):
+        shape[int(new_axis)] = grid.shape[axis]
+    out = Grid(tuple(shape), grid.affine @ inv_ornt_aff(ornt, grid.shape))
+    if spacing is None:
+        return out
+    new = np.asarray(spacing, dtype=np.float64)
+    if new.shape != (3,) or not np.all(np.isfinite(new)) or np.any(new <= 0):
+        raise TumorsegError(f"target spacing must be 3 positive numbers (mm), got {spacing!r}")
+    old = np.asarray(out.spacing)
+    if np.allclose(new, old, rtol=SPACING_RTOL, atol=0):
+        return out
+    old_shape = np.asarray(out.shape, dtype=np.float64)
+    new_shape = np.maximum(1, np.floor(old_shape * old / new + 0.5)).astype(int)
+    affine = rescale_affine(out.affine, out.shape, new, new_shape)  # keeps rotation, sets zooms
+    # rescale_affine pins the central voxel ((n - 1) // 2); pin the exact centre of the field of
+    # view instead, so even/odd shape changes do not shift the image by half a voxel.
+    centre = apply_affine(out.affine, (old_shape - 1) / 2)
+    affine[:3, 3] = centre - affine[:3, :3] @ ((new_shape - 1) / 2)
+    return Grid(tuple(int(n) for n in new_shape), affine)
+
+
+def _exact_ornt(src: Grid, dst: Grid) -> np.ndarray | None:
+    """The nibabel orientation taking src arrays to dst arrays when dst is an exact axis
+    permutation/flip of src (same voxel centres); None when interpolation is needed."""
+    vox = np.linalg.solve(dst.affine, src.affine)  # src voxel -> dst voxel
+    rot, shift = vox[:3, :3], vox[:3, 3]
+    perm = np.rint(rot)
+    if not np.allclose(rot, perm, rtol=0, atol=_ROT_ATOL) or not (
+        np.all(np.abs(perm).sum(axis=0) == 1) and np.all(np.abs(perm).sum(axis=1) == 1)
+    ):
+        return None
+    ornt = np.zeros((3, 2))
+    for axis in range(3):
+        new_axis = int(np.argmax(np.abs(perm[:, axis])))
+        flip = perm[new_axis, axis]
+        expected = 0.0 if flip > 0 else src.shape[axis] - 1.0
+        if dst.shape[new_axis] != src.shape[axis] or abs(shift[new_axis] - expected) > _SHIFT_ATOL:
+            return None
+        ornt[axis] = (new_axis, flip)
+    return ornt
+
+
+def resample(data: np.ndarray, src: Grid, dst: Grid, order: int, cval: float = 0.0) -> np.ndarray:
+    """`data` (..., X, Y, Z) on `src` -> (..., *dst.shape) on `dst`.
+
+    dst same as src: `data` itself. dst an axis permutation/flip of src: exact reorientation,
+    dtype kept (a contiguous copy). Otherwise spline interpolation of `order` (0 nearest for
+    labels, 1 linear), channel by channel; points outside src's voxel centres get `cval`;
+    order 0 keeps the dtype, order >= 1 returns float32.
+    """
+    data = np.asarray(data)
+    if data.ndim < 3 or tuple(data.shape[-3:]) != src.shape:
+        raise ValueError(f"array of shape {data.shape} does not end with grid shape {src.shape}")
+    if dst.same_as(src):
+        return data
+    lead = data.ndim - 3
+    ornt = _exact_ornt(src, dst)
+    if ornt is not None:  # apply_orientation works on the first axes: put channels last for it
+        moved = np.moveaxis(data, range(lead), range(-lead, 0)) if lead else data
+        out = apply_orientation(moved, ornt)
+        out = np.moveaxis(out, range(-lead, 0), range(lead)) if lead else out
+        return np.ascontiguousarray(out)
+
+    vox = np.linalg.solve(src.affine, dst.affine)  # dst voxel -> src voxel, as scipy wants it
+    rot, offset = vox[:3, :3], vox[:3, 3]
+    diagonal = np.allclose(rot, np.diag(np.diag(rot)), rtol=0, atol=1e-12)
+    matrix = np.diag(rot) if diagonal else rot  # a 1-D matrix takes scipy's faster zoom path
+    out_dtype = data.dtype if order == 0 else np.dtype(np.float32)
+    # scipy has no bool or float16 kernels: compute those in uint8 / float32 and cast back
+    work_dtype = {np.dtype(bool): np.dtype(np.uint8), np.dtype(np.float16): np.dtype(np.float32)}
+    work = work_dtype.get(out_dtype, out_dtype)
+    channels = data.reshape((-1, *src.shape))
+    out = np.empty((channels.shape[0], *dst.shape), dtype=work)
+    for c in range(channels.shape[0]):
+        chan = channels[c]
+        if chan.dtype in work_dtype:
+            chan = chan.astype(work_dtype[chan.dtype])
+        affine_transform(
+            chan, matrix, offset=offset, output_shape=dst.shape, output=out[c],
+            order=order, mode="constant", cval=cval, prefilter=order > 1,
+        )  # fmt: skip
+    return out.astype(out_dtype, copy=False).reshape((*data.shape[:lead], *dst.shape))
+
+
+def overlap_fraction(a: Grid, b: Grid) -> float:
+    """Share of a's field of view (voxel-centre box) inside b's, 0.0 when disjoint.
+
+    Approximated by the axis-aligned box, in b's voxel space, of a's 8 corner voxel centres;
+    used to refuse modalities of one case that do not overlap in world space.
+    """
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in a.shape], indexing="ij")).reshape(3, -1).T
+    in_b = apply_affine(np.linalg.solve(b.affine, a.affine), corners)
+    lo, hi = in_b.min(axis=0), in_b.max(axis=0)
+    top = np.asarray(b.shape, dtype=np.float64) - 1
+    fraction = 1.0
+    for axis in range(3):
+        width = hi[axis] - lo[axis]
+        if width <= 1e-9:  # a flat along this axis: all in or all out
+            inside = -_SHIFT_ATOL <= lo[axis] <= top[axis] + _SHIFT_ATOL
+            fraction *= float(inside)
+        else:
+            fraction *= max(0.0, min(hi[axis], top[axis]) - max(lo[axis], 0.0)) / width
+    return float(fraction)

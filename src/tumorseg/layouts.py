@@ -1,0 +1,362 @@
+"""Dataset layouts: which files make a case, and what their modalities and labels mean.
+
+Detected automatically (a folder, its sub-folders to a few levels, or one case folder):
+
+| layout      | files                                                                  | labels      |
+|-------------|------------------------------------------------------------------------|-------------|
+| `brats2020` | `<case>/<case>_{t1,t1ce,t2,flair,seg}.nii[.gz]` (2018-2020, Kaggle)     | `brats2020` |
+| `brats2021` | `BraTS2021_NNNNN/BraTS2021_NNNNN_{t1,t1ce,t2,flair,seg}.nii.gz`         | `brats2020` |
+| `brats2023` | `BraTS-GLI-NNNNN-NNN/BraTS-GLI-NNNNN-NNN-{t1n,t1c,t2w,t2f,seg}.nii.gz`  | `brats2023` |
+| `msd`       | `imagesTr/BRATS_NNN.nii.gz` (4D), `labelsTr/`, `imagesTs/`, `dataset.json` | `msd`   |
+| `nnunet`    | `imagesTr/<case>_0000.nii.gz` ..., `labelsTr/<case>.nii.gz`, `dataset.json` | from `dataset.json` |
+
+Modalities are found by meaning through `labels.MODALITY_ALIASES` (t1n = T1w = t1, ...), so
+a network trained on one layout predicts cases of any other. BraTS 2020 case 355's
+segmentation (`W39_1998.09.19_Segm.nii`) is found as the single other NIfTI in its folder.
+`write_case` writes every layout (for `tumorseg synth --layout` and for tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TumorsegError
+from .io import NIFTI_RE, Volume, load_nifti_channels, save_nifti, write_text
+from .labels import (
+    BRATS2020,
+    CONVENTIONS,
+    MODALITIES,
+    LabelConvention,
+    canonical_modality,
+    convention_from_names,
+    convention_from_regions,
+)
+
+LAYOUTS: tuple[str, ...] = ("brats2020", "brats2021", "brats2023", "msd", "nnunet")
+DATASET_JSON = "dataset.json"
+IMAGE_DIRS: tuple[str, ...] = ("imagesTr", "imagesTs")
+LABEL_DIRS: dict[str, str] = {"imagesTr": "labelsTr", "imagesTs": "labelsTs"}
+MAX_DEPTH = 4
+# File names of each layout's modalities and the separator before them.
+BRATS2023_NAMES: dict[str, str] = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
+MSD_CHANNELS: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")  # Task01's "FLAIR", "T1w", "t1gd", "T2w"
+NNUNET_CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")  # nnU-Net's BraTS conversions
+EXPECTED = ("BraTS case folders (<case>_{t1,t1ce,t2,flair}.nii[.gz] or <case>-{t1n,t1c,t2w,t2f}.nii.gz), "
+            "or an MSD / nnU-Net dataset (dataset.json with imagesTr/)")
+_BRATS_SUFFIX_RE = re.compile(r"[_-](?P<key>[A-Za-z0-9]+)$")
+_NNUNET_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: where each modality (by canonical name) and the segmentation are.
+
+    `images` may lack modalities (a broken download); `image` turns that into an error
+    naming the case and the modality. `channel_index` gives a modality's index inside a 4D
+    file (MSD). `seg_note` says when the segmentation was found under a non-standard name.
+    """
+
+    case_id: str
+    folder: Path
+    images: dict[str, Path] = field(default_factory=dict)
+    seg: Path | None = None
+    seg_note: str | None = None
+    layout: str = "brats2020"
+    labels: LabelConvention = BRATS2020
+    channel_index: dict[str, int] = field(default_factory=dict)
+
+    def image(self, modality: str) -> Path:
+        if modality not in self.images:
+            have = ", ".join(m for m in MODALITIES if m in self.images) or "none"
+            raise TumorsegError(f"{self.case_id}: missing modality '{modality}' in {self.folder} (found: {have})")
+        return self.images[modality]
+
+
+def load_images(case: Case, modalities: tuple[str, ...] | list[str]) -> list[Volume]:
+    """The case's volumes for `modalities`, in that order; each file is read once."""
+    by_file: dict[Path, list[str]] = {}
+    for m in modalities:
+        by_file.setdefault(case.image(m), []).append(m)
+    loaded: dict[str, Volume] = {}
+    for path, names in by_file.items():
+        indices = [case.channel_index[m] for m in names] if names[0] in case.channel_index else None
+        for m, vol in zip(names, load_nifti_channels(path, case.case_id, indices)):
+            loaded[m] = vol
+    return [loaded[m] for m in modalities]
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    """NIfTI files of a folder, without hidden ones (the `._*` files macOS archives carry)."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_file() and NIFTI_RE.match(p.name) and not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _stem(path: Path) -> str:
+    return NIFTI_RE.match(path.name)["stem"]
+
+
+def _brats_case(folder: Path, files: list[Path], need_images: bool) -> Case | None:
+    """A BraTS case folder (2018-2020, 2021 or 2023+ names), or None if `folder` is not one."""
+    images: dict[str, Path] = {}
+    seg: Path | None = None
+    others: list[Path] = []
+    dashed = 0
+    for path in files:
+        stem = _stem(path)
+        m = _BRATS_SUFFIX_RE.search(stem)
+        key = m["key"].lower() if m else ""
+        modality = canonical_modality(key) if m else None
+        if key == "seg":
+            seg = path
+        elif modality is not None and modality not in images:
+            images[modality] = path
+            dashed += stem[m.start()] == "-"
+        else:
+            others.append(path)
+    if not images and (need_images or seg is None):
+        return None
+    note = None
+    if seg is None and len(others) == 1 and images:
+        # BraTS 2020 case 355 ships its segmentation as 'W39_1998.09.19_Segm.nii'.
+        seg = others[0]
+        note = f"{folder.name}: using '{seg.name}' as the segmentation (non-standard name)"
+    if dashed or (seg is not None and not images and _stem(seg).endswith("-seg")):
+        layout = "brats2023"
+    else:
+        layout = "brats2021" if folder.name.startswith("BraTS2021_") else "brats2020"
+    labels = CONVENTIONS["brats2023"] if layout == "brats2023" else BRATS2020
+    return Case(folder.name, folder, images, seg, note, layout, labels)
+
+
+def _read_dataset_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TumorsegError(f"{path}: unreadable dataset.json ({exc})") from None
+
+
+def dataset_labels(meta: dict, layout: str, path: Path) -> LabelConvention:
+    """The label convention a dataset.json describes (MSD value -> name, nnU-Net name -> value or regions)."""
+    labels = meta.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise TumorsegError(f"{path}: no 'labels' in dataset.json")
+    try:
+        if any(isinstance(v, list) for v in labels.values()):
+            return convention_from_regions({k: v for k, v in labels.items() if isinstance(v, list)}, layout)
+        if all(str(k).isdigit() for k in labels):  # MSD and nnU-Net v1: {"1": "edema", ...}
+            return convention_from_names({str(v): int(k) for k, v in labels.items()}, layout)
+        return convention_from_names({k: int(v) for k, v in labels.items()}, layout)
+    except TumorsegError as exc:
+        raise TumorsegError(f"{path}: {exc}") from None
+
+
+def dataset_channels(meta: dict, path: Path) -> dict[int, str]:
+    """Channel index -> canonical modality from dataset.json ("channel_names" or MSD's "modality")."""
+    names = meta.get("channel_names") or meta.get("modality")
+    if not isinstance(names, dict) or not names:
+        raise TumorsegError(f"{path}: no 'channel_names' or 'modality' in dataset.json")
+    out = {}
+    for index, name in names.items():
+        modality = canonical_modality(str(name))
+        if modality is None:
+            raise TumorsegError(f"{path}: channel {index} '{name}' is not an MRI modality tumorseg knows ({', '.join(MODALITIES)})")
+        out[int(index)] = modality
+    return out
+
+
+def _dataset_cases(root: Path, subdirs: tuple[str, ...]) -> list[Case]:
+    """Cases of an MSD or nnU-Net dataset in `root` (holding dataset.json) from `subdirs`."""
+    meta_path = root / DATASET_JSON
+    meta = _read_dataset_json(meta_path)
+    channels = dataset_channels(meta, meta_path)
+    cases: list[Case] = []
+    for sub in subdirs:
+        folder = root / sub
+        files = _nifti_files(folder)
+        label_dir = root / LABEL_DIRS.get(sub, "")
+        if sub.startswith("labels"):  # ground truth only (evaluate)
+            layout = "nnunet" if "channel_names" in meta else "msd"
+            conv = dataset_labels(meta, layout, meta_path)
+            cases += [Case(_stem(f), folder, seg=f, layout=layout, labels=conv) for f in files]
+            continue
+        split = [_NNUNET_RE.match(_stem(f)) for f in files]
+        layout = "nnunet" if files and all(split) else "msd"
+        conv = dataset_labels(meta, layout, meta_path)
+        if layout == "nnunet":
+            grouped: dict[str, dict[str, Path]] = {}
+            for f, m in zip(files, split):
+                channel = int(m["channel"])
+                if channel not in channels:
+                    raise TumorsegError(f"{f}: channel {channel} is not in {meta_path}'s channel names")
+                grouped.setdefault(m["case"], {})[channels[channel]] = f
+            found = [(cid, imgs, {}) for cid, imgs in grouped.items()]
+        else:
+            order = [channels[i] for i in sorted(channels)]
+            found = [(_stem(f), {m: f for m in order}, {m: i for i, m in enumerate(order)}) for f in files]
+        for cid, imgs, index in found:
+            seg = next((p for p in _nifti_files(label_dir) if _stem(p) == cid), None) if label_dir.is_dir() else None
+            cases.append(Case(cid, folder, imgs, seg, None, layout, conv, index))
+    return cases
+
+
+def _folder_cases(folder: Path, need_images: bool) -> list[Case] | None:
+    """The cases `folder` itself holds (a dataset, one of its image folders, a case folder), or None."""
+    if (folder / DATASET_JSON).is_file():
+        subs = tuple(s for s in IMAGE_DIRS if (folder / s).is_dir())
+        if not subs and not need_images and (folder / "labelsTr").is_dir():
+            subs = ("labelsTr",)
+        if subs:
+            return _dataset_cases(folder, subs)
+    if folder.name in (*IMAGE_DIRS, *LABEL_DIRS.values()) and (folder.parent / DATASET_JSON).is_file():
+        return _dataset_cases(folder.parent, (folder.name,))
+    files = _nifti_files(folder)
+    case = _brats_case(folder, files, need_images)
+    return [case] if case is not None else None
+
+
+def _label_files(folder: Path) -> list[Case]:
+    """A flat folder of `<case>.nii.gz` segmentations (labelsTr style, no dataset.json)."""
+    return [Case(_stem(f), folder, seg=f, layout="labels") for f in _nifti_files(folder)]
+
+
+def discover_cases(root: str | os.PathLike, need_images: bool = True) -> list[Case]:
+    """All cases under `root` (or `root` itself if it is one), sorted by case id.
+
+    `need_images=False` (ground truth for `evaluate`) also accepts case folders holding only
+    a segmentation, and a flat folder of `<case>.nii.gz` label files.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise TumorsegError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise TumorsegError(f"{root}: not a folder")
+    cases: list[Case] = []
+    stack = [(root, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        found = _folder_cases(folder, need_images)
+        if found is not None:
+            cases += found
+            continue
+        if depth < MAX_DEPTH:
+            with contextlib.suppress(OSError):
+                stack.extend((p, depth + 1) for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not cases and not need_images:
+        cases = _label_files(root)
+    if not cases:
+        raise TumorsegError(f"{root}: no cases found (expected {EXPECTED})")
+    _check_one_layout(root, cases)
+    ids = [c.case_id for c in cases]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise TumorsegError(f"{root}: case ids found more than once: {', '.join(dupes)}")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _check_one_layout(root: Path, cases: list[Case]) -> None:
+    """One folder, one dataset: mixed layouts (or label conventions) would mix label meanings."""
+    layouts = Counter(c.layout for c in cases)
+    conventions = {c.labels for c in cases}
+    if len(layouts) > 1 or len(conventions) > 1:
+        found = ", ".join(f"{n} {name}" for name, n in layouts.most_common())
+        raise TumorsegError(f"{root}: mixes dataset layouts ({found} cases); give one dataset per folder")
+
+
+def dataset_layout(cases: list[Case]) -> tuple[str, LabelConvention]:
+    """The layout and label convention of discovered cases (one per folder, checked on discovery)."""
+    return cases[0].layout, cases[0].labels
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def layout_case_id(layout: str, number: int) -> str:
+    """A case id as each dataset names its cases."""
+    return {
+        "brats2020": f"BraTS20_Training_{number:03d}",
+        "brats2021": f"BraTS2021_{number:05d}",
+        "brats2023": f"BraTS-GLI-{number:05d}-000",
+        "msd": f"BRATS_{number:03d}",
+        "nnunet": f"BraTS2021_{number:05d}",
+    }[layout]
+
+
+def layout_labels(layout: str) -> LabelConvention:
+    """The label convention `write_case` uses for a layout."""
+    return CONVENTIONS["brats2023"] if layout == "brats2023" else CONVENTIONS["msd"] if layout in ("msd", "nnunet") else BRATS2020
+
+
+def write_dataset_json(root: Path, layout: str, num_training: int = 0) -> None:
+    """The dataset.json MSD Task01 ships, or the one nnU-Net's BraTS conversion writes (region form)."""
+    if layout == "msd":
+        meta = {"name": "BRATS", "tensorImageSize": "4D",
+                "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+                "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+                "numTraining": num_training}
+    elif layout == "nnunet":
+        meta = {"channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "Flair"},
+                "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]},
+                "regions_class_order": [1, 2, 3], "numTraining": num_training, "file_ending": ".nii.gz"}
+    else:
+        raise TumorsegError(f"layout '{layout}' has no dataset.json")
+    write_text(root / DATASET_JSON, json.dumps(meta, indent=2) + "\n")
+
+
+def write_case(
+    root: str | os.PathLike,
+    layout: str,
+    case_id: str,
+    images: dict[str, np.ndarray],
+    affine: np.ndarray,
+    training_labels: np.ndarray | None = None,
+    header=None,
+) -> Path:
+    """Write one case in `layout` under `root`; returns the folder holding its images.
+
+    Args:
+        images: volume (X, Y, Z) by canonical modality (all four).
+        affine, header: geometry of every file written.
+        training_labels: segmentation in training labels (0..3), written in the layout's own
+            convention; None writes an unlabelled case (MSD/nnU-Net: into imagesTs/).
+    """
+    if layout not in LAYOUTS:
+        raise TumorsegError(f"unknown layout '{layout}' (choose from {', '.join(LAYOUTS)})")
+    root = Path(root)
+    seg = None if training_labels is None else layout_labels(layout).from_training(training_labels)
+    if layout in ("msd", "nnunet"):
+        folder = root / ("imagesTr" if seg is not None else "imagesTs")
+        if layout == "msd":
+            stacked = np.stack([images[m] for m in MSD_CHANNELS], axis=-1)
+            save_nifti(folder / f"{case_id}.nii.gz", stacked, affine, _header_for(header, stacked))
+        else:
+            for i, m in enumerate(NNUNET_CHANNELS):
+                save_nifti(folder / f"{case_id}_{i:04d}.nii.gz", images[m], affine, header)
+        if seg is not None:
+            save_nifti(root / "labelsTr" / f"{case_id}.nii.gz", seg, affine, header)
+        return folder
+    folder = root / case_id
+    sep, names = ("-", BRATS2023_NAMES) if layout == "brats2023" else ("_", {m: m for m in MODALITIES})
+    for m in MODALITIES:
+        save_nifti(folder / f"{case_id}{sep}{names[m]}.nii.gz", images[m], affine, header)
+    if seg is not None:
+        save_nifti(folder / f"{case_id}{sep}seg.nii.gz", seg, affine, header)
+    return folder
+
+
+def _header_for(header, data: np.ndarray):
+    """A 3D header adapted to a 4D array (MSD), or None."""
+    if header is None:
+        return None
+    out = header.copy()
+    out.set_data_shape(data.shape)
+    return out

@@ -1,0 +1,210 @@
+"""Voxel grids: exact reorientation, spacing resampling, field-of-view overlap (synthetic data)."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.affines import apply_affine
+
+from tumorseg.errors import TumorsegError
+from tumorseg.geometry import (
+    CANONICAL_AXCODES,
+    Grid,
+    grid_of,
+    network_grid,
+    overlap_fraction,
+    resample,
+)
+
+SHAPE = (20, 24, 16)
+
+
+def lps_grid(shape=SHAPE, spacing=(1.0, 1.0, 1.0)) -> Grid:
+    """BraTS-like storage: affine diag(-sx, -sy, sz), origin at (0, (ny - 1) * sy, 0)."""
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[1, 3] = (shape[1] - 1) * spacing[1]
+    return Grid(shape, affine)
+
+
+def volume(shape=SHAPE, dtype=np.float32, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 200, size=shape).astype(dtype)
+
+
+def sphere(grid: Grid, centre_mm, radius_mm: float) -> np.ndarray:
+    ijk = np.indices(grid.shape).reshape(3, -1).T
+    xyz = apply_affine(grid.affine, ijk)
+    inside = np.linalg.norm(xyz - np.asarray(centre_mm), axis=1) <= radius_mm
+    return inside.reshape(grid.shape).astype(np.uint8)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / (a.astype(bool).sum() + b.astype(bool).sum())
+
+
+def rotation_z(degrees: float) -> np.ndarray:
+    t = np.deg2rad(degrees)
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    return rot
+
+
+def test_grid_basics():
+    grid = lps_grid(spacing=(0.9, 0.8, 3.0))
+    assert grid.spacing == pytest.approx((0.9, 0.8, 3.0))
+    assert nib.aff2axcodes(grid.affine) == CANONICAL_AXCODES
+    assert grid == Grid(SHAPE, grid.affine + 1e-5) and len({grid, Grid(SHAPE, grid.affine)}) == 1
+    assert not grid.same_as(Grid((20, 24, 17), grid.affine))
+    assert grid_of(nib.Nifti1Image(np.zeros((*SHAPE, 2), np.float32), grid.affine)) == grid
+    with pytest.raises(TumorsegError):
+        Grid(SHAPE, np.zeros((4, 4)))
+
+
+@pytest.mark.parametrize("spacing", [None, (1, 1, 1), (1.0005, 1, 0.9995)])
+def test_lps_1mm_is_untouched(spacing):
+    grid = lps_grid()
+    net = network_grid(grid, spacing)
+    assert net.same_as(grid)
+    data = volume()
+    assert resample(data, grid, net, order=1) is data
+
+
+def _stored(lps: Grid, data: np.ndarray, flips: tuple[int, ...], perm: tuple[int, ...]):
+    """The same voxels stored with axes flipped then permuted, affine adjusted to match."""
+    out = np.flip(data, flips) if flips else data
+    vox = np.eye(4)  # stored voxel -> LPS voxel
+    for axis in flips:
+        vox[axis, axis] = -1
+        vox[axis, 3] = lps.shape[axis] - 1
+    vox = vox[:, list(perm) + [3]]
+    out = np.ascontiguousarray(np.transpose(out, perm))
+    return Grid(out.shape, lps.affine @ vox), out
+
+
+@pytest.mark.parametrize(
+    "flips, perm, axcodes",
+    [
+        ((0, 1), (0, 1, 2), ("R", "A", "S")),
+        ((), (2, 0, 1), ("S", "L", "P")),
+        ((2,), (1, 2, 0), ("P", "I", "L")),
+    ],
+)
+def test_reorientation_is_exact(flips, perm, axcodes):
+    lps = lps_grid()
+    data = volume(dtype=np.int16)
+    grid, stored = _stored(lps, data, flips, perm)
+    assert nib.aff2axcodes(grid.affine) == axcodes
+    net = network_grid(grid)
+    assert net.same_as(lps)
+    back = resample(stored, grid, net, order=1)
+    assert back.dtype == np.int16 and np.array_equal(back, data)
+    again = resample(back, net, grid, order=0)
+    assert again.dtype == np.int16 and np.array_equal(again, stored)
+    # leading channel axis
+    multi = np.stack([stored, stored * 2])
+    assert np.array_equal(resample(multi, grid, net, order=1), np.stack([data, data * 2]))
+
+
+def test_stored_copy_keeps_world_positions():
+    lps = lps_grid()
+    grid, _ = _stored(lps, volume(), (0, 1), (2, 0, 1))
+    ijk = np.array([[0, 0, 0], [3, 5, 7], [15, 19, 23]])  # stored (S, L, P) indices
+    lps_ijk = np.stack([SHAPE[0] - 1 - ijk[:, 1], SHAPE[1] - 1 - ijk[:, 2], ijk[:, 0]], axis=1)
+    assert np.allclose(apply_affine(grid.affine, ijk), apply_affine(lps.affine, lps_ijk))
+
+
+def test_anisotropic_to_1mm():
+    grid = lps_grid(shape=(30, 26, 8), spacing=(0.9, 0.9, 3.0))
+    net = network_grid(grid, (1, 1, 1))
+    assert net.shape == (27, 23, 24)  # round(30*0.9)=27, round(26*0.9)=23.4->23, 8*3=24
+    assert net.spacing == pytest.approx((1, 1, 1))
+    # centre of the field of view preserved
+    centre = lambda g: apply_affine(g.affine, (np.asarray(g.shape) - 1) / 2)  # noqa: E731
+    assert np.allclose(centre(net), centre(grid))
+    ramp = lambda xyz: 2.0 * xyz[..., 0] + 0.5 * xyz[..., 2] - 3  # noqa: E731
+    data = ramp(apply_affine(grid.affine, np.indices(grid.shape).transpose(1, 2, 3, 0)))
+    out = resample(data.astype(np.float32), grid, net, order=1)
+    assert out.dtype == np.float32 and out.shape == net.shape
+    expected = ramp(apply_affine(net.affine, np.indices(net.shape).transpose(1, 2, 3, 0)))
+    inner = (slice(1, -1), slice(1, -1), slice(2, -2))  # outside src voxel centres: cval
+    assert np.allclose(out[inner], expected[inner], atol=1e-3)
+
+
+def test_label_round_trip_nearest():
+    fine = lps_grid(shape=(40, 40, 36))
+    coarse = Grid(*_coarse(fine))
+    labels = sphere(fine, apply_affine(fine.affine, (19.5, 19.5, 17.5)), 10.0)
+    down = resample(labels, fine, coarse, order=0)
+    assert down.dtype == np.uint8 and down.shape == coarse.shape
+    up = resample(down, coarse, fine, order=0)
+    assert up.dtype == np.uint8 and set(np.unique(up)) <= {0, 1}
+    assert dice(up, labels) >= 0.9
+
+
+def _coarse(fine: Grid):
+    """network_grid at 0.9 x 0.9 x 3 (mm) of a 1 mm grid: the shape and affine of the result."""
+    g = network_grid(fine, (0.9, 0.9, 3.0))
+    assert g.shape == (44, 44, 12) and g.spacing == pytest.approx((0.9, 0.9, 3.0))
+    return g.shape, g.affine
+
+
+def test_oblique_stays_oblique_and_exact():
+    lps = lps_grid()
+    rot = rotation_z(10)
+    oblique = Grid(SHAPE, rot @ lps.affine)
+    data = volume()
+    # stored as R, A, S (flipped x and y), rotated by 10 degrees
+    grid, stored = _stored(oblique, data, (0, 1), (0, 1, 2))
+    net = network_grid(grid)
+    assert net.same_as(oblique)  # axes reordered only, rotation kept
+    assert not np.allclose(np.abs(net.affine[:3, :3]), np.eye(3))
+    assert np.array_equal(resample(stored, grid, net, order=1), data)
+    # a spacing change on an oblique grid keeps the rotation
+    net2 = network_grid(grid, (2, 2, 2))
+    cols = net2.affine[:3, :3] / np.asarray(net2.spacing)
+    assert np.allclose(cols, oblique.affine[:3, :3])
+
+
+def test_interpolation_matches_general_path():
+    """The diagonal fast path (1-D matrix for scipy) agrees with a rotated grid of no rotation."""
+    grid = lps_grid(spacing=(0.9, 0.9, 3.0))
+    data = volume(seed=1)
+    net = network_grid(grid, (1, 1, 1))
+    fast = resample(data, grid, net, order=1)
+    tiny = Grid(net.shape, rotation_z(1e-7) @ net.affine)  # forces the general 3x3 path
+    assert np.allclose(fast, resample(data, grid, tiny, order=1), atol=1e-3)
+
+
+def test_overlap_fraction():
+    a = lps_grid()
+    assert overlap_fraction(a, a) == pytest.approx(1.0)
+    shift = np.eye(4)
+    shift[0, 3] = 10  # half of a's 20 voxels along x
+    shifted = Grid(SHAPE, a.affine @ shift)
+    assert overlap_fraction(a, shifted) == pytest.approx(0.5, abs=0.06)
+    shift[0, 3] = 100
+    far = Grid(SHAPE, a.affine @ shift)
+    assert overlap_fraction(a, far) == 0.0
+    # orientation does not matter, only world positions
+    ras, _ = _stored(a, volume(), (0, 1), (2, 0, 1))
+    assert overlap_fraction(a, ras) == pytest.approx(1.0)
+    assert overlap_fraction(a, Grid((1, 24, 16), a.affine)) == 0.0  # one slice covers almost none
+
+
+def test_dtypes_and_channels():
+    grid = lps_grid()
+    net = network_grid(grid, (2.0, 2.0, 2.0))
+    labels = volume(dtype=np.uint8) % 4
+    out = resample(labels, grid, net, order=0)
+    assert out.dtype == np.uint8 and out.shape == net.shape and set(np.unique(out)) <= {0, 1, 2, 3}
+    assert resample(labels.astype(bool), grid, net, order=0).dtype == bool
+    assert resample(labels, grid, net, order=1).dtype == np.float32
+    images = np.stack([volume(seed=s) for s in range(3)])
+    multi = resample(images, grid, net, order=1)
+    assert multi.dtype == np.float32 and multi.shape == (3, *net.shape)
+    for c in range(3):
+        assert np.array_equal(multi[c], resample(images[c], grid, net, order=1))
+    with pytest.raises(ValueError):
+        resample(images[:, :-1], grid, net, order=1)
+    with pytest.raises(TumorsegError):
+        network_grid(grid, (1, 0, 1))
