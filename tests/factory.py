@@ -57,3 +57,18 @@ def kaggle_copy(src_case: Path, root: Path, number: int, seg_name: str | None = 
         with gzip.open(path, "rb") as fin, open(folder / name, "wb") as fout:
             shutil.copyfileobj(fin, fout)
     return folder.parent
+
+
+def convert_case(case_dir: Path, root: Path, layout: str, case_id: str | None = None) -> Path:
+    """Write a real BraTS 2020-layout case in another dataset layout (names, 4D MSD file, labels)."""
+    from tumorseg.labels import to_training_labels
+    from tumorseg.layouts import discover_cases, layout_case_id, load_images, write_case, write_dataset_json
+
+    (case,) = discover_cases(case_dir)
+    vols = load_images(case, MODALITIES)
+    seg = np.asarray(nib.load(case.seg).dataobj) if case.seg else None
+    folder = write_case(root, layout, case_id or layout_case_id(layout, 1), {m: v.data for m, v in zip(MODALITIES, vols)},
+                        vols[0].affine, None if seg is None else to_training_labels(seg), vols[0].header)
+    if layout in ("msd", "nnunet"):
+        write_dataset_json(root, layout)
+    return folder

@@ -110,7 +110,8 @@ def test_spacing_comes_from_the_ground_truth_header(tmp_path):
     save(tmp_path / "pred" / f"{case_id(1)}.nii.gz", p, affine)
     (row,) = evaluate(tmp_path / "pred", tmp_path / "gt", progress=False).rows
     assert row.metrics["WT"]["hd95"] == 4.0 and row.metrics["WT"]["dice"] == 0.0
-    assert row.metrics["ET"] == {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0}
+    assert row.metrics["ET"] == {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0,
+                                  "lesion_dice": 1.0, "lesion_hd95": 0.0}
 
 
 def test_folder_problems_are_one_line_errors(folders, tmp_path):
@@ -136,4 +137,5 @@ def test_real_case_scored_against_itself(real_data_dir, tmp_path):
     (row,) = result.rows
     assert row.status == "ok"
     for region in ("WT", "TC", "ET"):
-        assert row.metrics[region] == {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0}
+        assert row.metrics[region] == {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0,
+                                          "lesion_dice": 1.0, "lesion_hd95": 0.0}

@@ -90,7 +90,7 @@ def test_network_input_scales_as_prepare(raw, tmp_path):
     prepared = np.load(tmp_path / "prep/images/c0.npy")
     case = discover_cases(raw / "c0")[0]
     predictor = Predictor(nn.Identity(), CPU, ("flair", "t1"), "zscore", (16, 16, 16), divisor=4)
-    image, box = network_input(load_channels(case, predictor.channels), predictor)
+    image, box = network_input([v.data for v in load_channels(case, predictor.channels)], predictor)
     shape = (40, 40, 32)
     a = uncrop(prepared, [tuple(b) for b in res.manifest["cases"][0]["crop_box"]], shape)
     b = uncrop(image, box, shape)

@@ -54,7 +54,9 @@ def test_resume_equals_uninterrupted(prepared, tmp_path):
 def test_checkpoint_is_self_describing_and_safe(prepared, tmp_path):
     train(prepared, tmp_path / "run", TrainConfig(epochs=1, target="regions", **TINY), progress=False)
     state = torch.load(tmp_path / "run/best.pt", weights_only=True)  # no code can run on load
-    assert state["prepare"] == {"channels": ["t2", "t1ce", "flair"], "norm": "minmax", "crop_size": [32, 32, 32], "crop_mode": "fixed"}
+    assert state["prepare"] == {"channels": ["t2", "t1ce", "flair"], "norm": "minmax", "crop_size": [32, 32, 32],
+                                "crop_mode": "fixed", "spacing": [1.0, 1.0, 1.0], "cavity": None}
+    assert state["layout"] == "brats2020" and state["labels"]["name"] == "brats2020" and state["labels"]["enhancing"] == 4
     assert state["target"] == "regions" and state["patch"] == [32, 32, 32]
     assert state["label_map"] == {0: 0, 1: 1, 2: 2, 3: 4} and state["regions"] == ["WT", "TC", "ET"]
     net = build_network(**state["network"])

@@ -38,8 +38,8 @@ def _channels(text: str) -> tuple[str, ...]:
 def cmd_synth(args: argparse.Namespace) -> int:
     from .synth import synthesize
 
-    paths = synthesize(args.out_dir, args.cases, shape=args.shape, seed=args.seed, dtype=args.dtype)
-    print(f"wrote {len(paths)} synthetic cases to {args.out_dir}")
+    paths = synthesize(args.out_dir, args.cases, shape=args.shape, seed=args.seed, dtype=args.dtype, layout=args.layout)
+    print(f"wrote {len(paths)} synthetic cases ({args.layout} layout) to {args.out_dir}")
     return 0
 
 
@@ -90,7 +90,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
     out = args.out or args.pred_dir / "metrics.csv"
-    result = evaluate(args.pred_dir, args.gt_dir, out_csv=out, workers=args.workers)
+    result = evaluate(args.pred_dir, args.gt_dir, out_csv=out, workers=args.workers, labels=args.labels,
+                      challenge=args.challenge)
     print(result.report())
     return 1 if result.failed else 0
 
@@ -100,7 +101,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     result = predict(args.checkpoint, args.input, args.out_dir, device=args.device, tta=args.tta,
                      postprocess=args.postprocess, probabilities=args.probabilities, force=args.force,
-                     plots=args.plots, overlap=args.overlap)
+                     plots=args.plots, overlap=args.overlap, labels=args.labels)
     n_cases = len({Path(p).name.split(".")[0].removesuffix("_probabilities") for p in result.written})
     print(f"predicted {n_cases} case(s) into {args.out_dir}"
           + (f", {len(result.skipped)} already done" if result.skipped else "")
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=_ints(3), default=(240, 240, 155), metavar="X,Y,Z")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="image data type (real scans: int16)")
+    p.add_argument("--layout", choices=("brats2020", "brats2021", "brats2023", "msd", "nnunet"), default="brats2020",
+                   help="dataset layout: file names, 4D files, dataset.json and label convention")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="BraTS case folders -> training arrays (.npy) + manifest")
@@ -187,9 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="BraTS region metrics (Dice, HD95, sensitivity, specificity) per case + summary")
-    p.add_argument("pred_dir", type=Path, help="folder of <case>.nii.gz predictions (BraTS labels 0,1,2,4)")
-    p.add_argument("gt_dir", type=Path, help="BraTS case folders with segmentations")
+    p.add_argument("pred_dir", type=Path, help="folder of <case>.nii.gz predictions (label convention from their header)")
+    p.add_argument("gt_dir", type=Path,
+                   help="ground truth: cases of any layout, segmentation-only case folders, or a folder of <case>.nii.gz")
     p.add_argument("--out", type=Path, help="per-case CSV (default PRED_DIR/metrics.csv); summary JSON beside it")
+    p.add_argument("--labels", choices=("brats2020", "brats2023", "msd"),
+                   help="the ground truth's label convention (default: detected from its layout)")
+    p.add_argument("--challenge", choices=("GLI", "PED", "SSA", "MEN", "MET", "GoAT"),
+                   help="lesion-wise metric parameters (default: from BraTS-XXX- case ids, else GLI)")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=cmd_evaluate)
 
@@ -205,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the checkpoint's post-processing (raw network output)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
     p.add_argument("--plots", action="store_true", help="also write <case>.png with the prediction overlaid")
+    p.add_argument("--labels", choices=("brats2020", "brats2023", "msd"),
+                   help="label convention of the written files (default: the input layout's own)")
     p.add_argument("--force", action="store_true", help="redo cases already predicted")
     p.set_defaults(func=cmd_predict)
 

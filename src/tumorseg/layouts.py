@@ -268,7 +268,7 @@ def _check_one_layout(root: Path, cases: list[Case]) -> None:
     layouts = Counter(c.layout for c in cases)
     conventions = {c.labels for c in cases}
     if len(layouts) > 1 or len(conventions) > 1:
-        found = ", ".join(f"{n} {name}" for name, n in layouts.most_common())
+        found = ", ".join(f"{n} {name}" for name, n in sorted(layouts.items(), key=lambda kv: (-kv[1], kv[0])))
         raise TumorsegError(f"{root}: mixes dataset layouts ({found} cases); give one dataset per folder")
 
 

@@ -1,9 +1,16 @@
-"""Score a folder of predictions against BraTS ground truth, as the BraTS leaderboard does.
+"""Score a folder of predictions against BraTS ground truth, as the BraTS leaderboards do.
 
-Pairing: `PRED_DIR/<case_id>.nii.gz` (or `.nii`) is scored against the segmentation of the
-case folder `<case_id>` that `io.discover_cases(GT_DIR)` finds. Metrics per case and region
-are those of `evaluation.metrics` (BraTS 2020 / CaPTk / medpy definitions, see
-`shared/BRATS_METRICS.md`); the voxel spacing comes from the ground truth's header.
+Pairing: `PRED_DIR/<case_id>.nii.gz` (or `.nii`) is scored against the segmentation of case
+`<case_id>` that `layouts.discover_cases(GT_DIR, need_images=False)` finds: any dataset
+layout, case folders holding only a segmentation, or a flat folder of `<case>.nii.gz` label
+files. Label conventions: the truth's comes from its layout (a flat folder: label 3 present
+means `brats2023`, else `brats2020`; `labels` forces one), the prediction's from the tag
+`predict` writes in its header, else the truth's; regions are compared by meaning.
+
+Metrics per case and region: the BraTS 2020 ones of `evaluation.metrics` (CaPTk / medpy
+definitions, see `shared/BRATS_METRICS.md`) and the BraTS 2023+ lesion-wise Dice and HD95 of
+`evaluation.lesionwise` (the challenge from the case id, `BraTS-MEN-...` -> MEN, else GLI, or
+`challenge`); the voxel spacing comes from the ground truth's header.
 
 Every ground-truth case is accounted for, never silently skipped:
 - status "ok": scored.
@@ -26,6 +33,7 @@ import csv
 import io as _stdio
 import json
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +43,20 @@ import numpy as np
 
 from ..errors import TumorsegError
 from ..io import NIFTI_RE, Volume, load_nifti, write_text
+from ..labels import BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_tag
 from ..layouts import discover_cases
-from ..labels import REGIONS
+from .lesionwise import CHALLENGES, LESION_HD95_MISS, lesionwise_metrics
 from .metrics import FAILED_CASE, METRICS, region_metrics
 
 STATUS_OK, STATUS_MISSING, STATUS_ERROR = "ok", "missing", "error"
+LESION_METRICS: tuple[str, ...] = ("lesion_dice", "lesion_hd95")
+ALL_METRICS: tuple[str, ...] = (*METRICS, *LESION_METRICS)
+FAILED_LESIONS: dict[str, float] = {"lesion_dice": 0.0, "lesion_hd95": LESION_HD95_MISS}
+_CHALLENGE_RE = re.compile(r"^BraTS-(?P<challenge>[A-Za-z]+)-\d+")
 STATS: tuple[str, ...] = ("mean", "std", "median", "25quantile", "75quantile")
 AFFINE_ATOL_MM = 1e-3
-_METRIC_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)", "sensitivity": "Sensitivity", "specificity": "Specificity"}
+_METRIC_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)", "sensitivity": "Sensitivity", "specificity": "Specificity",
+                  "lesion_dice": "LesionDice", "lesion_hd95": "LesionHD95"}
 
 
 @dataclass
@@ -93,7 +107,28 @@ class EvaluationResult:
 
 
 def _failed_metrics() -> dict[str, dict[str, float]]:
-    return {region: dict(FAILED_CASE) for region in REGIONS}
+    return {region: {**FAILED_CASE, **FAILED_LESIONS} for region in REGIONS}
+
+
+def case_challenge(case_id: str, challenge: str | None = None) -> str:
+    """The lesion-wise parameters' challenge: as given, else from a BraTS 2023+ id, else GLI."""
+    if challenge is not None:
+        return challenge
+    m = _CHALLENGE_RE.match(case_id)
+    return m["challenge"].upper() if m and m["challenge"].upper() in CHALLENGES else "GLI"
+
+
+def detect_labels(seg: np.ndarray) -> LabelConvention:
+    """The convention of a segmentation that names none (a flat folder of label files):
+    label 3 means BraTS 2023 (ET = 3), anything else BraTS 2020 (whose regions for 0, 1, 2
+    are the same). MSD-numbered files need `labels="msd"`."""
+    return CONVENTIONS["brats2023"] if (np.asarray(seg) == 3).any() else BRATS2020
+
+
+def prediction_labels(pred: Volume, default: LabelConvention) -> LabelConvention:
+    """The convention `predict` recorded in the file's header, else `default`."""
+    text = bytes(pred.header["descrip"]).decode(errors="ignore") if "descrip" in pred.header else ""
+    return convention_from_tag(text) or default
 
 
 def find_predictions(pred_dir: str | os.PathLike) -> tuple[dict[str, Path], dict[str, str]]:
@@ -133,22 +168,35 @@ def _check_geometry(case_id: str, pred: Volume, gt: Volume) -> None:
         )
 
 
-def evaluate_case(case_id: str, pred_path: Path, seg_path: Path) -> CaseResult:
-    """Score one prediction file against one ground-truth file; errors become a status."""
+def evaluate_case(
+    case_id: str,
+    pred_path: Path,
+    seg_path: Path,
+    gt_labels: LabelConvention | None = BRATS2020,
+    challenge: str | None = None,
+) -> CaseResult:
+    """Score one prediction file against one ground-truth file; errors become a status.
+
+    `gt_labels` None detects the truth's convention from its values (`detect_labels`).
+    """
     try:
         gt = load_nifti(seg_path, case_id)
         pred = load_nifti(pred_path, case_id)
         _check_geometry(case_id, pred, gt)
-        metrics = region_metrics(pred.data, gt.data, gt.spacing)
+        gt_conv = gt_labels or detect_labels(gt.data)
+        pred_conv = prediction_labels(pred, gt_conv)
+        metrics = region_metrics(pred.data, gt.data, gt.spacing, pred_conv, gt_conv)
+        lesions = lesionwise_metrics(pred_conv.regions(pred.data), gt_conv.regions(gt.data), gt.spacing,
+                                     case_challenge(case_id, challenge))
     except TumorsegError as exc:
         return CaseResult(case_id, STATUS_ERROR, _failed_metrics(), str(exc))
     except ValueError as exc:
         msg = f"{case_id}: {exc} (prediction {pred_path}, ground truth {Path(seg_path).name})"
         return CaseResult(case_id, STATUS_ERROR, _failed_metrics(), msg)
-    return CaseResult(case_id, STATUS_OK, metrics)
+    return CaseResult(case_id, STATUS_OK, {r: {**metrics[r], **lesions[r]} for r in REGIONS})
 
 
-def _run_jobs(jobs: list[tuple[str, Path, Path]], workers: int, progress: bool) -> list[CaseResult]:
+def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[CaseResult]:
     from tqdm import tqdm
 
     bar = dict(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
@@ -165,7 +213,7 @@ def summarize(rows: Iterable[CaseResult]) -> dict[str, dict[str, dict[str, float
     out: dict[str, dict[str, dict[str, float]]] = {}
     for region in REGIONS:
         out[region] = {}
-        for metric in METRICS:
+        for metric in ALL_METRICS:
             values = np.array([r.metrics[region][metric] for r in rows], dtype=np.float64)
             q25, median, q75 = np.percentile(values, [25, 50, 75])
             out[region][metric] = {
@@ -184,45 +232,49 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [
         f"BraTS metrics over {summary['cases']} cases ({summary['evaluated']} evaluated, "
         f"{summary['failed']} failed and scored Dice 0, HD95 {FAILED_CASE['hd95']})",
-        head,
-        "-" * len(head),
     ]
-    for region in REGIONS:
-        for i, metric in enumerate(METRICS):
-            stats = summary["metrics"][region][metric]
-            fmt = "{:>12.2f}" if metric == "hd95" else "{:>12.4f}"
-            cells = "".join(fmt.format(stats[s]) for s in STATS)
-            lines.append(f"{region if i == 0 else '':<7}{_METRIC_LABELS[metric]:<13}{cells}")
+    sections = (("BraTS 2020 (pooled HD95, medpy)", METRICS),
+                (f"BraTS 2023+ lesion-wise ({summary.get('challenges', 'GLI')}; HD95 {LESION_HD95_MISS} per miss)", LESION_METRICS))
+    for title, metrics in sections:
+        lines += [title, head, "-" * len(head)]
+        for region in REGIONS:
+            for i, metric in enumerate(metrics):
+                stats = summary["metrics"][region][metric]
+                fmt = "{:>12.2f}" if "hd95" in metric else "{:>12.4f}"
+                cells = "".join(fmt.format(stats[s]) for s in STATS)
+                lines.append(f"{region if i == 0 else '':<7}{_METRIC_LABELS[metric]:<13}{cells}")
     return "\n".join(lines)
 
 
 def rows_to_csv(rows: Iterable[CaseResult]) -> str:
-    """Per-case CSV: case, status, <REGION>_<metric> for WT, TC, ET, message."""
+    """Per-case CSV: case, status, <REGION>_<metric> for WT, TC, ET (2020 and lesion-wise), message."""
     buf = _stdio.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "status", *(f"{r}_{m}" for r in REGIONS for m in METRICS), "message"])
+    writer.writerow(["case", "status", *(f"{r}_{m}" for r in REGIONS for m in ALL_METRICS), "message"])
     for row in rows:
-        values = [row.metrics[r][m] for r in REGIONS for m in METRICS]
+        values = [row.metrics[r][m] for r in REGIONS for m in ALL_METRICS]
         writer.writerow([row.case_id, row.status, *values, row.message])
     return buf.getvalue()
 
 
 def _pair_cases(
-    gt_dir: str | os.PathLike, pred_dir: str | os.PathLike
-) -> tuple[list[tuple[str, Path, Path]], list[CaseResult], dict[str, list[str]]]:
+    gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, labels: str | None, challenge: str | None
+) -> tuple[list[tuple], list[CaseResult], dict[str, list[str]]]:
     """Jobs to score, rows already decided (missing, conflicting), and the lists to report."""
-    cases = discover_cases(gt_dir)
+    cases = discover_cases(gt_dir, need_images=False)
     preds, conflicts = find_predictions(pred_dir)
     with_seg = [c for c in cases if c.seg is not None]
     if not with_seg:
-        raise TumorsegError(f"{gt_dir}: no ground-truth segmentations (<case>_seg.nii[.gz]) found")
+        raise TumorsegError(f"{gt_dir}: no ground-truth segmentations found")
+    forced = convention(labels) if labels else None
     jobs, decided = [], []
     for case in with_seg:
         cid = case.case_id
+        gt_labels = forced or (None if case.layout == "labels" else case.labels)
         if cid in conflicts:
             decided.append(CaseResult(cid, STATUS_ERROR, _failed_metrics(), conflicts[cid]))
         elif cid in preds:
-            jobs.append((cid, preds[cid], case.seg))
+            jobs.append((cid, preds[cid], case.seg, gt_labels, challenge))
         else:
             msg = f"{cid}: no prediction {cid}.nii.gz in {pred_dir}"
             decided.append(CaseResult(cid, STATUS_MISSING, _failed_metrics(), msg))
@@ -242,6 +294,8 @@ def evaluate(
     out_json: str | os.PathLike | None = None,
     progress: bool = True,
     workers: int = 1,
+    labels: str | None = None,
+    challenge: str | None = None,
 ) -> EvaluationResult:
     """Score every prediction in `pred_dir` against the BraTS cases in `gt_dir`.
 
@@ -252,11 +306,16 @@ def evaluate(
         out_json: summary JSON; default `<csv stem>_summary.json` beside `out_csv`.
         progress: show a tqdm bar over the cases.
         workers: processes scoring cases in parallel (1: in this process).
+        labels: the ground truth's label convention ("brats2020", "brats2023", "msd");
+            None detects it from the layout.
+        challenge: lesion-wise parameters (GLI, PED, SSA, MEN, MET); None: from each case id.
 
     Raises:
         TumorsegError: a folder is missing, holds no predictions or no segmentations.
     """
-    jobs, decided, lists = _pair_cases(gt_dir, pred_dir)
+    if challenge is not None and challenge not in CHALLENGES:
+        raise TumorsegError(f"unknown challenge '{challenge}' (choose from {', '.join(CHALLENGES)})")
+    jobs, decided, lists = _pair_cases(gt_dir, pred_dir, labels, challenge)
     rows = sorted(decided + _run_jobs(jobs, workers, progress), key=lambda r: r.case_id)
     missing = [r.case_id for r in rows if r.status == STATUS_MISSING]
     errors = {r.case_id: r.message for r in rows if r.status == STATUS_ERROR}
@@ -269,7 +328,13 @@ def evaluate(
         "missing": missing,
         "errors": errors,
         **lists,
-        "definitions": "BraTS 2020 (CaPTk/medpy): pooled HD95 in mm; std ddof=0; quantiles numpy linear",
+        "challenges": ", ".join(sorted({case_challenge(r.case_id, challenge) for r in rows})),
+        "definitions": (
+            "dice, hd95, sensitivity, specificity: BraTS 2020 (CaPTk/medpy), pooled HD95 in mm; "
+            "lesion_dice, lesion_hd95: BraTS 2023+ lesion-wise (BraTS-2023-Metrics), per challenge's "
+            "dilation and volume threshold, 374 mm per missed or false-positive lesion; "
+            "std ddof=0; quantiles numpy linear"
+        ),
     }
     result = EvaluationResult(rows, summary, missing, lists["extra"], errors, lists["skipped"], lists["notes"])
     _write_outputs(result, out_csv, out_json)

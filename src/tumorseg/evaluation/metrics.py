@@ -3,7 +3,8 @@
 Definitions follow the BraTS 2020 scoring (CaPTk "BraTS Similarity Metrics", whose HD95 is
 medpy's `medpy.metric.binary.hd95`), written down in `shared/BRATS_METRICS.md`:
 
-- Regions from raw labels: WT = {1, 2, 4}, TC = {1, 4}, ET = {4} (`tumorseg.labels`).
+- Regions from raw labels: WT = {1, 2, 4}, TC = {1, 4}, ET = {4} in BraTS 2020 labels, and the
+  same tumour parts in any other convention (`tumorseg.labels`: 2023 ET = 3, MSD TC = 2 + 3).
 - Dice = 2|P and G| / (|P| + |G|); sensitivity = |P and G| / |G|;
   specificity = |not P and not G| / |not G| over the whole image.
 - HD95 is the **pooled** 95th percentile (numpy default, linear interpolation) of the
@@ -37,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..labels import RAW_LABELS, REGION_LABELS, REGIONS, regions_from_raw_labels
+from ..labels import BRATS2020, REGION_LABELS, REGIONS, LabelConvention
 
 HD95_ONE_EMPTY = 373.13  # mm: sqrt(240^2 + 240^2 + 155^2), the BraTS value when one mask is empty
 METRICS: tuple[str, ...] = ("dice", "hd95", "sensitivity", "specificity")
@@ -197,28 +198,37 @@ def _format_values(values: Sequence[Any]) -> str:
     return ", ".join(str(int(v)) if float(v).is_integer() else repr(float(v)) for v in values)
 
 
-def check_raw_labels(seg: np.ndarray, name: str = "segmentation") -> None:
-    """ValueError naming the values when `seg` holds labels outside BraTS's 0, 1, 2, 4."""
-    bad = [v for v in np.unique(seg) if v not in RAW_LABELS]
+def check_labels(seg: np.ndarray, name: str = "segmentation", labels: LabelConvention = BRATS2020) -> None:
+    """ValueError naming the values when `seg` holds labels its convention does not allow."""
+    bad = labels.invalid(np.asarray(seg))
     if bad:
-        hint = " (label 3: training labels? BraTS files use 4 for enhancing tumour)" if 3 in bad else ""
-        raise ValueError(f"{name} has labels {_format_values(bad)} outside the BraTS labels 0, 1, 2, 4{hint}")
+        hint = " (label 3: training labels? BraTS 2020 files use 4 for enhancing tumour)" if 3 in bad and labels == BRATS2020 else ""
+        raise ValueError(
+            f"{name} has labels {_format_values(bad)} outside the {labels.name} labels "
+            f"{_format_values(labels.values)}{hint}"
+        )
 
 
 def region_metrics(
-    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = (1.0, 1.0, 1.0)
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Sequence[float] | None = (1.0, 1.0, 1.0),
+    pred_labels: LabelConvention = BRATS2020,
+    gt_labels: LabelConvention = BRATS2020,
 ) -> dict[str, dict[str, float]]:
-    """BraTS metrics of one case from raw label volumes (0, 1, 2, 4).
+    """BraTS metrics of one case from raw label volumes, each in its own label convention.
 
     Args:
-        pred, gt: label volumes (D, H, W) of the same shape, raw BraTS labels.
+        pred, gt: label volumes (D, H, W) of the same shape.
         spacing: voxel size in mm from the ground truth's header.
+        pred_labels, gt_labels: their label conventions (default BraTS 2020: 0, 1, 2, 4), so a
+            prediction written in one convention is scored against truth in another.
 
     Returns:
         {"WT": {"dice", "hd95", "sensitivity", "specificity"}, "TC": {...}, "ET": {...}}.
 
     Raises:
-        ValueError: shapes differ, bad spacing, or labels outside 0, 1, 2, 4.
+        ValueError: shapes differ, bad spacing, or labels outside the conventions.
     """
     pred, gt = np.asarray(pred), np.asarray(gt)
     _check_pair(pred, gt)
@@ -228,9 +238,9 @@ def region_metrics(
         both_empty = {**scores_from_counts(0, 0, 0, pred.size), "hd95": 0.0}
         return {r: {m: both_empty[m] for m in METRICS} for r in REGIONS}
     pred_c, gt_c = pred[box], gt[box]
-    check_raw_labels(pred_c, "prediction")
-    check_raw_labels(gt_c, "ground truth")
-    p_regions, g_regions = regions_from_raw_labels(pred_c), regions_from_raw_labels(gt_c)
+    check_labels(pred_c, "prediction", pred_labels)
+    check_labels(gt_c, "ground truth", gt_labels)
+    p_regions, g_regions = pred_labels.regions(pred_c), gt_labels.regions(gt_c)
     return {
         region: binary_metrics(p_regions[i], g_regions[i], spacing, n_total=pred.size)
         for i, region in enumerate(REGIONS)

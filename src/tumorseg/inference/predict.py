@@ -1,11 +1,14 @@
-"""`tumorseg predict`: a checkpoint and BraTS case folders -> segmentations in the scans' space.
+"""`tumorseg predict`: a checkpoint and cases of any layout -> segmentations in the scans' space.
 
 Each case is preprocessed exactly as `prepare` did for training (the checkpoint records the
-channels and normalisation), but over the whole brain rather than the training crop: the
-brain's bounding box, padded to at least the patch size and to a multiple of the network's
-divisor, goes through sliding-window inference (optionally with flip TTA). The labels are
-put back into the original grid and written as BraTS labels 0, 1, 2, 4 with the first
-channel's affine and header, so they open aligned with the scans in any viewer.
+channels, normalisation and spacing): its modalities on one grid, reoriented to the canonical
+orientation and resampled to the training spacing (`geometry`; BraTS scans pass untouched),
+then over the whole brain rather than the training crop: the brain's bounding box, padded to
+at least the patch size and to a multiple of the network's divisor, goes through
+sliding-window inference (optionally with flip TTA). Probabilities (not labels) go back into
+the scan's exact grid, and the labels are written in the input layout's label convention
+(or `labels`) with the scan's affine and header, so they open aligned with it in any viewer.
+The header's description records the convention for `evaluate`.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import TumorsegError
-from ..io import Volume, save_nifti
+from ..geometry import resample
+from ..io import save_nifti
+from ..labels import RAW_LABELS, LabelConvention, convention
 from ..layouts import Case, discover_cases
-from ..labels import NUM_CLASSES, RAW_LABELS, to_raw_labels
 from ..networks import build_network, required_divisor
-from ..prepare.case import load_channels, scaled_window
+from ..prepare.case import load_channels, scaled_window, to_network_grid
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
 from ..training.checkpoint import load_checkpoint
 from ..training.distributed import resolve_device
@@ -56,6 +60,8 @@ class Predictor:
         et_threshold: relabel predicted ET as necrosis when it has fewer voxels (None: off).
         overlap: sliding-window overlap in [0, 1).
         amp_dtype: autocast dtype (bf16 on CUDA where supported), None for float32.
+        spacing: voxel size (mm, canonical axes) the network was trained at; None: the scan's.
+        labels: label convention of the written files; None: each input layout's own.
     """
 
     model: nn.Module
@@ -70,6 +76,8 @@ class Predictor:
     et_threshold: int | None = None
     overlap: float = 0.5
     amp_dtype: torch.dtype | None = None
+    spacing: tuple[float, float, float] | None = None
+    labels: LabelConvention | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -86,6 +94,7 @@ class Predictor:
         device: str = "auto",
         tta: bool | None = None,
         overlap: float = 0.5,
+        labels: str | None = None,
     ) -> "Predictor":
         """Load a checkpoint file (or an already loaded state dict) once, for many cases.
 
@@ -107,6 +116,7 @@ class Predictor:
             raise TumorsegError(f"{where}: weights do not fit the stored network ({reason})") from None
         inference = state.get("inference") or {}
         threshold = inference.get("postprocess_et_threshold")
+        spacing = state["prepare"].get("spacing")
         return cls(
             model=model.to(dev).eval(),
             device=dev,
@@ -120,31 +130,36 @@ class Predictor:
             et_threshold=threshold if isinstance(threshold, int) and not isinstance(threshold, bool) else None,
             overlap=float(overlap),
             amp_dtype=torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None,
+            spacing=tuple(float(v) for v in spacing) if spacing else None,
+            labels=convention(labels) if labels else None,
         )
 
 
 def _check_label_map(state: dict[str, Any], where: str) -> None:
-    """Predictions are written with `labels.to_raw_labels`; refuse a checkpoint that disagrees."""
+    """Training classes 1, 2, 3 must mean necrosis, oedema, enhancing tumour (BraTS 2020's
+    1, 2, 4), as `labels` converts them; refuse a checkpoint that disagrees."""
     label_map = state.get("label_map")
     if label_map is None:
         return
-    expected = {i: RAW_LABELS[i] for i in range(NUM_CLASSES)}
-    if {int(k): int(v) for k, v in label_map.items()} != expected:
+    expected = {i: RAW_LABELS[i] for i in range(len(RAW_LABELS))}
+    if {int(k): int(v) for k, v in label_map.items() if int(k) in expected} != expected:
         raise TumorsegError(f"{where}: label map {label_map} differs from BraTS's {expected}")
 
 
 class CasePrediction(NamedTuple):
     """One case predicted in its original grid.
 
-    labels: BraTS labels 0, 1, 2, 4, uint8 (X, Y, Z).
+    labels: raw labels of `convention`, uint8 (X, Y, Z).
     probabilities: float32 (K, X, Y, Z) network probabilities (before postprocessing), or None.
-    affine, header: those of the case's first channel scan.
+    affine, header: those of the case's reference scan (the grid of every output).
+    convention: the label convention of `labels`.
     """
 
     labels: np.ndarray
     probabilities: np.ndarray | None
     affine: np.ndarray
     header: Any
+    convention: LabelConvention
 
 
 @dataclass
@@ -173,12 +188,12 @@ def inference_box(brain: np.ndarray, patch: tuple[int, ...], divisor: int) -> Bo
     return tuple(box)
 
 
-def network_input(vols: list[Volume], predictor: Predictor) -> tuple[np.ndarray, Box]:
+def network_input(data: list[np.ndarray], predictor: Predictor) -> tuple[np.ndarray, Box]:
     """Scaled, stacked channels `(C, *box size)` float32 over the inference box, and the box.
 
-    Scaling uses each full volume's statistics, exactly as `prepare` does for training.
+    `data` are the channels on the network's grid. Scaling uses each full volume's
+    statistics, exactly as `prepare` does for training.
     """
-    data = [v.data for v in vols]
     brain = brain_mask(data)
     box = inference_box(brain, predictor.patch, predictor.divisor)
     return scaled_window(data, predictor.norm, brain, box), box
@@ -198,18 +213,24 @@ def predict_case(predictor: Predictor, case: Case, probabilities: bool = False) 
     Raises TumorsegError naming the case and file for a missing, unreadable or mismatched scan.
     """
     vols = load_channels(case, predictor.channels)
-    shape = vols[0].data.shape
-    image, box = network_input(vols, predictor)
+    data, src, net = to_network_grid(vols, predictor.spacing)
+    image, box = network_input(data, predictor)
     x = torch.from_numpy(image)[None].to(predictor.device)
+    del data
     with torch.inference_mode():
         probs = window_probabilities(
             predictor.model, x, predictor.patch, predictor.target, predictor.overlap, predictor.tta, predictor.amp_dtype
-        )[0]
-        labels = postprocess(to_labels(probs, predictor.target), predictor.largest_tumour, predictor.et_threshold)
-        probs_np = probs.float().cpu().numpy() if probabilities else None
-    raw = to_raw_labels(uncrop(labels, box, shape))
-    full = _full_probabilities(probs_np, box, shape, predictor.target) if probabilities else None
-    return CasePrediction(raw, full, vols[0].affine, vols[0].header)
+        )[0].float().cpu().numpy()
+    if net.same_as(src):  # the scan's own grid (BraTS): labels in the box, then uncropped
+        labels = uncrop(to_labels(probs, predictor.target), box, src.shape)
+        full = _full_probabilities(probs, box, src.shape, predictor.target) if probabilities else None
+    else:  # probabilities, not labels, go back to the scan's grid (exact when only reoriented)
+        full = resample(_full_probabilities(probs, box, net.shape, predictor.target), net, src, order=1)
+        labels = to_labels(full, predictor.target)
+        full = full if probabilities else None
+    labels = postprocess(labels, predictor.largest_tumour, predictor.et_threshold)
+    conv = predictor.labels or case.labels
+    return CasePrediction(conv.from_training(labels), full, vols[0].affine, vols[0].header, conv)
 
 
 def output_paths(out_dir: Path, case_id: str, probabilities: bool = False, plots: bool = False) -> list[Path]:
@@ -225,7 +246,7 @@ def output_paths(out_dir: Path, case_id: str, probabilities: bool = False, plots
 def _predict_and_write(predictor: Predictor, case: Case, out_dir: Path, probabilities: bool, plots: bool) -> list[Path]:
     paths = output_paths(out_dir, case.case_id, probabilities, plots)
     pred = predict_case(predictor, case, probabilities)
-    save_nifti(paths[0], pred.labels, pred.affine, pred.header)
+    save_nifti(paths[0], pred.labels, pred.affine, pred.header, description=f"tumorseg {pred.convention.tag()}")
     if probabilities:
         probs = np.ascontiguousarray(np.moveaxis(pred.probabilities, 0, -1), dtype=np.float32)  # (X, Y, Z, K)
         save_nifti(paths[1], probs, pred.affine, pred.header)
@@ -248,14 +269,15 @@ def predict(
     plots: bool = False,
     overlap: float = 0.5,
     progress: bool = True,
+    labels: str | None = None,
 ) -> PredictResult:
     """Segment every BraTS case under `input_dir` into `out_dir/<case_id>.nii.gz`.
 
     Args:
         checkpoint: a tumorseg checkpoint (`best.pt` of a run), or a loaded `Predictor`
             (used as it is, except that `tta`, when given, and `overlap` replace its own).
-        input_dir: one case folder or a folder of them, any layout `prepare` accepts;
-            segmentations are not needed.
+        input_dir: one case folder, a folder of them, or a dataset: any layout `layouts`
+            knows; segmentations are not needed.
         out_dir: where predictions go (created if needed).
         device: "auto", "cpu" or "cuda".
         tta: flip test-time augmentation; None uses the checkpoint's setting.
@@ -265,15 +287,18 @@ def predict(
         plots: also write `<case_id>.png`, slices with the prediction overlaid.
         overlap: sliding-window overlap in [0, 1).
         progress: show a progress bar.
+        labels: label convention of the written files ("brats2020", "brats2023", "msd");
+            None writes each case in its input layout's own convention.
 
     A failing case is reported in one line and recorded in the result; the others go on.
     """
     out_dir = Path(out_dir)
     cases = discover_cases(input_dir)
     if isinstance(checkpoint, Predictor):
-        predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta), overlap=float(overlap))
+        predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta), overlap=float(overlap),
+                            labels=convention(labels) if labels else checkpoint.labels)
     else:
-        predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap)
+        predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap, labels)
     if not postprocess:
         predictor = replace(predictor, largest_tumour=False, et_threshold=None)
     result = PredictResult(out_dir=out_dir)

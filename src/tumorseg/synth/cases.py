@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TumorsegError
-from ..io import save_nifti
-from ..labels import MODALITIES
+from ..labels import MODALITIES, to_training_labels
+from ..layouts import LAYOUTS, layout_case_id, write_case, write_dataset_json
 from .anatomy import _brain_box, _brain_field, _finish, _modality_scales, _tissue_images
 from .grid import REF_SHAPE, _Grid, _smooth_noise, _upsample
 from .tumour import _add_tumour, _paint_tumour, case_flags
@@ -25,8 +25,9 @@ def synthesize(
     start_index: int = 1,
     dtype: str = "int16",
     progress: bool = True,
+    layout: str = "brats2020",
 ) -> list[Path]:
-    """Write `cases` synthetic BraTS-2020-format case folders under `out_dir`.
+    """Write `cases` synthetic cases under `out_dir` in a dataset layout (default BraTS 2020's).
 
     Args:
         out_dir: folder to hold the case folders (created if missing).
@@ -36,11 +37,15 @@ def synthesize(
         start_index: number of the first case (>= 1).
         dtype: image dtype on disk, "int16" like the real scans or "float32".
         progress: show a progress bar.
+        layout: "brats2020", "brats2021", "brats2023", "msd" or "nnunet" (`layouts`): names,
+            files and label convention of that dataset; the content is the same in every layout.
 
     Returns:
-        The case folders written, in order.
+        The case folders written, in order (MSD / nnU-Net: `imagesTr` once per case).
     """
     shape = _validate(cases, shape, seed, start_index, dtype)
+    if layout not in LAYOUTS:
+        raise TumorsegError(f"unknown layout '{layout}' (choose from {', '.join(LAYOUTS)})")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise TumorsegError(f"{out}: exists and is not a folder")
@@ -50,7 +55,9 @@ def synthesize(
     numbers = range(start_index, start_index + cases)
     for index in tqdm(numbers, desc="synth", unit="case", disable=not progress):
         images, seg = make_case(shape, seed, index)
-        folders.append(_write_case(out, index, images, seg, dtype))
+        folders.append(_write_case(out, index, images, seg, dtype, layout))
+    if layout in ("msd", "nnunet"):
+        write_dataset_json(out, layout, num_training=len(list((out / "labelsTr").glob("*.nii.gz"))))
     return folders
 
 
@@ -77,7 +84,7 @@ def _validate(cases, shape, seed, start_index, dtype) -> tuple[int, int, int]:
 
 def case_id(index: int) -> str:
     """Case folder name for a case number, as in the BraTS 2020 training set."""
-    return f"BraTS20_Training_{index:03d}"
+    return layout_case_id("brats2020", index)
 
 
 def brats_affine(shape: tuple[int, int, int]) -> np.ndarray:
@@ -105,18 +112,12 @@ def _header(shape: tuple[int, int, int], dtype: np.dtype):
     return header
 
 
-def _write_case(out: Path, index: int, images: dict[str, np.ndarray], seg: np.ndarray, dtype: str) -> Path:
-    cid = case_id(index)
-    folder = out / cid
-    folder.mkdir(parents=True, exist_ok=True)
-    affine = brats_affine(seg.shape)
-    for modality in MODALITIES:
-        data = images[modality]
-        if dtype == "int16":
-            data = np.clip(np.rint(data), 0, np.iinfo(np.int16).max).astype(np.int16)
-        save_nifti(folder / f"{cid}_{modality}.nii.gz", data, affine, _header(seg.shape, data.dtype))
-    save_nifti(folder / f"{cid}_seg.nii.gz", seg, affine, _header(seg.shape, seg.dtype))
-    return folder
+def _write_case(out: Path, index: int, images: dict[str, np.ndarray], seg: np.ndarray, dtype: str, layout: str) -> Path:
+    if dtype == "int16":
+        images = {m: np.clip(np.rint(images[m]), 0, np.iinfo(np.int16).max).astype(np.int16) for m in MODALITIES}
+    header = _header(seg.shape, images[MODALITIES[0]].dtype)
+    return write_case(out, layout, layout_case_id(layout, index), images, brats_affine(seg.shape),
+                      to_training_labels(seg), header)
 
 
 def make_case(shape: tuple[int, int, int], seed: int, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:

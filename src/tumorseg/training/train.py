@@ -24,7 +24,7 @@ from ..data import PreparedDataset, eval_transform, make_loader, shard, split_id
 from ..errors import TumorsegError
 from ..io import write_text
 from ..inference.postprocess import tune_postprocessing
-from ..labels import NUM_CLASSES, RAW_LABELS, REGIONS
+from ..labels import BRATS2020, NUM_CLASSES, RAW_LABELS, REGIONS
 from ..networks import build_network, network_spec, required_divisor
 from ..plots import plot_curves
 from ..prepare import load_manifest
@@ -124,7 +124,9 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch
         "best_metric": best,
         "best_epoch": best_epoch,
         "config": config.to_dict(),
-        "prepare": {k: settings[k] for k in ("channels", "norm", "crop_size", "crop_mode")},
+        "prepare": {k: settings.get(k) for k in ("channels", "norm", "crop_size", "crop_mode", "spacing", "cavity")},
+        "layout": manifest.get("layout", "brats2020"),
+        "labels": manifest.get("labels", BRATS2020.to_dict()),  # the training data's convention
         "patch": list(patch),
         "target": config.target,
         "label_map": {i: RAW_LABELS[i] for i in range(NUM_CLASSES)},  # training label -> BraTS label

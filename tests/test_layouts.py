@@ -1,0 +1,254 @@
+"""Every dataset layout through every command, on synthetic and on real cases converted on the fly."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tumorseg.errors import TumorsegError
+from tumorseg.evaluation import evaluate
+from tumorseg.inference import Predictor, predict
+from tumorseg.labels import CONVENTIONS, MODALITIES, canonical_modality, convention_from_names, convention_from_regions
+from tumorseg.layouts import LAYOUTS, discover_cases, layout_labels, load_images
+from tumorseg.prepare import PrepareConfig, prepare
+from tumorseg.synth import synthesize
+from tumorseg.training import TrainConfig, train
+
+from factory import AFFINE, convert_case, write_case
+
+SHAPE = (48, 48, 40)
+SMALL = dict(crop_size=(32, 32, 32), min_tumour=0.0, val_fraction=0.34, channels=MODALITIES)
+EXPECTED_LABELS = {"brats2020": "brats2020", "brats2021": "brats2020", "brats2023": "brats2023", "msd": "msd", "nnunet": "msd"}
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """The same 3 synthetic cases written in every layout."""
+    root = tmp_path_factory.mktemp("layouts")
+    for layout in LAYOUTS:
+        synthesize(root / layout, 3, shape=SHAPE, seed=0, layout=layout, progress=False)
+    (root / "msd/imagesTr/._BRATS_001.nii.gz").write_bytes(b"\x00\x05macOS resource fork")  # the archive carries these
+    return root
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_detected_with_modalities_and_labels(layouts, layout):
+    cases = discover_cases(layouts / layout)
+    assert len(cases) == 3 and {c.layout for c in cases} == {layout}
+    assert cases[0].labels == CONVENTIONS[EXPECTED_LABELS[layout]] and all(c.seg is not None for c in cases)
+    assert all(set(c.images) == set(MODALITIES) for c in cases)
+    if layout == "msd":  # one 4D file, channel order from dataset.json: FLAIR, T1w, t1gd, T2w
+        assert cases[0].channel_index == {"flair": 0, "t1": 1, "t1ce": 2, "t2": 3}
+    reference = discover_cases(layouts / "brats2020")[0]
+    for vol, ref in zip(load_images(cases[0], MODALITIES), load_images(reference, MODALITIES)):
+        assert np.array_equal(vol.data, ref.data)  # each modality found by meaning
+    seg = np.asarray(nib.load(cases[0].seg).dataobj)
+    ref_seg = np.asarray(nib.load(reference.seg).dataobj)
+    assert np.array_equal(cases[0].labels.regions(seg), CONVENTIONS["brats2020"].regions(ref_seg))
+
+
+def test_dataset_folders_found_from_any_level(layouts):
+    assert len(discover_cases(layouts / "msd/imagesTr")) == 3  # pointed at the image folder itself
+    with pytest.raises(TumorsegError, match="mixes dataset layouts"):
+        discover_cases(layouts)  # five datasets under one folder
+
+
+def test_mixed_and_unreadable_folders_are_one_line(tmp_path, layouts):
+    write_case(tmp_path / "mix", "Brats18_A_1")
+    convert_dir = tmp_path / "mix" / "BraTS-GLI-00001-000"
+    convert_dir.mkdir()
+    for name in ("t1n", "t1c", "t2w", "t2f"):
+        nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.int16), AFFINE), convert_dir / f"BraTS-GLI-00001-000-{name}.nii.gz")
+    with pytest.raises(TumorsegError, match=r"mixes dataset layouts \(1 brats2020, 1 brats2023 cases\)"):
+        discover_cases(tmp_path / "mix")
+    bad = tmp_path / "bad"
+    (bad / "imagesTr").mkdir(parents=True)
+    (bad / "dataset.json").write_text("{not json")
+    with pytest.raises(TumorsegError, match="unreadable dataset.json"):
+        discover_cases(bad)
+    (bad / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0}}))
+    with pytest.raises(TumorsegError, match="channel 0 'CT' is not an MRI modality"):
+        discover_cases(bad)
+
+
+def test_aliases_and_dataset_json_label_forms():
+    assert [canonical_modality(n) for n in ("T1w", "t1n", "t1gd", "T1c", "T2w", "t2f", "FLAIR", "CT")] == [
+        "t1", "t1", "t1ce", "t1ce", "t2", "flair", "flair", None]
+    msd = convention_from_names({"edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}, "x")
+    regions = convention_from_regions({"whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}, "x")
+    assert msd == regions == CONVENTIONS["msd"]
+    custom = convention_from_names({"necrosis": 1, "edema": 2, "enhancing": 3, "resection cavity": 4}, "mine")
+    assert custom == CONVENTIONS["brats2023"]
+    seg = np.array([0, 1, 2, 3])  # MSD: oedema 1, non-enhancing 2, enhancing 3
+    assert np.array_equal(CONVENTIONS["msd"].regions(seg), [[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]])
+    assert np.array_equal(CONVENTIONS["msd"].to_training(seg), [0, 2, 1, 3])
+
+
+def test_prepared_arrays_identical_in_every_layout(layouts, tmp_path):
+    arrays = {}
+    for layout in LAYOUTS:
+        res = prepare(layouts / layout, tmp_path / layout, PrepareConfig(**SMALL), workers=1, progress=False)
+        assert res.manifest["layout"] == layout and res.manifest["labels"]["name"] == EXPECTED_LABELS[layout]
+        ids = [c["case_id"] for c in res.manifest["cases"]]
+        arrays[layout] = [(np.load(tmp_path / layout / "images" / f"{i}.npy"), np.load(tmp_path / layout / "masks" / f"{i}.npy"))
+                          for i in ids]
+    for layout in LAYOUTS:
+        for (img, mask), (ref_img, ref_mask) in zip(arrays[layout], arrays["brats2020"]):
+            assert np.array_equal(img, ref_img) and np.array_equal(mask, ref_mask)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prepare_train_predict_evaluate_on_each_layout(layouts, layout, tmp_path):
+    prepare(layouts / layout, tmp_path / "prep", PrepareConfig(**SMALL), workers=1, progress=False)
+    train(tmp_path / "prep", tmp_path / "run", TrainConfig(epochs=1, filters=[4, 8, 16], batch_size=2, seed=0), progress=False)
+    state = torch.load(tmp_path / "run/best.pt", weights_only=True)
+    assert state["layout"] == layout and state["labels"]["name"] == EXPECTED_LABELS[layout]
+    res = predict(tmp_path / "run/best.pt", layouts / layout, tmp_path / "pred", device="cpu", progress=False)
+    assert not res.failed and len(res.written) == 3
+    conv = layout_labels(layout)
+    for path in res.written:
+        img = nib.load(path)
+        assert set(np.unique(np.asarray(img.dataobj)).tolist()) <= set(conv.values)
+        assert f"labels={conv.name}:" in bytes(img.header["descrip"]).decode()
+    scores = evaluate(tmp_path / "pred", layouts / layout, progress=False)
+    assert scores.failed == [] and len(scores.rows) == 3
+
+
+def test_predict_writes_any_convention_and_evaluate_reads_it(layouts, tmp_path):
+    """A brats2023-layout prediction written as MSD labels still scores perfectly against its truth."""
+    truth = layouts / "brats2023"
+    for case in discover_cases(truth):
+        seg = np.asarray(nib.load(case.seg).dataobj)
+        for name in ("msd", "brats2020"):
+            out = CONVENTIONS[name].from_training(CONVENTIONS["brats2023"].to_training(seg))
+            img = nib.Nifti1Image(out, nib.load(case.seg).affine)
+            img.header["descrip"] = CONVENTIONS[name].tag().encode()
+            (tmp_path / name).mkdir(exist_ok=True)
+            nib.save(img, tmp_path / name / f"{case.case_id}.nii.gz")
+    for name in ("msd", "brats2020"):
+        scores = evaluate(tmp_path / name, truth, progress=False)
+        assert scores.failed == [] and all(r.metrics[reg]["dice"] == 1.0 for r in scores.rows for reg in ("WT", "TC", "ET"))
+    assert "lesion_dice" in scores.rows[0].metrics["ET"] and "lesion-wise" in scores.table()
+
+
+def test_evaluate_ground_truth_without_images(layouts, tmp_path):
+    src = discover_cases(layouts / "brats2023")
+    for case in src:  # segmentation-only case folders, then a flat labelsTr-style folder
+        (tmp_path / "segonly" / case.case_id).mkdir(parents=True)
+        (tmp_path / "segonly" / case.case_id / case.seg.name).write_bytes(case.seg.read_bytes())
+        (tmp_path / "flat").mkdir(exist_ok=True)
+        (tmp_path / "flat" / f"{case.case_id}.nii.gz").write_bytes(case.seg.read_bytes())
+    for gt in ("segonly", "flat"):
+        scores = evaluate(tmp_path / "flat", tmp_path / gt, progress=False)
+        assert scores.failed == [] and all(r.metrics["ET"]["dice"] == 1.0 for r in scores.rows)
+    msd = layouts / "msd" / "labelsTr"  # MSD numbers need the convention named, or dataset.json beside
+    assert evaluate(msd, msd, progress=False).failed == []
+    flat_msd = tmp_path / "flat_msd"
+    flat_msd.mkdir()
+    for f in msd.glob("*.nii.gz"):
+        (flat_msd / f.name).write_bytes(f.read_bytes())
+    assert evaluate(flat_msd, flat_msd, labels="msd", progress=False).failed == []
+
+
+def test_resection_cavity_is_kept_or_dropped_never_merged(tmp_path):
+    folder = tmp_path / "raw" / "BraTS-GLI-00007-100"
+    folder.mkdir(parents=True)
+    brain = np.zeros((40, 40, 32), np.int16)
+    brain[4:-4, 4:-4, 3:-3] = 500
+    for name in ("t1n", "t1c", "t2w", "t2f"):
+        nib.save(nib.Nifti1Image(brain, AFFINE), folder / f"{folder.name}-{name}.nii.gz")
+    seg = np.zeros(brain.shape, np.uint8)
+    seg[10:20, 10:20, 10:20] = 2
+    seg[12:16, 12:16, 12:16] = 3
+    seg[24:30, 24:30, 10:16] = 4  # resection cavity (BraTS 2024 post-treatment)
+    nib.save(nib.Nifti1Image(seg, AFFINE), folder / f"{folder.name}-seg.nii.gz")
+    cfg = dict(crop_size=(32, 32, 32), min_tumour=0.0, val_fraction=0.0)
+    res = prepare(tmp_path / "raw", tmp_path / "none", PrepareConfig(**cfg), workers=1, progress=False)
+    assert "resection cavity (label 4) present" in res.failed[folder.name] and "--cavity keep|drop" in res.failed[folder.name]
+    for mode, cavity_class in (("keep", 4), ("drop", 0)):
+        res = prepare(tmp_path / "raw", tmp_path / mode, PrepareConfig(cavity=mode, **cfg), workers=1, progress=False)
+        mask = np.load(tmp_path / mode / "masks" / f"{folder.name}.npy")
+        box = [tuple(b) for b in res.manifest["cases"][0]["crop_box"]]
+        cavity = (slice(24 - box[0][0], 30 - box[0][0]), slice(24 - box[1][0], 30 - box[1][0]), slice(10 - box[2][0], 16 - box[2][0]))
+        assert np.all(mask[cavity] == cavity_class) and np.count_nonzero(mask == 3) == 64
+        assert res.manifest["cases"][0]["tumour_fraction"] == 1000 / 32**3  # the cavity is not tumour
+
+
+class FlairNet(nn.Module):
+    """A fixed, smooth 'network': whole tumour where FLAIR (channel 3) is bright, ET where T1CE is too.
+
+    Averaging over 5^3 voxels first gives it a receptive field and smooth outputs, like a trained
+    network's, rather than a voxel-wise threshold of the noise.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.avg_pool3d(x, 5, stride=1, padding=2, count_include_pad=False)
+        wt = torch.sigmoid(8 * (x[:, 3:4] - 1.5))
+        et = wt * torch.sigmoid(8 * (x[:, 1:2] - 1.5))
+        return torch.log(torch.cat([1 - wt, 0.2 * wt, 0.8 * wt - 0.5 * et, et], dim=1).clamp_min(1e-6))
+
+
+def _flair_predictor() -> Predictor:
+    return Predictor(FlairNet(), torch.device("cpu"), MODALITIES, "zscore", (64, 64, 64), divisor=16,
+                     spacing=(1.0, 1.0, 1.0))
+
+
+def _wt_dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+@pytest.mark.real
+def test_real_case_in_every_layout_prepares_and_predicts_identically(real_data_dir, tmp_path):
+    source = real_data_dir / "Brats18_CBICA_AQT_1"
+    preds, images = {}, {}
+    for layout in LAYOUTS:
+        convert_case(source, tmp_path / layout, layout)
+        res = prepare(tmp_path / layout, tmp_path / f"prep-{layout}", PrepareConfig(channels=MODALITIES), workers=1, progress=False)
+        (record,) = res.manifest["cases"]
+        images[layout] = (np.load(tmp_path / f"prep-{layout}/images/{record['case_id']}.npy"),
+                          np.load(tmp_path / f"prep-{layout}/masks/{record['case_id']}.npy"))
+        out = predict(_flair_predictor(), tmp_path / layout, tmp_path / f"pred-{layout}", progress=False)
+        (path,) = out.written
+        preds[layout] = layout_labels(layout).to_training(np.asarray(nib.load(path).dataobj))
+    for layout in LAYOUTS:
+        assert all(np.array_equal(a, b) for a, b in zip(images[layout], images["brats2020"]))
+        assert np.array_equal(preds[layout], preds["brats2020"])
+    assert np.count_nonzero(preds["brats2020"]) > 10_000  # the stand-in network does find the tumour
+
+
+def _write_resampled(source, folder, target_affine, target_shape, order=1):
+    from tumorseg.geometry import Grid, resample
+
+    folder.mkdir(parents=True)
+    (case,) = discover_cases(source)
+    vols = load_images(case, MODALITIES)
+    src = Grid(vols[0].data.shape, vols[0].affine)
+    dst = Grid(target_shape, target_affine)
+    for m, vol in zip(MODALITIES, vols):
+        data = resample(vol.data.astype(np.float32), src, dst, order=order)
+        nib.save(nib.Nifti1Image(data.astype(np.float32), target_affine), folder / f"{folder.name}_{m}.nii.gz")
+    return src
+
+
+@pytest.mark.real
+def test_real_case_on_other_grids_agrees_with_its_original_grid(real_data_dir, tmp_path):
+    from tumorseg.geometry import Grid, network_grid, resample
+
+    source = real_data_dir / "Brats18_CBICA_AQT_1"
+    original = predict(_flair_predictor(), source, tmp_path / "orig", progress=False).written[0]
+    reference = np.asarray(nib.load(original).dataobj) > 0
+    (case,) = discover_cases(source)
+    src = Grid((240, 240, 155), nib.load(case.image("t1")).affine)
+    ras = src.affine @ np.array([[-1, 0, 0, 239], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]])  # LPS storage -> RAS
+    aniso = network_grid(src, (0.9, 0.9, 3.0))
+    for name, grid in (("ras", Grid(src.shape, ras)), ("aniso", aniso)):
+        _write_resampled(source, tmp_path / "cases" / name, grid.affine, grid.shape)
+        (path,) = predict(_flair_predictor(), tmp_path / "cases" / name, tmp_path / f"pred-{name}", progress=False).written
+        img = nib.load(path)
+        assert img.shape == grid.shape and np.allclose(img.affine, grid.affine)  # the input's own grid
+        back = resample(np.asarray(img.dataobj), grid, src, order=0) > 0
+        dice = _wt_dice(back, reference)
+        assert dice >= (0.999 if name == "ras" else 0.9), (name, dice)
