@@ -50,6 +50,19 @@ def test_layout_detected_with_modalities_and_labels(layouts, layout):
     assert np.array_equal(cases[0].labels.regions(seg), CONVENTIONS["brats2020"].regions(ref_seg))
 
 
+@pytest.mark.parametrize("layout", ["brats2023", "msd", "nnunet"])
+def test_show_draws_any_layout_with_its_labels(layouts, layout, tmp_path):
+    from tumorseg.plots.slices import load_case, save_case_plot
+
+    case = discover_cases(layouts / layout)[1]
+    data = load_case(case.image("t2"))  # one file of the case, even inside imagesTr/
+    assert data.case_id == case.case_id and data.names == MODALITIES and data.labels == case.labels
+    reference = load_case(discover_cases(layouts / "brats2020")[1])
+    assert np.array_equal(data.truth, reference.truth) and np.array_equal(data.images, reference.images)
+    out = save_case_plot(case, pred=case.seg, out=tmp_path / "case.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_dataset_folders_found_from_any_level(layouts):
     assert len(discover_cases(layouts / "msd/imagesTr")) == 3  # pointed at the image folder itself
     with pytest.raises(TumorsegError, match="mixes dataset layouts"):
@@ -175,6 +188,25 @@ def test_resection_cavity_is_kept_or_dropped_never_merged(tmp_path):
         cavity = (slice(24 - box[0][0], 30 - box[0][0]), slice(24 - box[1][0], 30 - box[1][0]), slice(10 - box[2][0], 16 - box[2][0]))
         assert np.all(mask[cavity] == cavity_class) and np.count_nonzero(mask == 3) == 64
         assert res.manifest["cases"][0]["tumour_fraction"] == 1000 / 32**3  # the cavity is not tumour
+    # Kept, it is a fifth softmax class through training and prediction, written back as label 4.
+    config = dict(epochs=1, filters=[4, 8, 16], batch_size=1, seed=0, postprocess=True)
+    with pytest.raises(TumorsegError, match="no BraTS region"):
+        train(tmp_path / "keep", tmp_path / "bad", TrainConfig(target="regions", **config), progress=False)
+    train(tmp_path / "keep", tmp_path / "run", TrainConfig(**config), progress=False)
+    state = torch.load(tmp_path / "run/best.pt", weights_only=True)
+    assert state["network"]["out_channels"] == 5 and state["prepare"]["cavity"] == "keep"
+    predictor = Predictor.from_checkpoint(state, device="cpu")
+    cavity_net = Predictor(CavityNet(), torch.device("cpu"), predictor.channels, predictor.norm, predictor.patch, divisor=8)
+    (path,) = predict(cavity_net, tmp_path / "raw", tmp_path / "pred", progress=False).written
+    assert set(np.unique(np.asarray(nib.load(path).dataobj)).tolist()) == {0, 4}  # brats2023's cavity value
+
+
+class CavityNet(nn.Module):
+    """Class 4 (resection cavity) wherever there is brain."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        brain = (x[:, :1] != 0).to(x.dtype)
+        return 10.0 * torch.cat([1 - brain, *(torch.zeros_like(brain),) * 3, brain], dim=1)
 
 
 class FlairNet(nn.Module):

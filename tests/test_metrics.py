@@ -206,5 +206,6 @@ def test_region_dice_from_training_labels_matches_region_metrics():
     assert region_dice_from_labels(zeros, zeros) == {"WT": 1.0, "TC": 1.0, "ET": 1.0}
     necrotic_only = region_dice_from_labels(zeros + 1, zeros)
     assert necrotic_only == {"WT": 0.0, "TC": 0.0, "ET": 1.0}
-    with pytest.raises(ValueError, match="0..3"):
-        region_dice_from_labels(zeros + 4, zeros)
+    assert region_dice_from_labels(zeros + 4, zeros) == {"WT": 1.0, "TC": 1.0, "ET": 1.0}  # a kept cavity: no region
+    with pytest.raises(ValueError, match="0..4"):
+        region_dice_from_labels(zeros + 5, zeros)

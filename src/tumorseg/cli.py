@@ -29,6 +29,20 @@ def _ints(n: int):
     return parse
 
 
+def _floats(n: int):
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(p) for p in text.replace("x", ",").split(",") if p.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {n} numbers, got '{text}'") from None
+        values = values * n if len(values) == 1 else values
+        if len(values) != n or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected {n} positive numbers, got '{text}'")
+        return values
+
+    return parse
+
+
 def _channels(text: str) -> tuple[str, ...]:
     from .labels import MODALITIES
 
@@ -49,7 +63,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     values = {**PrepareConfig().to_dict(), **(load_recipe(args.recipe)["prepare"] if args.recipe else {})}
     flags = {"channels": args.channels, "norm": args.norm, "crop_size": args.crop, "crop_mode": args.crop_mode,
-             "min_tumour": args.min_tumour, "val_fraction": args.val_fraction, "seed": args.seed}
+             "min_tumour": args.min_tumour, "val_fraction": args.val_fraction, "seed": args.seed,
+             "spacing": args.spacing, "cavity": args.cavity}
     config = PrepareConfig.from_dict({**values, **{k: v for k, v in flags.items() if v is not None}})
     result = prepare(args.data_dir, args.out_dir, config, workers=args.workers, force=args.force)
     counts = result.manifest["counts"]
@@ -158,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tumour", type=float, help="drop cases with less tumour in the crop (default 0.01)")
     p.add_argument("--val-fraction", type=float, help="default 0.25")
     p.add_argument("--seed", type=int, help="seed of the train/val split (default 42)")
+    p.add_argument("--spacing", type=_floats(3), metavar="X,Y,Z",
+                   help="voxel size in mm the network sees (default: the data's median, 1 mm for BraTS)")
+    p.add_argument("--cavity", choices=("keep", "drop"),
+                   help="BraTS 2024 resection cavity (label 4): its own class, or background (required when present)")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
     p.add_argument("--force", action="store_true", help="redo cases already prepared")
     p.set_defaults(func=cmd_prepare)

@@ -258,17 +258,18 @@ def region_dice_from_labels(pred_labels: Any, gt_labels: Any) -> dict[str, float
 
     Args:
         pred_labels, gt_labels: integer label maps (any shape, same shape), numpy arrays or
-            torch tensors (moved to the CPU), values 0..3.
+            torch tensors (moved to the CPU), values 0..3 (4, a kept resection cavity, is in
+            no region).
 
     Returns:
         {"WT": dice, "TC": dice, "ET": dice}, with Dice 1 when both regions are empty.
     """
     p, g = _as_numpy(pred_labels), _as_numpy(gt_labels)
     _check_pair(p, g)
-    if p.size and (p.min() < 0 or p.max() > 3 or g.min() < 0 or g.max() > 3):
-        raise ValueError("training labels must lie in 0..3")
-    joint = np.bincount((p.astype(np.uint8) * 4 + g.astype(np.uint8)).ravel(), minlength=16)
-    conf = joint.reshape(4, 4)  # conf[pred label, gt label]
+    if p.size and (p.min() < 0 or p.max() > 4 or g.min() < 0 or g.max() > 4):
+        raise ValueError("training labels must lie in 0..4")
+    joint = np.bincount((p.astype(np.uint8) * 5 + g.astype(np.uint8)).ravel(), minlength=25)
+    conf = joint.reshape(5, 5)  # conf[pred label, gt label]
     out = {}
     for region in REGIONS:
         idx = list(REGION_LABELS[region])

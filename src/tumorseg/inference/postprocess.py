@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..evaluation.metrics import region_dice_from_labels
+from ..labels import CAVITY_CLASS
 
 ET_LABEL = 3  # training label of enhancing tumour (raw BraTS label 4)
 NECROSIS_LABEL = 1
@@ -54,7 +55,8 @@ def keep_largest_tumour(labels: np.ndarray) -> np.ndarray:
 
     Returns `labels` itself when there is at most one component, else a cleaned copy.
     """
-    components, count = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    tumour = (labels > 0) & (labels != CAVITY_CLASS)  # a kept resection cavity is not tumour
+    components, count = ndimage.label(tumour, structure=np.ones((3, 3, 3), dtype=bool))
     if count <= 1:
         return labels
     largest = 1 + int(np.argmax(np.bincount(components.ravel())[1:]))

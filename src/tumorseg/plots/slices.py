@@ -23,18 +23,19 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import TumorsegError
-from ..io import atomic_path, load_nifti
+from ..io import Volume, atomic_path, load_nifti
+from ..labels import BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention_from_tag, to_training_labels
 from ..layouts import Case, discover_cases
-from ..labels import CLASS_NAMES, MODALITIES, invalid_raw_labels, to_training_labels
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 VIEW_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}  # voxel axis in LPS order
 
-# Training label -> (RGB, raw BraTS label, short name). Raw label 4 is training label 3.
-LABEL_STYLE: dict[int, tuple[tuple[float, float, float], int, str]] = {
-    1: ((1.0, 0.0, 0.0), 1, "NCR"),
-    2: ((0.0, 0.8, 0.0), 2, "ED"),
-    3: ((1.0, 1.0, 0.0), 4, "ET"),
+# Training label -> (RGB, short name); the legend gives each label's value in the case's convention.
+LABEL_STYLE: dict[int, tuple[tuple[float, float, float], str]] = {
+    1: ((1.0, 0.0, 0.0), "NCR"),
+    2: ((0.0, 0.8, 0.0), "ED"),
+    3: ((1.0, 1.0, 0.0), "ET"),
+    4: ((0.2, 0.5, 1.0), "RC"),
 }
 OVERLAY_ALPHA = 0.45
 PANEL_INCHES = 3.0  # each panel is PANEL_INCHES square
@@ -57,6 +58,7 @@ class CaseImages:
         spacing: voxel size in mm along X, Y, Z.
         full_shape: for a prepared case, the shape of the scan before cropping.
         crop_box: for a prepared case, where the crop sits in the full scan.
+        labels: label convention of the case's files (a prediction's own tag wins).
     """
 
     case_id: str
@@ -68,6 +70,7 @@ class CaseImages:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     full_shape: tuple[int, ...] | None = None
     crop_box: tuple[tuple[int, int], ...] | None = None
+    labels: LabelConvention = BRATS2020
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -162,31 +165,32 @@ def load_case(case: str | os.PathLike | Case) -> CaseImages:
     path = Path(case)
     if path.suffix == ".npy":
         return _load_prepared(path)
-    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
-        path = path.parent
     if not path.exists():
         raise TumorsegError(f"{path}: no such case folder or file")
-    cases = discover_cases(path)
+    if path.is_file():  # one file of a case: in a dataset's imagesTr/ (MSD, nnU-Net) the folder holds many
+        cases = [c for c in discover_cases(path.parent) if path in (*c.images.values(), c.seg)]
+    else:
+        cases = discover_cases(path)
     if len(cases) != 1:
-        raise TumorsegError(f"{path}: holds {len(cases)} cases; give one case folder")
+        raise TumorsegError(f"{path}: holds {len(cases)} cases; give one case folder or one of its files")
     return _load_raw(cases[0])
 
 
 def _load_raw(case: Case) -> CaseImages:
+    from ..prepare.case import load_channels  # modalities on one grid, 4D files split, as prediction sees them
+
     names = tuple(m for m in MODALITIES if m in case.images)
-    vols = [load_nifti(case.image(m), case.case_id) for m in names]
+    vols = load_channels(case, names)
     shape = vols[0].data.shape
-    for v in vols[1:]:
-        if v.data.shape != shape:
-            raise TumorsegError(f"{v.path}: shape {v.data.shape} differs from {vols[0].path.name} {shape}")
     images = np.stack([v.data.astype(np.float32, copy=False) for v in vols])
     truth = None
     if case.seg is not None:
         seg = load_nifti(case.seg, case.case_id)
         if seg.data.shape != shape:
             raise TumorsegError(f"{case.seg}: shape {seg.data.shape} differs from the images' {shape}")
-        truth = _raw_to_labels(seg.data, case.seg)
-    return CaseImages(case.case_id, names, images, truth, case.folder, vols[0].affine, vols[0].spacing)
+        truth = _raw_to_labels(seg.data, case.seg, case.labels)
+    return CaseImages(case.case_id, names, images, truth, case.folder, vols[0].affine, vols[0].spacing,
+                      labels=case.labels)
 
 
 def _load_prepared(path: Path) -> CaseImages:
@@ -219,11 +223,19 @@ def _load_prepared(path: Path) -> CaseImages:
         np.asarray(image, dtype=np.float32),
         truth,
         path,
-        np.asarray(record["affine"], dtype=float) if "affine" in record else None,
-        tuple(record.get("spacing", (1.0, 1.0, 1.0))),
-        tuple(record["shape"]) if "shape" in record else None,
+        *_prepared_grid(record),
         tuple(tuple(b) for b in record["crop_box"]) if "crop_box" in record else None,
     )
+
+
+def _prepared_grid(record: dict) -> tuple:
+    """Affine, spacing and full shape of the grid a prepared case's arrays are on (the network's)."""
+    affine = record.get("network_affine", record.get("affine"))
+    if affine is None:
+        return None, (1.0, 1.0, 1.0), None
+    affine = np.asarray(affine, dtype=float)
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    return affine, spacing, tuple(record.get("network_shape", record.get("shape")))
 
 
 def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> np.ndarray:
@@ -235,7 +247,8 @@ def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> n
         if where.suffix == ".npy":
             labels = _npy_to_labels(_load_npy(where), where)
         else:
-            labels = _raw_to_labels(load_nifti(where, data.case_id).data, where)
+            vol = load_nifti(where, data.case_id)
+            labels = _raw_to_labels(vol.data, where, _tagged_labels(vol, data.labels))
     if labels.shape == data.shape:
         return labels
     if data.crop_box is not None and labels.shape == data.full_shape:
@@ -254,12 +267,17 @@ def _load_npy(path: Path) -> np.ndarray:
         raise TumorsegError(f"{path}: cannot read .npy ({exc})") from None
 
 
-def _raw_to_labels(seg: np.ndarray, where) -> np.ndarray:
-    values = np.unique(seg)
-    bad = [v for v in values.tolist() if not float(v).is_integer()] or invalid_raw_labels(values)
+def _tagged_labels(vol: Volume, default: LabelConvention) -> LabelConvention:
+    """The convention `predict` wrote into a file's header, else `default`."""
+    return convention_from_tag(bytes(vol.header["descrip"]).decode(errors="ignore")) or default
+
+
+def _raw_to_labels(seg: np.ndarray, where, labels: LabelConvention = BRATS2020) -> np.ndarray:
+    bad = labels.invalid(np.asarray(seg))
     if bad:
-        raise TumorsegError(f"{where}: contains label(s) {bad}; BraTS segmentations use 0, 1, 2, 4")
-    return to_training_labels(seg)
+        raise TumorsegError(f"{where}: contains label(s) {bad}; {labels.name} segmentations use "
+                            f"{', '.join(map(str, labels.values))}")
+    return labels.to_training(seg, cavity="keep")
 
 
 def _npy_to_labels(mask: np.ndarray, where) -> np.ndarray:
@@ -317,7 +335,7 @@ def _window(channel: np.ndarray) -> tuple[float, float]:
 
 def _overlay(labels2d: np.ndarray) -> np.ndarray:
     rgba = np.zeros(labels2d.shape + (4,), np.float32)
-    for label, (colour, _, _) in LABEL_STYLE.items():
+    for label, (colour, _) in LABEL_STYLE.items():
         rgba[labels2d == label] = (*colour, OVERLAY_ALPHA)
     return rgba
 
@@ -357,10 +375,14 @@ def _draw(data, images, truth, pred, spacing, slices: dict[str, int], out: Path)
                 ax.set_ylabel(f"{view} slice {index}", fontsize=11)
     fig.suptitle(data.case_id, fontsize=13)
     if truth is not None or pred is not None:
+        shown = set(np.unique(truth)) if truth is not None else set()
+        shown |= set(np.unique(pred)) if pred is not None else set()
+        raw = dict(enumerate(data.labels.from_training(np.arange(5))))
         handles = [
             Patch(facecolor=colour, alpha=OVERLAY_ALPHA, edgecolor="black",
-                  label=f"{raw} {CLASS_NAMES[label]} ({short})")
-            for label, (colour, raw, short) in LABEL_STYLE.items()
+                  label=f"{raw[label]} {CLASS_NAMES[label]} ({short})")
+            for label, (colour, short) in LABEL_STYLE.items()
+            if label < 4 or label in shown  # the resection cavity only where a case has one
         ]
         fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=10, frameon=False)
     try:

@@ -107,21 +107,22 @@ class SegmentationLoss(nn.Module):
         return sum(w * self.base(head, labels) for w, head in zip(weights.tolist(), heads))
 
 
-def build_loss(target: str = "labels", class_weights: Sequence[float] | None = None) -> nn.Module:
+def build_loss(target: str = "labels", class_weights: Sequence[float] | None = None, classes: int = NUM_CLASSES) -> nn.Module:
     """The training loss, called as `loss(logits, labels)`.
 
     Args:
         target: "labels": Dice + focal over 4 softmax classes (the seed); "regions": Dice +
             BCE over 3 sigmoid outputs WT, TC, ET built from the label map.
-        class_weights: per-channel weights: 4 for "labels" (None: the seed's 0.25 each),
-            3 for "regions" (None: unweighted).
+        class_weights: per-channel weights: one per class for "labels" (None: equal, the
+            seed's 0.25 each for 4 classes), 3 for "regions" (None: unweighted).
+        classes: softmax classes for "labels": 4, or 5 when the resection cavity is kept.
 
     Raises:
         ValueError: unknown target, or the wrong number of weights.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown loss target {target!r}; expected one of {TARGETS}.")
-    channels = NUM_CLASSES if target == "labels" else len(REGIONS)
+    channels = classes if target == "labels" else len(REGIONS)
     if class_weights is not None:
         class_weights = tuple(float(w) for w in class_weights)
         if len(class_weights) != channels or min(class_weights) < 0:
@@ -130,7 +131,7 @@ def build_loss(target: str = "labels", class_weights: Sequence[float] | None = N
                 f"got {class_weights!r}."
             )
     if target == "labels":
-        base: nn.Module = LabelLoss(class_weights or SEED_CLASS_WEIGHTS)
+        base: nn.Module = LabelLoss(class_weights or (1.0 / classes,) * classes)
     else:
         base = RegionLoss(class_weights)
     return SegmentationLoss(base, channels)

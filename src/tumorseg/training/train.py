@@ -183,7 +183,11 @@ def train(
         raise TumorsegError(f"{run_dir}: already holds a run (last.pt); use --resume or another folder")
     crop = list(manifest["settings"]["crop_size"])
     patch = _check_patch(config, crop)
-    out_channels = len(REGIONS) if config.target == "regions" else NUM_CLASSES
+    classes = NUM_CLASSES + (manifest["settings"].get("cavity") == "keep")
+    if config.target == "regions" and classes > NUM_CLASSES:
+        raise TumorsegError(f"{prepared_dir}: the resection cavity was kept as a class (--cavity keep); it is no "
+                            "BraTS region, so train with --target labels (or prepare with --cavity drop)")
+    out_channels = len(REGIONS) if config.target == "regions" else classes
     spec = network_spec(config.model, len(manifest["settings"]["channels"]), out_channels,
                         config.filters, config.dropout, config.deep_supervision)
     state = _resume(run_dir, spec, manifest) if resume else None
@@ -217,7 +221,7 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
     loader = make_loader(PreparedDataset(prepared_dir, train_ids, transform), config.batch_size, True, config.seed,
                          config.workers, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
     val_set = PreparedDataset(prepared_dir, shard(val_ids, ctx.rank, ctx.world_size), eval_transform())
-    loss_fn = build_loss(config.target, config.class_weights)
+    loss_fn = build_loss(config.target, config.class_weights, classes=spec["out_channels"])
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", _config_yaml(config, prepared_dir))
