@@ -70,3 +70,24 @@ def test_user_errors_are_one_line(trained, tmp_path, capsys):
     assert main(["show", str(tmp_path / "missing_case")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len([l for l in err.splitlines() if "error:" in l]) == 3
+
+
+def test_layouts_conventions_and_geometry_flags(trained, tmp_path, capsys):
+    """synth --layout, prepare --spacing, predict --labels, evaluate --labels/--challenge."""
+    assert main(["synth", str(tmp_path / "msd"), "--cases", "2", "--shape", "32,32,24", "--layout", "msd"]) == 0
+    assert (tmp_path / "msd/dataset.json").is_file() and len(list((tmp_path / "msd/imagesTr").iterdir())) == 2
+    assert main(["prepare", str(tmp_path / "msd"), str(tmp_path / "prep"), "--crop", "16", "--spacing", "2",
+                 "--channels", "t2,t1ce,flair", "--workers", "1"]) == 0
+    manifest = (tmp_path / "prep/manifest.json").read_text()
+    assert '"layout": "msd"' in manifest and '"network_shape": [\n    16,\n    16,\n    12\n   ]' in manifest
+    assert main(["predict", str(trained / "run/best.pt"), str(tmp_path / "msd"), str(tmp_path / "pred"),
+                 "--labels", "brats2020"]) == 0
+    pred = nib.load(tmp_path / "pred/BRATS_001.nii.gz")
+    assert pred.shape == (32, 32, 24) and b"labels=brats2020:1,2,4" in bytes(pred.header["descrip"])
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "msd"), "--challenge", "MET"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "BraTS 2023+ lesion-wise (MET" in out and "LesionDice" in out
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "msd/labelsTr"), "--labels", "msd"]) in (0, 1)
+    with pytest.raises(SystemExit):  # argparse: one line, exit code 2
+        main(["prepare", str(tmp_path / "msd"), str(tmp_path / "bad"), "--spacing", "0,1,1"])
+    assert "expected 3 positive numbers, got '0,1,1'" in capsys.readouterr().err

@@ -139,3 +139,10 @@ def test_real_case_scored_against_itself(real_data_dir, tmp_path):
     for region in ("WT", "TC", "ET"):
         assert row.metrics[region] == {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0,
                                           "lesion_dice": 1.0, "lesion_hd95": 0.0}
+
+
+def test_lesion_challenge_from_case_ids():
+    from tumorseg.evaluation.evaluate import case_challenge
+
+    assert case_challenge("BraTS-MEN-00004-000") == "MEN" and case_challenge("BraTS-MET-00001-000") == "MET"
+    assert case_challenge("BraTS20_Training_001") == "GLI" and case_challenge("BraTS-PED-00001-000", "MET") == "MET"

@@ -159,3 +159,47 @@ def test_real_cases_kaggle_layout(real_data_dir, tmp_path):
     image = np.load(tmp_path / "out/images/BraTS20_Training_355.npy", mmap_mode="r")
     assert image.shape == (3, 128, 128, 128) and 0.0 <= image.min() and image.max() <= 1.0
     assert set(np.unique(np.load(tmp_path / "out/masks/BraTS20_Training_355.npy"))) <= {0, 1, 2, 3}
+
+
+def _regrid(path, affine, data=None):
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) if data is None else data, affine), path)
+
+
+def test_modalities_on_other_grids_are_resampled_onto_the_finest(tmp_path):
+    """A 1 mm T1CE with a 1x1x4 mm FLAIR of the same head: the FLAIR joins the 1 mm grid."""
+    from tumorseg.geometry import Grid, network_grid, resample
+
+    for name in ("same", "coarse"):
+        write_case(tmp_path / name, "c0", shape=(40, 40, 32))
+    flair = _nii(tmp_path / "coarse", "c0", "flair")
+    img = nib.load(flair)
+    src = Grid(img.shape, img.affine)
+    coarse = network_grid(src, (1.0, 1.0, 4.0))
+    _regrid(flair, coarse.affine, resample(np.asarray(img.dataobj).astype(np.float32), src, coarse, order=1))
+    cfg = PrepareConfig(channels=("t1ce", "flair"), crop_size=(32, 32, 24), min_tumour=0.0, val_fraction=0.0)
+    arrays = {}
+    for name in ("same", "coarse"):
+        res = prepare(tmp_path / name, tmp_path / f"prep-{name}", cfg, workers=1, progress=False)
+        assert res.manifest["cases"][0]["shape"] == [40, 40, 32] and res.manifest["settings"]["spacing"] == [1.0, 1.0, 1.0]
+        arrays[name] = np.load(tmp_path / f"prep-{name}/images/c0.npy")
+    assert np.array_equal(arrays["same"][0], arrays["coarse"][0])  # T1CE untouched
+    inner = (slice(8, 24), slice(8, 24), slice(6, 18))  # away from the brain's edge, which 4 mm slices blur
+    assert np.abs(arrays["same"][1][inner] - arrays["coarse"][1][inner]).mean() < 0.02
+
+
+def test_spacing_defaults_to_the_datas_median_and_is_recorded(tmp_path):
+    two_mm = np.diag([-2.0, -2.0, 2.0, 1.0])
+    for i in range(3):
+        folder = write_case(tmp_path / "raw", f"c{i}", shape=(24, 24, 20), seed=i)
+        for path in folder.iterdir():
+            _regrid(path, two_mm)
+    cfg = dict(crop_size=(16, 16, 16), min_tumour=0.0)
+    res = prepare(tmp_path / "raw", tmp_path / "native", PrepareConfig(**cfg), workers=1, progress=False)
+    assert res.manifest["settings"]["spacing"] == [2.0, 2.0, 2.0]
+    assert res.manifest["cases"][0]["network_shape"] == [24, 24, 20]
+    res = prepare(tmp_path / "raw", tmp_path / "fine", PrepareConfig(spacing=(1.0, 1.0, 1.0), **cfg), workers=1, progress=False)
+    record = res.manifest["cases"][0]
+    assert record["network_shape"] == [48, 48, 40] and record["spacing"] == [2.0, 2.0, 2.0]
+    mask = np.load(tmp_path / "fine/masks/c0.npy")
+    assert set(np.unique(mask).tolist()) <= {0, 1, 2, 3} and 3 in mask  # nearest neighbour: labels never blended
