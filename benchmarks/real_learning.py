@@ -29,7 +29,7 @@ from tumorseg.layouts import discover_cases
 from tumorseg.prepare import PrepareConfig, prepare
 from tumorseg.recipes import load_recipe
 from tumorseg.training import resolve_config, train
-from tumorseg.training.checkpoint import load_checkpoint
+from tumorseg.checkpoint import load_checkpoint
 
 
 def hold_out(data: Path, work: Path, n_test: int, seed: int) -> tuple[Path, Path, list[str]]:

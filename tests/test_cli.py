@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
 
 
 def test_train_flags_set_the_checkpoints_inference(trained):
-    from tumorseg.training.checkpoint import load_checkpoint
+    from tumorseg.checkpoint import load_checkpoint
 
     state = load_checkpoint(trained / "run/best.pt")
     assert state["config"]["tta"] and state["config"]["postprocess"] and state["inference"]["tta"]

@@ -14,7 +14,7 @@ from tumorseg.labels import RAW_LABELS, to_raw_labels
 from tumorseg.networks import build_network, network_spec
 from tumorseg.prepare import PrepareConfig, prepare, uncrop
 from tumorseg.prepare.case import load_channels
-from tumorseg.training.checkpoint import save_checkpoint
+from tumorseg.checkpoint import save_checkpoint
 
 from factory import AFFINE, write_case
 

@@ -21,7 +21,7 @@ def test_recipe_contents_match_their_description():
     for r in (cpu, gpu):
         assert r["prepare"] == {**r["prepare"], "norm": "zscore", "crop_mode": "brain", "channels": ["t1", "t1ce", "t2", "flair"]}
         assert r["train"]["target"] == "regions" and r["train"]["tta"] and r["train"]["postprocess"]
-    assert gpu["train"]["deep_supervision"] and gpu["train"]["amp"] == "bf16" and gpu["train"]["patch"] == [128, 128, 128]
+    assert gpu["train"]["deep_supervision"] and gpu["train"]["amp"] == "auto" and gpu["train"]["patch"] == [128, 128, 128]
     assert cpu["train"]["max_minutes"] <= 60
 
 
@@ -64,7 +64,7 @@ def test_recipe_trains_and_predicts_on_the_cpu_at_tiny_size(name, tmp_path):
     import numpy as np
 
     from factory import write_case
-    from tumorseg.training.checkpoint import load_checkpoint
+    from tumorseg.checkpoint import load_checkpoint
 
     for i in range(3):
         write_case(tmp_path / "raw", f"c{i}", seed=i)

@@ -81,7 +81,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 TRAIN_FLAGS = ("model", "filters", "epochs", "batch_size", "lr", "patch", "target", "schedule", "augment",
-               "steps_per_epoch", "max_minutes", "workers", "seed", "device", "amp", "tta", "postprocess")
+               "steps_per_epoch", "max_minutes", "workers", "seed", "device", "amp", "deterministic", "tta", "postprocess")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -116,7 +116,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     result = predict(args.checkpoint, args.input, args.out_dir, device=args.device, tta=args.tta,
                      postprocess=args.postprocess, probabilities=args.probabilities, force=args.force,
-                     plots=args.plots, overlap=args.overlap, labels=args.labels)
+                     plots=args.plots, overlap=args.overlap, labels=args.labels, amp=args.amp)
     n_cases = len({Path(p).name.split(".")[0].removesuffix("_probabilities") for p in result.written})
     print(f"predicted {n_cases} case(s) into {args.out_dir}"
           + (f", {len(result.skipped)} already done" if result.skipped else "")
@@ -138,6 +138,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = DemoSettings(epochs=args.epochs) if args.epochs else DemoSettings()
     result = run_demo(args.work_dir, data=args.data, settings=settings)
+    return 1 if result.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    result = report(args.pred_dir, images=args.images, gt=args.gt, out=args.out)
+    for message in result.failed.values():
+        print(message, file=sys.stderr)
+    print(f"reported {len(result.cases)} case(s)" + (f", {len(result.failed)} failed" if result.failed else "")
+          + f": open {result.index} (table: {result.csv})")
     return 1 if result.failed else 0
 
 
@@ -200,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data loader processes")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), help="mixed precision on GPU")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
+                   help="mixed precision on GPUs (auto: native bf16, else fp16 with a scaler)")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="deterministic GPU algorithms: bitwise repeatable and exactly resumable, slower")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="record flip test-time augmentation as the checkpoint's inference setting")
     p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=None,
@@ -225,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="a case folder or a folder of case folders (segmentations not needed)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                   help="mixed precision on GPUs (auto: native bf16, else fp16; the CPU always uses float32)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation (default: as the checkpoint says)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
@@ -250,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="a real BraTS download to run on instead of synthetic cases")
     p.add_argument("--epochs", type=int, help="training epochs (default 40)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="volumes, RANO diameters, warnings: an HTML report of a folder of predictions")
+    p.add_argument("pred_dir", type=Path, help="folder of <case>.nii.gz predictions (and <case>_uncertainty.nii.gz)")
+    p.add_argument("--images", type=Path, metavar="DATA_DIR",
+                   help="the cases' dataset: modalities in the views, brain-edge check")
+    p.add_argument("--gt", type=Path, metavar="GT_DIR", help="ground truth: BraTS metrics per case as columns")
+    p.add_argument("--out", type=Path, metavar="DIR", help="report folder (default PRED_DIR/report)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

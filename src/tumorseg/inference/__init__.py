@@ -1,6 +1,14 @@
 """Step 4b: trained network -> segmentations of new cases in their original space."""
 
-from .postprocess import keep_largest_tumour, postprocess, suppress_small_et, tune_et_threshold, tune_postprocessing
+from .postprocess import (
+    case_statistics,
+    choose_postprocessing,
+    keep_largest_tumour,
+    postprocess,
+    suppress_small_et,
+    tune_et_threshold,
+    tune_postprocessing,
+)
 from .predict import CasePrediction, PredictResult, Predictor, predict, predict_case
 from .window import probabilities, to_labels
 
@@ -8,6 +16,8 @@ __all__ = [
     "CasePrediction",
     "PredictResult",
     "Predictor",
+    "case_statistics",
+    "choose_postprocessing",
     "keep_largest_tumour",
     "postprocess",
     "predict",

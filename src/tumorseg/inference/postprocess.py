@@ -72,6 +72,39 @@ def postprocess(labels: np.ndarray, largest_tumour: bool = False, et_threshold: 
     return suppress_small_et(labels, et_threshold)
 
 
+def _et_row(pred: np.ndarray, gt: np.ndarray) -> tuple[int, float, float]:
+    """ET voxel count, ET Dice as predicted, ET Dice with all its ET removed."""
+    kept = region_dice_from_labels(pred, gt)["ET"]
+    removed = region_dice_from_labels(suppress_small_et(pred, np.iinfo(np.int64).max), gt)["ET"]
+    return int(np.count_nonzero(pred == ET_LABEL)), kept, removed
+
+
+def case_statistics(pred: np.ndarray, gt: np.ndarray) -> dict[str, list]:
+    """Everything the tuning needs from one validation case, a few numbers instead of volumes.
+
+    Under DDP each rank reduces its own cases to these, so only they travel between ranks.
+    """
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    cleaned = keep_largest_tumour(pred)
+    return {
+        "dice": list(region_dice_from_labels(pred, gt).values()),
+        "dice_cleaned": list(region_dice_from_labels(cleaned, gt).values()),
+        "et": list(_et_row(pred, gt)),
+        "et_cleaned": list(_et_row(cleaned, gt)),
+    }
+
+
+def choose_postprocessing(stats: Sequence[dict[str, list]], et_candidates: Iterable[int]) -> dict[str, bool | int | None]:
+    """Both steps from `case_statistics` of the validation cases (see `tune_postprocessing`)."""
+    if not stats:
+        return {"largest_tumour": False, "et_threshold": None}
+    dice = np.mean([s["dice"] for s in stats], axis=0)
+    cleaned = np.mean([s["dice_cleaned"] for s in stats], axis=0)
+    largest = bool(np.all(cleaned >= dice - 1e-12))
+    rows = [s["et_cleaned" if largest else "et"] for s in stats]
+    return {"largest_tumour": largest, "et_threshold": _best_et_threshold(rows, et_candidates)}
+
+
 def tune_postprocessing(
     pred_label_list: Sequence[np.ndarray],
     gt_label_list: Sequence[np.ndarray],
@@ -85,16 +118,7 @@ def tune_postprocessing(
     """
     if len(pred_label_list) != len(gt_label_list):
         raise ValueError(f"{len(pred_label_list)} predictions but {len(gt_label_list)} ground truths")
-    if not pred_label_list:
-        return {"largest_tumour": False, "et_threshold": None}
-    cleaned = [keep_largest_tumour(np.asarray(p)) for p in pred_label_list]
-
-    def mean_dice(preds) -> np.ndarray:
-        return np.mean([list(region_dice_from_labels(p, g).values()) for p, g in zip(preds, gt_label_list)], axis=0)
-
-    largest = bool(np.all(mean_dice(cleaned) >= mean_dice(pred_label_list) - 1e-12))
-    preds = cleaned if largest else pred_label_list
-    return {"largest_tumour": largest, "et_threshold": tune_et_threshold(preds, gt_label_list, et_candidates)}
+    return choose_postprocessing([case_statistics(p, g) for p, g in zip(pred_label_list, gt_label_list)], et_candidates)
 
 
 def tune_et_threshold(
@@ -116,13 +140,12 @@ def tune_et_threshold(
     """
     if len(pred_label_list) != len(gt_label_list):
         raise ValueError(f"{len(pred_label_list)} predictions but {len(gt_label_list)} ground truths")
-    # Per case: ET voxel count, ET Dice as predicted, ET Dice with all its ET removed.
-    rows = []
-    for pred, gt in zip(pred_label_list, gt_label_list):
-        pred, gt = np.asarray(pred), np.asarray(gt)
-        kept = region_dice_from_labels(pred, gt)["ET"]
-        removed = region_dice_from_labels(suppress_small_et(pred, np.iinfo(np.int64).max), gt)["ET"]
-        rows.append((int(np.count_nonzero(pred == ET_LABEL)), kept, removed))
+    rows = [_et_row(np.asarray(p), np.asarray(g)) for p, g in zip(pred_label_list, gt_label_list)]
+    return _best_et_threshold(rows, candidates)
+
+
+def _best_et_threshold(rows: Sequence[Sequence], candidates: Iterable[int]) -> int | None:
+    """Best threshold from per-case (ET count, Dice kept, Dice removed) rows; see `tune_et_threshold`."""
     if not rows:
         return None
     best, best_score = None, float(np.mean([kept for _, kept, _ in rows]))

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..checkpoint import load_checkpoint
+from ..devices import amp_dtype, describe, resolve_device, window_batch
 from ..errors import TumorsegError
 from ..geometry import resample
 from ..io import save_nifti
@@ -31,8 +33,6 @@ from ..layouts import Case, discover_cases
 from ..networks import build_network, required_divisor
 from ..prepare.case import load_channels, scaled_window, to_network_grid
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
-from ..training.checkpoint import load_checkpoint
-from ..training.distributed import resolve_device
 from .postprocess import postprocess
 from .window import probabilities as window_probabilities
 from .window import to_labels
@@ -59,7 +59,8 @@ class Predictor:
         largest_tumour: keep only the largest connected whole-tumour component.
         et_threshold: relabel predicted ET as necrosis when it has fewer voxels (None: off).
         overlap: sliding-window overlap in [0, 1).
-        amp_dtype: autocast dtype (bf16 on CUDA where supported), None for float32.
+        amp_dtype: autocast dtype (`devices.amp_dtype`: native bf16 or fp16 on GPUs), None for float32.
+        sw_batch_size: sliding windows per network call (more fill a GPU; 1 on the CPU).
         spacing: voxel size (mm, canonical axes) the network was trained at; None: the scan's.
         labels: label convention of the written files; None: each input layout's own.
     """
@@ -76,6 +77,7 @@ class Predictor:
     et_threshold: int | None = None
     overlap: float = 0.5
     amp_dtype: torch.dtype | None = None
+    sw_batch_size: int = 1
     spacing: tuple[float, float, float] | None = None
     labels: LabelConvention | None = None
 
@@ -95,11 +97,13 @@ class Predictor:
         tta: bool | None = None,
         overlap: float = 0.5,
         labels: str | None = None,
+        amp: str = "auto",
     ) -> "Predictor":
         """Load a checkpoint file (or an already loaded state dict) once, for many cases.
 
         `tta` None uses the checkpoint's choice (`inference.tta`); the post-processing
-        (`inference.postprocess_*`) always comes from the checkpoint.
+        (`inference.postprocess_*`) always comes from the checkpoint. `amp`: "auto" (native bf16
+        or fp16 on GPUs, float32 on the CPU), "bf16", "fp16" or "off".
         """
         where = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
         state = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
@@ -129,7 +133,8 @@ class Predictor:
             largest_tumour=bool(inference.get("postprocess_largest_tumour", False)),
             et_threshold=threshold if isinstance(threshold, int) and not isinstance(threshold, bool) else None,
             overlap=float(overlap),
-            amp_dtype=torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None,
+            amp_dtype=amp_dtype(amp, dev),
+            sw_batch_size=window_batch(dev),
             spacing=tuple(float(v) for v in spacing) if spacing else None,
             labels=convention(labels) if labels else None,
         )
@@ -219,7 +224,8 @@ def predict_case(predictor: Predictor, case: Case, probabilities: bool = False) 
     del data
     with torch.inference_mode():
         probs = window_probabilities(
-            predictor.model, x, predictor.patch, predictor.target, predictor.overlap, predictor.tta, predictor.amp_dtype
+            predictor.model, x, predictor.patch, predictor.target, predictor.overlap, predictor.tta, predictor.amp_dtype,
+            predictor.sw_batch_size,
         )[0].float().cpu().numpy()
     if net.same_as(src):  # the scan's own grid (BraTS): labels in the box, then uncropped
         labels = uncrop(to_labels(probs, predictor.target), box, src.shape)
@@ -270,6 +276,7 @@ def predict(
     overlap: float = 0.5,
     progress: bool = True,
     labels: str | None = None,
+    amp: str = "auto",
 ) -> PredictResult:
     """Segment every BraTS case under `input_dir` into `out_dir/<case_id>.nii.gz`.
 
@@ -289,6 +296,8 @@ def predict(
         progress: show a progress bar.
         labels: label convention of the written files ("brats2020", "brats2023", "msd");
             None writes each case in its input layout's own convention.
+        amp: mixed precision, "auto" (native bf16, else fp16, on GPUs; float32 on the CPU),
+            "bf16", "fp16" or "off".
 
     A failing case is reported in one line and recorded in the result; the others go on.
     """
@@ -298,7 +307,9 @@ def predict(
         predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta), overlap=float(overlap),
                             labels=convention(labels) if labels else checkpoint.labels)
     else:
-        predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap, labels)
+        predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap, labels, amp)
+        if progress:
+            print(f"predict: {describe(predictor.device, amp, predictor.amp_dtype)}", file=sys.stderr)
     if not postprocess:
         predictor = replace(predictor, largest_tumour=False, et_threshold=None)
     result = PredictResult(out_dir=out_dir)

@@ -8,12 +8,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..devices import AMP_MODES, DEVICES
 from ..errors import TumorsegError
 
 TARGETS = ("labels", "regions")
 SCHEDULES = ("none", "cosine", "poly")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -24,7 +23,10 @@ class TrainConfig:
     batch 2). `patch` None trains on whole prepared crops; smaller patches are sampled with
     `fg_ratio` of them centred on tumour. `steps_per_epoch` sets the batches per epoch (0: one
     pass over the cases). `max_minutes` stops training after the epoch that exceeds this
-    wall-clock budget (0: no budget); the last epoch is validated and saved.
+    wall-clock budget (0: no budget); the last epoch is validated and saved. `amp` "auto"
+    is bf16 on GPUs that have it natively, fp16 on older GPUs, float32 on the CPU
+    (`devices.amp_dtype`). `deterministic` makes GPU training bitwise repeatable (and a resumed
+    run bitwise equal to an uninterrupted one, as on the CPU) at some speed.
     """
 
     model: str = "unet3d"
@@ -49,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
+    deterministic: bool = False
     tta: bool = False
     postprocess: bool = False
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import TumorsegError
+from ..devices import resolve_device
 
 
 @dataclass(frozen=True)
@@ -29,15 +29,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """"auto" picks CUDA when present; asking for CUDA where there is none is a user error."""
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise TumorsegError("--device cuda asked for, but no CUDA GPU is available (use --device cpu or auto)")
-    if preference in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def setup(preference: str = "auto") -> DistContext:

@@ -10,7 +10,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import PreparedDataset
+from ..devices import window_batch
 from ..evaluation.metrics import region_dice_from_labels
+from ..inference.postprocess import case_statistics
 from ..inference.window import probabilities, to_labels
 from ..labels import REGIONS
 from .distributed import DistContext, all_reduce_sum
@@ -76,8 +78,8 @@ def validate(
 ) -> tuple[float, dict[str, float]]:
     """Validation loss and mean region Dice (WT, TC, ET) over this rank's cases, summed over ranks.
 
-    If `collect` is a list, (predicted, true) training-label arrays of each case are appended
-    to it (for tuning post-processing on the validation cases).
+    If `collect` is a list, each case's `postprocess.case_statistics` (a few numbers, not the
+    volumes: they are gathered over ranks) is appended to it, for tuning post-processing.
     """
     model.eval()
     sums = torch.zeros(2 + len(REGIONS), dtype=torch.float64)  # loss, dice per region, count
@@ -85,12 +87,12 @@ def validate(
         sample = dataset.load(index)
         image = sample["image"][None].to(ctx.device)
         label = sample["label"][None].to(ctx.device)
-        probs = probabilities(model, image, roi, target, amp_dtype=amp_dtype)
+        probs = probabilities(model, image, roi, target, amp_dtype=amp_dtype, sw_batch_size=window_batch(ctx.device))
         loss = loss_fn(_logits_from(probs, target), label)  # exact: the loss re-applies the activation
         pred = to_labels(probs[0], target)
         dice = region_dice_from_labels(pred, sample["label"][0].numpy())
         if collect is not None:
-            collect.append((pred, sample["label"][0].numpy()))
+            collect.append(case_statistics(pred, sample["label"][0].numpy()))
         sums += torch.tensor([loss.item(), *[dice[r] for r in REGIONS], 1.0], dtype=torch.float64)
     sums = all_reduce_sum(sums, ctx)
     count = max(float(sums[-1]), 1.0)

@@ -23,13 +23,16 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data import PreparedDataset, eval_transform, make_loader, shard, split_ids, train_transform
 from ..errors import TumorsegError
 from ..io import write_text
-from ..inference.postprocess import tune_postprocessing
+from ..devices import amp_dtype as resolve_amp
+from ..devices import describe, deterministic
+from ..inference.postprocess import choose_postprocessing
 from ..labels import BRATS2020, NUM_CLASSES, RAW_LABELS, REGIONS
 from ..networks import build_network, network_spec, required_divisor
 from ..plots import plot_curves
 from ..prepare import load_manifest
 from . import distributed
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import load_checkpoint, save_checkpoint
+from .rng import rng_state, set_rng_state
 from .config import TrainConfig
 from .engine import mean_dice, train_epoch, validate
 from .losses import build_loss
@@ -54,14 +57,6 @@ def _check_patch(config: TrainConfig, crop: list[int]) -> list[int]:
     if any(p % divisor for p in patch):
         raise TumorsegError(f"patch {patch} must be divisible by {divisor} for {config.model} with these filters")
     return patch
-
-
-def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or config.amp == "off":
-        return None
-    if config.amp == "fp16" or (config.amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
 
 
 def _optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
@@ -144,9 +139,9 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch
 ET_THRESHOLDS = (50, 100, 200, 300, 500, 750, 1000, 1500)
 
 
-def _tune_postprocessing(outputs: list) -> dict:
+def _tune_postprocessing(stats: list) -> dict:
     """nnU-Net's BraTS post-processing (largest tumour only, smallest ET worth keeping), on validation."""
-    return tune_postprocessing([p for p, _ in outputs], [g for _, g in outputs], ET_THRESHOLDS)
+    return choose_postprocessing(stats, ET_THRESHOLDS)
 
 
 def _resume(run_dir: Path, spec: dict, manifest: dict) -> dict:
@@ -193,7 +188,8 @@ def train(
     state = _resume(run_dir, spec, manifest) if resume else None
     ctx = distributed.setup(config.device)
     try:
-        return _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress)
+        with deterministic(config.deterministic):
+            return _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress)
     finally:
         distributed.cleanup()
 
@@ -205,14 +201,15 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
     optimizer = _optimizer(config, model.parameters())
     clock = {"spent": 0.0}
     scheduler = _scheduler(config, optimizer, clock)
-    amp_dtype = _amp_dtype(config, ctx.device)
+    amp_dtype = resolve_amp(config.amp, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
     history, best, best_epoch, start = [], -1.0, None, 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and state["scaler"]:  # a run saved in bf16, float32 or on the CPU has none
+            scaler.load_state_dict(state["scaler"])
         history, best, best_epoch, start = state["history"], state["best_metric"], state["best_epoch"], state["epoch"]
         clock["spent"] = sum(row["seconds"] for row in history)
         set_rng_state(state["rng"])
@@ -221,13 +218,13 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
     loader = make_loader(PreparedDataset(prepared_dir, train_ids, transform), config.batch_size, True, config.seed,
                          config.workers, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
     val_set = PreparedDataset(prepared_dir, shard(val_ids, ctx.rank, ctx.world_size), eval_transform())
-    loss_fn = build_loss(config.target, config.class_weights, classes=spec["out_channels"])
+    loss_fn = build_loss(config.target, config.class_weights, classes=spec["out_channels"]).to(ctx.device)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", _config_yaml(config, prepared_dir))
         print(f"training {spec['name']} on {len(train_ids)} cases ({len(val_ids)} validation), patch {patch}, "
-              f"device {ctx.device}{f' x{ctx.world_size}' if ctx.distributed else ''}, epochs {start + 1}-{config.epochs}",
-              file=sys.stderr)
+              f"{describe(ctx.device, config.amp, amp_dtype)}{f' x{ctx.world_size}' if ctx.distributed else ''}, "
+              f"epochs {start + 1}-{config.epochs}", file=sys.stderr)
     try:
         for epoch in range(start, config.epochs):
             t0 = time.perf_counter()

@@ -1,20 +1,20 @@
 """Self-describing checkpoints: weights plus everything prediction needs, safe to share.
 
+The format sits below training, inference and export, which all read or write it.
+
 Only tensors and plain Python types go in, and loading uses `weights_only=True`, so a
 downloaded checkpoint cannot run code. Writes are atomic: a crash leaves the old file.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..errors import TumorsegError
-from ..io import atomic_path
+from .errors import TumorsegError
+from .io import atomic_path
 
 FORMAT = "tumorseg-checkpoint-v1"
 
@@ -37,26 +37,3 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise TumorsegError(f"{path}: not a tumorseg checkpoint")
     return state
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states as tensors and plain types."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [list(v) if isinstance(v, tuple) else v for v in random.getstate()],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,98 @@
+"""Where the network runs and in which precision: one rule for training, prediction and export.
+
+- Device: "auto" takes the GPU when one is visible, else the CPU; "cuda" without a GPU is a
+  user error. The choice is printed, so a run that silently fell back to the CPU is visible.
+- Mixed precision ("amp"): bf16 only where the GPU computes it natively (Ampere and newer:
+  A100, H100, RTX 30xx+), fp16 with a gradient scaler on older GPUs (T4, V100, P100: Colab
+  and Kaggle). `torch.cuda.is_bf16_supported()` counts emulation in recent PyTorch, which
+  would hand a T4 a slow, emulated bf16, so we ask for native support. On the CPU, amp is off
+  (float32) and asking for bf16/fp16 there says so in one line.
+- Determinism: CUDA's 3D convolutions are nondeterministic by default, so "exact resume" holds
+  bit for bit on the CPU only, unless a run asks for deterministic algorithms (slower on GPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from .errors import TumorsegError
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+AMP_MODES: tuple[str, ...] = ("auto", "off", "bf16", "fp16")
+GPU_SW_BATCH = 4  # sliding windows per network call on a GPU: fills it without risking memory at 128^3
+
+
+def window_batch(device: torch.device) -> int:
+    """Sliding windows per network call: several on a GPU (it has the parallelism), one on the CPU."""
+    return GPU_SW_BATCH if device.type == "cuda" else 1
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """"auto" picks CUDA when present; asking for CUDA where there is none is a user error."""
+    if preference not in DEVICES:
+        raise TumorsegError(f"unknown device '{preference}' (choose from {', '.join(DEVICES)})")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise TumorsegError("--device cuda asked for, but no CUDA GPU is available (use --device cpu or auto)")
+    if preference in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where the GPU computes bf16 in hardware (not emulated)."""
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # PyTorch < 2.4 had no emulation in this check
+        return torch.cuda.is_bf16_supported()
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `mode` on `device`; None means float32 (CPU, or amp off)."""
+    if mode not in AMP_MODES:
+        raise TumorsegError(f"unknown amp '{mode}' (choose from {', '.join(AMP_MODES)})")
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "fp16" or (mode == "auto" and not native_bf16(device)):
+        return torch.float16
+    return torch.bfloat16
+
+
+def describe(device: torch.device, mode: str, dtype: torch.dtype | None) -> str:
+    """One line for the console: the device, the precision, and why when a request fell back."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "float32")
+    line = f"device {device} ({name}), {precision}"
+    if mode in ("bf16", "fp16") and device.type != "cuda":
+        line += f" (amp {mode} asked for, but no CUDA GPU is visible: running on the CPU in float32)"
+    return line
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool, fixed_shapes: bool = True) -> Iterator[None]:
+    """Deterministic algorithms (bitwise repeatable on GPUs, slower) or cuDNN autotuning.
+
+    Without determinism, `cudnn.benchmark` picks the fastest convolution algorithms for the
+    fixed patch size once (a standard speed-up for fixed-size inputs). Global flags are restored
+    on exit, so a library caller's own settings survive.
+    """
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    try:
+        if enabled:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        else:
+            torch.backends.cudnn.benchmark = fixed_shapes
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
+        if saved[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

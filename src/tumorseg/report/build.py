@@ -1,0 +1,115 @@
+"""`report`: a folder of predictions -> `volumes.csv`, `index.html` and a page per case.
+
+Output (`out`, default `PRED_DIR/report`):
+    index.html                 the cohort: summary statistics, sortable table, thumbnails, links
+    volumes.csv                one row per case (columns: `table.columns`)
+    cases/<case>.html          one page per case
+    cases/<case>_{views,diameters,uncertainty,thumb}.png
+
+Predictions are `PRED_DIR/<case>.nii.gz` (as `tumorseg predict` writes them, any label
+convention its header tag names); `<case>_uncertainty.nii.gz` beside one adds the uncertainty
+view and score. A case that cannot be read is one line naming the file; the others are still
+reported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import TumorsegError
+from ..evaluation.evaluate import STATUS_OK, evaluate, find_predictions
+from ..io import write_text
+from ..labels import BRATS2020
+from ..layouts import discover_cases
+from .case import CaseReport, report_case
+from .html import case_page, case_page_name, index_page
+from .table import columns, csv_text, summary
+
+UNCERTAINTY_SUFFIX = "_uncertainty"
+CASES_DIR = "cases"
+
+
+@dataclass
+class ReportResult:
+    """What `report` wrote: the cases reported, those that failed (case id -> why), the files."""
+
+    cases: list[CaseReport]
+    failed: dict[str, str]
+    index: Path
+    csv: Path
+    pages: list[Path] = field(default_factory=list)
+
+
+def report(
+    pred_dir: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    gt: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ReportResult:
+    """Measure, check and draw every prediction in `pred_dir`, and write the report.
+
+    Args:
+        pred_dir: folder of `<case>.nii.gz` label maps (and optional `<case>_uncertainty.nii.gz`).
+        images: the cases' dataset (any layout `layouts.discover_cases` finds): the views show
+            the modalities, the brain-mask edge is checked, and unlabelled predictions take its
+            label convention. None: labels on black, BraTS 2020 labels unless tagged.
+        gt: ground truth for the BraTS metrics per case (as `tumorseg evaluate` takes it).
+        out: report folder; default `pred_dir/report`.
+        progress: show a progress bar over the cases.
+
+    Raises:
+        TumorsegError: a folder is missing or holds no predictions (a bad case only fails itself).
+    """
+    from tqdm import tqdm
+
+    pred_dir = Path(pred_dir)
+    preds, conflicts = find_predictions(pred_dir)
+    uncertainty = {cid.removesuffix(UNCERTAINTY_SUFFIX): preds.pop(cid) for cid in list(preds)
+                   if cid.endswith(UNCERTAINTY_SUFFIX)}
+    if not preds:
+        raise TumorsegError(f"{pred_dir}: no predictions found (expected <case_id>.nii.gz files)")
+    out = Path(out) if out is not None else pred_dir / "report"
+    image_cases = {c.case_id: c for c in discover_cases(images)} if images is not None else {}
+    default_labels = next(iter(image_cases.values())).labels if image_cases else BRATS2020
+    metrics, metric_notes = _metrics(pred_dir, gt) if gt is not None else ({}, {})
+    failed = dict(conflicts)
+    reported: list[CaseReport] = []
+    for cid, path in tqdm(sorted(preds.items()), desc="report", unit="case", disable=not progress):
+        try:
+            case = report_case(cid, path, image_cases.get(cid), default_labels, uncertainty.get(cid), out / CASES_DIR)
+        except TumorsegError as exc:
+            failed[cid] = str(exc)
+            continue
+        if images is not None and cid not in image_cases:
+            case.warnings.append(f"no images for this case in {images}: labels shown on black, brain edge not checked")
+        case.metrics = metrics.get(cid)
+        case.warnings += metric_notes.get(cid, [])
+        reported.append(case)
+    sources = {"predictions": pred_dir, "images": images or "not given", "ground truth": gt or "not given"}
+    return _write(reported, failed, gt is not None, out, {k: str(v) for k, v in sources.items()})
+
+
+def _metrics(pred_dir: Path, gt: str | os.PathLike) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """BraTS metrics of each scored case, and for the others why they have none."""
+    result = evaluate(pred_dir, gt, progress=False)
+    metrics = {r.case_id: r.metrics for r in result.rows if r.status == STATUS_OK}
+    notes = {r.case_id: [f"not scored against the ground truth: {r.message}"] for r in result.rows
+             if r.status != STATUS_OK}
+    notes.update({cid: [f"no ground truth for this case in {gt}: no metrics"] for cid in result.extra})
+    return metrics, notes
+
+
+def _write(cases: list[CaseReport], failed: dict[str, str], with_metrics: bool, out: Path,
+           sources: dict[str, str]) -> ReportResult:
+    cols = columns(cases, with_metrics)
+    result = ReportResult(cases, failed, out / "index.html", out / "volumes.csv")
+    write_text(result.csv, csv_text(cases, cols))
+    for case in cases:
+        path = out / CASES_DIR / case_page_name(case.case_id)
+        write_text(path, case_page(case, cols, result.index))
+        result.pages.append(path)
+    write_text(result.index, index_page(cases, cols, summary(cases, cols), failed, sources, out))
+    return result

@@ -1,0 +1,33 @@
+"""RNG state for exact resume, as tensors and plain types (checkpoints stay `weights_only`).
+
+CUDA generators are not stored: every epoch re-seeds all generators from (seed, epoch, rank)
+with `torch.manual_seed`, which seeds CUDA too, so their state at an epoch boundary carries
+nothing, and a run saved on 8 GPUs resumes on 1.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors and plain types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [list(v) if isinstance(v, tuple) else v for v in random.getstate()],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])  # a "cuda" entry of older checkpoints is ignored (see above)

@@ -1,0 +1,360 @@
+"""`tumorseg report`: measurements with known answers, warnings, the HTML and CSV, real cases."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import nibabel as nib
+import numpy as np
+import pytest
+from factory import AFFINE, write_case
+from nibabel.affines import apply_affine
+
+from tumorseg.cli import main
+from tumorseg.labels import BRATS2020, CONVENTIONS
+from tumorseg.plots.slices import display_slice
+from tumorseg.report import bidimensional, measure, report
+from tumorseg.report.checks import case_warnings
+from tumorseg.report.figures import display_xy
+from tumorseg.report.measure import axial_axis, centroid_world, lesion_sizes, widest_pair
+
+SQRT2 = np.sqrt(2.0)
+
+
+def rotation_z(degrees: float, spacing=(1.0, 1.0, 2.0), shift=(10.0, -20.0, 30.0)) -> np.ndarray:
+    a = np.deg2rad(degrees)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing)
+    affine[:3, 3] = shift
+    return affine
+
+
+def box(shape, *slices) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[slices] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def test_volumes_per_label_and_region_with_anisotropic_voxels():
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[0:2, 0:5, 0:1] = 1  # 10 voxels necrotic core
+    labels[5:9, 5:9, 5:7] = 2  # 32 oedema
+    labels[0:3, 7:10, 7:9] = 3  # 18 enhancing
+    m = measure(labels, np.diag([1.0, 1.0, 2.0, 1.0]), BRATS2020)  # 2 mm^3 voxels
+    assert m.volumes_cm3 == pytest.approx({"necrotic core": 0.020, "oedema": 0.064, "enhancing tumour": 0.036,
+                                           "TC": 0.056, "WT": 0.120})
+    assert measure(labels, rotation_z(30), BRATS2020).volumes_cm3 == pytest.approx(m.volumes_cm3)
+
+
+def test_resection_cavity_has_its_own_volume_and_stays_out_of_the_regions():
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[:2] = 4
+    labels[4:, :1, :1] = 2
+    m = measure(labels, np.eye(4), CONVENTIONS["brats2023"])
+    assert m.volumes_cm3["resection cavity"] == pytest.approx(0.072) and m.volumes_cm3["WT"] == pytest.approx(0.002)
+    assert "resection cavity" not in measure(labels % 4, np.eye(4), BRATS2020).volumes_cm3
+
+
+def test_square_diameters_are_its_diagonals():
+    d = bidimensional(box((20, 20, 5), slice(2, 13), slice(3, 14), slice(2, 3)), np.eye(4))  # 11 x 11 voxels
+    assert d.longest == pytest.approx(10 * SQRT2) and d.perpendicular == pytest.approx(10 * SQRT2)
+    assert d.product == pytest.approx(200.0) and (d.axis, d.slice_index) == (2, 2)
+    ends = np.array(d.longest_ends)
+    assert np.linalg.norm(ends[0] - ends[1]) == pytest.approx(10 * SQRT2)
+
+
+def test_rectangle_diagonal_and_its_perpendicular():
+    """21 x 3 voxels: the diagonal sqrt(20^2 + 2^2); perpendicular to it the rectangle measures
+    H * d / W = 2.01 mm (continuous), and by our one-voxel-tolerance definition 2.09 mm."""
+    d = bidimensional(box((30, 10, 5), slice(2, 23), slice(3, 6), slice(1, 2)), np.eye(4))
+    diagonal = np.hypot(20, 2)
+    assert d.longest == pytest.approx(diagonal)
+    assert abs(d.perpendicular - 2 * diagonal / 20) < 1.0
+    assert d.perpendicular == pytest.approx(42 / diagonal)  # the pair (x, 0) -> (x - 1, 2)
+
+
+def test_anisotropic_voxels_measure_in_plane_only():
+    """1 x 1 x 2 mm: axial is z, the slice thickness does not enter; 0.5 x 1 mm in-plane is honoured."""
+    mask = box((30, 30, 12), slice(0, 11), slice(0, 11), slice(2, 9))
+    d = bidimensional(mask, np.diag([1.0, 1.0, 2.0, 1.0]))
+    assert d.longest == pytest.approx(10 * SQRT2) and d.perpendicular == pytest.approx(10 * SQRT2)
+    d = bidimensional(box((30, 30, 12), slice(0, 21), slice(0, 11), slice(2, 9)), np.diag([0.5, 1.0, 2.0, 1.0]))
+    assert d.longest == pytest.approx(10 * SQRT2) and d.perpendicular == pytest.approx(10 * SQRT2)
+
+
+def test_oblique_affine_changes_no_distance():
+    mask = box((30, 30, 8), slice(2, 23), slice(3, 6), slice(1, 3))
+    straight = measure(mask.astype(np.uint8) * 2, np.diag([1.0, 1.0, 2.0, 1.0]), BRATS2020)
+    for degrees in (30, -45):
+        oblique = measure(mask.astype(np.uint8) * 2, rotation_z(degrees), BRATS2020)
+        assert oblique.whole.longest == pytest.approx(straight.whole.longest)
+        assert oblique.whole.perpendicular == pytest.approx(straight.whole.perpendicular)
+        assert oblique.volumes_cm3 == pytest.approx(straight.volumes_cm3)
+
+
+def test_axial_is_the_voxel_axis_closest_to_world_superior():
+    """A scan stored with j running superior (sagittal-like storage) is measured on j slices."""
+    permuted = np.array([[0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]])  # i->y, j->z, k->x
+    assert axial_axis(permuted) == 1 and axial_axis(rotation_z(30)) == 2
+    mask = box((25, 6, 9), slice(1, 22), slice(2, 3), slice(0, 3))  # in-plane (i, k): 21 x 3
+    d = bidimensional(mask, permuted)
+    reference = bidimensional(box((30, 10, 5), slice(2, 23), slice(3, 6), slice(1, 2)), np.eye(4))
+    assert (d.axis, d.slice_index) == (1, 2)
+    assert (d.longest, d.perpendicular) == pytest.approx((reference.longest, reference.perpendicular))
+
+
+def test_largest_axial_slice_and_tiny_or_collinear_lesions():
+    mask = box((20, 20, 10), slice(2, 5), slice(2, 5), slice(1, 8))
+    mask[2:12, 2:5, 4] = True  # slice 4 is the largest
+    d = bidimensional(mask, np.eye(4))
+    assert d.slice_index == 4 and d.longest == pytest.approx(np.hypot(9, 2))
+    one = bidimensional(box((5, 5, 5), 2, 2, 2), np.eye(4))
+    assert (one.longest, one.perpendicular) == (0.0, 0.0)
+    line = bidimensional(box((12, 5, 5), slice(1, 8), 2, 2), np.diag([1.5, 1.0, 1.0, 1.0]))
+    assert (line.longest, line.perpendicular) == (pytest.approx(9.0), 0.0)
+    assert bidimensional(np.zeros((4, 4, 4), bool), np.eye(4)) is None
+
+
+def test_widest_pair_matches_its_definition():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 40))
+        s, t, tol = rng.normal(size=n) * 3, rng.normal(size=n) * 3, float(rng.uniform(0.2, 2.0))
+        p, q, width = widest_pair(s, t, tol)
+        brute = max(abs(t[i] - t[j]) for i in range(n) for j in range(n) if abs(s[i] - s[j]) <= tol)
+        assert width == pytest.approx(brute) and abs(s[p] - s[q]) <= tol + 1e-6
+        assert abs(t[p] - t[q]) == pytest.approx(width)
+
+
+def test_largest_enhancing_lesion_and_lesion_count():
+    labels = np.zeros((30, 30, 6), np.uint8)
+    labels[1:4, 1:4, 2] = 3  # small ET lesion
+    labels[10:20, 10:14, 2] = 3  # large ET lesion: 10 x 4
+    labels[25, 25, 3] = labels[26, 26, 4] = 2  # touching by a corner: one lesion under 26-connectivity
+    m = measure(labels, np.eye(4), BRATS2020)
+    assert m.lesions == 3 and sorted(m.component_sizes) == [2, 9, 40]
+    assert m.enhancing.longest == pytest.approx(np.hypot(9, 3))
+    assert lesion_sizes(box((5, 5, 5), slice(0, 1), slice(0, 1), slice(0, 5)) | box((5, 5, 5), 3, 3, 0))[1] == (5, 1)
+
+
+def test_centroid_in_world_coordinates():
+    mask = box((20, 20, 10), slice(2, 7), slice(4, 7), slice(2, 4))  # centre (4, 5, 2.5) in voxels
+    affine = rotation_z(30)
+    assert centroid_world(mask, affine) == pytest.approx(tuple(apply_affine(affine, (4, 5, 2.5))))
+    assert measure(mask.astype(np.uint8), AFFINE, BRATS2020).centroid == pytest.approx((-4.0, 234.0, 2.5))
+    assert centroid_world(np.zeros((3, 3, 3), bool), affine) is None
+
+
+def test_warnings_in_plain_words():
+    empty = measure(np.zeros((10, 10, 10), np.uint8), np.eye(4), BRATS2020)
+    assert case_warnings(np.zeros((10, 10, 10), bool), empty) == ["empty prediction: no tumour was labelled"]
+    wt = np.zeros((30, 30, 30), bool)
+    for i in range(4):
+        wt[2 + 7 * i : 5 + 7 * i, 10:14, 10] = True  # 4 lesions of 12 voxels
+    wt[20, 20, 20] = True  # a speck does not count
+    brain = box(wt.shape, slice(1, 29), slice(1, 29), slice(1, 29))
+    text = case_warnings(wt, measure(wt.astype(np.uint8), np.eye(4), BRATS2020), brain)
+    assert len(text) == 1 and "4 separate whole-tumour lesions" in text[0]
+    wt[:3] = False
+    wt[0, 5, 5] = True  # on the scan's face, outside the brain
+    text = case_warnings(wt, measure(wt.astype(np.uint8), np.eye(4), BRATS2020), brain)
+    assert any("edge of the scan (1 voxels" in w for w in text)
+    assert any("edge of the brain mask (0 voxels on its border, 1 outside it)" in w for w in text)
+
+
+def test_measurement_lines_land_on_their_voxels():
+    shape = (7, 9, 5)
+    for view, index in (("axial", 3), ("coronal", 4), ("sagittal", 2)):
+        vol = np.zeros(shape)
+        point = {"axial": (2, 6, 3), "coronal": (5, 4, 1), "sagittal": (2, 7, 4)}[view]
+        vol[point] = 1
+        col, row = display_xy(np.array(point), view, shape)
+        assert display_slice(vol, view, index)[int(row), int(col)] == 1
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+class PageParser(HTMLParser):
+    """Links, images and the cases table's rows (cell data-sort values) of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links, self.images, self.header, self.rows = [], [], [], []
+        self._table = self._body = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "a":
+            self.links.append(attrs["href"])
+        elif tag == "img":
+            self.images.append(attrs["src"])
+        elif tag == "table":
+            self._table = attrs.get("id") == "cases"
+        elif self._table and tag == "tbody":
+            self._body = True
+        elif self._body and tag == "tr":
+            self.rows.append([])
+        elif self._body and tag == "td":
+            self.rows[-1].append(attrs["data-sort"])
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = self._body = False
+
+    def handle_data(self, data):
+        if self._table and self.lasttag == "th":
+            self.header.append(data)
+
+
+def parse(path: Path) -> PageParser:
+    parser = PageParser()
+    parser.feed(path.read_text())
+    return parser
+
+
+def copy_predictions(cases: dict[str, Path], pred_dir: Path) -> None:
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    for cid, folder in cases.items():
+        shutil.copy(next(folder.glob("*_seg.nii*")), pred_dir / f"{cid}.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Three factory cases with their truth as predictions, an uncertainty map, a broken and an
+    escaped-name prediction; the report with --images and --gt."""
+    root = tmp_path_factory.mktemp("report")
+    cases = {f"case_{i}": write_case(root / "data", f"case_{i}", seed=i) for i in range(3)}
+    preds = root / "preds"
+    copy_predictions(cases, preds)
+    seg = nib.load(preds / "case_0.nii.gz")
+    uncertainty = np.where(np.asarray(seg.dataobj) > 0, 0.25, 0.9).astype(np.float32)
+    nib.save(nib.Nifti1Image(uncertainty, seg.affine), preds / "case_0_uncertainty.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), seg.affine), preds / "case_2.nii.gz")  # wrong shape
+    (preds / "garbage.nii.gz").write_bytes(b"not a nifti")
+    nib.save(nib.Nifti1Image(np.asarray(seg.dataobj), seg.affine), preds / "odd <&> name.nii.gz")
+    result = report(preds, images=root / "data", gt=root / "data", out=root / "out", progress=False)
+    return root, result
+
+
+def test_bad_inputs_are_one_line_each_and_the_rest_is_reported(built):
+    root, result = built
+    assert sorted(c.case_id for c in result.cases) == ["case_0", "case_1", "odd <&> name"]
+    assert set(result.failed) == {"case_2", "garbage"}
+    assert ("case_2.nii.gz: prediction has shape (8, 8, 8), but the images of case case_2 have (40, 40, 32)"
+            in result.failed["case_2"])
+    assert "garbage.nii.gz: cannot read NIfTI" in result.failed["garbage"]
+    assert all("\n" not in m for m in result.failed.values())
+    odd = next(c for c in result.cases if c.case_id == "odd <&> name")
+    assert any("no images for this case" in w for w in odd.warnings)
+    assert any("no ground truth" in w for w in odd.warnings) and odd.metrics is None
+    assert not list((root / "out").rglob(".tmp-*"))
+
+
+def test_index_links_every_case_and_every_image_exists(built):
+    root, result = built
+    index = parse(result.index)
+    pages = {unquote(h) for h in index.links}
+    assert pages == {f"cases/{c.case_id}.html" for c in result.cases}
+    for page in [result.index, *result.pages]:
+        parsed = parse(page)
+        assert parsed.images, page
+        for src in parsed.images:
+            assert (page.parent / unquote(src)).is_file(), (page, src)
+        for href in parsed.links:
+            assert (page.parent / unquote(href)).is_file(), (page, href)
+    text = result.index.read_text()
+    assert "odd &lt;&amp;&gt; name" in text and "odd <&> name" not in text
+    assert "http://" not in text and "https://" not in text and "<script src" not in text
+
+
+def test_table_equals_volumes_csv(built):
+    root, result = built
+    with open(result.csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    index = parse(result.index)
+    keys = index.header[2:]
+    assert keys == list(rows[0])[1:-1]  # every CSV column but the warnings' text is in the table
+    assert [r["case"] for r in rows] == [row[1] for row in index.rows]
+    for row, cells in zip(rows, index.rows):
+        for key, value in zip(keys, cells[2:]):
+            assert value == row[key], (row["case"], key)
+    case0 = next(r for r in rows if r["case"] == "case_0")
+    # factory tumour: oedema box 12x12x10 around ET 6x6x6 around NCR 2x2x2, 1 mm voxels
+    assert (case0["WT_cm3"], case0["enhancing_tumour_cm3"], case0["necrotic_core_cm3"]) == ("1.440", "0.208", "0.008")
+    assert case0["lesions"] == "1" and case0["warnings"] == "0" and case0["warning_text"] == ""
+    assert float(case0["WT_longest_mm"]) == pytest.approx(11 * SQRT2, abs=0.01)
+    assert float(case0["ET_product_mm2"]) == pytest.approx(50.0, abs=0.01)
+    assert float(case0["WT_dice"]) == 1.0 and case0["uncertainty"] == "0.2500"
+    assert rows[1]["uncertainty"] == ""
+
+
+def test_case_page_shows_the_uncertainty_as_a_fourth_view(built):
+    root, result = built
+    case0 = next(c for c in result.cases if c.case_id == "case_0")
+    assert set(case0.figures) == {"views", "diameters", "uncertainty", "thumbnail"}
+    page = (root / "out/cases/case_0.html").read_text()
+    assert "case_0_uncertainty.png" in page and "mean voxel uncertainty inside the predicted whole tumour" in page
+    assert "case_1_uncertainty.png" not in (root / "out/cases/case_1.html").read_text()
+
+
+def test_tagged_convention_cavity_and_odd_orientation_without_images(tmp_path):
+    """A BraTS 2023 prediction (ET 3, cavity 4) stored with j superior: named volumes, measured on j."""
+    labels = np.zeros((30, 24, 36), np.uint8)
+    labels[5:20, 10:14, 8:30] = 2
+    labels[8:14, 11:13, 10:20] = 3
+    labels[15:18, 11:13, 22:26] = 4
+    affine = np.array([[0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(labels, affine)
+    img.header["descrip"] = b"tumorseg labels=brats2023:1,2,3,4"
+    (tmp_path / "preds").mkdir()
+    nib.save(img, tmp_path / "preds/p1.nii.gz")
+    result = report(tmp_path / "preds", progress=False)
+    (case,) = result.cases
+    assert case.labels.name == "brats2023" and case.measures.enhancing.axis == 1
+    assert case.measures.volumes_cm3 == pytest.approx({"necrotic core": 0.0, "oedema": 2.352, "enhancing tumour": 0.24,
+                                                       "resection cavity": 0.048, "TC": 0.24, "WT": 2.592})
+    assert case.measures.enhancing.longest == pytest.approx(np.hypot(5, 9))  # in-plane axes i and k, 1 mm
+    row = next(csv.DictReader(result.csv.read_text().splitlines()))
+    assert row["resection_cavity_cm3"] == "0.048" and row["enhancing_tumour_cm3"] == "0.240"
+    assert all(p.is_file() for p in case.figures.values()) and "uncertainty" not in case.figures
+
+
+def test_cli_report(built, tmp_path, capsys):
+    root, _ = built
+    preds = tmp_path / "preds"
+    copy_predictions({"case_1": root / "data/case_1"}, preds)
+    assert main(["report", str(preds)]) == 0
+    assert "reported 1 case(s)" in capsys.readouterr().out and (preds / "report/index.html").is_file()
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such folder" in capsys.readouterr().err
+    (preds / "broken.nii.gz").write_bytes(b"x")
+    assert main(["report", str(preds), "--out", str(tmp_path / "r")]) == 1
+    assert "broken.nii.gz: cannot read NIfTI" in capsys.readouterr().err
+
+
+def test_real_cases_truth_as_prediction(real_data_dir, tmp_path):
+    cases = {p.name: p for p in sorted(p for p in real_data_dir.iterdir() if p.is_dir())[:2]}
+    copy_predictions(cases, tmp_path / "preds")
+    result = report(tmp_path / "preds", images=real_data_dir, gt=real_data_dir, out=tmp_path / "out", progress=False)
+    assert not result.failed and len(result.cases) == 2
+    with open(result.csv, newline="") as fh:
+        rows = {r["case"]: r for r in csv.DictReader(fh)}
+    for cid in cases:
+        img = nib.load(tmp_path / "preds" / f"{cid}.nii.gz")
+        seg = np.asarray(img.dataobj)
+        voxel = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+        expected = {"necrotic_core_cm3": seg == 1, "oedema_cm3": seg == 2, "enhancing_tumour_cm3": seg == 4,
+                    "TC_cm3": np.isin(seg, (1, 4)), "WT_cm3": seg > 0}
+        for key, mask in expected.items():
+            assert float(rows[cid][key]) == pytest.approx(np.count_nonzero(mask) * voxel, abs=5e-4)
+        assert all(float(rows[cid][f"{r}_dice"]) == 1.0 for r in ("WT", "TC", "ET"))
+        assert float(rows[cid]["WT_longest_mm"]) > float(rows[cid]["WT_perpendicular_mm"]) > 0
