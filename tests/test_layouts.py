@@ -284,3 +284,76 @@ def test_real_case_on_other_grids_agrees_with_its_original_grid(real_data_dir, t
         back = resample(np.asarray(img.dataobj), grid, src, order=0) > 0
         dice = _wt_dice(back, reference)
         assert dice >= (0.999 if name == "ras" else 0.9), (name, dice)
+
+
+def test_dataset_json_variants_and_odd_folders(layouts, tmp_path):
+    from tumorseg.layouts import dataset_labels
+
+    meta = {"labels": {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": 3}}
+    assert dataset_labels(meta, "nnunet", tmp_path / "dataset.json") == CONVENTIONS["msd"]  # a number, not [3]
+    meta = {"labels": {"background": 0, "ED": 2, "NCR": 1, "ET": 3, "ignore": 4}}
+    assert dataset_labels(meta, "nnunet", tmp_path / "dataset.json").tumour_values == (1, 2, 3)
+    stray = tmp_path / "nn"
+    (stray / "imagesTr").mkdir(parents=True)
+    (stray / "dataset.json").write_text((layouts / "nnunet/dataset.json").read_text())
+    for f in (layouts / "nnunet/imagesTr").glob("BraTS2021_00001_*"):
+        (stray / "imagesTr" / f.name).write_bytes(f.read_bytes())
+    (stray / "imagesTr/notes.nii.gz").write_bytes(b"")
+    with pytest.raises(TumorsegError, match=r"notes.nii.gz: not an nnU-Net image name"):
+        discover_cases(stray)
+    case = write_case(tmp_path / "dup", "v1", seg=None)  # an unlabelled case with FLAIR twice
+    (case / "v1_flair.nii").write_bytes(nib.load(case / "v1_flair.nii.gz").to_bytes())
+    assert discover_cases(case)[0].seg is None
+
+
+def test_prepare_skips_a_datasets_unlabelled_test_cases(layouts, tmp_path):
+    root = tmp_path / "msd"
+    synthesize(root, 2, shape=SHAPE, seed=0, layout="msd", progress=False)
+    for f in (root / "imagesTr").glob("*.nii.gz"):
+        (root / "imagesTs").mkdir(exist_ok=True)
+        (root / "imagesTs" / f.name.replace("BRATS_0", "BRATS_4")).write_bytes(f.read_bytes())
+    res = prepare(root, tmp_path / "prep", PrepareConfig(**SMALL), workers=1, progress=False)
+    assert [c["case_id"] for c in res.manifest["cases"]] == ["BRATS_001", "BRATS_002"]
+    res = prepare(root / "imagesTs", tmp_path / "test", PrepareConfig(**SMALL), workers=1, progress=False)
+    assert res.manifest["counts"]["unlabelled"] == 2
+
+
+def _write_tagged(folder, case_id, labels, affine, tag):
+    img = nib.Nifti1Image(labels.astype(np.uint8), affine)
+    if tag is not None:
+        img.header["descrip"] = tag.tag().encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(img, folder / f"{case_id}.nii.gz")
+
+
+def test_evaluate_never_guesses_conventions_silently(tmp_path):
+    shape = (24, 24, 20)
+    truth = np.zeros(shape, np.uint8)  # training labels: oedema, core, enhancing, and a cavity
+    truth[4:14, 4:14, 4:14], truth[6:12, 6:12, 6:12], truth[8:10, 8:10, 8:10] = 2, 1, 3
+    b23, b20, msd = CONVENTIONS["brats2023"], CONVENTIONS["brats2020"], CONVENTIONS["msd"]
+    for name, conv in (("gt23", b23), ("gtmsd", msd)):  # flat folders: no layout names their numbers
+        _write_tagged(tmp_path / name, "case_seg", conv.from_training(truth), AFFINE, None)
+    _write_tagged(tmp_path / "p20", "case", b20.from_training(truth), AFFINE, None)
+    scores = evaluate(tmp_path / "p20", tmp_path / "gt23", progress=False)  # untagged 1/2/4 against 2023 numbers
+    assert scores.failed == ["case"] and "--pred-labels" in scores.errors["case"]
+    scores = evaluate(tmp_path / "p20", tmp_path / "gt23", pred_labels="brats2020", progress=False)
+    assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET"))
+    _write_tagged(tmp_path / "pmsd", "case", msd.from_training(truth), AFFINE, msd)
+    scores = evaluate(tmp_path / "pmsd", tmp_path / "gtmsd", progress=False)  # the tag reads the truth too, and says so
+    assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET"))
+    assert scores.notes == ["case: ground truth read as msd labels (as the prediction's header says; --labels to set)"]
+    post = truth.copy()
+    post[post == 3] = 1
+    post[16:20, 16:20, 14:18] = 4  # BraTS 2024: a cavity, no enhancing tumour
+    _write_tagged(tmp_path / "gt24", "case", b23.from_training(post), AFFINE, None)
+    _write_tagged(tmp_path / "p24", "case", b23.from_training(post), AFFINE, b23)
+    scores = evaluate(tmp_path / "p24", tmp_path / "gt24", progress=False)
+    assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET"))
+    _write_tagged(tmp_path / "p24u", "case", b23.from_training(post), AFFINE, None)
+    scores = evaluate(tmp_path / "p24u", tmp_path / "gt24", labels="brats2023", progress=False)
+    assert scores.failed == ["case"] and "resection cavity?" in scores.errors["case"]  # 4 without 3: ambiguous
+    scores = evaluate(tmp_path / "p24u", tmp_path / "gt24", labels="brats2023", pred_labels="brats2023", progress=False)
+    assert scores.failed == [] and not scores.notes
+    _write_tagged(tmp_path / "p23u", "case", b23.from_training(truth), AFFINE, None)
+    scores = evaluate(tmp_path / "p23u", tmp_path / "gt23", progress=False)  # untagged, flat: a guess, said aloud
+    assert "guessed from its values" in scores.notes[0]

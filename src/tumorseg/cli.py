@@ -106,7 +106,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = args.out or args.pred_dir / "metrics.csv"
     result = evaluate(args.pred_dir, args.gt_dir, out_csv=out, workers=args.workers, labels=args.labels,
-                      challenge=args.challenge)
+                      challenge=args.challenge, pred_labels=args.pred_labels)
     print(result.report())
     return 1 if result.failed else 0
 
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="per-case CSV (default PRED_DIR/metrics.csv); summary JSON beside it")
     p.add_argument("--labels", choices=("brats2020", "brats2023", "msd"),
                    help="the ground truth's label convention (default: detected from its layout)")
+    p.add_argument("--pred-labels", choices=("brats2020", "brats2023", "msd"),
+                   help="the predictions' label convention (default: the tag predict writes, else the truth's)")
     p.add_argument("--challenge", choices=("GLI", "PED", "SSA", "MEN", "MET", "GoAT"),
                    help="lesion-wise metric parameters (default: from BraTS-XXX- case ids, else GLI)")
     p.add_argument("--workers", type=int, default=1)

@@ -153,6 +153,15 @@ def convention_from_tag(text: str) -> LabelConvention | None:
     return LabelConvention(m["name"], *values[:3], cavity=values[3] if len(values) == 4 else None)
 
 
+def convention_from_header(header) -> LabelConvention | None:
+    """The convention `predict` recorded in a NIfTI header's description (`tag()`), if any."""
+    try:
+        text = bytes(header["descrip"]).decode(errors="ignore")
+    except (KeyError, TypeError, ValueError):
+        return None
+    return convention_from_tag(text)
+
+
 def convention_from_names(labels: dict[str, int], name: str) -> LabelConvention:
     """A convention from label names -> values (MSD and nnU-Net `dataset.json` "labels").
 
@@ -162,9 +171,9 @@ def convention_from_names(labels: dict[str, int], name: str) -> LabelConvention:
     parts: dict[str, int] = {}
     for label, value in labels.items():
         text = label.lower().replace("-", " ").replace("_", " ")
-        if "background" in text:
+        if "background" in text or text.strip() == "ignore":  # nnU-Net's ignore label is no tumour part
             continue
-        if "edema" in text or "oedema" in text or "snfh" in text or "hyperintens" in text:
+        if "edema" in text or "oedema" in text or "snfh" in text or "hyperintens" in text or text.strip() == "ed":
             part = "oedema"
         elif "non enh" in text or "necro" in text or "netc" in text or "ncr" in text or text.strip() == "core":
             part = "necrosis"

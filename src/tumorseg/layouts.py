@@ -108,7 +108,7 @@ def _stem(path: Path) -> str:
 def _brats_case(folder: Path, files: list[Path], need_images: bool) -> Case | None:
     """A BraTS case folder (2018-2020, 2021 or 2023+ names), or None if `folder` is not one."""
     images: dict[str, Path] = {}
-    seg: Path | None = None
+    segs: list[Path] = []
     others: list[Path] = []
     dashed = 0
     for path in files:
@@ -117,14 +117,18 @@ def _brats_case(folder: Path, files: list[Path], need_images: bool) -> Case | No
         key = m["key"].lower() if m else ""
         modality = canonical_modality(key) if m else None
         if key == "seg":
-            seg = path
-        elif modality is not None and modality not in images:
-            images[modality] = path
-            dashed += stem[m.start()] == "-"
+            segs.append(path)
+        elif modality is not None:  # a second copy (`.nii` beside `.nii.gz`) is no segmentation
+            if modality not in images:
+                images[modality] = path
+                dashed += stem[m.start()] == "-"
         else:
             others.append(path)
-    if not images and (need_images or seg is None):
-        return None
+    if len(segs) > 1 or (not images and (need_images or not segs)):
+        return None  # several cases' segmentations in one folder: `_label_files` pairs them
+    seg = segs[0] if segs else None
+    if not images and _stem(seg)[:-4] != folder.name:
+        return None  # a lone `<case>_seg` file of a flat folder, not a segmentation-only case folder
     note = None
     if seg is None and len(others) == 1 and images:
         # BraTS 2020 case 355 ships its segmentation as 'W39_1998.09.19_Segm.nii'.
@@ -151,8 +155,10 @@ def dataset_labels(meta: dict, layout: str, path: Path) -> LabelConvention:
     if not isinstance(labels, dict) or not labels:
         raise TumorsegError(f"{path}: no 'labels' in dataset.json")
     try:
-        if any(isinstance(v, list) for v in labels.values()):
-            return convention_from_regions({k: v for k, v in labels.items() if isinstance(v, list)}, layout)
+        if any(isinstance(v, list) for v in labels.values()):  # region form; a one-label region may be a number
+            regions = {k: v if isinstance(v, list) else [v] for k, v in labels.items()
+                       if k.lower() not in ("background", "ignore") and v != 0}
+            return convention_from_regions(regions, layout)
         if all(str(k).isdigit() for k in labels):  # MSD and nnU-Net v1: {"1": "edema", ...}
             return convention_from_names({str(v): int(k) for k, v in labels.items()}, layout)
         return convention_from_names({k: int(v) for k, v in labels.items()}, layout)
@@ -190,11 +196,14 @@ def _dataset_cases(root: Path, subdirs: tuple[str, ...]) -> list[Case]:
             cases += [Case(_stem(f), folder, seg=f, layout=layout, labels=conv) for f in files]
             continue
         split = [_NNUNET_RE.match(_stem(f)) for f in files]
-        layout = "nnunet" if files and all(split) else "msd"
+        # nnU-Net v2 says so ("channel_names"); v1 shares MSD's keys but splits channels into files.
+        layout = "nnunet" if "channel_names" in meta or (files and all(split)) else "msd"
         conv = dataset_labels(meta, layout, meta_path)
         if layout == "nnunet":
             grouped: dict[str, dict[str, Path]] = {}
             for f, m in zip(files, split):
+                if m is None:
+                    raise TumorsegError(f"{f}: not an nnU-Net image name <case>_<4-digit channel>.nii.gz")
                 channel = int(m["channel"])
                 if channel not in channels:
                     raise TumorsegError(f"{f}: channel {channel} is not in {meta_path}'s channel names")
@@ -203,9 +212,8 @@ def _dataset_cases(root: Path, subdirs: tuple[str, ...]) -> list[Case]:
         else:
             order = [channels[i] for i in sorted(channels)]
             found = [(_stem(f), {m: f for m in order}, {m: i for i, m in enumerate(order)}) for f in files]
-        for cid, imgs, index in found:
-            seg = next((p for p in _nifti_files(label_dir) if _stem(p) == cid), None) if label_dir.is_dir() else None
-            cases.append(Case(cid, folder, imgs, seg, None, layout, conv, index))
+        segs = {_stem(p): p for p in _nifti_files(label_dir)} if label_dir.is_dir() else {}
+        cases += [Case(cid, folder, imgs, segs.get(cid), None, layout, conv, index) for cid, imgs, index in found]
     return cases
 
 
@@ -225,8 +233,9 @@ def _folder_cases(folder: Path, need_images: bool) -> list[Case] | None:
 
 
 def _label_files(folder: Path) -> list[Case]:
-    """A flat folder of `<case>.nii.gz` segmentations (labelsTr style, no dataset.json)."""
-    return [Case(_stem(f), folder, seg=f, layout="labels") for f in _nifti_files(folder)]
+    """A flat folder of `<case>.nii.gz` (or `<case>_seg`, `<case>-seg`) segmentations, labelsTr style."""
+    return [Case(re.sub(r"[_-]seg$", "", _stem(f), flags=re.IGNORECASE), folder, seg=f, layout="labels")
+            for f in _nifti_files(folder)]
 
 
 def discover_cases(root: str | os.PathLike, need_images: bool = True) -> list[Case]:

@@ -43,7 +43,7 @@ import numpy as np
 
 from ..errors import TumorsegError
 from ..io import NIFTI_RE, Volume, load_nifti, write_text
-from ..labels import BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_tag
+from ..labels import BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header
 from ..layouts import discover_cases
 from .lesionwise import CHALLENGES, LESION_HD95_MISS, lesionwise_metrics
 from .metrics import FAILED_CASE, METRICS, region_metrics
@@ -101,7 +101,9 @@ class EvaluationResult:
             lines += [f"  {msg}" for msg in self.errors.values()]
         if self.extra:
             lines.append(f"predictions without ground truth, ignored ({len(self.extra)}): {', '.join(self.extra)}")
-        lines += [f"skipped: {s}" for s in self.skipped] + [f"note: {n}" for n in self.notes]
+        shown = self.skipped if len(self.skipped) <= 5 else [
+            *self.skipped[:3], f"... and {len(self.skipped) - 3} more cases without a segmentation"]
+        lines += [f"skipped: {s}" for s in shown] + [f"note: {n}" for n in self.notes]
         lines += [f"wrote {p}" for p in (self.csv_path, self.json_path) if p is not None]
         return "\n".join(lines)
 
@@ -119,16 +121,42 @@ def case_challenge(case_id: str, challenge: str | None = None) -> str:
 
 
 def detect_labels(seg: np.ndarray) -> LabelConvention:
-    """The convention of a segmentation that names none (a flat folder of label files):
+    """A guess for a segmentation that names no convention (a flat folder of label files):
     label 3 means BraTS 2023 (ET = 3), anything else BraTS 2020 (whose regions for 0, 1, 2
-    are the same). MSD-numbered files need `labels="msd"`."""
+    are the same). MSD-numbered files need `labels="msd"` (or a tagged prediction, see
+    `case_conventions`)."""
     return CONVENTIONS["brats2023"] if (np.asarray(seg) == 3).any() else BRATS2020
 
 
-def prediction_labels(pred: Volume, default: LabelConvention) -> LabelConvention:
-    """The convention `predict` recorded in the file's header, else `default`."""
-    text = bytes(pred.header["descrip"]).decode(errors="ignore") if "descrip" in pred.header else ""
-    return convention_from_tag(text) or default
+def case_conventions(
+    pred: Volume, gt: Volume, gt_labels: LabelConvention | None, pred_labels: LabelConvention | None
+) -> tuple[LabelConvention, LabelConvention, str]:
+    """(prediction's, truth's) conventions and a note when one was guessed.
+
+    The prediction's: `pred_labels`, else its header tag, else the truth's. The truth's:
+    `gt_labels` (its layout or `--labels`), else the prediction's when the truth's values fit
+    it, else a guess from its values (`detect_labels`). An untagged prediction whose 4 could
+    mean BraTS 2020's enhancing tumour or BraTS 2024's resection cavity is an error: guessing
+    wrong would silently score its enhancing tumour as absent.
+    """
+    pred_conv = pred_labels or convention_from_header(pred.header)
+    note = ""
+    gt_conv = gt_labels
+    if gt_conv is None:
+        if pred_conv is not None and not pred_conv.invalid(np.asarray(gt.data)):
+            gt_conv, why = pred_conv, "as the prediction's header says"
+        else:
+            gt_conv, why = detect_labels(gt.data), "guessed from its values"
+        note = f"ground truth read as {gt_conv.name} labels ({why}; --labels to set)"
+    if pred_conv is None:
+        values = np.asarray(pred.data)
+        if gt_conv.cavity == 4 and (values == 4).any() and not (values == 3).any():
+            raise TumorsegError(
+                f"{pred.path}: untagged prediction holds label 4 but no 3: BraTS 2020 enhancing tumour or a "
+                f"{gt_conv.name} resection cavity? say which with --pred-labels"
+            )
+        pred_conv = gt_conv
+    return pred_conv, gt_conv, note
 
 
 def find_predictions(pred_dir: str | os.PathLike) -> tuple[dict[str, Path], dict[str, str]]:
@@ -174,17 +202,17 @@ def evaluate_case(
     seg_path: Path,
     gt_labels: LabelConvention | None = BRATS2020,
     challenge: str | None = None,
+    pred_labels: LabelConvention | None = None,
 ) -> CaseResult:
     """Score one prediction file against one ground-truth file; errors become a status.
 
-    `gt_labels` None detects the truth's convention from its values (`detect_labels`).
+    Conventions as `case_conventions` decides them; a guessed one is noted in the message.
     """
     try:
         gt = load_nifti(seg_path, case_id)
         pred = load_nifti(pred_path, case_id)
         _check_geometry(case_id, pred, gt)
-        gt_conv = gt_labels or detect_labels(gt.data)
-        pred_conv = prediction_labels(pred, gt_conv)
+        pred_conv, gt_conv, note = case_conventions(pred, gt, gt_labels, pred_labels)
         metrics = region_metrics(pred.data, gt.data, gt.spacing, pred_conv, gt_conv)
         lesions = lesionwise_metrics(pred_conv.regions(pred.data), gt_conv.regions(gt.data), gt.spacing,
                                      case_challenge(case_id, challenge))
@@ -193,7 +221,7 @@ def evaluate_case(
     except ValueError as exc:
         msg = f"{case_id}: {exc} (prediction {pred_path}, ground truth {Path(seg_path).name})"
         return CaseResult(case_id, STATUS_ERROR, _failed_metrics(), msg)
-    return CaseResult(case_id, STATUS_OK, {r: {**metrics[r], **lesions[r]} for r in REGIONS})
+    return CaseResult(case_id, STATUS_OK, {r: {**metrics[r], **lesions[r]} for r in REGIONS}, note and f"{case_id}: {note}")
 
 
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[CaseResult]:
@@ -258,7 +286,8 @@ def rows_to_csv(rows: Iterable[CaseResult]) -> str:
 
 
 def _pair_cases(
-    gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, labels: str | None, challenge: str | None
+    gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, labels: str | None, challenge: str | None,
+    pred_labels: str | None = None,
 ) -> tuple[list[tuple], list[CaseResult], dict[str, list[str]]]:
     """Jobs to score, rows already decided (missing, conflicting), and the lists to report."""
     cases = discover_cases(gt_dir, need_images=False)
@@ -274,7 +303,7 @@ def _pair_cases(
         if cid in conflicts:
             decided.append(CaseResult(cid, STATUS_ERROR, _failed_metrics(), conflicts[cid]))
         elif cid in preds:
-            jobs.append((cid, preds[cid], case.seg, gt_labels, challenge))
+            jobs.append((cid, preds[cid], case.seg, gt_labels, challenge, convention(pred_labels) if pred_labels else None))
         else:
             msg = f"{cid}: no prediction {cid}.nii.gz in {pred_dir}"
             decided.append(CaseResult(cid, STATUS_MISSING, _failed_metrics(), msg))
@@ -296,6 +325,7 @@ def evaluate(
     workers: int = 1,
     labels: str | None = None,
     challenge: str | None = None,
+    pred_labels: str | None = None,
 ) -> EvaluationResult:
     """Score every prediction in `pred_dir` against the BraTS cases in `gt_dir`.
 
@@ -309,14 +339,17 @@ def evaluate(
         labels: the ground truth's label convention ("brats2020", "brats2023", "msd");
             None detects it from the layout.
         challenge: lesion-wise parameters (GLI, PED, SSA, MEN, MET); None: from each case id.
+        pred_labels: the predictions' convention; None reads the tag `predict` writes in
+            each file's header, else takes the ground truth's.
 
     Raises:
         TumorsegError: a folder is missing, holds no predictions or no segmentations.
     """
     if challenge is not None and challenge not in CHALLENGES:
         raise TumorsegError(f"unknown challenge '{challenge}' (choose from {', '.join(CHALLENGES)})")
-    jobs, decided, lists = _pair_cases(gt_dir, pred_dir, labels, challenge)
+    jobs, decided, lists = _pair_cases(gt_dir, pred_dir, labels, challenge, pred_labels)
     rows = sorted(decided + _run_jobs(jobs, workers, progress), key=lambda r: r.case_id)
+    lists["notes"] += [r.message for r in rows if r.status == STATUS_OK and r.message]
     missing = [r.case_id for r in rows if r.status == STATUS_MISSING]
     errors = {r.case_id: r.message for r in rows if r.status == STATUS_ERROR}
     summary = {

@@ -226,15 +226,18 @@ def predict_case(predictor: Predictor, case: Case, probabilities: bool = False) 
         probs = window_probabilities(
             predictor.model, x, predictor.patch, predictor.target, predictor.overlap, predictor.tta, predictor.amp_dtype,
             predictor.sw_batch_size,
-        )[0].float().cpu().numpy()
-    if net.same_as(src):  # the scan's own grid (BraTS): labels in the box, then uncropped
+        )[0].float()
+    et_threshold = predictor.et_threshold
+    if net.same_as(src):  # the scan's own grid (BraTS): labels in the box (on the device), then uncropped
         labels = uncrop(to_labels(probs, predictor.target), box, src.shape)
-        full = _full_probabilities(probs, box, src.shape, predictor.target) if probabilities else None
+        full = _full_probabilities(probs.cpu().numpy(), box, src.shape, predictor.target) if probabilities else None
     else:  # probabilities, not labels, go back to the scan's grid (exact when only reoriented)
-        full = resample(_full_probabilities(probs, box, net.shape, predictor.target), net, src, order=1)
+        full = resample(_full_probabilities(probs.cpu().numpy(), box, net.shape, predictor.target), net, src, order=1)
         labels = to_labels(full, predictor.target)
         full = full if probabilities else None
-    labels = postprocess(labels, predictor.largest_tumour, predictor.et_threshold)
+        if et_threshold:  # tuned in training voxels: the same volume in this scan's voxels
+            et_threshold = max(1, round(et_threshold * np.prod(net.spacing) / np.prod(src.spacing)))
+    labels = postprocess(labels, predictor.largest_tumour, et_threshold)
     conv = predictor.labels or case.labels
     return CasePrediction(conv.from_training(labels), full, vols[0].affine, vols[0].header, conv)
 

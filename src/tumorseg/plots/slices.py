@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import TumorsegError
-from ..io import Volume, atomic_path, load_nifti
-from ..labels import BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention_from_tag, to_training_labels
+from ..io import atomic_path, load_nifti
+from ..labels import BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention_from_header, to_training_labels
 from ..layouts import Case, discover_cases
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
@@ -248,7 +248,7 @@ def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> n
             labels = _npy_to_labels(_load_npy(where), where)
         else:
             vol = load_nifti(where, data.case_id)
-            labels = _raw_to_labels(vol.data, where, _tagged_labels(vol, data.labels))
+            labels = _raw_to_labels(vol.data, where, convention_from_header(vol.header) or data.labels)
     if labels.shape == data.shape:
         return labels
     if data.crop_box is not None and labels.shape == data.full_shape:
@@ -265,11 +265,6 @@ def _load_npy(path: Path) -> np.ndarray:
         raise TumorsegError(f"{path}: file not found") from None
     except (OSError, ValueError) as exc:
         raise TumorsegError(f"{path}: cannot read .npy ({exc})") from None
-
-
-def _tagged_labels(vol: Volume, default: LabelConvention) -> LabelConvention:
-    """The convention `predict` wrote into a file's header, else `default`."""
-    return convention_from_tag(bytes(vol.header["descrip"]).decode(errors="ignore")) or default
 
 
 def _raw_to_labels(seg: np.ndarray, where, labels: LabelConvention = BRATS2020) -> np.ndarray:

@@ -76,7 +76,7 @@ def prepare(
     """
     config = config or PrepareConfig()
     out_dir = Path(out_dir)
-    cases = discover_cases(data_dir)
+    cases = training_cases(discover_cases(data_dir))
     if config.spacing is None:
         config = replace(config, spacing=median_spacing(cases, config.channels))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +118,14 @@ def _report(record: dict, bar: tqdm) -> dict:
 
 def _say(line: str, bar: tqdm | None = None) -> None:
     (bar.write if bar is not None else print)(line, file=sys.stderr)
+
+
+def training_cases(cases: list[Case]) -> list[Case]:
+    """The cases to prepare: an MSD / nnU-Net dataset's `imagesTs` (unlabelled test cases, 266 in
+    Task01) only when there is no `imagesTr`; give `imagesTs` itself to prepare those."""
+    if any(c.folder.name == "imagesTr" for c in cases):
+        return [c for c in cases if c.folder.name != "imagesTs"]
+    return cases
 
 
 def median_spacing(cases: list[Case], channels: tuple[str, ...]) -> tuple[float, float, float]:

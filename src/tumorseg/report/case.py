@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TumorsegError
-from ..evaluation.evaluate import AFFINE_ATOL_MM, prediction_labels
+from ..evaluation.evaluate import AFFINE_ATOL_MM
 from ..io import load_nifti
-from ..labels import LabelConvention
+from ..labels import LabelConvention, convention_from_header
 from ..layouts import Case
 from ..plots.slices import _raw_to_labels, load_case
 from .checks import case_warnings
@@ -48,7 +48,7 @@ def report_case(
 ) -> CaseReport:
     """Measure and draw one prediction; a bad file raises `TumorsegError` naming it."""
     vol = load_nifti(prediction, case_id)
-    conv = prediction_labels(vol, default_labels)
+    conv = convention_from_header(vol.header) or default_labels
     labels = _raw_to_labels(vol.data, prediction, conv)
     notes = []
     if images is not None:
