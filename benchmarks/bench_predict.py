@@ -7,9 +7,11 @@ window inference with Gaussian blending (overlap `--overlap`, window `--patch`^3
 uncrop, BraTS labels) followed by `io.save_nifti` of the labels. Reported in seconds:
 
 - total: `predict_case` + writing the NIfTI (what a user waits for per case);
-- infer: the sliding-window part alone (`window.probabilities`, timed from inside
-  `predict_case` by wrapping it, so it is the same run, not a second one);
+- load: reading the scans, resampling to the network's grid, scaling, cropping (`load_input`);
+- network: sliding windows over all TTA flips, batched (`window.flip_probabilities`);
+- post: the checkpoint's post-processing; other: labels, uncrop, resampling back;
 - save: writing the `.nii.gz`.
+(All timed from inside `predict_case` by wrapping its stages: the same run, not a second one.)
 
 The model is an untrained network built like a checkpoint's (4 classes, "labels" target,
 channels t2, t1ce, flair, min-max scaling) inside a `Predictor`: weights do not change speed.
@@ -68,6 +70,7 @@ def make_predictor(name: str, filters: tuple[int, ...] | None, device: str, args
     """An untrained `Predictor` set up like one loaded from a "labels" checkpoint."""
     import torch
 
+    from tumorseg.devices import amp_dtype
     from tumorseg.inference.predict import Predictor
     from tumorseg.labels import NUM_CLASSES
     from tumorseg.networks import build_network, required_divisor
@@ -75,38 +78,44 @@ def make_predictor(name: str, filters: tuple[int, ...] | None, device: str, args
     torch.manual_seed(0)
     dev = torch.device(device)
     model = build_network(name, in_channels=len(CHANNELS), out_channels=NUM_CLASSES, filters=filters)
-    amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    amp = amp_dtype("auto", dev)
     return Predictor(model=model.to(dev).eval(), device=dev, channels=CHANNELS, norm="minmax",
                      patch=(args.patch,) * 3, target="labels", divisor=required_divisor(name, filters),
-                     tta=args.tta == "on", overlap=args.overlap, amp_dtype=amp)
+                     tta=args.tta == "on", overlap=args.overlap, amp_dtype=amp, sw_batch_size=args.sw_batch)
 
 
 def instrument(predictor, sync) -> dict:
-    """Count network forwards and time `window.probabilities` inside `predict_case`.
+    """Count network forwards and time each stage of `predict_case` from inside it.
 
-    Returns a dict that fills as cases run: "forwards", "infer_s" (one entry per case) and
-    "box" (the inference box shape of the last case).
+    Wraps `load_input` (load, resample, scale), `flip_probabilities` (the network, all TTA flips
+    batched) and `postprocess`; the rest of `predict_case` (labels, uncrop, resampling back) is
+    "other". Returns a dict that fills as cases run, one entry per case and stage.
     """
     import importlib
 
     # the module, not the `predict` function that `tumorseg.inference` exports under that name
     predict_module = importlib.import_module("tumorseg.inference.predict")
-    stats: dict = {"forwards": 0, "infer_s": [], "box": None}
-    inner = predict_module.window_probabilities
+    stats: dict = {"forwards": 0, "box": None, "load_s": [], "network_s": [], "postprocess_s": []}
 
-    def timed_probabilities(model, x, *rest, **kw):
-        stats["box"] = list(x.shape[2:])
-        sync()
-        start = time.perf_counter()
-        out = inner(model, x, *rest, **kw)
-        sync()
-        stats["infer_s"].append(time.perf_counter() - start)
-        return out
+    def timed(name: str, inner):
+        def wrapper(*a, **kw):
+            sync()
+            start = time.perf_counter()
+            out = inner(*a, **kw)
+            sync()
+            stats[f"{name}_s"].append(time.perf_counter() - start)
+            if name == "load":
+                stats["box"] = list(out.image.shape[1:])
+            return out
+
+        return wrapper
+
+    for name, attr in (("load", "load_input"), ("network", "flip_probabilities"), ("postprocess", "postprocess")):
+        setattr(predict_module, attr, timed(name, getattr(predict_module, attr)))
 
     def count(*_):
         stats["forwards"] += 1
 
-    predict_module.window_probabilities = timed_probabilities
     predictor.model.register_forward_pre_hook(count)
     return stats
 
@@ -131,7 +140,7 @@ def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, devi
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         for i in range(args.warmup + args.repeat):
             if i == args.warmup:
-                stats.update(forwards=0, infer_s=[])
+                stats.update(forwards=0, load_s=[], network_s=[], postprocess_s=[])
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
             sync()
@@ -155,7 +164,11 @@ def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, devi
         "forwards_per_case": stats["forwards"] // args.repeat,
         "s_total": round(totals[best], 3),
         "s_predict_case": round(predicts[best], 3),
-        "s_infer": round(stats["infer_s"][best], 3),
+        "s_load": round(stats["load_s"][best], 3),
+        "s_network": round(stats["network_s"][best], 3),
+        "s_postprocess": round(stats["postprocess_s"][best], 3),
+        "s_other": round(predicts[best] - stats["load_s"][best] - stats["network_s"][best]
+                         - stats["postprocess_s"][best], 3),
         "s_save": round(saves[best], 3),
         "s_total_runs": [round(t, 3) for t in totals],
         "wall_s_all": round(time.perf_counter() - build_start, 2),
@@ -171,7 +184,7 @@ def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, devi
 def run_child(name: str, filters: str, tta: str, case_dir: Path, device: str, args: argparse.Namespace) -> dict:
     """`time_config` in a fresh interpreter, so its peak memory is its own."""
     cmd = [sys.executable, __file__, "--child", name, "--filters", filters, "--tta", tta, "--data", str(case_dir),
-           "--device", device, "--patch", str(args.patch), "--overlap", str(args.overlap),
+           "--device", device, "--patch", str(args.patch), "--overlap", str(args.overlap), "--sw-batch", str(args.sw_batch),
            "--warmup", str(args.warmup), "--repeat", str(args.repeat)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -214,8 +227,8 @@ def print_table(res: dict) -> None:
           f"({m['device_name']}), {m['torch_threads']} threads, load average {m['load_average']} "
           f"-> {m['load_average_after']}")
     mem = "peak GiB (cuda)" if cuda else "peak RSS GiB"
-    print(f"{'network':<11}{'filters':<21}{'tta':<5}{'box':<13}{'fwd':>5}{'total s':>9}{'infer s':>9}"
-          f"{'save s':>8}{mem:>16}")
+    print(f"{'network':<11}{'filters':<21}{'tta':<5}{'box':<13}{'fwd':>5}{'total s':>9}{'load':>7}{'network':>9}"
+          f"{'post':>7}{'other':>7}{'save':>7}{mem:>16}")
     for r in res["results"]:
         filters = ",".join(map(str, r["filters"])) if isinstance(r["filters"], list) else r["filters"]
         tta = "on" if r["tta"] else "off"
@@ -225,7 +238,8 @@ def print_table(res: dict) -> None:
         box = "x".join(map(str, r["box"]))
         peak = r["peak_cuda_gib"] if cuda else r["peak_rss_gib"]
         print(f"{r['network']:<11}{filters:<21}{tta:<5}{box:<13}{r['forwards_per_case']:>5}{r['s_total']:>9.2f}"
-              f"{r['s_infer']:>9.2f}{r['s_save']:>8.2f}{peak:>16.2f}")
+              f"{r['s_load']:>7.2f}{r['s_network']:>9.2f}{r['s_postprocess']:>7.2f}{r['s_other']:>7.2f}"
+              f"{r['s_save']:>7.2f}{peak:>16.2f}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -241,6 +255,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", type=Path, help="a real BraTS case folder (default: one synthetic case)")
     parser.add_argument("--patch", type=int, default=128, help="sliding-window cube side (default 128)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    parser.add_argument("--sw-batch", type=int, default=1, help="sliding windows per network call (default 1)")
     parser.add_argument("--warmup", type=int, help="untimed cases first (default 1 on CUDA, 0 on CPU)")
     parser.add_argument("--repeat", type=int, help="timed cases, fastest kept (default 3 on CUDA, 1 on CPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -296,7 +311,7 @@ def main() -> None:
 
             case_dir = discover_cases(args.data)[0].folder  # errors name the folder
         res = {"data": str(args.data) if args.data else "synthetic 240x240x155 .nii.gz, seed 0",
-               "patch": args.patch, "overlap": args.overlap, "device": device, "warmup": args.warmup,
+               "patch": args.patch, "overlap": args.overlap, "sw_batch": args.sw_batch, "device": device, "warmup": args.warmup,
                "repeat": args.repeat, "target": "labels (4 classes)", "channels": list(CHANNELS),
                "autocast": "bf16" if device == "cuda" else None, "machine": machine(device), "results": []}
         res["machine"]["load_average"] = load_before

@@ -190,3 +190,8 @@ def test_declared_version_floors_hold_what_the_code_uses():
         assert torch_floor >= (2, 3)
     assert sys.version_info[:2] >= python[:2]
     assert tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= torch_floor[:2]
+
+
+def test_windows_are_batched_within_a_memory_budget():
+    assert devices.window_batch(CPU, (64, 64, 64)) == 8 and devices.window_batch(CPU, (128, 128, 128)) == 1
+    assert devices.window_batch(CPU, (96, 96, 96)) == 2 and devices.window_batch(torch.device("cuda", 0), (128,) * 3) == 4

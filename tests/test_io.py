@@ -1,8 +1,12 @@
+import errno
+import os
+import re
+
 import numpy as np
 import pytest
 
 from tumorseg.errors import TumorsegError
-from tumorseg.io import atomic_path, load_nifti, save_npy
+from tumorseg.io import atomic_path, load_nifti, save_npy, sweep_stale_temps
 from tumorseg.layouts import discover_cases
 
 from factory import kaggle_copy, write_case
@@ -80,3 +84,52 @@ def test_kaggle_layout_from_real_case(real_data_dir, tmp_path):
     assert cases[1].seg.name == "W39_1998.09.19_Segm.nii" and cases[1].seg_note
     vol = load_nifti(cases[0].seg)
     assert vol.data.shape == (240, 240, 155) and vol.spacing == (1.0, 1.0, 1.0)
+
+
+def test_sweep_removes_only_stale_temporaries(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".tmp-{dead.pid}-case.npy"
+    live = tmp_path / f".tmp-{os.getppid()}-other.npy"  # the process that started pytest is alive
+    old = tmp_path / f".tmp-{os.getppid()}-old.npy"
+    for path in (stale, live, old, tmp_path / "case.npy", tmp_path / ".tmp-notapid-x.npy"):
+        path.write_bytes(b"x")
+    os.utime(old, (0, 0))
+    assert sorted(p.name for p in sweep_stale_temps(tmp_path)) == sorted([stale.name, old.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "case.npy", ".tmp-notapid-x.npy"])
+    assert sweep_stale_temps(tmp_path / "missing") == []
+
+
+def test_sweep_of_named_targets_only(tmp_path):
+    os.utime(_touch(tmp_path / ".tmp-1-a.nii.gz"), (0, 0))
+    os.utime(_touch(tmp_path / ".tmp-1-b.nii.gz"), (0, 0))
+    assert [p.name for p in sweep_stale_temps(tmp_path, ["a.nii.gz"])] == [".tmp-1-a.nii.gz"]
+
+
+def _touch(path):
+    path.write_bytes(b"")
+    return path
+
+
+def test_full_disk_is_one_line_with_the_size_and_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "a.npy"
+    save_npy(target, np.zeros(3))
+
+    def no_space(fh, array):
+        fh.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", no_space)
+    with pytest.raises(TumorsegError) as info:
+        save_npy(target, np.zeros((256, 256, 16), np.float32))
+    assert "\n" not in str(info.value)
+    assert re.fullmatch(rf"{target}: cannot write \(out of disk space; 4\.0 MB needed; [\d.]+ [MK]B free\)", str(info.value))
+    monkeypatch.undo()
+    assert np.array_equal(np.load(target), np.zeros(3)) and [p.name for p in tmp_path.iterdir()] == ["a.npy"]
+    with pytest.raises(TumorsegError, match=r"b.bin: cannot write \(out of disk space; more than 4 KB needed; "):
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"y" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")

@@ -272,3 +272,71 @@ def test_real_case_geometry(real_data_dir, tmp_path):
     assert res.failed == {}
     labels = _assert_same_geometry(res.written[0], case / "Brats18_2013_2_1_t2.nii.gz")
     assert labels.shape == (240, 240, 155)
+
+
+def test_batched_flip_tta_equals_one_flip_at_a_time():
+    from monai.inferers import sliding_window_inference
+
+    from tumorseg.inference.window import flip_dims, probabilities
+
+    torch.manual_seed(0)
+    model = build_network(**network_spec("unet", 3, 3, [4, 8, 16])).eval()
+    image = torch.randn(1, 3, 40, 36, 32)
+    batched = probabilities(model, image, (16, 16, 16), "regions", 0.5, tta=True, sw_batch_size=4)
+    one_by_one = torch.zeros_like(batched)
+    with torch.no_grad():
+        for dims in flip_dims(True):
+            x = torch.flip(image, dims) if dims else image
+            probs = torch.sigmoid(sliding_window_inference(x, (16, 16, 16), 1, model, overlap=0.5, mode="gaussian"))
+            one_by_one += (torch.flip(probs, dims) if dims else probs) / 8
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+
+
+def test_torchrun_splits_the_cases_over_ranks(raw, ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    single = predict(ckpt, raw, tmp_path / "single", device="cpu", progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tumorseg.cli", "predict", str(ckpt), str(raw), str(tmp_path / "ddp"), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("predicted 1 case(s)") == 2  # each rank one case: each case exactly once
+    for path in single.written:
+        assert np.array_equal(nib.load(path).get_fdata(), nib.load(tmp_path / "ddp" / path.name).get_fdata())
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0 and again.stdout.count("predicted 0 case(s) into") == 2  # a re-run skips
+    assert not [p for p in (tmp_path / "ddp").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_flip_uncertainty_zero_where_flips_agree_highest_where_they_disagree():
+    from tumorseg.inference.window import flip_uncertainty
+
+    flips = torch.zeros(8, 1, 3, 3, 1, 1)  # (flips, batch, regions, X, Y, Z)
+    flips[:, 0, :, 0] = 0.3  # voxel 0: every flip equally unsure -> no disagreement
+    flips[:, 0, :, 1] = torch.tensor([1.0, 0.0] * 4).view(8, 1, 1, 1)  # voxel 1: confident flips, half each way
+    flips[:, 0, :, 2] = torch.tensor([0.9] * 6 + [0.1] * 2).view(8, 1, 1, 1)  # voxel 2: mostly agreeing
+    u = flip_uncertainty(flips, "regions")[0, :, 0, 0]
+    assert u[0] == pytest.approx(0.0, abs=1e-5) and u[1] == pytest.approx(3.0, abs=1e-4)  # 1 bit per region
+    assert 0.0 < u[2] < u[1]
+    softmax = torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 4).view(8, 1, 2, 1, 1, 1)
+    assert flip_uncertainty(softmax, "labels").item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_predict_writes_uncertainty_on_the_scans_grid(raw, ckpt, tmp_path):
+    with pytest.raises(TumorsegError, match="--tta"):
+        predict(ckpt, raw, tmp_path / "no", device="cpu", uncertainty=True, progress=False)
+    res = predict(ckpt, raw / "c0", tmp_path / "pred", device="cpu", tta=True, uncertainty=True, progress=False)
+    assert res.written == [tmp_path / "pred/c0.nii.gz", tmp_path / "pred/c0_uncertainty.nii.gz"]
+    img, ref = nib.load(res.written[1]), nib.load(raw / "c0/c0_t2.nii.gz")
+    assert img.shape == ref.shape and np.array_equal(img.affine, ref.affine) and img.get_data_dtype() == np.float32
+    u = np.asarray(img.dataobj)
+    assert u.min() >= 0 and u.max() <= 2.0 + 1e-6 and not u[0, 0, 0]  # softmax of 4 classes: at most 2 bits
+
+
+def test_predict_report_reads_the_uncertainty(raw, ckpt, tmp_path):
+    res = predict(ckpt, raw / "c0", tmp_path / "pred", device="cpu", tta=True, uncertainty=True, report=True,
+                  progress=False)
+    assert res.report == tmp_path / "pred/report/index.html" and res.report.is_file()
+    rows = (tmp_path / "pred/report/volumes.csv").read_text().splitlines()
+    assert len(rows) == 2 and "uncertainty" in rows[0]

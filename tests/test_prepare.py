@@ -12,7 +12,7 @@ from tumorseg.prepare import PrepareConfig, prepare, uncrop
 from tumorseg.prepare.scaling import scale
 from tumorseg.prepare.split import split_cases
 
-from factory import write_case
+from factory import AFFINE, write_case
 
 SMALL = dict(crop_size=(32, 32, 24))
 
@@ -104,6 +104,11 @@ def test_resumable_and_force(tmp_path):
         ("corrupt", "bad_t2.nii.gz: cannot read NIfTI"),
         ("shape", "bad_flair.nii.gz and bad_t2.nii.gz do not overlap in world space"),
         ("label3", "contains label(s) [3]"),
+        ("nan", "bad_t2.nii.gz (t2) has 2 NaN or infinite voxel(s)"),
+        ("inf", "bad_t2.nii.gz (t2) has 1 NaN or infinite voxel(s)"),
+        ("2d", "bad_t1ce.nii.gz: expected a 3D volume, got shape (40, 40)"),
+        ("4d", "bad_t1ce.nii.gz: expected a 3D volume, got shape (40, 40, 32, 2)"),
+        ("seg_shape", "bad: bad_seg.nii.gz has shape (40, 40, 30), images have (40, 40, 32)"),
     ],
 )
 def test_bad_case_reported_others_processed(tmp_path, breakage, message):
@@ -115,12 +120,31 @@ def test_bad_case_reported_others_processed(tmp_path, breakage, message):
         (folder / "bad_t2.nii.gz").write_bytes(b"\x1f\x8b garbage")
     elif breakage == "shape":
         nib.save(nib.Nifti1Image(np.ones((40, 40, 30), np.int16), np.eye(4)), folder / "bad_flair.nii.gz")
+    elif breakage in ("nan", "inf"):
+        data = np.asarray(nib.load(folder / "bad_t2.nii.gz").dataobj).astype(np.float32)
+        data[20, 20, 16:18 if breakage == "nan" else 17] = np.nan if breakage == "nan" else np.inf
+        nib.save(nib.Nifti1Image(data, AFFINE), folder / "bad_t2.nii.gz")
+    elif breakage in ("2d", "4d"):
+        data = np.ones((40, 40) if breakage == "2d" else (40, 40, 32, 2), np.int16)
+        nib.save(nib.Nifti1Image(data, AFFINE), folder / "bad_t1ce.nii.gz")
+    elif breakage == "seg_shape":
+        nib.save(nib.Nifti1Image(np.zeros((40, 40, 30), np.uint8), AFFINE), folder / "bad_seg.nii.gz")
     else:
         seg = np.zeros((40, 40, 32), np.uint8)
         seg[10:30, 10:30, 10:20] = 3
         nib.save(nib.Nifti1Image(seg, np.eye(4)), folder / "bad_seg.nii.gz")
     res = prepare(tmp_path / "raw", tmp_path / "out", PrepareConfig(**SMALL), workers=1, progress=False)
     assert list(res.failed) == ["bad"] and message in res.failed["bad"] and res.kept == ["good"]
+
+
+def test_constant_modality_is_a_recorded_warning(tmp_path, capsys):
+    folder = write_case(tmp_path / "raw", "flat")
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 32), np.int16), AFFINE), folder / "flat_flair.nii.gz")
+    res = prepare(tmp_path / "raw", tmp_path / "out", PrepareConfig(**SMALL), workers=1, progress=False)
+    (record,) = res.manifest["cases"]
+    assert record["status"] == "kept" and len(record["warnings"]) == 1
+    assert "flat_flair.nii.gz (flair) holds the single value 0: a broken scan?" in record["warnings"][0]
+    assert f"warning: {record['warnings'][0]}" in capsys.readouterr().err
 
 
 def test_bad_settings_are_clear_errors():

@@ -20,9 +20,13 @@ FORMAT = "tumorseg-checkpoint-v1"
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically write `state` (tensors and plain types only) with the format tag."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    """Atomically write `state` (tensors and plain types only) with the format tag.
+
+    Written through a Python file so a full disk is an OSError (ENOSPC), which `atomic_path`
+    reports in one line; given a path, torch's zip writer reports it as an opaque RuntimeError.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save({"format": FORMAT, **state}, fh)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ instant. A `TumorsegError` becomes one line on stderr and exit code 2, never a t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -116,9 +117,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     result = predict(args.checkpoint, args.input, args.out_dir, device=args.device, tta=args.tta,
                      postprocess=args.postprocess, probabilities=args.probabilities, force=args.force,
-                     plots=args.plots, overlap=args.overlap, labels=args.labels, amp=args.amp)
-    n_cases = len({Path(p).name.split(".")[0].removesuffix("_probabilities") for p in result.written})
-    print(f"predicted {n_cases} case(s) into {args.out_dir}"
+                     plots=args.plots, overlap=args.overlap, labels=args.labels, amp=args.amp,
+                     uncertainty=args.uncertainty, report=args.report)
+    n_cases = len({Path(p).name.split(".")[0].removesuffix("_probabilities").removesuffix("_uncertainty")
+                   for p in result.written})
+    rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"{rank}predicted {n_cases} case(s) into {args.out_dir}"
           + (f", {len(result.skipped)} already done" if result.skipped else "")
           + (f", {len(result.failed)} failed" if result.failed else ""))
     return 1 if result.failed else 0
@@ -150,6 +154,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"reported {len(result.cases)} case(s)" + (f", {len(result.failed)} failed" if result.failed else "")
           + f": open {result.index} (table: {result.csv})")
     return 1 if result.failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .inference.onnx_model import export_onnx
+
+    path = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    print(f"wrote {path} (ONNX opset {args.opset}); predict with: tumorseg predict {path} CASES OUT")
+    return 0
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -237,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment new cases into NIfTI in their original space")
-    p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run")
+    p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run, or a .onnx from tumorseg export")
     p.add_argument("input", type=Path, help="a case folder or a folder of case folders (segmentations not needed)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -250,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the checkpoint's post-processing (raw network output)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
     p.add_argument("--plots", action="store_true", help="also write <case>.png with the prediction overlaid")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <case>_uncertainty.nii.gz: the TTA flips' disagreement (mutual information, bits)")
+    p.add_argument("--report", action="store_true", help="then write the HTML report (tumorseg report) to OUT/report")
     p.add_argument("--labels", choices=("brats2020", "brats2023", "msd"),
                    help="label convention of the written files (default: the input layout's own)")
     p.add_argument("--force", action="store_true", help="redo cases already predicted")
@@ -268,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="a real BraTS download to run on instead of synthetic cases")
     p.add_argument("--epochs", type=int, help="training epochs (default 40)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="a checkpoint -> one ONNX model carrying its settings (needs tumorseg[onnx])")
+    p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run")
+    p.add_argument("out", type=Path, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="volumes, RANO diameters, warnings: an HTML report of a folder of predictions")
     p.add_argument("pred_dir", type=Path, help="folder of <case>.nii.gz predictions (and <case>_uncertainty.nii.gz)")

@@ -9,13 +9,16 @@ import contextlib
 import errno
 import os
 import re
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from .errors import TumorsegError
+from .lock import pid_alive
 
 NIFTI_RE = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$", re.IGNORECASE)
 
@@ -76,12 +79,18 @@ def load_nifti_channels(path: str | os.PathLike, case_id: str | None, indices: l
     return [Volume(data=data[..., i], affine=img.affine, header=img.header, path=path) for i in indices]
 
 
+TEMP_RE = re.compile(r"^\.tmp-(?P<pid>\d+)-(?P<name>.+)$")
+STALE_AFTER_S = 24 * 3600  # a temporary this old is stale whoever wrote it (another host, a reused pid)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it into place.
 
-    A crash or a full disk leaves either the old file or none, never a half-written one.
-    The temporary name keeps the extension so writers that look at it (nibabel) still work.
+    A crash or a full disk leaves either the old file or none, never a half-written one; a
+    SIGKILL leaves the temporary, which the next run's `sweep_stale_temps` removes. The
+    temporary name keeps the extension so writers that look at it (nibabel) still work.
+    `size` (bytes), where the caller knows it, is what a full disk's message says was needed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,17 +99,58 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
+        reason = _no_space(path, tmp, size) if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
         tmp.unlink(missing_ok=True)
-        reason = "out of disk space" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
         raise TumorsegError(f"{path}: cannot write ({reason})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def _no_space(path: Path, tmp: Path, size: int | None) -> str:
+    """The reason for ENOSPC with what the write needed: `size`, else more than it had written."""
+    written = tmp.stat().st_size if tmp.exists() else 0
+    need = f"{_mb(size)} needed" if size else f"more than {_mb(written)} needed" if written else None
+    try:
+        free = f"{_mb(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = None
+    return "; ".join(["out of disk space"] + [part for part in (need, free) if part])
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{-(-size // 1024)} KB"
+
+
+def sweep_stale_temps(folder: str | os.PathLike, targets: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporaries (`.tmp-<pid>-<name>`) killed runs left in `folder`; returns them.
+
+    A temporary is stale when its process is gone from this host or it is over a day old
+    (written from another host, or its pid reused). Finished outputs never match the name.
+    `targets` limits the sweep to temporaries of these file names (torchrun ranks sharing a
+    folder each sweep their own cases'). A missing folder has none.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    wanted = None if targets is None else set(targets)
+    removed = []
+    for path in folder.iterdir():
+        match = TEMP_RE.match(path.name)
+        if match is None or (wanted is not None and match["name"] not in wanted):
+            continue
+        pid = int(match["pid"])
+        with contextlib.suppress(FileNotFoundError):  # another run may sweep it at the same time
+            old = time.time() - path.stat().st_mtime > STALE_AFTER_S
+            if path.is_file() and (old or (pid != os.getpid() and not pid_alive(pid))):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Atomically write one array as `.npy`."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(path, array.nbytes + 128) as tmp, open(tmp, "wb") as fh:  # + the .npy header
         np.save(fh, array)
 
 

@@ -50,6 +50,7 @@ from .metrics import FAILED_CASE, METRICS, region_metrics
 
 STATUS_OK, STATUS_MISSING, STATUS_ERROR = "ok", "missing", "error"
 LESION_METRICS: tuple[str, ...] = ("lesion_dice", "lesion_hd95")
+PREDICT_EXTRAS: tuple[str, ...] = ("_probabilities", "_uncertainty")
 ALL_METRICS: tuple[str, ...] = (*METRICS, *LESION_METRICS)
 FAILED_LESIONS: dict[str, float] = {"lesion_dice": 0.0, "lesion_hd95": LESION_HD95_MISS}
 _CHALLENGE_RE = re.compile(r"^BraTS-(?P<challenge>[A-Za-z]+)-\d+")
@@ -167,8 +168,8 @@ def find_predictions(pred_dir: str | os.PathLike) -> tuple[dict[str, Path], dict
     found: dict[str, list[Path]] = {}
     for path in sorted(pred_dir.iterdir()):
         match = NIFTI_RE.match(path.name)
-        # `<case>_probabilities.nii.gz` beside a prediction is `predict --probabilities` output, not a label map.
-        if match and path.is_file() and not path.name.startswith(".") and not match["stem"].endswith("_probabilities"):
+        # `<case>_probabilities` / `_uncertainty` beside a prediction are `predict` extras, not label maps.
+        if match and path.is_file() and not path.name.startswith(".") and not match["stem"].endswith(PREDICT_EXTRAS):
             found.setdefault(match["stem"], []).append(path)
     if not found:
         raise TumorsegError(f"{pred_dir}: no predictions found (expected <case_id>.nii.gz files)")

@@ -13,10 +13,13 @@ The header's description records the convention for `evaluate`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -26,16 +29,16 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint
 from ..devices import amp_dtype, describe, resolve_device, window_batch
 from ..errors import TumorsegError
-from ..geometry import resample
-from ..io import save_nifti
+from ..geometry import Grid, resample
+from ..io import save_nifti, sweep_stale_temps
 from ..labels import RAW_LABELS, LabelConvention, convention
 from ..layouts import Case, discover_cases
+from ..lock import LOCK_NAME, folder_lock
 from ..networks import build_network, required_divisor
-from ..prepare.case import load_channels, scaled_window, to_network_grid
+from ..prepare.case import check_intensities, load_channels, scaled_window, to_network_grid
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
 from .postprocess import postprocess
-from .window import probabilities as window_probabilities
-from .window import to_labels
+from .window import to_labels, tta_probabilities
 
 REQUIRED_KEYS: tuple[str, ...] = ("network", "model", "prepare", "patch", "target")
 
@@ -101,23 +104,31 @@ class Predictor:
     ) -> "Predictor":
         """Load a checkpoint file (or an already loaded state dict) once, for many cases.
 
-        `tta` None uses the checkpoint's choice (`inference.tta`); the post-processing
+        A `.onnx` file written by `tumorseg export` runs in ONNX Runtime with the settings it
+        carries (needs the ONNX extra). `tta` None uses the checkpoint's choice (`inference.tta`); the post-processing
         (`inference.postprocess_*`) always comes from the checkpoint. `amp`: "auto" (native bf16
         or fp16 on GPUs, float32 on the CPU), "bf16", "fp16" or "off".
         """
         where = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
-        state = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-        missing = [k for k in REQUIRED_KEYS if k not in state]
+        model = None
+        if isinstance(checkpoint, (str, Path)) and Path(checkpoint).suffix.lower() == ".onnx":
+            from .onnx_model import load_onnx  # onnxruntime only for exported models (`tumorseg export`)
+
+            model, state = load_onnx(checkpoint, resolve_device(device))
+        else:
+            state = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+        missing = [k for k in REQUIRED_KEYS if k not in state and not (k == "model" and model is not None)]
         if missing:
             raise TumorsegError(f"{where}: checkpoint lacks {', '.join(missing)}")
         _check_label_map(state, where)
         spec, dev = state["network"], resolve_device(device)
-        model = build_network(**spec)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            reason = str(exc).splitlines()[0]
-            raise TumorsegError(f"{where}: weights do not fit the stored network ({reason})") from None
+        if model is None:
+            model = build_network(**spec)
+            try:
+                model.load_state_dict(state["model"])
+            except RuntimeError as exc:
+                reason = str(exc).splitlines()[0]
+                raise TumorsegError(f"{where}: weights do not fit the stored network ({reason})") from None
         inference = state.get("inference") or {}
         threshold = inference.get("postprocess_et_threshold")
         spacing = state["prepare"].get("spacing")
@@ -134,7 +145,7 @@ class Predictor:
             et_threshold=threshold if isinstance(threshold, int) and not isinstance(threshold, bool) else None,
             overlap=float(overlap),
             amp_dtype=amp_dtype(amp, dev),
-            sw_batch_size=window_batch(dev),
+            sw_batch_size=window_batch(dev, state["patch"]),
             spacing=tuple(float(v) for v in spacing) if spacing else None,
             labels=convention(labels) if labels else None,
         )
@@ -158,6 +169,7 @@ class CasePrediction(NamedTuple):
     probabilities: float32 (K, X, Y, Z) network probabilities (before postprocessing), or None.
     affine, header: those of the case's reference scan (the grid of every output).
     convention: the label convention of `labels`.
+    uncertainty: float32 (X, Y, Z) flip disagreement in bits (`window.flip_uncertainty`), or None.
     """
 
     labels: np.ndarray
@@ -165,6 +177,7 @@ class CasePrediction(NamedTuple):
     affine: np.ndarray
     header: Any
     convention: LabelConvention
+    uncertainty: np.ndarray | None = None
 
 
 @dataclass
@@ -175,6 +188,7 @@ class PredictResult:
     written: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    report: Path | None = None
 
 
 def inference_box(brain: np.ndarray, patch: tuple[int, ...], divisor: int) -> Box:
@@ -212,21 +226,72 @@ def _full_probabilities(probs: np.ndarray, box: Box, shape: tuple[int, ...], tar
     return full
 
 
-def predict_case(predictor: Predictor, case: Case, probabilities: bool = False) -> CasePrediction:
-    """Segment one case in its original grid (see `CasePrediction`).
+class CaseInput(NamedTuple):
+    """A case read and preprocessed, ready for the network (`load_input`)."""
 
-    Raises TumorsegError naming the case and file for a missing, unreadable or mismatched scan.
-    """
+    image: np.ndarray  # (C, *box size) float32 on the network's grid
+    box: Box
+    src: Grid  # the scan's grid: outputs are written on it
+    net: Grid  # the network's grid
+    affine: np.ndarray
+    header: Any
+
+
+def load_input(predictor: Predictor, case: Case) -> CaseInput:
+    """Read a case's scans and preprocess them as training did (no network work: runs in a
+    reader thread while the network works on the previous case)."""
     vols = load_channels(case, predictor.channels)
+    for warning in check_intensities(case, predictor.channels, vols):
+        tqdm.write(f"warning: {warning}", file=sys.stderr)
     data, src, net = to_network_grid(vols, predictor.spacing)
     image, box = network_input(data, predictor)
-    x = torch.from_numpy(image)[None].to(predictor.device)
-    del data
+    return CaseInput(image, box, src, net, vols[0].affine, vols[0].header)
+
+
+class _StitchedOnCpu(nn.Module):
+    """`model` on its device for windows cut from and stitched into a volume on the CPU: MONAI's
+    `sw_device` / `device` split, for a case whose stitched outputs do not fit in GPU memory."""
+
+    def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model, self.device, self.amp_dtype = model, device, amp_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            return self.model(x.to(self.device)).float().cpu()
+
+
+def predict_case(
+    predictor: Predictor, case: Case, probabilities: bool = False, inp: CaseInput | None = None,
+    uncertainty: bool = False,
+) -> CasePrediction:
+    """Segment one case in its original grid (see `CasePrediction`); `inp` if already loaded.
+
+    `uncertainty` (needs the flips of TTA) adds the voxel-wise flip disagreement.
+    Raises TumorsegError naming the case and file for a missing, unreadable or mismatched scan.
+    """
+    if uncertainty and not predictor.tta:
+        raise TumorsegError("uncertainty comes from the TTA flips: predict with --tta")
+    image, box, src, net, affine, header = inp or load_input(predictor, case)
+    x = torch.from_numpy(image)[None]
     with torch.inference_mode():
-        probs = window_probabilities(
-            predictor.model, x, predictor.patch, predictor.target, predictor.overlap, predictor.tta, predictor.amp_dtype,
-            predictor.sw_batch_size,
-        )[0].float()
+        try:
+            probs, disagreement = tta_probabilities(
+                predictor.model, x.to(predictor.device), predictor.patch, predictor.target, predictor.overlap,
+                predictor.tta, predictor.amp_dtype, predictor.sw_batch_size, uncertainty,
+            )
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            tqdm.write(f"note: {case.case_id}: out of GPU memory; retrying with the windows one at a time and stitched "
+                       "on the CPU (slower)", file=sys.stderr)
+            model = _StitchedOnCpu(predictor.model, predictor.device, predictor.amp_dtype)
+            probs, disagreement = tta_probabilities(model, x, predictor.patch, predictor.target, predictor.overlap,
+                                                    predictor.tta, uncertainty=uncertainty)
+    probs = probs[0]
+    if disagreement is not None:
+        disagreement = uncrop(disagreement[0].cpu().numpy(), box, net.shape)
+        disagreement = resample(disagreement, net, src, order=1).astype(np.float32)
     et_threshold = predictor.et_threshold
     if net.same_as(src):  # the scan's own grid (BraTS): labels in the box (on the device), then uncropped
         labels = uncrop(to_labels(probs, predictor.target), box, src.shape)
@@ -239,31 +304,70 @@ def predict_case(predictor: Predictor, case: Case, probabilities: bool = False) 
             et_threshold = max(1, round(et_threshold * np.prod(net.spacing) / np.prod(src.spacing)))
     labels = postprocess(labels, predictor.largest_tumour, et_threshold)
     conv = predictor.labels or case.labels
-    return CasePrediction(conv.from_training(labels), full, vols[0].affine, vols[0].header, conv)
+    return CasePrediction(conv.from_training(labels), full, affine, header, conv, disagreement)
 
 
-def output_paths(out_dir: Path, case_id: str, probabilities: bool = False, plots: bool = False) -> list[Path]:
-    """The files `predict` writes for one case: labels, then probabilities and plot if asked."""
+def output_paths(
+    out_dir: Path, case_id: str, probabilities: bool = False, plots: bool = False, uncertainty: bool = False
+) -> list[Path]:
+    """The files `predict` writes for one case: labels, then probabilities, uncertainty, plot if asked."""
     paths = [out_dir / f"{case_id}.nii.gz"]
     if probabilities:
         paths.append(out_dir / f"{case_id}_probabilities.nii.gz")
+    if uncertainty:
+        paths.append(out_dir / f"{case_id}_uncertainty.nii.gz")
     if plots:
         paths.append(out_dir / f"{case_id}.png")
     return paths
 
 
-def _predict_and_write(predictor: Predictor, case: Case, out_dir: Path, probabilities: bool, plots: bool) -> list[Path]:
-    paths = output_paths(out_dir, case.case_id, probabilities, plots)
-    pred = predict_case(predictor, case, probabilities)
+def _write(pred: CasePrediction, case: Case, paths: list[Path], probabilities: bool, plots: bool) -> list[Path]:
+    """Write one case's outputs (in a writer thread while the network works on the next case)."""
     save_nifti(paths[0], pred.labels, pred.affine, pred.header, description=f"tumorseg {pred.convention.tag()}")
     if probabilities:
         probs = np.ascontiguousarray(np.moveaxis(pred.probabilities, 0, -1), dtype=np.float32)  # (X, Y, Z, K)
         save_nifti(paths[1], probs, pred.affine, pred.header)
+    if pred.uncertainty is not None:
+        save_nifti(paths[1 + probabilities], pred.uncertainty, pred.affine, pred.header,
+                   description="tumorseg flip mutual information (bits)")
     if plots:
         from ..plots.slices import save_case_plot  # matplotlib only when asked for
 
         save_case_plot(case, paths[0], paths[-1])
     return paths
+
+
+def _rank_world() -> tuple[int, int]:
+    """This process's RANK and the WORLD_SIZE under `torchrun`; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def shard(cases: list[Case]) -> list[Case]:
+    """This process's share under `torchrun` (RANK of WORLD_SIZE): every case exactly once over
+    the ranks, whatever each rank finds already done; all of them otherwise."""
+    rank, world = _rank_world()
+    return cases[rank::world]
+
+
+@contextlib.contextmanager
+def _claim(out_dir: Path, outputs: list[str]) -> Iterator[None]:
+    """Lock the output folder and sweep the temporaries killed runs left there.
+
+    Under torchrun the ranks share the folder by design, so each rank r holds its own lock,
+    `.tumorseg.lock.rank<r>` (rank 0 the plain one, so a plain `predict` into the folder meets
+    the job): a second job is refused rank by rank. A rank sweeps only the temporaries of its
+    own `outputs`: the other ranks' are live, and from other hosts their pids mean nothing here.
+    """
+    rank, world = _rank_world()
+    with folder_lock(out_dir, "predict", LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank}"):
+        sweep_stale_temps(out_dir, outputs if world > 1 else None)
+        yield
+
+
+def _failure(case: Case, exc: BaseException) -> str:
+    if isinstance(exc, TumorsegError):
+        return str(exc)
+    return f"{case.case_id}: {type(exc).__name__}: {exc}"  # a resource problem (GPU memory) or a bug: still name it
 
 
 def predict(
@@ -280,6 +384,8 @@ def predict(
     progress: bool = True,
     labels: str | None = None,
     amp: str = "auto",
+    uncertainty: bool = False,
+    report: bool = False,
 ) -> PredictResult:
     """Segment every BraTS case under `input_dir` into `out_dir/<case_id>.nii.gz`.
 
@@ -301,8 +407,13 @@ def predict(
             None writes each case in its input layout's own convention.
         amp: mixed precision, "auto" (native bf16, else fp16, on GPUs; float32 on the CPU),
             "bf16", "fp16" or "off".
+        uncertainty: also write `<case_id>_uncertainty.nii.gz`, float32: the mutual information
+            between prediction and flip over the TTA flips, in bits (needs TTA).
+        report: afterwards, write the `tumorseg report` of the predictions to `out_dir/report`.
 
     A failing case is reported in one line and recorded in the result; the others go on.
+    Under `torchrun` (one process per GPU, any number of nodes) each rank predicts its share of
+    the cases (`shard`); outputs are written atomically, so a re-run skips what is done.
     """
     out_dir = Path(out_dir)
     cases = discover_cases(input_dir)
@@ -315,23 +426,42 @@ def predict(
             print(f"predict: {describe(predictor.device, amp, predictor.amp_dtype)}", file=sys.stderr)
     if not postprocess:
         predictor = replace(predictor, largest_tumour=False, et_threshold=None)
-    result = PredictResult(out_dir=out_dir)
-    todo = []
-    for case in cases:
-        done = not force and all(p.exists() for p in output_paths(out_dir, case.case_id, probabilities, plots))
-        if done:
-            result.skipped.append(case.case_id)
-        else:
-            todo.append(case)
-    bar = tqdm(todo, desc="predict", unit="case", disable=not progress)
-    for case in bar:
-        try:
-            result.written.extend(_predict_and_write(predictor, case, out_dir, probabilities, plots))
-        except TumorsegError as exc:
-            result.failed[case.case_id] = str(exc)
-        except Exception as exc:  # a resource problem (GPU memory) or a bug: still name the case
-            result.failed[case.case_id] = f"{case.case_id}: {type(exc).__name__}: {exc}"
-        if case.case_id in result.failed:
-            bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)
-    bar.close()
+    if uncertainty and not predictor.tta:
+        raise TumorsegError("--uncertainty comes from the TTA flips: add --tta (or use a checkpoint trained with --tta)")
+    mine = shard(cases)
+    planned = {case.case_id: output_paths(out_dir, case.case_id, probabilities, plots, uncertainty) for case in mine}
+    with _claim(out_dir, [p.name for paths in planned.values() for p in paths]):
+        result = PredictResult(out_dir=out_dir)
+        todo = []
+        for case in mine:
+            done = not force and all(p.exists() for p in planned[case.case_id])
+            if done:
+                result.skipped.append(case.case_id)
+            else:
+                todo.append(case)
+        bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress)
+        # Reading the next case and writing the previous one overlap with the network's work.
+        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+            loading = reader.submit(load_input, predictor, todo[0]) if todo else None
+            writes = []
+            for i, case in enumerate(todo):
+                current, loading = loading, reader.submit(load_input, predictor, todo[i + 1]) if i + 1 < len(todo) else None
+                try:
+                    pred = predict_case(predictor, case, probabilities, current.result(), uncertainty)
+                    writes.append((case, writer.submit(_write, pred, case, planned[case.case_id], probabilities, plots)))
+                except Exception as exc:  # noqa: BLE001 - one line naming the case, the others go on
+                    result.failed[case.case_id] = _failure(case, exc)
+                    bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)
+                bar.update(1)
+            for case, future in writes:
+                try:
+                    result.written.extend(future.result())
+                except Exception as exc:  # noqa: BLE001
+                    result.failed[case.case_id] = _failure(case, exc)
+                    bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)
+        bar.close()
+    if report and (result.written or result.skipped):
+        from ..report import report as write_report  # matplotlib only when asked for
+
+        result.report = write_report(out_dir, images=input_dir, out=out_dir / "report", progress=progress).index
     return result

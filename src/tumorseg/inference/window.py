@@ -7,7 +7,7 @@ numbers for the same weights.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +15,70 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from ..labels import labels_from_regions
+
+
+def flip_dims(tta: bool) -> list[tuple[int, ...]]:
+    """No flip, then (with TTA) the 7 combinations of flips along the three spatial axes."""
+    return [()] + ([c for n in (1, 2, 3) for c in itertools.combinations((2, 3, 4), n)] if tta else [])
+
+
+FLIP_GROUP = 2  # flips per sliding-window pass: each holds K x box floats, so 8 at once passed 2 GiB
+
+
+def flip_probabilities(
+    model: nn.Module,
+    image: torch.Tensor,
+    roi: Sequence[int],
+    target: str,
+    overlap: float = 0.5,
+    tta: bool = False,
+    amp_dtype: torch.dtype | None = None,
+    sw_batch_size: int = 1,
+) -> Iterator[torch.Tensor]:
+    """Probabilities `(B, K, X, Y, Z)` of each flip, flipped back: 8 with `tta`, else 1.
+
+    Flips go through the sliding window `FLIP_GROUP` at a time as one batch, so the network sees
+    `sw_batch_size` windows per call whichever flip they come from, and memory holds only a
+    group's outputs. Windows are Gaussian-weighted, as nnU-Net blends them. Softmax over
+    classes, or sigmoid per region.
+    """
+    flips = flip_dims(tta)
+    for i in range(0, len(flips), FLIP_GROUP):
+        group = flips[i : i + FLIP_GROUP]
+        batch = torch.cat([torch.flip(image, dims) if dims else image for dims in group])
+        with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype or torch.float32,
+                                             enabled=amp_dtype is not None):
+            logits = sliding_window_inference(
+                batch, roi_size=tuple(roi), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap,
+                mode="gaussian",
+            ).float()
+        probs = torch.sigmoid(logits) if target == "regions" else torch.softmax(logits, dim=1)
+        for part, dims in zip(probs.split(image.shape[0]), group):
+            yield torch.flip(part, dims) if dims else part
+
+
+def tta_probabilities(
+    model: nn.Module,
+    image: torch.Tensor,
+    roi: Sequence[int],
+    target: str,
+    overlap: float = 0.5,
+    tta: bool = False,
+    amp_dtype: torch.dtype | None = None,
+    sw_batch_size: int = 1,
+    uncertainty: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flip-averaged probabilities `(B, K, X, Y, Z)` and, if asked, `flip_uncertainty` `(B, X, Y, Z)`,
+    from running sums (one flip group in memory at a time)."""
+    total, entropy, count = None, None, 0
+    for probs in flip_probabilities(model, image, roi, target, overlap, tta, amp_dtype, sw_batch_size):
+        total = probs if total is None else total + probs
+        if uncertainty:
+            h = _entropy(probs, target)
+            entropy = h if entropy is None else entropy + h
+        count += 1
+    mean = total / count
+    return mean, (_mutual_information(mean, entropy / count, target) if uncertainty else None)
 
 
 def probabilities(
@@ -30,20 +94,32 @@ def probabilities(
     """Class (softmax) or region (sigmoid) probabilities `(B, K, X, Y, Z)` for `image` `(B, C, X, Y, Z)`.
 
     With `tta`, the average over all 8 combinations of flips along the three axes.
-    Windows are Gaussian-weighted, as nnU-Net blends them.
     """
-    flips = [()] + ([c for n in (1, 2, 3) for c in itertools.combinations((2, 3, 4), n)] if tta else [])
-    total = None
-    with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        for dims in flips:
-            x = torch.flip(image, dims) if dims else image
-            logits = sliding_window_inference(
-                x, roi_size=tuple(roi), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap, mode="gaussian"
-            ).float()
-            probs = torch.sigmoid(logits) if target == "regions" else torch.softmax(logits, dim=1)
-            probs = torch.flip(probs, dims) if dims else probs
-            total = probs if total is None else total + probs
-    return total / len(flips)
+    return tta_probabilities(model, image, roi, target, overlap, tta, amp_dtype, sw_batch_size)[0]
+
+
+def _entropy(p: torch.Tensor, target: str) -> torch.Tensor:
+    """Entropy in bits over axis -4 (classes, or independent regions summed)."""
+    p = p.clamp(1e-7, 1 - 1e-7)
+    h = -p * torch.log2(p)
+    if target == "regions":
+        h = h - (1 - p) * torch.log2(1 - p)
+    return h.sum(dim=-4)
+
+
+def _mutual_information(mean: torch.Tensor, mean_entropy: torch.Tensor, target: str) -> torch.Tensor:
+    return (_entropy(mean, target) - mean_entropy).clamp_min(0.0)
+
+
+def flip_uncertainty(flip_probs: torch.Tensor, target: str) -> torch.Tensor:
+    """Mutual information between the prediction and the flip (BALD), in bits: `(B, X, Y, Z)`
+    from stacked flips `(F, B, K, X, Y, Z)`.
+
+    The entropy of the flip-averaged probabilities minus the mean entropy of each flip's: zero
+    where all flips agree (however unsure they agree to be), largest where confident flips
+    disagree; so it measures what TTA reveals, not the network's calibrated doubt.
+    """
+    return _mutual_information(flip_probs.mean(dim=0), _entropy(flip_probs, target).mean(dim=0), target)
 
 
 def to_labels(probs: torch.Tensor | np.ndarray, target: str) -> np.ndarray:

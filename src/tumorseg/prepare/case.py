@@ -7,6 +7,7 @@ before the record, both atomically, so a record on disk means the case is comple
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,21 @@ def load_channels(case: Case, channels: tuple[str, ...]) -> list[Volume]:
     return out
 
 
+def check_intensities(case: Case, channels: tuple[str, ...], vols: list[Volume]) -> list[str]:
+    """Refuse NaN or infinite voxels (min-max scaling would silently turn the volume into zeros);
+    return a warning for each constant modality (scaled to zeros; it usually means a broken scan)."""
+    warnings = []
+    for modality, vol in zip(channels, vols):
+        lo, hi = float(np.min(vol.data)), float(np.max(vol.data))  # NaN and +-inf all show in these two
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad = int(np.count_nonzero(~np.isfinite(vol.data)))
+            raise TumorsegError(f"{case.case_id}: {vol.path} ({modality}) has {bad} NaN or infinite voxel(s)")
+        if lo == hi:
+            warnings.append(f"{case.case_id}: {vol.path} ({modality}) holds the single value {lo:g}: a broken scan? "
+                            "it is scaled to zeros")
+    return warnings
+
+
 def to_network_grid(vols: list[Volume], spacing) -> tuple[list[np.ndarray], Grid, Grid]:
     """The channels on the network's grid (canonical orientation, `spacing` in mm or None to keep
     the scan's), with the scan's grid and the network's grid. BraTS scans pass through untouched."""
@@ -102,10 +118,12 @@ def preprocess(data: list[np.ndarray], config: PrepareConfig) -> tuple[np.ndarra
 def prepare_case(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
     """Process one case and write its arrays and record; returns the record."""
     vols = load_channels(case, config.channels)
+    warnings = check_intensities(case, config.channels, vols)
     data, src, net = to_network_grid(vols, config.spacing)
     image, box, _ = preprocess(data, config)
     record = {
         "case_id": case.case_id,
+        "warnings": warnings,
         "sources": {m: str(case.images[m]) for m in config.channels},
         "segmentation": str(case.seg) if case.seg else None,
         "note": case.seg_note,

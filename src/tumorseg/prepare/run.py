@@ -12,9 +12,10 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import TumorsegError
-from ..io import write_text
+from ..io import sweep_stale_temps, write_text
 from ..geometry import Grid, network_grid
 from ..layouts import Case, dataset_layout, discover_cases
+from ..lock import folder_lock
 from .case import prepare_case, record_path
 from .config import PrepareConfig, default_workers
 from .split import split_cases
@@ -79,39 +80,43 @@ def prepare(
     cases = training_cases(discover_cases(data_dir))
     if config.spacing is None:
         config = replace(config, spacing=median_spacing(cases, config.channels))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records: dict[str, dict] = {}
-    todo = []
-    for case in cases:
-        done = None if force else _finished(case, config, out_dir)
-        if done is not None:
-            records[case.case_id] = done
+    with folder_lock(out_dir, "prepare"):  # creates out_dir
+        for folder in (out_dir, *(out_dir / sub for sub in ("images", "masks", "records"))):
+            sweep_stale_temps(folder)  # what a killed run left
+        records: dict[str, dict] = {}
+        todo = []
+        for case in cases:
+            done = None if force else _finished(case, config, out_dir)
+            if done is not None:
+                records[case.case_id] = done
+            else:
+                todo.append(case)
+            if case.seg_note:
+                _say(case.seg_note)
+        skipped = len(records)
+        workers = max(1, min(workers or default_workers(), len(todo) or 1))
+        bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress)
+        if workers == 1:
+            for case in todo:
+                records[case.case_id] = _report(_run_one(case, config, out_dir), bar)
         else:
-            todo.append(case)
-        if case.seg_note:
-            _say(case.seg_note)
-    skipped = len(records)
-    workers = max(1, min(workers or default_workers(), len(todo) or 1))
-    bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress)
-    if workers == 1:
-        for case in todo:
-            records[case.case_id] = _report(_run_one(case, config, out_dir), bar)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_run_one, case, config, out_dir) for case in todo]
-            for fut in as_completed(futures):
-                record = _report(fut.result(), bar)
-                records[record["case_id"]] = record
-    bar.close()
-    manifest = _manifest(data_dir, config, [records[c.case_id] for c in cases], cases)
-    write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
-    failed = {r["case_id"]: r["reason"] for r in manifest["cases"] if r["status"] == "failed"}
-    return PrepareResult(out_dir=out_dir, manifest=manifest, failed=failed, skipped=skipped)
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_run_one, case, config, out_dir) for case in todo]
+                for fut in as_completed(futures):
+                    record = _report(fut.result(), bar)
+                    records[record["case_id"]] = record
+        bar.close()
+        manifest = _manifest(data_dir, config, [records[c.case_id] for c in cases], cases)
+        write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+        failed = {r["case_id"]: r["reason"] for r in manifest["cases"] if r["status"] == "failed"}
+        return PrepareResult(out_dir=out_dir, manifest=manifest, failed=failed, skipped=skipped)
 
 
 def _report(record: dict, bar: tqdm) -> dict:
     if record["status"] == "failed":
         _say(f"error: {record['reason']}", bar)
+    for warning in record.get("warnings", ()):
+        _say(f"warning: {warning}", bar)
     bar.update(1)
     return record
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from ..errors import TumorsegError
 from ..evaluation.evaluate import STATUS_OK, evaluate, find_predictions
-from ..io import write_text
+from ..io import sweep_stale_temps, write_text
 from ..labels import BRATS2020
 from ..layouts import discover_cases
+from ..lock import folder_lock
 from .case import CaseReport, report_case
 from .html import case_page, case_page_name, index_page
 from .table import columns, csv_text, summary
@@ -66,30 +67,33 @@ def report(
     from tqdm import tqdm
 
     pred_dir = Path(pred_dir)
-    preds, conflicts = find_predictions(pred_dir)
-    uncertainty = {cid.removesuffix(UNCERTAINTY_SUFFIX): preds.pop(cid) for cid in list(preds)
-                   if cid.endswith(UNCERTAINTY_SUFFIX)}
+    preds, conflicts = find_predictions(pred_dir)  # label maps only: `predict`'s extras are left out
+    uncertainty = {cid: pred_dir / f"{cid}{UNCERTAINTY_SUFFIX}.nii.gz" for cid in preds
+                   if (pred_dir / f"{cid}{UNCERTAINTY_SUFFIX}.nii.gz").is_file()}
     if not preds:
         raise TumorsegError(f"{pred_dir}: no predictions found (expected <case_id>.nii.gz files)")
     out = Path(out) if out is not None else pred_dir / "report"
     image_cases = {c.case_id: c for c in discover_cases(images)} if images is not None else {}
     default_labels = next(iter(image_cases.values())).labels if image_cases else BRATS2020
     metrics, metric_notes = _metrics(pred_dir, gt) if gt is not None else ({}, {})
-    failed = dict(conflicts)
-    reported: list[CaseReport] = []
-    for cid, path in tqdm(sorted(preds.items()), desc="report", unit="case", disable=not progress):
-        try:
-            case = report_case(cid, path, image_cases.get(cid), default_labels, uncertainty.get(cid), out / CASES_DIR)
-        except TumorsegError as exc:
-            failed[cid] = str(exc)
-            continue
-        if images is not None and cid not in image_cases:
-            case.warnings.append(f"no images for this case in {images}: labels shown on black, brain edge not checked")
-        case.metrics = metrics.get(cid)
-        case.warnings += metric_notes.get(cid, [])
-        reported.append(case)
-    sources = {"predictions": pred_dir, "images": images or "not given", "ground truth": gt or "not given"}
-    return _write(reported, failed, gt is not None, out, {k: str(v) for k, v in sources.items()})
+    with folder_lock(out, "report"):
+        for folder in (out, out / CASES_DIR):
+            sweep_stale_temps(folder)  # what a killed run left
+        failed = dict(conflicts)
+        reported: list[CaseReport] = []
+        for cid, path in tqdm(sorted(preds.items()), desc="report", unit="case", disable=not progress):
+            try:
+                case = report_case(cid, path, image_cases.get(cid), default_labels, uncertainty.get(cid), out / CASES_DIR)
+            except TumorsegError as exc:
+                failed[cid] = str(exc)
+                continue
+            if images is not None and cid not in image_cases:
+                case.warnings.append(f"no images for this case in {images}: labels shown on black, brain edge not checked")
+            case.metrics = metrics.get(cid)
+            case.warnings += metric_notes.get(cid, [])
+            reported.append(case)
+        sources = {"predictions": pred_dir, "images": images or "not given", "ground truth": gt or "not given"}
+        return _write(reported, failed, gt is not None, out, {k: str(v) for k, v in sources.items()})
 
 
 def _metrics(pred_dir: Path, gt: str | os.PathLike) -> tuple[dict[str, dict], dict[str, list[str]]]:

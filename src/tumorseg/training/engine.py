@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,6 +13,7 @@ from tqdm import tqdm
 
 from ..data import PreparedDataset
 from ..devices import window_batch
+from ..errors import TumorsegError
 from ..evaluation.metrics import region_dice_from_labels
 from ..inference.postprocess import case_statistics
 from ..inference.window import probabilities, to_labels
@@ -32,6 +35,32 @@ def _batches(loader, epoch: int, steps: int) -> Iterator[dict]:
             return
 
 
+@dataclass
+class LossGuard:
+    """Skips optimizer steps whose loss is NaN or infinite on any rank, so none reaches the weights.
+
+    A NaN loss on one rank reaches every rank's gradients through DDP's averaging, so the ranks
+    decide together. `skipped` counts this epoch's skipped steps (the training loop resets it);
+    `limit` skipped in a row (across epochs) stop training: the run is diverging, not unlucky.
+    """
+
+    limit: int = 5
+    skipped: int = 0
+    in_a_row: int = 0
+
+    def allows(self, loss: torch.Tensor, ctx: DistContext, epoch: int) -> bool:
+        bad = all_reduce_sum(torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0]), ctx)[0] > 0
+        if not bad:
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise TumorsegError(f"the training loss was NaN or infinite in {self.limit} steps in a row (epoch {epoch + 1}); "
+                                "lower the learning rate (--lr) or check the prepared data")
+        return False
+
+
 def train_epoch(
     model: nn.Module,
     loader,
@@ -43,8 +72,13 @@ def train_epoch(
     steps: int = 0,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    guard: LossGuard | None = None,
 ) -> float:
-    """Train one epoch; returns the mean training loss over all ranks."""
+    """Train one epoch; returns the mean training loss over all ranks (of the steps taken).
+
+    Steps with a NaN or infinite loss are skipped and counted in `guard` (a fresh one if None).
+    """
+    guard = guard or LossGuard()
     model.train()
     total = torch.zeros(2, dtype=torch.float64)
     n = steps or len(loader)
@@ -56,13 +90,18 @@ def train_epoch(
             logits = model(image)
         loss = loss_fn(logits.float(), label)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # on every rank, skipped or not: DDP's gradient averaging waits for all
+        if not guard.allows(loss, ctx, epoch):
+            optimizer.zero_grad(set_to_none=True)
+            if scaler.is_enabled():  # fp16 overflow also shows as a NaN loss: back off as the scaler would
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            continue
         scaler.step(optimizer)
         scaler.update()
         total += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         bar.set_postfix(loss=f"{total[0] / total[1]:.4f}")
     total = all_reduce_sum(total, ctx)
-    return float(total[0] / max(total[1], 1))
+    return float(total[0] / total[1]) if total[1] else float("nan")  # nan: every step was skipped
 
 
 def validate(
@@ -87,7 +126,7 @@ def validate(
         sample = dataset.load(index)
         image = sample["image"][None].to(ctx.device)
         label = sample["label"][None].to(ctx.device)
-        probs = probabilities(model, image, roi, target, amp_dtype=amp_dtype, sw_batch_size=window_batch(ctx.device))
+        probs = probabilities(model, image, roi, target, amp_dtype=amp_dtype, sw_batch_size=window_batch(ctx.device, roi))
         loss = loss_fn(_logits_from(probs, target), label)  # exact: the loss re-applies the activation
         pred = to_labels(probs[0], target)
         dice = region_dice_from_labels(pred, sample["label"][0].numpy())

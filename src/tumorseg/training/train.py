@@ -7,6 +7,7 @@ exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _io
 import math
@@ -15,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -22,7 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import PreparedDataset, eval_transform, make_loader, shard, split_ids, train_transform
 from ..errors import TumorsegError
-from ..io import write_text
+from ..io import sweep_stale_temps, write_text
+from ..lock import folder_lock
 from ..devices import amp_dtype as resolve_amp
 from ..devices import describe, deterministic
 from ..inference.postprocess import choose_postprocessing
@@ -34,10 +37,10 @@ from . import distributed
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .rng import rng_state, set_rng_state
 from .config import TrainConfig
-from .engine import mean_dice, train_epoch, validate
+from .engine import LossGuard, mean_dice, train_epoch, validate
 from .losses import build_loss
 
-COLUMNS = ["epoch", "train_loss", "val_loss", *(f"dice_{r}" for r in REGIONS), "dice_mean",
+COLUMNS = ["epoch", "train_loss", "skipped_steps", "val_loss", *(f"dice_{r}" for r in REGIONS), "dice_mean",
            "largest_tumour", "et_threshold", "lr", "seconds"]
 
 
@@ -188,10 +191,22 @@ def train(
     state = _resume(run_dir, spec, manifest) if resume else None
     ctx = distributed.setup(config.device)
     try:
-        with deterministic(config.deterministic):
+        with _claim(run_dir, ctx), deterministic(config.deterministic):
             return _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress)
     finally:
         distributed.cleanup()
+
+
+@contextlib.contextmanager
+def _claim(run_dir: Path, ctx: distributed.DistContext) -> Iterator[None]:
+    """Rank 0, the only writer, locks the run folder and sweeps what a killed run left there;
+    the other ranks of the same torchrun job must not take the lock their rank 0 holds."""
+    if not ctx.is_main:
+        yield
+        return
+    with folder_lock(run_dir, "train"):
+        sweep_stale_temps(run_dir)
+        yield
 
 
 def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress) -> TrainResult:
@@ -225,12 +240,16 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         print(f"training {spec['name']} on {len(train_ids)} cases ({len(val_ids)} validation), patch {patch}, "
               f"{describe(ctx.device, config.amp, amp_dtype)}{f' x{ctx.world_size}' if ctx.distributed else ''}, "
               f"epochs {start + 1}-{config.epochs}", file=sys.stderr)
+    guard, saved = LossGuard(), start  # saved: the epoch last.pt holds
     try:
         for epoch in range(start, config.epochs):
             t0 = time.perf_counter()
             _seed_epoch(config.seed, epoch, ctx.rank, transform)
-            train_loss = train_epoch(net, loader, loss_fn, optimizer, scaler, ctx, epoch, config.steps_per_epoch, amp_dtype, progress)
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
+            guard.skipped = 0
+            train_loss = train_epoch(net, loader, loss_fn, optimizer, scaler, ctx, epoch, config.steps_per_epoch, amp_dtype,
+                                     progress, guard)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "skipped_steps": guard.skipped,
+                   "lr": optimizer.param_groups[0]["lr"]}
             elapsed = clock["spent"] + time.perf_counter() - t0  # a resumed run's budget counts its earlier epochs
             out_of_time = bool(config.max_minutes) and elapsed > 60 * config.max_minutes
             out_of_time = bool(distributed.all_reduce_sum(torch.tensor([float(out_of_time)]), ctx)[0] > 0)  # ranks agree
@@ -249,23 +268,44 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
             improved = row.get("dice_mean", -1.0) > best
             if improved:
                 best, best_epoch = row["dice_mean"], epoch + 1
+            _check_finite(model, epoch)
             if ctx.is_main:
                 state = _state(model, optimizer, scheduler, scaler, epoch + 1, history, best, best_epoch, spec, config, manifest, patch)
-                save_checkpoint(run_dir / "last.pt", state)
-                if improved or not val_ids:
-                    save_checkpoint(run_dir / "best.pt", state)
-                _write_history(run_dir, history)
+                _save(run_dir, state, history, best=improved or not val_ids)
                 print(_format_row(row), file=sys.stderr)
             distributed.barrier(ctx)
+            saved = epoch + 1
             if out_of_time:
                 if ctx.is_main:
                     print(f"stopping: the {config.max_minutes:g}-minute budget is spent", file=sys.stderr)
                 break
     except KeyboardInterrupt:
         if ctx.is_main:
-            print(f"interrupted: {run_dir / 'last.pt'} holds epoch {len(history)}; continue with --resume", file=sys.stderr)
+            print(f"interrupted: {run_dir / 'last.pt'} holds epoch {saved}; continue with --resume", file=sys.stderr)
         raise
+    except (TumorsegError, torch.cuda.OutOfMemoryError) as exc:  # a diverging run, a full disk, GPU memory
+        reason = exc if isinstance(exc, TumorsegError) else (
+            f"out of GPU memory in epoch {len(history) + 1} with batch {config.batch_size} and patch {patch}: "
+            "lower --batch-size or --patch")
+        kept = f"{run_dir / 'last.pt'} keeps epoch {saved}, the last good one" if saved else "no epoch was saved"
+        raise TumorsegError(f"{reason}; {kept}") from None
     return TrainResult(run_dir, history, best, best_epoch)
+
+
+def _check_finite(model: torch.nn.Module, epoch: int) -> None:
+    """Refuse to save NaN or infinite weights (every rank checks: their weights are the same)."""
+    if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()):
+        raise TumorsegError(f"the weights became NaN or infinite in epoch {epoch + 1}; lower the learning rate (--lr)")
+
+
+def _save(run_dir: Path, state: dict, history: list[dict], best: bool) -> None:
+    """best.pt, then metrics.csv and curves, then last.pt: a kill between them leaves last.pt at the
+    previous epoch, which a resumed run repeats exactly, so best.pt always holds the epoch that
+    metrics.csv shows best (last.pt first could leave a stale best.pt that no resume rewrites)."""
+    if best:
+        save_checkpoint(run_dir / "best.pt", state)
+    _write_history(run_dir, history)
+    save_checkpoint(run_dir / "last.pt", state)
 
 
 def _format_row(row: dict) -> str:

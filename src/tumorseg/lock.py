@@ -1,0 +1,116 @@
+"""One tumorseg run per output folder: a lock file naming the process that holds the folder.
+
+Two runs writing into one folder (two `prepare`, two `train` into one run folder) would
+interleave their files and each trust the other's half-written state; the second is refused
+with one line naming the first. A lock left behind by a killed process (SIGKILL, a crash, a
+power cut) is recognised by its pid being gone on this host and taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from .errors import TumorsegError
+
+LOCK_NAME = ".tumorseg.lock"
+UNREADABLE_GRACE_S = 5.0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder(text: str) -> dict | None:
+    """A lock's content, or None when it is unreadable (then nobody can prove they hold it)."""
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def _dead(holder: dict | None, path: Path) -> bool:
+    """Whether the lock's process is gone. An unreadable lock counts as dead unless it is a few
+    seconds old: then its run may be between creating it and writing its content."""
+    if holder is None:
+        return time.time() - path.stat().st_mtime > UNREADABLE_GRACE_S
+    return holder.get("host") == socket.gethostname() and not pid_alive(holder["pid"])
+
+
+def _describe(holder: dict | None) -> str:
+    if holder is None:
+        return "another tumorseg run (its lock is being written or unreadable)"
+    since = time.strftime("%Y-%m-%d %H:%M", time.localtime(holder.get("started", 0)))
+    return f"tumorseg {holder.get('command', '?')} (pid {holder['pid']} on {holder.get('host', '?')}, since {since})"
+
+
+def _create(path: Path, text: str) -> bool:
+    """Create the lock exclusively (O_CREAT|O_EXCL: exactly one of two racing runs succeeds); False if it exists."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return True
+
+
+def _take_over(path: Path, stale: str) -> bool:
+    """Move a dead holder's lock aside; False (lock restored) when it changed since it was read,
+    i.e. another run took it over first."""
+    aside = path.with_name(f".tmp-{os.getpid()}-{path.name}.stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return True
+    if aside.read_text() == stale:
+        aside.unlink()
+        return True
+    os.rename(aside, path)
+    return False
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> Iterator[Path]:
+    """Hold `folder/name` (created with the folder) for the duration; `what` is the command
+    ("predict") reported to a second run. Raises TumorsegError when a live process holds it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": what, "started": time.time(),
+                       "argv": sys.argv})
+    while not _create(path, mine):
+        try:
+            stale = path.read_text()
+            holder = _holder(stale)
+            dead = _dead(holder, path)
+        except FileNotFoundError:
+            continue  # released meanwhile
+        if not dead or not _take_over(path, stale):
+            with contextlib.suppress(OSError):
+                holder = _holder(path.read_text()) or holder  # the run that took it over first
+            raise TumorsegError(f"{folder} is in use by {_describe(holder)}; "
+                                f"wait for it or remove {path} if it is gone")
+        print(f"note: {path} was left by {_describe(holder)}, which is gone; "
+              "taking it over", file=sys.stderr)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text() == mine:  # never remove a lock someone else took over
+                path.unlink()

@@ -1,0 +1,72 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tumorseg.errors import TumorsegError
+from tumorseg.lock import LOCK_NAME, folder_lock
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # reaped: the pid is gone
+    return proc.pid
+
+
+def test_second_run_is_refused_naming_the_first(tmp_path):
+    with folder_lock(tmp_path / "out", "predict") as path:
+        holder = json.loads(path.read_text())
+        assert holder["pid"] == os.getpid() and holder["command"] == "predict"
+        with pytest.raises(TumorsegError, match=rf"out is in use by tumorseg predict \(pid {os.getpid()} on .*remove .*{LOCK_NAME}"):
+            with folder_lock(tmp_path / "out", "train"):
+                pass
+        assert path.exists()  # the refused run leaves the holder's lock alone
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_lock_of_a_killed_process_is_taken_over(tmp_path, capsys):
+    lock = tmp_path / LOCK_NAME
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "command": "prepare", "started": 0}))
+    with folder_lock(tmp_path, "prepare"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "which is gone; taking it over" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lock_of_another_host_is_respected(tmp_path):
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": "elsewhere", "command": "train", "started": 0}))
+    with pytest.raises(TumorsegError, match="in use by tumorseg train .* on elsewhere"):
+        with folder_lock(tmp_path, "train"):
+            pass
+
+
+HOLD = """
+import sys, time
+from tumorseg.errors import TumorsegError
+from tumorseg.lock import folder_lock
+try:
+    with folder_lock(sys.argv[1], "predict"):
+        print("held", flush=True)
+        time.sleep(float(sys.argv[2]))
+except TumorsegError as exc:
+    print(exc)
+"""
+
+
+def test_two_processes_at_once(tmp_path):
+    """Real processes: the first holds the folder, the second is refused naming it, and once the
+    first is killed (SIGKILL) the next run takes the lock over."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = subprocess.run([sys.executable, "-c", HOLD, str(tmp_path), "0"], capture_output=True, text=True)
+        assert second.stdout.startswith(f"{tmp_path} is in use by tumorseg predict (pid {holder.pid} on ")
+    finally:
+        holder.kill()
+        holder.wait()
+    third = subprocess.run([sys.executable, "-c", HOLD, str(tmp_path), "0"], capture_output=True, text=True)
+    assert third.stdout == "held\n" and "taking it over" in third.stderr
+    assert list(tmp_path.iterdir()) == []
