@@ -34,7 +34,7 @@ def test_train_flags_set_the_checkpoints_inference(trained):
 def test_help_is_instant_and_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "tumorseg.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for command in ("synth", "prepare", "train", "predict", "evaluate", "show", "demo"):
+    for command in ("synth", "prepare", "train", "predict", "evaluate", "show", "report", "export", "demo"):
         assert command in proc.stdout
 
 
