@@ -41,7 +41,7 @@ from tumorseg.io import save_npy
 
 from tumorseg.layouts import Case, discover_cases
 from tumorseg.prepare import PrepareConfig, prepare
-from tumorseg.prepare.case import load_channels, load_segmentation, preprocess
+from tumorseg.prepare.case import load_channels, load_segmentation, preprocess, to_network_grid
 from tumorseg.prepare.config import default_workers
 from tumorseg.prepare.crop import crop
 
@@ -109,11 +109,11 @@ def ours_stages(cases: list[Case], out_dir: Path) -> dict[str, float]:
     stages = dict.fromkeys(STAGES, 0.0)
     for case in cases:
         t0 = time.perf_counter()
-        vols = load_channels(case, config.channels)
+        data, src, net = to_network_grid(load_channels(case, config.channels), config.spacing)
         t1 = time.perf_counter()
-        image, box, _ = preprocess(vols, config)  # brain mask, scaling and crop together
+        image, box, _ = preprocess(data, config)  # brain mask, scaling and crop together
         t2 = time.perf_counter()
-        mask = crop(load_segmentation(case, vols[0].data.shape), box)
+        mask = crop(load_segmentation(case, src, net, config.cavity), box)
         t3 = time.perf_counter()
         save_npy(out_dir / "images" / f"{case.case_id}.npy", np.ascontiguousarray(image))
         save_npy(out_dir / "masks" / f"{case.case_id}.npy", np.ascontiguousarray(mask))

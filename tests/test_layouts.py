@@ -85,6 +85,12 @@ def test_mixed_and_unreadable_folders_are_one_line(tmp_path, layouts):
     (bad / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0}}))
     with pytest.raises(TumorsegError, match="channel 0 'CT' is not an MRI modality"):
         discover_cases(bad)
+    (bad / "dataset.json").write_text(json.dumps({"channel_names": {"T1": "T1"}, "labels": {"background": 0}}))
+    with pytest.raises(TumorsegError, match="channel key 'T1' is not a channel number"):
+        discover_cases(bad)
+    (bad / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "labels": {"edema": "one"}}))
+    with pytest.raises(TumorsegError, match="must map names to integer values"):
+        discover_cases(bad)
 
 
 def test_aliases_and_dataset_json_label_forms():

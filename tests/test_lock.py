@@ -70,3 +70,10 @@ def test_two_processes_at_once(tmp_path):
     third = subprocess.run([sys.executable, "-c", HOLD, str(tmp_path), "0"], capture_output=True, text=True)
     assert third.stdout == "held\n" and "taking it over" in third.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unusable_output_folder_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(TumorsegError, match="cannot create the output folder"):
+        with folder_lock(tmp_path / "file" / "out", "predict"):
+            pass

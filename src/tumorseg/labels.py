@@ -210,11 +210,6 @@ def _same_values(a: LabelConvention, b: LabelConvention) -> bool:
 RAW_LABELS: tuple[int, ...] = BRATS2020.values
 
 
-def invalid_raw_labels(seg: np.ndarray) -> list[int]:
-    """Labels present in a BraTS 2020 segmentation that it does not allow (3 included)."""
-    return BRATS2020.invalid(np.asarray(seg))
-
-
 def to_training_labels(seg: np.ndarray) -> np.ndarray:
     """BraTS 2020 labels (0,1,2,4) -> training labels (0,1,2,3), uint8."""
     return BRATS2020.to_training(seg)
@@ -228,11 +223,6 @@ def to_raw_labels(mask: np.ndarray) -> np.ndarray:
 def regions_from_labels(mask: np.ndarray) -> np.ndarray:
     """Training labels (...) -> boolean region masks (3, ...) in the order WT, TC, ET."""
     return np.stack([np.isin(mask, REGION_LABELS[r]) for r in REGIONS])
-
-
-def regions_from_raw_labels(seg: np.ndarray) -> np.ndarray:
-    """BraTS 2020 labels (...) -> boolean region masks (3, ...) in the order WT, TC, ET."""
-    return BRATS2020.regions(seg)
 
 
 def labels_from_regions(regions: np.ndarray) -> np.ndarray:

@@ -164,6 +164,8 @@ def dataset_labels(meta: dict, layout: str, path: Path) -> LabelConvention:
         return convention_from_names({k: int(v) for k, v in labels.items()}, layout)
     except TumorsegError as exc:
         raise TumorsegError(f"{path}: {exc}") from None
+    except (TypeError, ValueError):  # a label value that is no integer
+        raise TumorsegError(f"{path}: 'labels' must map names to integer values (or lists of them)") from None
 
 
 def dataset_channels(meta: dict, path: Path) -> dict[int, str]:
@@ -176,6 +178,8 @@ def dataset_channels(meta: dict, path: Path) -> dict[int, str]:
         modality = canonical_modality(str(name))
         if modality is None:
             raise TumorsegError(f"{path}: channel {index} '{name}' is not an MRI modality tumorseg knows ({', '.join(MODALITIES)})")
+        if not str(index).isdigit():
+            raise TumorsegError(f"{path}: channel key '{index}' is not a channel number")
         out[int(index)] = modality
     return out
 

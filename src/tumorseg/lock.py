@@ -64,6 +64,8 @@ def _create(path: Path, text: str) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
+    except OSError as exc:  # a read-only folder
+        raise TumorsegError(f"{path.parent}: cannot write there ({exc.strerror})") from None
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     return True
@@ -90,7 +92,10 @@ def folder_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> 
     ("predict") reported to a second run. Raises TumorsegError when a live process holds it.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # an existing file of that name, a read-only disk
+        raise TumorsegError(f"{folder}: cannot create the output folder ({exc.strerror})") from None
     path = folder / name
     mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": what, "started": time.time(),
                        "argv": sys.argv})

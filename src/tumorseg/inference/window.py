@@ -7,7 +7,7 @@ numbers for the same weights.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,38 +25,6 @@ def flip_dims(tta: bool) -> list[tuple[int, ...]]:
 FLIP_GROUP = 2  # flips per sliding-window pass: each holds K x box floats, so 8 at once passed 2 GiB
 
 
-def flip_probabilities(
-    model: nn.Module,
-    image: torch.Tensor,
-    roi: Sequence[int],
-    target: str,
-    overlap: float = 0.5,
-    tta: bool = False,
-    amp_dtype: torch.dtype | None = None,
-    sw_batch_size: int = 1,
-) -> Iterator[torch.Tensor]:
-    """Probabilities `(B, K, X, Y, Z)` of each flip, flipped back: 8 with `tta`, else 1.
-
-    Flips go through the sliding window `FLIP_GROUP` at a time as one batch, so the network sees
-    `sw_batch_size` windows per call whichever flip they come from, and memory holds only a
-    group's outputs. Windows are Gaussian-weighted, as nnU-Net blends them. Softmax over
-    classes, or sigmoid per region.
-    """
-    flips = flip_dims(tta)
-    for i in range(0, len(flips), FLIP_GROUP):
-        group = flips[i : i + FLIP_GROUP]
-        batch = torch.cat([torch.flip(image, dims) if dims else image for dims in group])
-        with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype or torch.float32,
-                                             enabled=amp_dtype is not None):
-            logits = sliding_window_inference(
-                batch, roi_size=tuple(roi), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap,
-                mode="gaussian",
-            ).float()
-        probs = torch.sigmoid(logits) if target == "regions" else torch.softmax(logits, dim=1)
-        for part, dims in zip(probs.split(image.shape[0]), group):
-            yield torch.flip(part, dims) if dims else part
-
-
 def tta_probabilities(
     model: nn.Module,
     image: torch.Tensor,
@@ -68,34 +36,40 @@ def tta_probabilities(
     sw_batch_size: int = 1,
     uncertainty: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Flip-averaged probabilities `(B, K, X, Y, Z)` and, if asked, `flip_uncertainty` `(B, X, Y, Z)`,
-    from running sums (one flip group in memory at a time)."""
-    total, entropy, count = None, None, 0
-    for probs in flip_probabilities(model, image, roi, target, overlap, tta, amp_dtype, sw_batch_size):
-        total = probs if total is None else total + probs
-        if uncertainty:
-            h = _entropy(probs, target)
-            entropy = h if entropy is None else entropy + h
-        count += 1
-    mean = total / count
-    return mean, (_mutual_information(mean, entropy / count, target) if uncertainty else None)
+    """Class (softmax) or region (sigmoid) probabilities `(B, K, X, Y, Z)` for `image` `(B, C, X, Y, Z)`,
+    averaged over the 8 combinations of flips along the three axes with `tta`, and, if asked, the
+    flips' disagreement `flip_uncertainty` `(B, X, Y, Z)`.
 
-
-def probabilities(
-    model: nn.Module,
-    image: torch.Tensor,
-    roi: Sequence[int],
-    target: str,
-    overlap: float = 0.5,
-    tta: bool = False,
-    amp_dtype: torch.dtype | None = None,
-    sw_batch_size: int = 1,
-) -> torch.Tensor:
-    """Class (softmax) or region (sigmoid) probabilities `(B, K, X, Y, Z)` for `image` `(B, C, X, Y, Z)`.
-
-    With `tta`, the average over all 8 combinations of flips along the three axes.
+    Flips go through the sliding window `FLIP_GROUP` at a time as one batch, so the network sees
+    `sw_batch_size` windows per call whichever flip they come from, and memory holds only a
+    group's outputs (the averages are running sums). Windows are Gaussian-weighted, as nnU-Net
+    blends them.
     """
-    return tta_probabilities(model, image, roi, target, overlap, tta, amp_dtype, sw_batch_size)[0]
+    flips = flip_dims(tta)
+    total, entropy = None, None
+    for i in range(0, len(flips), FLIP_GROUP):
+        group = flips[i : i + FLIP_GROUP]
+        batch = torch.cat([torch.flip(image, dims) if dims else image for dims in group])
+        with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype or torch.float32,
+                                             enabled=amp_dtype is not None):
+            logits = sliding_window_inference(
+                batch, roi_size=tuple(roi), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap,
+                mode="gaussian",
+            ).float()
+        probs = torch.sigmoid(logits) if target == "regions" else torch.softmax(logits, dim=1)
+        for part, dims in zip(probs.split(image.shape[0]), group):
+            part = torch.flip(part, dims) if dims else part
+            total = part if total is None else total + part
+            if uncertainty:
+                h = _entropy(part, target)
+                entropy = h if entropy is None else entropy + h
+    mean = total / len(flips)
+    return mean, (_mutual_information(mean, entropy / len(flips), target) if uncertainty else None)
+
+
+def probabilities(*args, **kwargs) -> torch.Tensor:
+    """`tta_probabilities` without the uncertainty: the probabilities `(B, K, X, Y, Z)` alone."""
+    return tta_probabilities(*args, **kwargs)[0]
 
 
 def _entropy(p: torch.Tensor, target: str) -> torch.Tensor:

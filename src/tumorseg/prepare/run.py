@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..errors import TumorsegError
 from ..io import sweep_stale_temps, write_text
-from ..geometry import Grid, network_grid
+from ..geometry import grid_of, network_grid
 from ..layouts import Case, dataset_layout, discover_cases
 from ..lock import folder_lock
 from .case import prepare_case, record_path
@@ -144,8 +144,7 @@ def median_spacing(cases: list[Case], channels: tuple[str, ...]) -> tuple[float,
         grids = []
         for m in channels:
             try:
-                img = nib.load(str(case.image(m)))
-                grids.append(network_grid(Grid(img.shape[:3], img.affine)))
+                grids.append(network_grid(grid_of(nib.load(str(case.image(m))))))
             except Exception:  # noqa: BLE001 - a bad file fails with one line when its case is prepared
                 continue
         if grids:
@@ -161,11 +160,12 @@ def _manifest(data_dir, config: PrepareConfig, records: list[dict], cases: list[
     for r in records:
         r["split"] = "train" if r["case_id"] in split["train"] else "val" if r["case_id"] in split["val"] else None
     counts = {s: sum(r["status"] == s for r in records) for s in ("kept", "dropped", "unlabelled", "failed")}
+    layout, labels = dataset_layout(cases)
     return {
         "format": "tumorseg-prepared-v1",
         "source": str(Path(data_dir).resolve()),
-        "layout": dataset_layout(cases)[0],
-        "labels": dataset_layout(cases)[1].to_dict(),
+        "layout": layout,
+        "labels": labels.to_dict(),
         "settings": config.to_dict(),
         "counts": counts,
         "split": split,

@@ -87,6 +87,9 @@ def report(
             except TumorsegError as exc:
                 failed[cid] = str(exc)
                 continue
+            except Exception as exc:  # noqa: BLE001 - a bug on one odd case: still one line, the others go on
+                failed[cid] = f"{cid}: {type(exc).__name__}: {exc}"
+                continue
             if images is not None and cid not in image_cases:
                 case.warnings.append(f"no images for this case in {images}: labels shown on black, brain edge not checked")
             case.metrics = metrics.get(cid)

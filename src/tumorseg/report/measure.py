@@ -30,10 +30,10 @@ from nibabel.orientations import io_orientation
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from ..labels import CLASS_NAMES, LabelConvention
+from ..labels import CLASS_NAMES, REGION_LABELS, LabelConvention
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
-TUMOUR_CLASSES = {"TC": (1, 3), "WT": (1, 2, 3)}  # training labels of the BraTS regions
+TUMOUR_CLASSES = {r: REGION_LABELS[r] for r in ("TC", "WT")}  # training labels of the volumes' regions
 _EPS_MM = 1e-6
 
 
