@@ -8,7 +8,7 @@ uncrop, BraTS labels) followed by `io.save_nifti` of the labels. Reported in sec
 
 - total: `predict_case` + writing the NIfTI (what a user waits for per case);
 - load: reading the scans, resampling to the network's grid, scaling, cropping (`load_input`);
-- network: sliding windows over all TTA flips, batched (`window.flip_probabilities`);
+- network: sliding windows over all TTA flips, batched (`window.tta_probabilities`);
 - post: the checkpoint's post-processing; other: labels, uncrop, resampling back;
 - save: writing the `.nii.gz`.
 (All timed from inside `predict_case` by wrapping its stages: the same run, not a second one.)
@@ -87,7 +87,7 @@ def make_predictor(name: str, filters: tuple[int, ...] | None, device: str, args
 def instrument(predictor, sync) -> dict:
     """Count network forwards and time each stage of `predict_case` from inside it.
 
-    Wraps `load_input` (load, resample, scale), `flip_probabilities` (the network, all TTA flips
+    Wraps `load_input` (load, resample, scale), `tta_probabilities` (the network, all TTA flips
     batched) and `postprocess`; the rest of `predict_case` (labels, uncrop, resampling back) is
     "other". Returns a dict that fills as cases run, one entry per case and stage.
     """
@@ -110,7 +110,7 @@ def instrument(predictor, sync) -> dict:
 
         return wrapper
 
-    for name, attr in (("load", "load_input"), ("network", "flip_probabilities"), ("postprocess", "postprocess")):
+    for name, attr in (("load", "load_input"), ("network", "tta_probabilities"), ("postprocess", "postprocess")):
         setattr(predict_module, attr, timed(name, getattr(predict_module, attr)))
 
     def count(*_):

@@ -12,6 +12,14 @@ peak resident set size (`ru_maxrss`), on CUDA `torch.cuda.max_memory_allocated` 
 autocast, timing with `torch.cuda.synchronize`).
 
     python benchmarks/bench_train.py [--size 128] [--device auto|cpu|cuda] [--networks unet3d,unet]
+
+With `--recipe R` it times the recipe's own network (model, widths, channels, target, deep
+supervision) at its patch and batch size instead, and beside it the training data loader with
+that recipe's sampling and augmentation per worker count (`bench_loader.measure`, over
+`--prepared` or synthetic cases): a GPU stays busy only where the loader delivers at least the
+step's samples per second (issue 12 asks for twice as many).
+
+    python benchmarks/bench_train.py --recipe brats-gpu --prepared prep_gpu --workers 2,4,8
 """
 
 from __future__ import annotations
@@ -23,17 +31,34 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench_loader import measure, prepared_folder
 from common import cpu_name, pick_device, write_results
 
 RESULTS = Path(__file__).parent / "results" / "bench_train.json"
 
 
-def make_step(name: str, size: int, batch: int, device: str) -> tuple[Callable[[], float], int]:
-    """A closure running one training step of network `name`, and its parameter count."""
+def network_setup(name: str, recipe: str | None) -> tuple[dict, str]:
+    """The network spec and loss target: the recipe's, else `name` with default widths, 3 channels, labels."""
+    from tumorseg.networks import network_spec
+
+    if recipe is None:
+        return network_spec(name, 3, 4), "labels"
+    from tumorseg.recipes import load_recipe
+
+    r = load_recipe(recipe)
+    train, target = r["train"], r["train"].get("target", "labels")
+    spec = network_spec(train["model"], len(r["prepare"]["channels"]), 3 if target == "regions" else 4,
+                        train.get("filters"), deep_supervision=train.get("deep_supervision", False))
+    return spec, target
+
+
+def make_step(name: str, size: int, batch: int, device: str, recipe: str | None = None) -> tuple[Callable[[], float], int]:
+    """A closure running one training step of network `name` (or `recipe`'s), and its parameter count."""
     import torch
 
     from tumorseg.networks import build_network
@@ -41,10 +66,11 @@ def make_step(name: str, size: int, batch: int, device: str) -> tuple[Callable[[
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = build_network(name, in_channels=3, out_channels=4).to(dev).train()
-    loss_fn = build_loss("labels").to(dev)
+    spec, target = network_setup(name, recipe)
+    model = build_network(**spec).to(dev).train()
+    loss_fn = build_loss(target).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    image = torch.rand(batch, 3, size, size, size, device=dev)
+    image = torch.rand(batch, spec["in_channels"], size, size, size, device=dev)
     labels = torch.randint(0, 4, (batch, 1, size, size, size), device=dev)
     amp = torch.bfloat16 if device == "cuda" else None
 
@@ -60,12 +86,13 @@ def make_step(name: str, size: int, batch: int, device: str) -> tuple[Callable[[
     return step, sum(p.numel() for p in model.parameters())
 
 
-def time_network(name: str, size: int, batch: int, device: str, steps: int, warmup: int) -> dict:
+def time_network(name: str, size: int, batch: int, device: str, steps: int, warmup: int,
+                 recipe: str | None = None) -> dict:
     """Run `warmup` + `steps` training steps of one network; seconds, throughput, memory."""
     import torch
 
     build_start = time.perf_counter()
-    step, params = make_step(name, size, batch, device)
+    step, params = make_step(name, size, batch, device, recipe)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()
@@ -97,6 +124,8 @@ def run_child(name: str, args: argparse.Namespace, device: str, steps: int) -> d
     """`time_network` in a fresh interpreter, so its peak memory is its own."""
     cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size), "--batch", str(args.batch),
            "--device", device, "--steps", str(steps), "--warmup", str(args.warmup)]
+    if args.recipe:
+        cmd += ["--recipe", args.recipe]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -143,6 +172,13 @@ def print_table(res: dict) -> None:
         peak = r["peak_cuda_gib"] if cuda else r["peak_rss_gib"]
         print(f"{r['network']:<11}{r['params_m']:>9.2f}{r['s_per_step']:>9.3f}{r['s_per_step_min']:>8.3f}"
               f"{r['samples_per_s']:>11.3f}{peak:>17.2f}")
+    if res.get("loader"):
+        step = next((r["samples_per_s"] for r in res["results"] if "error" not in r), None)
+        print(f"\nloader ({res['recipe']} sampling and augmentation, {res['loader_data']}) beside the step:")
+        print(f"{'workers':>8}{'samples/s':>11}{'x step rate':>13}")
+        for r in res["loader"]:
+            ratio = f"{r['samples_per_s'] / step:>13.2f}" if step else f"{'-':>13}"
+            print(f"{r['workers']:>8}{r['samples_per_s']:>11.2f}{ratio}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -155,6 +191,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
+    parser.add_argument("--recipe", help="time this recipe's network at its patch and batch, and its loader beside it")
+    parser.add_argument("--prepared", type=Path, help="with --recipe: prepared cases for the loader (default: synthetic)")
+    parser.add_argument("--cases", type=int, default=4, help="with --recipe and no --prepared: synthetic cases (default 4)")
+    parser.add_argument("--workers", default="0,1,2", help="with --recipe: loader worker counts (default 0,1,2)")
+    parser.add_argument("--batches", type=int, default=20, help="with --recipe: timed loader batches (default 20)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: time one network, print JSON
     return parser.parse_args()
 
@@ -166,11 +207,17 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(time_network(args.child, args.size, args.batch, args.device, args.steps, args.warmup)))
+        print(json.dumps(time_network(args.child, args.size, args.batch, args.device, args.steps, args.warmup,
+                                      args.recipe)))
         return
     from tumorseg.networks import NETWORKS, required_divisor
 
     names = args.networks.split(",") if args.networks else list(NETWORKS)
+    if args.recipe:
+        from tumorseg.recipes import load_recipe
+
+        train = load_recipe(args.recipe)["train"]
+        names, args.size, args.batch = [train["model"]], int(train["patch"][0]), int(train.get("batch_size", 2))
     unknown = [n for n in names if n not in NETWORKS]
     if unknown:
         raise SystemExit(f"unknown network(s) {', '.join(unknown)}; known: {', '.join(NETWORKS)}")
@@ -185,6 +232,11 @@ def main() -> None:
     for name in names:
         res["results"].append(run_child(name, args, device, steps))
         print(json.dumps(res["results"][-1]), flush=True)
+    if args.recipe:
+        res["recipe"], res["loader_data"] = args.recipe, str(args.prepared or f"{args.cases} synthetic cases")
+        with tempfile.TemporaryDirectory(prefix="bench_train_loader_") as tmp:
+            prepared = prepared_folder(args, Path(tmp))
+            res["loader"] = [measure(prepared, args, int(w)) for w in args.workers.split(",")]
     res["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     write_results(args.out, res, print_table)
 

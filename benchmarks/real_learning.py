@@ -45,8 +45,12 @@ def hold_out(data: Path, work: Path, n_test: int, seed: int) -> tuple[Path, Path
     return work / "train", work / "test", test_ids
 
 
-def run_recipe(name: str, train_dir: Path, test_dir: Path, work: Path, minutes: float, val_fraction: float) -> dict:
-    """Prepare, train, predict and evaluate one recipe; a re-run continues where the last one stopped."""
+def run_recipe(name: str, train_dir: Path, test_dir: Path, work: Path, minutes: float, val_fraction: float,
+               **predict_options) -> dict:
+    """Prepare, train, predict and evaluate one recipe; a re-run continues where the last one stopped.
+
+    `predict_options` go to `predict` (e.g. uncertainty=True, report=True).
+    """
     recipe = load_recipe(name)
     out = work / name
     prep_cfg = PrepareConfig.from_dict({**PrepareConfig().to_dict(), **recipe["prepare"], "val_fraction": val_fraction})
@@ -57,7 +61,7 @@ def run_recipe(name: str, train_dir: Path, test_dir: Path, work: Path, minutes: 
     if not history or sum(row["seconds"] for row in history) <= 60 * minutes:  # budget not yet spent
         history = train(out / "prepared", out / "run", config, resume=last.exists()).history
     t0 = time.perf_counter()
-    predicted = predict(out / "run" / "best.pt", test_dir, out / "predictions")
+    predicted = predict(out / "run" / "best.pt", test_dir, out / "predictions", **predict_options)
     predict_seconds = time.perf_counter() - t0
     scores = evaluate(out / "predictions", test_dir, out_csv=out / "predictions" / "metrics.csv")
     print(scores.report())

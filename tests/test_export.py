@@ -123,8 +123,8 @@ def test_prediction_from_onnx_equals_checkpoint_on_a_real_case(real_data_dir, tm
     save_checkpoint(tmp_path / "m.pt", state)
     export_onnx(tmp_path / "m.pt", tmp_path / "m.onnx")
     case = discover_cases(case_dir)[0]
-    pt, ox = (predict_case(Predictor.from_checkpoint(tmp_path / m, device="cpu"), case, probabilities=True)
-              for m in ("m.pt", "m.onnx"))
+    pt, ox = (predict_case(Predictor.from_checkpoint(tmp_path / m, device="cpu", engine="torch"), case, probabilities=True)
+              for m in ("m.pt", "m.onnx"))  # an exported file always runs in ONNX Runtime
     assert ox.convention == pt.convention and np.array_equal(ox.affine, pt.affine)
     _assert_same_outputs(pt.labels, ox.labels, pt.probabilities, ox.probabilities, 0)
 
@@ -139,8 +139,43 @@ def test_cli_export_then_predict_from_the_onnx_file(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "m.onnx"), raw, str(tmp_path / "onnx"), "--device", "cpu", "--probabilities"]) == 0
     predictor = Predictor.from_checkpoint(tmp_path / "m.onnx", device="cpu")
     assert isinstance(predictor.model, OnnxNetwork) and predictor.largest_tumour and predictor.et_threshold == 20
-    predict(tmp_path / "m.pt", raw, tmp_path / "pt", device="cpu", probabilities=True, progress=False)
+    predict(tmp_path / "m.pt", raw, tmp_path / "pt", device="cpu", probabilities=True, progress=False, engine="torch")
     _assert_same_files(tmp_path / "pt", tmp_path / "onnx", "c0")
+
+
+@pytest.mark.parametrize("name", ["unet3d", "unet"])
+def test_in_memory_onnx_engine_equals_pytorch(name, tmp_path):
+    """`--engine onnx` (the CPU default where installed) exports in memory: PyTorch's outputs within 1e-4."""
+    write_case(tmp_path / "raw", "c0", shape=(40, 44, 32))
+    state = _state(name, target="regions" if name == "unet" else "labels", tta=True)
+    case = discover_cases(tmp_path / "raw")[0]
+    pt, ox = (Predictor.from_checkpoint(state, device="cpu", engine=engine) for engine in ("torch", "onnx"))
+    assert ox.engine == "onnx" and isinstance(ox.model, OnnxNetwork)
+    assert pt.engine == "torch" and not isinstance(pt.model, OnnxNetwork)
+    a, b = (predict_case(p, case, probabilities=True) for p in (pt, ox))
+    _assert_same_outputs(a.labels, b.labels, a.probabilities, b.probabilities, 0)
+
+
+def test_engine_auto_prefers_onnx_runtime_on_the_cpu_and_falls_back(monkeypatch, capsys):
+    import tumorseg.inference.onnx_model as onnx_model
+
+    predict_module = sys.modules["tumorseg.inference.predict"]  # the attribute is the function of that name
+
+    assert Predictor.from_checkpoint(_state(), device="cpu").engine == "onnx"
+    monkeypatch.setattr(predict_module, "onnx_runtime_installed", lambda: False)
+    assert Predictor.from_checkpoint(_state(), device="cpu").engine == "torch"
+    monkeypatch.undo()
+
+    def broken(*args):
+        raise TumorsegError("checkpoint: cannot export at opset 17 (unsupported operator)")
+
+    monkeypatch.setattr(onnx_model, "_onnx_proto", broken)
+    assert Predictor.from_checkpoint(_state(), device="cpu").engine == "torch"  # auto: a note, then PyTorch
+    assert "cannot export" in capsys.readouterr().err
+    with pytest.raises(TumorsegError, match="cannot export"):
+        Predictor.from_checkpoint(_state(), device="cpu", engine="onnx")
+    with pytest.raises(TumorsegError, match="unknown engine"):
+        Predictor.from_checkpoint(_state(), device="cpu", engine="tensorrt")
 
 
 def _one_line_error(call, path):
@@ -171,10 +206,10 @@ def test_corrupt_foreign_and_missing_files_are_one_line_errors(tmp_path, capsys)
     _one_line_error(lambda: export_onnx(tmp_path / "absent.pt", tmp_path / "x.pt"), tmp_path / "x.pt")
 
 
-def test_onnx_extra_is_optional(monkeypatch, tmp_path):
+def test_onnx_runtime_is_optional(monkeypatch, tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
-    with pytest.raises(TumorsegError, match=r"pip install 'tumorseg\[onnx\]'") as info:
+    with pytest.raises(TumorsegError, match="pip install onnx onnxruntime") as info:
         Predictor.from_checkpoint(tmp_path / "m.onnx", device="cpu")
     assert str(info.value) == INSTALL_HINT
     code = "import sys, tumorseg.cli, tumorseg.inference; assert not {'onnx', 'onnxruntime'} & set(sys.modules)"

@@ -1,4 +1,5 @@
 import os
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from tumorseg.cli import build_parser
 from tumorseg.errors import TumorsegError
 from tumorseg.inference import Predictor, predict, predict_case
 from tumorseg.inference.predict import inference_box, network_input
@@ -340,3 +342,32 @@ def test_predict_report_reads_the_uncertainty(raw, ckpt, tmp_path):
     assert res.report == tmp_path / "pred/report/index.html" and res.report.is_file()
     rows = (tmp_path / "pred/report/volumes.csv").read_text().splitlines()
     assert len(rows) == 2 and "uncertainty" in rows[0]
+
+
+def test_window_validated_and_clipped_to_the_box():
+    predictor = Predictor(nn.Identity(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, window=(64, 48, 256))
+    assert predictor.roi((48, 56, 40)) == (48, 48, 40)  # larger than the box: the box
+    assert Predictor(nn.Identity(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8).roi((48, 56, 40)) == (32, 32, 32)
+    for bad in ((60, 64, 64), (0, 64, 64), (64, 64)):
+        with pytest.raises(TumorsegError, match="multiples of 8"):
+            Predictor(nn.Identity(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, window=bad)
+
+
+def test_window_sets_the_network_calls(raw, tmp_path):
+    """A window as large as the brain's box is one forward per flip; the training patch many."""
+    state = _state(tta=True)
+    case = discover_cases(raw)[0]
+    calls = {}
+    for window in (None, (32, 32, 32), (16, 16, 16), (256, 256, 256)):
+        predictor = Predictor.from_checkpoint(state, device="cpu", engine="torch", window=window)
+        predictor = replace(predictor, sw_batch_size=1)
+        count = []
+        handle = predictor.model.register_forward_pre_hook(lambda *_: count.append(1))
+        pred = predict_case(predictor, case)
+        handle.remove()
+        calls[window] = (len(count), pred.labels)
+    assert calls[(256, 256, 256)][0] == 8  # one window per flip
+    assert calls[(16, 16, 16)][0] > calls[None][0] == calls[(32, 32, 32)][0] >= 8
+    assert np.array_equal(calls[None][1], calls[(32, 32, 32)][1])
+    args = build_parser().parse_args(["predict", "x.pt", "in", "out", "--window", "64", "--engine", "torch"])
+    assert args.window == (64, 64, 64) and args.engine == "torch"

@@ -118,7 +118,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = predict(args.checkpoint, args.input, args.out_dir, device=args.device, tta=args.tta,
                      postprocess=args.postprocess, probabilities=args.probabilities, force=args.force,
                      plots=args.plots, overlap=args.overlap, labels=args.labels, amp=args.amp,
-                     uncertainty=args.uncertainty, report=args.report)
+                     uncertainty=args.uncertainty, report=args.report, engine=args.engine, window=args.window)
     n_cases = len({Path(p).name.split(".")[0].removesuffix("_probabilities").removesuffix("_uncertainty")
                    for p in result.written})
     rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation (default: as the checkpoint says)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    p.add_argument("--window", type=_ints(3), metavar="X,Y,Z",
+                   help="sliding-window size, one number for a cube (default: the training patch; larger than the brain: one window over it)")
+    p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
+                   help="what runs the network (auto: ONNX Runtime on the CPU where installed, else PyTorch)")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help="skip the checkpoint's post-processing (raw network output)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
@@ -284,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="training epochs (default 40)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("export", help="a checkpoint -> one ONNX model carrying its settings (needs tumorseg[onnx])")
+    p = sub.add_parser("export", help="a checkpoint -> one ONNX model carrying its settings")
     p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run")
     p.add_argument("out", type=Path, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")

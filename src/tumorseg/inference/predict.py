@@ -14,11 +14,13 @@ The header's description records the convention for `evaluate`.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -41,6 +43,7 @@ from .postprocess import postprocess
 from .window import to_labels, tta_probabilities
 
 REQUIRED_KEYS: tuple[str, ...] = ("network", "model", "prepare", "patch", "target")
+ENGINES: tuple[str, ...] = ("auto", "torch", "onnx")
 
 
 @dataclass
@@ -55,7 +58,7 @@ class Predictor:
         device: where inference runs.
         channels: modalities in input-channel order (from prepare's settings).
         norm: intensity scaling, "minmax" or "zscore" (from prepare's settings).
-        patch: sliding-window size (the training patch).
+        patch: the training patch: the default window; the inference box is at least this.
         target: "labels" (softmax over 4 classes) or "regions" (sigmoid WT, TC, ET).
         divisor: every padded input side is a multiple of this.
         tta: average over the 8 flip combinations.
@@ -66,6 +69,9 @@ class Predictor:
         sw_batch_size: sliding windows per network call (more fill a GPU; 1 on the CPU).
         spacing: voxel size (mm, canonical axes) the network was trained at; None: the scan's.
         labels: label convention of the written files; None: each input layout's own.
+        window: sliding-window size (multiples of `divisor`); None: `patch`. Windows larger than
+            the brain's box shrink to it (one window over the whole box).
+        engine: what runs `model`: "torch", or "onnx" (ONNX Runtime; `Predictor.from_checkpoint`).
     """
 
     model: nn.Module
@@ -83,6 +89,8 @@ class Predictor:
     sw_batch_size: int = 1
     spacing: tuple[float, float, float] | None = None
     labels: LabelConvention | None = None
+    window: tuple[int, int, int] | None = None
+    engine: str = "torch"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -91,6 +99,13 @@ class Predictor:
             raise TumorsegError(f"unknown target '{self.target}' (choose from labels, regions)")
         if len(self.patch) != 3 or any(p < 1 for p in self.patch):
             raise TumorsegError(f"patch must be three positive integers, got {self.patch}")
+        if self.window is not None and (len(self.window) != 3 or any(w < 1 or w % self.divisor for w in self.window)):
+            raise TumorsegError(f"window must be three positive multiples of {self.divisor} (the network's "
+                                f"downsampling), got {self.window}")
+
+    def roi(self, box_shape: Sequence[int]) -> tuple[int, ...]:
+        """The sliding window for an inference box: `window` (else `patch`), at most the box."""
+        return tuple(min(int(w), int(s)) for w, s in zip(self.window or self.patch, box_shape))
 
     @classmethod
     def from_checkpoint(
@@ -101,34 +116,39 @@ class Predictor:
         overlap: float = 0.5,
         labels: str | None = None,
         amp: str = "auto",
+        engine: str = "auto",
+        window: Sequence[int] | None = None,
     ) -> "Predictor":
         """Load a checkpoint file (or an already loaded state dict) once, for many cases.
 
         A `.onnx` file written by `tumorseg export` runs in ONNX Runtime with the settings it
-        carries (needs the ONNX extra). `tta` None uses the checkpoint's choice (`inference.tta`); the post-processing
+        carries (needs ONNX Runtime). `tta` None uses the checkpoint's choice (`inference.tta`); the post-processing
         (`inference.postprocess_*`) always comes from the checkpoint. `amp`: "auto" (native bf16
-        or fp16 on GPUs, float32 on the CPU), "bf16", "fp16" or "off".
+        or fp16 on GPUs, float32 on the CPU), "bf16", "fp16" or "off". `engine`: "torch",
+        "onnx" (the network exported in memory and run by ONNX Runtime, within 1e-4 of PyTorch),
+        or "auto": ONNX Runtime on the CPU where it is installed (faster there, see the README),
+        PyTorch otherwise. `window`: sliding-window size (None: the training patch).
         """
+        if engine not in ENGINES:
+            raise TumorsegError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
         where = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
-        model = None
+        dev = resolve_device(device)
+        model, engine_used = None, "torch"
         if isinstance(checkpoint, (str, Path)) and Path(checkpoint).suffix.lower() == ".onnx":
             from .onnx_model import load_onnx  # onnxruntime only for exported models (`tumorseg export`)
 
-            model, state = load_onnx(checkpoint, resolve_device(device))
+            model, state = load_onnx(checkpoint, dev)
+            engine_used = "onnx"
         else:
             state = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-        missing = [k for k in REQUIRED_KEYS if k not in state and not (k == "model" and model is not None)]
-        if missing:
-            raise TumorsegError(f"{where}: checkpoint lacks {', '.join(missing)}")
-        _check_label_map(state, where)
-        spec, dev = state["network"], resolve_device(device)
+        check_state(state, where, weights=model is None)
+        spec = state["network"]
         if model is None:
-            model = build_network(**spec)
-            try:
-                model.load_state_dict(state["model"])
-            except RuntimeError as exc:
-                reason = str(exc).splitlines()[0]
-                raise TumorsegError(f"{where}: weights do not fit the stored network ({reason})") from None
+            model = network_from_state(state, where)
+            if engine == "onnx" or (engine == "auto" and dev.type == "cpu" and onnx_runtime_installed()):
+                from .onnx_model import runtime_network
+
+                model, engine_used = runtime_network(model, spec, dev, where, required=engine == "onnx")
         inference = state.get("inference") or {}
         threshold = inference.get("postprocess_et_threshold")
         spacing = state["prepare"].get("spacing")
@@ -145,10 +165,36 @@ class Predictor:
             et_threshold=threshold if isinstance(threshold, int) and not isinstance(threshold, bool) else None,
             overlap=float(overlap),
             amp_dtype=amp_dtype(amp, dev),
-            sw_batch_size=window_batch(dev, state["patch"]),
+            sw_batch_size=window_batch(dev, window or state["patch"]),
             spacing=tuple(float(v) for v in spacing) if spacing else None,
             labels=convention(labels) if labels else None,
+            window=tuple(int(w) for w in window) if window else None,
+            engine=engine_used,
         )
+
+
+def onnx_runtime_installed() -> bool:
+    """ONNX Runtime and the exporter's `onnx` package are importable."""
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
+def check_state(state: dict[str, Any], where: str, weights: bool = True) -> None:
+    """One line naming `where` when a checkpoint lacks what prediction needs (`weights`: the model too)."""
+    missing = [k for k in REQUIRED_KEYS if k not in state and (weights or k != "model")]
+    if missing:
+        raise TumorsegError(f"{where}: checkpoint lacks {', '.join(missing)}")
+    _check_label_map(state, where)
+
+
+def network_from_state(state: dict[str, Any], where: str) -> nn.Module:
+    """The checkpoint's network with its weights (eval mode, on the CPU)."""
+    model = build_network(**state["network"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0]
+        raise TumorsegError(f"{where}: weights do not fit the stored network ({reason})") from None
+    return model.eval()
 
 
 def _check_label_map(state: dict[str, Any], where: str) -> None:
@@ -273,11 +319,11 @@ def predict_case(
     if uncertainty and not predictor.tta:
         raise TumorsegError("uncertainty comes from the TTA flips: predict with --tta")
     image, box, src, net, affine, header = inp or load_input(predictor, case)
-    x = torch.from_numpy(image)[None]
+    x, roi = torch.from_numpy(image)[None], predictor.roi(image.shape[1:])
     with torch.inference_mode():
         try:
             probs, disagreement = tta_probabilities(
-                predictor.model, x.to(predictor.device), predictor.patch, predictor.target, predictor.overlap,
+                predictor.model, x.to(predictor.device), roi, predictor.target, predictor.overlap,
                 predictor.tta, predictor.amp_dtype, predictor.sw_batch_size, uncertainty,
             )
         except torch.cuda.OutOfMemoryError:
@@ -286,7 +332,7 @@ def predict_case(
             tqdm.write(f"note: {case.case_id}: out of GPU memory; retrying with the windows one at a time and stitched "
                        "on the CPU (slower)", file=sys.stderr)
             model = _StitchedOnCpu(predictor.model, predictor.device, predictor.amp_dtype)
-            probs, disagreement = tta_probabilities(model, x, predictor.patch, predictor.target, predictor.overlap,
+            probs, disagreement = tta_probabilities(model, x, roi, predictor.target, predictor.overlap,
                                                     predictor.tta, uncertainty=uncertainty)
     probs = probs[0]
     if disagreement is not None:
@@ -386,6 +432,8 @@ def predict(
     amp: str = "auto",
     uncertainty: bool = False,
     report: bool = False,
+    engine: str = "auto",
+    window: Sequence[int] | None = None,
 ) -> PredictResult:
     """Segment every BraTS case under `input_dir` into `out_dir/<case_id>.nii.gz`.
 
@@ -410,6 +458,9 @@ def predict(
         uncertainty: also write `<case_id>_uncertainty.nii.gz`, float32: the mutual information
             between prediction and flip over the TTA flips, in bits (needs TTA).
         report: afterwards, write the `tumorseg report` of the predictions to `out_dir/report`.
+        engine: "auto" (ONNX Runtime on the CPU where installed, else PyTorch), "torch" or "onnx".
+        window: sliding-window size (three sides, multiples of the network's divisor; None: the
+            training patch); a side larger than the brain's box means one window across it.
 
     A failing case is reported in one line and recorded in the result; the others go on.
     Under `torchrun` (one process per GPU, any number of nodes) each rank predicts its share of
@@ -419,11 +470,13 @@ def predict(
     cases = discover_cases(input_dir)
     if isinstance(checkpoint, Predictor):
         predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta), overlap=float(overlap),
-                            labels=convention(labels) if labels else checkpoint.labels)
+                            labels=convention(labels) if labels else checkpoint.labels,
+                            window=tuple(window) if window else checkpoint.window)
     else:
-        predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap, labels, amp)
+        predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap, labels, amp, engine, window)
         if progress:
-            print(f"predict: {describe(predictor.device, amp, predictor.amp_dtype)}", file=sys.stderr)
+            runtime = "ONNX Runtime" if predictor.engine == "onnx" else "PyTorch"
+            print(f"predict: {describe(predictor.device, amp, predictor.amp_dtype)}, {runtime}", file=sys.stderr)
     if not postprocess:
         predictor = replace(predictor, largest_tumour=False, et_threshold=None)
     if uncertainty and not predictor.tta:

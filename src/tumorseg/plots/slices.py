@@ -41,7 +41,7 @@ OVERLAY_ALPHA = 0.45
 PANEL_INCHES = 3.0  # each panel is PANEL_INCHES square
 MARGIN_INCHES = 1.0  # extra figure height for the title and the legend
 DPI = 100
-_LPS = ("L", "P", "S")
+LPS = ("L", "P", "S")
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def save_case_plot(
     views = _check_views(views)
     data = load_case(case)
     labels = None if pred is None else load_prediction(pred, data)
-    images, truth, labels, spacing = _to_lps(data, labels)
+    images, truth, labels, spacing = to_lps(data, labels)
     brain = np.any(images != 0, axis=0)
     if slice_index is None:
         reference = truth if truth is not None and truth.any() else labels
@@ -114,7 +114,7 @@ def save_case_plot(
     else:
         slices = {v: _check_slice(slice_index, v, images.shape[1:], data) for v in views}
     out = Path(out) if out is not None else Path.cwd() / f"{data.case_id}.png"
-    _draw(data, images, truth, labels, spacing, slices, out)
+    draw_views(data, images, truth, labels, spacing, slices, out)
     return out
 
 
@@ -188,7 +188,7 @@ def _load_raw(case: Case) -> CaseImages:
         seg = load_nifti(case.seg, case.case_id)
         if seg.data.shape != shape:
             raise TumorsegError(f"{case.seg}: shape {seg.data.shape} differs from the images' {shape}")
-        truth = _raw_to_labels(seg.data, case.seg, case.labels)
+        truth = raw_to_labels(seg.data, case.seg, case.labels)
     return CaseImages(case.case_id, names, images, truth, case.folder, vols[0].affine, vols[0].spacing,
                       labels=case.labels)
 
@@ -248,7 +248,7 @@ def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> n
             labels = _npy_to_labels(_load_npy(where), where)
         else:
             vol = load_nifti(where, data.case_id)
-            labels = _raw_to_labels(vol.data, where, convention_from_header(vol.header) or data.labels)
+            labels = raw_to_labels(vol.data, where, convention_from_header(vol.header) or data.labels)
     if labels.shape == data.shape:
         return labels
     if data.crop_box is not None and labels.shape == data.full_shape:
@@ -267,7 +267,7 @@ def _load_npy(path: Path) -> np.ndarray:
         raise TumorsegError(f"{path}: cannot read .npy ({exc})") from None
 
 
-def _raw_to_labels(seg: np.ndarray, where, labels: LabelConvention = BRATS2020) -> np.ndarray:
+def raw_to_labels(seg: np.ndarray, where, labels: LabelConvention = BRATS2020) -> np.ndarray:
     bad = labels.invalid(np.asarray(seg))
     if bad:
         raise TumorsegError(f"{where}: contains label(s) {bad}; {labels.name} segmentations use "
@@ -284,7 +284,7 @@ def _npy_to_labels(mask: np.ndarray, where) -> np.ndarray:
     return to_training_labels(mask)
 
 
-def _to_lps(data: CaseImages, pred: np.ndarray | None):
+def to_lps(data: CaseImages, pred: np.ndarray | None):
     """Images (C, X, Y, Z), truth, prediction and spacing, reoriented to LPS voxel order."""
     images, truth, spacing = data.images, data.truth, data.spacing
     if data.affine is None:
@@ -292,7 +292,7 @@ def _to_lps(data: CaseImages, pred: np.ndarray | None):
     import nibabel as nib
     from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
-    transform = ornt_transform(nib.io_orientation(data.affine), axcodes2ornt(_LPS))
+    transform = ornt_transform(nib.io_orientation(data.affine), axcodes2ornt(LPS))
     if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
         return images, truth, pred, spacing
     turn = lambda a: None if a is None else np.ascontiguousarray(apply_orientation(a, transform))  # noqa: E731
@@ -319,7 +319,7 @@ def _check_slice(index: int, view: str, shape: tuple[int, ...], data: CaseImages
     return int(index)
 
 
-def _window(channel: np.ndarray) -> tuple[float, float]:
+def display_window(channel: np.ndarray) -> tuple[float, float]:
     """1st and 99th percentile of the brain (non-zero) voxels of one channel."""
     values = channel[channel != 0]
     if values.size == 0:
@@ -328,14 +328,14 @@ def _window(channel: np.ndarray) -> tuple[float, float]:
     return lo, hi if hi > lo else lo + 1.0
 
 
-def _overlay(labels2d: np.ndarray) -> np.ndarray:
+def label_overlay(labels2d: np.ndarray) -> np.ndarray:
     rgba = np.zeros(labels2d.shape + (4,), np.float32)
     for label, (colour, _) in LABEL_STYLE.items():
         rgba[labels2d == label] = (*colour, OVERLAY_ALPHA)
     return rgba
 
 
-def _draw(data, images, truth, pred, spacing, slices: dict[str, int], out: Path) -> None:
+def draw_views(data, images, truth, pred, spacing, slices: dict[str, int], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,7 +347,7 @@ def _draw(data, images, truth, pred, spacing, slices: dict[str, int], out: Path)
     columns = [(n.upper(), i, None) for i, n in enumerate(data.names)]
     columns += [(f"{base_name} + ground truth", base, truth)] if truth is not None else []
     columns += [(f"{base_name} + prediction", base, pred)] if pred is not None else []
-    windows = [_window(c) for c in images]
+    windows = [display_window(c) for c in images]
     nrows, ncols = len(slices), len(columns)
     fig, axes = plt.subplots(
         nrows, ncols, squeeze=False, layout="constrained",
@@ -361,7 +361,7 @@ def _draw(data, images, truth, pred, spacing, slices: dict[str, int], out: Path)
             lo, hi = windows[channel]
             ax.imshow(display_slice(images[channel], view, index), cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
             if labels is not None:
-                ax.imshow(_overlay(display_slice(labels, view, index)), aspect=aspect, interpolation="nearest")
+                ax.imshow(label_overlay(display_slice(labels, view, index)), aspect=aspect, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:

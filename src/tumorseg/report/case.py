@@ -12,7 +12,7 @@ from ..evaluation.evaluate import AFFINE_ATOL_MM
 from ..io import load_nifti
 from ..labels import LabelConvention, convention_from_header
 from ..layouts import Case
-from ..plots.slices import _raw_to_labels, load_case
+from ..plots.slices import raw_to_labels, load_case
 from .checks import case_warnings
 from .figures import blank_case, make_scene, save_figures
 from .measure import TUMOUR_CLASSES, Measures, measure, uncertainty_score
@@ -49,7 +49,7 @@ def report_case(
     """Measure and draw one prediction; a bad file raises `TumorsegError` naming it."""
     vol = load_nifti(prediction, case_id)
     conv = convention_from_header(vol.header) or default_labels
-    labels = _raw_to_labels(vol.data, prediction, conv)
+    labels = raw_to_labels(vol.data, prediction, conv)
     notes = []
     if images is not None:
         data = replace(load_case(images), labels=conv)

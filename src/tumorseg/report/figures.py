@@ -12,13 +12,13 @@ import numpy as np
 
 from ..io import atomic_path
 from ..plots.slices import (
-    _LPS,
+    LPS,
     VIEW_AXIS,
     CaseImages,
-    _draw,
-    _overlay,
-    _to_lps,
-    _window,
+    draw_views,
+    label_overlay,
+    to_lps,
+    display_window,
     choose_slices,
     display_slice,
 )
@@ -58,7 +58,7 @@ class Scene:
     @cached_property
     def window(self) -> tuple[float, float]:
         """Grey levels of the base channel (percentiles of the whole volume: computed once)."""
-        return _window(self.images[self.base])
+        return display_window(self.images[self.base])
 
 
 def blank_case(case_id: str, source: Path, labels: np.ndarray, affine: np.ndarray, conv) -> CaseImages:
@@ -75,10 +75,10 @@ def make_scene(data: CaseImages, labels: np.ndarray) -> Scene:
     import nibabel as nib
     from nibabel.orientations import axcodes2ornt, ornt_transform
 
-    images, truth, lps, spacing = _to_lps(data, labels)
+    images, truth, lps, spacing = to_lps(data, labels)
     reference = lps if lps.any() or truth is None else truth
     slices = choose_slices(reference, np.any(images != 0, axis=0))
-    transform = ornt_transform(nib.io_orientation(data.affine), axcodes2ornt(_LPS))
+    transform = ornt_transform(nib.io_orientation(data.affine), axcodes2ornt(LPS))
     return Scene(data, images, truth, lps, spacing, slices, transform)
 
 
@@ -89,7 +89,7 @@ def save_figures(scene: Scene, measures: Measures, uncertainty: np.ndarray | Non
 
     matplotlib.use("Agg")
     out = {kind: folder / f"{stem}_{name}" for kind, name in FIGURES.items()}
-    _draw(scene.data, scene.images, scene.truth, scene.labels, scene.spacing, scene.slices, out["views"])
+    draw_views(scene.data, scene.images, scene.truth, scene.labels, scene.spacing, scene.slices, out["views"])
     measured = {"largest enhancing lesion": measures.enhancing, "whole tumour": measures.whole}
     _save_diameters(scene, {k: d for k, d in measured.items() if d is not None}, out["diameters"])
     if uncertainty is not None:
@@ -128,7 +128,7 @@ def _panel(ax, scene: Scene, view: str, index: int) -> None:
     lo, hi = scene.window
     aspect = _aspect(scene, view)
     ax.imshow(display_slice(scene.images[scene.base], view, index), cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
-    ax.imshow(_overlay(display_slice(scene.labels, view, index)), aspect=aspect, interpolation="nearest")
+    ax.imshow(label_overlay(display_slice(scene.labels, view, index)), aspect=aspect, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
 

@@ -1,0 +1,181 @@
+"""One checkpoint, several prediction paths side by side: seconds per case, memory, agreement.
+
+A path is `engine:window:overlap`: engine `torch` or `onnx` (ONNX Runtime, the network
+exported in memory), window `patch` (the training patch), a cube side, or `box` (one window
+over the brain's whole box), and the sliding-window overlap. The first path is the reference
+(by default today's: PyTorch, training patch, overlap 0.5). Every path predicts the same real
+cases with the checkpoint's TTA choice (or `--tta on|off|both`) in its own subprocess (peak RSS
+its own), timed per stage from inside `predict_case` as `bench_predict.py` does (load, network,
+post-processing, other, save). Then, per case, whole-tumour Dice between each path's labels and
+the reference's (issue 12 asks >= 0.995), and with ground truth the BraTS Dice of WT, TC, ET.
+
+    python benchmarks/bench_predict_paths.py runs/cpu/best.pt ../shared/data/brats --cases 4 \\
+        --paths torch:patch:0.5 onnx:patch:0.5 onnx:patch:0.25 onnx:box:0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_predict import instrument, machine
+from common import pick_device, write_results
+
+RESULTS = Path(__file__).parent / "results" / "bench_predict_paths.json"
+DEFAULT_PATHS = ("torch:patch:0.5", "onnx:patch:0.5", "onnx:patch:0.25", "onnx:box:0")
+BOX = 1024  # a window side larger than any brain box: the box itself
+
+
+def parse_path(text: str) -> tuple[str, int | None, float]:
+    """"onnx:96:0.25" -> ("onnx", 96, 0.25); window "patch" -> None, "box" -> BOX."""
+    try:
+        engine, window, overlap = text.split(":")
+        size = None if window == "patch" else BOX if window == "box" else int(window)
+        value = float(overlap)
+    except ValueError:
+        raise SystemExit(f"path {text!r}: expected engine:window:overlap, e.g. onnx:patch:0.5") from None
+    if engine not in ("torch", "onnx") or not 0.0 <= value < 1.0:
+        raise SystemExit(f"path {text!r}: engine torch or onnx, overlap in [0, 1)")
+    return engine, size, value
+
+
+def run_path(args: argparse.Namespace) -> dict:
+    """Child: predict every case with one path; labels to `--labels-dir`, times and memory as JSON."""
+    import torch
+
+    from tumorseg.inference.predict import Predictor, predict_case
+    from tumorseg.io import save_nifti
+    from tumorseg.layouts import discover_cases
+
+    engine, window, overlap = parse_path(args.child)
+    cases = discover_cases(args.data)[: args.cases]
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, tta=args.tta == "on", overlap=overlap,
+                                          engine=engine, window=(window,) * 3 if window else None)
+    sync = torch.cuda.synchronize if predictor.device.type == "cuda" else (lambda: None)
+    stats = instrument(predictor, sync)
+    rows = []
+    for case in cases:
+        stats.update(forwards=0, load_s=[], network_s=[], postprocess_s=[])
+        start = time.perf_counter()
+        pred = predict_case(predictor, case)
+        mid = time.perf_counter()
+        save_nifti(Path(args.labels_dir) / f"{case.case_id}.nii.gz", pred.labels, pred.affine, pred.header,
+                   description=f"tumorseg {pred.convention.tag()}")  # as predict writes it
+        end = time.perf_counter()
+        rows.append({"case": case.case_id, "box": stats["box"], "forwards": stats["forwards"],
+                     "s_total": round(end - start, 3), "s_load": round(stats["load_s"][0], 3),
+                     "s_network": round(stats["network_s"][0], 3), "s_postprocess": round(stats["postprocess_s"][0], 3),
+                     "s_other": round(mid - start - stats["load_s"][0] - stats["network_s"][0]
+                                      - stats["postprocess_s"][0], 3),
+                     "s_save": round(end - mid, 3)})
+    return {"path": args.child, "engine": predictor.engine, "tta": predictor.tta, "cases": rows,
+            "s_per_case_mean": round(float(np.mean([r["s_total"] for r in rows])), 3),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def agreement(results: list[dict], label_dirs: list[Path], data: Path, n_cases: int) -> None:
+    """Per case: WT Dice against the reference path's labels, and BraTS Dice against the truth."""
+    from tumorseg.io import load_nifti
+    from tumorseg.labels import REGIONS, convention_from_header
+    from tumorseg.layouts import discover_cases
+
+    if "error" in results[0]:
+        return  # no reference labels to compare with
+    cases = {c.case_id: c for c in discover_cases(data)[:n_cases]}
+
+    def regions(path: Path) -> np.ndarray:
+        vol = load_nifti(path)
+        return convention_from_header(vol.header).regions(np.asarray(vol.data))
+
+    for res, folder in zip(results, label_dirs):
+        for row in res.get("cases", []):
+            mine = regions(folder / f"{row['case']}.nii.gz")
+            row["wt_dice_vs_reference"] = round(dice(mine[0], regions(label_dirs[0] / f"{row['case']}.nii.gz")[0]), 4)
+            case = cases[row["case"]]
+            if case.seg is not None:
+                truth = case.labels.regions(np.asarray(load_nifti(case.seg).data))
+                row["dice_vs_truth"] = {r: round(dice(mine[i], truth[i]), 4) for i, r in enumerate(REGIONS)}
+        rows = res.get("cases", [])
+        if rows:
+            res["wt_dice_vs_reference_min"] = min(r["wt_dice_vs_reference"] for r in rows)
+            if all("dice_vs_truth" in r for r in rows):
+                res["dice_vs_truth_mean"] = {r: round(float(np.mean([x["dice_vs_truth"][r] for x in rows])), 4)
+                                             for r in REGIONS}
+
+
+def print_table(res: dict) -> None:
+    m = res["machine"]
+    print(f"\n{res['checkpoint']} on {res['cases']} case(s) of {res['data']}, {m['device_name']}, "
+          f"{m['torch_threads']} threads, load {m['load_average']} -> {m['load_average_after']}")
+    print(f"{'path':<18}{'tta':<5}{'engine':<7}{'s/case':>8}{'network':>9}{'load':>7}{'other':>7}{'save':>7}"
+          f"{'post':>6}{'fwd':>6}{'RSS GiB':>9}{'WT vs ref (min)':>17}{'Dice WT/TC/ET vs truth':>25}")
+    for r in res["results"]:
+        if "error" in r:
+            print(f"{r['path']:<18}{'on' if r['tta'] else 'off':<5}error: {r['error']}")
+            continue
+        rows = r["cases"]
+        mean = {k: float(np.mean([x[k] for x in rows]))
+                for k in ("s_network", "s_load", "s_other", "s_save", "s_postprocess", "forwards")}
+        truth = "/".join(f"{v:.3f}" for v in r["dice_vs_truth_mean"].values()) if "dice_vs_truth_mean" in r else "-"
+        print(f"{r['path']:<18}{'on' if r['tta'] else 'off':<5}{r['engine']:<7}{r['s_per_case_mean']:>8.2f}"
+              f"{mean['s_network']:>9.2f}{mean['s_load']:>7.2f}{mean['s_other']:>7.2f}{mean['s_save']:>7.2f}"
+              f"{mean['s_postprocess']:>6.2f}{mean['forwards']:>6.0f}{r['peak_rss_gib']:>9.2f}{r['wt_dice_vs_reference_min']:>17.4f}{truth:>25}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a tumorseg checkpoint (best.pt)")
+    parser.add_argument("data", type=Path, help="cases of any layout (with segmentations: Dice against the truth)")
+    parser.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS), help="engine:window:overlap; the first "
+                        f"is the reference (default {' '.join(DEFAULT_PATHS)})")
+    parser.add_argument("--cases", type=int, default=1, help="the first N cases (default 1)")
+    parser.add_argument("--tta", choices=("on", "off", "both"), default="both")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one path, JSON on stdout
+    parser.add_argument("--labels-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_path(args)))
+        return
+    for text in args.paths:
+        parse_path(text)
+    device = pick_device(args.device)
+    res = {"checkpoint": str(args.checkpoint), "data": str(args.data), "cases": args.cases, "paths": args.paths,
+           "machine": machine(device), "results": []}
+    with tempfile.TemporaryDirectory(prefix="bench_paths_") as tmp:
+        for tta in (["off", "on"] if args.tta == "both" else [args.tta]):
+            dirs = []
+            for i, path in enumerate(args.paths):
+                dirs.append(Path(tmp) / f"{tta}_{i}")
+                dirs[-1].mkdir()
+                cmd = [sys.executable, __file__, str(args.checkpoint), str(args.data), "--child", path, "--tta", tta,
+                       "--cases", str(args.cases), "--device", device, "--labels-dir", str(dirs[-1])]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                    res["results"].append({"path": path, "tta": tta == "on", "error": f"exit {proc.returncode}: {tail}"})
+                else:
+                    res["results"].append(json.loads(lines[-1]))
+                print(json.dumps(res["results"][-1]), flush=True)
+            agreement([r for r in res["results"] if r["tta"] == (tta == "on")], dirs, args.data, args.cases)
+    res["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    write_results(args.out, res, print_table)
+
+
+if __name__ == "__main__":
+    main()

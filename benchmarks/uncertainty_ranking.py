@@ -1,0 +1,106 @@
+"""Does the per-case uncertainty score rank the worst segmentations first? (issue 13)
+
+K-fold cross-validation on real cases: each fold trains a recipe on the other folds for a
+wall-clock budget, predicts its own cases with TTA, `--uncertainty` and `--report`, and scores
+them with the BraTS metrics, so every case gets an out-of-fold prediction. Then the Spearman
+rank correlation between each case's uncertainty score (the report's: mean flip mutual
+information inside the predicted whole tumour) and its Dice; a useful score correlates
+negatively (more uncertain, lower Dice). Folds run one after the other, or in parallel as
+separate processes with `--fold` (one thread each on a small machine).
+
+    python benchmarks/uncertainty_ranking.py --data ../shared/data/brats --work /tmp/unc --folds 2 --minutes 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import write_results
+from real_learning import run_recipe
+from scipy.stats import spearmanr
+
+from tumorseg.layouts import discover_cases
+
+
+def link_folds(data: Path, work: Path, k: int, seed: int) -> list[list[str]]:
+    """Split the labelled cases into k seeded folds; link fold i's training and test cases."""
+    cases = [c for c in discover_cases(data) if c.seg is not None]
+    order = np.random.default_rng(seed).permutation(len(cases))
+    folds = [sorted(cases[j].case_id for j in order[i::k]) for i in range(k)]
+    for i, test_ids in enumerate(folds):
+        for case in cases:
+            link = work / f"fold{i}" / ("test" if case.case_id in test_ids else "train") / case.case_id
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(case.folder.resolve(), target_is_directory=True)
+    return folds
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with path.open() as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
+def per_case(work: Path, recipe: str, k: int) -> list[dict]:
+    """Out-of-fold Dice (metrics.csv) and uncertainty score (the report's volumes.csv) per case."""
+    rows = []
+    for i in range(k):
+        preds = work / f"fold{i}" / recipe / "predictions"
+        metrics, volumes = read_csv(preds / "metrics.csv"), read_csv(preds / "report" / "volumes.csv")
+        for cid, m in metrics.items():
+            score = volumes.get(cid, {}).get("uncertainty", "")
+            rows.append({"case": cid, "fold": i, "uncertainty": float(score) if score else None,
+                         **{f"dice_{r}": float(m[f"{r}_dice"]) for r in ("WT", "TC", "ET")}})
+    return rows
+
+
+def correlations(rows: list[dict]) -> dict[str, dict]:
+    scored = [r for r in rows if r["uncertainty"] is not None]
+    out = {}
+    for region in ("WT", "TC", "ET"):
+        rho, p = spearmanr([r["uncertainty"] for r in scored], [r[f"dice_{region}"] for r in scored])
+        out[region] = {"spearman": round(float(rho), 3), "p": round(float(p), 4), "cases": len(scored)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/brats"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tumorseg_uncertainty"))
+    parser.add_argument("--recipe", default="brats-cpu")
+    parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--fold", type=int, help="run only this fold (then run again without it to collect)")
+    parser.add_argument("--minutes", type=float, default=40.0, help="training budget per fold")
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/uncertainty_ranking.json"))
+    args = parser.parse_args()
+    folds = link_folds(args.data, args.work, args.folds, args.seed)
+    for i in [args.fold] if args.fold is not None else range(args.folds):
+        fold = args.work / f"fold{i}"
+        run_recipe(args.recipe, fold / "train", fold / "test", fold, args.minutes, args.val_fraction,
+                   tta=True, uncertainty=True, report=True)
+    if args.fold is not None:
+        return
+    rows = per_case(args.work, args.recipe, args.folds)
+    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    res = {"machine": machine, "recipe": args.recipe, "folds": folds, "budget_minutes": args.minutes,
+           "cases": rows, "spearman_uncertainty_vs_dice": correlations(rows)}
+
+    def show(r: dict) -> None:
+        print(json.dumps(r["spearman_uncertainty_vs_dice"], indent=1))
+        for row in sorted(r["cases"], key=lambda x: -(x["uncertainty"] or 0)):
+            print(f"{row['case']:28s} uncertainty {row['uncertainty']}  Dice WT {row['dice_WT']:.3f} "
+                  f"TC {row['dice_TC']:.3f} ET {row['dice_ET']:.3f}")
+
+    write_results(args.out, res, show)
+
+
+if __name__ == "__main__":
+    main()
