@@ -216,8 +216,12 @@ def main() -> None:
     if args.recipe:
         from tumorseg.recipes import load_recipe
 
-        train = load_recipe(args.recipe)["train"]
-        names, args.size, args.batch = [train["model"]], int(train["patch"][0]), int(train.get("batch_size", 2))
+        recipe = load_recipe(args.recipe)
+        train = recipe["train"]
+        patch = train.get("patch") or recipe["prepare"]["crop_size"]  # no patch: whole crops
+        if len(set(patch)) != 1:
+            raise SystemExit(f"--recipe {args.recipe}: patch {patch} is not a cube (this benchmark times cubes)")
+        names, args.size, args.batch = [train["model"]], int(patch[0]), int(train.get("batch_size", 2))
     unknown = [n for n in names if n not in NETWORKS]
     if unknown:
         raise SystemExit(f"unknown network(s) {', '.join(unknown)}; known: {', '.join(NETWORKS)}")

@@ -6,7 +6,7 @@ them with the BraTS metrics, so every case gets an out-of-fold prediction. Then 
 rank correlation between each case's uncertainty score (the report's: mean flip mutual
 information inside the predicted whole tumour) and its Dice; a useful score correlates
 negatively (more uncertain, lower Dice). Folds run one after the other, or in parallel as
-separate processes with `--fold` (one thread each on a small machine).
+separate processes with `--fold` (then e.g. OMP_NUM_THREADS=1 each on a small machine).
 
     python benchmarks/uncertainty_ranking.py --data ../shared/data/brats --work /tmp/unc --folds 2 --minutes 40
 """
@@ -25,16 +25,24 @@ from common import write_results
 from real_learning import run_recipe
 from scipy.stats import spearmanr
 
+from tumorseg.io import write_text
 from tumorseg.layouts import discover_cases
 
 
-def link_folds(data: Path, work: Path, k: int, seed: int) -> list[list[str]]:
-    """Split the labelled cases into k seeded folds; link fold i's training and test cases."""
+def link_folds(data: Path, work: Path, k: int, seed: int, only: int | None) -> list[list[str]]:
+    """Split the labelled cases into k seeded folds; link the training and test cases of fold
+    `only` (None: all). `work/folds.json` records the split: a different one is refused, so a
+    re-run never mixes one split's training cases into another's test cases."""
     cases = [c for c in discover_cases(data) if c.seg is not None]
     order = np.random.default_rng(seed).permutation(len(cases))
     folds = [sorted(cases[j].case_id for j in order[i::k]) for i in range(k)]
+    record = work / "folds.json"
+    if record.exists() and json.loads(record.read_text()) != folds:
+        raise SystemExit(f"{work} holds another split ({record}); use a new --work")
+    work.mkdir(parents=True, exist_ok=True)
+    write_text(record, json.dumps(folds))
     for i, test_ids in enumerate(folds):
-        for case in cases:
+        for case in cases if only in (None, i) else []:
             link = work / f"fold{i}" / ("test" if case.case_id in test_ids else "train") / case.case_id
             link.parent.mkdir(parents=True, exist_ok=True)
             if not link.exists():
@@ -61,11 +69,14 @@ def per_case(work: Path, recipe: str, k: int) -> list[dict]:
 
 
 def correlations(rows: list[dict]) -> dict[str, dict]:
+    """Spearman's rho of score against Dice per region, over the cases with a score (a case with
+    no predicted tumour has none; how many is recorded)."""
     scored = [r for r in rows if r["uncertainty"] is not None]
     out = {}
     for region in ("WT", "TC", "ET"):
         rho, p = spearmanr([r["uncertainty"] for r in scored], [r[f"dice_{region}"] for r in scored])
-        out[region] = {"spearman": round(float(rho), 3), "p": round(float(p), 4), "cases": len(scored)}
+        out[region] = {"spearman": round(float(rho), 3), "p": round(float(p), 4), "cases": len(scored),
+                       "without_score": len(rows) - len(scored)}
     return out
 
 
@@ -81,7 +92,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/uncertainty_ranking.json"))
     args = parser.parse_args()
-    folds = link_folds(args.data, args.work, args.folds, args.seed)
+    folds = link_folds(args.data, args.work, args.folds, args.seed, args.fold)
     for i in [args.fold] if args.fold is not None else range(args.folds):
         fold = args.work / f"fold{i}"
         run_recipe(args.recipe, fold / "train", fold / "test", fold, args.minutes, args.val_fraction,

@@ -123,8 +123,8 @@ def test_prediction_from_onnx_equals_checkpoint_on_a_real_case(real_data_dir, tm
     save_checkpoint(tmp_path / "m.pt", state)
     export_onnx(tmp_path / "m.pt", tmp_path / "m.onnx")
     case = discover_cases(case_dir)[0]
-    pt, ox = (predict_case(Predictor.from_checkpoint(tmp_path / m, device="cpu", engine="torch"), case, probabilities=True)
-              for m in ("m.pt", "m.onnx"))  # an exported file always runs in ONNX Runtime
+    pt, ox = (predict_case(Predictor.from_checkpoint(tmp_path / m, device="cpu", engine=e), case, probabilities=True)
+              for m, e in (("m.pt", "torch"), ("m.onnx", "auto")))
     assert ox.convention == pt.convention and np.array_equal(ox.affine, pt.affine)
     _assert_same_outputs(pt.labels, ox.labels, pt.probabilities, ox.probabilities, 0)
 
@@ -156,12 +156,13 @@ def test_in_memory_onnx_engine_equals_pytorch(name, tmp_path):
     _assert_same_outputs(a.labels, b.labels, a.probabilities, b.probabilities, 0)
 
 
-def test_engine_auto_prefers_onnx_runtime_on_the_cpu_and_falls_back(monkeypatch, capsys):
+def test_engine_auto_uses_onnx_runtime_where_faster_and_falls_back(monkeypatch, capsys):
     import tumorseg.inference.onnx_model as onnx_model
 
     predict_module = sys.modules["tumorseg.inference.predict"]  # the attribute is the function of that name
 
-    assert Predictor.from_checkpoint(_state(), device="cpu").engine == "onnx"
+    assert Predictor.from_checkpoint(_state(), device="cpu").engine == "onnx"  # unet3d: faster in ONNX Runtime
+    assert Predictor.from_checkpoint(_state("unet", target="regions"), device="cpu").engine == "torch"  # not faster
     monkeypatch.setattr(predict_module, "onnx_runtime_installed", lambda: False)
     assert Predictor.from_checkpoint(_state(), device="cpu").engine == "torch"
     monkeypatch.undo()
@@ -176,6 +177,15 @@ def test_engine_auto_prefers_onnx_runtime_on_the_cpu_and_falls_back(monkeypatch,
         Predictor.from_checkpoint(_state(), device="cpu", engine="onnx")
     with pytest.raises(TumorsegError, match="unknown engine"):
         Predictor.from_checkpoint(_state(), device="cpu", engine="tensorrt")
+    monkeypatch.setattr(onnx_model, "_onnx_proto", lambda *a: (_ for _ in ()).throw(TypeError("odd tracer")))
+    assert Predictor.from_checkpoint(_state(), device="cpu").engine == "torch"  # any exporter failure falls back
+    assert "odd tracer" in capsys.readouterr().err
+
+
+def test_exported_file_refuses_the_torch_engine(tmp_path):
+    _, path = _export(tmp_path)
+    assert "runs only in ONNX Runtime" in _one_line_error(
+        lambda: Predictor.from_checkpoint(path, device="cpu", engine="torch"), path)
 
 
 def _one_line_error(call, path):
@@ -209,7 +219,7 @@ def test_corrupt_foreign_and_missing_files_are_one_line_errors(tmp_path, capsys)
 def test_onnx_runtime_is_optional(monkeypatch, tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
-    with pytest.raises(TumorsegError, match="pip install onnx onnxruntime") as info:
+    with pytest.raises(TumorsegError, match=r"pip install 'tumorseg\[onnx\]'") as info:
         Predictor.from_checkpoint(tmp_path / "m.onnx", device="cpu")
     assert str(info.value) == INSTALL_HINT
     code = "import sys, tumorseg.cli, tumorseg.inference; assert not {'onnx', 'onnxruntime'} & set(sys.modules)"

@@ -1,4 +1,5 @@
 import os
+import sys
 from dataclasses import replace
 
 import nibabel as nib
@@ -353,7 +354,7 @@ def test_window_validated_and_clipped_to_the_box():
             Predictor(nn.Identity(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, window=bad)
 
 
-def test_window_sets_the_network_calls(raw, tmp_path):
+def test_window_sets_the_network_calls(raw, tmp_path, monkeypatch):
     """A window as large as the brain's box is one forward per flip; the training patch many."""
     state = _state(tta=True)
     case = discover_cases(raw)[0]
@@ -369,5 +370,17 @@ def test_window_sets_the_network_calls(raw, tmp_path):
     assert calls[(256, 256, 256)][0] == 8  # one window per flip
     assert calls[(16, 16, 16)][0] > calls[None][0] == calls[(32, 32, 32)][0] >= 8
     assert np.array_equal(calls[None][1], calls[(32, 32, 32)][1])
+    for bad in ((0, 16, 16), (10, 16, 16)):  # checked before any export or batch arithmetic
+        with pytest.raises(TumorsegError, match="window must be"):
+            Predictor.from_checkpoint(state, device="cpu", window=bad)
+    small = Predictor.from_checkpoint(state, device="cpu", engine="torch")
+    assert small.sw_batch_size > 1
+
+    def batch_seen(predictor, *args, **kwargs):
+        raise TumorsegError(f"batch {predictor.sw_batch_size}")  # stop each case: only the settings matter
+
+    monkeypatch.setattr(sys.modules["tumorseg.inference.predict"], "predict_case", batch_seen)
+    result = predict(small, raw, tmp_path / "big", window=(128, 128, 128), progress=False)
+    assert result.failed and all("batch 1" in m for m in result.failed.values())  # a new window, a new batch size
     args = build_parser().parse_args(["predict", "x.pt", "in", "out", "--window", "64", "--engine", "torch"])
     assert args.window == (64, 64, 64) and args.engine == "torch"

@@ -20,6 +20,7 @@ from tumorseg.plots.slices import display_slice
 from tumorseg.report import bidimensional, measure, report
 from tumorseg.report.checks import case_warnings
 from tumorseg.report.figures import display_xy
+from tumorseg.report.measure import uncertainty_score
 from tumorseg.report.measure import axial_axis, centroid_world, lesion_sizes, widest_pair
 
 SQRT2 = np.sqrt(2.0)
@@ -357,3 +358,13 @@ def test_real_cases_truth_as_prediction(real_data_dir, tmp_path):
             assert float(rows[cid][key]) == pytest.approx(np.count_nonzero(mask) * voxel, abs=5e-4)
         assert all(float(rows[cid][f"{r}_dice"]) == 1.0 for r in ("WT", "TC", "ET"))
         assert float(rows[cid]["WT_longest_mm"]) > float(rows[cid]["WT_perpendicular_mm"]) > 0
+
+
+def test_uncertainty_score_is_the_mean_inside_the_whole_tumour():
+    uncertainty = np.zeros((6, 6, 6), np.float32)
+    uncertainty[0] = 5.0  # outside the tumour: not counted
+    wt = np.zeros((6, 6, 6), bool)
+    wt[2:4, 2:4, 2:4] = True
+    uncertainty[2, 2:4, 2:4] = 0.5  # half the tumour's voxels
+    assert uncertainty_score(uncertainty, wt) == pytest.approx(0.25)
+    assert uncertainty_score(uncertainty, np.zeros_like(wt)) is None  # no tumour, no score

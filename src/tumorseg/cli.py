@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=_ints(3), metavar="X,Y,Z",
                    help="sliding-window size, one number for a cube (default: the training patch; larger than the brain: one window over it)")
     p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
-                   help="what runs the network (auto: ONNX Runtime on the CPU where installed, else PyTorch)")
+                   help="what runs the network (auto: ONNX Runtime on the CPU for networks it runs faster, else PyTorch)")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help="skip the checkpoint's post-processing (raw network output)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")

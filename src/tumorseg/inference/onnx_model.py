@@ -1,8 +1,8 @@
 """`tumorseg export`: a checkpoint -> one self-describing ONNX model, and that model run by ONNX Runtime.
 
-ONNX Runtime is also `predict`'s default engine on the CPU (`runtime_network`: the checkpoint's
-network exported in memory when prediction starts, about a second): its convolutions took 40 %
-less CPU time than PyTorch's for our 3D U-Net at 128^3 on this project's machine (README).
+ONNX Runtime is also `predict`'s default engine on the CPU for the networks it ran faster than
+PyTorch on this project's machine (`predict.ONNX_FASTER`; `runtime_network` exports the
+checkpoint's network in memory when prediction starts; README, "Measured").
 
 The exported file holds the network in eval mode (for deep supervision, only the
 full-resolution head, as eval mode returns it) with dynamic batch and spatial axes: input
@@ -25,8 +25,9 @@ per-axis means (`_ExportNorm`), not as ONNX's InstanceNormalization: ONNX Runtim
 over the whole window in float32, which put a UNet's logits 1e-3 off PyTorch's on a real case
 at 96^3 windows; with per-axis means they agree to 1e-5.
 
-`onnx` and `onnxruntime` are dependencies, imported here, inside the functions, so the rest of
-tumorseg works where they cannot be installed (prediction then runs in PyTorch).
+`onnx` and `onnxruntime` are the extra `pip install 'tumorseg[onnx]'` (the Makefile installs it):
+imported here, inside the functions, so the rest of tumorseg works without them (prediction then
+runs in PyTorch).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import copy
 import inspect
 import io
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -55,7 +55,7 @@ from .predict import check_state, network_from_state
 OPSET = 17
 METADATA_KEY = "tumorseg"
 TRAINING_ONLY: tuple[str, ...] = ("model", "optimizer", "scheduler", "scaler", "rng", "history")
-INSTALL_HINT = "install ONNX Runtime: pip install onnx onnxruntime"
+INSTALL_HINT = "install the ONNX extra: pip install 'tumorseg[onnx]'"
 
 
 def _require(module: str) -> Any:
@@ -184,19 +184,17 @@ def runtime_network(model: nn.Module, spec: dict[str, Any], device: torch.device
     Not `required` (the "auto" engine): where the export or the runtime fails, a one-line note
     and `(model, "torch")`, so prediction goes on in PyTorch.
     """
+    if required and device.type == "cuda" and "CUDAExecutionProvider" not in _require("onnxruntime").get_available_providers():
+        raise TumorsegError("--engine onnx on a GPU needs onnxruntime-gpu (this ONNX Runtime has no CUDA provider); "
+                            "use --engine auto or torch")
     try:
         return OnnxNetwork(_onnx_proto(model, spec, OPSET, where).SerializeToString(), device, where), "onnx"
-    except TumorsegError as exc:
+    except Exception as exc:  # auto: any failure of the exporter or the runtime leaves PyTorch's path
         if required:
             raise
-        print(f"note: {exc}; predicting with PyTorch", file=sys.stderr)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"note: {reason}; predicting with PyTorch", file=sys.stderr)
         return model, "torch"
-
-
-def _cores() -> int:
-    """CPU cores this process may use, shared with the other ranks of a torchrun on this machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class OnnxNetwork(nn.Module):
@@ -218,12 +216,12 @@ class OnnxNetwork(nn.Module):
         ort = _require("onnxruntime")
         self.name = name or str(model)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = _cores()
+        options.intra_op_num_threads = torch.get_num_threads()  # as PyTorch: OMP_NUM_THREADS, torchrun, set_num_threads
         # idle runtime threads sleep instead of spinning: between calls the sliding window blends in PyTorch
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
+        providers: list = ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in ort.get_available_providers() and (device is None or device.type == "cuda"):
-            providers.insert(0, "CUDAExecutionProvider")
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0 if device else 0}))
         try:
             self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                                 providers=providers)

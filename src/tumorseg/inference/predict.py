@@ -44,6 +44,9 @@ from .window import to_labels, tta_probabilities
 
 REQUIRED_KEYS: tuple[str, ...] = ("network", "model", "prepare", "patch", "target")
 ENGINES: tuple[str, ...] = ("auto", "torch", "onnx")
+# Networks ONNX Runtime ran faster than PyTorch on the CPU (bench_predict_paths, README "Measured"): our
+# UNet3D 1.4x per case at 128^3. MONAI's UNet was 7-25 % slower there (PyTorch batches its windows well).
+ONNX_FASTER: frozenset[str] = frozenset({"unet3d"})
 
 
 @dataclass
@@ -99,9 +102,7 @@ class Predictor:
             raise TumorsegError(f"unknown target '{self.target}' (choose from labels, regions)")
         if len(self.patch) != 3 or any(p < 1 for p in self.patch):
             raise TumorsegError(f"patch must be three positive integers, got {self.patch}")
-        if self.window is not None and (len(self.window) != 3 or any(w < 1 or w % self.divisor for w in self.window)):
-            raise TumorsegError(f"window must be three positive multiples of {self.divisor} (the network's "
-                                f"downsampling), got {self.window}")
+        check_window(self.window, self.divisor)
 
     def roi(self, box_shape: Sequence[int]) -> tuple[int, ...]:
         """The sliding window for an inference box: `window` (else `patch`), at most the box."""
@@ -126,15 +127,17 @@ class Predictor:
         (`inference.postprocess_*`) always comes from the checkpoint. `amp`: "auto" (native bf16
         or fp16 on GPUs, float32 on the CPU), "bf16", "fp16" or "off". `engine`: "torch",
         "onnx" (the network exported in memory and run by ONNX Runtime, within 1e-4 of PyTorch),
-        or "auto": ONNX Runtime on the CPU where it is installed (faster there, see the README),
-        PyTorch otherwise. `window`: sliding-window size (None: the training patch).
+        or "auto": ONNX Runtime on the CPU where it is installed, for the networks it runs faster
+        (`ONNX_FASTER`), PyTorch otherwise. `window`: sliding-window size (None: the training patch).
         """
         if engine not in ENGINES:
             raise TumorsegError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
         where = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
-        dev = resolve_device(device)
+        dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: one GPU per rank
         model, engine_used = None, "torch"
         if isinstance(checkpoint, (str, Path)) and Path(checkpoint).suffix.lower() == ".onnx":
+            if engine == "torch":
+                raise TumorsegError(f"{checkpoint}: an exported model runs only in ONNX Runtime (--engine auto or onnx)")
             from .onnx_model import load_onnx  # onnxruntime only for exported models (`tumorseg export`)
 
             model, state = load_onnx(checkpoint, dev)
@@ -143,9 +146,12 @@ class Predictor:
             state = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
         check_state(state, where, weights=model is None)
         spec = state["network"]
+        divisor = required_divisor(spec["name"], spec.get("filters"))
+        window = check_window(window, divisor)
         if model is None:
             model = network_from_state(state, where)
-            if engine == "onnx" or (engine == "auto" and dev.type == "cpu" and onnx_runtime_installed()):
+            faster = spec["name"] in ONNX_FASTER and dev.type == "cpu"
+            if engine == "onnx" or (engine == "auto" and faster and onnx_runtime_installed()):
                 from .onnx_model import runtime_network
 
                 model, engine_used = runtime_network(model, spec, dev, where, required=engine == "onnx")
@@ -159,18 +165,28 @@ class Predictor:
             norm=state["prepare"]["norm"],
             patch=tuple(int(p) for p in state["patch"]),
             target=state["target"],
-            divisor=required_divisor(spec["name"], spec.get("filters")),
+            divisor=divisor,
             tta=bool(inference.get("tta", False)) if tta is None else bool(tta),
             largest_tumour=bool(inference.get("postprocess_largest_tumour", False)),
             et_threshold=threshold if isinstance(threshold, int) and not isinstance(threshold, bool) else None,
             overlap=float(overlap),
             amp_dtype=amp_dtype(amp, dev),
-            sw_batch_size=window_batch(dev, window or state["patch"]),
+            sw_batch_size=window_batch(dev, window or state["patch"]),  # an upper bound: `roi` clips the window
             spacing=tuple(float(v) for v in spacing) if spacing else None,
             labels=convention(labels) if labels else None,
-            window=tuple(int(w) for w in window) if window else None,
+            window=window,
             engine=engine_used,
         )
+
+
+def check_window(window: Sequence[int] | None, divisor: int) -> tuple[int, int, int] | None:
+    """`window` as three ints, or one line saying why it cannot be a sliding window for this network."""
+    if window is None:
+        return None
+    if len(window) != 3 or any(int(w) < 1 or int(w) % divisor for w in window):
+        raise TumorsegError(f"window must be three positive multiples of {divisor} (the network's downsampling), "
+                            f"got {tuple(window)}")
+    return tuple(int(w) for w in window)
 
 
 def onnx_runtime_installed() -> bool:
@@ -458,7 +474,8 @@ def predict(
         uncertainty: also write `<case_id>_uncertainty.nii.gz`, float32: the mutual information
             between prediction and flip over the TTA flips, in bits (needs TTA).
         report: afterwards, write the `tumorseg report` of the predictions to `out_dir/report`.
-        engine: "auto" (ONNX Runtime on the CPU where installed, else PyTorch), "torch" or "onnx".
+        engine: "auto" (ONNX Runtime on the CPU for the networks it runs faster, where installed;
+            else PyTorch), "torch" or "onnx".
         window: sliding-window size (three sides, multiples of the network's divisor; None: the
             training patch); a side larger than the brain's box means one window across it.
 
@@ -469,9 +486,10 @@ def predict(
     out_dir = Path(out_dir)
     cases = discover_cases(input_dir)
     if isinstance(checkpoint, Predictor):
+        new_window = check_window(window, checkpoint.divisor) or checkpoint.window
         predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta), overlap=float(overlap),
-                            labels=convention(labels) if labels else checkpoint.labels,
-                            window=tuple(window) if window else checkpoint.window)
+                            labels=convention(labels) if labels else checkpoint.labels, window=new_window,
+                            sw_batch_size=window_batch(checkpoint.device, new_window) if window else checkpoint.sw_batch_size)
     else:
         predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap, labels, amp, engine, window)
         if progress:

@@ -63,12 +63,13 @@ def report_case(
     else:
         data, brain = blank_case(case_id, prediction, labels, vol.affine, conv), None
     measures = measure(labels, vol.affine, conv)
-    warnings = case_warnings(np.isin(labels, TUMOUR_CLASSES["WT"]), measures, brain) + notes
+    wt = np.isin(labels, TUMOUR_CLASSES["WT"])
+    warnings = case_warnings(wt, measures, brain) + notes
     unc_map, score = None, None
     if uncertainty is not None:
         try:
             unc_map = _load_uncertainty(uncertainty, case_id, labels.shape)
-            score = uncertainty_score(unc_map, labels)
+            score = uncertainty_score(unc_map, wt)
         except TumorsegError as exc:
             warnings.append(f"{exc}; uncertainty not shown")
     figures = save_figures(make_scene(data, labels), measures, unc_map, figure_dir, case_id)

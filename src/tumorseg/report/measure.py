@@ -110,9 +110,8 @@ def centroid_world(mask: np.ndarray, affine: np.ndarray) -> tuple[float, float, 
     return tuple(float(v) for v in apply_affine(affine, ndimage.center_of_mass(mask)))
 
 
-def uncertainty_score(uncertainty: np.ndarray, labels: np.ndarray) -> float | None:
-    """Mean voxel-wise uncertainty inside the predicted whole tumour (None: no tumour)."""
-    wt = np.isin(labels, TUMOUR_CLASSES["WT"])
+def uncertainty_score(uncertainty: np.ndarray, wt: np.ndarray) -> float | None:
+    """Mean voxel-wise uncertainty inside the predicted whole tumour `wt` (a mask; None: no tumour)."""
     return float(np.mean(uncertainty[wt], dtype=np.float64)) if wt.any() else None
 
 
