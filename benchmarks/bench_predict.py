@@ -15,7 +15,7 @@ uncrop, BraTS labels) followed by `io.save_nifti` of the labels. Reported in sec
 
 The model is an untrained network built like a checkpoint's (4 classes, "labels" target,
 channels t2, t1ce, flair, min-max scaling) inside a `Predictor`: weights do not change speed.
-The number of network forwards (windows x flips) and the inference box are recorded too.
+The number of network calls (each a batch of windows and TTA flips) and the inference box are recorded too.
 
 Each configuration runs in its own subprocess, so peak memory is its own: on CPU the peak
 resident set size (`ru_maxrss`, scans and model included), on CUDA
@@ -313,7 +313,7 @@ def main() -> None:
         res = {"data": str(args.data) if args.data else "synthetic 240x240x155 .nii.gz, seed 0",
                "patch": args.patch, "overlap": args.overlap, "sw_batch": args.sw_batch, "device": device, "warmup": args.warmup,
                "repeat": args.repeat, "target": "labels (4 classes)", "channels": list(CHANNELS),
-               "autocast": "bf16" if device == "cuda" else None, "machine": machine(device), "results": []}
+               "autocast": "auto (bf16 where native, else fp16)" if device == "cuda" else None, "machine": machine(device), "results": []}
         res["machine"]["load_average"] = load_before
         for name, filters, tta in configs:
             res["results"].append(run_child(name, filters, tta, case_dir, device, args))

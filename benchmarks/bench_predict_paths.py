@@ -113,6 +113,7 @@ def agreement(results: list[dict], label_dirs: list[Path], data: Path, n_cases: 
         rows = res.get("cases", [])
         if rows:
             res["wt_dice_vs_reference_min"] = min(r["wt_dice_vs_reference"] for r in rows)
+            res["wt_dice_vs_reference_mean"] = round(float(np.mean([r["wt_dice_vs_reference"] for r in rows])), 4)
             if all("dice_vs_truth" in r for r in rows):
                 res["dice_vs_truth_mean"] = {r: round(float(np.mean([x["dice_vs_truth"][r] for x in rows])), 4)
                                              for r in REGIONS}

@@ -231,7 +231,8 @@ def main() -> None:
     device = pick_device(args.device)
     steps = args.steps or (20 if device == "cuda" else 3)
     res = {"size": args.size, "batch": args.batch, "device": device, "steps": steps, "warmup": args.warmup,
-           "loss": "labels (Dice + focal, 4 classes)", "optimizer": "Adam lr 1e-4",
+           "loss": f"{network_setup(names[0], args.recipe)[1]} (the training loss of that target)",
+           "optimizer": "Adam lr 1e-4 (the same for every network: step cost, not the recipe's optimizer)",
            "autocast": "bf16" if device == "cuda" else None, "machine": machine(device), "results": []}
     for name in names:
         res["results"].append(run_child(name, args, device, steps))

@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=40.0, help="training budget per fold")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/uncertainty_ranking.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "uncertainty_ranking.json")
     args = parser.parse_args()
     folds = link_folds(args.data, args.work, args.folds, args.seed, args.fold)
     for i in [args.fold] if args.fold is not None else range(args.folds):

@@ -59,5 +59,6 @@ def test_predict_paths_end_to_end(tmp_path):
                     "--tta", "off", "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
     results = json.loads(out.read_text())["results"]
     assert [r["engine"] for r in results] == ["torch", "onnx", "torch"]
-    assert results[0]["wt_dice_vs_reference_min"] == 1.0 and results[1]["wt_dice_vs_reference_min"] > 0.99
+    assert results[1]["wt_dice_vs_reference_min"] > 0.99  # ONNX Runtime: PyTorch's labels
+    assert results[0]["cases"][0]["box"] == results[1]["cases"][0]["box"]  # the same inference box and windows
     assert results[2]["cases"][0]["forwards"] == 1 and "dice_vs_truth" in results[0]["cases"][0]

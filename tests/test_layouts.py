@@ -363,3 +363,12 @@ def test_evaluate_never_guesses_conventions_silently(tmp_path):
     _write_tagged(tmp_path / "p23u", "case", b23.from_training(truth), AFFINE, None)
     scores = evaluate(tmp_path / "p23u", tmp_path / "gt23", progress=False)  # untagged, flat: a guess, said aloud
     assert "guessed from its values" in scores.notes[0]
+
+
+def test_a_segmentation_stored_twice_beside_the_images_is_one_case(tmp_path):
+    """`x_seg.nii` beside `x_seg.nii.gz` (an unpacked archive) is the same file twice, as for images."""
+    folder = write_case(tmp_path, "BraTS20_Training_001")
+    gz = folder / "BraTS20_Training_001_seg.nii.gz"
+    nib.save(nib.load(gz), folder / "BraTS20_Training_001_seg.nii")
+    (case,) = discover_cases(tmp_path)
+    assert case.case_id == "BraTS20_Training_001" and case.seg is not None and case.seg.name.startswith(case.case_id)

@@ -384,3 +384,18 @@ def test_window_sets_the_network_calls(raw, tmp_path, monkeypatch):
     assert result.failed and all("batch 1" in m for m in result.failed.values())  # a new window, a new batch size
     args = build_parser().parse_args(["predict", "x.pt", "in", "out", "--window", "64", "--engine", "torch"])
     assert args.window == (64, 64, 64) and args.engine == "torch"
+
+
+def test_each_torchrun_rank_predicts_on_its_local_gpu(monkeypatch):
+    """Under torchrun rank r of a node asks for its LOCAL_RANK device (cuda:r), not cuda:0 for all."""
+    module = sys.modules["tumorseg.inference.predict"]
+    asked = []
+
+    def record(preference, local_rank=0):
+        asked.append((preference, local_rank))
+        return CPU  # no GPU here: the request is what matters
+
+    monkeypatch.setattr(module, "resolve_device", record)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    Predictor.from_checkpoint(_state(), device="cuda", engine="torch")
+    assert asked == [("cuda", 3)]

@@ -271,9 +271,10 @@ def test_index_links_every_case_and_every_image_exists(built):
             assert (page.parent / unquote(src)).is_file(), (page, src)
         for href in parsed.links:
             assert (page.parent / unquote(href)).is_file(), (page, href)
+        text = page.read_text()  # self-contained: nothing fetched from elsewhere, on every page
+        assert "http://" not in text and "https://" not in text and "<script src" not in text, page
     text = result.index.read_text()
     assert "odd &lt;&amp;&gt; name" in text and "odd <&> name" not in text
-    assert "http://" not in text and "https://" not in text and "<script src" not in text
 
 
 def test_table_equals_volumes_csv(built):

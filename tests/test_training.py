@@ -153,7 +153,7 @@ def test_loss_guard_skips_broken_losses_and_stops_a_diverging_run():
 
     ctx, guard = DistContext(0, 1, 0, torch.device("cpu")), LossGuard(limit=3)
     losses = [1.0, float("nan"), float("inf"), 0.5, float("nan"), float("-inf")]
-    assert [guard.allows(torch.tensor(v), ctx, 0) for v in losses] == [True, False, False, True, False, False]
+    assert [guard.allows(v, ctx, 0) for v in losses] == [True, False, False, True, False, False]
     assert guard.skipped == 4 and guard.in_a_row == 2  # a finite loss resets the run of bad ones
     with pytest.raises(TumorsegError, match="NaN or infinite in 3 steps in a row"):
-        guard.allows(torch.tensor(float("nan")), ctx, 7)
+        guard.allows(float("nan"), ctx, 7)

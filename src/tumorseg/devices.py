@@ -89,17 +89,20 @@ def deterministic(enabled: bool, fixed_shapes: bool = True) -> Iterator[None]:
     on exit, so a library caller's own settings survive.
     """
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+             torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         if enabled:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
-            torch.use_deterministic_algorithms(True)
+            # warn_only: CUDA has no deterministic 3D max-pool or trilinear-upsampling backward; those
+            # warn (and stay nondeterministic) instead of stopping the run with a traceback
+            torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         else:
             torch.backends.cudnn.benchmark = fixed_shapes
         yield
     finally:
-        torch.use_deterministic_algorithms(saved[0])
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[4])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
         if saved[3] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

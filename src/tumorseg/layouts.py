@@ -124,6 +124,8 @@ def _brats_case(folder: Path, files: list[Path], need_images: bool) -> Case | No
                 dashed += stem[m.start()] == "-"
         else:
             others.append(path)
+    if images and len({_stem(s) for s in segs}) == 1:
+        segs = segs[:1]  # one segmentation twice (`.nii` beside `.nii.gz`): the first, as for the images
     if len(segs) > 1 or (not images and (need_images or not segs)):
         return None  # several cases' segmentations in one folder: `_label_files` pairs them
     seg = segs[0] if segs else None

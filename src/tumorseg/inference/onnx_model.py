@@ -153,7 +153,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = OPSET) -> 
 
     Raises:
         TumorsegError: `out` not named *.onnx, unreadable checkpoint, weights that do not fit
-            its network, an opset the exporter cannot write, or ONNX Runtime missing.
+            its network, an opset the exporter cannot write, or the ONNX extra missing.
     """
     onnx = _require("onnx")
     checkpoint, out = Path(checkpoint), Path(out)
@@ -203,7 +203,8 @@ class OnnxNetwork(nn.Module):
     `(B, C, X, Y, Z)` -> logits `(B, K, X, Y, Z)` float32 on the input's device. Input of any
     dtype (autocast's bf16 or fp16 included) is given to the runtime as float32. It has no
     parameters, so `.eval()`, `.to(device)` and `torch.no_grad()` change nothing; the runtime
-    uses CUDA when its GPU build is installed and `device` is not the CPU, else all CPU cores.
+    uses CUDA when its GPU build is installed and `device` is not the CPU, else as many CPU
+    threads as PyTorch would (`torch.get_num_threads()`).
 
     Args:
         model: the `.onnx` file (read by `load_onnx`, which also checks it), or the model's bytes.
@@ -221,7 +222,7 @@ class OnnxNetwork(nn.Module):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in ort.get_available_providers() and (device is None or device.type == "cuda"):
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0 if device else 0}))
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": (device.index or 0) if device is not None else 0}))
         try:
             self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                                 providers=providers)
@@ -241,7 +242,7 @@ def load_onnx(path: str | Path, device: torch.device | None = None) -> tuple[Onn
 
     Raises:
         TumorsegError: one line naming the file: missing, unreadable, not exported by tumorseg
-            (no "tumorseg" metadata), or ONNX Runtime missing.
+            (no "tumorseg" metadata), or the ONNX extra missing.
     """
     path = Path(path)
     if not path.is_file():

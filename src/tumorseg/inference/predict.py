@@ -454,8 +454,8 @@ def predict(
     """Segment every BraTS case under `input_dir` into `out_dir/<case_id>.nii.gz`.
 
     Args:
-        checkpoint: a tumorseg checkpoint (`best.pt` of a run), or a loaded `Predictor`
-            (used as it is, except that `tta`, when given, and `overlap` replace its own).
+        checkpoint: a tumorseg checkpoint (`best.pt` of a run), or a loaded `Predictor` (used
+            as it is, except that `overlap`, and `tta`, `labels`, `window` when given, replace its own).
         input_dir: one case folder, a folder of them, or a dataset: any layout `layouts`
             knows; segmentations are not needed.
         out_dir: where predictions go (created if needed).

@@ -48,7 +48,7 @@ def report_case(
 ) -> CaseReport:
     """Measure and draw one prediction; a bad file raises `TumorsegError` naming it."""
     vol = load_nifti(prediction, case_id)
-    conv = convention_from_header(vol.header) or default_labels
+    conv = convention_from_header(vol.header) or (images.labels if images is not None else default_labels)
     labels = raw_to_labels(vol.data, prediction, conv)
     notes = []
     if images is not None:

@@ -118,7 +118,7 @@ def uncertainty_score(uncertainty: np.ndarray, wt: np.ndarray) -> float | None:
 def measure(labels: np.ndarray, affine: np.ndarray, conv: LabelConvention) -> Measures:
     """Measure a segmentation in training labels (X, Y, Z) (0 bg, 1 NCR, 2 ED, 3 ET, 4 RC)."""
     labels = np.asarray(labels)
-    counts = np.bincount(labels.ravel().astype(np.intp, copy=False), minlength=5)
+    counts = np.bincount(labels.ravel(), minlength=5)  # uint8 labels: no int64 copy of the volume
     cm3 = voxel_volume_mm3(affine) / 1000.0
     volumes = {name: float(counts[c] * cm3) for c, name in label_names(conv).items()}
     volumes.update({r: float(counts[list(c)].sum() * cm3) for r, c in TUMOUR_CLASSES.items()})

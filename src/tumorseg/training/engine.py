@@ -48,8 +48,11 @@ class LossGuard:
     skipped: int = 0
     in_a_row: int = 0
 
-    def allows(self, loss: torch.Tensor, ctx: DistContext, epoch: int) -> bool:
-        bad = all_reduce_sum(torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0]), ctx)[0] > 0
+    def allows(self, loss: float, ctx: DistContext, epoch: int) -> bool:
+        """False (skip the step) when this step's loss is NaN or infinite on any rank."""
+        bad = not math.isfinite(loss)
+        if ctx.distributed:  # the ranks decide together
+            bad = bool(all_reduce_sum(torch.tensor([float(bad)]), ctx)[0] > 0)
         if not bad:
             self.in_a_row = 0
             return True
@@ -91,14 +94,15 @@ def train_epoch(
         loss = loss_fn(logits.float(), label)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # on every rank, skipped or not: DDP's gradient averaging waits for all
-        if not guard.allows(loss, ctx, epoch):
+        value = loss.item()  # one host sync per step, shared by the guard and the running mean
+        if not guard.allows(value, ctx, epoch):
             optimizer.zero_grad(set_to_none=True)
             if scaler.is_enabled():  # fp16 overflow also shows as a NaN loss: back off as the scaler would
                 scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             continue
         scaler.step(optimizer)
         scaler.update()
-        total += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        total += torch.tensor([value, 1.0], dtype=torch.float64)
         bar.set_postfix(loss=f"{total[0] / total[1]:.4f}")
     total = all_reduce_sum(total, ctx)
     return float(total[0] / total[1]) if total[1] else float("nan")  # nan: every step was skipped
@@ -129,9 +133,12 @@ def validate(
         probs = probabilities(model, image, roi, target, amp_dtype=amp_dtype, sw_batch_size=window_batch(ctx.device, roi))
         loss = loss_fn(_logits_from(probs, target), label)  # exact: the loss re-applies the activation
         pred = to_labels(probs[0], target)
-        dice = region_dice_from_labels(pred, sample["label"][0].numpy())
-        if collect is not None:
-            collect.append(case_statistics(pred, sample["label"][0].numpy()))
+        gt = sample["label"][0].numpy()
+        if collect is not None:  # the statistics hold this Dice already
+            collect.append(case_statistics(pred, gt))
+            dice = dict(zip(REGIONS, collect[-1]["dice"]))
+        else:
+            dice = region_dice_from_labels(pred, gt)
         sums += torch.tensor([loss.item(), *[dice[r] for r in REGIONS], 1.0], dtype=torch.float64)
     sums = all_reduce_sum(sums, ctx)
     count = max(float(sums[-1]), 1.0)
