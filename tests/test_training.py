@@ -98,6 +98,20 @@ def test_bad_inputs_are_one_line_errors(prepared, tmp_path):
             train(prepared, tmp_path / "r3", TrainConfig(device="cuda", **TINY))
 
 
+def test_last_checkpoint_is_read_only_under_the_run_lock(prepared, tmp_path):
+    """A second run into a folder another run holds is refused by the lock, not by reading the
+    last.pt the first may be rewriting."""
+    from tumorseg.lock import folder_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"half-written")
+    with folder_lock(run, "train"):
+        for resume in (True, False):
+            with pytest.raises(TumorsegError, match="is in use by tumorseg train"):
+                train(prepared, run, TrainConfig(epochs=1, **TINY), resume=resume, progress=False)
+
+
 def test_config_file_then_flags(tmp_path):
     (tmp_path / "c.yaml").write_text("model: unet\nepochs: 7\nlr: 0.01\n")
     cfg = resolve_config(tmp_path / "c.yaml", {"epochs": 3, "lr": None})

@@ -177,8 +177,6 @@ def train(
     train_ids, val_ids = split_ids(prepared_dir, "train"), split_ids(prepared_dir, "val")
     if not train_ids:
         raise TumorsegError(f"{prepared_dir}: no training cases in the manifest's split")
-    if not resume and (run_dir / "last.pt").exists():
-        raise TumorsegError(f"{run_dir}: already holds a run (last.pt); use --resume or another folder")
     crop = list(manifest["settings"]["crop_size"])
     patch = _check_patch(config, crop)
     classes = NUM_CLASSES + (manifest["settings"].get("cavity") == "keep")
@@ -188,10 +186,13 @@ def train(
     out_channels = len(REGIONS) if config.target == "regions" else classes
     spec = network_spec(config.model, len(manifest["settings"]["channels"]), out_channels,
                         config.filters, config.dropout, config.deep_supervision)
-    state = _resume(run_dir, spec, manifest) if resume else None
     ctx = distributed.setup(config.device)
     try:
         with _claim(run_dir, ctx), deterministic(config.deterministic):
+            # under the lock: another run into this folder could be rewriting last.pt
+            if not resume and (run_dir / "last.pt").exists():
+                raise TumorsegError(f"{run_dir}: already holds a run (last.pt); use --resume or another folder")
+            state = _resume(run_dir, spec, manifest) if resume else None
             return _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress)
     finally:
         distributed.cleanup()
