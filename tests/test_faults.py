@@ -101,11 +101,12 @@ def _same_files(a: Path, b: Path, pattern: str, load) -> None:
 def test_prepare_killed_and_rerun_equals_uninterrupted(base, tmp_path):
     rng, out = random.Random(0), tmp_path / "prep"
     args = ["prepare", base / "data", out, *PREPARE]
-    killed = []
-    for _ in range(3):  # after a random number of finished cases (the run takes ~0.3 s after its imports)
-        done = rng.randrange(4)
-        killed.append(_kill_at(args, lambda: len(list(out.glob("records/*.json"))) >= done, rng.uniform(0.0, 0.02)))
-    assert any(killed)
+    finished = lambda: len(list(out.glob("records/*.json")))  # noqa: E731
+    partial = []
+    for done in (1, 2, 3):  # after `done` finished cases (the run takes ~0.3 s after its imports)
+        if _kill_at(args, lambda: finished() >= done, rng.uniform(0.0, 0.02)):
+            partial.append(finished())
+    assert any(0 < n < 4 for n in partial), partial  # killed mid-run, with work to keep and work to redo
     (out / "images").mkdir(exist_ok=True)
     (out / "images" / f".tmp-{_dead_pid()}-case.npy").write_bytes(b"\x93NUMPY partial")  # as a kill mid-write leaves
     done = _tumorseg(*args)
@@ -168,12 +169,17 @@ def test_kill_between_checkpoint_writes_keeps_best_pt_the_best_epoch(base, tmp_p
 
 def test_predict_killed_and_rerun_equals_uninterrupted(base, tmp_path):
     rng, out = random.Random(0), tmp_path / "pred"
-    args = ["predict", base / "run/last.pt", base / "data", out, *PREDICT]
-    killed = [_kill_at(args, (out / ".tumorseg.lock").exists, rng.uniform(0.0, 1.5)) for _ in range(2)]
-    assert any(killed)
-    done = _tumorseg(*args)
-    assert done.returncode == 0, done.stderr
-    _same_files(base / "pred", out, "*.nii.gz", lambda p: np.asarray(nib.load(p).dataobj))
+    args = ["predict", base / "run/last.pt", base / "data", out, *PREDICT, "--tta"]  # TTA: slow enough to kill mid-run
+    finished = lambda: len([p for p in out.glob("*.nii.gz") if not p.name.startswith(".tmp-")])  # noqa: E731
+    partial = []
+    for _ in range(2):  # after the first written case, or later
+        if _kill_at(args, lambda: finished() >= 1, rng.uniform(0.0, 0.3)):
+            partial.append(finished())
+    assert any(0 < n < 4 for n in partial), partial
+    for dest in (out, tmp_path / "uninterrupted"):
+        done = _tumorseg(*args[:3], dest, *args[4:])
+        assert done.returncode == 0, done.stderr
+    _same_files(tmp_path / "uninterrupted", out, "*.nii.gz", lambda p: np.asarray(nib.load(p).dataobj))
     assert _leftovers(out) == []
 
 
