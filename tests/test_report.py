@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -20,7 +21,7 @@ from tumorseg.plots.slices import display_slice
 from tumorseg.report import bidimensional, measure, report
 from tumorseg.report.checks import case_warnings
 from tumorseg.report.figures import display_xy
-from tumorseg.report.measure import uncertainty_score
+from tumorseg.report.measure import TUMOUR_CLASSES, uncertainty_score
 from tumorseg.report.measure import axial_axis, centroid_world, lesion_sizes, widest_pair
 
 SQRT2 = np.sqrt(2.0)
@@ -369,3 +370,105 @@ def test_uncertainty_score_is_the_mean_inside_the_whole_tumour():
     uncertainty[2, 2:4, 2:4] = 0.5  # half the tumour's voxels
     assert uncertainty_score(uncertainty, wt) == pytest.approx(0.25)
     assert uncertainty_score(uncertainty, np.zeros_like(wt)) is None  # no tumour, no score
+
+
+# ----------------------------------------------------------------------------- reads, masks, re-runs
+
+SMALL = (24, 24, 20)
+
+
+def small_cohort(root: Path, n: int) -> Path:
+    """`n` small factory cases in `root/data`, their truth as predictions in `root/preds` (returned)."""
+    cases = {f"case_{i}": write_case(root / "data", f"case_{i}", shape=SMALL, seed=i) for i in range(n)}
+    copy_predictions(cases, root / "preds")
+    return root / "preds"
+
+
+def add_uncertainty(preds: Path, case_id: str) -> None:
+    seg = nib.load(preds / f"{case_id}.nii.gz")
+    nib.save(nib.Nifti1Image(np.full(seg.shape, 0.5, np.float32), seg.affine), preds / f"{case_id}_uncertainty.nii.gz")
+
+
+def test_each_prediction_is_read_once_for_measures_figures_and_metrics(tmp_path, monkeypatch):
+    preds = small_cohort(tmp_path, 2)
+    moved = nib.load(preds / "case_1.nii.gz")  # 1 mm off its truth: reported, not scored
+    affine = moved.affine.copy()
+    affine[0, 3] += 1.0
+    nib.save(nib.Nifti1Image(np.asarray(moved.dataobj), affine), preds / "case_1.nii.gz")
+    reads: Counter[str] = Counter()
+    load = nib.load
+
+    def counting_load(filename, *args, **kwargs):
+        reads[Path(filename).name] += 1
+        return load(filename, *args, **kwargs)
+
+    monkeypatch.setattr(nib, "load", counting_load)
+    result = report(preds, images=tmp_path / "data", gt=tmp_path / "data", out=tmp_path / "out", progress=False)
+    assert not result.failed and (reads["case_0.nii.gz"], reads["case_1.nii.gz"]) == (1, 1)
+    case0, case1 = result.cases
+    assert all(case0.metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET")) and case0.warnings == []
+    assert case1.metrics is None
+    assert any(w.startswith("not scored against the ground truth") and "different affine" in w for w in case1.warnings)
+
+
+def test_brain_and_whole_tumour_masks_are_computed_once_per_case(tmp_path, monkeypatch):
+    """Measures, checks, uncertainty score and figures share one brain and one whole-tumour mask."""
+    preds = small_cohort(tmp_path, 1)
+    add_uncertainty(preds, "case_0")
+    calls: Counter[str] = Counter()
+    isin, any_ = np.isin, np.any
+
+    def counting_isin(element, test_elements, *args, **kwargs):
+        if np.shape(element) == SMALL and sorted(np.ravel(test_elements).tolist()) == sorted(TUMOUR_CLASSES["WT"]):
+            calls["whole tumour"] += 1
+        return isin(element, test_elements, *args, **kwargs)
+
+    def counting_any(a, axis=None, *args, **kwargs):
+        if np.ndim(a) == 4 and axis == 0:  # non-zero voxels over the channels (C, X, Y, Z)
+            calls["brain"] += 1
+        return any_(a, axis, *args, **kwargs)
+
+    monkeypatch.setattr(np, "isin", counting_isin)
+    monkeypatch.setattr(np, "any", counting_any)
+    (case,) = report(preds, images=tmp_path / "data", out=tmp_path / "out", progress=False).cases
+    assert calls == {"whole tumour": 1, "brain": 1}
+    assert case.uncertainty == pytest.approx(0.5) and case.warnings == []
+    assert set(case.figures) == {"views", "diameters", "uncertainty", "thumbnail"}
+    assert case.measures.volumes_cm3["WT"] == pytest.approx(1.44)
+
+
+def test_rerun_removes_the_reports_stale_pages_and_figures_and_nothing_else(tmp_path, monkeypatch):
+    preds = small_cohort(tmp_path, 3)
+    add_uncertainty(preds, "case_0")
+    out, cases = tmp_path / "out", tmp_path / "out" / "cases"
+    report(preds, out=out, progress=False)
+    assert {p.name for p in cases.glob("*.html")} == {"case_0.html", "case_1.html", "case_2.html"}
+    user = {out / "notes.txt": "mine", cases / "notes.html": "mine", cases / "mine_views.png": "mine",
+            cases / "case_9.html": "<!DOCTYPE html>\n<title>case_9: my own page</title>",
+            cases / "case_2.txt": "mine"}
+    for path, text in user.items():
+        path.write_text(text)
+    (preds / "case_2.nii.gz").unlink()  # gone from the run
+    (preds / "case_1.nii.gz").write_bytes(b"broken")  # in the run but failed: its old page is stale too
+    (preds / "case_0_uncertainty.nii.gz").unlink()  # case_0 no longer has an uncertainty view
+
+    removed, unlink = [], Path.unlink
+
+    def checked_unlink(self, *args, **kwargs):
+        if self.parent == cases and self.exists():  # the index on disk never links to what goes
+            index = parse(out / "index.html")
+            assert f"cases/{self.name}" not in {unquote(u) for u in index.links + index.images}, self
+            removed.append(self.name)
+        return unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", checked_unlink)
+    result = report(preds, out=out, progress=False)
+    assert [c.case_id for c in result.cases] == ["case_0"] and set(result.failed) == {"case_1"}
+    figures = [f"case_{i}_{k}.png" for i in (1, 2) for k in ("views", "diameters", "thumb")]
+    assert sorted(removed) == sorted(["case_1.html", "case_2.html", "case_0_uncertainty.png", *figures])
+    assert {p.name for p in cases.iterdir()} == {"case_0.html", "case_0_views.png", "case_0_diameters.png",
+                                                 "case_0_thumb.png", *(p.name for p in user if p.parent == cases)}
+    assert all(path.read_text() == text for path, text in user.items())
+    index = parse(result.index)
+    assert {unquote(h) for h in index.links} == {"cases/case_0.html"}
+    assert all((out / unquote(src)).is_file() for src in index.images)

@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import TumorsegError
 from ..io import NIFTI_RE, Volume, load_nifti, write_text
 from ..labels import BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header
-from ..layouts import discover_cases
+from ..layouts import Case, discover_cases
 from .lesionwise import CHALLENGES, LESION_HD95_MISS, lesionwise_metrics
 from .metrics import FAILED_CASE, METRICS, region_metrics
 
@@ -182,7 +182,7 @@ def find_predictions(pred_dir: str | os.PathLike) -> tuple[dict[str, Path], dict
     return preds, conflicts
 
 
-def _check_geometry(case_id: str, pred: Volume, gt: Volume) -> None:
+def check_geometry(case_id: str, pred: Volume, gt: Volume) -> None:
     if pred.data.shape != gt.data.shape:
         raise TumorsegError(
             f"{case_id}: prediction {pred.path} has shape {pred.data.shape} "
@@ -212,7 +212,7 @@ def evaluate_case(
     try:
         gt = load_nifti(seg_path, case_id)
         pred = load_nifti(pred_path, case_id)
-        _check_geometry(case_id, pred, gt)
+        check_geometry(case_id, pred, gt)
         pred_conv, gt_conv, note = case_conventions(pred, gt, gt_labels, pred_labels)
         metrics = region_metrics(pred.data, gt.data, gt.spacing, pred_conv, gt_conv)
         lesions = lesionwise_metrics(pred_conv.regions(pred.data), gt_conv.regions(gt.data), gt.spacing,
@@ -286,6 +286,12 @@ def rows_to_csv(rows: Iterable[CaseResult]) -> str:
     return buf.getvalue()
 
 
+def truth_labels(case: Case) -> LabelConvention | None:
+    """The convention a ground-truth case's layout names; None for a flat folder of label files
+    (`case_conventions` then tells it from the labels)."""
+    return None if case.layout == "labels" else case.labels
+
+
 def _pair_cases(
     gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, labels: str | None, challenge: str | None,
     pred_labels: str | None = None,
@@ -300,7 +306,7 @@ def _pair_cases(
     jobs, decided = [], []
     for case in with_seg:
         cid = case.case_id
-        gt_labels = forced or (None if case.layout == "labels" else case.labels)
+        gt_labels = forced or truth_labels(case)
         if cid in conflicts:
             decided.append(CaseResult(cid, STATUS_ERROR, _failed_metrics(), conflicts[cid]))
         elif cid in preds:

@@ -9,7 +9,12 @@ Output (`out`, default `PRED_DIR/report`):
 Predictions are `PRED_DIR/<case>.nii.gz` (as `tumorseg predict` writes them, any label
 convention its header tag names); `<case>_uncertainty.nii.gz` beside one adds the uncertainty
 view and score. A case that cannot be read is one line naming the file; the others are still
-reported.
+reported. Each prediction is read once: measured, drawn and (with `gt`) scored from that read.
+
+Re-running into the same folder replaces the report: once the new index is in place, the pages
+and figures the report wrote for cases not in this run are removed, so the index never links to a
+missing page. A `cases/<case>.html` is the report's only when it begins as the report writes it,
+and `cases/<case>_<kind>.png` only beside such a page; every other file stays.
 """
 
 from __future__ import annotations
@@ -19,14 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import TumorsegError
-from ..evaluation.evaluate import STATUS_OK, evaluate, find_predictions
-from ..io import sweep_stale_temps, write_text
+from ..evaluation.evaluate import find_predictions
+from ..io import load_nifti, sweep_stale_temps, write_text
 from ..labels import BRATS2020
 from ..layouts import discover_cases
 from ..lock import folder_lock
 from .case import CaseReport, report_case
-from .html import case_page, case_page_name, index_page
+from .figures import figure_paths
+from .html import case_page, case_page_name, index_page, page_case_id
 from .table import columns, csv_text, summary
+from .truth import score, truth_cases
 
 UNCERTAINTY_SUFFIX = "_uncertainty"
 CASES_DIR = "cases"
@@ -75,7 +82,7 @@ def report(
     out = Path(out) if out is not None else pred_dir / "report"
     image_cases = {c.case_id: c for c in discover_cases(images)} if images is not None else {}
     default_labels = next(iter(image_cases.values())).labels if image_cases else BRATS2020
-    metrics, metric_notes = _metrics(pred_dir, gt) if gt is not None else ({}, {})
+    truths = truth_cases(gt) if gt is not None else None
     with folder_lock(out, "report"):
         for folder in (out, out / CASES_DIR):
             sweep_stale_temps(folder)  # what a killed run left
@@ -83,30 +90,26 @@ def report(
         reported: list[CaseReport] = []
         for cid, path in tqdm(sorted(preds.items()), desc="report", unit="case", disable=not progress):
             try:
-                case = report_case(cid, path, image_cases.get(cid), default_labels, uncertainty.get(cid), out / CASES_DIR)
+                prediction = load_nifti(path, cid)  # the one read of this file
+                case = report_case(cid, prediction, image_cases.get(cid), default_labels, uncertainty.get(cid),
+                                   out / CASES_DIR)
+                if images is not None and cid not in image_cases:
+                    case.warnings.append(f"no images for this case in {images}: labels shown on black, "
+                                         "brain edge not checked")
+                if truths is not None:
+                    case.metrics, notes = score(prediction, truths.get(cid), gt)
+                    case.warnings += notes
             except TumorsegError as exc:
                 failed[cid] = str(exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - a bug on one odd case: still one line, the others go on
                 failed[cid] = f"{cid}: {type(exc).__name__}: {exc}"
                 continue
-            if images is not None and cid not in image_cases:
-                case.warnings.append(f"no images for this case in {images}: labels shown on black, brain edge not checked")
-            case.metrics = metrics.get(cid)
-            case.warnings += metric_notes.get(cid, [])
             reported.append(case)
         sources = {"predictions": pred_dir, "images": images or "not given", "ground truth": gt or "not given"}
-        return _write(reported, failed, gt is not None, out, {k: str(v) for k, v in sources.items()})
-
-
-def _metrics(pred_dir: Path, gt: str | os.PathLike) -> tuple[dict[str, dict], dict[str, list[str]]]:
-    """BraTS metrics of each scored case, and for the others why they have none."""
-    result = evaluate(pred_dir, gt, progress=False)
-    metrics = {r.case_id: r.metrics for r in result.rows if r.status == STATUS_OK}
-    notes = {r.case_id: [f"not scored against the ground truth: {r.message}"] for r in result.rows
-             if r.status != STATUS_OK}
-    notes.update({cid: [f"no ground truth for this case in {gt}: no metrics"] for cid in result.extra})
-    return metrics, notes
+        result = _write(reported, failed, gt is not None, out, {k: str(v) for k, v in sources.items()})
+        _remove_stale(out / CASES_DIR, result)
+        return result
 
 
 def _write(cases: list[CaseReport], failed: dict[str, str], with_metrics: bool, out: Path,
@@ -120,3 +123,15 @@ def _write(cases: list[CaseReport], failed: dict[str, str], with_metrics: bool, 
         result.pages.append(path)
     write_text(result.index, index_page(cases, cols, summary(cases, cols), failed, sources, out))
     return result
+
+
+def _remove_stale(folder: Path, result: ReportResult) -> None:
+    """Remove the pages the report wrote in `folder` (`html.page_case_id`) that this run did not
+    write, and those pages' cases' figures this run did not write; nothing else. Called once the
+    new index, linking only to this run's pages, is in place."""
+    written = {p.name for p in result.pages} | {p.name for c in result.cases for p in c.figures.values()}
+    owners = ({page_case_id(p) for p in folder.iterdir()} - {None}) if folder.is_dir() else set()
+    for cid in owners:
+        for path in (folder / case_page_name(cid), *figure_paths(folder, cid).values()):
+            if path.name not in written:
+                path.unlink(missing_ok=True)

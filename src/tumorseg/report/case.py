@@ -9,13 +9,13 @@ import numpy as np
 
 from ..errors import TumorsegError
 from ..evaluation.evaluate import AFFINE_ATOL_MM
-from ..io import load_nifti
+from ..io import Volume, load_nifti
 from ..labels import LabelConvention, convention_from_header
 from ..layouts import Case
 from ..plots.slices import raw_to_labels, load_case
 from .checks import case_warnings
 from .figures import blank_case, make_scene, save_figures
-from .measure import TUMOUR_CLASSES, Measures, measure, uncertainty_score
+from .measure import Measures, measure, uncertainty_score, whole_tumour
 
 
 @dataclass
@@ -40,31 +40,35 @@ class CaseReport:
 
 def report_case(
     case_id: str,
-    prediction: Path,
+    prediction: Volume,
     images: Case | None,
     default_labels: LabelConvention,
     uncertainty: Path | None,
     figure_dir: Path,
 ) -> CaseReport:
-    """Measure and draw one prediction; a bad file raises `TumorsegError` naming it."""
-    vol = load_nifti(prediction, case_id)
-    conv = convention_from_header(vol.header) or (images.labels if images is not None else default_labels)
-    labels = raw_to_labels(vol.data, prediction, conv)
+    """Measure and draw one prediction, read by the caller; a bad case raises `TumorsegError` naming it.
+
+    The brain mask (the images' non-zero voxels) and the whole-tumour mask are computed here once
+    and handed to the measures, the checks and the figures.
+    """
+    path = prediction.path
+    conv = convention_from_header(prediction.header) or (images.labels if images is not None else default_labels)
+    labels = raw_to_labels(prediction.data, path, conv)
     notes = []
     if images is not None:
         data = replace(load_case(images), labels=conv)
         if data.shape != labels.shape:
-            raise TumorsegError(f"{prediction}: prediction has shape {labels.shape}, "
+            raise TumorsegError(f"{path}: prediction has shape {labels.shape}, "
                                 f"but the images of case {case_id} have {data.shape}")
-        if not np.allclose(data.affine, vol.affine, rtol=0, atol=AFFINE_ATOL_MM):
-            notes.append(f"the prediction's affine differs from its images' ({prediction.name}): "
+        if not np.allclose(data.affine, prediction.affine, rtol=0, atol=AFFINE_ATOL_MM):
+            notes.append(f"the prediction's affine differs from its images' ({path.name}): "
                          "measurements use the prediction's header")
-        brain = np.any(data.images != 0, axis=0)
     else:
-        data, brain = blank_case(case_id, prediction, labels, vol.affine, conv), None
-    measures = measure(labels, vol.affine, conv)
-    wt = np.isin(labels, TUMOUR_CLASSES["WT"])
-    warnings = case_warnings(wt, measures, brain) + notes
+        data = blank_case(case_id, path, labels, prediction.affine, conv)
+    brain = np.any(data.images != 0, axis=0)
+    wt = whole_tumour(labels)
+    measures = measure(labels, prediction.affine, conv, wt)
+    warnings = case_warnings(wt, measures, brain if images is not None else None) + notes
     unc_map, score = None, None
     if uncertainty is not None:
         try:
@@ -72,8 +76,8 @@ def report_case(
             score = uncertainty_score(unc_map, wt)
         except TumorsegError as exc:
             warnings.append(f"{exc}; uncertainty not shown")
-    figures = save_figures(make_scene(data, labels), measures, unc_map, figure_dir, case_id)
-    return CaseReport(case_id, prediction, conv, measures, warnings, figures, score)
+    figures = save_figures(make_scene(data, labels, brain, wt), measures, unc_map, figure_dir, case_id)
+    return CaseReport(case_id, path, conv, measures, warnings, figures, score)
 
 
 def _load_uncertainty(path: Path, case_id: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -22,7 +22,7 @@ from ..plots.slices import (
     choose_slices,
     display_slice,
 )
-from .measure import TUMOUR_CLASSES, Diameters, Measures
+from .measure import Diameters, Measures
 
 LONGEST_COLOUR, PERPENDICULAR_COLOUR = "cyan", "magenta"
 UNCERTAINTY_CMAP = "magma"
@@ -38,13 +38,15 @@ FIGURES: dict[str, str] = {  # kind -> file name suffix
 
 @dataclass(frozen=True)
 class Scene:
-    """A case turned to LPS voxel order once, for every figure: images (C, X, Y, Z), labels
-    (X, Y, Z), the views' slices, and the stored -> LPS axis map (new axis, flip) per axis."""
+    """A case turned to LPS voxel order once, for every figure: images (C, X, Y, Z), labels and
+    whole-tumour mask `wt` (X, Y, Z), the views' slices, and the stored -> LPS axis map (new axis,
+    flip) per axis."""
 
     data: CaseImages
     images: np.ndarray
     truth: np.ndarray | None
     labels: np.ndarray
+    wt: np.ndarray
     spacing: tuple[float, float, float]
     slices: dict[str, int]
     transform: np.ndarray
@@ -70,16 +72,25 @@ def blank_case(case_id: str, source: Path, labels: np.ndarray, affine: np.ndarra
                       source, affine, spacing, labels=conv)
 
 
-def make_scene(data: CaseImages, labels: np.ndarray) -> Scene:
-    """Reorient once; views pass through the predicted tumour (else the truth's, else the brain's middle)."""
+def make_scene(data: CaseImages, labels: np.ndarray, brain: np.ndarray, wt: np.ndarray) -> Scene:
+    """Reorient once; views pass through the predicted tumour (else the truth's, else the brain's middle).
+
+    `brain` (the images' non-zero voxels) and `wt` (the labels' whole tumour) are the case's masks
+    in stored order, computed once by the caller; here only reoriented (views, no copies).
+    """
     import nibabel as nib
-    from nibabel.orientations import axcodes2ornt, ornt_transform
+    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
     images, truth, lps, spacing = to_lps(data, labels)
-    reference = lps if lps.any() or truth is None else truth
-    slices = choose_slices(reference, np.any(images != 0, axis=0))
     transform = ornt_transform(nib.io_orientation(data.affine), axcodes2ornt(LPS))
-    return Scene(data, images, truth, lps, spacing, slices, transform)
+    reference = lps if lps.any() or truth is None else truth
+    slices = choose_slices(reference, apply_orientation(brain, transform))
+    return Scene(data, images, truth, lps, apply_orientation(wt, transform), spacing, slices, transform)
+
+
+def figure_paths(folder: Path, stem: str) -> dict[str, Path]:
+    """Kind -> `folder/<stem>_<kind>.png`: every figure the report may write for case `stem`."""
+    return {kind: folder / f"{stem}_{name}" for kind, name in FIGURES.items()}
 
 
 def save_figures(scene: Scene, measures: Measures, uncertainty: np.ndarray | None, folder: Path,
@@ -88,7 +99,7 @@ def save_figures(scene: Scene, measures: Measures, uncertainty: np.ndarray | Non
     import matplotlib
 
     matplotlib.use("Agg")
-    out = {kind: folder / f"{stem}_{name}" for kind, name in FIGURES.items()}
+    out = figure_paths(folder, stem)
     draw_views(scene.data, scene.images, scene.truth, scene.labels, scene.spacing, scene.slices, out["views"])
     measured = {"largest enhancing lesion": measures.enhancing, "whole tumour": measures.whole}
     _save_diameters(scene, {k: d for k, d in measured.items() if d is not None}, out["diameters"])
@@ -159,12 +170,11 @@ def _save_uncertainty(scene: Scene, uncertainty: np.ndarray, out: Path) -> None:
     top = float(uncertainty.max()) or 1.0
     n = len(scene.slices)
     fig, axes = plt.subplots(1, n, squeeze=False, figsize=(PANEL_INCHES * n, PANEL_INCHES), layout="constrained")
-    wt = np.isin(scene.labels, TUMOUR_CLASSES["WT"])
     for ax, (view, index) in zip(axes[0], scene.slices.items()):
         aspect = _aspect(scene, view)
         shown = ax.imshow(display_slice(uncertainty, view, index), cmap=UNCERTAINTY_CMAP, vmin=0, vmax=top,
                           aspect=aspect)
-        tumour = display_slice(wt, view, index)
+        tumour = display_slice(scene.wt, view, index)
         if tumour.any():
             ax.contour(tumour.astype(np.float32), levels=[0.5], colors=LONGEST_COLOUR, linewidths=0.8)
         ax.set_title(f"{view} slice {index}", fontsize=10)

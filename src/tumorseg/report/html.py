@@ -21,6 +21,8 @@ from .figures import THUMB_PIXELS
 from .measure import label_names
 from .table import SUMMARY_STATS, Column, cells, volume_key
 
+PAGE_SUFFIX = ".html"
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
@@ -89,9 +91,12 @@ DEFINITIONS = (
 )
 
 
+def _head(title: str) -> str:
+    return f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{escape(title)}</title>\n'
+
+
 def page(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{escape(title)}</title>\n'
-            f"<style>{STYLE}</style>\n<script>{SCRIPT}</script>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+    return _head(title) + f"<style>{STYLE}</style>\n<script>{SCRIPT}</script>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
 
 
 def link(target: Path, start: Path) -> str:
@@ -100,7 +105,25 @@ def link(target: Path, start: Path) -> str:
 
 
 def case_page_name(case_id: str) -> str:
-    return f"{case_id}.html"
+    return f"{case_id}{PAGE_SUFFIX}"
+
+
+def case_page_title(case_id: str) -> str:
+    return f"{case_id}: tumour report"
+
+
+def page_case_id(path: Path) -> str | None:
+    """The case whose page `path` is, if it is one the report wrote (`<case>.html` beginning as
+    `case_page` begins it); else None: other files, a user's pages included, are no case's."""
+    if not path.name.endswith(PAGE_SUFFIX) or not path.is_file():
+        return None
+    case_id = path.name[: -len(PAGE_SUFFIX)]
+    head = _head(case_page_title(case_id))
+    try:
+        with open(path, errors="replace") as fh:
+            return case_id if fh.read(len(head)) == head else None
+    except OSError:
+        return None
 
 
 def table(head: list[str], rows: list[list[str]]) -> str:
@@ -177,7 +200,7 @@ def case_page(case: CaseReport, cols: list[Column], index: Path) -> str:
     if case.metrics is not None:
         parts += ["<h2>Against the ground truth</h2>",
                   table(["region", *METRICS], [[r, *(text[f"{r}_{m}"] for m in METRICS)] for r in REGIONS])]
-    return page(f"{case.case_id}: tumour report", "\n".join(parts))
+    return page(case_page_title(case.case_id), "\n".join(parts))
 
 
 def _volumes(case: CaseReport, text: dict[str, str]) -> str:

@@ -110,19 +110,25 @@ def centroid_world(mask: np.ndarray, affine: np.ndarray) -> tuple[float, float, 
     return tuple(float(v) for v in apply_affine(affine, ndimage.center_of_mass(mask)))
 
 
+def whole_tumour(labels: np.ndarray) -> np.ndarray:
+    """The whole-tumour mask of training labels (X, Y, Z)."""
+    return np.isin(labels, TUMOUR_CLASSES["WT"])
+
+
 def uncertainty_score(uncertainty: np.ndarray, wt: np.ndarray) -> float | None:
     """Mean voxel-wise uncertainty inside the predicted whole tumour `wt` (a mask; None: no tumour)."""
     return float(np.mean(uncertainty[wt], dtype=np.float64)) if wt.any() else None
 
 
-def measure(labels: np.ndarray, affine: np.ndarray, conv: LabelConvention) -> Measures:
-    """Measure a segmentation in training labels (X, Y, Z) (0 bg, 1 NCR, 2 ED, 3 ET, 4 RC)."""
+def measure(labels: np.ndarray, affine: np.ndarray, conv: LabelConvention, wt: np.ndarray | None = None) -> Measures:
+    """Measure a segmentation in training labels (X, Y, Z) (0 bg, 1 NCR, 2 ED, 3 ET, 4 RC);
+    `wt`: its `whole_tumour` mask where the caller has it (None: computed here)."""
     labels = np.asarray(labels)
     counts = np.bincount(labels.ravel(), minlength=5)  # uint8 labels: no int64 copy of the volume
     cm3 = voxel_volume_mm3(affine) / 1000.0
     volumes = {name: float(counts[c] * cm3) for c, name in label_names(conv).items()}
     volumes.update({r: float(counts[list(c)].sum() * cm3) for r, c in TUMOUR_CLASSES.items()})
-    wt = np.isin(labels, TUMOUR_CLASSES["WT"])
+    wt = whole_tumour(labels) if wt is None else wt
     _, sizes = lesion_sizes(wt)
     return Measures(
         volumes_cm3=volumes,

@@ -1,0 +1,42 @@
+"""The report's BraTS metrics (`--gt`): a prediction the report has already read, scored against
+its ground truth as `tumorseg evaluate` pairs and scores it (the 2020 region metrics it shows)."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import TumorsegError
+from ..evaluation.evaluate import case_conventions, check_geometry, truth_labels
+from ..evaluation.metrics import region_metrics
+from ..io import Volume, load_nifti
+from ..layouts import Case, discover_cases
+
+
+def truth_cases(gt: str | os.PathLike) -> dict[str, Case]:
+    """Case id -> its ground-truth case, for the cases of `gt` with a segmentation.
+
+    Raises:
+        TumorsegError: `gt` is missing or holds no segmentation.
+    """
+    cases = {c.case_id: c for c in discover_cases(gt, need_images=False) if c.seg is not None}
+    if not cases:
+        raise TumorsegError(f"{gt}: no ground-truth segmentations found")
+    return cases
+
+
+def score(
+    prediction: Volume, truth: Case | None, gt: str | os.PathLike
+) -> tuple[dict[str, dict[str, float]] | None, list[str]]:
+    """({region: {metric: value}}, []) of `prediction` against `truth`, or (None, [why not])."""
+    if truth is None:
+        return None, [f"no ground truth for this case in {gt}: no metrics"]
+    try:
+        seg = load_nifti(truth.seg, truth.case_id)
+        check_geometry(truth.case_id, prediction, seg)
+        pred_conv, gt_conv, _ = case_conventions(prediction, seg, truth_labels(truth), None)
+        return region_metrics(prediction.data, seg.data, seg.spacing, pred_conv, gt_conv), []
+    except TumorsegError as exc:
+        return None, [f"not scored against the ground truth: {exc}"]
+    except ValueError as exc:  # labels outside their convention
+        return None, [f"not scored against the ground truth: {truth.case_id}: {exc} "
+                      f"(prediction {prediction.path}, ground truth {truth.seg.name})"]
