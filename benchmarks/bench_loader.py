@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_name, write_results
+from common import add_loader_args, add_out_arg, cpu_name, load_average, results_path, write_results
 
-RESULTS = Path(__file__).parent / "results" / "bench_loader.json"
+RESULTS = results_path("bench_loader")
 
 
 def prepared_folder(args: argparse.Namespace, tmp: Path) -> Path:
@@ -66,6 +66,16 @@ def measure(prepared: Path, args: argparse.Namespace, workers: int) -> dict:
             "patch": train.get("patch"), "augment": train.get("augment")}
 
 
+def measure_workers(prepared: Path, args: argparse.Namespace) -> list[dict]:
+    """`measure` for each worker count in `--workers` (comma-separated)."""
+    return [measure(prepared, args, int(w)) for w in args.workers.split(",")]
+
+
+def loader_data(args: argparse.Namespace) -> str:
+    """What the loader read, for the results: `--prepared`, else how many synthetic cases."""
+    return str(args.prepared or f"{args.cases} synthetic cases")
+
+
 def print_table(res: dict) -> None:
     print(f"\n{res['recipe']} loader on {res['data']} ({res['cpu']}, {res['cpu_count']} CPUs, "
           f"load {res['load_average']})")
@@ -77,17 +87,14 @@ def print_table(res: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="brats-gpu", help="recipe whose patch and augmentation to use")
-    parser.add_argument("--prepared", type=Path, help="a prepared folder (default: synthetic cases prepared here)")
-    parser.add_argument("--cases", type=int, default=4, help="synthetic cases when no --prepared (default 4)")
-    parser.add_argument("--workers", default="0,1,2", help="worker counts to compare (default 0,1,2)")
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per setting (default 20)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
+    add_loader_args(parser)
+    add_out_arg(parser, RESULTS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         prepared = prepared_folder(args, Path(tmp))
-        load = [round(x, 2) for x in os.getloadavg()]
-        results = [measure(prepared, args, int(w)) for w in args.workers.split(",")]
-    res = {"recipe": args.recipe, "data": str(args.prepared or f"{args.cases} synthetic cases"), "cpu": cpu_name(),
+        load = load_average()
+        results = measure_workers(prepared, args)
+    res = {"recipe": args.recipe, "data": loader_data(args), "cpu": cpu_name(),
            "cpu_count": os.cpu_count(), "load_average": load, "results": results}
     write_results(args.out, res, print_table)
 

@@ -36,18 +36,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_name, pick_device, write_results
+from common import (add_device_arg, add_out_arg, add_threads_arg, apply_threads, check_networks, clear_stages,
+                    device_sync, instrument, load_average, machine, peak_cuda_gib, peak_rss_gib, pick_device,
+                    predict_and_save, results_path, run_child, stage_seconds, threads_flag, write_results)
 
-RESULTS = Path(__file__).parent / "results" / "bench_predict.json"
+RESULTS = results_path("bench_predict")
 CPU_NETWORKS = ("unet", "segresnet")
 CPU_FILTERS = ("default", "8,16,32,64")
 CHANNELS = ("t2", "t1ce", "flair")
@@ -84,76 +81,32 @@ def make_predictor(name: str, filters: tuple[int, ...] | None, device: str, args
                      tta=args.tta == "on", overlap=args.overlap, amp_dtype=amp, sw_batch_size=args.sw_batch)
 
 
-def instrument(predictor, sync) -> dict:
-    """Count network forwards and time each stage of `predict_case` from inside it.
-
-    Wraps `load_input` (load, resample, scale), `tta_probabilities` (the network, all TTA flips
-    batched) and `postprocess`; the rest of `predict_case` (labels, uncrop, resampling back) is
-    "other". Returns a dict that fills as cases run, one entry per case and stage.
-    """
-    import importlib
-
-    # the module, not the `predict` function that `tumorseg.inference` exports under that name
-    predict_module = importlib.import_module("tumorseg.inference.predict")
-    stats: dict = {"forwards": 0, "box": None, "load_s": [], "network_s": [], "postprocess_s": []}
-
-    def timed(name: str, inner):
-        def wrapper(*a, **kw):
-            sync()
-            start = time.perf_counter()
-            out = inner(*a, **kw)
-            sync()
-            stats[f"{name}_s"].append(time.perf_counter() - start)
-            if name == "load":
-                stats["box"] = list(out.image.shape[1:])
-            return out
-
-        return wrapper
-
-    for name, attr in (("load", "load_input"), ("network", "tta_probabilities"), ("postprocess", "postprocess")):
-        setattr(predict_module, attr, timed(name, getattr(predict_module, attr)))
-
-    def count(*_):
-        stats["forwards"] += 1
-
-    predictor.model.register_forward_pre_hook(count)
-    return stats
-
-
 def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, device: str,
                 args: argparse.Namespace) -> dict:
     """Predict one case `--warmup` + `--repeat` times with one configuration; seconds, memory."""
     import torch
 
-    from tumorseg.inference.predict import predict_case
-    from tumorseg.io import save_nifti
     from tumorseg.layouts import discover_cases
     from tumorseg.networks import DEFAULT_FILTERS
 
     build_start = time.perf_counter()
     case = discover_cases(case_dir)[0]
     predictor = make_predictor(name, filters, device, args)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = device_sync(device)
     stats = instrument(predictor, sync)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    totals, predicts, saves = [], [], []
+    rss_before = peak_rss_gib()
+    predicts, saves = [], []
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         for i in range(args.warmup + args.repeat):
             if i == args.warmup:
-                stats.update(forwards=0, load_s=[], network_s=[], postprocess_s=[])
+                clear_stages(stats)
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-            sync()
-            start = time.perf_counter()
-            pred = predict_case(predictor, case)
-            sync()
-            mid = time.perf_counter()
-            save_nifti(Path(tmp) / f"{case.case_id}.nii.gz", pred.labels, pred.affine, pred.header)
-            end = time.perf_counter()
+            _, predict_s, save_s = predict_and_save(predictor, case, Path(tmp) / f"{case.case_id}.nii.gz", sync)
             if i >= args.warmup:
-                totals.append(end - start)
-                predicts.append(mid - start)
-                saves.append(end - mid)
+                predicts.append(predict_s)
+                saves.append(save_s)
+    totals = [p + s for p, s in zip(predicts, saves)]
     best = totals.index(min(totals))
     out = {
         "network": name,
@@ -164,59 +117,24 @@ def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, devi
         "forwards_per_case": stats["forwards"] // args.repeat,
         "s_total": round(totals[best], 3),
         "s_predict_case": round(predicts[best], 3),
-        "s_load": round(stats["load_s"][best], 3),
-        "s_network": round(stats["network_s"][best], 3),
-        "s_postprocess": round(stats["postprocess_s"][best], 3),
-        "s_other": round(predicts[best] - stats["load_s"][best] - stats["network_s"][best]
-                         - stats["postprocess_s"][best], 3),
-        "s_save": round(saves[best], 3),
+        **stage_seconds(stats, best, predicts[best], saves[best]),
         "s_total_runs": [round(t, 3) for t in totals],
         "wall_s_all": round(time.perf_counter() - build_start, 2),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "rss_before_predict_gib": round(rss_before, 3),
+        "peak_rss_gib": peak_rss_gib(),
+        "rss_before_predict_gib": rss_before,
         "threads": torch.get_num_threads(),
     }
     if device == "cuda":
-        out["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        out["peak_cuda_gib"] = peak_cuda_gib()
     return out
 
 
-def run_child(name: str, filters: str, tta: str, case_dir: Path, device: str, args: argparse.Namespace) -> dict:
+def run_child_config(name: str, filters: str, tta: str, case_dir: Path, device: str, args: argparse.Namespace) -> dict:
     """`time_config` in a fresh interpreter, so its peak memory is its own."""
-    cmd = [sys.executable, __file__, "--child", name, "--filters", filters, "--tta", tta, "--data", str(case_dir),
+    cmd = ["--child", name, "--filters", filters, "--tta", tta, "--data", str(case_dir),
            "--device", device, "--patch", str(args.patch), "--overlap", str(args.overlap), "--sw-batch", str(args.sw_batch),
-           "--warmup", str(args.warmup), "--repeat", str(args.repeat)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"network": name, "filters": filters, "tta": tta == "on", "error": f"exit {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
-
-
-def machine(device: str) -> dict:
-    """Where the numbers come from: CPUs, load, library versions, device name, threads."""
-    import monai
-    import torch
-
-    info = {
-        "cpu_count": os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name(),
-        "cpu_name": cpu_name(),
-    }
-    if device == "cuda":
-        info["cuda"] = torch.version.cuda
-        info["bf16_autocast"] = torch.cuda.is_bf16_supported()
-    return info
+           "--warmup", str(args.warmup), "--repeat", str(args.repeat), *threads_flag(args.threads)]
+    return run_child(__file__, cmd, network=name, filters=filters, tta=tta == "on")
 
 
 def print_table(res: dict) -> None:
@@ -244,7 +162,7 @@ def print_table(res: dict) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_arg(parser)
     parser.add_argument("--networks", help="comma-separated subset of the registry "
                         f"(default: all on CUDA or with --all, {','.join(CPU_NETWORKS)} on CPU)")
     parser.add_argument("--filters", action="append", help="widths, e.g. 8,16,32,64, or 'default'; repeat for "
@@ -258,8 +176,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sw-batch", type=int, default=1, help="sliding windows per network call (default 1)")
     parser.add_argument("--warmup", type=int, help="untimed cases first (default 1 on CUDA, 0 on CPU)")
     parser.add_argument("--repeat", type=int, help="timed cases, fastest kept (default 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
+    add_threads_arg(parser)
+    add_out_arg(parser, RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: time one configuration, print JSON
     return parser.parse_args()
 
@@ -270,9 +188,7 @@ def configurations(args: argparse.Namespace, device: str) -> list[tuple[str, str
 
     full = device == "cuda" or args.all
     names = args.networks.split(",") if args.networks else list(NETWORKS if full else CPU_NETWORKS)
-    unknown = [n for n in names if n not in NETWORKS]
-    if unknown:
-        raise SystemExit(f"unknown network(s) {', '.join(unknown)}; known: {', '.join(NETWORKS)}")
+    check_networks(names)
     settings = args.filters or (["default"] if full else list(CPU_FILTERS))
     tta = args.tta or ("both" if full else "off")
     flips = ["off", "on"] if tta == "both" else [tta]
@@ -286,10 +202,7 @@ def configurations(args: argparse.Namespace, device: str) -> list[tuple[str, str
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if not 0.0 <= args.overlap < 1.0:
         raise SystemExit(f"--overlap must be in [0, 1), got {args.overlap}")
     device = pick_device(args.device)
@@ -300,7 +213,7 @@ def main() -> None:
         print(json.dumps(time_config(args.child, filters, args.data, device, args)))
         return
     configs = configurations(args, device)
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="bench_predict_data_") as tmp:
         if args.data is None:
             from tumorseg.synth import synthesize
@@ -313,12 +226,12 @@ def main() -> None:
         res = {"data": str(args.data) if args.data else "synthetic 240x240x155 .nii.gz, seed 0",
                "patch": args.patch, "overlap": args.overlap, "sw_batch": args.sw_batch, "device": device, "warmup": args.warmup,
                "repeat": args.repeat, "target": "labels (4 classes)", "channels": list(CHANNELS),
-               "autocast": "auto (bf16 where native, else fp16)" if device == "cuda" else None, "machine": machine(device), "results": []}
+               "autocast": "auto (bf16 where native, else fp16)" if device == "cuda" else None,
+               "machine": machine(device, versions=("monai",)), "results": []}
         res["machine"]["load_average"] = load_before
         for name, filters, tta in configs:
-            res["results"].append(run_child(name, filters, tta, case_dir, device, args))
-            print(json.dumps(res["results"][-1]), flush=True)
-    res["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+            res["results"].append(run_child_config(name, filters, tta, case_dir, device, args))
+    res["machine"]["load_average_after"] = load_average()
     write_results(args.out, res, print_table)
 
 

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from bench_predict import instrument, machine
-from common import pick_device, write_results
+from common import (add_device_arg, add_out_arg, clear_stages, device_sync, instrument, load_average, machine,
+                    peak_rss_gib, pick_device, predict_and_save, results_path, run_child, stage_seconds, timed,
+                    write_results)
 
-RESULTS = Path(__file__).parent / "results" / "bench_predict_paths.json"
+RESULTS = results_path("bench_predict_paths")
 DEFAULT_PATHS = ("torch:patch:0.5", "onnx:patch:0.5", "onnx:patch:0.25", "onnx:box:0")
 BOX = 1024  # a window side larger than any brain box: the box itself
 
@@ -49,38 +45,27 @@ def parse_path(text: str) -> tuple[str, int | None, float]:
 
 def run_path(args: argparse.Namespace) -> dict:
     """Child: predict every case with one path; labels to `--labels-dir`, times and memory as JSON."""
-    import torch
-
-    from tumorseg.inference.predict import Predictor, predict_case
-    from tumorseg.io import save_nifti
+    from tumorseg.inference.predict import Predictor
     from tumorseg.layouts import discover_cases
 
     engine, window, overlap = parse_path(args.child)
     cases = discover_cases(args.data)[: args.cases]
-    setup = time.perf_counter()
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, tta=args.tta == "on", overlap=overlap,
-                                          engine=engine, window=(window,) * 3 if window else None)
-    setup = time.perf_counter() - setup
-    sync = torch.cuda.synchronize if predictor.device.type == "cuda" else (lambda: None)
+    predictor, setup = timed(lambda: Predictor.from_checkpoint(
+        args.checkpoint, device=args.device, tta=args.tta == "on", overlap=overlap, engine=engine,
+        window=(window,) * 3 if window else None))
+    sync = device_sync(predictor.device.type)
     stats = instrument(predictor, sync)
     rows = []
     for case in cases:
-        stats.update(forwards=0, load_s=[], network_s=[], postprocess_s=[])
-        start = time.perf_counter()
-        pred = predict_case(predictor, case)
-        mid = time.perf_counter()
-        save_nifti(Path(args.labels_dir) / f"{case.case_id}.nii.gz", pred.labels, pred.affine, pred.header,
-                   description=f"tumorseg {pred.convention.tag()}")  # as predict writes it
-        end = time.perf_counter()
+        clear_stages(stats)
+        labels = Path(args.labels_dir) / f"{case.case_id}.nii.gz"
+        _, predict_s, save_s = predict_and_save(predictor, case, labels, sync,  # described as predict writes it
+                                                describe=lambda pred: f"tumorseg {pred.convention.tag()}")
         rows.append({"case": case.case_id, "box": stats["box"], "forwards": stats["forwards"],
-                     "s_total": round(end - start, 3), "s_load": round(stats["load_s"][0], 3),
-                     "s_network": round(stats["network_s"][0], 3), "s_postprocess": round(stats["postprocess_s"][0], 3),
-                     "s_other": round(mid - start - stats["load_s"][0] - stats["network_s"][0]
-                                      - stats["postprocess_s"][0], 3),
-                     "s_save": round(end - mid, 3)})
+                     "s_total": round(predict_s + save_s, 3), **stage_seconds(stats, 0, predict_s, save_s)})
     return {"path": args.child, "engine": predictor.engine, "tta": predictor.tta, "s_setup": round(setup, 2), "cases": rows,
             "s_per_case_mean": round(float(np.mean([r["s_total"] for r in rows])), 3),
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+            "peak_rss_gib": peak_rss_gib()}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -147,8 +132,8 @@ def main() -> None:
                         f"is the reference (default {' '.join(DEFAULT_PATHS)})")
     parser.add_argument("--cases", type=int, default=1, help="the first N cases (default 1)")
     parser.add_argument("--tta", choices=("on", "off", "both"), default="both")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_device_arg(parser, default="cpu")
+    add_out_arg(parser, RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one path, JSON on stdout
     parser.add_argument("--labels-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,25 +144,18 @@ def main() -> None:
         parse_path(text)
     device = pick_device(args.device)
     res = {"checkpoint": str(args.checkpoint), "data": str(args.data), "cases": args.cases, "paths": args.paths,
-           "machine": machine(device), "results": []}
+           "machine": machine(device, versions=("monai",)), "results": []}
     with tempfile.TemporaryDirectory(prefix="bench_paths_") as tmp:
         for tta in (["off", "on"] if args.tta == "both" else [args.tta]):
             dirs = []
             for i, path in enumerate(args.paths):
                 dirs.append(Path(tmp) / f"{tta}_{i}")
                 dirs[-1].mkdir()
-                cmd = [sys.executable, __file__, str(args.checkpoint), str(args.data), "--child", path, "--tta", tta,
+                cmd = [str(args.checkpoint), str(args.data), "--child", path, "--tta", tta,
                        "--cases", str(args.cases), "--device", device, "--labels-dir", str(dirs[-1])]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-                if proc.returncode != 0 or not lines:
-                    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                    res["results"].append({"path": path, "tta": tta == "on", "error": f"exit {proc.returncode}: {tail}"})
-                else:
-                    res["results"].append(json.loads(lines[-1]))
-                print(json.dumps(res["results"][-1]), flush=True)
+                res["results"].append(run_child(__file__, cmd, path=path, tta=tta == "on"))
             agreement([r for r in res["results"] if r["tta"] == (tta == "on")], dirs, args.data, args.cases)
-    res["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    res["machine"]["load_average_after"] = load_average()
     write_results(args.out, res, print_table)
 
 

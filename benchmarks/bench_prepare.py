@@ -35,7 +35,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from common import write_results
+from common import add_out_arg, load_average, results_path, timed, write_results
 
 from tumorseg.io import save_npy
 
@@ -170,7 +170,7 @@ def machine() -> dict:
     return {
         "cpu_count": os.cpu_count(),
         "usable_cpus": default_workers(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "load_average": load_average(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "nibabel": nib.__version__,
@@ -178,11 +178,11 @@ def machine() -> dict:
     }
 
 
-def timed(fn, *args) -> tuple[object, float, float]:
+def timed_cpu(fn, *args) -> tuple[object, float, float]:
     """`fn(*args)`, its wall-clock seconds and the CPU seconds it used (workers included)."""
-    cpu, wall = cpu_seconds(), time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - wall, cpu_seconds() - cpu
+    cpu = cpu_seconds()
+    result, wall = timed(lambda: fn(*args))
+    return result, wall, cpu_seconds() - cpu
 
 
 def measure(data_dir: Path, work: Path, workers: int, repeat: int) -> dict:
@@ -197,7 +197,7 @@ def measure(data_dir: Path, work: Path, workers: int, repeat: int) -> dict:
     for _ in range(repeat):  # interleaved so background load hits every variant alike
         shutil.rmtree(work / "seed", ignore_errors=True)
         for key, (fn, *args) in variants.items():
-            result, wall, used = timed(fn, *args)
+            result, wall, used = timed_cpu(fn, *args)
             if key == "seed" and (not times["seed"] or wall < min(times["seed"])):
                 seed_stages = result[1]  # the breakdown of the fastest seed run
             kept[key] = result[0]
@@ -251,9 +251,9 @@ def main() -> None:
     parser.add_argument("--nii", action="store_true", help="synthetic cases as uncompressed .nii (Kaggle)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each variant, fastest kept (default 3)")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one, removed)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_prepare.json")
+    add_out_arg(parser, results_path("bench_prepare"))
     args = parser.parse_args()
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="bench_prepare_", dir=args.workdir) as tmp:
         work = Path(tmp)
         data = args.data if args.data is not None else make_data(work, args.cases, args.nii)

@@ -4,8 +4,9 @@ What is measured, per network (default widths from `DEFAULT_FILTERS`), on random
 shape `(batch, 3, size, size, size)` with random label maps `(batch, 1, size, size, size)`
 (values 0..3): one training step exactly as `training.engine.train_epoch` takes it (forward
 under autocast, the "labels" loss (Dice + focal over 4 classes) on float32 logits, backward,
-Adam step). One warm-up step, then `--steps` timed steps (default 3 on CPU, 20 on CUDA);
-reported as seconds per step (mean and min) and samples per second.
+optimizer step: Adam lr 1e-4 for every network). One warm-up step, then `--steps` timed steps
+(default 3 on CPU, 20 on CUDA); reported as seconds per step (mean and min) and samples per
+second, with the optimizer's name and settings.
 
 Each network runs in its own subprocess, so peak memory is that network's alone: on CPU the
 peak resident set size (`ru_maxrss`), on CUDA `torch.cuda.max_memory_allocated` (bf16
@@ -14,10 +15,13 @@ autocast, timing with `torch.cuda.synchronize`).
     python benchmarks/bench_train.py [--size 128] [--device auto|cpu|cuda] [--networks unet3d,unet]
 
 With `--recipe R` it times the recipe's own network (model, widths, channels, target, deep
-supervision) at its patch and batch size instead, and beside it the training data loader with
-that recipe's sampling and augmentation per worker count (`bench_loader.measure`, over
-`--prepared` or synthetic cases): a GPU stays busy only where the loader delivers at least the
-step's samples per second (issue 12 asks for twice as many).
+supervision) at its patch and batch size instead, stepping the recipe's optimizer as training
+builds it (`tumorseg.training.train._optimizer` on the recipe's settings: AdamW with the
+recipe's learning rate and weight decay for brats-cpu, SGD for brats-gpu, Adam for seed), and
+beside it the training data loader with that recipe's sampling and augmentation per worker
+count (`bench_loader.measure`, over `--prepared` or synthetic cases): a GPU stays busy only
+where the loader delivers at least the step's samples per second (issue 12 asks for twice as
+many).
 
     python benchmarks/bench_train.py --recipe brats-gpu --prepared prep_gpu --workers 2,4,8
 """
@@ -26,20 +30,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_loader import measure, prepared_folder
-from common import cpu_name, pick_device, write_results
+from bench_loader import loader_data, measure_workers, prepared_folder
+from common import (add_device_arg, add_loader_args, add_out_arg, add_threads_arg, apply_threads, check_networks,
+                    device_sync, load_average, machine, peak_cuda_gib, peak_rss_gib, pick_device, results_path,
+                    run_child, threads_flag, timed, write_results)
 
-RESULTS = Path(__file__).parent / "results" / "bench_train.json"
+RESULTS = results_path("bench_train")
+DEFAULT_OPTIMIZER = "Adam lr 1e-4 (the same for every network: step cost, not a recipe's optimizer)"
 
 
 def network_setup(name: str, recipe: str | None) -> tuple[dict, str]:
@@ -57,8 +59,39 @@ def network_setup(name: str, recipe: str | None) -> tuple[dict, str]:
     return spec, target
 
 
-def make_step(name: str, size: int, batch: int, device: str, recipe: str | None = None) -> tuple[Callable[[], float], int]:
-    """A closure running one training step of network `name` (or `recipe`'s), and its parameter count."""
+def make_optimizer(params, recipe: str | None):
+    """The optimizer the step takes: `recipe`'s exactly as `tumorseg train --recipe` builds it
+    (its train settings through `resolve_config`, then training's own `_optimizer`), else Adam lr 1e-4."""
+    import torch
+
+    if recipe is None:
+        return torch.optim.Adam(params, lr=1e-4)
+    from tumorseg.training import resolve_config
+    from tumorseg.training.train import _optimizer
+
+    return _optimizer(resolve_config(recipe=recipe), params)
+
+
+def describe_optimizer(optimizer) -> dict:
+    """The optimizer's class name and the settings that shape a step (learning rate, weight decay, momentum)."""
+    settings = {k: optimizer.defaults[k] for k in ("lr", "weight_decay", "momentum", "nesterov")
+                if k in optimizer.defaults}
+    return {"optimizer": type(optimizer).__name__, "optimizer_settings": settings}
+
+
+def optimizer_fields(recipe: str | None) -> dict:
+    """What the JSON records about the optimizer: name, settings and where they come from."""
+    import torch
+
+    fields = describe_optimizer(make_optimizer([torch.nn.Parameter(torch.zeros(1))], recipe))
+    fields["optimizer_source"] = (f"recipe {recipe}, built by tumorseg.training.train._optimizer as training does"
+                                  if recipe else DEFAULT_OPTIMIZER)
+    return fields
+
+
+def make_step(name: str, size: int, batch: int, device: str,
+              recipe: str | None = None) -> tuple[Callable[[], float], int, object]:
+    """A closure running one training step of network `name` (or `recipe`'s), its parameter count and its optimizer."""
     import torch
 
     from tumorseg.networks import build_network
@@ -69,7 +102,7 @@ def make_step(name: str, size: int, batch: int, device: str, recipe: str | None 
     spec, target = network_setup(name, recipe)
     model = build_network(**spec).to(dev).train()
     loss_fn = build_loss(target).to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model.parameters(), recipe)
     image = torch.rand(batch, spec["in_channels"], size, size, size, device=dev)
     labels = torch.randint(0, 4, (batch, 1, size, size, size), device=dev)
     amp = torch.bfloat16 if device == "cuda" else None
@@ -83,7 +116,7 @@ def make_step(name: str, size: int, batch: int, device: str, recipe: str | None 
         optimizer.step()
         return float(loss.detach())  # .item() waits for the device, like the training loop
 
-    return step, sum(p.numel() for p in model.parameters())
+    return step, sum(p.numel() for p in model.parameters()), optimizer
 
 
 def time_network(name: str, size: int, batch: int, device: str, steps: int, warmup: int,
@@ -92,17 +125,12 @@ def time_network(name: str, size: int, batch: int, device: str, steps: int, warm
     import torch
 
     build_start = time.perf_counter()
-    step, params = make_step(name, size, batch, device, recipe)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    step, params, optimizer = make_step(name, size, batch, device, recipe)
+    sync = device_sync(device)
     for _ in range(warmup):
         step()
     sync()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+    times = [timed(step, sync)[1] for _ in range(steps)]
     mean = sum(times) / len(times)
     out = {
         "network": name,
@@ -112,49 +140,22 @@ def time_network(name: str, size: int, batch: int, device: str, steps: int, warm
         "samples_per_s": round(batch / mean, 3),
         "step_seconds": [round(t, 4) for t in times],
         "wall_s_total": round(time.perf_counter() - build_start, 2),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "peak_rss_gib": peak_rss_gib(),
         "threads": torch.get_num_threads(),
+        **describe_optimizer(optimizer),
     }
     if device == "cuda":
-        out["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        out["peak_cuda_gib"] = peak_cuda_gib()
     return out
 
 
-def run_child(name: str, args: argparse.Namespace, device: str, steps: int) -> dict:
+def run_network(name: str, args: argparse.Namespace, device: str, steps: int) -> dict:
     """`time_network` in a fresh interpreter, so its peak memory is its own."""
-    cmd = [sys.executable, __file__, "--child", name, "--size", str(args.size), "--batch", str(args.batch),
+    cmd = ["--child", name, "--size", str(args.size), "--batch", str(args.batch),
            "--device", device, "--steps", str(steps), "--warmup", str(args.warmup)]
     if args.recipe:
         cmd += ["--recipe", args.recipe]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"network": name, "error": f"exit {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
-
-
-def machine(device: str) -> dict:
-    """Where the numbers come from: CPUs, load, library versions, device name, threads."""
-    import torch
-
-    info = {
-        "cpu_count": os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device,
-        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name(),
-        "cpu_name": cpu_name(),
-    }
-    if device == "cuda":
-        info["cuda"] = torch.version.cuda
-        info["bf16_autocast"] = True
-    return info
+    return run_child(__file__, [*cmd, *threads_flag(args.threads)], network=name)
 
 
 def print_table(res: dict) -> None:
@@ -162,7 +163,8 @@ def print_table(res: dict) -> None:
     cuda = res["device"] == "cuda"
     m = res["machine"]
     print(f"\n{res['size']}^3, batch {res['batch']}, {res['device']} ({m['device_name']}), "
-          f"{m['torch_threads']} threads, load average {m['load_average']}")
+          f"{m['torch_threads']} threads, load average {m['load_average']}, {res['optimizer']} "
+          f"{res['optimizer_settings']}")
     mem = "peak GiB (cuda)" if cuda else "peak RSS GiB"
     print(f"{'network':<11}{'params M':>9}{'s/step':>9}{'min s':>8}{'samples/s':>11}{mem:>17}")
     for r in res["results"]:
@@ -185,27 +187,22 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=128, help="cube side of the input (default 128)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_arg(parser)
     parser.add_argument("--networks", help="comma-separated subset of the registry (default: all)")
     parser.add_argument("--steps", type=int, help="timed steps (default 3 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
-    parser.add_argument("--recipe", help="time this recipe's network at its patch and batch, and its loader beside it")
-    parser.add_argument("--prepared", type=Path, help="with --recipe: prepared cases for the loader (default: synthetic)")
-    parser.add_argument("--cases", type=int, default=4, help="with --recipe and no --prepared: synthetic cases (default 4)")
-    parser.add_argument("--workers", default="0,1,2", help="with --recipe: loader worker counts (default 0,1,2)")
-    parser.add_argument("--batches", type=int, default=20, help="with --recipe: timed loader batches (default 20)")
+    add_threads_arg(parser)
+    add_out_arg(parser, RESULTS)
+    parser.add_argument("--recipe", help="time this recipe's network at its patch and batch with its optimizer, "
+                        "and its loader beside it")
+    add_loader_args(parser, prefix="with --recipe: ")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: time one network, print JSON
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.child:
         print(json.dumps(time_network(args.child, args.size, args.batch, args.device, args.steps, args.warmup,
                                       args.recipe)))
@@ -222,9 +219,7 @@ def main() -> None:
         if len(set(patch)) != 1:
             raise SystemExit(f"--recipe {args.recipe}: patch {patch} is not a cube (this benchmark times cubes)")
         names, args.size, args.batch = [train["model"]], int(patch[0]), int(train.get("batch_size", 2))
-    unknown = [n for n in names if n not in NETWORKS]
-    if unknown:
-        raise SystemExit(f"unknown network(s) {', '.join(unknown)}; known: {', '.join(NETWORKS)}")
+    check_networks(names)
     bad = [n for n in names if args.size % required_divisor(n)]
     if bad:
         raise SystemExit(f"--size {args.size} is not divisible by what {', '.join(bad)} need(s)")
@@ -232,17 +227,16 @@ def main() -> None:
     steps = args.steps or (20 if device == "cuda" else 3)
     res = {"size": args.size, "batch": args.batch, "device": device, "steps": steps, "warmup": args.warmup,
            "loss": f"{network_setup(names[0], args.recipe)[1]} (the training loss of that target)",
-           "optimizer": "Adam lr 1e-4 (the same for every network: step cost, not the recipe's optimizer)",
-           "autocast": "bf16" if device == "cuda" else None, "machine": machine(device), "results": []}
+           **optimizer_fields(args.recipe),
+           "autocast": "bf16" if device == "cuda" else None, "machine": machine(device, bf16_autocast=True),
+           "results": []}
     for name in names:
-        res["results"].append(run_child(name, args, device, steps))
-        print(json.dumps(res["results"][-1]), flush=True)
+        res["results"].append(run_network(name, args, device, steps))
     if args.recipe:
-        res["recipe"], res["loader_data"] = args.recipe, str(args.prepared or f"{args.cases} synthetic cases")
+        res["recipe"], res["loader_data"] = args.recipe, loader_data(args)
         with tempfile.TemporaryDirectory(prefix="bench_train_loader_") as tmp:
-            prepared = prepared_folder(args, Path(tmp))
-            res["loader"] = [measure(prepared, args, int(w)) for w in args.workers.split(",")]
-    res["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+            res["loader"] = measure_workers(prepared_folder(args, Path(tmp)), args)
+    res["machine"]["load_average_after"] = load_average()
     write_results(args.out, res, print_table)
 
 

@@ -14,18 +14,15 @@ Works the same on a full Kaggle BraTS 2020 download (`--data BraTS2020_TrainingD
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from common import write_results
+from common import (add_out_arg, add_real_data_args, device_label, link_case, results_path, shuffled_labelled_cases,
+                    write_results)
 
 from tumorseg.evaluation import evaluate
 from tumorseg.inference import predict
-from tumorseg.layouts import discover_cases
 from tumorseg.prepare import PrepareConfig, prepare
 from tumorseg.recipes import load_recipe
 from tumorseg.training import resolve_config, train
@@ -34,14 +31,10 @@ from tumorseg.checkpoint import load_checkpoint
 
 def hold_out(data: Path, work: Path, n_test: int, seed: int) -> tuple[Path, Path, list[str]]:
     """Link the cases into train/ and test/ folders (the user's files stay where they are)."""
-    cases = [c for c in discover_cases(data) if c.seg is not None]
-    order = np.random.default_rng(seed).permutation(len(cases))
-    test_ids = sorted(cases[i].case_id for i in order[:n_test])
+    cases = shuffled_labelled_cases(data, seed)
+    test_ids = sorted(c.case_id for c in cases[:n_test])
     for case in cases:
-        link = work / ("test" if case.case_id in test_ids else "train") / case.case_id
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(case.folder.resolve(), target_is_directory=True)
+        link_case(case, work / ("test" if case.case_id in test_ids else "train") / case.case_id)
     return work / "train", work / "test", test_ids
 
 
@@ -91,18 +84,15 @@ def table(rows: list[dict], machine: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/brats"))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tumorseg_real"))
+    add_real_data_args(parser, Path("/tmp/tumorseg_real"), val_fraction=0.15)
     parser.add_argument("--recipes", nargs="+", default=["brats-cpu", "seed"])
     parser.add_argument("--minutes", type=float, default=55.0, help="training budget per recipe")
     parser.add_argument("--test-cases", type=int, default=4)
-    parser.add_argument("--val-fraction", type=float, default=0.15)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/real_learning.json"))
+    add_out_arg(parser, results_path("real_learning"))
     args = parser.parse_args()
     train_dir, test_dir, test_ids = hold_out(args.data, args.work, args.test_cases, args.seed)
     print(f"held-out test cases: {', '.join(test_ids)}")
-    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    machine = device_label()
     rows = [run_recipe(name, train_dir, test_dir, args.work, args.minutes, args.val_fraction) for name in args.recipes]
     res = {"machine": machine, "platform": platform.platform(), "test_cases": test_ids,
            "budget_minutes": args.minutes, "results": rows}

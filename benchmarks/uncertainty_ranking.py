@@ -16,26 +16,22 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 from pathlib import Path
 
-import numpy as np
-import torch
-from common import write_results
+from common import (add_out_arg, add_real_data_args, device_label, link_case, results_path, shuffled_labelled_cases,
+                    write_results)
 from real_learning import run_recipe
 from scipy.stats import spearmanr
 
 from tumorseg.io import write_text
-from tumorseg.layouts import discover_cases
 
 
 def link_folds(data: Path, work: Path, k: int, seed: int, only: int | None) -> list[list[str]]:
     """Split the labelled cases into k seeded folds; link the training and test cases of fold
     `only` (None: all). `work/folds.json` records the split: a different one is refused, so a
     re-run never mixes one split's training cases into another's test cases."""
-    cases = [c for c in discover_cases(data) if c.seg is not None]
-    order = np.random.default_rng(seed).permutation(len(cases))
-    folds = [sorted(cases[j].case_id for j in order[i::k]) for i in range(k)]
+    cases = shuffled_labelled_cases(data, seed)
+    folds = [sorted(c.case_id for c in cases[i::k]) for i in range(k)]
     record = work / "folds.json"
     if record.exists() and json.loads(record.read_text()) != folds:
         raise SystemExit(f"{work} holds another split ({record}); use a new --work")
@@ -43,10 +39,7 @@ def link_folds(data: Path, work: Path, k: int, seed: int, only: int | None) -> l
     write_text(record, json.dumps(folds))
     for i, test_ids in enumerate(folds):
         for case in cases if only in (None, i) else []:
-            link = work / f"fold{i}" / ("test" if case.case_id in test_ids else "train") / case.case_id
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists():
-                link.symlink_to(case.folder.resolve(), target_is_directory=True)
+            link_case(case, work / f"fold{i}" / ("test" if case.case_id in test_ids else "train") / case.case_id)
     return folds
 
 
@@ -82,15 +75,12 @@ def correlations(rows: list[dict]) -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/brats"))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tumorseg_uncertainty"))
+    add_real_data_args(parser, Path("/tmp/tumorseg_uncertainty"), val_fraction=0.2)
     parser.add_argument("--recipe", default="brats-cpu")
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--fold", type=int, help="run only this fold (then run again without it to collect)")
     parser.add_argument("--minutes", type=float, default=40.0, help="training budget per fold")
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "uncertainty_ranking.json")
+    add_out_arg(parser, results_path("uncertainty_ranking"))
     args = parser.parse_args()
     folds = link_folds(args.data, args.work, args.folds, args.seed, args.fold)
     for i in [args.fold] if args.fold is not None else range(args.folds):
@@ -100,7 +90,7 @@ def main() -> None:
     if args.fold is not None:
         return
     rows = per_case(args.work, args.recipe, args.folds)
-    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    machine = device_label()
     res = {"machine": machine, "recipe": args.recipe, "folds": folds, "budget_minutes": args.minutes,
            "cases": rows, "spearman_uncertainty_vs_dice": correlations(rows)}
 

@@ -19,8 +19,11 @@ from factory import write_case
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-import bench_predict  # noqa: E402
 import bench_predict_paths  # noqa: E402
+import bench_train  # noqa: E402
+import common  # noqa: E402
+import real_learning  # noqa: E402
+import uncertainty_ranking  # noqa: E402
 
 
 def test_stage_timers_wrap_what_predict_case_calls(monkeypatch):
@@ -29,10 +32,94 @@ def test_stage_timers_wrap_what_predict_case_calls(monkeypatch):
     for attr in ("load_input", "tta_probabilities", "postprocess"):
         monkeypatch.setattr(module, attr, getattr(module, attr))  # restored after the test
     predictor = module.Predictor(torch.nn.Identity(), torch.device("cpu"), ("t1",), "minmax", (16, 16, 16))
-    stats = bench_predict.instrument(predictor, lambda: None)  # raised AttributeError after a rename once
+    stats = common.instrument(predictor, lambda: None)  # raised AttributeError after a rename once
     module.postprocess(np.zeros((4, 4, 4), np.uint8), False, None)
     predictor.model(torch.zeros(1))
     assert len(stats["postprocess_s"]) == 1 and stats["forwards"] == 1
+    stats.update(load_s=[0.5], network_s=[2.0])
+    assert common.stage_seconds(stats, 0, 3.0, 0.25) == {
+        "s_load": 0.5, "s_network": 2.0, "s_postprocess": round(stats["postprocess_s"][0], 3),
+        "s_other": round(0.5 - stats["postprocess_s"][0], 3), "s_save": 0.25}
+    common.clear_stages(stats)
+    assert stats["forwards"] == 0 and stats["load_s"] == stats["network_s"] == stats["postprocess_s"] == []
+
+
+@pytest.mark.parametrize("recipe", ["brats-cpu", "brats-gpu", "seed"])
+def test_recipe_optimizer_is_trainings(recipe, monkeypatch):
+    """`--recipe` steps the optimizer training builds for that recipe, made by training's own function."""
+    from tumorseg.recipes import load_recipe
+
+    train_module = importlib.import_module("tumorseg.training.train")  # the module, not the `train` function
+    calls = []
+    real = train_module._optimizer
+    monkeypatch.setattr(train_module, "_optimizer", lambda config, params: calls.append(config) or real(config, params))
+    optimizer = bench_train.make_optimizer([torch.nn.Parameter(torch.zeros(2))], recipe)
+    settings = load_recipe(recipe)["train"]
+    assert len(calls) == 1 and calls[0].optimizer == settings["optimizer"]
+    expected = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[settings["optimizer"]]
+    assert type(optimizer) is expected
+    assert optimizer.defaults["lr"] == settings["lr"]
+    assert optimizer.defaults["weight_decay"] == settings.get("weight_decay", 0.0)
+
+
+def test_brats_cpu_step_uses_adamw_with_the_recipes_weight_decay():
+    step, params, optimizer = bench_train.make_step("unet", 32, 1, "cpu", recipe="brats-cpu")
+    assert type(optimizer) is torch.optim.AdamW
+    assert optimizer.defaults["lr"] == 0.001 and optimizer.defaults["weight_decay"] == 1e-5
+    weights = optimizer.param_groups[0]["params"]
+    assert sum(p.numel() for p in weights) == params  # the network's own parameters
+    before = weights[0].detach().clone()
+    assert np.isfinite(step())
+    assert not torch.equal(before, weights[0])  # the step went through this optimizer
+    fields = bench_train.optimizer_fields("brats-cpu")
+    assert fields["optimizer"] == "AdamW" and fields["optimizer_settings"] == {"lr": 0.001, "weight_decay": 1e-5}
+    assert "brats-cpu" in fields["optimizer_source"]
+    # without a recipe: Adam lr 1e-4, as before
+    assert bench_train.optimizer_fields(None)["optimizer_settings"] == {"lr": 1e-4, "weight_decay": 0}
+    _, _, default = bench_train.make_step("unet", 32, 1, "cpu")
+    assert type(default) is torch.optim.Adam and default.defaults["lr"] == 1e-4
+
+
+def test_bench_train_end_to_end(tmp_path):
+    """The parent and its child process on a tiny cube: fields written, optimizer recorded in both."""
+    out = tmp_path / "train.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "bench_train.py"), "--networks", "unet", "--size", "32",
+                    "--steps", "1", "--warmup", "0", "--device", "cpu", "--threads", "1", "--out", str(out)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    res = json.loads(out.read_text())
+    assert res["optimizer"] == "Adam" and res["optimizer_settings"] == {"lr": 1e-4, "weight_decay": 0}
+    (row,) = res["results"]
+    assert "error" not in row, row
+    assert row["network"] == "unet" and row["optimizer"] == "Adam" and len(row["step_seconds"]) == 1
+    assert row["threads"] == 1 and row["peak_rss_gib"] > 0
+    machine = res["machine"]
+    assert {"cpu_count", "load_average", "torch", "torch_threads", "python", "platform", "device", "device_name",
+            "cpu_name", "load_average_after"} <= set(machine) and machine["device"] == "cpu"
+
+
+def test_run_child_reports_a_failing_child(tmp_path, capsys):
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nprint('{not json')\nsys.exit('it broke')\n")
+    assert common.run_child(str(script), ["--child", "x"], network="x") == {"network": "x", "error": "exit 1: it broke"}
+    script.write_text('print("noise")\nprint(\'{"a": 1}\')\n')
+    assert common.run_child(str(script), []) == {"a": 1}
+    assert '"error": "exit 1: it broke"' in capsys.readouterr().out  # progress lines
+
+
+def test_held_out_and_fold_splits(tmp_path):
+    """The shared seeded order of labelled cases gives the splits the scripts always made."""
+    for i in range(5):
+        write_case(tmp_path / "raw", f"c{i}", shape=(16, 16, 12))
+    write_case(tmp_path / "raw", "unlabelled", shape=(16, 16, 12), seg=None)
+    ids = [f"c{i}" for i in range(5)]
+    order = np.random.default_rng(3).permutation(5)
+    _, test_dir, test_ids = real_learning.hold_out(tmp_path / "raw", tmp_path / "hold", 2, seed=3)
+    assert test_ids == sorted(ids[i] for i in order[:2])
+    assert sorted(p.name for p in test_dir.iterdir()) == test_ids and (test_dir / test_ids[0]).is_symlink()
+    assert sorted(p.name for p in (tmp_path / "hold" / "train").iterdir()) == sorted(set(ids) - set(test_ids))
+    folds = uncertainty_ranking.link_folds(tmp_path / "raw", tmp_path / "folds", 2, seed=3, only=None)
+    assert folds == [sorted(ids[j] for j in order[i::2]) for i in range(2)]
+    assert sorted(p.name for p in (tmp_path / "folds" / "fold1" / "test").iterdir()) == folds[1]
 
 
 def test_path_specs():
