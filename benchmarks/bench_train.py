@@ -16,7 +16,7 @@ autocast, timing with `torch.cuda.synchronize`).
 
 With `--recipe R` it times the recipe's own network (model, widths, channels, target, deep
 supervision) at its patch and batch size instead, stepping the recipe's optimizer as training
-builds it (`tumorseg.training.train._optimizer` on the recipe's settings: AdamW with the
+builds it (`tumorseg.training.train.build_optimizer` on the recipe's settings: AdamW with the
 recipe's learning rate and weight decay for brats-cpu, SGD for brats-gpu, Adam for seed), and
 beside it the training data loader with that recipe's sampling and augmentation per worker
 count (`bench_loader.measure`, over `--prepared` or synthetic cases): a GPU stays busy only
@@ -61,15 +61,15 @@ def network_setup(name: str, recipe: str | None) -> tuple[dict, str]:
 
 def make_optimizer(params, recipe: str | None):
     """The optimizer the step takes: `recipe`'s exactly as `tumorseg train --recipe` builds it
-    (its train settings through `resolve_config`, then training's own `_optimizer`), else Adam lr 1e-4."""
+    (its train settings through `resolve_config`, then training's own `build_optimizer`), else Adam lr 1e-4."""
     import torch
 
     if recipe is None:
         return torch.optim.Adam(params, lr=1e-4)
     from tumorseg.training import resolve_config
-    from tumorseg.training.train import _optimizer
+    from tumorseg.training.train import build_optimizer
 
-    return _optimizer(resolve_config(recipe=recipe), params)
+    return build_optimizer(resolve_config(recipe=recipe), params)
 
 
 def describe_optimizer(optimizer) -> dict:
@@ -84,7 +84,7 @@ def optimizer_fields(recipe: str | None) -> dict:
     import torch
 
     fields = describe_optimizer(make_optimizer([torch.nn.Parameter(torch.zeros(1))], recipe))
-    fields["optimizer_source"] = (f"recipe {recipe}, built by tumorseg.training.train._optimizer as training does"
+    fields["optimizer_source"] = (f"recipe {recipe}, built by tumorseg.training.train.build_optimizer as training does"
                                   if recipe else DEFAULT_OPTIMIZER)
     return fields
 

@@ -51,8 +51,8 @@ def test_recipe_optimizer_is_trainings(recipe, monkeypatch):
 
     train_module = importlib.import_module("tumorseg.training.train")  # the module, not the `train` function
     calls = []
-    real = train_module._optimizer
-    monkeypatch.setattr(train_module, "_optimizer", lambda config, params: calls.append(config) or real(config, params))
+    real = train_module.build_optimizer
+    monkeypatch.setattr(train_module, "build_optimizer", lambda config, params: calls.append(config) or real(config, params))
     optimizer = bench_train.make_optimizer([torch.nn.Parameter(torch.zeros(2))], recipe)
     settings = load_recipe(recipe)["train"]
     assert len(calls) == 1 and calls[0].optimizer == settings["optimizer"]

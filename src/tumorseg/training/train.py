@@ -62,7 +62,8 @@ def _check_patch(config: TrainConfig, crop: list[int]) -> list[int]:
     return patch
 
 
-def _optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    """The optimizer a run steps, from its settings (nnU-Net's SGD for `sgd`); the benchmarks build theirs here too."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.99, nesterov=True, weight_decay=config.weight_decay)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
@@ -214,7 +215,7 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
     progress = progress and ctx.is_main
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_network(**spec).to(ctx.device)
-    optimizer = _optimizer(config, model.parameters())
+    optimizer = build_optimizer(config, model.parameters())
     clock = {"spent": 0.0}
     scheduler = _scheduler(config, optimizer, clock)
     amp_dtype = resolve_amp(config.amp, ctx.device)
