@@ -4,9 +4,12 @@ A path is `engine:window:overlap`: engine `torch` or `onnx` (ONNX Runtime, the n
 exported in memory), window `patch` (the training patch), a cube side, or `box` (one window
 over the brain's whole box), and the sliding-window overlap. The first path is the reference
 (by default today's: PyTorch, training patch, overlap 0.5). Every path predicts the same real
-cases without and with TTA (`--tta on|off|both`) in its own subprocess (peak RSS its own; the
-set-up, which for `onnx` includes exporting the network, timed apart), timed per stage from inside `predict_case` as `bench_predict.py` does (load, network,
-post-processing, other, save). Then, per case, whole-tumour Dice between each path's labels and
+cases without and with TTA (`--tta on|off|both`), each case in its own subprocess (peak RSS its
+own; the set-up, which for `onnx` includes exporting the network, timed apart), timed per stage
+from inside `predict_case` as `bench_predict.py` does (load, network, post-processing, other,
+save). The paths take turns case by case, each case starting with the next path, so a machine
+whose speed drifts during the run (a shared or virtual CPU: here the same batch of windows
+varies by 50 % from run to run) slows every path alike instead of whichever ran last. Then, per case, whole-tumour Dice between each path's labels and
 the reference's (issue 12 asks >= 0.995), and with ground truth the BraTS Dice of WT, TC, ET.
 
     python benchmarks/bench_predict_paths.py runs/cpu/best.pt ../shared/data/brats --cases 4 \\
@@ -44,12 +47,12 @@ def parse_path(text: str) -> tuple[str, int | None, float]:
 
 
 def run_path(args: argparse.Namespace) -> dict:
-    """Child: predict every case with one path; labels to `--labels-dir`, times and memory as JSON."""
+    """Child: predict case `--case` with one path; labels to `--labels-dir`, times and memory as JSON."""
     from tumorseg.inference.predict import Predictor
     from tumorseg.layouts import discover_cases
 
     engine, window, overlap = parse_path(args.child)
-    cases = discover_cases(args.data)[: args.cases]
+    cases = discover_cases(args.data)[args.case : args.case + 1]
     predictor, setup = timed(lambda: Predictor.from_checkpoint(
         args.checkpoint, device=args.device, tta=args.tta == "on", overlap=overlap, engine=engine,
         window=(window,) * 3 if window else None))
@@ -64,7 +67,6 @@ def run_path(args: argparse.Namespace) -> dict:
         rows.append({"case": case.case_id, "box": stats["box"], "forwards": stats["forwards"],
                      "s_total": round(predict_s + save_s, 3), **stage_seconds(stats, 0, predict_s, save_s)})
     return {"path": args.child, "engine": predictor.engine, "tta": predictor.tta, "s_setup": round(setup, 2), "cases": rows,
-            "s_per_case_mean": round(float(np.mean([r["s_total"] for r in rows])), 3),
             "peak_rss_gib": peak_rss_gib()}
 
 
@@ -124,6 +126,18 @@ def print_table(res: dict) -> None:
               f"{r.get('wt_dice_vs_reference_min', float('nan')):>17.4f}{truth:>25}")
 
 
+def merge_runs(runs: list[dict]) -> dict:
+    """One path's per-case child results as one: its cases in order, the mean set-up and time per
+    case, the largest peak RSS; the first error if a case failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    rows = [row for r in runs for row in r["cases"]]
+    return {**runs[0], "s_setup": round(float(np.mean([r["s_setup"] for r in runs])), 2), "cases": rows,
+            "s_per_case_mean": round(float(np.mean([r["s_total"] for r in rows])), 3),
+            "peak_rss_gib": max(r["peak_rss_gib"] for r in runs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a tumorseg checkpoint (best.pt)")
@@ -136,25 +150,33 @@ def main() -> None:
     add_out_arg(parser, RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one path, JSON on stdout
     parser.add_argument("--labels-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--case", type=int, default=0, help=argparse.SUPPRESS)  # internal: the case's index
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_path(args)))
         return
     for text in args.paths:
         parse_path(text)
+    from tumorseg.layouts import discover_cases
+
+    n_cases = min(args.cases, len(discover_cases(args.data)))
     device = pick_device(args.device)
     res = {"checkpoint": str(args.checkpoint), "data": str(args.data), "cases": args.cases, "paths": args.paths,
            "machine": machine(device, versions=("monai",)), "results": []}
     with tempfile.TemporaryDirectory(prefix="bench_paths_") as tmp:
         for tta in (["off", "on"] if args.tta == "both" else [args.tta]):
-            dirs = []
-            for i, path in enumerate(args.paths):
-                dirs.append(Path(tmp) / f"{tta}_{i}")
-                dirs[-1].mkdir()
-                cmd = [str(args.checkpoint), str(args.data), "--child", path, "--tta", tta,
-                       "--cases", str(args.cases), "--device", device, "--labels-dir", str(dirs[-1])]
-                res["results"].append(run_child(__file__, cmd, path=path, tta=tta == "on"))
-            agreement([r for r in res["results"] if r["tta"] == (tta == "on")], dirs, args.data, args.cases)
+            dirs = [Path(tmp) / f"{tta}_{i}" for i in range(len(args.paths))]
+            runs: list[list[dict]] = [[] for _ in args.paths]
+            for k in range(n_cases):
+                for j in range(len(args.paths)):
+                    i = (k + j) % len(args.paths)
+                    dirs[i].mkdir(exist_ok=True)
+                    cmd = [str(args.checkpoint), str(args.data), "--child", args.paths[i], "--tta", tta, "--case", str(k),
+                           "--device", device, "--labels-dir", str(dirs[i])]
+                    runs[i].append(run_child(__file__, cmd, path=args.paths[i], tta=tta == "on"))
+            results = [merge_runs(r) for r in runs]
+            agreement(results, dirs, args.data, args.cases)
+            res["results"] += results
     res["machine"]["load_average_after"] = load_average()
     write_results(args.out, res, print_table)
 

@@ -149,3 +149,33 @@ def test_predict_paths_end_to_end(tmp_path):
     assert results[1]["wt_dice_vs_reference_min"] > 0.99  # ONNX Runtime: PyTorch's labels
     assert results[0]["cases"][0]["box"] == results[1]["cases"][0]["box"]  # the same inference box and windows
     assert results[2]["cases"][0]["forwards"] == 1 and "dice_vs_truth" in results[0]["cases"][0]
+
+
+def test_predict_paths_take_turns_case_by_case(tmp_path, monkeypatch):
+    """Paths alternate per case, each case starting with the next path; each path's per-case
+    runs merge into one result (cases in order, mean time, largest memory)."""
+    for cid in ("c0", "c1", "c2"):
+        write_case(tmp_path / "raw", cid, shape=(24, 24, 16))
+    calls = []
+
+    def fake_child(script, args, **on_error):
+        path, case = args[args.index("--child") + 1], int(args[args.index("--case") + 1])
+        calls.append((case, path))
+        return {**on_error, "engine": path.split(":")[0], "s_setup": 1.0 + case, "peak_rss_gib": 0.5 + case,
+                "cases": [{"case": f"c{case}", "s_total": 2.0 * (case + 1)}]}
+
+    monkeypatch.setattr(bench_predict_paths, "run_child", fake_child)
+    monkeypatch.setattr(bench_predict_paths, "agreement", lambda *a: None)
+    monkeypatch.setattr(bench_predict_paths, "print_table", lambda res: None)
+    out = tmp_path / "paths.json"
+    monkeypatch.setattr(sys, "argv", ["bench_predict_paths.py", str(tmp_path / "m.pt"), str(tmp_path / "raw"), "--paths",
+                                      "torch:patch:0.5", "onnx:patch:0.5", "--tta", "off", "--cases", "3", "--out", str(out)])
+    bench_predict_paths.main()
+    paths = ["torch:patch:0.5", "onnx:patch:0.5"]
+    assert calls == [(0, paths[0]), (0, paths[1]), (1, paths[1]), (1, paths[0]), (2, paths[0]), (2, paths[1])]
+    results = json.loads(out.read_text())["results"]
+    assert [r["path"] for r in results] == paths
+    assert [c["case"] for c in results[0]["cases"]] == ["c0", "c1", "c2"]
+    assert (results[1]["s_per_case_mean"], results[1]["s_setup"], results[1]["peak_rss_gib"]) == (4.0, 2.0, 2.5)
+    failed = bench_predict_paths.merge_runs([results[0], {"path": "x", "error": "exit 1: boom"}])
+    assert failed["error"] == "exit 1: boom"
