@@ -110,6 +110,9 @@ def test_last_checkpoint_is_read_only_under_the_run_lock(prepared, tmp_path):
         for resume in (True, False):
             with pytest.raises(TumorsegError, match="is in use by tumorseg train"):
                 train(prepared, run, TrainConfig(epochs=1, **TINY), resume=resume, progress=False)
+    with pytest.raises(TumorsegError, match="checkpoint not found"):  # a mistyped folder: nothing created
+        train(prepared, tmp_path / "typo", TrainConfig(epochs=1, **TINY), resume=True, progress=False)
+    assert not (tmp_path / "typo").exists()
 
 
 def test_config_file_then_flags(tmp_path):

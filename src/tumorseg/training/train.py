@@ -187,10 +187,12 @@ def train(
     out_channels = len(REGIONS) if config.target == "regions" else classes
     spec = network_spec(config.model, len(manifest["settings"]["channels"]), out_channels,
                         config.filters, config.dropout, config.deep_supervision)
+    if resume and not (run_dir / "last.pt").is_file():  # before the lock, which would create the folder
+        raise TumorsegError(f"{run_dir / 'last.pt'}: checkpoint not found")
     ctx = distributed.setup(config.device)
     try:
         with _claim(run_dir, ctx), deterministic(config.deterministic):
-            # under the lock: another run into this folder could be rewriting last.pt
+            # under rank 0's lock: another run into this folder could be rewriting last.pt
             if not resume and (run_dir / "last.pt").exists():
                 raise TumorsegError(f"{run_dir}: already holds a run (last.pt); use --resume or another folder")
             state = _resume(run_dir, spec, manifest) if resume else None
