@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import (add_device_arg, add_out_arg, clear_stages, device_sync, instrument, load_average, machine,
+from common import (add_device_arg, add_out_arg, device_sync, instrument, load_average, machine,
                     peak_rss_gib, pick_device, predict_and_save, results_path, run_child, stage_seconds, timed,
                     write_results)
 
@@ -52,23 +52,20 @@ def run_path(args: argparse.Namespace) -> dict:
     from tumorseg.layouts import discover_cases
 
     engine, window, overlap = parse_path(args.child)
-    cases = discover_cases(args.data)[args.case : args.case + 1]
+    case = discover_cases(args.data)[args.case]
     predictor, setup = timed(lambda: Predictor.from_checkpoint(
         args.checkpoint, device=args.device, tta=args.tta == "on", overlap=overlap, engine=engine,
         window=(window,) * 3 if window else None))
     sync = device_sync(predictor.device.type)
     setup += timed(lambda: warm_up(predictor), sync)[1]
     stats = instrument(predictor, sync)
-    rows = []
-    for case in cases:
-        clear_stages(stats)
-        labels = Path(args.labels_dir) / f"{case.case_id}.nii.gz"
-        _, predict_s, save_s = predict_and_save(predictor, case, labels, sync,  # described as predict writes it
-                                                describe=lambda pred: f"tumorseg {pred.convention.tag()}")
-        rows.append({"case": case.case_id, "box": stats["box"], "forwards": stats["forwards"],
-                     "s_total": round(predict_s + save_s, 3), **stage_seconds(stats, 0, predict_s, save_s)})
-    return {"path": args.child, "engine": predictor.engine, "tta": predictor.tta, "s_setup": round(setup, 2), "cases": rows,
-            "peak_rss_gib": peak_rss_gib()}
+    labels = Path(args.labels_dir) / f"{case.case_id}.nii.gz"
+    _, predict_s, save_s = predict_and_save(predictor, case, labels, sync,  # described as predict writes it
+                                            describe=lambda pred: f"tumorseg {pred.convention.tag()}")
+    row = {"case": case.case_id, "box": stats["box"], "forwards": stats["forwards"],
+           "s_total": round(predict_s + save_s, 3), **stage_seconds(stats, 0, predict_s, save_s)}
+    return {"path": args.child, "engine": predictor.engine, "tta": predictor.tta, "s_setup": round(setup, 2),
+            "cases": [row], "peak_rss_gib": peak_rss_gib()}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -192,7 +189,7 @@ def main() -> None:
                            "--device", device, "--labels-dir", str(dirs[i])]
                     runs[i].append(run_child(__file__, cmd, path=args.paths[i], tta=tta == "on"))
             results = [merge_runs(r) for r in runs]
-            agreement(results, dirs, args.data, args.cases)
+            agreement(results, dirs, args.data, n_cases)
             res["results"] += results
     res["machine"]["load_average_after"] = load_average()
     write_results(args.out, res, print_table)

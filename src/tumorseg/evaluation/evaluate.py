@@ -182,7 +182,7 @@ def find_predictions(pred_dir: str | os.PathLike) -> tuple[dict[str, Path], dict
     return preds, conflicts
 
 
-def check_geometry(case_id: str, pred: Volume, gt: Volume) -> None:
+def _check_geometry(case_id: str, pred: Volume, gt: Volume) -> None:
     if pred.data.shape != gt.data.shape:
         raise TumorsegError(
             f"{case_id}: prediction {pred.path} has shape {pred.data.shape} "
@@ -195,6 +195,23 @@ def check_geometry(case_id: str, pred: Volume, gt: Volume) -> None:
             f"{gt.path.name} (largest difference {diff:.4g}); write predictions with the "
             "ground truth's geometry"
         )
+
+
+def score_regions(
+    case_id: str, pred: Volume, gt: Volume, gt_labels: LabelConvention | None, pred_labels: LabelConvention | None,
+) -> tuple[dict[str, dict[str, float]], LabelConvention, LabelConvention, str | None]:
+    """The BraTS 2020 region metrics of a read prediction against its read truth, the two
+    conventions and any note on a guessed one (`case_conventions`).
+
+    Raises:
+        TumorsegError: the grids differ, or labels lie outside their convention (naming both files).
+    """
+    _check_geometry(case_id, pred, gt)
+    try:
+        pred_conv, gt_conv, note = case_conventions(pred, gt, gt_labels, pred_labels)
+        return region_metrics(pred.data, gt.data, gt.spacing, pred_conv, gt_conv), pred_conv, gt_conv, note
+    except ValueError as exc:
+        raise TumorsegError(f"{case_id}: {exc} (prediction {pred.path}, ground truth {gt.path.name})") from None
 
 
 def evaluate_case(
@@ -212,16 +229,11 @@ def evaluate_case(
     try:
         gt = load_nifti(seg_path, case_id)
         pred = load_nifti(pred_path, case_id)
-        check_geometry(case_id, pred, gt)
-        pred_conv, gt_conv, note = case_conventions(pred, gt, gt_labels, pred_labels)
-        metrics = region_metrics(pred.data, gt.data, gt.spacing, pred_conv, gt_conv)
+        metrics, pred_conv, gt_conv, note = score_regions(case_id, pred, gt, gt_labels, pred_labels)
         lesions = lesionwise_metrics(pred_conv.regions(pred.data), gt_conv.regions(gt.data), gt.spacing,
                                      case_challenge(case_id, challenge))
     except TumorsegError as exc:
         return CaseResult(case_id, STATUS_ERROR, _failed_metrics(), str(exc))
-    except ValueError as exc:
-        msg = f"{case_id}: {exc} (prediction {pred_path}, ground truth {Path(seg_path).name})"
-        return CaseResult(case_id, STATUS_ERROR, _failed_metrics(), msg)
     return CaseResult(case_id, STATUS_OK, {r: {**metrics[r], **lesions[r]} for r in REGIONS}, note and f"{case_id}: {note}")
 
 
@@ -286,6 +298,14 @@ def rows_to_csv(rows: Iterable[CaseResult]) -> str:
     return buf.getvalue()
 
 
+def labelled(cases: list[Case], gt_dir: str | os.PathLike) -> list[Case]:
+    """The ground-truth cases (of `gt_dir`) that hold a segmentation; TumorsegError if none does."""
+    with_seg = [c for c in cases if c.seg is not None]
+    if not with_seg:
+        raise TumorsegError(f"{gt_dir}: no ground-truth segmentations found")
+    return with_seg
+
+
 def truth_labels(case: Case) -> LabelConvention | None:
     """The convention a ground-truth case's layout names; None for a flat folder of label files
     (`case_conventions` then tells it from the labels)."""
@@ -299,9 +319,7 @@ def _pair_cases(
     """Jobs to score, rows already decided (missing, conflicting), and the lists to report."""
     cases = discover_cases(gt_dir, need_images=False)
     preds, conflicts = find_predictions(pred_dir)
-    with_seg = [c for c in cases if c.seg is not None]
-    if not with_seg:
-        raise TumorsegError(f"{gt_dir}: no ground-truth segmentations found")
+    with_seg = labelled(cases, gt_dir)
     forced = convention(labels) if labels else None
     jobs, decided = [], []
     for case in with_seg:

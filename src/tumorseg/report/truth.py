@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 
 from ..errors import TumorsegError
-from ..evaluation.evaluate import case_conventions, check_geometry, truth_labels
-from ..evaluation.metrics import region_metrics
+from ..evaluation.evaluate import labelled, score_regions, truth_labels
 from ..io import Volume, load_nifti
 from ..layouts import Case, discover_cases
 
@@ -18,10 +17,7 @@ def truth_cases(gt: str | os.PathLike) -> dict[str, Case]:
     Raises:
         TumorsegError: `gt` is missing or holds no segmentation.
     """
-    cases = {c.case_id: c for c in discover_cases(gt, need_images=False) if c.seg is not None}
-    if not cases:
-        raise TumorsegError(f"{gt}: no ground-truth segmentations found")
-    return cases
+    return {c.case_id: c for c in labelled(discover_cases(gt, need_images=False), gt)}
 
 
 def score(
@@ -32,11 +28,6 @@ def score(
         return None, [f"no ground truth for this case in {gt}: no metrics"]
     try:
         seg = load_nifti(truth.seg, truth.case_id)
-        check_geometry(truth.case_id, prediction, seg)
-        pred_conv, gt_conv, _ = case_conventions(prediction, seg, truth_labels(truth), None)
-        return region_metrics(prediction.data, seg.data, seg.spacing, pred_conv, gt_conv), []
+        return score_regions(truth.case_id, prediction, seg, truth_labels(truth), None)[0], []
     except TumorsegError as exc:
         return None, [f"not scored against the ground truth: {exc}"]
-    except ValueError as exc:  # labels outside their convention
-        return None, [f"not scored against the ground truth: {truth.case_id}: {exc} "
-                      f"(prediction {prediction.path}, ground truth {truth.seg.name})"]
