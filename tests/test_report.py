@@ -472,3 +472,25 @@ def test_rerun_removes_the_reports_stale_pages_and_figures_and_nothing_else(tmp_
     index = parse(result.index)
     assert {unquote(h) for h in index.links} == {"cases/case_0.html"}
     assert all((out / unquote(src)).is_file() for src in index.images)
+
+
+def test_a_case_failing_after_its_figures_leaves_none_behind(tmp_path, monkeypatch):
+    """A non-Tumorseg error while scoring (after the figures are drawn) fails that case alone,
+    and its figures, which no page links, are removed."""
+    import tumorseg.report.build as build
+
+    preds = small_cohort(tmp_path, 2)
+    score = build.score
+
+    def failing_score(prediction, truth, gt):
+        if truth is not None and truth.case_id == "case_1":
+            raise RuntimeError("scoring broke")
+        return score(prediction, truth, gt)
+
+    monkeypatch.setattr(build, "score", failing_score)
+    out = tmp_path / "out"
+    result = report(preds, gt=tmp_path / "data", out=out, progress=False)
+    assert [c.case_id for c in result.cases] == ["case_0"]
+    assert result.failed == {"case_1": "case_1: RuntimeError: scoring broke"}
+    assert sorted(p.name for p in (out / "cases").iterdir()) == [
+        "case_0.html", "case_0_diameters.png", "case_0_thumb.png", "case_0_views.png"]

@@ -14,7 +14,8 @@ reported. Each prediction is read once: measured, drawn and (with `gt`) scored f
 Re-running into the same folder replaces the report: once the new index is in place, the pages
 and figures the report wrote for cases not in this run are removed, so the index never links to a
 missing page. A `cases/<case>.html` is the report's only when it begins as the report writes it,
-and `cases/<case>_<kind>.png` only beside such a page; every other file stays.
+and `cases/<case>_<kind>.png` only beside such a page or for a case that failed in this run (a
+failure after its figures were drawn leaves them unlinked); every other file stays.
 """
 
 from __future__ import annotations
@@ -127,10 +128,11 @@ def _write(cases: list[CaseReport], failed: dict[str, str], with_metrics: bool, 
 
 def _remove_stale(folder: Path, result: ReportResult) -> None:
     """Remove the pages the report wrote in `folder` (`html.page_case_id`) that this run did not
-    write, and those pages' cases' figures this run did not write; nothing else. Called once the
-    new index, linking only to this run's pages, is in place."""
+    write, and the figures of those pages' cases and of this run's failed cases that this run did
+    not link; nothing else. Called once the new index, linking only to this run's pages, is in place."""
     written = {p.name for p in result.pages} | {p.name for c in result.cases for p in c.figures.values()}
     owners = ({page_case_id(p) for p in folder.iterdir()} - {None}) if folder.is_dir() else set()
+    owners |= set(result.failed)
     for cid in owners:
         for path in (folder / case_page_name(cid), *figure_paths(folder, cid).values()):
             if path.name not in written:
