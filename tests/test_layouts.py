@@ -21,7 +21,8 @@ from factory import AFFINE, convert_case, write_case
 
 SHAPE = (48, 48, 40)
 SMALL = dict(crop_size=(32, 32, 32), min_tumour=0.0, val_fraction=0.34, channels=MODALITIES)
-EXPECTED_LABELS = {"brats2020": "brats2020", "brats2021": "brats2020", "brats2023": "brats2023", "msd": "msd", "nnunet": "msd"}
+EXPECTED_LABELS = {"brats2020": "brats2020", "brats2021": "brats2020", "brats2023": "brats2023", "msd": "msd", "nnunet": "msd",
+                   "plain": "brats2020"}
 
 
 @pytest.fixture(scope="module")
@@ -372,3 +373,62 @@ def test_a_segmentation_stored_twice_beside_the_images_is_one_case(tmp_path):
     nib.save(nib.load(gz), folder / "BraTS20_Training_001_seg.nii")
     (case,) = discover_cases(tmp_path)
     assert case.case_id == "BraTS20_Training_001" and case.seg is not None and case.seg.name.startswith(case.case_id)
+
+
+def _touch(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")  # discovery reads names only
+
+
+def test_plain_case_folders_of_files_named_by_modality(tmp_path):
+    """Scans as clinics and preprocessing tools leave them: any alias, no case prefix, extras ignored."""
+    _touch(tmp_path / "ds/hd-glio", "T1.nii.gz", "CT1.nii.gz", "T2.nii.gz", "FLAIR.nii.gz", "brainmask.nii.gz")
+    _touch(tmp_path / "ds/toolkit", "t1.nii.gz", "t1c.nii.gz", "t2.nii.gz", "fla.nii.gz", "segmentation.nii.gz")
+    _touch(tmp_path / "ds/scanner", "T1w.nii", "T1Gd.nii", "T2w.nii", "T2-FLAIR.nii", "seg.nii")
+    glio, scanner, toolkit = discover_cases(tmp_path / "ds")
+    assert [c.case_id for c in (glio, scanner, toolkit)] == ["hd-glio", "scanner", "toolkit"]
+    for case in (glio, scanner, toolkit):
+        assert case.layout == "plain" and case.labels == CONVENTIONS["brats2020"]
+        assert {m: p.name.split(".")[0].lower() for m, p in case.images.items()} == {
+            "hd-glio": {"t1": "t1", "t1ce": "ct1", "t2": "t2", "flair": "flair"},
+            "scanner": {"t1": "t1w", "t1ce": "t1gd", "t2": "t2w", "flair": "t2-flair"},
+            "toolkit": {"t1": "t1", "t1ce": "t1c", "t2": "t2", "flair": "fla"}}[case.case_id]
+    assert glio.seg is None  # a lone extra file of a plain folder is never taken for the segmentation
+    assert (toolkit.seg.name, scanner.seg.name) == ("segmentation.nii.gz", "seg.nii")
+    (one,) = discover_cases(tmp_path / "ds/toolkit")  # the case folder itself
+    assert one.case_id == "toolkit"
+    _touch(tmp_path / "ds/BraTS20_Training_001", *(f"BraTS20_Training_001_{m}.nii.gz" for m in MODALITIES))
+    with pytest.raises(TumorsegError, match=r"mixes dataset layouts \(3 plain, 1 brats2020 cases\)"):
+        discover_cases(tmp_path / "ds")
+
+
+def test_ucsf_pdgm_tumour_segmentation_beside_its_brain_segmentation(tmp_path):
+    cid = "UCSF-PDGM-0004"
+    extras = ("brain_segmentation", "brain_parenchyma_segmentation", "T1c_bias", "FLAIR_bias", "ADC", "DWI")
+    _touch(tmp_path / f"{cid}_nifti", *(f"{cid}_{k}.nii.gz" for k in ("T1", "T1c", "T2", "FLAIR", "tumor_segmentation", *extras)))
+    (case,) = discover_cases(tmp_path)
+    assert case.layout == "brats2020" and case.seg.name == f"{cid}_tumor_segmentation.nii.gz" and case.seg_note is None
+    assert {m: p.name for m, p in case.images.items()} == {m: f"{cid}_{k}.nii.gz" for m, k in
+                                                          zip(MODALITIES, ("T1", "T1c", "T2", "FLAIR"))}
+
+
+def test_plain_truth_in_either_numbering_and_upenn_segm_files(layouts, tmp_path):
+    """A plain folder's name says nothing of its labels: evaluate reads them from the values (noted)."""
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for case in discover_cases(layouts / "plain"):  # BraTS 2020 numbers (1, 2, 4)
+        seg = nib.load(case.seg)
+        nib.save(seg, preds / f"{case.case_id}.nii.gz")
+        values = np.asarray(seg.dataobj)
+        renumbered = np.where(values == 4, 3, values).astype(np.uint8)  # BraTS 2023 numbers (1, 2, 3)
+        (tmp_path / "plain2023" / case.case_id).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(renumbered, seg.affine), tmp_path / "plain2023" / case.case_id / "seg.nii.gz")
+        (tmp_path / "upenn").mkdir(exist_ok=True)
+        nib.save(seg, tmp_path / "upenn" / f"{case.case_id}_segm.nii.gz")
+    for gt, read_as in ((layouts / "plain", "brats2020"), (tmp_path / "plain2023", "brats2023"),
+                        (tmp_path / "upenn", "brats2020")):
+        scores = evaluate(preds, gt, progress=False, pred_labels="brats2020")
+        assert len(scores.rows) == 3 and scores.failed == [], gt
+        assert all(r.metrics[region]["dice"] == 1.0 for r in scores.rows for region in ("WT", "TC", "ET")), gt
+        assert all(f"read as {read_as} labels" in r.message for r in scores.rows), gt

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import TumorsegError
+from .layouts import LAYOUTS
 
 
 def _ints(n: int):
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=_ints(3), default=(240, 240, 155), metavar="X,Y,Z")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="image data type (real scans: int16)")
-    p.add_argument("--layout", choices=("brats2020", "brats2021", "brats2023", "msd", "nnunet"), default="brats2020",
+    p.add_argument("--layout", choices=LAYOUTS, default="brats2020",
                    help="dataset layout: file names, 4D files, dataset.json and label convention")
     p.set_defaults(func=cmd_synth)
 

@@ -32,6 +32,7 @@ MODALITY_ALIASES: dict[str, str] = {
     "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1-gd": "t1ce", "t1wce": "t1ce", "t1post": "t1ce",
     "t2": "t2", "t2w": "t2",
     "flair": "flair", "t2f": "flair", "t2-flair": "flair", "t2flair": "flair",
+    "ct1": "t1ce", "fla": "flair",  # HD-GLIO's and BraTS Toolkit's file names
 }
 
 NUM_CLASSES = 4  # background + 3 tumour classes

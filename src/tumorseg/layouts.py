@@ -9,10 +9,14 @@ Detected automatically (a folder, its sub-folders to a few levels, or one case f
 | `brats2023` | `BraTS-GLI-NNNNN-NNN/BraTS-GLI-NNNNN-NNN-{t1n,t1c,t2w,t2f,seg}.nii.gz`  | `brats2023` |
 | `msd`       | `imagesTr/BRATS_NNN.nii.gz` (4D), `labelsTr/`, `imagesTs/`, `dataset.json` | `msd`   |
 | `nnunet`    | `imagesTr/<case>_0000.nii.gz` ..., `labelsTr/<case>.nii.gz`, `dataset.json` | from `dataset.json` |
+| `plain`     | `<case>/{t1,t1ce,t2,flair}.nii[.gz]` by any alias (`T1.nii.gz`, `CT1`, `T1Gd`, `FLAIR`, `fla`), `seg` / `segmentation` / `label` | `brats2020` |
 
 Modalities are found by meaning through `labels.MODALITY_ALIASES` (t1n = T1w = t1, ...), so
 a network trained on one layout predicts cases of any other. BraTS 2020 case 355's
 segmentation (`W39_1998.09.19_Segm.nii`) is found as the single other NIfTI in its folder.
+`plain` is how scans leave a clinic or a preprocessing tool (HD-GLIO, BraTS Toolkit): one folder
+per case, files named by modality alone; other files there (brain masks, ADC) are ignored. UCSF-PDGM's
+`<case>_tumor_segmentation` is its segmentation (beside `_brain_segmentation`, which is not).
 `write_case` writes every layout (for `tumorseg synth --layout` and for tests).
 """
 
@@ -40,7 +44,7 @@ from .labels import (
     convention_from_regions,
 )
 
-LAYOUTS: tuple[str, ...] = ("brats2020", "brats2021", "brats2023", "msd", "nnunet")
+LAYOUTS: tuple[str, ...] = ("brats2020", "brats2021", "brats2023", "msd", "nnunet", "plain")
 DATASET_JSON = "dataset.json"
 IMAGE_DIRS: tuple[str, ...] = ("imagesTr", "imagesTs")
 LABEL_DIRS: dict[str, str] = {"imagesTr": "labelsTr", "imagesTs": "labelsTs"}
@@ -50,8 +54,11 @@ BRATS2023_NAMES: dict[str, str] = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "fla
 MSD_CHANNELS: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")  # Task01's "FLAIR", "T1w", "t1gd", "T2w"
 NNUNET_CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")  # nnU-Net's BraTS conversions
 EXPECTED = ("BraTS case folders (<case>_{t1,t1ce,t2,flair}.nii[.gz] or <case>-{t1n,t1c,t2w,t2f}.nii.gz), "
+            "case folders of files named by modality ({t1,t1ce,t2,flair}.nii[.gz]), "
             "or an MSD / nnU-Net dataset (dataset.json with imagesTr/)")
 _BRATS_SUFFIX_RE = re.compile(r"[_-](?P<key>[A-Za-z0-9]+)$")
+PLAIN_SEG_STEMS: tuple[str, ...] = ("seg", "segmentation", "label", "labels")
+TUMOUR_SEG_SUFFIXES: tuple[str, ...] = ("_tumor_segmentation", "_tumour_segmentation")  # UCSF-PDGM
 _NNUNET_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -106,22 +113,24 @@ def _stem(path: Path) -> str:
 
 
 def _brats_case(folder: Path, files: list[Path], need_images: bool) -> Case | None:
-    """A BraTS case folder (2018-2020, 2021 or 2023+ names), or None if `folder` is not one."""
+    """A BraTS case folder (2018-2020, 2021 or 2023+ names) or a `plain` one, or None if `folder` is neither."""
     images: dict[str, Path] = {}
     segs: list[Path] = []
     others: list[Path] = []
-    dashed = 0
+    dashed = bare = 0
     for path in files:
         stem = _stem(path)
         m = _BRATS_SUFFIX_RE.search(stem)
         key = m["key"].lower() if m else ""
-        modality = canonical_modality(key) if m else None
-        if key == "seg":
+        whole = canonical_modality(stem)  # `plain`: the stem is the modality (`T1`, `T2-FLAIR`)
+        modality = whole or (canonical_modality(key) if m else None)
+        if key == "seg" or stem.lower() in PLAIN_SEG_STEMS or stem.lower().endswith(TUMOUR_SEG_SUFFIXES):
             segs.append(path)
         elif modality is not None:  # a second copy (`.nii` beside `.nii.gz`) is no segmentation
             if modality not in images:
                 images[modality] = path
-                dashed += stem[m.start()] == "-"
+                bare += whole is not None
+                dashed += whole is None and stem[m.start()] == "-"
         else:
             others.append(path)
     if images and len({_stem(s) for s in segs}) == 1:
@@ -129,15 +138,18 @@ def _brats_case(folder: Path, files: list[Path], need_images: bool) -> Case | No
     if len(segs) > 1 or (not images and (need_images or not segs)):
         return None  # several cases' segmentations in one folder: `_label_files` pairs them
     seg = segs[0] if segs else None
-    if not images and _stem(seg)[:-4] != folder.name:
+    plain = bare == len(images) > 0 or (not images and _stem(seg).lower() in PLAIN_SEG_STEMS)
+    if not images and not plain and _stem(seg)[:-4] != folder.name:
         return None  # a lone `<case>_seg` file of a flat folder, not a segmentation-only case folder
     note = None
-    if seg is None and len(others) == 1 and images:
+    if seg is None and len(others) == 1 and images and not plain:
         # BraTS 2020 case 355 ships its segmentation as 'W39_1998.09.19_Segm.nii'.
         seg = others[0]
         note = f"{folder.name}: using '{seg.name}' as the segmentation (non-standard name)"
     if dashed or (seg is not None and not images and _stem(seg).endswith("-seg")):
         layout = "brats2023"
+    elif plain:
+        layout = "plain"
     else:
         layout = "brats2021" if folder.name.startswith("BraTS2021_") else "brats2020"
     labels = CONVENTIONS["brats2023"] if layout == "brats2023" else BRATS2020
@@ -239,8 +251,9 @@ def _folder_cases(folder: Path, need_images: bool) -> list[Case] | None:
 
 
 def _label_files(folder: Path) -> list[Case]:
-    """A flat folder of `<case>.nii.gz` (or `<case>_seg`, `<case>-seg`) segmentations, labelsTr style."""
-    return [Case(re.sub(r"[_-]seg$", "", _stem(f), flags=re.IGNORECASE), folder, seg=f, layout="labels")
+    """A flat folder of `<case>.nii.gz` (or `<case>_seg`, `<case>-seg`, UPENN-GBM's `<case>_segm`)
+    segmentations, labelsTr style."""
+    return [Case(re.sub(r"[_-]segm?$", "", _stem(f), flags=re.IGNORECASE), folder, seg=f, layout="labels")
             for f in _nifti_files(folder)]
 
 
@@ -303,6 +316,7 @@ def layout_case_id(layout: str, number: int) -> str:
         "brats2023": f"BraTS-GLI-{number:05d}-000",
         "msd": f"BRATS_{number:03d}",
         "nnunet": f"BraTS2021_{number:05d}",
+        "plain": f"patient_{number:03d}",
     }[layout]
 
 
@@ -361,10 +375,11 @@ def write_case(
         return folder
     folder = root / case_id
     sep, names = ("-", BRATS2023_NAMES) if layout == "brats2023" else ("_", {m: m for m in MODALITIES})
+    prefix = "" if layout == "plain" else f"{case_id}{sep}"
     for m in MODALITIES:
-        save_nifti(folder / f"{case_id}{sep}{names[m]}.nii.gz", images[m], affine, header)
+        save_nifti(folder / f"{prefix}{names[m]}.nii.gz", images[m], affine, header)
     if seg is not None:
-        save_nifti(folder / f"{case_id}{sep}seg.nii.gz", seg, affine, header)
+        save_nifti(folder / f"{prefix}seg.nii.gz", seg, affine, header)
     return folder
 
 

@@ -308,8 +308,9 @@ def labelled(cases: list[Case], gt_dir: str | os.PathLike) -> list[Case]:
 
 def truth_labels(case: Case) -> LabelConvention | None:
     """The convention a ground-truth case's layout names; None for a flat folder of label files
-    (`case_conventions` then tells it from the labels)."""
-    return None if case.layout == "labels" else case.labels
+    and for `plain` case folders, whose names say nothing of it (`case_conventions` then tells it
+    from the labels)."""
+    return None if case.layout in ("labels", "plain") else case.labels
 
 
 def _pair_cases(
