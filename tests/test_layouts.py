@@ -432,3 +432,35 @@ def test_plain_truth_in_either_numbering_and_upenn_segm_files(layouts, tmp_path)
         assert len(scores.rows) == 3 and scores.failed == [], gt
         assert all(r.metrics[region]["dice"] == 1.0 for r in scores.rows for region in ("WT", "TC", "ET")), gt
         assert all(f"read as {read_as} labels" in r.message for r in scores.rows), gt
+
+
+@pytest.mark.parametrize("layout", ["brats2020", "brats2023"])
+def test_a_flat_folder_of_several_cases_files_is_one_case_each(layouts, layout, tmp_path):
+    """`<case>_t1.nii.gz` of many cases side by side: never one case of the first files found."""
+    nested = discover_cases(layouts / layout)
+    for case in nested:
+        for path in (*case.images.values(), case.seg):
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "notes.nii.gz").write_bytes(b"")  # a stray file names no case
+    flat = discover_cases(tmp_path)
+    assert [c.case_id for c in flat] == [c.case_id for c in nested] and {c.layout for c in flat} == {layout}
+    for got, want in zip(flat, nested):
+        assert {m: p.name for m, p in got.images.items()} == {m: p.name for m, p in want.images.items()}
+        assert got.seg.name == want.seg.name and got.labels == want.labels and got.folder == tmp_path
+    (tmp_path / flat[0].seg.name).unlink()  # one case without its segmentation is still a case
+    assert [c.seg is None for c in discover_cases(tmp_path)] == [True, False, False]
+
+
+@pytest.mark.real
+def test_real_cases_flattened_into_one_folder_predict_as_in_their_own(real_data_dir, tmp_path):
+    ids = ("Brats18_2013_2_1", "Brats18_2013_3_1")
+    for cid in ids:
+        for path in (real_data_dir / cid).glob("*.nii.gz"):
+            (tmp_path / "flat").mkdir(exist_ok=True)
+            (tmp_path / "flat" / path.name).symlink_to(path)
+    flat = predict(_flair_predictor(), tmp_path / "flat", tmp_path / "pred-flat", progress=False)
+    nested = predict(_flair_predictor(), real_data_dir / ids[0], tmp_path / "pred-nested", progress=False)
+    assert sorted(p.name for p in flat.written) == [f"{cid}.nii.gz" for cid in ids]
+    (reference,) = nested.written
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "pred-flat" / reference.name).dataobj),
+                          np.asarray(nib.load(reference).dataobj))

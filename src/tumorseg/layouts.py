@@ -14,6 +14,7 @@ Detected automatically (a folder, its sub-folders to a few levels, or one case f
 Modalities are found by meaning through `labels.MODALITY_ALIASES` (t1n = T1w = t1, ...), so
 a network trained on one layout predicts cases of any other. BraTS 2020 case 355's
 segmentation (`W39_1998.09.19_Segm.nii`) is found as the single other NIfTI in its folder.
+A folder of several BraTS-named cases' files side by side is one case per name.
 `plain` is how scans leave a clinic or a preprocessing tool (HD-GLIO, BraTS Toolkit): one folder
 per case, files named by modality alone; other files there (brain masks, ADC) are ignored. UCSF-PDGM's
 `<case>_tumor_segmentation` is its segmentation (beside `_brain_segmentation`, which is not).
@@ -112,25 +113,57 @@ def _stem(path: Path) -> str:
     return NIFTI_RE.match(path.name)["stem"]
 
 
-def _brats_case(folder: Path, files: list[Path], need_images: bool) -> Case | None:
-    """A BraTS case folder (2018-2020, 2021 or 2023+ names) or a `plain` one, or None if `folder` is neither."""
+def _case_key(stem: str) -> tuple[str, str] | None:
+    """(case prefix, modality or "seg") of a `<case>_<key>` / `<case>-<key>` file stem, or None."""
+    lower = stem.lower()
+    for suffix in TUMOUR_SEG_SUFFIXES:
+        if lower.endswith(suffix):
+            return stem[: -len(suffix)], "seg"
+    m = _BRATS_SUFFIX_RE.search(stem)
+    if m is None:
+        return None
+    kind = "seg" if m["key"].lower() == "seg" else canonical_modality(m["key"])
+    return (stem[: m.start()], kind) if kind is not None else None
+
+
+def _brats_cases(folder: Path, files: list[Path], need_images: bool) -> list[Case] | None:
+    """The case `folder` is, or, when its files name several cases (`<case>_t1.nii.gz` of many cases
+    side by side), one case per name; None if it holds none."""
+    groups: dict[str, list[Path]] = {}
+    with_images: set[str] = set()
+    for path in files:
+        key = _case_key(_stem(path)) if canonical_modality(_stem(path)) is None else None
+        if key is not None:
+            groups.setdefault(key[0], []).append(path)
+            if key[1] != "seg":
+                with_images.add(key[0])
+    if len(with_images) > 1:  # segmentation-only names alone stay `_label_files`' flat folder
+        found = [_brats_case(folder, group, need_images, case_id) for case_id, group in groups.items()]
+        return [case for case in found if case is not None]
+    case = _brats_case(folder, files, need_images)
+    return [case] if case is not None else None
+
+
+def _brats_case(folder: Path, files: list[Path], need_images: bool, case_id: str | None = None) -> Case | None:
+    """A BraTS case folder (2018-2020, 2021 or 2023+ names) or a `plain` one, or None if `folder`
+    is neither; `case_id` (default the folder's name) for one case of a folder holding several."""
+    case_id = case_id or folder.name
     images: dict[str, Path] = {}
     segs: list[Path] = []
     others: list[Path] = []
     dashed = bare = 0
     for path in files:
         stem = _stem(path)
-        m = _BRATS_SUFFIX_RE.search(stem)
-        key = m["key"].lower() if m else ""
         whole = canonical_modality(stem)  # `plain`: the stem is the modality (`T1`, `T2-FLAIR`)
-        modality = whole or (canonical_modality(key) if m else None)
-        if key == "seg" or stem.lower() in PLAIN_SEG_STEMS or stem.lower().endswith(TUMOUR_SEG_SUFFIXES):
+        key = _case_key(stem) if whole is None else None
+        if stem.lower() in PLAIN_SEG_STEMS or (key is not None and key[1] == "seg"):
             segs.append(path)
-        elif modality is not None:  # a second copy (`.nii` beside `.nii.gz`) is no segmentation
+        elif whole is not None or key is not None:  # a second copy (`.nii` beside `.nii.gz`) is no segmentation
+            modality = whole or key[1]
             if modality not in images:
                 images[modality] = path
                 bare += whole is not None
-                dashed += whole is None and stem[m.start()] == "-"
+                dashed += whole is None and stem[len(key[0])] == "-"
         else:
             others.append(path)
     if images and len({_stem(s) for s in segs}) == 1:
@@ -139,21 +172,21 @@ def _brats_case(folder: Path, files: list[Path], need_images: bool) -> Case | No
         return None  # several cases' segmentations in one folder: `_label_files` pairs them
     seg = segs[0] if segs else None
     plain = bare == len(images) > 0 or (not images and _stem(seg).lower() in PLAIN_SEG_STEMS)
-    if not images and not plain and _stem(seg)[:-4] != folder.name:
+    if not images and not plain and _stem(seg)[:-4] != case_id:
         return None  # a lone `<case>_seg` file of a flat folder, not a segmentation-only case folder
     note = None
     if seg is None and len(others) == 1 and images and not plain:
         # BraTS 2020 case 355 ships its segmentation as 'W39_1998.09.19_Segm.nii'.
         seg = others[0]
-        note = f"{folder.name}: using '{seg.name}' as the segmentation (non-standard name)"
+        note = f"{case_id}: using '{seg.name}' as the segmentation (non-standard name)"
     if dashed or (seg is not None and not images and _stem(seg).endswith("-seg")):
         layout = "brats2023"
     elif plain:
         layout = "plain"
     else:
-        layout = "brats2021" if folder.name.startswith("BraTS2021_") else "brats2020"
+        layout = "brats2021" if case_id.startswith("BraTS2021_") else "brats2020"
     labels = CONVENTIONS["brats2023"] if layout == "brats2023" else BRATS2020
-    return Case(folder.name, folder, images, seg, note, layout, labels)
+    return Case(case_id, folder, images, seg, note, layout, labels)
 
 
 def _read_dataset_json(path: Path) -> dict:
@@ -245,9 +278,7 @@ def _folder_cases(folder: Path, need_images: bool) -> list[Case] | None:
             return _dataset_cases(folder, subs)
     if folder.name in (*IMAGE_DIRS, *LABEL_DIRS.values()) and (folder.parent / DATASET_JSON).is_file():
         return _dataset_cases(folder.parent, (folder.name,))
-    files = _nifti_files(folder)
-    case = _brats_case(folder, files, need_images)
-    return [case] if case is not None else None
+    return _brats_cases(folder, _nifti_files(folder), need_images)
 
 
 def _label_files(folder: Path) -> list[Case]:
