@@ -22,7 +22,7 @@ from factory import AFFINE, convert_case, write_case
 SHAPE = (48, 48, 40)
 SMALL = dict(crop_size=(32, 32, 32), min_tumour=0.0, val_fraction=0.34, channels=MODALITIES)
 EXPECTED_LABELS = {"brats2020": "brats2020", "brats2021": "brats2020", "brats2023": "brats2023", "msd": "msd", "nnunet": "msd",
-                   "plain": "brats2020"}
+                   "plain": "brats2020", "bids": "brats2020"}
 
 
 @pytest.fixture(scope="module")
@@ -464,3 +464,31 @@ def test_real_cases_flattened_into_one_folder_predict_as_in_their_own(real_data_
     (reference,) = nested.written
     assert np.array_equal(np.asarray(nib.load(tmp_path / "pred-flat" / reference.name).dataobj),
                           np.asarray(nib.load(reference).dataobj))
+
+
+def test_bids_sessions_contrast_entity_derivatives_and_ambiguous_runs(layouts, tmp_path):
+    root = tmp_path / "bids"
+    (root).mkdir()
+    (root / "dataset_description.json").write_text('{"Name": "gliomas", "BIDSVersion": "1.9.0"}')
+    for ses in ("ses-pre", "ses-post"):
+        _touch(root / "sub-01" / ses / "anat", *(f"sub-01_{ses}_{s}.nii.gz" for s in
+                                                   ("T1w", "ce-Gd_T1w", "T2w", "FLAIR", "T2starw", "scans")))
+        _touch(root / "derivatives/manual/sub-01" / ses / "anat", f"sub-01_{ses}_dseg.nii.gz")
+    # preprocessed copies in derivatives are another dataset: never mixed into the raw one's cases
+    _touch(root / "derivatives/preproc/sub-01/ses-pre/anat", "sub-01_ses-pre_desc-brain_T1w.nii.gz")
+    cases = {c.case_id: c for c in discover_cases(root)}
+    assert set(cases) == {"sub-01_ses-pre", "sub-01_ses-post"}
+    case = cases["sub-01_ses-pre"]
+    assert case.layout == "bids" and case.labels == CONVENTIONS["brats2020"]
+    assert {m: p.name for m, p in case.images.items()} == {
+        "t1": "sub-01_ses-pre_T1w.nii.gz", "t1ce": "sub-01_ses-pre_ce-Gd_T1w.nii.gz",
+        "t2": "sub-01_ses-pre_T2w.nii.gz", "flair": "sub-01_ses-pre_FLAIR.nii.gz"}
+    assert case.seg == root / "derivatives/manual/sub-01/ses-pre/anat/sub-01_ses-pre_dseg.nii.gz"
+    truths = discover_cases(root / "derivatives/manual", need_images=False)  # evaluate's ground truth
+    assert sorted(c.case_id for c in truths) == ["sub-01_ses-post", "sub-01_ses-pre"] and all(c.seg for c in truths)
+    (preproc,) = discover_cases(root / "derivatives/preproc")
+    assert preproc.case_id == "sub-01_ses-pre" and set(preproc.images) == {"t1"}
+    _touch(root / "sub-01/ses-pre/anat", "sub-01_ses-pre_run-2_T2w.nii.gz")
+    with pytest.raises(TumorsegError, match=r"several t2 files for sub-01_ses-pre \(sub-01_ses-pre_T2w, "
+                                            r"sub-01_ses-pre_run-2_T2w\); keep one"):
+        discover_cases(root)

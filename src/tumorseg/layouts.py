@@ -9,6 +9,7 @@ Detected automatically (a folder, its sub-folders to a few levels, or one case f
 | `brats2023` | `BraTS-GLI-NNNNN-NNN/BraTS-GLI-NNNNN-NNN-{t1n,t1c,t2w,t2f,seg}.nii.gz`  | `brats2023` |
 | `msd`       | `imagesTr/BRATS_NNN.nii.gz` (4D), `labelsTr/`, `imagesTs/`, `dataset.json` | `msd`   |
 | `nnunet`    | `imagesTr/<case>_0000.nii.gz` ..., `labelsTr/<case>.nii.gz`, `dataset.json` | from `dataset.json` |
+| `bids`      | `sub-X/[ses-Y/]anat/sub-X[_ses-Y]_{T1w,ce-<agent>_T1w,T2w,FLAIR}.nii.gz`, `derivatives/*/.../*_dseg.nii.gz` | `brats2020` |
 | `plain`     | `<case>/{t1,t1ce,t2,flair}.nii[.gz]` by any alias (`T1.nii.gz`, `CT1`, `T1Gd`, `FLAIR`, `fla`), `seg` / `segmentation` / `label` | `brats2020` |
 
 Modalities are found by meaning through `labels.MODALITY_ALIASES` (t1n = T1w = t1, ...), so
@@ -45,7 +46,7 @@ from .labels import (
     convention_from_regions,
 )
 
-LAYOUTS: tuple[str, ...] = ("brats2020", "brats2021", "brats2023", "msd", "nnunet", "plain")
+LAYOUTS: tuple[str, ...] = ("brats2020", "brats2021", "brats2023", "msd", "nnunet", "plain", "bids")
 DATASET_JSON = "dataset.json"
 IMAGE_DIRS: tuple[str, ...] = ("imagesTr", "imagesTs")
 LABEL_DIRS: dict[str, str] = {"imagesTr": "labelsTr", "imagesTs": "labelsTs"}
@@ -60,6 +61,11 @@ EXPECTED = ("BraTS case folders (<case>_{t1,t1ce,t2,flair}.nii[.gz] or <case>-{t
 _BRATS_SUFFIX_RE = re.compile(r"[_-](?P<key>[A-Za-z0-9]+)$")
 PLAIN_SEG_STEMS: tuple[str, ...] = ("seg", "segmentation", "label", "labels")
 TUMOUR_SEG_SUFFIXES: tuple[str, ...] = ("_tumor_segmentation", "_tumour_segmentation")  # UCSF-PDGM
+# BIDS: sub-<label>[_<entity>-<label>...]_<suffix>; T1w with a `ce-` entity is the contrast-enhanced T1.
+_BIDS_RE = re.compile(r"^(?P<sub>sub-[A-Za-z0-9]+)(?P<entities>(?:_[A-Za-z]+-[A-Za-z0-9]+)*)_(?P<suffix>[A-Za-z0-9]+)$")
+BIDS_DESCRIPTION = "dataset_description.json"
+BIDS_SEG_SUFFIX = "dseg"
+BIDS_SKIPPED: tuple[str, ...] = ("derivatives", "sourcedata")  # below a BIDS root: not the raw scans
 _NNUNET_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -278,7 +284,64 @@ def _folder_cases(folder: Path, need_images: bool) -> list[Case] | None:
             return _dataset_cases(folder, subs)
     if folder.name in (*IMAGE_DIRS, *LABEL_DIRS.values()) and (folder.parent / DATASET_JSON).is_file():
         return _dataset_cases(folder.parent, (folder.name,))
-    return _brats_cases(folder, _nifti_files(folder), need_images)
+    files = _nifti_files(folder)
+    bids = _bids_cases(folder, files)
+    if bids is not None:
+        return [c for c in bids if c.images or (not need_images and c.seg is not None)] or None
+    return _brats_cases(folder, files, need_images)
+
+
+def _bids_cases(folder: Path, files: list[Path]) -> list[Case] | None:
+    """The sessions of a BIDS `anat` folder, one case `sub-X[_ses-Y]` each, or None if it is none.
+
+    A subject's segmentation is its `_dseg` file there or in the dataset's `derivatives/*/`.
+    Several scans of one modality (runs, acquisitions) are an error naming them: choosing one
+    silently could pick the wrong scan.
+    """
+    parsed = [(f, _BIDS_RE.match(_stem(f))) for f in files]
+    if folder.name != "anat" or not any(m for _, m in parsed):
+        return None
+    found: dict[str, dict[str, list[Path]]] = {}
+    for path, m in parsed:
+        if m is None:
+            continue
+        entities = dict(e.split("-", 1) for e in m["entities"].split("_") if e)
+        cid = m["sub"] + (f"_ses-{entities['ses']}" if "ses" in entities else "")
+        suffix = m["suffix"]
+        kind = "seg" if suffix.lower() == BIDS_SEG_SUFFIX else canonical_modality(suffix)
+        if kind == "t1" and "ce" in entities:
+            kind = "t1ce"
+        if kind is not None:
+            found.setdefault(cid, {}).setdefault(kind, []).append(path)
+    cases = []
+    for cid, kinds in found.items():
+        picked = {}
+        for kind, paths in kinds.items():
+            stems = sorted({_stem(p) for p in paths})  # `.nii` beside `.nii.gz` is one scan
+            if len(stems) > 1:
+                raise TumorsegError(f"{folder}: several {kind} files for {cid} ({', '.join(stems)}); "
+                                    "keep one per modality (or give a folder holding one)")
+            picked[kind] = paths[0]
+        seg = picked.pop("seg", None) or _bids_derivative_seg(folder, cid)
+        cases.append(Case(cid, folder, picked, seg, None, "bids", BRATS2020))
+    return cases
+
+
+def _bids_derivative_seg(anat: Path, case_id: str) -> Path | None:
+    """The one `<case>*_dseg` file of `case_id` in `derivatives/*/` of the BIDS dataset above `anat`."""
+    session = anat.parent
+    subject = session.parent if session.name.startswith("ses-") else session
+    derivatives = subject.parent / "derivatives"
+    if not derivatives.is_dir():
+        return None
+    relative = anat.relative_to(subject.parent)
+    hits = sorted(p for pipeline in derivatives.iterdir() for p in _nifti_files(pipeline / relative)
+                  if (m := _BIDS_RE.match(_stem(p))) and m["suffix"].lower() == BIDS_SEG_SUFFIX
+                  and _stem(p).startswith(case_id + "_"))
+    if len(hits) > 1:
+        raise TumorsegError(f"{derivatives}: several segmentations for {case_id} "
+                            f"({', '.join(str(h.relative_to(derivatives)) for h in hits)}); keep one")
+    return hits[0] if hits else None
 
 
 def _label_files(folder: Path) -> list[Case]:
@@ -308,8 +371,10 @@ def discover_cases(root: str | os.PathLike, need_images: bool = True) -> list[Ca
             cases += found
             continue
         if depth < MAX_DEPTH:
+            skipped = BIDS_SKIPPED if (folder / BIDS_DESCRIPTION).is_file() else ()
             with contextlib.suppress(OSError):
-                stack.extend((p, depth + 1) for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+                stack.extend((p, depth + 1) for p in folder.iterdir()
+                             if p.is_dir() and not p.name.startswith(".") and p.name not in skipped)
     if not cases and not need_images:
         cases = _label_files(root)
     if not cases:
@@ -348,6 +413,7 @@ def layout_case_id(layout: str, number: int) -> str:
         "msd": f"BRATS_{number:03d}",
         "nnunet": f"BraTS2021_{number:05d}",
         "plain": f"patient_{number:03d}",
+        "bids": f"sub-{number:03d}",
     }[layout]
 
 
@@ -404,6 +470,8 @@ def write_case(
         if seg is not None:
             save_nifti(root / "labelsTr" / f"{case_id}.nii.gz", seg, affine, header)
         return folder
+    if layout == "bids":
+        return _write_bids_case(root, case_id, images, affine, seg, header)
     folder = root / case_id
     sep, names = ("-", BRATS2023_NAMES) if layout == "brats2023" else ("_", {m: m for m in MODALITIES})
     prefix = "" if layout == "plain" else f"{case_id}{sep}"
@@ -412,6 +480,25 @@ def write_case(
     if seg is not None:
         save_nifti(folder / f"{prefix}seg.nii.gz", seg, affine, header)
     return folder
+
+
+BIDS_NAMES: dict[str, str] = {"t1": "T1w", "t1ce": "ce-gadolinium_T1w", "t2": "T2w", "flair": "FLAIR"}
+
+
+def _write_bids_case(root: Path, case_id: str, images: dict[str, np.ndarray], affine: np.ndarray,
+                     seg: np.ndarray | None, header) -> Path:
+    """`root/<sub>/anat/<sub>_<suffix>.nii.gz`, the segmentation as `derivatives/manual/<sub>/anat/<sub>_dseg`."""
+    for folder, kind in ((root, "raw"), (root / "derivatives" / "manual", "derivative")):
+        if not (folder / BIDS_DESCRIPTION).is_file() and (kind == "raw" or seg is not None):
+            write_text(folder / BIDS_DESCRIPTION, json.dumps({"Name": "tumorseg", "BIDSVersion": "1.9.0",
+                                                               "DatasetType": kind}, indent=2) + "\n")
+    anat = root / case_id / "anat"
+    for m in MODALITIES:
+        save_nifti(anat / f"{case_id}_{BIDS_NAMES[m]}.nii.gz", images[m], affine, header)
+    if seg is not None:
+        save_nifti(root / "derivatives" / "manual" / case_id / "anat" / f"{case_id}_{BIDS_SEG_SUFFIX}.nii.gz",
+                   seg, affine, header)
+    return anat
 
 
 def _header_for(header, data: np.ndarray):

@@ -308,9 +308,9 @@ def labelled(cases: list[Case], gt_dir: str | os.PathLike) -> list[Case]:
 
 def truth_labels(case: Case) -> LabelConvention | None:
     """The convention a ground-truth case's layout names; None for a flat folder of label files
-    and for `plain` case folders, whose names say nothing of it (`case_conventions` then tells it
+    and for `plain` and `bids` case folders, whose names say nothing of it (`case_conventions` then tells it
     from the labels)."""
-    return None if case.layout in ("labels", "plain") else case.labels
+    return None if case.layout in ("labels", "plain", "bids") else case.labels
 
 
 def _pair_cases(

@@ -37,7 +37,7 @@ def synthesize(
         start_index: number of the first case (>= 1).
         dtype: image dtype on disk, "int16" like the real scans or "float32".
         progress: show a progress bar.
-        layout: "brats2020", "brats2021", "brats2023", "msd", "nnunet" or "plain" (`layouts`): names,
+        layout: one of `layouts.LAYOUTS` ("brats2020", "msd", "plain", "bids", ...): names,
             files and label convention of that dataset; the content is the same in every layout.
 
     Returns:
