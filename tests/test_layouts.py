@@ -401,6 +401,9 @@ def test_plain_case_folders_of_files_named_by_modality(tmp_path):
     _touch(tmp_path / "ds/BraTS20_Training_001", *(f"BraTS20_Training_001_{m}.nii.gz" for m in MODALITIES))
     with pytest.raises(TumorsegError, match=r"mixes dataset layouts \(3 plain, 1 brats2020 cases\)"):
         discover_cases(tmp_path / "ds")
+    _touch(tmp_path / "ds/toolkit", "T1w.nii.gz")
+    with pytest.raises(TumorsegError, match=r"toolkit: several t1 files for toolkit \(T1w, t1\); keep one"):
+        discover_cases(tmp_path / "ds/toolkit")
 
 
 def test_ucsf_pdgm_tumour_segmentation_beside_its_brain_segmentation(tmp_path):

@@ -170,6 +170,8 @@ def _brats_case(folder: Path, files: list[Path], need_images: bool, case_id: str
                 images[modality] = path
                 bare += whole is not None
                 dashed += whole is None and stem[len(key[0])] == "-"
+            else:
+                _check_one_scan(folder, case_id, modality, [images[modality], path])
         else:
             others.append(path)
     if images and len({_stem(s) for s in segs}) == 1:
@@ -317,14 +319,20 @@ def _bids_cases(folder: Path, files: list[Path]) -> list[Case] | None:
     for cid, kinds in found.items():
         picked = {}
         for kind, paths in kinds.items():
-            stems = sorted({_stem(p) for p in paths})  # `.nii` beside `.nii.gz` is one scan
-            if len(stems) > 1:
-                raise TumorsegError(f"{folder}: several {kind} files for {cid} ({', '.join(stems)}); "
-                                    "keep one per modality (or give a folder holding one)")
+            _check_one_scan(folder, cid, kind, paths)
             picked[kind] = paths[0]
         seg = picked.pop("seg", None) or _bids_derivative_seg(folder, cid)
         cases.append(Case(cid, folder, picked, seg, None, "bids", BRATS2020))
     return cases
+
+
+def _check_one_scan(folder: Path, case_id: str, kind: str, paths: list[Path]) -> None:
+    """Several files of one modality (`T1` beside `T1w`, two runs) are an error naming them:
+    choosing one silently could pick the wrong scan. `.nii` beside `.nii.gz` is one scan."""
+    stems = sorted({_stem(p) for p in paths})
+    if len(stems) > 1:
+        raise TumorsegError(f"{folder}: several {kind} files for {case_id} ({', '.join(stems)}); "
+                            "keep one per modality")
 
 
 def _bids_derivative_seg(anat: Path, case_id: str) -> Path | None:
