@@ -1,6 +1,6 @@
 import numpy as np
 
-from tumorseg.prepare.crop import bounding_box, crop, crop_box, uncrop
+from tumorseg.prepare.crop import background, bounding_box, brain_mask, crop, crop_box, uncrop
 
 
 def test_fixed_box_is_the_seeds_window():
@@ -32,3 +32,35 @@ def test_bounding_box():
     assert bounding_box(m) is None
     m[1:3, 2, 4:7] = True
     assert bounding_box(m) == ((1, 3), (2, 3), (4, 7))
+
+
+def _head(shape=(40, 44, 36), seed=0) -> tuple[list[np.ndarray], np.ndarray]:
+    """Two modalities of a ball-shaped brain (values 1..100) on an exact-0 background, and the ball."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape)
+    ball = sum(((g - n / 2) / (n / 3)) ** 2 for g, n in zip(grid, shape)) < 1
+    return [np.where(ball, rng.uniform(1, 100, shape), 0).astype(np.float32) for _ in range(2)], ball
+
+
+def test_brain_mask_of_a_zero_background_is_the_nonzero_voxels():
+    vols, ball = _head()
+    vols[1][3, 3, 3] = 7.0  # a stray non-zero voxel stays in: the rule BraTS data was always read with
+    expected = ball.copy()
+    expected[3, 3, 3] = True
+    assert background(vols[0]) is None and background(vols[1]) is None
+    assert np.array_equal(brain_mask(vols), expected)
+
+
+def test_brain_mask_survives_an_offset_ringing_and_padding_around_the_brain():
+    vols, ball = _head()
+    rng = np.random.default_rng(1)
+    offset = [v + 5.0 for v in vols]
+    assert background(offset[0]) == (5.0, 0.0)
+    assert np.array_equal(brain_mask(offset), ball)
+    ringing = [np.where(ball, v, rng.uniform(-0.5, 0.5, v.shape)).astype(np.float32) for v in vols]
+    level, tolerance = background(ringing[0])
+    assert abs(level) < 0.05 and 0.45 < tolerance <= 0.5
+    mask = brain_mask(ringing)  # what passes the tolerance is scattered: dropped, but where it touches the brain
+    assert mask[ball].all() and np.count_nonzero(mask & ~ball) < 0.01 * np.count_nonzero(ball)
+    padded = [np.pad(v[2:-2], ((2, 2), (0, 0), (0, 0))) for v in offset]  # resampling pads with 0
+    assert background(padded[0]) == (5.0, 0.0) and np.array_equal(brain_mask(padded), ball)

@@ -293,6 +293,34 @@ def test_real_case_on_other_grids_agrees_with_its_original_grid(real_data_dir, t
         assert dice >= (0.999 if name == "ras" else 0.9), (name, dice)
 
 
+@pytest.mark.real
+def test_real_case_with_its_background_off_zero_predicts_as_the_original(real_data_dir, tmp_path, capfd):
+    """An intensity offset or interpolation ringing outside the brain: the brain mask (and with it
+    the z-score and the inference box) still finds the brain, and a warning names each file."""
+    cid = "Brats18_CBICA_AQN_1"
+    reference = np.asarray(nib.load(predict(_flair_predictor(), real_data_dir / cid, tmp_path / "orig",
+                                            progress=False).written[0]).dataobj)
+    rng = np.random.default_rng(0)
+    changes = {"offset": lambda a: a + 5.0,
+               "ringing": lambda a: np.where(a != 0, a, rng.uniform(-0.5, 0.5, a.shape))}
+    for name, change in changes.items():
+        folder = tmp_path / name / cid
+        folder.mkdir(parents=True)
+        for m in MODALITIES:
+            img = nib.load(real_data_dir / cid / f"{cid}_{m}.nii.gz")
+            data = change(np.asarray(img.dataobj).astype(np.float32)).astype(np.float32)
+            nib.save(nib.Nifti1Image(data, img.affine), folder / f"{cid}_{m}.nii.gz")
+        capfd.readouterr()
+        (path,) = predict(_flair_predictor(), folder, tmp_path / f"pred-{name}", progress=False).written
+        err = capfd.readouterr().err
+        assert all(f"{cid}_{m}.nii.gz ({m}): the background is not 0" in err for m in MODALITIES), err
+        labels = np.asarray(nib.load(path).dataobj)
+        if name == "offset":  # z-scores ignore a shift: the very same network input
+            assert np.array_equal(labels, reference)
+        else:
+            assert _wt_dice(labels > 0, reference > 0) >= 0.99
+
+
 def test_dataset_json_variants_and_odd_folders(layouts, tmp_path):
     from tumorseg.layouts import dataset_labels
 

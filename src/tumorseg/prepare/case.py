@@ -18,7 +18,7 @@ from ..io import Volume, load_nifti, save_npy, write_text
 from ..labels import CAVITY_CLASS
 from ..layouts import Case, load_images
 from .config import PrepareConfig
-from .crop import Box, brain_mask, crop, crop_box, inside
+from .crop import Box, background, brain_mask, crop, crop_box, inside
 from .scaling import scale
 
 
@@ -59,7 +59,9 @@ def load_channels(case: Case, channels: tuple[str, ...]) -> list[Volume]:
 
 def check_intensities(case: Case, channels: tuple[str, ...], vols: list[Volume]) -> list[str]:
     """Refuse NaN or infinite voxels (min-max scaling would silently turn the volume into zeros);
-    return a warning for each constant modality (scaled to zeros; it usually means a broken scan)."""
+    return a warning for each constant modality (scaled to zeros; it usually means a broken scan)
+    and for each whose background is not 0 (`crop.background`: the brain mask then rests on an
+    estimate, and an offset background often means a scan that is not skull-stripped)."""
     warnings = []
     for modality, vol in zip(channels, vols):
         lo, hi = float(np.min(vol.data)), float(np.max(vol.data))  # NaN and +-inf all show in these two
@@ -69,6 +71,10 @@ def check_intensities(case: Case, channels: tuple[str, ...], vols: list[Volume])
         if lo == hi:
             warnings.append(f"{case.case_id}: {vol.path} ({modality}) holds the single value {lo:g}: a broken scan? "
                             "it is scaled to zeros")
+        elif (level := background(vol.data)) is not None:
+            warnings.append(f"{case.case_id}: {vol.path} ({modality}): the background is not 0 (about {level[0]:.3g} "
+                            f"on the volume's faces); the brain is taken as the voxels farther from it than "
+                            f"{level[1]:.3g}. tumorseg expects skull-stripped scans with a zero background")
     return warnings
 
 

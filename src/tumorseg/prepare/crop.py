@@ -15,11 +15,45 @@ CROP_MODES: tuple[str, ...] = ("fixed", "brain")
 Box = tuple[tuple[int, int], ...]
 
 
+def background(volume: np.ndarray) -> tuple[float, float] | None:
+    """(level, tolerance) of a background that is not exact 0, from the volume's six faces; None
+    when most face voxels are exactly 0 (BraTS: skull-stripped to 0).
+
+    An intensity offset, interpolation ringing or a header's `scl_inter` moves the background off
+    0. Exact zeros on the faces are left out of the estimate (resampling pads with them); the
+    tolerance is the 99th percentile of the other face voxels' distance from their median.
+    """
+    faces = np.concatenate([np.take(volume, [0, -1], axis=a).ravel() for a in range(volume.ndim)])
+    off = faces[faces != 0].astype(np.float64)
+    if off.size * 2 <= faces.size:
+        return None
+    level = float(np.median(off))
+    return level, float(np.quantile(np.abs(off - level), 0.99))
+
+
 def brain_mask(volumes: list[np.ndarray]) -> np.ndarray:
-    """Voxels that are non-zero in any modality (BraTS scans are skull-stripped to exact 0)."""
-    mask = volumes[0] != 0
-    for v in volumes[1:]:
-        mask |= v != 0
+    """Voxels that differ from the background in any modality.
+
+    BraTS scans are skull-stripped to exact 0: the mask is then the non-zero voxels, as it has
+    always been. Where a modality's background is off 0 (`background`), its brain is the voxels
+    farther from that level than the tolerance, and the mask keeps its largest connected part (the
+    background voxels beyond the tolerance are scattered).
+    """
+    mask = np.zeros(volumes[0].shape, bool)
+    shifted = False
+    for v in volumes:
+        level = background(v)
+        if level is None:
+            mask |= v != 0
+        else:
+            mask |= (v != 0) & (np.abs(v - level[0]) > level[1])
+            shifted = True
+    if shifted:
+        from scipy.ndimage import label
+
+        parts, n = label(mask)
+        if n > 1:
+            mask = parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1
     return mask
 
 
