@@ -392,6 +392,20 @@ def test_evaluate_never_guesses_conventions_silently(tmp_path):
     _write_tagged(tmp_path / "p23u", "case", b23.from_training(truth), AFFINE, None)
     scores = evaluate(tmp_path / "p23u", tmp_path / "gt23", progress=False)  # untagged, flat: a guess, said aloud
     assert "guessed from its values" in scores.notes[0]
+    assert scores.notes[0].endswith("prediction read as brats2023 labels (untagged: as its ground truth; "
+                                     "--pred-labels to set)")
+    # nnU-Net's MSD numbers, untagged, are valid BraTS 2023 values: scored as such, and said so
+    _write_tagged(tmp_path / "pmsdu", "case", msd.from_training(truth), AFFINE, None)
+    layout_gt = tmp_path / "gt23layout"
+    (layout_gt / "BraTS-GLI-00000-000").mkdir(parents=True)
+    (tmp_path / "gt23/case_seg.nii.gz").rename(layout_gt / "BraTS-GLI-00000-000/BraTS-GLI-00000-000-seg.nii.gz")
+    (tmp_path / "pmsdu/case.nii.gz").rename(tmp_path / "pmsdu/BraTS-GLI-00000-000.nii.gz")
+    scores = evaluate(tmp_path / "pmsdu", layout_gt, progress=False)
+    assert scores.rows[0].metrics["TC"]["dice"] < 1.0
+    assert scores.notes == ["BraTS-GLI-00000-000: prediction read as brats2023 labels (untagged: as its ground truth; "
+                            "--pred-labels to set)"]
+    scores = evaluate(tmp_path / "pmsdu", layout_gt, pred_labels="msd", progress=False)
+    assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET")) and not scores.notes
 
 
 def test_a_segmentation_stored_twice_beside_the_images_is_one_case(tmp_path):

@@ -284,7 +284,7 @@ def test_table_equals_volumes_csv(built):
         rows = list(csv.DictReader(fh))
     index = parse(result.index)
     keys = index.header[2:]
-    assert keys == list(rows[0])[1:-1]  # every CSV column but the warnings' text is in the table
+    assert keys == list(rows[0])[1:-2]  # every CSV column but the warnings' and the notes' text is in the table
     assert [r["case"] for r in rows] == [row[1] for row in index.rows]
     for row, cells in zip(rows, index.rows):
         for key, value in zip(keys, cells[2:]):
@@ -293,6 +293,8 @@ def test_table_equals_volumes_csv(built):
     # factory tumour: oedema box 12x12x10 around ET 6x6x6 around NCR 2x2x2, 1 mm voxels
     assert (case0["WT_cm3"], case0["enhancing_tumour_cm3"], case0["necrotic_core_cm3"]) == ("1.440", "0.208", "0.008")
     assert case0["lesions"] == "1" and case0["warnings"] == "0" and case0["warning_text"] == ""
+    assert case0["notes"] == ("untagged prediction read as brats2020 labels (its images' dataset's; "
+                              "--pred-labels to set)")  # said, not counted as a warning
     assert float(case0["WT_longest_mm"]) == pytest.approx(11 * SQRT2, abs=0.01)
     assert float(case0["ET_product_mm2"]) == pytest.approx(50.0, abs=0.01)
     assert float(case0["WT_dice"]) == 1.0 and case0["uncertainty"] == "0.2500"
@@ -482,10 +484,10 @@ def test_a_case_failing_after_its_figures_leaves_none_behind(tmp_path, monkeypat
     preds = small_cohort(tmp_path, 2)
     score = build.score
 
-    def failing_score(prediction, truth, gt):
+    def failing_score(prediction, truth, gt, labels):
         if truth is not None and truth.case_id == "case_1":
             raise RuntimeError("scoring broke")
-        return score(prediction, truth, gt)
+        return score(prediction, truth, gt, labels)
 
     monkeypatch.setattr(build, "score", failing_score)
     out = tmp_path / "out"
@@ -494,3 +496,36 @@ def test_a_case_failing_after_its_figures_leaves_none_behind(tmp_path, monkeypat
     assert result.failed == {"case_1": "case_1: RuntimeError: scoring broke"}
     assert sorted(p.name for p in (out / "cases").iterdir()) == [
         "case_0.html", "case_0_diameters.png", "case_0_thumb.png", "case_0_views.png"]
+
+
+def test_untagged_predictions_are_read_in_a_named_convention_and_say_so(tmp_path):
+    """Another tool's files carry no tag: the report reads them as the images' or the truth's dataset
+    names, else guesses from the values, and notes which; `pred_labels` sets it."""
+    training = np.zeros(SMALL, np.uint8)  # oedema around enhancing tumour around necrosis, 1 mm voxels
+    training[4:16, 4:16, 4:14], training[7:13, 7:13, 6:12], training[9:11, 9:11, 8:10] = 2, 3, 1
+    layout = tmp_path / "b23"
+    (layout / "BraTS-GLI-00001-000").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(CONVENTIONS["brats2023"].from_training(training), AFFINE),
+             layout / "BraTS-GLI-00001-000/BraTS-GLI-00001-000-seg.nii.gz")
+    for name, conv in (("b23", "brats2023"), ("msd", "msd")):  # untagged files in either numbering
+        (tmp_path / f"p{name}").mkdir()
+        nib.save(nib.Nifti1Image(CONVENTIONS[conv].from_training(training), AFFINE),
+                 tmp_path / f"p{name}/BraTS-GLI-00001-000.nii.gz")
+    truth_volumes = {"necrotic core": 0.008, "oedema": 1.224, "enhancing tumour": 0.208, "TC": 0.216, "WT": 1.44}
+
+    def one(pred: str, **kwargs):
+        (case,) = report(tmp_path / pred, out=tmp_path / "out" / pred / str(len(kwargs)), progress=False,
+                         **kwargs).cases
+        return case
+
+    case = one("pb23")  # no images, no truth: label 3 means BraTS 2023 numbers, a guess said aloud
+    assert case.labels.name == "brats2023" and case.measures.volumes_cm3 == pytest.approx({**truth_volumes,
+                                                                                          "resection cavity": 0.0})
+    assert case.notes == ["untagged prediction read as brats2023 labels (guessed from its values; --pred-labels to set)"]
+    assert case.warnings == []
+    case = one("pmsd", gt=layout)  # MSD numbers are valid BraTS 2023 values: read as the truth's, and said so
+    assert case.labels.name == "brats2023" and "its ground truth's" in case.notes[0]
+    assert case.metrics["TC"]["dice"] < 1.0
+    case = one("pmsd", gt=layout, pred_labels="msd")
+    assert case.notes == [] and case.measures.volumes_cm3 == pytest.approx(truth_volumes)
+    assert all(case.metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET"))

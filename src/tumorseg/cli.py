@@ -149,7 +149,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
 
-    result = report(args.pred_dir, images=args.images, gt=args.gt, out=args.out)
+    result = report(args.pred_dir, images=args.images, gt=args.gt, out=args.out, pred_labels=args.pred_labels)
     for message in result.failed.values():
         print(message, file=sys.stderr)
     print(f"reported {len(result.cases)} case(s)" + (f", {len(result.failed)} failed" if result.failed else "")
@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cases' dataset: modalities in the views, brain-edge check")
     p.add_argument("--gt", type=Path, metavar="GT_DIR", help="ground truth: BraTS metrics per case as columns")
     p.add_argument("--out", type=Path, metavar="DIR", help="report folder (default PRED_DIR/report)")
+    p.add_argument("--pred-labels", choices=("brats2020", "brats2023", "msd"),
+                   help="the predictions' label convention (default: the tag predict writes, else the images' "
+                        "or the truth's dataset's, else guessed from the values; said in the case's warnings)")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -46,7 +46,7 @@ from ..io import NIFTI_RE, Volume, load_nifti, write_text
 from ..labels import BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header
 from ..layouts import Case, discover_cases
 from .lesionwise import CHALLENGES, LESION_HD95_MISS, lesionwise_metrics
-from .metrics import FAILED_CASE, METRICS, region_metrics
+from .metrics import FAILED_CASE, METRICS, check_labels, region_metrics
 
 STATUS_OK, STATUS_MISSING, STATUS_ERROR = "ok", "missing", "error"
 LESION_METRICS: tuple[str, ...] = ("lesion_dice", "lesion_hd95")
@@ -156,7 +156,14 @@ def case_conventions(
                 f"{pred.path}: untagged prediction holds label 4 but no 3: BraTS 2020 enhancing tumour or a "
                 f"{gt_conv.name} resection cavity? say which with --pred-labels"
             )
+        try:
+            check_labels(values, "untagged prediction", gt_conv)
+        except ValueError as exc:
+            raise TumorsegError(f"{pred.path}: {exc}, read as its ground truth's; "
+                                f"say its convention with --pred-labels ({', '.join(CONVENTIONS)})") from None
         pred_conv = gt_conv
+        untagged = f"prediction read as {gt_conv.name} labels (untagged: as its ground truth; --pred-labels to set)"
+        note = f"{note}; {untagged}" if note else untagged
     return pred_conv, gt_conv, note
 
 

@@ -27,10 +27,10 @@ from pathlib import Path
 from ..errors import TumorsegError
 from ..evaluation.evaluate import find_predictions
 from ..io import load_nifti, sweep_stale_temps, write_text
-from ..labels import BRATS2020
+from ..labels import convention
 from ..layouts import discover_cases
 from ..lock import folder_lock
-from .case import CaseReport, report_case
+from .case import CaseReport, prediction_labels, report_case
 from .figures import figure_paths
 from .html import case_page, case_page_name, index_page, page_case_id
 from .table import columns, csv_text, summary
@@ -57,6 +57,7 @@ def report(
     gt: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    pred_labels: str | None = None,
 ) -> ReportResult:
     """Measure, check and draw every prediction in `pred_dir`, and write the report.
 
@@ -68,6 +69,9 @@ def report(
         gt: ground truth for the BraTS metrics per case (as `tumorseg evaluate` takes it).
         out: report folder; default `pred_dir/report`.
         progress: show a progress bar over the cases.
+        pred_labels: the predictions' label convention ("brats2020", "brats2023", "msd"); None: each
+            prediction's header tag, else its images' or its truth's dataset's, else a guess from its
+            values, the last three said in the case's warnings (`case.prediction_labels`).
 
     Raises:
         TumorsegError: a folder is missing or holds no predictions (a bad case only fails itself).
@@ -82,8 +86,8 @@ def report(
         raise TumorsegError(f"{pred_dir}: no predictions found (expected <case_id>.nii.gz files)")
     out = Path(out) if out is not None else pred_dir / "report"
     image_cases = {c.case_id: c for c in discover_cases(images)} if images is not None else {}
-    default_labels = next(iter(image_cases.values())).labels if image_cases else BRATS2020
     truths = truth_cases(gt) if gt is not None else None
+    forced = convention(pred_labels) if pred_labels else None
     with folder_lock(out, "report"):
         for folder in (out, out / CASES_DIR):
             sweep_stale_temps(folder)  # what a killed run left
@@ -92,13 +96,14 @@ def report(
         for cid, path in tqdm(sorted(preds.items()), desc="report", unit="case", disable=not progress):
             try:
                 prediction = load_nifti(path, cid)  # the one read of this file
-                case = report_case(cid, prediction, image_cases.get(cid), default_labels, uncertainty.get(cid),
-                                   out / CASES_DIR)
+                truth = truths.get(cid) if truths is not None else None
+                labels = prediction_labels(prediction, image_cases.get(cid), truth, forced)
+                case = report_case(cid, prediction, image_cases.get(cid), labels, uncertainty.get(cid), out / CASES_DIR)
                 if images is not None and cid not in image_cases:
                     case.warnings.append(f"no images for this case in {images}: labels shown on black, "
                                          "brain edge not checked")
                 if truths is not None:
-                    case.metrics, notes = score(prediction, truths.get(cid), gt)
+                    case.metrics, notes = score(prediction, truth, gt, case.labels)
                     case.warnings += notes
             except TumorsegError as exc:
                 failed[cid] = str(exc)

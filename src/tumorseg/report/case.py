@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import TumorsegError
-from ..evaluation.evaluate import AFFINE_ATOL_MM
+from ..evaluation.evaluate import AFFINE_ATOL_MM, detect_labels, truth_labels
 from ..io import Volume, load_nifti
 from ..labels import LabelConvention, convention_from_header
 from ..layouts import Case
@@ -26,6 +26,7 @@ class CaseReport:
     figures: kind ("views", "diameters", "uncertainty", "thumbnail") -> PNG path.
     uncertainty: mean uncertainty inside the predicted whole tumour, when a map exists.
     metrics: {region: {metric: value}} against the ground truth, with --gt.
+    notes: how an untagged prediction's labels were read (shown, not counted as warnings).
     """
 
     case_id: str
@@ -36,24 +37,49 @@ class CaseReport:
     figures: dict[str, Path]
     uncertainty: float | None = None
     metrics: dict[str, dict[str, float]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def prediction_labels(
+    prediction: Volume, images: Case | None, truth: Case | None, forced: LabelConvention | None = None
+) -> tuple[LabelConvention, str | None]:
+    """The prediction's label convention, and a note when nothing named it.
+
+    `forced` (`--pred-labels`), else the tag `predict` writes in the header, else the convention its
+    images' or its truth's dataset names (BraTS 2023 numbers, MSD's), else a guess from its values
+    (`evaluate.detect_labels`): never silently, as nnU-Net's MSD numbers are valid BraTS 2023 values.
+    """
+    tagged = forced or convention_from_header(prediction.header)
+    if tagged is not None:
+        return tagged, None
+    for source, why in ((images, "its images' dataset's"), (truth, "its ground truth's")):
+        named = truth_labels(source) if source is not None else None
+        if named is not None:
+            return named, f"untagged prediction read as {named.name} labels ({why}; --pred-labels to set)"
+    guess = detect_labels(prediction.data)
+    return guess, f"untagged prediction read as {guess.name} labels (guessed from its values; --pred-labels to set)"
 
 
 def report_case(
     case_id: str,
     prediction: Volume,
     images: Case | None,
-    default_labels: LabelConvention,
+    labels: tuple[LabelConvention, str | None],
     uncertainty: Path | None,
     figure_dir: Path,
 ) -> CaseReport:
-    """Measure and draw one prediction, read by the caller; a bad case raises `TumorsegError` naming it.
+    """Measure and draw one prediction, read by the caller, in `labels` (`prediction_labels`); a bad
+    case raises `TumorsegError` naming it.
 
     The brain mask (the images' non-zero voxels) and the whole-tumour mask are computed here once
     and handed to the measures, the checks and the figures.
     """
     path = prediction.path
-    conv = convention_from_header(prediction.header) or (images.labels if images is not None else default_labels)
-    labels = raw_to_labels(prediction.data, path, conv)
+    conv, note = labels
+    try:
+        labels = raw_to_labels(prediction.data, path, conv)
+    except TumorsegError as exc:
+        raise TumorsegError(f"{exc}{f' ({note})' if note else ''}") from None
     notes = []
     if images is not None:
         data = replace(load_case(images), labels=conv)
@@ -77,7 +103,7 @@ def report_case(
         except TumorsegError as exc:
             warnings.append(f"{exc}; uncertainty not shown")
     figures = save_figures(make_scene(data, labels, brain, wt), measures, unc_map, figure_dir, case_id)
-    return CaseReport(case_id, path, conv, measures, warnings, figures, score)
+    return CaseReport(case_id, path, conv, measures, warnings, figures, score, notes=[note] if note else [])
 
 
 def _load_uncertainty(path: Path, case_id: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -31,7 +31,7 @@ th { background: #f0f0f0; }
 td.text, th.text { text-align: left; }
 table.sortable th { cursor: pointer; }
 th[data-dir="asc"]::after { content: " \\25B2"; } th[data-dir="desc"]::after { content: " \\25BC"; }
-.warn { color: #a40000; } img { max-width: 100%; } img.thumb { max-width: none; } dt { font-weight: bold; }
+.warn { color: #a40000; } .note { color: #555; } img { max-width: 100%; } img.thumb { max-width: none; } dt { font-weight: bold; }
 .scroll { overflow-x: auto; }
 """
 
@@ -184,6 +184,8 @@ def case_page(case: CaseReport, cols: list[Column], index: Path) -> str:
              "<h2>Warnings</h2>"]
     if case.warnings:
         parts += ['<ul class="warn">', *(f"<li>{escape(w)}</li>" for w in case.warnings), "</ul>"]
+    if case.notes:
+        parts += ['<ul class="note">', *(f"<li>{escape(n)}</li>" for n in case.notes), "</ul>"]
     else:
         parts.append("<p>none</p>")
     parts += ["<h2>Views through the tumour</h2>", _img(case, "views", here, "three orthogonal views"),

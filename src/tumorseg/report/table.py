@@ -92,12 +92,13 @@ def cells(case: CaseReport, cols: list[Column]) -> dict[str, str]:
 
 
 def csv_text(cases: list[CaseReport], cols: list[Column]) -> str:
-    """`volumes.csv`: one row per case, the columns above, then the warnings in words (" | " between)."""
+    """`volumes.csv`: one row per case, the columns above, then the warnings and the notes in words
+    (" | " between)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", *(c.key for c in cols), "warning_text"])
+    writer.writerow(["case", *(c.key for c in cols), "warning_text", "notes"])
     for case in cases:
-        writer.writerow([case.case_id, *cells(case, cols).values(), " | ".join(case.warnings)])
+        writer.writerow([case.case_id, *cells(case, cols).values(), " | ".join(case.warnings), " | ".join(case.notes)])
     return buf.getvalue()
 
 

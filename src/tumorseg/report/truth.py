@@ -8,6 +8,7 @@ import os
 from ..errors import TumorsegError
 from ..evaluation.evaluate import labelled, score_regions, truth_labels
 from ..io import Volume, load_nifti
+from ..labels import LabelConvention
 from ..layouts import Case, discover_cases
 
 
@@ -21,13 +22,13 @@ def truth_cases(gt: str | os.PathLike) -> dict[str, Case]:
 
 
 def score(
-    prediction: Volume, truth: Case | None, gt: str | os.PathLike
+    prediction: Volume, truth: Case | None, gt: str | os.PathLike, labels: LabelConvention
 ) -> tuple[dict[str, dict[str, float]] | None, list[str]]:
-    """({region: {metric: value}}, []) of `prediction` against `truth`, or (None, [why not])."""
+    """({region: {metric: value}}, []) of `prediction`, in `labels`, against `truth`, or (None, [why not])."""
     if truth is None:
         return None, [f"no ground truth for this case in {gt}: no metrics"]
     try:
         seg = load_nifti(truth.seg, truth.case_id)
-        return score_regions(truth.case_id, prediction, seg, truth_labels(truth), None)[0], []
+        return score_regions(truth.case_id, prediction, seg, truth_labels(truth), labels)[0], []
     except TumorsegError as exc:
         return None, [f"not scored against the ground truth: {exc}"]
