@@ -54,7 +54,7 @@ def test_predict_evaluate_show(trained, capsys):
     assert pred.shape == (40, 40, 32) and set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}
     assert (out / "BraTS20_Training_000.png").exists()
     assert main(["predict", str(run / "best.pt"), str(raw), str(out)]) == 0
-    assert "3 already done" in capsys.readouterr().out
+    assert "3 already done (--force to redo them)" in capsys.readouterr().out
     assert main(["evaluate", str(out), str(raw), "--out", str(trained / "m.csv")]) == 0
     report = capsys.readouterr().out
     assert "WT" in report and (trained / "m.csv").exists() and (trained / "m_summary.json").exists()

@@ -133,3 +133,10 @@ def test_full_disk_is_one_line_with_the_size_and_keeps_the_old_file(tmp_path, mo
         with atomic_path(tmp_path / "b.bin") as tmp:
             tmp.write_bytes(b"y" * 4096)
             raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_lone_unrelated_file_beside_unlabelled_images_is_no_segmentation(tmp_path):
+    folder = write_case(tmp_path, "BraTS20_Validation_001", seg=None)
+    (folder / "brainmask.nii.gz").write_bytes((folder / "BraTS20_Validation_001_t1.nii.gz").read_bytes())
+    (case,) = discover_cases(folder)
+    assert case.seg is None and case.seg_note is None

@@ -231,6 +231,8 @@ def test_probabilities_file(raw, tmp_path, target):
     assert img.shape == (40, 40, 32, 3 if target == "regions" else 4) and probs.dtype == np.float32
     assert np.array_equal(img.affine, AFFINE) and 0.0 <= probs.min() and probs.max() <= 1.0
     assert np.array_equal(probs[0, 0, 0], [0, 0, 0] if target == "regions" else [1, 0, 0, 0])  # outside the box
+    channels = "WT,TC,ET" if target == "regions" else "BG,NCR,ED,ET"
+    assert img.header["descrip"].tobytes().rstrip(b"\0").decode() == f"tumorseg probabilities: {channels}"
     if target == "labels":
         assert np.allclose(probs.sum(-1), 1.0, atol=1e-5)
         assert np.array_equal(labels, to_raw_labels(probs.argmax(-1)))

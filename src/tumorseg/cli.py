@@ -124,7 +124,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                    for p in result.written})
     rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     print(f"{rank}predicted {n_cases} case(s) into {args.out_dir}"
-          + (f", {len(result.skipped)} already done" if result.skipped else "")
+          + (f", {len(result.skipped)} already done (--force to redo them)" if result.skipped else "")
           + (f", {len(result.failed)} failed" if result.failed else ""))
     return 1 if result.failed else 0
 

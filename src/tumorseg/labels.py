@@ -38,6 +38,7 @@ MODALITY_ALIASES: dict[str, str] = {
 NUM_CLASSES = 4  # background + 3 tumour classes
 CAVITY_CLASS = 4  # training label of the resection cavity, only when a run keeps it
 CLASS_NAMES: tuple[str, ...] = ("background", "necrotic core", "oedema", "enhancing tumour", "resection cavity")
+CLASS_ABBREVIATIONS: tuple[str, ...] = ("BG", "NCR", "ED", "ET", "RC")  # BraTS's, for short places (headers)
 CAVITY_MODES: tuple[str, ...] = ("keep", "drop")
 
 # Regions scored by BraTS, in training labels. Order is the channel order of region-based

@@ -14,7 +14,8 @@ Detected automatically (a folder, its sub-folders to a few levels, or one case f
 
 Modalities are found by meaning through `labels.MODALITY_ALIASES` (t1n = T1w = t1, ...), so
 a network trained on one layout predicts cases of any other. BraTS 2020 case 355's
-segmentation (`W39_1998.09.19_Segm.nii`) is found as the single other NIfTI in its folder.
+segmentation (`W39_1998.09.19_Segm.nii`) is found as the single other NIfTI in its folder whose
+name holds "seg".
 A folder of several BraTS-named cases' files side by side is one case per name.
 `plain` is how scans leave a clinic or a preprocessing tool (HD-GLIO, BraTS Toolkit): one folder
 per case, files named by modality alone; other files there (brain masks, ADC) are ignored. UCSF-PDGM's
@@ -183,8 +184,8 @@ def _brats_case(folder: Path, files: list[Path], need_images: bool, case_id: str
     if not images and not plain and _stem(seg)[:-4] != case_id:
         return None  # a lone `<case>_seg` file of a flat folder, not a segmentation-only case folder
     note = None
-    if seg is None and len(others) == 1 and images and not plain:
-        # BraTS 2020 case 355 ships its segmentation as 'W39_1998.09.19_Segm.nii'.
+    if seg is None and len(others) == 1 and images and not plain and "seg" in _stem(others[0]).lower():
+        # BraTS 2020 case 355 ships its segmentation as 'W39_1998.09.19_Segm.nii' (a lone `brainmask` is none).
         seg = others[0]
         note = f"{case_id}: using '{seg.name}' as the segmentation (non-standard name)"
     if dashed or (seg is not None and not images and _stem(seg).endswith("-seg")):

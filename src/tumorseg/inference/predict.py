@@ -33,7 +33,7 @@ from ..devices import amp_dtype, describe, resolve_device, window_batch
 from ..errors import TumorsegError
 from ..geometry import Grid, resample
 from ..io import save_nifti, sweep_stale_temps
-from ..labels import RAW_LABELS, LabelConvention, convention
+from ..labels import CLASS_ABBREVIATIONS, RAW_LABELS, REGIONS, LabelConvention, convention
 from ..layouts import Case, discover_cases
 from ..lock import LOCK_NAME, folder_lock
 from ..networks import build_network, required_divisor
@@ -232,6 +232,7 @@ class CasePrediction(NamedTuple):
     affine, header: those of the case's reference scan (the grid of every output).
     convention: the label convention of `labels`.
     uncertainty: float32 (X, Y, Z) flip disagreement in bits (`window.flip_uncertainty`), or None.
+    channels: what each of the K probability channels is (`probability_channels`).
     """
 
     labels: np.ndarray
@@ -240,6 +241,13 @@ class CasePrediction(NamedTuple):
     header: Any
     convention: LabelConvention
     uncertainty: np.ndarray | None = None
+    channels: tuple[str, ...] = ()
+
+
+def probability_channels(target: str, k: int) -> tuple[str, ...]:
+    """The meaning of each probability channel: the regions WT, TC, ET (sigmoid, overlapping) or
+    the training classes BG, NCR, ED, ET (softmax; a fifth, RC the resection cavity, when a run keeps it)."""
+    return REGIONS if target == "regions" else tuple(CLASS_ABBREVIATIONS[:k])
 
 
 @dataclass
@@ -366,7 +374,8 @@ def predict_case(
             et_threshold = max(1, round(et_threshold * np.prod(net.spacing) / np.prod(src.spacing)))
     labels = postprocess(labels, predictor.largest_tumour, et_threshold)
     conv = predictor.labels or case.labels
-    return CasePrediction(conv.from_training(labels), full, affine, header, conv, disagreement)
+    return CasePrediction(conv.from_training(labels), full, affine, header, conv, disagreement,
+                          probability_channels(predictor.target, probs.shape[0]))
 
 
 def output_paths(
@@ -388,7 +397,8 @@ def _write(pred: CasePrediction, case: Case, paths: list[Path], probabilities: b
     save_nifti(paths[0], pred.labels, pred.affine, pred.header, description=f"tumorseg {pred.convention.tag()}")
     if probabilities:
         probs = np.ascontiguousarray(np.moveaxis(pred.probabilities, 0, -1), dtype=np.float32)  # (X, Y, Z, K)
-        save_nifti(paths[1], probs, pred.affine, pred.header)
+        save_nifti(paths[1], probs, pred.affine, pred.header,
+                   description=f"tumorseg probabilities: {','.join(pred.channels)}")
     if pred.uncertainty is not None:
         save_nifti(paths[1 + probabilities], pred.uncertainty, pred.affine, pred.header,
                    description="tumorseg flip mutual information (bits)")
