@@ -62,5 +62,14 @@ def test_brain_mask_survives_an_offset_ringing_and_padding_around_the_brain():
     assert abs(level) < 0.05 and 0.45 < tolerance <= 0.5
     mask = brain_mask(ringing)  # what passes the tolerance is scattered: dropped, but where it touches the brain
     assert mask[ball].all() and np.count_nonzero(mask & ~ball) < 0.01 * np.count_nonzero(ball)
-    padded = [np.pad(v[2:-2], ((2, 2), (0, 0), (0, 0))) for v in offset]  # resampling pads with 0
+    padded = [np.pad(v[1:-1], ((1, 1), (0, 0), (0, 0))) for v in offset]  # resampling pads a thin shell with 0
     assert background(padded[0]) == (5.0, 0.0) and np.array_equal(brain_mask(padded), ball)
+
+
+def test_a_tight_crop_a_constant_volume_and_odd_shapes_keep_the_nonzero_rule():
+    vols, ball = _head()
+    tight = [v[10:-10, 10:-10, 8:-8] for v in vols]  # brain on most of every face, exact-0 corners
+    assert background(tight[0]) is None and np.array_equal(brain_mask(tight), ball[10:-10, 10:-10, 8:-8])
+    constant = np.full(ball.shape, 3.0, np.float32)
+    assert brain_mask([constant]).all()  # scaled to zeros later, and warned about in prepare
+    assert background(np.ones((0, 4, 4))) is None and background(np.ones((4, 4, 4, 2))) is None

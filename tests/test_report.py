@@ -523,6 +523,8 @@ def test_untagged_predictions_are_read_in_a_named_convention_and_say_so(tmp_path
                                                                                           "resection cavity": 0.0})
     assert case.notes == ["untagged prediction read as brats2023 labels (guessed from its values; --pred-labels to set)"]
     assert case.warnings == []
+    page = (tmp_path / "out/pb23/0/cases/BraTS-GLI-00001-000.html").read_text()
+    assert "<h2>Warnings</h2>\n<p>none</p>" in page and "<h2>Notes</h2>" in page and "guessed from its values" in page
     case = one("pmsd", gt=layout)  # MSD numbers are valid BraTS 2023 values: read as the truth's, and said so
     assert case.labels.name == "brats2023" and "its ground truth's" in case.notes[0]
     assert case.metrics["TC"]["dice"] < 1.0

@@ -15,18 +15,21 @@ CROP_MODES: tuple[str, ...] = ("fixed", "brain")
 Box = tuple[tuple[int, int], ...]
 
 
+ZERO_BACKGROUND_SHARE = 0.1  # skull-stripped BraTS scans are ~85 % exact 0; a box cut tight round a brain ~45 %
+
+
 def background(volume: np.ndarray) -> tuple[float, float] | None:
-    """(level, tolerance) of a background that is not exact 0, from the volume's six faces; None
-    when most face voxels are exactly 0 (BraTS: skull-stripped to 0).
+    """(level, tolerance) of a background that is not exact 0; None when it is (BraTS: scans
+    skull-stripped to 0, which hold at least `ZERO_BACKGROUND_SHARE` of exact zeros).
 
     An intensity offset, interpolation ringing or a header's `scl_inter` moves the background off
-    0. Exact zeros on the faces are left out of the estimate (resampling pads with them); the
-    tolerance is the 99th percentile of the other face voxels' distance from their median.
+    0. The level is the median of the volume's six faces and the tolerance the 99th percentile of
+    their distance from it; exact zeros there are left out (resampling pads with them).
     """
-    faces = np.concatenate([np.take(volume, [0, -1], axis=a).ravel() for a in range(volume.ndim)])
-    off = faces[faces != 0].astype(np.float64)
-    if off.size * 2 <= faces.size:
+    if volume.ndim != 3 or 0 in volume.shape or np.count_nonzero(volume == 0) >= ZERO_BACKGROUND_SHARE * volume.size:
         return None
+    faces = np.concatenate([np.take(volume, [0, -1], axis=a).ravel() for a in range(3)])
+    off = faces[faces != 0].astype(np.float64)
     level = float(np.median(off))
     return level, float(np.quantile(np.abs(off - level), 0.99))
 
@@ -36,17 +39,19 @@ def brain_mask(volumes: list[np.ndarray]) -> np.ndarray:
 
     BraTS scans are skull-stripped to exact 0: the mask is then the non-zero voxels, as it has
     always been. Where a modality's background is off 0 (`background`), its brain is the voxels
-    farther from that level than the tolerance, and the mask keeps its largest connected part (the
-    background voxels beyond the tolerance are scattered).
+    farther from that level than the tolerance (the non-zero voxels if none are: a constant
+    volume), and the mask keeps its largest connected part (the background voxels beyond the
+    tolerance are scattered).
     """
     mask = np.zeros(volumes[0].shape, bool)
     shifted = False
     for v in volumes:
         level = background(v)
-        if level is None:
+        brain = (v != 0) & (np.abs(v - level[0]) > level[1]) if level is not None else None
+        if brain is None or not brain.any():
             mask |= v != 0
         else:
-            mask |= (v != 0) & (np.abs(v - level[0]) > level[1])
+            mask |= brain
             shifted = True
     if shifted:
         from scipy.ndimage import label

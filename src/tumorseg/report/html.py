@@ -184,10 +184,10 @@ def case_page(case: CaseReport, cols: list[Column], index: Path) -> str:
              "<h2>Warnings</h2>"]
     if case.warnings:
         parts += ['<ul class="warn">', *(f"<li>{escape(w)}</li>" for w in case.warnings), "</ul>"]
-    if case.notes:
-        parts += ['<ul class="note">', *(f"<li>{escape(n)}</li>" for n in case.notes), "</ul>"]
     else:
         parts.append("<p>none</p>")
+    if case.notes:
+        parts += ["<h2>Notes</h2>", '<ul class="note">', *(f"<li>{escape(n)}</li>" for n in case.notes), "</ul>"]
     parts += ["<h2>Views through the tumour</h2>", _img(case, "views", here, "three orthogonal views"),
               "<h2>Volumes</h2>", _volumes(case, text), "<h2>Diameters (RANO)</h2>",
               table(["lesion", "longest (mm)", "perpendicular (mm)", "product (mm2)"],
