@@ -444,8 +444,9 @@ def test_plain_case_folders_of_files_named_by_modality(tmp_path):
     with pytest.raises(TumorsegError, match=r"mixes dataset layouts \(3 plain, 1 brats2020 cases\)"):
         discover_cases(tmp_path / "ds")
     _touch(tmp_path / "ds/toolkit", "T1w.nii.gz")
-    with pytest.raises(TumorsegError, match=r"toolkit: several t1 files for toolkit \(T1w, t1\); keep one"):
-        discover_cases(tmp_path / "ds/toolkit")
+    (both,) = discover_cases(tmp_path / "ds/toolkit")
+    with pytest.raises(TumorsegError, match=r"toolkit: several t1 files in .*toolkit \(T1w, t1\); keep one"):
+        both.image("t1")
 
 
 def test_ucsf_pdgm_tumour_segmentation_beside_its_brain_segmentation(tmp_path):
@@ -518,7 +519,10 @@ def test_bids_sessions_contrast_entity_derivatives_and_ambiguous_runs(layouts, t
     for ses in ("ses-pre", "ses-post"):
         _touch(root / "sub-01" / ses / "anat", *(f"sub-01_{ses}_{s}.nii.gz" for s in
                                                    ("T1w", "ce-Gd_T1w", "T2w", "FLAIR", "T2starw", "scans")))
-        _touch(root / "derivatives/manual/sub-01" / ses / "anat", f"sub-01_{ses}_dseg.nii.gz")
+        _touch(root / "derivatives/manual/sub-01" / ses / "anat", f"sub-01_{ses}_desc-tumor_dseg.nii.gz")
+        # fMRIPrep's tissue maps are segmentations too, not of the tumour
+        _touch(root / "derivatives/fmriprep/sub-01" / ses / "anat", f"sub-01_{ses}_dseg.nii.gz",
+               f"sub-01_{ses}_desc-aseg_dseg.nii.gz")
     # preprocessed copies in derivatives are another dataset: never mixed into the raw one's cases
     _touch(root / "derivatives/preproc/sub-01/ses-pre/anat", "sub-01_ses-pre_desc-brain_T1w.nii.gz")
     cases = {c.case_id: c for c in discover_cases(root)}
@@ -528,12 +532,17 @@ def test_bids_sessions_contrast_entity_derivatives_and_ambiguous_runs(layouts, t
     assert {m: p.name for m, p in case.images.items()} == {
         "t1": "sub-01_ses-pre_T1w.nii.gz", "t1ce": "sub-01_ses-pre_ce-Gd_T1w.nii.gz",
         "t2": "sub-01_ses-pre_T2w.nii.gz", "flair": "sub-01_ses-pre_FLAIR.nii.gz"}
-    assert case.seg == root / "derivatives/manual/sub-01/ses-pre/anat/sub-01_ses-pre_dseg.nii.gz"
+    assert case.seg == root / "derivatives/manual/sub-01/ses-pre/anat/sub-01_ses-pre_desc-tumor_dseg.nii.gz"
     truths = discover_cases(root / "derivatives/manual", need_images=False)  # evaluate's ground truth
     assert sorted(c.case_id for c in truths) == ["sub-01_ses-post", "sub-01_ses-pre"] and all(c.seg for c in truths)
     (preproc,) = discover_cases(root / "derivatives/preproc")
     assert preproc.case_id == "sub-01_ses-pre" and set(preproc.images) == {"t1"}
     _touch(root / "sub-01/ses-pre/anat", "sub-01_ses-pre_run-2_T2w.nii.gz")
-    with pytest.raises(TumorsegError, match=r"several t2 files for sub-01_ses-pre \(sub-01_ses-pre_T2w, "
+    _touch(root / "derivatives/rater2/sub-01/ses-pre/anat", "sub-01_ses-pre_label-tumour_dseg.nii.gz")
+    cases = {c.case_id: c for c in discover_cases(root)}  # one odd session fails alone, when read
+    pre, post = cases["sub-01_ses-pre"], cases["sub-01_ses-post"]
+    assert post.image("t2").name == "sub-01_ses-post_T2w.nii.gz" and pre.image("t1").is_absolute()
+    with pytest.raises(TumorsegError, match=r"sub-01_ses-pre: several t2 files in .* \(sub-01_ses-pre_T2w, "
                                             r"sub-01_ses-pre_run-2_T2w\); keep one"):
-        discover_cases(root)
+        pre.image("t2")
+    assert pre.seg is None and "several tumour segmentations" in pre.seg_note and "rater2" in pre.seg_note

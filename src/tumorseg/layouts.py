@@ -9,7 +9,7 @@ Detected automatically (a folder, its sub-folders to a few levels, or one case f
 | `brats2023` | `BraTS-GLI-NNNNN-NNN/BraTS-GLI-NNNNN-NNN-{t1n,t1c,t2w,t2f,seg}.nii.gz`  | `brats2023` |
 | `msd`       | `imagesTr/BRATS_NNN.nii.gz` (4D), `labelsTr/`, `imagesTs/`, `dataset.json` | `msd`   |
 | `nnunet`    | `imagesTr/<case>_0000.nii.gz` ..., `labelsTr/<case>.nii.gz`, `dataset.json` | from `dataset.json` |
-| `bids`      | `sub-X/[ses-Y/]anat/sub-X[_ses-Y]_{T1w,ce-<agent>_T1w,T2w,FLAIR}.nii.gz`, `derivatives/*/.../*_dseg.nii.gz` | `brats2020` |
+| `bids`      | `sub-X/[ses-Y/]anat/sub-X[_ses-Y]_{T1w,ce-<agent>_T1w,T2w,FLAIR}.nii.gz`, `derivatives/*/.../*_desc-tumor_dseg.nii.gz` | `brats2020` |
 | `plain`     | `<case>/{t1,t1ce,t2,flair}.nii[.gz]` by any alias (`T1.nii.gz`, `CT1`, `T1Gd`, `FLAIR`, `fla`), `seg` / `segmentation` / `label` | `brats2020` |
 
 Modalities are found by meaning through `labels.MODALITY_ALIASES` (t1n = T1w = t1, ...), so
@@ -75,8 +75,10 @@ class Case:
     """One case: where each modality (by canonical name) and the segmentation are.
 
     `images` may lack modalities (a broken download); `image` turns that into an error
-    naming the case and the modality. `channel_index` gives a modality's index inside a 4D
-    file (MSD). `seg_note` says when the segmentation was found under a non-standard name.
+    naming the case and the modality, as it does a modality found in several files (`conflicts`:
+    modality -> why), so one odd case fails alone. `channel_index` gives a modality's index inside
+    a 4D file (MSD). `seg_note` says when the segmentation was found under a non-standard name, or
+    why none was taken.
     """
 
     case_id: str
@@ -87,8 +89,11 @@ class Case:
     layout: str = "brats2020"
     labels: LabelConvention = BRATS2020
     channel_index: dict[str, int] = field(default_factory=dict)
+    conflicts: dict[str, str] = field(default_factory=dict)
 
     def image(self, modality: str) -> Path:
+        if modality in self.conflicts:
+            raise TumorsegError(self.conflicts[modality])
         if modality not in self.images:
             have = ", ".join(m for m in MODALITIES if m in self.images) or "none"
             raise TumorsegError(f"{self.case_id}: missing modality '{modality}' in {self.folder} (found: {have})")
@@ -156,6 +161,7 @@ def _brats_case(folder: Path, files: list[Path], need_images: bool, case_id: str
     is neither; `case_id` (default the folder's name) for one case of a folder holding several."""
     case_id = case_id or folder.name
     images: dict[str, Path] = {}
+    conflicts: dict[str, str] = {}
     segs: list[Path] = []
     others: list[Path] = []
     dashed = bare = 0
@@ -171,8 +177,8 @@ def _brats_case(folder: Path, files: list[Path], need_images: bool, case_id: str
                 images[modality] = path
                 bare += whole is not None
                 dashed += whole is None and stem[len(key[0])] == "-"
-            else:
-                _check_one_scan(folder, case_id, modality, [images[modality], path])
+            elif (why := _several_scans(folder, case_id, modality, [images[modality], path])) is not None:
+                conflicts[modality] = why
         else:
             others.append(path)
     if images and len({_stem(s) for s in segs}) == 1:
@@ -195,7 +201,7 @@ def _brats_case(folder: Path, files: list[Path], need_images: bool, case_id: str
     else:
         layout = "brats2021" if case_id.startswith("BraTS2021_") else "brats2020"
     labels = CONVENTIONS["brats2023"] if layout == "brats2023" else BRATS2020
-    return Case(case_id, folder, images, seg, note, layout, labels)
+    return Case(case_id, folder, images, seg, note, layout, labels, conflicts=conflicts)
 
 
 def _read_dataset_json(path: Path) -> dict:
@@ -297,9 +303,10 @@ def _folder_cases(folder: Path, need_images: bool) -> list[Case] | None:
 def _bids_cases(folder: Path, files: list[Path]) -> list[Case] | None:
     """The sessions of a BIDS `anat` folder, one case `sub-X[_ses-Y]` each, or None if it is none.
 
-    A subject's segmentation is its `_dseg` file there or in the dataset's `derivatives/*/`.
-    Several scans of one modality (runs, acquisitions) are an error naming them: choosing one
-    silently could pick the wrong scan.
+    A subject's segmentation is its tumour `_dseg` file (`desc-tumor` or `label-tumor`) there or
+    in the dataset's `derivatives/*/`; other `_dseg` files (fMRIPrep's tissue maps) are not.
+    Several scans of one modality (runs, acquisitions) are that modality's error (`Case.conflicts`):
+    choosing one silently could pick the wrong scan.
     """
     parsed = [(f, _BIDS_RE.match(_stem(f))) for f in files]
     if folder.name != "anat" or not any(m for _, m in parsed):
@@ -311,46 +318,51 @@ def _bids_cases(folder: Path, files: list[Path]) -> list[Case] | None:
         entities = dict(e.split("-", 1) for e in m["entities"].split("_") if e)
         cid = m["sub"] + (f"_ses-{entities['ses']}" if "ses" in entities else "")
         suffix = m["suffix"]
-        kind = "seg" if suffix.lower() == BIDS_SEG_SUFFIX else canonical_modality(suffix)
+        kind = ("seg" if _bids_tumour_seg(m) else None) if suffix.lower() == BIDS_SEG_SUFFIX else canonical_modality(suffix)
         if kind == "t1" and "ce" in entities:
             kind = "t1ce"
         if kind is not None:
             found.setdefault(cid, {}).setdefault(kind, []).append(path)
     cases = []
     for cid, kinds in found.items():
-        picked = {}
-        for kind, paths in kinds.items():
-            _check_one_scan(folder, cid, kind, paths)
-            picked[kind] = paths[0]
-        seg = picked.pop("seg", None) or _bids_derivative_seg(folder, cid)
-        cases.append(Case(cid, folder, picked, seg, None, "bids", BRATS2020))
+        segs = kinds.pop("seg", []) + _bids_derivative_segs(folder, cid)
+        picked = {kind: paths[0] for kind, paths in kinds.items()}
+        conflicts = {kind: why for kind, paths in kinds.items()
+                     if (why := _several_scans(folder, cid, kind, paths)) is not None}
+        seg, note = (segs[0], None) if len({_stem(p) for p in segs}) == 1 else (None, None)
+        if len(segs) > 1 and seg is None:
+            note = (f"{cid}: several tumour segmentations ({', '.join(str(p) for p in segs)}): none taken; "
+                    "keep one")
+        cases.append(Case(cid, folder, picked, seg, note, "bids", BRATS2020, conflicts=conflicts))
     return cases
 
 
-def _check_one_scan(folder: Path, case_id: str, kind: str, paths: list[Path]) -> None:
-    """Several files of one modality (`T1` beside `T1w`, two runs) are an error naming them:
-    choosing one silently could pick the wrong scan. `.nii` beside `.nii.gz` is one scan."""
+def _several_scans(folder: Path, case_id: str, kind: str, paths: list[Path]) -> str | None:
+    """Why several files of one modality (`T1` beside `T1w`, two runs) cannot be read, naming
+    them, or None for one scan (`.nii` beside `.nii.gz` is one)."""
     stems = sorted({_stem(p) for p in paths})
-    if len(stems) > 1:
-        raise TumorsegError(f"{folder}: several {kind} files for {case_id} ({', '.join(stems)}); "
-                            "keep one per modality")
+    if len(stems) < 2:
+        return None
+    return f"{case_id}: several {kind} files in {folder} ({', '.join(stems)}); keep one per modality"
 
 
-def _bids_derivative_seg(anat: Path, case_id: str) -> Path | None:
-    """The one `<case>*_dseg` file of `case_id` in `derivatives/*/` of the BIDS dataset above `anat`."""
+def _bids_tumour_seg(m: re.Match) -> bool:
+    """A BIDS `_dseg` that says it is a tumour segmentation (`desc-tumor`, `label-tumour`, ...)."""
+    entities = dict(e.split("-", 1) for e in m["entities"].split("_") if e)
+    return any(entities.get(k, "").lower() in ("tumor", "tumour") for k in ("desc", "label"))
+
+
+def _bids_derivative_segs(anat: Path, case_id: str) -> list[Path]:
+    """The tumour `_dseg` files of `case_id` in `derivatives/*/` of the BIDS dataset above `anat`."""
     session = anat.parent
     subject = session.parent if session.name.startswith("ses-") else session
     derivatives = subject.parent / "derivatives"
     if not derivatives.is_dir():
-        return None
+        return []
     relative = anat.relative_to(subject.parent)
-    hits = sorted(p for pipeline in derivatives.iterdir() for p in _nifti_files(pipeline / relative)
+    return sorted(p for pipeline in derivatives.iterdir() for p in _nifti_files(pipeline / relative)
                   if (m := _BIDS_RE.match(_stem(p))) and m["suffix"].lower() == BIDS_SEG_SUFFIX
-                  and _stem(p).startswith(case_id + "_"))
-    if len(hits) > 1:
-        raise TumorsegError(f"{derivatives}: several segmentations for {case_id} "
-                            f"({', '.join(str(h.relative_to(derivatives)) for h in hits)}); keep one")
-    return hits[0] if hits else None
+                  and _bids_tumour_seg(m) and _stem(p).startswith(case_id + "_"))
 
 
 def _label_files(folder: Path) -> list[Case]:
@@ -496,7 +508,8 @@ BIDS_NAMES: dict[str, str] = {"t1": "T1w", "t1ce": "ce-gadolinium_T1w", "t2": "T
 
 def _write_bids_case(root: Path, case_id: str, images: dict[str, np.ndarray], affine: np.ndarray,
                      seg: np.ndarray | None, header) -> Path:
-    """`root/<sub>/anat/<sub>_<suffix>.nii.gz`, the segmentation as `derivatives/manual/<sub>/anat/<sub>_dseg`."""
+    """`root/<sub>/anat/<sub>_<suffix>.nii.gz`, the segmentation as
+    `derivatives/manual/<sub>/anat/<sub>_desc-tumor_dseg`."""
     for folder, kind in ((root, "raw"), (root / "derivatives" / "manual", "derivative")):
         if not (folder / BIDS_DESCRIPTION).is_file() and (kind == "raw" or seg is not None):
             write_text(folder / BIDS_DESCRIPTION, json.dumps({"Name": "tumorseg", "BIDSVersion": "1.9.0",
@@ -505,7 +518,7 @@ def _write_bids_case(root: Path, case_id: str, images: dict[str, np.ndarray], af
     for m in MODALITIES:
         save_nifti(anat / f"{case_id}_{BIDS_NAMES[m]}.nii.gz", images[m], affine, header)
     if seg is not None:
-        save_nifti(root / "derivatives" / "manual" / case_id / "anat" / f"{case_id}_{BIDS_SEG_SUFFIX}.nii.gz",
+        save_nifti(root / "derivatives" / "manual" / case_id / "anat" / f"{case_id}_desc-tumor_{BIDS_SEG_SUFFIX}.nii.gz",
                    seg, affine, header)
     return anat
 
