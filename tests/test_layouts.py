@@ -454,6 +454,7 @@ def test_ucsf_pdgm_tumour_segmentation_beside_its_brain_segmentation(tmp_path):
     extras = ("brain_segmentation", "brain_parenchyma_segmentation", "T1c_bias", "FLAIR_bias", "ADC", "DWI")
     _touch(tmp_path / f"{cid}_nifti", *(f"{cid}_{k}.nii.gz" for k in ("T1", "T1c", "T2", "FLAIR", "tumor_segmentation", *extras)))
     (case,) = discover_cases(tmp_path)
+    assert case.case_id == cid and case.folder.name == f"{cid}_nifti"  # its files' name, not the folder's
     assert case.layout == "brats2020" and case.seg.name == f"{cid}_tumor_segmentation.nii.gz" and case.seg_note is None
     assert {m: p.name for m, p in case.images.items()} == {m: f"{cid}_{k}.nii.gz" for m, k in
                                                           zip(MODALITIES, ("T1", "T1c", "T2", "FLAIR"))}
@@ -546,3 +547,13 @@ def test_bids_sessions_contrast_entity_derivatives_and_ambiguous_runs(layouts, t
                                             r"sub-01_ses-pre_run-2_T2w\); keep one"):
         pre.image("t2")
     assert pre.seg is None and "several tumour segmentations" in pre.seg_note and "rater2" in pre.seg_note
+
+
+def test_ucsf_pdgm_truth_alone_in_case_folders_or_one_flat_folder(tmp_path):
+    cids = ("UCSF-PDGM-0004", "UCSF-PDGM-0005")
+    for cid in cids:
+        _touch(tmp_path / "folders" / f"{cid}_nifti", f"{cid}_tumor_segmentation.nii.gz")
+        _touch(tmp_path / "flat", f"{cid}_tumor_segmentation.nii.gz")
+    for gt in ("folders", "flat"):
+        truths = discover_cases(tmp_path / gt, need_images=False)
+        assert [c.case_id for c in truths] == list(cids) and all(c.seg is not None for c in truths), gt

@@ -61,6 +61,7 @@ EXPECTED = ("BraTS case folders (<case>_{t1,t1ce,t2,flair}.nii[.gz] or <case>-{t
             "or an MSD / nnU-Net dataset (dataset.json with imagesTr/)")
 _BRATS_SUFFIX_RE = re.compile(r"[_-](?P<key>[A-Za-z0-9]+)$")
 PLAIN_SEG_STEMS: tuple[str, ...] = ("seg", "segmentation", "label", "labels")
+_SEG_FILE_SUFFIX_RE = re.compile(r"([_-]segm?|_tumou?r_segmentation)$", re.IGNORECASE)  # after a case id
 TUMOUR_SEG_SUFFIXES: tuple[str, ...] = ("_tumor_segmentation", "_tumour_segmentation")  # UCSF-PDGM
 # BIDS: sub-<label>[_<entity>-<label>...]_<suffix>; T1w with a `ce-` entity is the contrast-enhanced T1.
 _BIDS_RE = re.compile(r"^(?P<sub>sub-[A-Za-z0-9]+)(?P<entities>(?:_[A-Za-z]+-[A-Za-z0-9]+)*)_(?P<suffix>[A-Za-z0-9]+)$")
@@ -152,7 +153,10 @@ def _brats_cases(folder: Path, files: list[Path], need_images: bool) -> list[Cas
     if len(with_images) > 1:  # segmentation-only names alone stay `_label_files`' flat folder
         found = [_brats_case(folder, group, need_images, case_id) for case_id, group in groups.items()]
         return [case for case in found if case is not None]
-    case = _brats_case(folder, files, need_images)
+    # One case: named as its files are where the folder adds to that (UCSF-PDGM's `<case>_nifti/`).
+    prefix = next(iter(with_images or groups), "") if len(with_images or groups) == 1 else ""
+    case_id = prefix if prefix and folder.name != prefix and folder.name.startswith(prefix) else None
+    case = _brats_case(folder, files, need_images, case_id)
     return [case] if case is not None else None
 
 
@@ -187,7 +191,7 @@ def _brats_case(folder: Path, files: list[Path], need_images: bool, case_id: str
         return None  # several cases' segmentations in one folder: `_label_files` pairs them
     seg = segs[0] if segs else None
     plain = bare == len(images) > 0 or (not images and _stem(seg).lower() in PLAIN_SEG_STEMS)
-    if not images and not plain and _stem(seg)[:-4] != case_id:
+    if not images and not plain and (_case_key(_stem(seg)) or ("",))[0] != case_id:
         return None  # a lone `<case>_seg` file of a flat folder, not a segmentation-only case folder
     note = None
     if seg is None and len(others) == 1 and images and not plain and "seg" in _stem(others[0]).lower():
@@ -366,10 +370,9 @@ def _bids_derivative_segs(anat: Path, case_id: str) -> list[Path]:
 
 
 def _label_files(folder: Path) -> list[Case]:
-    """A flat folder of `<case>.nii.gz` (or `<case>_seg`, `<case>-seg`, UPENN-GBM's `<case>_segm`)
-    segmentations, labelsTr style."""
-    return [Case(re.sub(r"[_-]segm?$", "", _stem(f), flags=re.IGNORECASE), folder, seg=f, layout="labels")
-            for f in _nifti_files(folder)]
+    """A flat folder of `<case>.nii.gz` (or `<case>_seg`, `<case>-seg`, UPENN-GBM's `<case>_segm`,
+    UCSF-PDGM's `<case>_tumor_segmentation`) segmentations, labelsTr style."""
+    return [Case(_SEG_FILE_SUFFIX_RE.sub("", _stem(f)), folder, seg=f, layout="labels") for f in _nifti_files(folder)]
 
 
 def discover_cases(root: str | os.PathLike, need_images: bool = True) -> list[Case]:
