@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from collections import Counter
 from html.parser import HTMLParser
@@ -417,21 +418,22 @@ def test_brain_and_whole_tumour_masks_are_computed_once_per_case(tmp_path, monke
     """Measures, checks, uncertainty score and figures share one brain and one whole-tumour mask."""
     preds = small_cohort(tmp_path, 1)
     add_uncertainty(preds, "case_0")
+    import tumorseg.report.case as report_case_module
+
     calls: Counter[str] = Counter()
-    isin, any_ = np.isin, np.any
+    isin, brain_mask = np.isin, report_case_module.brain_mask
 
     def counting_isin(element, test_elements, *args, **kwargs):
         if np.shape(element) == SMALL and sorted(np.ravel(test_elements).tolist()) == sorted(TUMOUR_CLASSES["WT"]):
             calls["whole tumour"] += 1
         return isin(element, test_elements, *args, **kwargs)
 
-    def counting_any(a, axis=None, *args, **kwargs):
-        if np.ndim(a) == 4 and axis == 0:  # non-zero voxels over the channels (C, X, Y, Z)
-            calls["brain"] += 1
-        return any_(a, axis, *args, **kwargs)
+    def counting_brain_mask(volumes):
+        calls["brain"] += 1
+        return brain_mask(volumes)
 
     monkeypatch.setattr(np, "isin", counting_isin)
-    monkeypatch.setattr(np, "any", counting_any)
+    monkeypatch.setattr(report_case_module, "brain_mask", counting_brain_mask)
     (case,) = report(preds, images=tmp_path / "data", out=tmp_path / "out", progress=False).cases
     assert calls == {"whole tumour": 1, "brain": 1}
     assert case.uncertainty == pytest.approx(0.5) and case.warnings == []
@@ -496,6 +498,12 @@ def test_a_case_failing_after_its_figures_leaves_none_behind(tmp_path, monkeypat
     assert result.failed == {"case_1": "case_1: RuntimeError: scoring broke"}
     assert sorted(p.name for p in (out / "cases").iterdir()) == [
         "case_0.html", "case_0_diameters.png", "case_0_thumb.png", "case_0_views.png"]
+    (out / "cases/case_5_views.png").write_bytes(b"mine, from before")  # not the report's: stays
+    old = 1_000_000_000
+    os.utime(out / "cases/case_5_views.png", (old, old))
+    (preds / "case_5.nii.gz").write_bytes(b"broken")
+    result = report(preds, gt=tmp_path / "data", out=out, progress=False)
+    assert set(result.failed) == {"case_1", "case_5"} and (out / "cases/case_5_views.png").read_bytes() == b"mine, from before"
 
 
 def test_untagged_predictions_are_read_in_a_named_convention_and_say_so(tmp_path):

@@ -14,13 +14,14 @@ reported. Each prediction is read once: measured, drawn and (with `gt`) scored f
 Re-running into the same folder replaces the report: once the new index is in place, the pages
 and figures the report wrote for cases not in this run are removed, so the index never links to a
 missing page. A `cases/<case>.html` is the report's only when it begins as the report writes it,
-and `cases/<case>_<kind>.png` only beside such a page or for a case that failed in this run (a
-failure after its figures were drawn leaves them unlinked); every other file stays.
+and `cases/<case>_<kind>.png` only beside such a page, or drawn by this run for a case that then
+failed (so unlinked); every other file stays.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def report(
     image_cases = {c.case_id: c for c in discover_cases(images)} if images is not None else {}
     truths = truth_cases(gt) if gt is not None else None
     forced = convention(pred_labels) if pred_labels else None
+    started = time.time() - 1.0  # file times come from a coarser clock
     with folder_lock(out, "report"):
         for folder in (out, out / CASES_DIR):
             sweep_stale_temps(folder)  # what a killed run left
@@ -114,7 +116,7 @@ def report(
             reported.append(case)
         sources = {"predictions": pred_dir, "images": images or "not given", "ground truth": gt or "not given"}
         result = _write(reported, failed, gt is not None, out, {k: str(v) for k, v in sources.items()})
-        _remove_stale(out / CASES_DIR, result)
+        _remove_stale(out / CASES_DIR, result, started)
         return result
 
 
@@ -131,14 +133,21 @@ def _write(cases: list[CaseReport], failed: dict[str, str], with_metrics: bool, 
     return result
 
 
-def _remove_stale(folder: Path, result: ReportResult) -> None:
+def _remove_stale(folder: Path, result: ReportResult, started: float) -> None:
     """Remove the pages the report wrote in `folder` (`html.page_case_id`) that this run did not
-    write, and the figures of those pages' cases and of this run's failed cases that this run did
-    not link; nothing else. Called once the new index, linking only to this run's pages, is in place."""
+    write and those pages' cases' figures this run did not link, and the figures this run drew
+    (modified since `started`) for cases that then failed; nothing else. Called once the new index,
+    linking only to this run's pages, is in place."""
     written = {p.name for p in result.pages} | {p.name for c in result.cases for p in c.figures.values()}
     owners = ({page_case_id(p) for p in folder.iterdir()} - {None}) if folder.is_dir() else set()
-    owners |= set(result.failed)
-    for cid in owners:
+    for cid in owners | set(result.failed):
         for path in (folder / case_page_name(cid), *figure_paths(folder, cid).values()):
-            if path.name not in written:
+            if path.name not in written and (cid in owners or _modified_since(path, started)):
                 path.unlink(missing_ok=True)
+
+
+def _modified_since(path: Path, started: float) -> bool:
+    try:
+        return path.stat().st_mtime >= started
+    except OSError:
+        return False

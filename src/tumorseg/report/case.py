@@ -13,6 +13,7 @@ from ..io import Volume, load_nifti
 from ..labels import LabelConvention, convention_from_header
 from ..layouts import Case
 from ..plots.slices import raw_to_labels, load_case
+from ..prepare.crop import brain_mask
 from .checks import case_warnings
 from .figures import blank_case, make_scene, save_figures
 from .measure import Measures, measure, uncertainty_score, whole_tumour
@@ -71,7 +72,7 @@ def report_case(
     """Measure and draw one prediction, read by the caller, in `labels` (`prediction_labels`); a bad
     case raises `TumorsegError` naming it.
 
-    The brain mask (the images' non-zero voxels) and the whole-tumour mask are computed here once
+    The brain mask (`crop.brain_mask` of the images) and the whole-tumour mask are computed here once
     and handed to the measures, the checks and the figures.
     """
     path = prediction.path
@@ -91,7 +92,7 @@ def report_case(
                          "measurements use the prediction's header")
     else:
         data = blank_case(case_id, path, labels, prediction.affine, conv)
-    brain = np.any(data.images != 0, axis=0)
+    brain = brain_mask(list(data.images))  # as prediction saw it, a background off 0 included
     wt = whole_tumour(labels)
     measures = measure(labels, prediction.affine, conv, wt)
     warnings = case_warnings(wt, measures, brain if images is not None else None) + notes
