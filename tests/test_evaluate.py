@@ -146,3 +146,11 @@ def test_lesion_challenge_from_case_ids():
 
     assert case_challenge("BraTS-MEN-00004-000") == "MEN" and case_challenge("BraTS-MET-00001-000") == "MET"
     assert case_challenge("BraTS20_Training_001") == "GLI" and case_challenge("BraTS-PED-00001-000", "MET") == "MET"
+
+
+def test_the_same_note_for_many_cases_is_one_line():
+    from tumorseg.evaluation.evaluate import _grouped
+
+    notes = [f"case_{i}: prediction read as brats2020 labels" for i in range(5)] + ["case_9: another thing", "bare"]
+    assert _grouped(notes) == ["prediction read as brats2020 labels (5 cases: case_0, case_1, case_2, ...)",
+                               "case_9: another thing", "bare"]

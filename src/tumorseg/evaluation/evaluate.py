@@ -104,9 +104,21 @@ class EvaluationResult:
             lines.append(f"predictions without ground truth, ignored ({len(self.extra)}): {', '.join(self.extra)}")
         shown = self.skipped if len(self.skipped) <= 5 else [
             *self.skipped[:3], f"... and {len(self.skipped) - 3} more cases without a segmentation"]
-        lines += [f"skipped: {s}" for s in shown] + [f"note: {n}" for n in self.notes]
+        lines += [f"skipped: {s}" for s in shown] + [f"note: {n}" for n in _grouped(self.notes)]
         lines += [f"wrote {p}" for p in (self.csv_path, self.json_path) if p is not None]
         return "\n".join(lines)
+
+
+def _grouped(notes: list[str]) -> list[str]:
+    """"<case>: <text>" notes with the same text as one line naming a few of their cases (a
+    thousand untagged predictions make one note, not a thousand)."""
+    cases: dict[str, list[str]] = {}
+    for note in notes:
+        case_id, sep, text = note.partition(": ")
+        cases.setdefault(text if sep else note, []).append(case_id if sep else "")
+    return [(f"{ids[0]}: {text}" if ids[0] else text) if len(ids) == 1 else
+            f"{text} ({len(ids)} cases: {', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
+            for text, ids in cases.items()]
 
 
 def _failed_metrics() -> dict[str, dict[str, float]]:
