@@ -12,7 +12,8 @@ from factory import AFFINE, write_case
 
 from tumorseg.errors import TumorsegError
 from tumorseg.plots import save_case_plot
-from tumorseg.plots.slices import DPI, MARGIN_INCHES, PANEL_INCHES, choose_slices, display_slice
+from tumorseg.labels import to_raw_labels
+from tumorseg.plots.slices import DPI, MARGIN_INCHES, PANEL_INCHES, choose_slices, display_slice, load_case, load_prediction
 from tumorseg.prepare import PrepareConfig, prepare
 
 SHAPE = (40, 40, 32)
@@ -73,6 +74,10 @@ def test_prepared_case(tmp_path):
     mask = np.load(tmp_path / "prep" / "masks" / "case_p1.npy")
     pred = tmp_path / "pred.npy"
     np.save(pred, mask)
+    assert 3 in mask and np.array_equal(load_case(image).truth, mask)  # training labels: ET stays 3
+    assert np.array_equal(load_prediction(pred, load_case(image)), mask)
+    np.save(tmp_path / "brats.npy", to_raw_labels(mask))  # BraTS numbers (ET 4) are converted
+    assert np.array_equal(load_prediction(tmp_path / "brats.npy", load_case(image)), mask)
     out = save_case_plot(image, pred, tmp_path / "p.png")
     assert png_size(out) == expected_size(3, 3 + 2)  # T2, T1CE, FLAIR + truth + prediction
     # a full-size NIfTI prediction is cropped with the manifest's crop box

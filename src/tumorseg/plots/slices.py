@@ -276,12 +276,13 @@ def raw_to_labels(seg: np.ndarray, where, labels: LabelConvention = BRATS2020) -
 
 
 def _npy_to_labels(mask: np.ndarray, where) -> np.ndarray:
+    """Training labels (0..3, as `prepare` writes masks) as they are; BraTS 2020 labels (a 4) converted."""
     values = set(np.unique(mask).tolist())
     if not values <= {0, 1, 2, 3, 4} or {3, 4} <= values:
         raise TumorsegError(
             f"{where}: labels {sorted(values)} are neither training (0..3) nor BraTS (0, 1, 2, 4) labels"
         )
-    return to_training_labels(mask)
+    return to_training_labels(mask) if 4 in values else np.asarray(mask, dtype=np.uint8)
 
 
 def to_lps(data: CaseImages, pred: np.ndarray | None):
