@@ -80,6 +80,34 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint(prepared, tmp_path, monkeypatch)
     assert len(train(prepared, tmp_path / "run", TrainConfig(epochs=2, **TINY), resume=True, progress=False).history) == 2
 
 
+def test_resume_with_more_epochs_continues_the_schedule_on_its_new_curve(prepared, tmp_path):
+    cfg = dict(**{k: v for k, v in TINY.items() if k != "lr"}, lr=1e-2, schedule="poly")
+    train(prepared, tmp_path / "run", TrainConfig(epochs=2, **cfg), progress=False)  # ends at learning rate 0
+    resumed = train(prepared, tmp_path / "run", TrainConfig(epochs=4, **cfg), resume=True, progress=False)
+    rates = [row["lr"] for row in resumed.history]
+    assert rates[2] == pytest.approx(1e-2 * (1 - 2 / 4) ** 0.9) and rates[3] == pytest.approx(1e-2 * (1 - 3 / 4) ** 0.9)
+    with pytest.raises(TumorsegError, match="already holds epoch 4: give --epochs above 4"):
+        train(prepared, tmp_path / "run", TrainConfig(epochs=4, **cfg), resume=True, progress=False)
+
+
+def test_ctrl_c_before_any_epoch_is_saved_says_there_is_nothing_to_resume(prepared, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(prepared, tmp_path / "run", TrainConfig(epochs=3, **TINY), progress=False)
+    assert "nothing to resume; start the run again" in capsys.readouterr().err
+    assert not (tmp_path / "run/last.pt").exists()
+
+
+@pytest.mark.parametrize("bad", [{"patch": [0, 32, 32]}, {"workers": -1}, {"steps_per_epoch": -3},
+                                 {"max_minutes": -1.0}, {"val_every": 0}, {"weight_decay": -0.1}])
+def test_impossible_settings_are_one_line_before_training(bad):
+    with pytest.raises(TumorsegError, match="must be"):
+        TrainConfig(**{**TINY, **bad})
+
+
 def test_bad_inputs_are_one_line_errors(prepared, tmp_path):
     with pytest.raises(TumorsegError, match="not a prepared folder"):
         train(tmp_path, tmp_path / "run", TrainConfig(**TINY))

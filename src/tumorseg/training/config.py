@@ -70,7 +70,13 @@ class TrainConfig:
             (self.epochs >= 1 and self.batch_size >= 1, f"epochs and batch size must be >= 1 (got {self.epochs}, {self.batch_size})"),
             (self.lr > 0, f"learning rate must be > 0 (got {self.lr})"),
             (0.0 <= self.fg_ratio <= 1.0, f"fg_ratio must be in [0, 1] (got {self.fg_ratio})"),
-            (self.patch is None or len(self.patch) == 3, f"patch must be 3 integers (got {self.patch})"),
+            (self.patch is None or (len(self.patch) == 3 and min(self.patch) >= 1),
+             f"patch must be 3 integers >= 1 (got {self.patch})"),
+            (self.workers >= 0 and self.steps_per_epoch >= 0 and self.val_every >= 1,
+             f"workers and steps per epoch must be >= 0 and val_every >= 1 "
+             f"(got {self.workers}, {self.steps_per_epoch}, {self.val_every})"),
+            (self.max_minutes >= 0 and self.weight_decay >= 0,
+             f"max_minutes and weight decay must be >= 0 (got {self.max_minutes}, {self.weight_decay})"),
         ]
         for ok, message in checks:
             if not ok:

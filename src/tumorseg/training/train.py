@@ -232,6 +232,13 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         history, best, best_epoch, start = state["history"], state["best_metric"], state["best_epoch"], state["epoch"]
         clock["spent"] = sum(row["seconds"] for row in history)
         set_rng_state(state["rng"])
+        if start >= config.epochs:
+            raise TumorsegError(f"{run_dir / 'last.pt'} already holds epoch {start}: give --epochs above {start} "
+                                "to train on")
+        if any(state["config"].get(k) != getattr(config, k) for k in ("epochs", "max_minutes")):
+            # a longer run: the schedule continues from its new curve, not from the old one's last (decayed) rate
+            for group, base, rate in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * rate(scheduler.last_epoch)
     net = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) if ctx.distributed else model
     transform = train_transform(patch, manifest["settings"]["crop_size"], config.augment, config.fg_ratio)
     loader = make_loader(PreparedDataset(prepared_dir, train_ids, transform), config.batch_size, True, config.seed,
@@ -285,7 +292,11 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
                 break
     except KeyboardInterrupt:
         if ctx.is_main:
-            print(f"interrupted: {run_dir / 'last.pt'} holds epoch {saved}; continue with --resume", file=sys.stderr)
+            last = run_dir / "last.pt"  # written last when an epoch is saved: an interrupt may fall before it
+            print(f"interrupted: {last} holds epoch {saved}; continue with --resume" if saved else
+                  f"interrupted: continue from {last} with --resume" if last.is_file() else
+                  "interrupted before the first epoch was saved: nothing to resume; start the run again",
+                  file=sys.stderr)
         raise
     except (TumorsegError, torch.cuda.OutOfMemoryError) as exc:  # a diverging run, a full disk, GPU memory
         reason = exc if isinstance(exc, TumorsegError) else (
