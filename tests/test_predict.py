@@ -309,8 +309,13 @@ def test_torchrun_splits_the_cases_over_ranks(raw, ckpt, tmp_path):
     assert proc.stdout.count("predicted 1 case(s)") == 2  # each rank one case: each case exactly once
     for path in single.written:
         assert np.array_equal(nib.load(path).get_fdata(), nib.load(tmp_path / "ddp" / path.name).get_fdata())
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert again.returncode == 0 and again.stdout.count("predicted 0 case(s) into") == 2  # a re-run skips
+    again = subprocess.run([*cmd, "--report"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("predicted 0 case(s) into") == 2  # a re-run skips
+    # the report waits for every rank and is written once, by rank 0, over all the cases
+    rows = (tmp_path / "ddp/report/volumes.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(single.written) and again.stdout.count("report") <= 1
     assert not [p for p in (tmp_path / "ddp").iterdir() if p.name.startswith(".tmp")]
 
 

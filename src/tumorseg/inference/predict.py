@@ -14,6 +14,7 @@ The header's description records the convention for `evaluate`.
 from __future__ import annotations
 
 import contextlib
+from datetime import timedelta
 import importlib.util
 import os
 import sys
@@ -541,8 +542,27 @@ def predict(
                     result.failed[case.case_id] = _failure(case, exc)
                     bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)
         bar.close()
-    if report and (result.written or result.skipped):
+    if report and _last_to_finish() and (result.written or result.skipped or _rank_world()[1] > 1):
         from ..report import report as write_report  # matplotlib only when asked for
 
         result.report = write_report(out_dir, images=input_dir, out=out_dir / "report", progress=progress).index
     return result
+
+
+def _last_to_finish(timeout: timedelta = timedelta(days=1)) -> bool:
+    """Under torchrun, wait until every rank has predicted its share, then True on rank 0 alone
+    (one report of all the cases, not one per rank fighting over its folder); True otherwise.
+
+    Prediction needs no process group; one is made here, on gloo (any machine), only to meet."""
+    rank, world = _rank_world()
+    if world == 1:
+        return True
+    import torch.distributed as dist
+
+    made = not dist.is_initialized()
+    if made:
+        dist.init_process_group("gloo", timeout=timeout)  # joining is the meeting: it waits for every rank
+    dist.barrier()
+    if made:
+        dist.destroy_process_group()
+    return rank == 0
