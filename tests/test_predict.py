@@ -11,7 +11,7 @@ from torch import nn
 from tumorseg.cli import build_parser
 from tumorseg.errors import TumorsegError
 from tumorseg.inference import Predictor, predict, predict_case
-from tumorseg.inference.predict import inference_box, network_input
+from tumorseg.inference.predict import check_window, inference_box, network_input
 from tumorseg.layouts import discover_cases
 from tumorseg.labels import RAW_LABELS, to_raw_labels
 from tumorseg.networks import build_network, network_spec
@@ -356,9 +356,10 @@ def test_window_validated_and_clipped_to_the_box():
     predictor = Predictor(nn.Identity(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, window=(64, 48, 256))
     assert predictor.roi((48, 56, 40)) == (48, 48, 40)  # larger than the box: the box
     assert Predictor(nn.Identity(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8).roi((48, 56, 40)) == (32, 32, 32)
-    for bad in ((60, 64, 64), (0, 64, 64), (64, 64)):
+    for bad in ((60, 64, 64), (0, 64, 64), (64, 64), 60):
         with pytest.raises(TumorsegError, match="multiples of 8"):
             Predictor(nn.Identity(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, window=bad)
+    assert check_window(48, 8) == (48, 48, 48)  # one size for all axes, as `--window N`
 
 
 def test_window_sets_the_network_calls(raw, tmp_path, monkeypatch):

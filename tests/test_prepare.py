@@ -227,3 +227,10 @@ def test_spacing_defaults_to_the_datas_median_and_is_recorded(tmp_path):
     assert record["network_shape"] == [48, 48, 40] and record["spacing"] == [2.0, 2.0, 2.0]
     mask = np.load(tmp_path / "fine/masks/c0.npy")
     assert set(np.unique(mask).tolist()) <= {0, 1, 2, 3} and 3 in mask  # nearest neighbour: labels never blended
+
+
+def test_config_takes_channels_as_the_cli_writes_them():
+    assert PrepareConfig(channels="all").channels == ("t1", "t1ce", "t2", "flair")
+    assert PrepareConfig(channels="T2, flair").channels == ("t2", "flair")
+    with pytest.raises(TumorsegError, match="bad channels t2,pd"):
+        PrepareConfig(channels="t2,pd")

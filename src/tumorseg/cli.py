@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import TumorsegError
+from .labels import parse_channels
 from .layouts import LAYOUTS
 
 
@@ -43,12 +44,6 @@ def _floats(n: int):
         return values
 
     return parse
-
-
-def _channels(text: str) -> tuple[str, ...]:
-    from .labels import MODALITIES
-
-    return MODALITIES if text == "all" else tuple(c.strip().lower() for c in text.split(",") if c.strip())
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -190,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", type=Path, help="BraTS download, folder of case folders, or one case folder")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--recipe", help="take the settings of a named recipe (seed, brats-cpu, brats-gpu); flags override")
-    p.add_argument("--channels", type=_channels, help="comma list or 'all' (default: t2,t1ce,flair)")
+    p.add_argument("--channels", type=parse_channels, help="comma list or 'all' (default: t2,t1ce,flair)")
     p.add_argument("--norm", choices=("minmax", "zscore"), help="default minmax")
     p.add_argument("--crop", type=_ints(3), metavar="X,Y,Z", help="default 128,128,128")
     p.add_argument("--crop-mode", choices=("fixed", "brain"), help="default fixed (the seed's window)")

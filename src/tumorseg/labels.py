@@ -52,6 +52,11 @@ REGION_NAMES: dict[str, str] = {
 }
 
 
+def parse_channels(text: str) -> tuple[str, ...]:
+    """"all" or a comma list ("t2, T1CE,flair") -> modality names, as given (checked by their users)."""
+    return MODALITIES if text.strip().lower() == "all" else tuple(c.strip().lower() for c in text.split(",") if c.strip())
+
+
 def canonical_modality(name: str) -> str | None:
     """'T1w', 't1gd', 'FLAIR', 't2f', ... -> 't1', 't1ce', 'flair', ...; None if unknown."""
     return MODALITY_ALIASES.get(re.sub(r"[\s_]", "", name.strip().lower()))

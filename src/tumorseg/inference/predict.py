@@ -180,10 +180,12 @@ class Predictor:
         )
 
 
-def check_window(window: Sequence[int] | None, divisor: int) -> tuple[int, int, int] | None:
-    """`window` as three ints, or one line saying why it cannot be a sliding window for this network."""
+def check_window(window: int | Sequence[int] | None, divisor: int) -> tuple[int, int, int] | None:
+    """`window` (one size for all three axes, or three) as three ints, or one line saying why it
+    cannot be a sliding window for this network."""
     if window is None:
         return None
+    window = (window,) * 3 if isinstance(window, int) else tuple(window)
     if len(window) != 3 or any(int(w) < 1 or int(w) % divisor for w in window):
         raise TumorsegError(f"window must be three positive multiples of {divisor} (the network's downsampling), "
                             f"got {tuple(window)}")

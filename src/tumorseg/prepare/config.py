@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from ..errors import TumorsegError
-from ..labels import CAVITY_MODES, MODALITIES, SEED_CHANNELS
+from ..labels import CAVITY_MODES, MODALITIES, SEED_CHANNELS, parse_channels
 from .crop import CROP_MODES
 from .scaling import NORMS
 
@@ -41,6 +41,8 @@ class PrepareConfig:
     cavity: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.channels, str):  # the API takes what the CLI does: "all" or "t1,flair"
+            object.__setattr__(self, "channels", parse_channels(self.channels))
         bad = [c for c in self.channels if c not in MODALITIES]
         if bad or not self.channels or len(set(self.channels)) != len(self.channels):
             raise TumorsegError(
