@@ -202,3 +202,24 @@ def test_loss_guard_skips_broken_losses_and_stops_a_diverging_run():
     assert guard.skipped == 4 and guard.in_a_row == 2  # a finite loss resets the run of bad ones
     with pytest.raises(TumorsegError, match="NaN or infinite in 3 steps in a row"):
         guard.allows(float("nan"), ctx, 7)
+
+
+@pytest.mark.parametrize("damage", ["list", "no settings", "no split", "crop", "channels"])
+def test_a_damaged_manifest_is_one_line_naming_it(prepared, tmp_path, damage):
+    import json
+    import shutil
+
+    copy = tmp_path / "prep"
+    shutil.copytree(prepared, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if damage == "list":
+        manifest = [manifest]
+    elif damage in ("no settings", "no split"):
+        del manifest[damage.split()[1]]
+    elif damage == "crop":
+        manifest["settings"]["crop_size"] = "abc"
+    else:
+        manifest["settings"]["channels"] = ["t2", "pd"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TumorsegError, match=r"manifest.json: (damaged manifest|not a tumorseg manifest)"):
+        train(copy, tmp_path / "run", TrainConfig(epochs=1, **TINY), progress=False)

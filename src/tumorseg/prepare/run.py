@@ -182,6 +182,14 @@ def load_manifest(prepared_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as exc:
         raise TumorsegError(f"{path}: corrupt manifest ({exc})") from None
-    if manifest.get("format") != "tumorseg-prepared-v1":
+    if not isinstance(manifest, dict) or manifest.get("format") != "tumorseg-prepared-v1":
         raise TumorsegError(f"{path}: not a tumorseg manifest")
+    try:  # hand-edited or damaged: one line now, not an error deep inside training
+        PrepareConfig.from_dict(manifest["settings"])
+        if not all(isinstance(manifest["split"][k], list) for k in ("train", "val")):
+            raise TypeError("split train and val must be lists of case ids")
+    except TumorsegError as exc:
+        raise TumorsegError(f"{path}: damaged manifest ({exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise TumorsegError(f"{path}: damaged manifest ({type(exc).__name__}: {exc})") from None
     return manifest
