@@ -86,8 +86,9 @@ def test_resume_with_more_epochs_continues_the_schedule_on_its_new_curve(prepare
     resumed = train(prepared, tmp_path / "run", TrainConfig(epochs=4, **cfg), resume=True, progress=False)
     rates = [row["lr"] for row in resumed.history]
     assert rates[2] == pytest.approx(1e-2 * (1 - 2 / 4) ** 0.9) and rates[3] == pytest.approx(1e-2 * (1 - 3 / 4) ** 0.9)
+    assert len(train(prepared, tmp_path / "run", TrainConfig(epochs=4, **cfg), resume=True, progress=False).history) == 4
     with pytest.raises(TumorsegError, match="already holds epoch 4: give --epochs above 4"):
-        train(prepared, tmp_path / "run", TrainConfig(epochs=4, **cfg), resume=True, progress=False)
+        train(prepared, tmp_path / "run", TrainConfig(epochs=3, **cfg), resume=True, progress=False)
 
 
 def test_ctrl_c_before_any_epoch_is_saved_says_there_is_nothing_to_resume(prepared, tmp_path, monkeypatch, capsys):

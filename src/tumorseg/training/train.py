@@ -232,7 +232,7 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         history, best, best_epoch, start = state["history"], state["best_metric"], state["best_epoch"], state["epoch"]
         clock["spent"] = sum(row["seconds"] for row in history)
         set_rng_state(state["rng"])
-        if start >= config.epochs:
+        if start > config.epochs:  # equal: a finished run, nothing left to do (a re-run demo)
             raise TumorsegError(f"{run_dir / 'last.pt'} already holds epoch {start}: give --epochs above {start} "
                                 "to train on")
         if any(state["config"].get(k) != getattr(config, k) for k in ("epochs", "max_minutes")):
@@ -250,7 +250,8 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         write_text(run_dir / "config.yaml", _config_yaml(config, prepared_dir))
         print(f"training {spec['name']} on {len(train_ids)} cases ({len(val_ids)} validation), patch {patch}, "
               f"{describe(ctx.device, config.amp, amp_dtype)}{f' x{ctx.world_size}' if ctx.distributed else ''}, "
-              f"epochs {start + 1}-{config.epochs}", file=sys.stderr)
+              f"epochs {start + 1}-{config.epochs}" if start < config.epochs else
+              f"all {config.epochs} epochs already done", file=sys.stderr)
     guard, saved = LossGuard(), start  # saved: the epoch last.pt holds
     try:
         for epoch in range(start, config.epochs):
