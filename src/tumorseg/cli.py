@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flip test-time augmentation (default: as the checkpoint says)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     p.add_argument("--window", type=_ints(3), metavar="X,Y,Z",
-                   help="sliding-window size, one number for a cube (default: the training patch; larger than the brain: one window over it)")
+                   help="sliding-window size, one number for a cube, multiples of the network's downsampling (16 "
+                        "for the recipes; default: the training patch; larger than the brain: one window over it)")
     p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
                    help="what runs the network (auto: ONNX Runtime on the CPU for networks it runs faster, else PyTorch)")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
