@@ -549,6 +549,12 @@ def test_bids_sessions_contrast_entity_derivatives_and_ambiguous_runs(layouts, t
     assert pre.seg is None and "several tumour segmentations" in pre.seg_note and "rater2" in pre.seg_note
 
 
+def test_visits_of_one_patient_in_folders_of_their_own_stay_apart(tmp_path):
+    for visit in ("P001_pre", "P001_post"):
+        _touch(tmp_path / visit, *(f"P001_{m}.nii.gz" for m in MODALITIES))
+    assert [c.case_id for c in discover_cases(tmp_path)] == ["P001_post", "P001_pre"]
+
+
 def test_ucsf_pdgm_truth_alone_in_case_folders_or_one_flat_folder(tmp_path):
     cids = ("UCSF-PDGM-0004", "UCSF-PDGM-0005")
     for cid in cids:

@@ -78,6 +78,9 @@ def test_prepared_case(tmp_path):
     assert np.array_equal(load_prediction(pred, load_case(image)), mask)
     np.save(tmp_path / "brats.npy", to_raw_labels(mask))  # BraTS numbers (ET 4) are converted
     assert np.array_equal(load_prediction(tmp_path / "brats.npy", load_case(image)), mask)
+    kept = np.where(mask == 3, 4, mask)  # a prepared mask with the cavity kept (4) and no ET: as it is
+    np.save(tmp_path / "prep" / "masks" / "case_p1.npy", kept)
+    assert np.array_equal(load_case(image).truth, kept)
     out = save_case_plot(image, pred, tmp_path / "p.png")
     assert png_size(out) == expected_size(3, 3 + 2)  # T2, T1CE, FLAIR + truth + prediction
     # a full-size NIfTI prediction is cropped with the manifest's crop box

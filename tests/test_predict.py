@@ -359,7 +359,7 @@ def test_window_validated_and_clipped_to_the_box():
     for bad in ((60, 64, 64), (0, 64, 64), (64, 64), 60):
         with pytest.raises(TumorsegError, match="multiples of 8"):
             Predictor(nn.Identity(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, window=bad)
-    assert check_window(48, 8) == (48, 48, 48)  # one size for all axes, as `--window N`
+    assert check_window(48, 8) == check_window(np.int64(48), 8) == (48, 48, 48)  # one size for all axes
 
 
 def test_window_sets_the_network_calls(raw, tmp_path, monkeypatch):

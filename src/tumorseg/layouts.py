@@ -61,6 +61,7 @@ EXPECTED = ("BraTS case folders (<case>_{t1,t1ce,t2,flair}.nii[.gz] or <case>-{t
             "or an MSD / nnU-Net dataset (dataset.json with imagesTr/)")
 _BRATS_SUFFIX_RE = re.compile(r"[_-](?P<key>[A-Za-z0-9]+)$")
 PLAIN_SEG_STEMS: tuple[str, ...] = ("seg", "segmentation", "label", "labels")
+FOLDER_WRAPPERS: tuple[str, ...] = ("_nifti",)  # `<case>_nifti/` (UCSF-PDGM) names the case `<case>`
 _SEG_FILE_SUFFIX_RE = re.compile(r"([_-]segm?|_tumou?r_segmentation)$", re.IGNORECASE)  # after a case id
 TUMOUR_SEG_SUFFIXES: tuple[str, ...] = ("_tumor_segmentation", "_tumour_segmentation")  # UCSF-PDGM
 # BIDS: sub-<label>[_<entity>-<label>...]_<suffix>; T1w with a `ce-` entity is the contrast-enhanced T1.
@@ -153,9 +154,10 @@ def _brats_cases(folder: Path, files: list[Path], need_images: bool) -> list[Cas
     if len(with_images) > 1:  # segmentation-only names alone stay `_label_files`' flat folder
         found = [_brats_case(folder, group, need_images, case_id) for case_id, group in groups.items()]
         return [case for case in found if case is not None]
-    # One case: named as its files are where the folder adds to that (UCSF-PDGM's `<case>_nifti/`).
+    # One case: named as its files are where the folder only wraps them (UCSF-PDGM's `<case>_nifti/`);
+    # `P001_pre/` and `P001_post/` holding `P001_t1` ... stay two cases.
     prefix = next(iter(with_images or groups), "") if len(with_images or groups) == 1 else ""
-    case_id = prefix if prefix and folder.name != prefix and folder.name.startswith(prefix) else None
+    case_id = prefix if prefix and folder.name in (f"{prefix}{w}" for w in FOLDER_WRAPPERS) else None
     case = _brats_case(folder, files, need_images, case_id)
     return [case] if case is not None else None
 

@@ -14,6 +14,7 @@ The header's description records the convention for `evaluate`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from datetime import timedelta
 import importlib.util
 import os
@@ -185,7 +186,7 @@ def check_window(window: int | Sequence[int] | None, divisor: int) -> tuple[int,
     cannot be a sliding window for this network."""
     if window is None:
         return None
-    window = (window,) * 3 if isinstance(window, int) else tuple(window)
+    window = (window,) * 3 if np.ndim(window) == 0 else tuple(window)
     if len(window) != 3 or any(int(w) < 1 or int(w) % divisor for w in window):
         raise TumorsegError(f"window must be three positive multiples of {divisor} (the network's downsampling), "
                             f"got {tuple(window)}")
@@ -544,27 +545,40 @@ def predict(
                     result.failed[case.case_id] = _failure(case, exc)
                     bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)
         bar.close()
-    if report and _last_to_finish() and (result.written or result.skipped or _rank_world()[1] > 1):
+    # Under torchrun every rank waits for all (an early exit would make torchrun stop the others),
+    # and the report, of all the cases, is rank 0's alone.
+    _meet("predicted")
+    if report and _rank_world()[0] == 0:
+        from ..evaluation.evaluate import find_predictions
         from ..report import report as write_report  # matplotlib only when asked for
 
-        result.report = write_report(out_dir, images=input_dir, out=out_dir / "report", progress=progress).index
+        if find_predictions(out_dir)[0]:  # every case failed: their lines say why, no empty report
+            result.report = write_report(out_dir, images=input_dir, out=out_dir / "report", progress=progress).index
+    _meet("reported")
     return result
 
 
-def _last_to_finish(timeout: timedelta = timedelta(days=1)) -> bool:
-    """Under torchrun, wait until every rank has predicted its share, then True on rank 0 alone
-    (one report of all the cases, not one per rank fighting over its folder); True otherwise.
+def _meet(step: str, timeout: timedelta = timedelta(days=1)) -> None:
+    """Under torchrun, wait until every rank has reached `step` (nothing otherwise).
 
-    Prediction needs no process group; one is made here, on gloo (any machine), only to meet."""
+    Prediction makes no process group: the ranks meet on torchrun's own key-value store, with a
+    key of their own per meeting (no group to set up, tear down or share with a caller's NCCL)."""
     rank, world = _rank_world()
     if world == 1:
-        return True
+        return
     import torch.distributed as dist
 
-    made = not dist.is_initialized()
-    if made:
-        dist.init_process_group("gloo", timeout=timeout)  # joining is the meeting: it waits for every rank
-    dist.barrier()
-    if made:
-        dist.destroy_process_group()
-    return rank == 0
+    try:
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it; else rank 0
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and not agent, timeout=timeout)
+        key = f"tumorseg/predict/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_MEETINGS)}/{step}"
+        if store.add(key, 1) == world:
+            store.set(f"{key}/all", "1")
+        store.wait([f"{key}/all"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise TumorsegError(f"RANK and WORLD_SIZE are set but the ranks cannot meet ({type(exc).__name__}: {exc}): "
+                            "start several processes with torchrun") from None
+
+
+_MEETINGS = itertools.count()

@@ -214,7 +214,7 @@ def _load_prepared(path: Path) -> CaseImages:
     truth = None
     mask_path = root / "masks" / path.name
     if mask_path.is_file():
-        truth = _npy_to_labels(_load_npy(mask_path), mask_path)
+        truth = _npy_to_labels(_load_npy(mask_path), mask_path, prepared=True)
         if truth.shape != image.shape[1:]:
             raise TumorsegError(f"{mask_path}: shape {truth.shape} differs from the image's {image.shape[1:]}")
     return CaseImages(
@@ -275,9 +275,12 @@ def raw_to_labels(seg: np.ndarray, where, labels: LabelConvention = BRATS2020) -
     return labels.to_training(seg, cavity="keep")
 
 
-def _npy_to_labels(mask: np.ndarray, where) -> np.ndarray:
-    """Training labels (0..3, as `prepare` writes masks) as they are; BraTS 2020 labels (a 4) converted."""
+def _npy_to_labels(mask: np.ndarray, where, prepared: bool = False) -> np.ndarray:
+    """Training labels as they are: a `prepared` mask (0..3, 4 the kept resection cavity), or an
+    array without a 4; an array with a 4 but no 3 holds BraTS 2020 labels, converted."""
     values = set(np.unique(mask).tolist())
+    if prepared and values <= {0, 1, 2, 3, 4}:
+        return np.asarray(mask, dtype=np.uint8)
     if not values <= {0, 1, 2, 3, 4} or {3, 4} <= values:
         raise TumorsegError(
             f"{where}: labels {sorted(values)} are neither training (0..3) nor BraTS (0, 1, 2, 4) labels"

@@ -76,7 +76,8 @@ class PrepareConfig:
         if unknown:
             raise TumorsegError(f"unknown prepare setting(s) {', '.join(unknown)}")
         spacing = d.get("spacing")
-        return cls(**{**d, "channels": tuple(d["channels"]), "crop_size": tuple(d["crop_size"]),
+        channels = d["channels"] if isinstance(d["channels"], str) else tuple(d["channels"])  # "all" as the CLI
+        return cls(**{**d, "channels": channels, "crop_size": tuple(d["crop_size"]),
                       "spacing": tuple(float(s) for s in spacing) if spacing is not None else None})
 
     def case_settings(self) -> dict:

@@ -235,10 +235,10 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         if start > config.epochs:  # equal: a finished run, nothing left to do (a re-run demo)
             raise TumorsegError(f"{run_dir / 'last.pt'} already holds epoch {start}: give --epochs above {start} "
                                 "to train on")
-        if any(state["config"].get(k) != getattr(config, k) for k in ("epochs", "max_minutes")):
-            # a longer run: the schedule continues from its new curve, not from the old one's last (decayed) rate
-            for group, base, rate in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                group["lr"] = base * rate(scheduler.last_epoch)
+        # The rate of the next epoch on this run's curve: the saved one unless epochs, budget or
+        # schedule changed (a longer run must not start from the old curve's last, decayed rate).
+        for group, base, rate in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * rate(scheduler.last_epoch)
     net = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) if ctx.distributed else model
     transform = train_transform(patch, manifest["settings"]["crop_size"], config.augment, config.fg_ratio)
     loader = make_loader(PreparedDataset(prepared_dir, train_ids, transform), config.batch_size, True, config.seed,
