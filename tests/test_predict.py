@@ -315,8 +315,28 @@ def test_torchrun_splits_the_cases_over_ranks(raw, ckpt, tmp_path):
     assert again.stdout.count("predicted 0 case(s) into") == 2  # a re-run skips
     # the report waits for every rank and is written once, by rank 0, over all the cases
     rows = (tmp_path / "ddp/report/volumes.csv").read_text().splitlines()
-    assert len(rows) == 1 + len(single.written) and again.stdout.count("report") <= 1
+    assert [r.split(",")[0] for r in rows[1:]] == sorted(p.name.split(".")[0] for p in single.written)
     assert not [p for p in (tmp_path / "ddp").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_torchrun_rank_with_a_failed_case_waits_for_the_others_report(raw, ckpt, tmp_path):
+    """Rank 1's only case is broken: it exits 1, but only once rank 0 has predicted and reported
+    (torchrun stops every rank when one exits non-zero)."""
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    shutil.copytree(raw, data)
+    broken = write_case(data, "d1")  # sorted c0, d1, v1: rank 0 gets c0 and v1, rank 1 d1
+    (broken / "d1_t2.nii.gz").write_bytes(b"not a scan")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tumorseg.cli", "predict", str(ckpt), str(data), str(tmp_path / "out"), "--device", "cpu", "--report"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "d1_t2.nii.gz" in proc.stderr
+    assert "rank 0: predicted 2 case(s)" in proc.stdout and "rank 1: predicted 0 case(s)" in proc.stdout, proc.stdout
+    rows = (tmp_path / "out/report/volumes.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["c0", "v1"]
 
 
 def test_flip_uncertainty_zero_where_flips_agree_highest_where_they_disagree():

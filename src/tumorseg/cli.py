@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, metavar="DIR", help="report folder (default PRED_DIR/report)")
     p.add_argument("--pred-labels", choices=("brats2020", "brats2023", "msd"),
                    help="the predictions' label convention (default: the tag predict writes, else the images' "
-                        "or the truth's dataset's, else guessed from the values; said in the case's warnings)")
+                        "or the truth's dataset's, else guessed from the values; said in the case's notes)")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -62,8 +62,8 @@ EXPECTED = ("BraTS case folders (<case>_{t1,t1ce,t2,flair}.nii[.gz] or <case>-{t
 _BRATS_SUFFIX_RE = re.compile(r"[_-](?P<key>[A-Za-z0-9]+)$")
 PLAIN_SEG_STEMS: tuple[str, ...] = ("seg", "segmentation", "label", "labels")
 FOLDER_WRAPPERS: tuple[str, ...] = ("_nifti",)  # `<case>_nifti/` (UCSF-PDGM) names the case `<case>`
-_SEG_FILE_SUFFIX_RE = re.compile(r"([_-]segm?|_tumou?r_segmentation)$", re.IGNORECASE)  # after a case id
 TUMOUR_SEG_SUFFIXES: tuple[str, ...] = ("_tumor_segmentation", "_tumour_segmentation")  # UCSF-PDGM
+_SEG_FILE_SUFFIX_RE = re.compile(rf"([_-]segm?|{'|'.join(TUMOUR_SEG_SUFFIXES)})$", re.IGNORECASE)  # after a case id
 # BIDS: sub-<label>[_<entity>-<label>...]_<suffix>; T1w with a `ce-` entity is the contrast-enhanced T1.
 _BIDS_RE = re.compile(r"^(?P<sub>sub-[A-Za-z0-9]+)(?P<entities>(?:_[A-Za-z]+-[A-Za-z0-9]+)*)_(?P<suffix>[A-Za-z0-9]+)$")
 BIDS_DESCRIPTION = "dataset_description.json"
@@ -146,7 +146,8 @@ def _brats_cases(folder: Path, files: list[Path], need_images: bool) -> list[Cas
     groups: dict[str, list[Path]] = {}
     with_images: set[str] = set()
     for path in files:
-        key = _case_key(_stem(path)) if canonical_modality(_stem(path)) is None else None
+        stem = _stem(path)
+        key = _case_key(stem) if canonical_modality(stem) is None else None
         if key is not None:
             groups.setdefault(key[0], []).append(path)
             if key[1] != "seg":
@@ -321,7 +322,7 @@ def _bids_cases(folder: Path, files: list[Path]) -> list[Case] | None:
     for path, m in parsed:
         if m is None:
             continue
-        entities = dict(e.split("-", 1) for e in m["entities"].split("_") if e)
+        entities = _bids_entities(m)
         cid = m["sub"] + (f"_ses-{entities['ses']}" if "ses" in entities else "")
         suffix = m["suffix"]
         kind = ("seg" if _bids_tumour_seg(m) else None) if suffix.lower() == BIDS_SEG_SUFFIX else canonical_modality(suffix)
@@ -335,10 +336,10 @@ def _bids_cases(folder: Path, files: list[Path]) -> list[Case] | None:
         picked = {kind: paths[0] for kind, paths in kinds.items()}
         conflicts = {kind: why for kind, paths in kinds.items()
                      if (why := _several_scans(folder, cid, kind, paths)) is not None}
-        seg, note = (segs[0], None) if len({_stem(p) for p in segs}) == 1 else (None, None)
-        if len(segs) > 1 and seg is None:
-            note = (f"{cid}: several tumour segmentations ({', '.join(str(p) for p in segs)}): none taken; "
-                    "keep one")
+        seg = segs[0] if len({_stem(p) for p in segs}) == 1 else None
+        note = None
+        if seg is None and segs:
+            note = f"{cid}: several tumour segmentations ({', '.join(map(str, segs))}): none taken; keep one"
         cases.append(Case(cid, folder, picked, seg, note, "bids", BRATS2020, conflicts=conflicts))
     return cases
 
@@ -352,9 +353,14 @@ def _several_scans(folder: Path, case_id: str, kind: str, paths: list[Path]) -> 
     return f"{case_id}: several {kind} files in {folder} ({', '.join(stems)}); keep one per modality"
 
 
+def _bids_entities(m: re.Match) -> dict[str, str]:
+    """A BIDS name's key-value entities (`ses`, `ce`, `desc`, ...)."""
+    return dict(e.split("-", 1) for e in m["entities"].split("_") if e)
+
+
 def _bids_tumour_seg(m: re.Match) -> bool:
     """A BIDS `_dseg` that says it is a tumour segmentation (`desc-tumor`, `label-tumour`, ...)."""
-    entities = dict(e.split("-", 1) for e in m["entities"].split("_") if e)
+    entities = _bids_entities(m)
     return any(entities.get(k, "").lower() in ("tumor", "tumour") for k in ("desc", "label"))
 
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from ..evaluation.metrics import region_dice_from_labels
 from ..labels import CAVITY_CLASS
+from ..prepare.crop import largest_component
 
 ET_LABEL = 3  # training label of enhancing tumour (raw BraTS label 4)
 NECROSIS_LABEL = 1
@@ -56,12 +56,11 @@ def keep_largest_tumour(labels: np.ndarray) -> np.ndarray:
     Returns `labels` itself when there is at most one component, else a cleaned copy.
     """
     tumour = (labels > 0) & (labels != CAVITY_CLASS)  # a kept resection cavity is not tumour
-    components, count = ndimage.label(tumour, structure=np.ones((3, 3, 3), dtype=bool))
-    if count <= 1:
+    largest = largest_component(tumour, connectivity=3)
+    if largest is None:
         return labels
-    largest = 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
     out = labels.copy()
-    out[(components != largest) & (components > 0)] = 0
+    out[tumour & ~largest] = 0
     return out
 
 

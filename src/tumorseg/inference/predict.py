@@ -14,13 +14,13 @@ The header's description records the convention for `evaluate`.
 from __future__ import annotations
 
 import contextlib
-import itertools
-from datetime import timedelta
 import importlib.util
+import itertools
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Iterator, NamedTuple

@@ -15,7 +15,7 @@ CROP_MODES: tuple[str, ...] = ("fixed", "brain")
 Box = tuple[tuple[int, int], ...]
 
 
-ZERO_BACKGROUND_SHARE = 0.1  # skull-stripped BraTS scans are ~85 % exact 0; a box cut tight round a brain ~45 %
+ZERO_BACKGROUND_SHARE = 0.1  # the real sample scans are 81-87 % exact 0, cut to their brain's box 50-59 %
 
 
 def background(volume: np.ndarray) -> tuple[float, float] | None:
@@ -26,7 +26,8 @@ def background(volume: np.ndarray) -> tuple[float, float] | None:
     0. The level is the median of the volume's six faces and the tolerance the 99th percentile of
     their distance from it; exact zeros there are left out (resampling pads with them).
     """
-    if volume.ndim != 3 or 0 in volume.shape or np.count_nonzero(volume == 0) >= ZERO_BACKGROUND_SHARE * volume.size:
+    zeros = volume.size - np.count_nonzero(volume)  # no volume-sized temporary
+    if volume.ndim != 3 or 0 in volume.shape or zeros >= ZERO_BACKGROUND_SHARE * volume.size:
         return None
     faces = np.concatenate([np.take(volume, [0, -1], axis=a).ravel() for a in range(3)])
     off = faces[faces != 0].astype(np.float64)
@@ -53,13 +54,19 @@ def brain_mask(volumes: list[np.ndarray]) -> np.ndarray:
         else:
             mask |= brain
             shifted = True
-    if shifted:
-        from scipy.ndimage import label
+    largest = largest_component(mask) if shifted else None
+    return mask if largest is None else largest
 
-        parts, n = label(mask)
-        if n > 1:
-            mask = parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1
-    return mask
+
+def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray | None:
+    """The largest connected part of a 3-D `mask` (`connectivity` 1: through faces; 3: also edges and
+    corners, 26-connected), or None when it has at most one part."""
+    from scipy import ndimage
+
+    parts, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, connectivity))
+    if count <= 1:
+        return None
+    return parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
 
 
 def bounding_box(mask: np.ndarray) -> Box | None:

@@ -65,14 +65,14 @@ def report(
     Args:
         pred_dir: folder of `<case>.nii.gz` label maps (and optional `<case>_uncertainty.nii.gz`).
         images: the cases' dataset (any layout `layouts.discover_cases` finds): the views show
-            the modalities, the brain-mask edge is checked, and unlabelled predictions take its
-            label convention. None: labels on black, BraTS 2020 labels unless tagged.
+            the modalities, the brain-mask edge is checked, and untagged predictions take its
+            label convention. None: labels on black.
         gt: ground truth for the BraTS metrics per case (as `tumorseg evaluate` takes it).
         out: report folder; default `pred_dir/report`.
         progress: show a progress bar over the cases.
         pred_labels: the predictions' label convention ("brats2020", "brats2023", "msd"); None: each
             prediction's header tag, else its images' or its truth's dataset's, else a guess from its
-            values, the last three said in the case's warnings (`case.prediction_labels`).
+            values, the last three said in the case's notes (`case.prediction_labels`).
 
     Raises:
         TumorsegError: a folder is missing or holds no predictions (a bad case only fails itself).

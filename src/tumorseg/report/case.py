@@ -65,37 +65,37 @@ def report_case(
     case_id: str,
     prediction: Volume,
     images: Case | None,
-    labels: tuple[LabelConvention, str | None],
+    reading: tuple[LabelConvention, str | None],
     uncertainty: Path | None,
     figure_dir: Path,
 ) -> CaseReport:
-    """Measure and draw one prediction, read by the caller, in `labels` (`prediction_labels`); a bad
-    case raises `TumorsegError` naming it.
+    """Measure and draw one prediction, read by the caller, in the convention `reading` names with its
+    note (`prediction_labels`); a bad case raises `TumorsegError` naming it.
 
     The brain mask (`crop.brain_mask` of the images) and the whole-tumour mask are computed here once
     and handed to the measures, the checks and the figures.
     """
     path = prediction.path
-    conv, note = labels
+    conv, note = reading
     try:
         labels = raw_to_labels(prediction.data, path, conv)
     except TumorsegError as exc:
         raise TumorsegError(f"{exc}{f' ({note})' if note else ''}") from None
-    notes = []
+    moved = []
     if images is not None:
         data = replace(load_case(images), labels=conv)
         if data.shape != labels.shape:
             raise TumorsegError(f"{path}: prediction has shape {labels.shape}, "
                                 f"but the images of case {case_id} have {data.shape}")
         if not np.allclose(data.affine, prediction.affine, rtol=0, atol=AFFINE_ATOL_MM):
-            notes.append(f"the prediction's affine differs from its images' ({path.name}): "
+            moved.append(f"the prediction's affine differs from its images' ({path.name}): "
                          "measurements use the prediction's header")
     else:
         data = blank_case(case_id, path, labels, prediction.affine, conv)
     brain = brain_mask(list(data.images))  # as prediction saw it, a background off 0 included
     wt = whole_tumour(labels)
     measures = measure(labels, prediction.affine, conv, wt)
-    warnings = case_warnings(wt, measures, brain if images is not None else None) + notes
+    warnings = case_warnings(wt, measures, brain if images is not None else None) + moved
     unc_map, score = None, None
     if uncertainty is not None:
         try:

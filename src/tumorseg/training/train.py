@@ -250,8 +250,8 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         write_text(run_dir / "config.yaml", _config_yaml(config, prepared_dir))
         print(f"training {spec['name']} on {len(train_ids)} cases ({len(val_ids)} validation), patch {patch}, "
               f"{describe(ctx.device, config.amp, amp_dtype)}{f' x{ctx.world_size}' if ctx.distributed else ''}, "
-              f"epochs {start + 1}-{config.epochs}" if start < config.epochs else
-              f"all {config.epochs} epochs already done", file=sys.stderr)
+              + (f"epochs {start + 1}-{config.epochs}" if start < config.epochs else
+                 f"all {config.epochs} epochs already done"), file=sys.stderr)
     guard, saved = LossGuard(), start  # saved: the epoch last.pt holds
     try:
         for epoch in range(start, config.epochs):
