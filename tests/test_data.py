@@ -40,6 +40,20 @@ def test_missing_arrays_and_folder_are_clear_errors(prepared, tmp_path):
         split_ids(broken, "val")
 
 
+def test_mismatched_arrays_name_their_file(prepared, tmp_path):
+    import shutil
+
+    broken = tmp_path / "copy"
+    shutil.copytree(prepared, broken)
+    case = split_ids(prepared, "train")[0]
+    np.save(broken / "masks" / f"{case}.npy", np.zeros((32, 32, 20), np.uint8))  # a mask of another crop
+    with pytest.raises(TumorsegError, match=rf"masks/{case}.npy: mask of shape \(32, 32, 20\) does not match"):
+        PreparedDataset(broken, [case])[0]
+    with pytest.raises(TumorsegError, match=rf"images/{case}.npy: image array of shape \(3, 32, 32, 24\), expected \(4,"):
+        PreparedDataset(prepared, [case], channels=4)[0]
+    assert PreparedDataset(prepared, [case], channels=3)[0]["image"].shape[0] == 3
+
+
 def test_patches_and_augmentation_shapes(prepared):
     ds = PreparedDataset(prepared, split_ids(prepared, "train"), train_transform((16, 16, 16), (32, 32, 24), "heavy"))
     s = ds[1]

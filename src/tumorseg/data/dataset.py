@@ -39,12 +39,15 @@ class PreparedDataset(Dataset):
         case_ids: which cases (e.g. `split_ids(prepared_dir, "train")`).
         transform: optional MONAI dictionary transform applied to each sample; if it
             returns a list (patch samplers), the first element is used.
+        channels: the number of image channels the manifest names, checked on each case.
     """
 
-    def __init__(self, prepared_dir: str | Path, case_ids: list[str], transform: Callable | None = None) -> None:
+    def __init__(self, prepared_dir: str | Path, case_ids: list[str], transform: Callable | None = None,
+                 channels: int | None = None) -> None:
         self.root = Path(prepared_dir)
         self.case_ids = list(case_ids)
         self.transform = transform
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -56,12 +59,23 @@ class PreparedDataset(Dataset):
             label = np.load(self.root / "masks" / f"{case_id}.npy", mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise TumorsegError(f"{self.root}: cannot read arrays of {case_id} ({exc})") from None
+        self._check_shapes(case_id, image.shape, label.shape)
         # One copy out of the page cache; the arrays on disk are never written to.
         return {
             "image": torch.from_numpy(np.array(image, dtype=np.float32)),
             "label": torch.from_numpy(np.array(label, dtype=np.uint8)[None]),
             "case_id": case_id,
         }
+
+    def _check_shapes(self, case_id: str, image: tuple[int, ...], label: tuple[int, ...]) -> None:
+        """A hand-copied or mismatched array fails here, naming its file, not deep in a transform."""
+        path = self.root / "images" / f"{case_id}.npy"
+        if len(image) != 4 or (self.channels is not None and image[0] != self.channels):
+            want = f"({self.channels}, X, Y, Z)" if self.channels is not None else "(C, X, Y, Z)"
+            raise TumorsegError(f"{path}: image array of shape {image}, expected {want}")
+        if tuple(label) != tuple(image[1:]):
+            raise TumorsegError(f"{self.root / 'masks' / f'{case_id}.npy'}: mask of shape {label} does not match "
+                                f"its image's {image[1:]}")
 
     def __getitem__(self, index: int) -> dict:
         sample = self.load(index)

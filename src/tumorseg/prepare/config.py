@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from ..errors import TumorsegError
+from ..settings import typed_settings
 from ..labels import CAVITY_MODES, MODALITIES, SEED_CHANNELS, parse_channels
 from .crop import CROP_MODES
 from .scaling import NORMS
@@ -71,14 +72,11 @@ class PrepareConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PrepareConfig":
+    def from_dict(cls, d: dict, source: str = "prepare settings") -> "PrepareConfig":
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
             raise TumorsegError(f"unknown prepare setting(s) {', '.join(unknown)}")
-        spacing = d.get("spacing")
-        channels = d["channels"] if isinstance(d["channels"], str) else tuple(d["channels"])  # "all" as the CLI
-        return cls(**{**d, "channels": channels, "crop_size": tuple(d["crop_size"]),
-                      "spacing": tuple(float(s) for s in spacing) if spacing is not None else None})
+        return cls(**typed_settings(cls, d, source))
 
     def case_settings(self) -> dict:
         """The settings that change a case's arrays (the split does not), for resumability."""

@@ -32,6 +32,6 @@ def load_recipe(name: str) -> dict[str, dict[str, Any]]:
     if unknown:
         raise TumorsegError(f"recipe '{name}': unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
     prepare, train = values.get("prepare", {}), values.get("train", {})
-    PrepareConfig.from_dict({**PrepareConfig().to_dict(), **prepare})  # validates
+    PrepareConfig.from_dict({**PrepareConfig().to_dict(), **prepare}, source=f"recipe '{name}'")  # validates
     TrainConfig.from_dict(train, source=f"recipe '{name}'")
     return {"prepare": prepare, "train": train}

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..devices import AMP_MODES, DEVICES
 from ..errors import TumorsegError
+from ..settings import typed_settings
 
 TARGETS = ("labels", "regions")
 SCHEDULES = ("none", "cosine", "poly")
@@ -91,7 +92,7 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise TumorsegError(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        values = typed_settings(cls, values, source)
         try:
             return cls(**values)
         except TypeError as exc:

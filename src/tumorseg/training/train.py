@@ -241,9 +241,10 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
             group["lr"] = base * rate(scheduler.last_epoch)
     net = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) if ctx.distributed else model
     transform = train_transform(patch, manifest["settings"]["crop_size"], config.augment, config.fg_ratio)
-    loader = make_loader(PreparedDataset(prepared_dir, train_ids, transform), config.batch_size, True, config.seed,
-                         config.workers, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
-    val_set = PreparedDataset(prepared_dir, shard(val_ids, ctx.rank, ctx.world_size), eval_transform())
+    train_set = PreparedDataset(prepared_dir, train_ids, transform, spec["in_channels"])
+    loader = make_loader(train_set, config.batch_size, True, config.seed, config.workers, ctx.rank, ctx.world_size,
+                         pin_memory=ctx.device.type == "cuda")
+    val_set = PreparedDataset(prepared_dir, shard(val_ids, ctx.rank, ctx.world_size), eval_transform(), spec["in_channels"])
     loss_fn = build_loss(config.target, config.class_weights, classes=spec["out_channels"]).to(ctx.device)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,90 @@
+"""Settings read from files (YAML, TOML, JSON, a manifest) converted to their dataclass's types.
+
+YAML reads `lr: 1e-4` as a string and a hand-edited file may say `epochs: "10"` or
+`patch: 64,64,64`; each value is converted to its field's type here, or refused in one line
+naming the key, instead of failing later inside a comparison with a Python-worded message.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from typing import Any
+
+from .errors import TumorsegError
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def typed_settings(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` with each converted to the type of `cls`'s field of that name (unknown keys kept)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in hints:
+            out[key] = value
+            continue
+        try:
+            out[key] = _convert(value, hints[key])
+        except (TypeError, ValueError):
+            raise TumorsegError(f"{source}: {key} must be {_describe(hints[key])} (got {value!r})") from None
+    return out
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner)
+    if origin in (list, tuple):
+        item = args[0]
+        if isinstance(value, str):
+            if item is str:
+                return value  # "all" or "t1,flair": the config parses its own lists of names
+            value = [v.strip() for v in value.split(",")]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        items = [_convert(v, item) for v in value]
+        fixed = origin is tuple and (len(args) != 2 or args[1] is not Ellipsis)
+        if fixed and len(items) != len(args):
+            raise ValueError
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if isinstance(value, (str, int)) and text in _TRUE + _FALSE:
+            return text in _TRUE
+        raise TypeError
+    if hint is int:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value) if isinstance(value, (str, float)) else value
+        if not isinstance(number, (int, float)) or not float(number).is_integer():
+            raise TypeError
+        return int(number)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise TypeError
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError
+        return number
+    if hint is str and not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return f"{_describe(inner[0])} or null"
+    if origin in (list, tuple):
+        fixed = origin is tuple and (len(args) != 2 or args[1] is not Ellipsis)
+        count = f"{len(args)} " if fixed else ""
+        return f"a list of {count}{_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(hint, str(hint))
