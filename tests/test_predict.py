@@ -221,6 +221,17 @@ def test_broken_case_reported_others_written(ckpt, tmp_path, capsys, breakage, m
     assert f"error: {res.failed['bad']}" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_whole_head_is_a_warning_and_still_predicted(ckpt, tmp_path, capsys):
+    folder = write_case(tmp_path / "raw", "head", seg=None)
+    for path in folder.glob("*.nii.gz"):  # a 32x32x26-voxel "brain" in 5 mm voxels: 3.3 L
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), AFFINE @ np.diag([5.0, 5.0, 5.0, 1.0])), path)
+    res = predict(ckpt, tmp_path / "raw", tmp_path / "pred", device="cpu", progress=False)
+    assert res.written == [tmp_path / "pred/head.nii.gz"]
+    err = capsys.readouterr().err
+    assert "warning: head: the scans' non-background region is 3.3 L" in err and "skull-stripped" in err
+
+
 @pytest.mark.parametrize("target", ["labels", "regions"])
 def test_probabilities_file(raw, tmp_path, target):
     predictor = Predictor.from_checkpoint(_state(target=target), device="cpu")

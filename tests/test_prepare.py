@@ -147,6 +147,22 @@ def test_constant_modality_is_a_recorded_warning(tmp_path, capsys):
     assert f"warning: {record['warnings'][0]}" in capsys.readouterr().err
 
 
+def test_a_whole_head_is_a_recorded_warning(tmp_path, capsys):
+    """Scans that are not skull-stripped: their non-background region is larger than any brain."""
+    folder = write_case(tmp_path / "raw", "head")
+    for path in folder.glob("*.nii.gz"):  # the same 32x32x26-voxel "brain" in 5 mm voxels: 3.3 L
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), AFFINE @ np.diag([5.0, 5.0, 5.0, 1.0])), path)
+    res = prepare(tmp_path / "raw", tmp_path / "out", PrepareConfig(**{**SMALL, "spacing": (5.0, 5.0, 5.0)}),
+                  workers=1, progress=False)
+    (record,) = res.manifest["cases"]
+    assert len(record["warnings"]) == 1 and "non-background region is 3.3 L" in record["warnings"][0]
+    assert "a whole head?" in capsys.readouterr().err
+    write_case(tmp_path / "brain", "brain")  # 27 mL: no warning
+    assert prepare(tmp_path / "brain", tmp_path / "out2", PrepareConfig(**SMALL), workers=1,
+                   progress=False).manifest["cases"][0]["warnings"] == []
+
+
 def test_bad_settings_are_clear_errors():
     with pytest.raises(TumorsegError, match="bad channels"):
         PrepareConfig(channels=("t2", "dwi"))

@@ -39,7 +39,7 @@ from ..labels import CLASS_ABBREVIATIONS, RAW_LABELS, REGIONS, LabelConvention, 
 from ..layouts import Case, discover_cases
 from ..lock import LOCK_NAME, folder_lock
 from ..networks import build_network, required_divisor
-from ..prepare.case import check_intensities, load_channels, scaled_window, to_network_grid
+from ..prepare.case import check_brain_size, check_intensities, load_channels, scaled_window, to_network_grid
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
 from .postprocess import postprocess
 from .window import to_labels, tta_probabilities
@@ -281,13 +281,15 @@ def inference_box(brain: np.ndarray, patch: tuple[int, ...], divisor: int) -> Bo
     return tuple(box)
 
 
-def network_input(data: list[np.ndarray], predictor: Predictor) -> tuple[np.ndarray, Box]:
+def network_input(
+    data: list[np.ndarray], predictor: Predictor, brain: np.ndarray | None = None
+) -> tuple[np.ndarray, Box]:
     """Scaled, stacked channels `(C, *box size)` float32 over the inference box, and the box.
 
-    `data` are the channels on the network's grid. Scaling uses each full volume's
-    statistics, exactly as `prepare` does for training.
+    `data` are the channels on the network's grid, `brain` their `crop.brain_mask` (None: computed
+    here). Scaling uses each full volume's statistics, exactly as `prepare` does for training.
     """
-    brain = brain_mask(data)
+    brain = brain_mask(data) if brain is None else brain
     box = inference_box(brain, predictor.patch, predictor.divisor)
     return scaled_window(data, predictor.norm, brain, box), box
 
@@ -315,10 +317,12 @@ def load_input(predictor: Predictor, case: Case) -> CaseInput:
     """Read a case's scans and preprocess them as training did (no network work: runs in a
     reader thread while the network works on the previous case)."""
     vols = load_channels(case, predictor.channels)
-    for warning in check_intensities(case, predictor.channels, vols):
-        tqdm.write(f"warning: {warning}", file=sys.stderr)
+    warnings = check_intensities(case, predictor.channels, vols)
     data, src, net = to_network_grid(vols, predictor.spacing)
-    image, box = network_input(data, predictor)
+    brain = brain_mask(data)
+    for warning in warnings + check_brain_size(case, brain, net):
+        tqdm.write(f"warning: {warning}", file=sys.stderr)
+    image, box = network_input(data, predictor, brain)
     return CaseInput(image, box, src, net, vols[0].affine, vols[0].header)
 
 

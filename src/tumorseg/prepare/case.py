@@ -57,6 +57,9 @@ def load_channels(case: Case, channels: tuple[str, ...]) -> list[Volume]:
     return out
 
 
+MAX_BRAIN_LITRES = 2.5  # skull-stripped adult brains: 1.2-1.7 L in the real sample cases; a head is 3-5 L
+
+
 def check_intensities(case: Case, channels: tuple[str, ...], vols: list[Volume]) -> list[str]:
     """Refuse NaN or infinite voxels (min-max scaling would silently turn the volume into zeros);
     return a warning for each constant modality (scaled to zeros; it usually means a broken scan)
@@ -76,6 +79,17 @@ def check_intensities(case: Case, channels: tuple[str, ...], vols: list[Volume])
                             f"on the volume's faces); the brain is taken as the voxels farther from it than "
                             f"{level[1]:.3g}. tumorseg expects skull-stripped scans with a zero background")
     return warnings
+
+
+def check_brain_size(case: Case, brain: np.ndarray, net: Grid) -> list[str]:
+    """A warning when the scans' non-background region is larger than any skull-stripped brain: the
+    network, trained on brains alone, would see skull, scalp and neck."""
+    litres = float(np.count_nonzero(brain)) * float(np.prod(net.spacing)) / 1e6
+    if litres <= MAX_BRAIN_LITRES:
+        return []
+    return [f"{case.case_id}: the scans' non-background region is {litres:.1f} L, more than a skull-stripped brain "
+            f"(the 20 real sample cases: 1.2-1.7 L): a whole head? tumorseg expects BraTS-preprocessed scans "
+            f"(co-registered and skull-stripped, e.g. by BraTS Toolkit or HD-BET)"]
 
 
 def to_network_grid(vols: list[Volume], spacing) -> tuple[list[np.ndarray], Grid, Grid]:
@@ -126,7 +140,8 @@ def prepare_case(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
     vols = load_channels(case, config.channels)
     warnings = check_intensities(case, config.channels, vols)
     data, src, net = to_network_grid(vols, config.spacing)
-    image, box, _ = preprocess(data, config)
+    image, box, brain = preprocess(data, config)
+    warnings += check_brain_size(case, brain, net)
     record = {
         "case_id": case.case_id,
         "warnings": warnings,
