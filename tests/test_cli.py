@@ -63,6 +63,24 @@ def test_predict_evaluate_show(trained, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_only_the_cases_asked_for(trained, tmp_path, capsys):
+    run, raw, out = trained / "run", trained / "raw", tmp_path / "pred"
+    ids = "BraTS20_Training_002, BraTS20_Training_000"
+    assert main(["predict", str(run / "best.pt"), str(raw), str(out), "--no-tta", "--cases", ids]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["BraTS20_Training_000.nii.gz", "BraTS20_Training_002.nii.gz"]
+    (out / "other.nii.gz").symlink_to(out / "BraTS20_Training_000.nii.gz")  # not asked about: not "extra"
+    assert main(["evaluate", str(out), str(raw), "--cases", "BraTS20_Training_000"]) == 0
+    summary = __import__("json").loads((out / "metrics_summary.json").read_text())
+    assert summary["cases"] == 1 and summary["extra"] == [] and summary["missing"] == []
+    capsys.readouterr()
+    assert main(["predict", str(run / "best.pt"), str(raw), str(out), "--cases", "BraTS20_Training_009"]) == 2
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(out), str(raw), "--cases", ","])
+    err = capsys.readouterr().err
+    assert f"error: {raw}: no case(s) BraTS20_Training_009 among its 3" in err
+    assert "expected case ids separated by commas" in err
+
+
 def test_user_errors_are_one_line(trained, tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert main(["predict", str(tmp_path / "junk.pt"), str(trained / "raw"), str(tmp_path / "o")]) == 2

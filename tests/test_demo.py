@@ -1,7 +1,12 @@
+from dataclasses import replace
+
 import numpy as np
 import nibabel as nib
+import pytest
 
 from tumorseg.demo import DemoSettings, run_demo
+from tumorseg.prepare import load_manifest
+from tumorseg.synth import synthesize
 
 TINY = DemoSettings(cases=5, test_cases=2, shape=(48, 48, 40), crop=(32, 32, 32), filters=(4, 8, 16), epochs=1)
 
@@ -22,3 +27,15 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path, capsys):
     assert "[5/5] evaluating" in out.err and "demo finished" in out.out and "WT" in out.out
     again = run_demo(tmp_path, settings=TINY)  # everything done: skips, same numbers
     assert [r.metrics for r in again.rows] == [r.metrics for r in result.rows]
+
+
+@pytest.mark.parametrize("layout", ["msd", "bids"])
+def test_demo_on_a_users_dataset_holds_out_its_validation_cases(tmp_path, layout):
+    """--data of any layout: the validation cases are predicted and scored where they are (case
+    folders could not be linked: MSD keeps every case in imagesTr/, BIDS a case in sub-X/anat/)."""
+    synthesize(tmp_path / "data", 5, shape=(48, 48, 40), layout=layout, progress=False)
+    settings = replace(TINY, real_crop=(32, 32, 32), real_patch=(32, 32, 32))
+    result = run_demo(tmp_path / "work", data=tmp_path / "data", settings=settings)
+    val = load_manifest(tmp_path / "work/prepared")["split"]["val"]
+    assert [r.case_id for r in result.rows] == sorted(val) and val and not result.failed
+    assert sorted(p.name for p in (tmp_path / "work/predictions").glob("*.nii.gz")) == [f"{c}.nii.gz" for c in sorted(val)]

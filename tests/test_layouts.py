@@ -239,20 +239,92 @@ def _wt_dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
+ODD_NAMES = {"t1": "3_AX_T1_SE.nii.gz", "t1ce": "7_T1_MPRAGE_POST.nii.gz", "t2": "4_AX_T2.nii.gz",
+             "flair": "5_AX_FLAIR.nii.gz", "seg": "ROI.nii.gz"}
+
+
+def _case_list(cases: dict, folder, delimiter=","):
+    """Cases' files copied under names no layout knows, and the table naming them."""
+    import shutil
+
+    lines = [delimiter.join(["Subject", "Age", "T1w", "T1 Gd", "T2", "FLAIR", "label"])]
+    for case_id, files in cases.items():
+        (folder / "scans" / case_id).mkdir(parents=True)
+        for kind, path in files.items():
+            shutil.copy(path, folder / "scans" / case_id / ODD_NAMES[kind])
+        cells = [f"scans/{case_id}/{ODD_NAMES[k]}" if k in files else "" for k in ("t1", "t1ce", "t2", "flair", "seg")]
+        lines.append(delimiter.join([case_id, "61", *cells]))
+    table = folder / ("cases.tsv" if delimiter == "\t" else "cases.csv")
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8-sig")
+    return table
+
+
+def _files(case) -> dict:
+    return {**case.images, **({"seg": case.seg} if case.seg else {})}
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t"])
+def test_a_case_list_names_each_cases_files(layouts, tmp_path, delimiter):
+    originals = {c.case_id: c for c in discover_cases(layouts / "brats2020")}
+    table = _case_list({cid: _files(c) for cid, c in originals.items()}, tmp_path, delimiter)
+    cases = discover_cases(table)
+    assert [c.case_id for c in cases] == sorted(originals) and {c.layout for c in cases} == {"list"}
+    for case in cases:
+        assert case.images == {m: tmp_path / "scans" / case.case_id / ODD_NAMES[m] for m in MODALITIES}
+        assert case.seg == tmp_path / "scans" / case.case_id / "ROI.nii.gz"
+    out = predict(_flair_predictor(), table, tmp_path / "pred", progress=False)
+    ref = predict(_flair_predictor(), layouts / "brats2020", tmp_path / "ref", progress=False)
+    for a, b in zip(out.written, ref.written):
+        assert a.name == b.name and np.array_equal(nib.load(a).get_fdata(), nib.load(b).get_fdata())
+    ev = evaluate(tmp_path / "pred", table)
+    assert [(r.case_id, r.status) for r in ev.rows] == [(cid, "ok") for cid in sorted(originals)]
+    prep = prepare(table, tmp_path / "prep", PrepareConfig(**SMALL), workers=1, progress=False)
+    assert prep.manifest["layout"] == "list" and len(prep.kept) == 3
+
+
+def test_case_list_paths_gaps_and_mistakes(layouts, tmp_path, capsys):
+    (case, other, _) = discover_cases(layouts / "brats2020")
+    table = _case_list({"p1": _files(case), "p2": {m: p for m, p in _files(other).items() if m != "t1ce"}}, tmp_path)
+    absolute = tmp_path / "abs.csv"  # absolute paths, a case without its truth, extra columns ignored
+    absolute.write_text("id,flair,t1,t2,t1ce,notes\n" + f"p3,{','.join(str(other.images[m]) for m in ('flair', 't1', 't2', 't1ce'))},x\n")
+    (p3,) = discover_cases(absolute)
+    assert p3.images == other.images and p3.seg is None
+    res = predict(_flair_predictor(), table, tmp_path / "pred", progress=False)
+    assert list(res.failed) == ["p2"] and "p2: missing modality 't1ce' in " + str(table) in res.failed["p2"]
+    (tmp_path / "scans/p1/4_AX_T2.nii.gz").unlink()
+    res = predict(_flair_predictor(), table, tmp_path / "pred2", progress=False)
+    assert "p1: " + str(tmp_path / "scans/p1/4_AX_T2.nii.gz") + ": file not found" in res.failed["p1"]
+    for text, message in [
+        ("t1,t2\n", "no cases listed"),
+        ("t1,t2\na.nii,b.nii\n", "no case id column"),
+        ("case,age\np1,50\n", "no modality or segmentation column"),
+        ("case,FLAIR,t2f\np1,a,b\n", "columns FLAIR and t2f both name the flair"),
+        ("case,t1\n../x,a.nii\n", "line 2: '../x' cannot name a case's output files"),
+        ("case,t1\np1,a.nii\np1,b.nii\n", "case ids found more than once: p1"),
+    ]:
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(TumorsegError, match=f"bad.csv: {message}"):
+            discover_cases(tmp_path / "bad.csv")
+
+
 @pytest.mark.real
 def test_real_case_in_every_layout_prepares_and_predicts_identically(real_data_dir, tmp_path):
     source = real_data_dir / "Brats18_CBICA_AQT_1"
     preds, images = {}, {}
-    for layout in LAYOUTS:
-        convert_case(source, tmp_path / layout, layout)
-        res = prepare(tmp_path / layout, tmp_path / f"prep-{layout}", PrepareConfig(channels=MODALITIES), workers=1, progress=False)
+    (real,) = discover_cases(source)
+    _case_list({"AQT": _files(real)}, tmp_path / "list")
+    for layout in (*LAYOUTS, "list"):
+        if layout != "list":
+            convert_case(source, tmp_path / layout, layout)
+        data = tmp_path / layout / "cases.csv" if layout == "list" else tmp_path / layout
+        res = prepare(data, tmp_path / f"prep-{layout}", PrepareConfig(channels=MODALITIES), workers=1, progress=False)
         (record,) = res.manifest["cases"]
         images[layout] = (np.load(tmp_path / f"prep-{layout}/images/{record['case_id']}.npy"),
                           np.load(tmp_path / f"prep-{layout}/masks/{record['case_id']}.npy"))
-        out = predict(_flair_predictor(), tmp_path / layout, tmp_path / f"pred-{layout}", progress=False)
+        out = predict(_flair_predictor(), data, tmp_path / f"pred-{layout}", progress=False)
         (path,) = out.written
         preds[layout] = layout_labels(layout).to_training(np.asarray(nib.load(path).dataobj))
-    for layout in LAYOUTS:
+    for layout in (*LAYOUTS, "list"):
         assert all(np.array_equal(a, b) for a, b in zip(images[layout], images["brats2020"]))
         assert np.array_equal(preds[layout], preds["brats2020"])
     assert np.count_nonzero(preds["brats2020"]) > 10_000  # the stand-in network does find the tumour

@@ -16,6 +16,13 @@ from .labels import parse_channels
 from .layouts import LAYOUTS
 
 
+def _names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected case ids separated by commas, got '{text}'")
+    return names
+
+
 def _ints(n: int):
     def parse(text: str) -> tuple[int, ...]:
         parts = text.replace("x", ",").split(",") if isinstance(text, str) else text
@@ -103,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = args.out or args.pred_dir / "metrics.csv"
     result = evaluate(args.pred_dir, args.gt_dir, out_csv=out, workers=args.workers, labels=args.labels,
-                      challenge=args.challenge, pred_labels=args.pred_labels)
+                      challenge=args.challenge, pred_labels=args.pred_labels, cases=args.cases)
     print(result.report())
     return 1 if result.failed else 0
 
@@ -114,7 +121,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = predict(args.checkpoint, args.input, args.out_dir, device=args.device, tta=args.tta,
                      postprocess=args.postprocess, probabilities=args.probabilities, force=args.force,
                      plots=args.plots, overlap=args.overlap, labels=args.labels, amp=args.amp,
-                     uncertainty=args.uncertainty, report=args.report, engine=args.engine, window=args.window)
+                     uncertainty=args.uncertainty, report=args.report, engine=args.engine, window=args.window,
+                     cases=args.cases)
     n_cases = len({Path(p).name.split(".")[0].removesuffix("_probabilities").removesuffix("_uncertainty")
                    for p in result.written})
     rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
@@ -182,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="BraTS case folders -> training arrays (.npy) + manifest")
-    p.add_argument("data_dir", type=Path, help="BraTS download, folder of case folders, or one case folder")
+    p.add_argument("data_dir", type=Path, help="BraTS download, folder of case folders, one case folder, or a cases.csv naming each case's files")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--recipe", help="take the settings of a named recipe (seed, brats-cpu, brats-gpu); flags override")
     p.add_argument("--channels", type=parse_channels, help="comma list or 'all' (default: t2,t1ce,flair)")
@@ -233,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="BraTS region metrics (Dice, HD95, sensitivity, specificity) per case + summary")
     p.add_argument("pred_dir", type=Path, help="folder of <case>.nii.gz predictions (label convention from their header)")
     p.add_argument("gt_dir", type=Path,
-                   help="ground truth: cases of any layout, segmentation-only case folders, or a folder of <case>.nii.gz")
+                   help="ground truth: cases of any layout, segmentation-only case folders, a folder of <case>.nii.gz, "
+                        "or a cases.csv")
     p.add_argument("--out", type=Path, help="per-case CSV (default PRED_DIR/metrics.csv); summary JSON beside it")
     p.add_argument("--labels", choices=("brats2020", "brats2023", "msd"),
                    help="the ground truth's label convention (default: detected from its layout)")
@@ -242,11 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--challenge", choices=("GLI", "PED", "SSA", "MEN", "MET", "GoAT"),
                    help="lesion-wise metric parameters (default: from BraTS-XXX- case ids, else GLI)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cases", type=_names, metavar="ID,ID", help="only these cases of GT_DIR (default: all)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment new cases into NIfTI in their original space")
     p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run, or a .onnx from tumorseg export")
-    p.add_argument("input", type=Path, help="a case folder or a folder of case folders (segmentations not needed)")
+    p.add_argument("input", type=Path, help="a case folder, a folder of case folders, or a cases.csv naming each case's files "
+                        "(segmentations not needed)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
@@ -269,10 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", choices=("brats2020", "brats2023", "msd"),
                    help="label convention of the written files (default: the input layout's own)")
     p.add_argument("--force", action="store_true", help="redo cases already predicted")
+    p.add_argument("--cases", type=_names, metavar="ID,ID", help="only these cases of INPUT (default: all)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("show", help="plot slices of a case with ground truth and prediction overlaid")
-    p.add_argument("case", type=Path, help="a raw case folder, or a prepared images/<case>.npy")
+    p.add_argument("case", type=Path, help="a raw case folder (or one of its files, or a one-case cases.csv), or a prepared images/<case>.npy")
     p.add_argument("--pred", type=Path, help="a prediction (.nii.gz, or .npy for prepared cases)")
     p.add_argument("--out", type=Path, help="PNG file (default: <case>.png here)")
     p.add_argument("--slice", type=int, help="slice index (default: the slice with the most tumour)")
@@ -294,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="volumes, RANO diameters, warnings: an HTML report of a folder of predictions")
     p.add_argument("pred_dir", type=Path, help="folder of <case>.nii.gz predictions (and <case>_uncertainty.nii.gz)")
     p.add_argument("--images", type=Path, metavar="DATA_DIR",
-                   help="the cases' dataset: modalities in the views, brain-edge check")
+                   help="the cases' dataset (or cases.csv): modalities in the views, brain-edge check")
     p.add_argument("--gt", type=Path, metavar="GT_DIR", help="ground truth: BraTS metrics per case as columns")
     p.add_argument("--out", type=Path, metavar="DIR", help="report folder (default PRED_DIR/report)")
     p.add_argument("--pred-labels", choices=("brats2020", "brats2023", "msd"),

@@ -27,7 +27,8 @@ class DemoSettings:
     epochs: int = 40
     lr: float = 2e-3
     batch_size: int = 2
-    real_patch: tuple[int, int, int] = (64, 64, 64)  # --data: patches from the 128^3 crops
+    real_crop: tuple[int, int, int] = (128, 128, 128)  # --data: the seed's crop
+    real_patch: tuple[int, int, int] = (64, 64, 64)  # --data: patches from those crops
     seed: int = 0
 
 
@@ -45,21 +46,14 @@ def _synthetic_data(work: Path, s: DemoSettings) -> tuple[Path, Path]:
     return train_dir, test_dir
 
 
-def _held_out_links(data: Path, prepared: Path, work: Path) -> Path:
-    """A folder of links to the validation cases of a real download (the user's files stay untouched)."""
-    from .layouts import discover_cases
+def _held_out(prepared: Path, data: Path) -> list[str]:
+    """The validation cases of a real download's split: predicted and scored in place."""
     from .prepare import load_manifest
 
-    val = set(load_manifest(prepared)["split"]["val"])
-    folder = work / "held_out"
-    folder.mkdir(parents=True, exist_ok=True)
-    for case in discover_cases(data):
-        link = folder / case.case_id
-        if case.case_id in val and not link.exists():
-            link.symlink_to(case.folder.resolve(), target_is_directory=True)
+    val = load_manifest(prepared)["split"]["val"]
     if not val:
         raise TumorsegError(f"{data}: no validation cases to hold out (need at least 2 usable cases)")
-    return folder
+    return val
 
 
 def run_demo(work_dir: str | Path = "demo_out", data: str | Path | None = None, settings: DemoSettings | None = None):
@@ -76,21 +70,23 @@ def run_demo(work_dir: str | Path = "demo_out", data: str | Path | None = None, 
         prep_cfg, patch = PrepareConfig(crop_size=s.crop, crop_mode="brain", min_tumour=s.min_tumour), None
     else:
         _step(1, f"using the BraTS data in {data}")
-        raw, prep_cfg, patch = Path(data), PrepareConfig(), list(s.real_patch)
+        raw = test = Path(data)
+        prep_cfg, patch = PrepareConfig(crop_size=s.real_crop), list(s.real_patch)
     _step(2, f"preparing -> {work / 'prepared'}")
     prepared = prepare(raw, work / "prepared", prep_cfg)
     if prepared.failed:
         print(f"  {len(prepared.failed)} case(s) failed and are left out", file=sys.stderr)
-    test = test if data is None else _held_out_links(raw, work / "prepared", work)
+    held_out = None if data is None else _held_out(work / "prepared", raw)  # else all of test/
     run = work / "run"
     _step(3, f"training a small 3D U-Net for {s.epochs} epochs on the CPU -> {run}")
     config = TrainConfig(model="unet3d", filters=list(s.filters), epochs=s.epochs, lr=s.lr, batch_size=s.batch_size,
                          schedule="cosine", patch=patch, seed=s.seed, postprocess=True)
     train(work / "prepared", run, config, resume=(run / "last.pt").exists())
-    _step(4, f"predicting held-out cases {test} -> {work / 'predictions'} (NIfTI + PNG)")
-    predicted = predict(run / "best.pt", test, work / "predictions", plots=True)
+    which = test if held_out is None else f"{len(held_out)} validation cases of {test}"
+    _step(4, f"predicting the held-out cases ({which}) -> {work / 'predictions'} (NIfTI + PNG)")
+    predicted = predict(run / "best.pt", test, work / "predictions", plots=True, cases=held_out)
     _step(5, "evaluating with the BraTS region metrics")
-    result = evaluate(predicted.out_dir, test, out_csv=work / "predictions" / "metrics.csv")
+    result = evaluate(predicted.out_dir, test, out_csv=work / "predictions" / "metrics.csv", cases=held_out)
     print(result.report())
     print(f"\ndemo finished: predictions, plots and metrics in {work / 'predictions'}; "
           f"training curves in {run / 'curves.png'}")

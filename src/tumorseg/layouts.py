@@ -20,18 +20,24 @@ A folder of several BraTS-named cases' files side by side is one case per name.
 `plain` is how scans leave a clinic or a preprocessing tool (HD-GLIO, BraTS Toolkit): one folder
 per case, files named by modality alone; other files there (brain masks, ADC) are ignored. UCSF-PDGM's
 `<case>_tumor_segmentation` is its segmentation (beside `_brain_segmentation`, which is not).
+A table (`cases.csv` / `.tsv`, given in place of a folder) names each case's files itself, for
+scans no layout names (`3_AX_FLAIR.nii.gz`): a case id column and one column per modality (any
+alias above) and optionally `seg`, paths relative to the table (`list_cases`).
 `write_case` writes every layout (for `tumorseg synth --layout` and for tests).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 
@@ -69,6 +75,10 @@ _BIDS_RE = re.compile(r"^(?P<sub>sub-[A-Za-z0-9]+)(?P<entities>(?:_[A-Za-z]+-[A-
 BIDS_DESCRIPTION = "dataset_description.json"
 BIDS_SEG_SUFFIX = "dseg"
 BIDS_SKIPPED: tuple[str, ...] = ("derivatives", "sourcedata")  # below a BIDS root: not the raw scans
+CASE_LIST_SUFFIXES: tuple[str, ...] = (".csv", ".tsv")
+CASE_ID_COLUMNS: tuple[str, ...] = ("case", "case_id", "caseid", "id", "subject", "subject_id", "patient", "patient_id")
+# Layouts whose names say nothing of the label convention: `evaluate` tells it from the values.
+UNNAMED_CONVENTION: tuple[str, ...] = ("labels", "plain", "bids", "list")
 _NNUNET_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -383,15 +393,88 @@ def _label_files(folder: Path) -> list[Case]:
     return [Case(_SEG_FILE_SUFFIX_RE.sub("", _stem(f)), folder, seg=f, layout="labels") for f in _nifti_files(folder)]
 
 
-def discover_cases(root: str | os.PathLike, need_images: bool = True) -> list[Case]:
-    """All cases under `root` (or `root` itself if it is one), sorted by case id.
+def is_case_list(path: str | os.PathLike) -> bool:
+    """Whether `path` is a table of cases (`list_cases`) rather than a folder or a scan."""
+    return Path(path).suffix.lower() in CASE_LIST_SUFFIXES and Path(path).is_file()
+
+
+def list_cases(table: str | os.PathLike) -> list[Case]:
+    """The cases a CSV/TSV table names row by row, for files whose names no layout knows.
+
+    Columns: the case id (`case`, `case_id`, `id`, `subject`, `patient`), one per modality (any
+    alias: `t1`, `T1Gd`, `FLAIR`, ...) and optionally the segmentation (`seg`, `label`); other
+    columns (age, survival) are ignored, an empty cell is a file the case lacks. Paths are
+    relative to the table's folder. A named file that is missing fails its case alone when read.
+    """
+    table = Path(table)
+    try:
+        text = table.read_text(encoding="utf-8-sig")  # Excel writes a byte-order mark
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TumorsegError(f"{table}: cannot read the case list ({exc})") from None
+    rows = [row for row in csv.reader(io.StringIO(text), delimiter=_delimiter(table, text)) if any(c.strip() for c in row)]
+    if len(rows) < 2:
+        raise TumorsegError(f"{table}: no cases listed (a header row, then one row per case)")
+    roles: dict[int, str] = {}
+    for i, name in enumerate(rows[0]):
+        key = name.strip().lower().replace(" ", "_")
+        role = "case" if key in CASE_ID_COLUMNS else "seg" if key in PLAIN_SEG_STEMS else canonical_modality(key)
+        if role is None:
+            continue
+        if role in roles.values():
+            twice = [rows[0][j].strip() for j, r in roles.items() if r == role] + [name.strip()]
+            raise TumorsegError(f"{table}: columns {' and '.join(twice)} both name the {role}")
+        roles[i] = role
+    if "case" not in roles.values():
+        raise TumorsegError(f"{table}: no case id column (one of {', '.join(CASE_ID_COLUMNS)})")
+    if set(roles.values()) == {"case"}:
+        raise TumorsegError(f"{table}: no modality or segmentation column (t1, t1ce, t2, flair by any alias; seg)")
+    cases = []
+    for line, row in enumerate(rows[1:], start=2):
+        cells = {role: row[i].strip() if i < len(row) else "" for i, role in roles.items()}
+        case_id, seg = cells.pop("case"), cells.pop("seg", "")
+        if not case_id or case_id in (".", "..") or any(c in case_id for c in '/\\'):
+            raise TumorsegError(f"{table}: line {line}: {case_id!r} cannot name a case's output files")
+        images = {m: _listed_file(table, v) for m, v in cells.items() if v}
+        cases.append(Case(case_id, table, images, _listed_file(table, seg) if seg else None, layout="list"))
+    return cases
+
+
+def _delimiter(table: Path, text: str) -> str:
+    if table.suffix.lower() == ".tsv":
+        return "\t"
+    header = text.splitlines()[0] if text else ""
+    return max(",;\t", key=header.count)  # Excel in many locales writes ';'
+
+
+def _listed_file(table: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else table.parent / path
+
+
+def discover_cases(
+    root: str | os.PathLike, need_images: bool = True, only: Collection[str] | None = None
+) -> list[Case]:
+    """All cases under `root` (or `root` itself if it is one; or those a table names,
+    `list_cases`), sorted by case id; `only`: just the cases of these ids (each must exist).
 
     `need_images=False` (ground truth for `evaluate`) also accepts case folders holding only
     a segmentation, and a flat folder of `<case>.nii.gz` label files.
     """
-    root = Path(root)
+    cases = _all_cases(Path(root), need_images)
+    _check_unique(Path(root), cases)
+    if only is not None:
+        absent = sorted(set(only) - {c.case_id for c in cases})
+        if absent:
+            raise TumorsegError(f"{root}: no case(s) {', '.join(absent)} among its {len(cases)}")
+        cases = [c for c in cases if c.case_id in set(only)]
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _all_cases(root: Path, need_images: bool) -> list[Case]:
     if not root.exists():
         raise TumorsegError(f"{root}: no such folder")
+    if is_case_list(root):
+        return list_cases(root)
     if not root.is_dir():
         raise TumorsegError(f"{root}: not a folder")
     cases: list[Case] = []
@@ -412,11 +495,14 @@ def discover_cases(root: str | os.PathLike, need_images: bool = True) -> list[Ca
     if not cases:
         raise TumorsegError(f"{root}: no cases found (expected {EXPECTED})")
     _check_one_layout(root, cases)
-    ids = [c.case_id for c in cases]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    return cases
+
+
+def _check_unique(root: Path, cases: list[Case]) -> None:
+    counts = Counter(c.case_id for c in cases)
+    dupes = sorted(i for i, n in counts.items() if n > 1)
     if dupes:
         raise TumorsegError(f"{root}: case ids found more than once: {', '.join(dupes)}")
-    return sorted(cases, key=lambda c: c.case_id)
 
 
 def _check_one_layout(root: Path, cases: list[Case]) -> None:

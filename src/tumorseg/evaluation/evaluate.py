@@ -37,14 +37,14 @@ import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 import numpy as np
 
 from ..errors import TumorsegError
 from ..io import NIFTI_RE, Volume, load_nifti, write_text
 from ..labels import BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header
-from ..layouts import Case, discover_cases
+from ..layouts import UNNAMED_CONVENTION, Case, discover_cases
 from .lesionwise import CHALLENGES, LESION_HD95_MISS, lesionwise_metrics
 from .metrics import FAILED_CASE, METRICS, check_labels, region_metrics
 
@@ -326,19 +326,21 @@ def labelled(cases: list[Case], gt_dir: str | os.PathLike) -> list[Case]:
 
 
 def truth_labels(case: Case) -> LabelConvention | None:
-    """The convention a ground-truth case's layout names; None for a flat folder of label files
-    and for `plain` and `bids` case folders, whose names say nothing of it (`case_conventions` then tells it
-    from the labels)."""
-    return None if case.layout in ("labels", "plain", "bids") else case.labels
+    """The convention a ground-truth case's layout names; None for a flat folder of label files,
+    `plain` and `bids` case folders and case lists, whose names say nothing of it (`case_conventions`
+    then tells it from the labels)."""
+    return None if case.layout in UNNAMED_CONVENTION else case.labels
 
 
 def _pair_cases(
     gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, labels: str | None, challenge: str | None,
-    pred_labels: str | None = None,
+    pred_labels: str | None = None, only: Collection[str] | None = None,
 ) -> tuple[list[tuple], list[CaseResult], dict[str, list[str]]]:
     """Jobs to score, rows already decided (missing, conflicting), and the lists to report."""
-    cases = discover_cases(gt_dir, need_images=False)
+    cases = discover_cases(gt_dir, need_images=False, only=only)
     preds, conflicts = find_predictions(pred_dir)
+    if only is not None:  # the other predictions in the folder are not asked about
+        preds, conflicts = ({k: v for k, v in d.items() if k in set(only)} for d in (preds, conflicts))
     with_seg = labelled(cases, gt_dir)
     forced = convention(labels) if labels else None
     jobs, decided = [], []
@@ -371,6 +373,7 @@ def evaluate(
     labels: str | None = None,
     challenge: str | None = None,
     pred_labels: str | None = None,
+    cases: Collection[str] | None = None,
 ) -> EvaluationResult:
     """Score every prediction in `pred_dir` against the BraTS cases in `gt_dir`.
 
@@ -386,13 +389,14 @@ def evaluate(
         challenge: lesion-wise parameters (GLI, PED, SSA, MEN, MET); None: from each case id.
         pred_labels: the predictions' convention; None reads the tag `predict` writes in
             each file's header, else takes the ground truth's.
+        cases: only the ground-truth cases of these ids (None: all in `gt_dir`).
 
     Raises:
         TumorsegError: a folder is missing, holds no predictions or no segmentations.
     """
     if challenge is not None and challenge not in CHALLENGES:
         raise TumorsegError(f"unknown challenge '{challenge}' (choose from {', '.join(CHALLENGES)})")
-    jobs, decided, lists = _pair_cases(gt_dir, pred_dir, labels, challenge, pred_labels)
+    jobs, decided, lists = _pair_cases(gt_dir, pred_dir, labels, challenge, pred_labels, cases)
     rows = sorted(decided + _run_jobs(jobs, workers, progress), key=lambda r: r.case_id)
     lists["notes"] += [r.message for r in rows if r.status == STATUS_OK and r.message]
     missing = [r.case_id for r in rows if r.status == STATUS_MISSING]

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -468,6 +468,7 @@ def predict(
     report: bool = False,
     engine: str = "auto",
     window: Sequence[int] | None = None,
+    cases: Collection[str] | None = None,
 ) -> PredictResult:
     """Segment every BraTS case under `input_dir` into `out_dir/<case_id>.nii.gz`.
 
@@ -496,13 +497,14 @@ def predict(
             else PyTorch), "torch" or "onnx".
         window: sliding-window size (three sides, multiples of the network's divisor; None: the
             training patch); a side larger than the brain's box means one window across it.
+        cases: only the cases of these ids (None: all under `input_dir`).
 
     A failing case is reported in one line and recorded in the result; the others go on.
     Under `torchrun` (one process per GPU, any number of nodes) each rank predicts its share of
     the cases (`shard`); outputs are written atomically, so a re-run skips what is done.
     """
     out_dir = Path(out_dir)
-    cases = discover_cases(input_dir)
+    found = discover_cases(input_dir, only=cases)
     if isinstance(checkpoint, Predictor):
         new_window = check_window(window, checkpoint.divisor) or checkpoint.window
         predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta), overlap=float(overlap),
@@ -517,7 +519,7 @@ def predict(
         predictor = replace(predictor, largest_tumour=False, et_threshold=None)
     if uncertainty and not predictor.tta:
         raise TumorsegError("--uncertainty comes from the TTA flips: add --tta (or use a checkpoint trained with --tta)")
-    mine = shard(cases)
+    mine = shard(found)
     planned = {case.case_id: output_paths(out_dir, case.case_id, probabilities, plots, uncertainty) for case in mine}
     with _claim(out_dir, [p.name for paths in planned.values() for p in paths]):
         result = PredictResult(out_dir=out_dir)

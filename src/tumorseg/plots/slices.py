@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import TumorsegError
 from ..io import atomic_path, load_nifti
 from ..labels import BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention_from_header, to_training_labels
-from ..layouts import Case, discover_cases
+from ..layouts import Case, discover_cases, is_case_list
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 VIEW_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}  # voxel axis in LPS order
@@ -167,7 +167,7 @@ def load_case(case: str | os.PathLike | Case) -> CaseImages:
         return _load_prepared(path)
     if not path.exists():
         raise TumorsegError(f"{path}: no such case folder or file")
-    if path.is_file():  # one file of a case: in a dataset's imagesTr/ (MSD, nnU-Net) the folder holds many
+    if path.is_file() and not is_case_list(path):  # one file of a case: imagesTr/ (MSD, nnU-Net) holds many
         cases = [c for c in discover_cases(path.parent) if path in (*c.images.values(), c.seg)]
     else:
         cases = discover_cases(path)
