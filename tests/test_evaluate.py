@@ -146,6 +146,10 @@ def test_lesion_challenge_from_case_ids():
 
     assert case_challenge("BraTS-MEN-00004-000") == "MEN" and case_challenge("BraTS-MET-00001-000") == "MET"
     assert case_challenge("BraTS20_Training_001") == "GLI" and case_challenge("BraTS-PED-00001-000", "MET") == "MET"
+    assert case_challenge("BraTS-GoAT-00001-000") == "GoAT" and case_challenge("BraTS-XYZ-00001-000") == "GLI"
+    assert case_challenge("BraTS-GLI-00001-000", "brats-met") == "MET" and case_challenge("x", "gli") == "GLI"
+    with pytest.raises(TumorsegError, match="unknown BraTS challenge 'LIVER'"):
+        case_challenge("x", "LIVER")
 
 
 def test_the_same_note_for_many_cases_is_one_line():
@@ -154,3 +158,14 @@ def test_the_same_note_for_many_cases_is_one_line():
     notes = [f"case_{i}: prediction read as brats2020 labels" for i in range(5)] + ["case_9: another thing", "bare"]
     assert _grouped(notes) == ["prediction read as brats2020 labels (5 cases: case_0, case_1, case_2, ...)",
                                "case_9: another thing", "bare"]
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_scoring(folders, tmp_path, monkeypatch):
+    import sys
+
+    module = sys.modules["tumorseg.evaluation.evaluate"]
+    gt, pred = folders
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(module, "_run_jobs", lambda *a: pytest.fail("scored although the results could not be kept"))
+    with pytest.raises(TumorsegError, match=rf"^{tmp_path / 'file' / 'out'}: cannot write there"):
+        evaluate(pred, gt, out_csv=tmp_path / "file/out/m.csv", progress=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tumorseg.errors import TumorsegError
-from tumorseg.io import atomic_path, load_nifti, save_npy, sweep_stale_temps
+from tumorseg.io import atomic_path, check_writable, load_nifti, save_npy, sweep_stale_temps
 from tumorseg.layouts import discover_cases
 
 from factory import kaggle_copy, write_case
@@ -133,6 +133,39 @@ def test_full_disk_is_one_line_with_the_size_and_keeps_the_old_file(tmp_path, mo
         with atomic_path(tmp_path / "b.bin") as tmp:
             tmp.write_bytes(b"y" * 4096)
             raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_short_write_on_a_full_disk_is_out_of_space(tmp_path, monkeypatch):
+    """numpy's `tofile` reports a short write without an errno; a disk with no room left explains it."""
+    import shutil
+
+    def short(fh, array):
+        raise OSError("98304 requested and 29664 written")
+
+    monkeypatch.setattr(np, "save", short)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    with pytest.raises(TumorsegError, match=r"a.npy: cannot write \(out of disk space; 5 KB needed; 4 KB free\)"):
+        save_npy(tmp_path / "a.npy", np.zeros(512))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**8, 10**9))
+    with pytest.raises(TumorsegError, match=r"a.npy: cannot write \(98304 requested and 29664 written\)"):
+        save_npy(tmp_path / "a.npy", np.zeros(512))  # room left: say what happened, nothing more
+
+
+def test_a_read_only_folder_is_one_line_before_and_during_a_write(tmp_path, monkeypatch):
+    """On a read-only disk the failed write's temporary cannot be removed either (EROFS)."""
+    import tempfile
+    from pathlib import Path
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(TumorsegError, match=r"^.*m.csv: cannot write \(Read-only file system\)$"):
+        with atomic_path(tmp_path / "m.csv") as tmp:
+            read_only(tmp)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(TumorsegError, match=rf"^{tmp_path}: cannot write there \(Read-only file system\)$"):
+        check_writable(tmp_path)
 
 
 def test_a_lone_unrelated_file_beside_unlabelled_images_is_no_segmentation(tmp_path):

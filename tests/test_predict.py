@@ -249,6 +249,12 @@ def test_probabilities_file(raw, tmp_path, target):
         assert np.array_equal(labels, to_raw_labels(probs.argmax(-1)))
 
 
+def test_switches_are_booleans(raw, ckpt, tmp_path):
+    with pytest.raises(TumorsegError, match=r"^predict: tta='no', plots=1: give True or False$"):
+        predict(ckpt, raw, tmp_path / "p", tta="no", plots=1, progress=False)
+    assert not (tmp_path / "p").exists()
+
+
 def test_bad_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(TumorsegError, match="lacks model, prepare, patch, target"):
         Predictor.from_checkpoint({"network": _state()["network"]})

@@ -26,7 +26,12 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     reports in one line; given a path, torch's zip writer reports it as an opaque RuntimeError.
     """
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save({"format": FORMAT, **state}, fh)
+        try:
+            torch.save({"format": FORMAT, **state}, fh)
+        except RuntimeError as exc:  # the zip writer hides a failed write (EFBIG) behind its own error
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from None
+            raise
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -93,18 +93,47 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
     `size` (bytes), where the caller knows it, is what a full disk's message says was needed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{os.getpid()}-{path.name}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
-        reason = _no_space(path, tmp, size) if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-        tmp.unlink(missing_ok=True)
+        reason = _no_space(path, tmp, size) if _disk_full(exc, path) else exc.strerror or str(exc)
+        _remove(tmp)
         raise TumorsegError(f"{path}: cannot write ({reason})") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """One line before the work, not after it, when `folder` cannot take output files."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-"):
+            pass
+    except OSError as exc:
+        raise TumorsegError(f"{folder}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a failed write's temporary; on a read-only disk there is none, and unlink fails too."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
+def _disk_full(exc: OSError, path: Path) -> bool:
+    """ENOSPC, or a short write without an errno (numpy's `tofile`) on a disk with under 1 MB free."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return exc.errno is None and shutil.disk_usage(path.parent).free < 2**20
+    except OSError:
+        return False
 
 
 def _no_space(path: Path, tmp: Path, size: int | None) -> str:

@@ -34,7 +34,6 @@ import io as _stdio
 import json
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable
@@ -42,10 +41,11 @@ from typing import Any, Collection, Iterable
 import numpy as np
 
 from ..errors import TumorsegError
-from ..io import NIFTI_RE, Volume, load_nifti, write_text
+from ..io import NIFTI_RE, Volume, check_writable, load_nifti, write_text
 from ..labels import BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header
 from ..layouts import UNNAMED_CONVENTION, Case, discover_cases
-from .lesionwise import CHALLENGES, LESION_HD95_MISS, lesionwise_metrics
+from ..pool import worker_pool
+from .lesionwise import LESION_HD95_MISS, challenge_name, lesionwise_metrics
 from .metrics import FAILED_CASE, METRICS, check_labels, region_metrics
 
 STATUS_OK, STATUS_MISSING, STATUS_ERROR = "ok", "missing", "error"
@@ -128,9 +128,12 @@ def _failed_metrics() -> dict[str, dict[str, float]]:
 def case_challenge(case_id: str, challenge: str | None = None) -> str:
     """The lesion-wise parameters' challenge: as given, else from a BraTS 2023+ id, else GLI."""
     if challenge is not None:
-        return challenge
+        return challenge_name(challenge)
     m = _CHALLENGE_RE.match(case_id)
-    return m["challenge"].upper() if m and m["challenge"].upper() in CHALLENGES else "GLI"
+    try:
+        return challenge_name(m["challenge"]) if m else "GLI"
+    except TumorsegError:  # BraTS-XYZ- of a challenge without its own parameters
+        return "GLI"
 
 
 def detect_labels(seg: np.ndarray) -> LabelConvention:
@@ -262,7 +265,7 @@ def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[CaseResul
     bar = dict(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
     if workers <= 1 or len(jobs) <= 1:
         return [evaluate_case(*job) for job in tqdm(jobs, **bar)]
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+    with worker_pool(min(workers, len(jobs))) as pool:
         results = pool.map(evaluate_case, *zip(*jobs))
         return list(tqdm(results, **bar))
 
@@ -394,8 +397,10 @@ def evaluate(
     Raises:
         TumorsegError: a folder is missing, holds no predictions or no segmentations.
     """
-    if challenge is not None and challenge not in CHALLENGES:
-        raise TumorsegError(f"unknown challenge '{challenge}' (choose from {', '.join(CHALLENGES)})")
+    challenge = challenge_name(challenge) if challenge is not None else None
+    for out in (out_csv, out_json):
+        if out is not None:  # before the scoring, which a failed write at the end would throw away
+            check_writable(Path(out).parent)
     jobs, decided, lists = _pair_cases(gt_dir, pred_dir, labels, challenge, pred_labels, cases)
     rows = sorted(decided + _run_jobs(jobs, workers, progress), key=lambda r: r.case_id)
     lists["notes"] += [r.message for r in rows if r.status == STATUS_OK and r.message]

@@ -232,13 +232,18 @@ def lesion_scores(
     )
 
 
-def challenge_parameters(challenge: str) -> tuple[int, int]:
-    """(dilation, threshold) of a challenge: 'GLI', 'gli' or 'BraTS-GLI' all work."""
+def challenge_name(challenge: str) -> str:
+    """A challenge's name in `CHALLENGES`: 'GLI', 'gli', 'BraTS-GLI' and 'goat' all work."""
     key = challenge.strip().upper().removeprefix("BRATS-")
-    for name, params in CHALLENGES.items():
+    for name in CHALLENGES:
         if name.upper() == key:
-            return params
+            return name
     raise TumorsegError(f"unknown BraTS challenge {challenge!r}; choose one of {', '.join(CHALLENGES)}")
+
+
+def challenge_parameters(challenge: str) -> tuple[int, int]:
+    """(dilation, threshold) of a challenge (any spelling `challenge_name` takes)."""
+    return CHALLENGES[challenge_name(challenge)]
 
 
 def lesionwise_metrics(

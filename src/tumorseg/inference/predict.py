@@ -503,6 +503,11 @@ def predict(
     Under `torchrun` (one process per GPU, any number of nodes) each rank predicts its share of
     the cases (`shard`); outputs are written atomically, so a re-run skips what is done.
     """
+    switches = {"tta": tta, "postprocess": postprocess, "probabilities": probabilities, "force": force, "plots": plots,
+                "uncertainty": uncertainty, "report": report}
+    wrong = [f"{k}={v!r}" for k, v in switches.items() if v is not None and not isinstance(v, (bool, np.bool_))]
+    if wrong:  # bool("no") is True: a notebook's tta="no" would silently run the 8 flips
+        raise TumorsegError(f"predict: {', '.join(wrong)}: give True or False")
     out_dir = Path(out_dir)
     found = discover_cases(input_dir, only=cases)
     if isinstance(checkpoint, Predictor):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from ..io import sweep_stale_temps, write_text
 from ..geometry import grid_of, network_grid
 from ..layouts import Case, dataset_layout, discover_cases
 from ..lock import folder_lock
+from ..pool import worker_pool
 from .case import prepare_case, record_path
 from .config import PrepareConfig, default_workers
 from .split import split_cases
@@ -100,7 +101,7 @@ def prepare(
             for case in todo:
                 records[case.case_id] = _report(_run_one(case, config, out_dir), bar)
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with worker_pool(workers) as pool:
                 futures = [pool.submit(_run_one, case, config, out_dir) for case in todo]
                 for fut in as_completed(futures):
                     record = _report(fut.result(), bar)

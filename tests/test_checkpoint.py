@@ -1,0 +1,32 @@
+import errno
+
+import pytest
+import torch
+
+from tumorseg.checkpoint import load_checkpoint, save_checkpoint
+from tumorseg.errors import TumorsegError
+
+
+def test_round_trip_of_tensors_and_plain_types(tmp_path):
+    save_checkpoint(tmp_path / "a.pt", {"model": {"w": torch.ones(2)}, "epoch": 3, "patch": [64, 64, 64]})
+    state = load_checkpoint(tmp_path / "a.pt")
+    assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.ones(2)) and state["format"]
+
+
+def test_a_file_size_limit_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """torch's zip writer turns a failed write (EFBIG under `ulimit -f`) into its own RuntimeError."""
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    real = torch.save
+
+    def too_large(obj, fh):
+        try:
+            raise OSError(errno.EFBIG, "File too large")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 35136 vs 35056")
+
+    monkeypatch.setattr(torch, "save", too_large)
+    with pytest.raises(TumorsegError, match=r"last.pt: cannot write \(File too large\)$"):
+        save_checkpoint(tmp_path / "last.pt", {"epoch": 2})
+    monkeypatch.setattr(torch, "save", real)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

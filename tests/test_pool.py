@@ -1,0 +1,39 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tumorseg.pool import worker_pool
+
+PARENT = """
+import os, sys, time
+from tumorseg.pool import worker_pool
+pool = worker_pool(1)
+print(pool.submit(os.getpid).result(), flush=True)
+time.sleep(60)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's new parent may be slow to reap it)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_a_pool_works_as_a_pool():
+    with worker_pool(2) as pool:
+        assert list(pool.map(abs, [-1, -2, 3])) == [1, 2, 3]
+
+
+def test_workers_exit_when_their_parent_is_killed():
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    assert _running(worker)
+    parent.kill()  # as the out-of-memory killer would: no clean-up in the parent
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(worker)
