@@ -12,6 +12,7 @@ from tumorseg.geometry import (
     CANONICAL_AXCODES,
     Grid,
     grid_of,
+    labels_onto,
     network_grid,
     overlap_fraction,
     resample,
@@ -208,3 +209,20 @@ def test_dtypes_and_channels():
         resample(images[:, :-1], grid, net, order=1)
     with pytest.raises(TumorsegError):
         network_grid(grid, (1, 0, 1))
+
+
+def test_labels_onto_another_grid():
+    lps = lps_grid()
+    labels = sphere(lps, (-10, 12, 8), 5) * 2
+    assert labels_onto(labels, lps, lps, "seg", "the images") == (labels, None)
+    ras = Grid(SHAPE, lps.affine @ np.array([[-1, 0, 0, 19], [0, -1, 0, 23], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    flipped, note = labels_onto(labels[::-1, ::-1], ras, lps, "seg", "the images")  # the same voxels stored in RAS
+    assert note is None and np.array_equal(flipped, labels)
+    fine = network_grid(lps, (0.5, 0.5, 0.5))  # the same field of view on other voxels
+    moved, note = labels_onto(labels, lps, fine, "seg", "the images")
+    assert note == "seg resampled onto the grid of the images (nearest neighbour)" and moved.shape == fine.shape
+    assert set(np.unique(moved)) == {0, 2} and dice(moved, sphere(fine, (-10, 12, 8), 5)) > 0.9
+    cropped = Grid((20, 24, 12), lps.affine)
+    with pytest.raises(TumorsegError, match=r"^seg \(shape \(20, 24, 12\)\) covers 75% of the field of view of the "
+                                            r"images \(shape \(20, 24, 16\); check their affines\)$"):
+        labels_onto(labels[:, :, :12], cropped, lps, "seg", "the images")

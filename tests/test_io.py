@@ -173,3 +173,17 @@ def test_a_lone_unrelated_file_beside_unlabelled_images_is_no_segmentation(tmp_p
     (folder / "brainmask.nii.gz").write_bytes((folder / "BraTS20_Validation_001_t1.nii.gz").read_bytes())
     (case,) = discover_cases(folder)
     assert case.seg is None and case.seg_note is None
+
+
+def test_written_maps_drop_the_reference_scans_scaling_and_display_window(tmp_path):
+    import nibabel as nib
+
+    from tumorseg.io import save_nifti
+
+    scan = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    scan.header["cal_min"], scan.header["cal_max"] = 0, 2000
+    scan.header.set_slope_inter(2.0, 10.0)
+    save_nifti(tmp_path / "labels.nii.gz", np.ones((4, 4, 4), np.uint8), np.eye(4), scan.header)
+    out = nib.load(tmp_path / "labels.nii.gz")
+    assert (out.header["cal_min"], out.header["cal_max"]) == (0, 0) and out.header.get_slope_inter() == (None, None)
+    assert np.array_equal(np.asarray(out.dataobj), np.ones((4, 4, 4)))

@@ -345,6 +345,58 @@ def _write_resampled(source, folder, target_affine, target_shape, order=1):
 
 
 @pytest.mark.real
+def test_real_truth_and_scans_on_different_grids(real_data_dir, tmp_path):
+    """A truth saved in RAS beside LPS scans, a T1 at 0.9 mm beside 1 mm scans and truth, a T1
+    cropped to the brain: each case is prepared, drawn and scored with its own truth."""
+    import shutil
+
+    from tumorseg.geometry import Grid, network_grid, resample
+    from tumorseg.plots.slices import load_case
+
+    source = real_data_dir / "Brats18_CBICA_AQT_1"
+    (case,) = discover_cases(source)
+    seg = nib.load(case.seg)
+    src = Grid(seg.shape, seg.affine)
+    ras = Grid(src.shape, src.affine @ np.array([[-1, 0, 0, 239], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    fine = network_grid(src, (0.9, 0.9, 0.9))
+    t1 = nib.load(case.image("t1"))
+    variants = {
+        "seg_ras": ("seg", ras, np.asarray(seg.dataobj), 0),
+        "t1_fine": ("t1", fine, np.asarray(t1.dataobj).astype(np.float32), 1),
+        "t1_cropped": ("t1", Grid((200, 210, 150), src.affine @ _shift(20, 15, 2)),
+                       np.asarray(t1.dataobj), 0),
+    }
+    prep = prepare(source, tmp_path / "prep-orig", PrepareConfig(channels=MODALITIES), workers=1, progress=False)
+    mask = np.load(tmp_path / f"prep-orig/masks/{prep.kept[0]}.npy")
+    base = evaluate(predict(_flair_predictor(), source, tmp_path / "pred-orig", progress=False).out_dir, source,
+                    progress=False).rows[0]
+    for name, (kind, grid, data, order) in variants.items():
+        folder = tmp_path / name / case.case_id
+        shutil.copytree(source, folder)
+        path = case.seg if kind == "seg" else case.image(kind)
+        nib.save(nib.Nifti1Image(resample(data, src, grid, order=order), grid.affine), folder / path.name)
+        res = prepare(folder, tmp_path / f"prep-{name}", PrepareConfig(channels=MODALITIES), workers=1, progress=False)
+        assert res.kept == prep.kept, name
+        if name == "seg_ras":  # an exact reorientation: the very same training labels
+            assert np.array_equal(np.load(tmp_path / f"prep-{name}/masks/{prep.kept[0]}.npy"), mask)
+        drawn = load_case(folder)
+        assert drawn.truth is not None and (drawn.truth_note is None) == (name != "t1_fine"), name
+        out = predict(_flair_predictor(), folder, tmp_path / f"pred-{name}", progress=False)
+        written = nib.load(out.written[0])
+        assert written.shape == (fine.shape if name == "t1_fine" else src.shape), name  # the finest, widest scan
+        (row,) = evaluate(out.out_dir, folder, progress=False).rows
+        assert row.status == "ok", (name, row.message)
+        assert ("resampled onto its ground truth's grid" in row.message) == (name == "t1_fine"), name
+        assert abs(row.metrics["WT"]["dice"] - base.metrics["WT"]["dice"]) < (0.05 if name == "t1_fine" else 1e-9), name
+
+
+def _shift(*voxels: int) -> np.ndarray:
+    out = np.eye(4)
+    out[:3, 3] = voxels
+    return out
+
+
+@pytest.mark.real
 def test_real_case_on_other_grids_agrees_with_its_original_grid(real_data_dir, tmp_path):
     from tumorseg.geometry import Grid, network_grid, resample
 

@@ -108,7 +108,7 @@ def test_resumable_and_force(tmp_path):
         ("inf", "bad_t2.nii.gz (t2) has 1 NaN or infinite voxel(s)"),
         ("2d", "bad_t1ce.nii.gz: expected a 3D volume, got shape (40, 40)"),
         ("4d", "bad_t1ce.nii.gz: expected a 3D volume, got shape (40, 40, 32, 2)"),
-        ("seg_shape", "bad: bad_seg.nii.gz has shape (40, 40, 30), images have (40, 40, 32)"),
+        ("seg_shape", "bad: bad_seg.nii.gz (shape (40, 40, 30)) covers 94% of the field of view of the images (shape (40, 40, 32)"),
     ],
 )
 def test_bad_case_reported_others_processed(tmp_path, breakage, message):
@@ -251,3 +251,12 @@ def test_config_takes_channels_as_the_cli_writes_them():
     assert PrepareConfig.from_dict({"channels": "all", "crop_size": [64] * 3}).channels == ("t1", "t1ce", "t2", "flair")
     with pytest.raises(TumorsegError, match="bad channels t2,pd"):
         PrepareConfig(channels="t2,pd")
+
+
+def test_the_reference_grid_is_the_finest_then_the_widest():
+    from tumorseg.geometry import Grid
+    from tumorseg.prepare.case import reference_index
+
+    one, fine, cropped = Grid((40, 40, 30), np.eye(4)), Grid((44, 44, 33), np.diag([0.9, 0.9, 0.9, 1])), Grid((30, 30, 20), np.eye(4))
+    assert reference_index([one, fine]) == 1  # a 1 mm scan is never blurred onto coarser voxels
+    assert reference_index([cropped, one, Grid((40, 40, 30), np.eye(4))]) == 1  # a cropped T1 would crop the labels

@@ -33,6 +33,7 @@ from .errors import TumorsegError
 CANONICAL_AXCODES: tuple[str, str, str] = ("L", "P", "S")
 SPACING_RTOL = 1e-3  # spacings closer than this (relative) count as equal: no resampling
 
+FOV_COVERED = 0.99  # share of a grid's field of view a label map moved onto it must cover
 _ROT_ATOL = 1e-4  # voxel-to-voxel matrix entries this close to 0/±1 count as an exact permutation
 _SHIFT_ATOL = 1e-3  # voxels
 
@@ -176,22 +177,46 @@ def resample(data: np.ndarray, src: Grid, dst: Grid, order: int, cval: float = 0
     return out.astype(out_dtype, copy=False).reshape((*data.shape[:lead], *dst.shape))
 
 
-def overlap_fraction(a: Grid, b: Grid) -> float:
-    """Share of a's field of view (voxel-centre box) inside b's, 0.0 when disjoint.
+def labels_onto(data: np.ndarray, src: Grid, dst: Grid, name: str, dst_name: str) -> tuple[np.ndarray, str | None]:
+    """A label map (a segmentation, a prediction) named `name` moved from `src` onto `dst`, and a
+    note when that took interpolation.
 
-    Approximated by the axis-aligned box, in b's voxel space, of a's 8 corner voxel centres;
-    used to refuse modalities of one case that do not overlap in world space.
+    The same grid: as stored. Another axis order or direction (a truth saved in RAS beside LPS
+    scans): exactly reoriented, no note. Other voxels covering `dst`'s whole field of view (a
+    0.9 mm T1's grid and a 1 mm truth's): nearest neighbour in world space, with a note. A map
+    covering less of it (cropped, shifted: usually a header written wrong) is an error naming
+    both, as labels outside it would silently be background.
     """
-    corners = np.array(np.meshgrid(*[[0, n - 1] for n in a.shape], indexing="ij")).reshape(3, -1).T
+    if dst.same_as(src):
+        return data, None
+    covered = overlap_fraction(dst, src, edges=True)
+    if covered < FOV_COVERED:
+        raise TumorsegError(f"{name} (shape {src.shape}) covers {covered:.0%} of the field of view of {dst_name} "
+                            f"(shape {dst.shape}; check their affines)")
+    exact = _exact_ornt(src, dst) is not None
+    moved = resample(data, src, dst, order=0)
+    return moved, None if exact else f"{name} resampled onto the grid of {dst_name} (nearest neighbour)"
+
+
+def overlap_fraction(a: Grid, b: Grid, edges: bool = False) -> float:
+    """Share of a's field of view inside b's, 0.0 when disjoint.
+
+    The field of view is the box of the voxel centres, or with `edges` of the voxels themselves
+    (half a voxel further: a 0.5 mm grid covers what a 1 mm grid of the same scan does).
+    Approximated by the axis-aligned box, in b's voxel space, of a's 8 corners; used to refuse
+    modalities of one case that do not overlap in world space.
+    """
+    half = 0.5 if edges else 0.0
+    corners = np.array(np.meshgrid(*[[-half, n - 1 + half] for n in a.shape], indexing="ij")).reshape(3, -1).T
     in_b = apply_affine(np.linalg.solve(b.affine, a.affine), corners)
     lo, hi = in_b.min(axis=0), in_b.max(axis=0)
-    top = np.asarray(b.shape, dtype=np.float64) - 1
+    bottom, top = -half, np.asarray(b.shape, dtype=np.float64) - 1 + half
     fraction = 1.0
     for axis in range(3):
         width = hi[axis] - lo[axis]
         if width <= 1e-9:  # a flat along this axis: all in or all out
-            inside = -_SHIFT_ATOL <= lo[axis] <= top[axis] + _SHIFT_ATOL
+            inside = bottom - _SHIFT_ATOL <= lo[axis] <= top[axis] + _SHIFT_ATOL
             fraction *= float(inside)
         else:
-            fraction *= max(0.0, min(hi[axis], top[axis]) - max(lo[axis], 0.0)) / width
+            fraction *= max(0.0, min(hi[axis], top[axis]) - max(lo[axis], bottom)) / width
     return float(fraction)

@@ -34,7 +34,10 @@ class Volume:
 
     @property
     def spacing(self) -> tuple[float, ...]:
-        return tuple(float(z) for z in self.header.get_zooms()[:3])
+        """Voxel sizes (mm) from the affine, which places the voxels: a header's pixdim may disagree."""
+        from nibabel.affines import voxel_sizes
+
+        return tuple(float(z) for z in voxel_sizes(self.affine))
 
 
 def load_nifti(path: str | os.PathLike, case_id: str | None = None) -> Volume:
@@ -196,8 +199,9 @@ def save_nifti(
     header = header.copy() if header is not None else None
     img = nib.Nifti1Image(array, affine, header)
     img.set_data_dtype(array.dtype)
-    if header is not None:
+    if header is not None:  # the reference scan's scaling and display window do not fit the new data
         img.header.set_slope_inter(1.0, 0.0)
+        img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0  # a label map in a 0..2000 window is black
     if description is not None:
         img.header["descrip"] = description.encode()[:79]
     with atomic_path(path) as tmp:

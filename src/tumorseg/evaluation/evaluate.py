@@ -34,13 +34,14 @@ import io as _stdio
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Collection, Iterable
 
 import numpy as np
 
 from ..errors import TumorsegError
+from ..geometry import Grid, labels_onto
 from ..io import NIFTI_RE, Volume, check_writable, load_nifti, write_text
 from ..labels import BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header
 from ..layouts import UNNAMED_CONVENTION, Case, discover_cases
@@ -204,19 +205,18 @@ def find_predictions(pred_dir: str | os.PathLike) -> tuple[dict[str, Path], dict
     return preds, conflicts
 
 
-def _check_geometry(case_id: str, pred: Volume, gt: Volume) -> None:
-    if pred.data.shape != gt.data.shape:
-        raise TumorsegError(
-            f"{case_id}: prediction {pred.path} has shape {pred.data.shape} "
-            f"but the ground truth {gt.path.name} has {gt.data.shape}"
-        )
-    diff = float(np.max(np.abs(np.asarray(pred.affine) - np.asarray(gt.affine))))
-    if not diff <= AFFINE_ATOL_MM:
-        raise TumorsegError(
-            f"{case_id}: prediction {pred.path} has a different affine from the ground truth "
-            f"{gt.path.name} (largest difference {diff:.4g}); write predictions with the "
-            "ground truth's geometry"
-        )
+def on_truth_grid(case_id: str, pred: Volume, gt: Volume) -> tuple[Volume, str | None]:
+    """The prediction on the truth's grid (`geometry.labels_onto`: exactly reoriented, or resampled
+    with a note when it covers the truth's field of view on other voxels, as a 0.9 mm T1's grid
+    that predict wrote on; otherwise refused, naming both files)."""
+    src, dst = Grid(pred.data.shape[:3], pred.affine), Grid(gt.data.shape[:3], gt.affine)
+    try:
+        data, moved = labels_onto(pred.data, src, dst, f"prediction {pred.path}", f"the ground truth {gt.path.name}")
+    except TumorsegError as exc:
+        raise TumorsegError(f"{case_id}: {exc}; write predictions with the ground truth's geometry") from None
+    # one wording for all cases: a folder of such predictions makes one note (`_grouped`)
+    note = moved and "prediction resampled onto its ground truth's grid (nearest neighbour)"
+    return replace(pred, data=data, affine=gt.affine), note
 
 
 def score_regions(
@@ -225,15 +225,19 @@ def score_regions(
     """The BraTS 2020 region metrics of a read prediction against its read truth, the two
     conventions and any note on a guessed one (`case_conventions`).
 
+    A prediction on another grid is scored on the truth's (`geometry.labels_onto`: exactly
+    reoriented, else nearest neighbour, noted). Distances use the truth's voxel sizes.
+
     Raises:
-        TumorsegError: the grids differ, or labels lie outside their convention (naming both files).
+        TumorsegError: the grids do not overlap, or labels lie outside their convention (naming both files).
     """
-    _check_geometry(case_id, pred, gt)
+    pred, moved = on_truth_grid(case_id, pred, gt)
     try:
         pred_conv, gt_conv, note = case_conventions(pred, gt, gt_labels, pred_labels)
-        return region_metrics(pred.data, gt.data, gt.spacing, pred_conv, gt_conv), pred_conv, gt_conv, note
+        metrics = region_metrics(pred.data, gt.data, gt.spacing, pred_conv, gt_conv)
     except ValueError as exc:
         raise TumorsegError(f"{case_id}: {exc} (prediction {pred.path}, ground truth {gt.path.name})") from None
+    return metrics, pred_conv, gt_conv, "; ".join(n for n in (note, moved) if n) or None
 
 
 def evaluate_case(
@@ -251,7 +255,9 @@ def evaluate_case(
     try:
         gt = load_nifti(seg_path, case_id)
         pred = load_nifti(pred_path, case_id)
+        pred, moved = on_truth_grid(case_id, pred, gt)  # once, for the region and the lesion-wise metrics
         metrics, pred_conv, gt_conv, note = score_regions(case_id, pred, gt, gt_labels, pred_labels)
+        note = "; ".join(n for n in (moved, note) if n)
         lesions = lesionwise_metrics(pred_conv.regions(pred.data), gt_conv.regions(gt.data), gt.spacing,
                                      case_challenge(case_id, challenge))
     except TumorsegError as exc:

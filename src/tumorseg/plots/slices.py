@@ -16,6 +16,7 @@ Slice numbers are voxel indices in that orientation.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import TumorsegError
+from ..geometry import labels_onto
 from ..io import atomic_path, load_nifti
 from ..labels import BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention_from_header, to_training_labels
 from ..layouts import Case, discover_cases, is_case_list
@@ -59,6 +61,8 @@ class CaseImages:
         full_shape: for a prepared case, the shape of the scan before cropping.
         crop_box: for a prepared case, where the crop sits in the full scan.
         labels: label convention of the case's files (a prediction's own tag wins).
+        truth_note: why the ground truth is not drawn (truth None), or how it was put on the
+            images' grid (nearest neighbour), or None.
     """
 
     case_id: str
@@ -71,6 +75,7 @@ class CaseImages:
     full_shape: tuple[int, ...] | None = None
     crop_box: tuple[tuple[int, int], ...] | None = None
     labels: LabelConvention = BRATS2020
+    truth_note: str | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -105,6 +110,9 @@ def save_case_plot(
     """
     views = _check_views(views)
     data = load_case(case)
+    if data.truth_note:
+        kind = "warning" if data.truth is None else "note"
+        print(f"{kind}: {data.case_id}: {data.truth_note}", file=sys.stderr)
     labels = None if pred is None else load_prediction(pred, data)
     images, truth, labels, spacing = to_lps(data, labels)
     brain = np.any(images != 0, axis=0)
@@ -177,20 +185,21 @@ def load_case(case: str | os.PathLike | Case) -> CaseImages:
 
 
 def _load_raw(case: Case) -> CaseImages:
-    from ..prepare.case import load_channels  # modalities on one grid, 4D files split, as prediction sees them
+    from ..prepare.case import grid, load_channels  # modalities on one grid, 4D files split
 
     names = tuple(m for m in MODALITIES if m in case.images)
     vols = load_channels(case, names)
-    shape = vols[0].data.shape
     images = np.stack([v.data.astype(np.float32, copy=False) for v in vols])
-    truth = None
-    if case.seg is not None:
-        seg = load_nifti(case.seg, case.case_id)
-        if seg.data.shape != shape:
-            raise TumorsegError(f"{case.seg}: shape {seg.data.shape} differs from the images' {shape}")
-        truth = raw_to_labels(seg.data, case.seg, case.labels)
+    truth, note = None, None
+    if case.seg is not None:  # a truth that cannot be drawn leaves the scans and the prediction drawable
+        try:
+            seg = load_nifti(case.seg, case.case_id)
+            on_images, note = labels_onto(seg.data, grid(seg), grid(vols[0]), case.seg.name, "the images")
+            truth = raw_to_labels(on_images, case.seg, case.labels)
+        except TumorsegError as exc:
+            note = f"ground truth not drawn: {exc}"
     return CaseImages(case.case_id, names, images, truth, case.folder, vols[0].affine, vols[0].spacing,
-                      labels=case.labels)
+                      labels=case.labels, truth_note=note)
 
 
 def _load_prepared(path: Path) -> CaseImages:

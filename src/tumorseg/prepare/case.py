@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TumorsegError
-from ..geometry import Grid, network_grid, overlap_fraction, resample
+from ..geometry import Grid, labels_onto, network_grid, overlap_fraction, resample
 from ..io import Volume, load_nifti, save_npy, write_text
 from ..labels import CAVITY_CLASS
 from ..layouts import Case, load_images
@@ -27,10 +27,15 @@ def grid(vol: Volume) -> Grid:
 
 
 def reference_index(grids: list[Grid]) -> int:
-    """The modality whose grid the others are resampled onto: the finest (smallest voxels),
-    the first in channel order on a tie, so a 1 mm T1CE is never blurred to a 5 mm FLAIR's grid."""
-    volumes = [round(float(np.prod(g.spacing)), 6) for g in grids]
-    return volumes.index(min(volumes))
+    """The modality whose grid the others are resampled onto: the finest (smallest voxels), so a
+    1 mm T1CE is never blurred to a 5 mm FLAIR's grid; on a tie the widest field of view (a scan
+    cropped to the brain would crop the others, and the labels written on its grid), then the
+    first in channel order."""
+    def key(i: int) -> tuple[float, int, int]:
+        voxel = round(float(np.prod(grids[i].spacing)), 6)
+        return voxel, -int(np.prod(grids[i].shape)), i
+
+    return min(range(len(grids)), key=key)
 
 
 def load_channels(case: Case, channels: tuple[str, ...]) -> list[Volume]:
@@ -100,11 +105,10 @@ def to_network_grid(vols: list[Volume], spacing) -> tuple[list[np.ndarray], Grid
     return [resample(v.data, src, net, order=1) for v in vols], src, net
 
 
-def load_segmentation(case: Case, src: Grid, net: Grid, cavity: str | None) -> np.ndarray:
-    """The case's segmentation, validated in its label convention, as training labels on `net`."""
+def load_segmentation(case: Case, src: Grid, net: Grid, cavity: str | None) -> tuple[np.ndarray, str | None]:
+    """The case's segmentation, validated in its label convention, as training labels on `net`,
+    and a note when it had to be resampled onto the images' grid `src` (`geometry.labels_onto`)."""
     seg = load_nifti(case.seg, case.case_id)
-    if seg.data.shape != src.shape:
-        raise TumorsegError(f"{case.case_id}: {case.seg.name} has shape {seg.data.shape}, images have {src.shape}")
     bad = case.labels.invalid(seg.data)
     if bad:
         raise TumorsegError(
@@ -115,7 +119,11 @@ def load_segmentation(case: Case, src: Grid, net: Grid, cavity: str | None) -> n
         labels = case.labels.to_training(seg.data, cavity)
     except TumorsegError as exc:
         raise TumorsegError(f"{case.case_id}: {case.seg}: {exc}") from None
-    return resample(labels, src, net, order=0)
+    try:
+        labels, note = labels_onto(labels, grid(seg), src, case.seg.name, "the images")
+    except TumorsegError as exc:
+        raise TumorsegError(f"{case.case_id}: {exc}") from None
+    return resample(labels, src, net, order=0), note and f"{case.case_id}: {note}"
 
 
 def scaled_window(data: list[np.ndarray], norm: str, brain: np.ndarray, box: Box) -> np.ndarray:
@@ -159,7 +167,8 @@ def prepare_case(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
     if case.seg is None:
         record.update(status="unlabelled", reason="no segmentation: prepared for prediction only")
     else:
-        labels = load_segmentation(case, src, net, config.cavity)
+        labels, note = load_segmentation(case, src, net, config.cavity)
+        warnings += [note] if note else []
         mask = crop(labels, box)
         tumour_total = int(np.count_nonzero((labels > 0) & (labels < CAVITY_CLASS)))  # the cavity is not tumour
         tumour_crop = int(np.count_nonzero((mask > 0) & (mask < CAVITY_CLASS)))

@@ -96,6 +96,9 @@ def report_case(
     wt = whole_tumour(labels)
     measures = measure(labels, prediction.affine, conv, wt)
     warnings = case_warnings(wt, measures, brain if images is not None else None) + moved
+    notes = [note] if note else []
+    if data.truth_note:  # the truth is only drawn here: a bad one costs its overlay, not the case
+        (warnings if data.truth is None else notes).append(data.truth_note)
     unc_map, score = None, None
     if uncertainty is not None:
         try:
@@ -104,7 +107,7 @@ def report_case(
         except TumorsegError as exc:
             warnings.append(f"{exc}; uncertainty not shown")
     figures = save_figures(make_scene(data, labels, brain, wt), measures, unc_map, figure_dir, case_id)
-    return CaseReport(case_id, path, conv, measures, warnings, figures, score, notes=[note] if note else [])
+    return CaseReport(case_id, path, conv, measures, warnings, figures, score, notes=notes)
 
 
 def _load_uncertainty(path: Path, case_id: str, shape: tuple[int, ...]) -> np.ndarray:
