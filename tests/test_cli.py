@@ -79,6 +79,13 @@ def test_only_the_cases_asked_for(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: {raw}: no case(s) BraTS20_Training_009 among its 3" in err
     assert "expected case ids separated by commas" in err
+    assert main(["evaluate", str(out), str(raw), "--cases", "BraTS20_Training_000", "--challenge", "brats-met"]) == 0
+    assert "BraTS 2023+ lesion-wise (MET" in capsys.readouterr().out
+    from tumorseg.layouts import discover_cases
+
+    assert [c.case_id for c in discover_cases(raw, only="BraTS20_Training_001")] == ["BraTS20_Training_001"]
+    with pytest.raises(__import__("tumorseg.errors").errors.TumorsegError, match="an empty selection of cases"):
+        discover_cases(raw, only=[])
 
 
 def test_user_errors_are_one_line(trained, tmp_path, capsys):

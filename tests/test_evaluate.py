@@ -169,3 +169,24 @@ def test_an_output_that_cannot_be_written_fails_before_the_scoring(folders, tmp_
     monkeypatch.setattr(module, "_run_jobs", lambda *a: pytest.fail("scored although the results could not be kept"))
     with pytest.raises(TumorsegError, match=rf"^{tmp_path / 'file' / 'out'}: cannot write there"):
         evaluate(pred, gt, out_csv=tmp_path / "file/out/m.csv", progress=False)
+
+
+def test_predictions_on_other_grids(folders, tmp_path, capsys):
+    """The same voxels in RAS: scored as they are; a wider view (padded, header unchanged) or a
+    missing folder: refused, and nothing created."""
+    gt, _ = folders
+    seg = nib.load(gt / case_id(1) / f"{case_id(1)}_seg.nii.gz")
+    data = np.asarray(seg.dataobj)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = np.array(data.shape[:2]) - 1
+    (tmp_path / "ras").mkdir()
+    save(tmp_path / "ras" / f"{case_id(1)}.nii.gz", data[::-1, ::-1].copy(), seg.affine @ flip)
+    (row,) = evaluate(tmp_path / "ras", gt, cases=[case_id(1)], progress=False).rows
+    assert row.status == "ok" and row.metrics["WT"]["dice"] == 1.0 and "resampled" not in row.message
+    (tmp_path / "pad").mkdir()
+    save(tmp_path / "pad" / f"{case_id(1)}.nii.gz", np.pad(data, 4), seg.affine)
+    (row,) = evaluate(tmp_path / "pad", gt, cases=[case_id(1)], progress=False).rows
+    assert row.status == "error" and "do not cover the same field of view" in row.message
+    with pytest.raises(TumorsegError, match="no such folder"):
+        evaluate(tmp_path / "typo", gt, progress=False)
+    assert not (tmp_path / "typo").exists()

@@ -223,6 +223,17 @@ def test_labels_onto_another_grid():
     assert note == "seg resampled onto the grid of the images (nearest neighbour)" and moved.shape == fine.shape
     assert set(np.unique(moved)) == {0, 2} and dice(moved, sphere(fine, (-10, 12, 8), 5)) > 0.9
     cropped = Grid((20, 24, 12), lps.affine)
-    with pytest.raises(TumorsegError, match=r"^seg \(shape \(20, 24, 12\)\) covers 75% of the field of view of the "
-                                            r"images \(shape \(20, 24, 16\); check their affines\)$"):
+    with pytest.raises(TumorsegError, match=r"^seg \(shape \(20, 24, 12\)\) and the images \(shape \(20, 24, 16\)\) do "
+                                            r"not cover the same field of view \(75% shared; check their affines\)$"):
         labels_onto(labels[:, :, :12], cropped, lps, "seg", "the images")
+
+
+def test_labels_onto_refuses_a_wider_view_and_keeps_the_edges():
+    lps = lps_grid()
+    padded = Grid((28, 32, 16), lps.affine)  # padded with the header unchanged: labels would shift
+    with pytest.raises(TumorsegError, match=r"do not cover the same field of view \(54% shared"):
+        labels_onto(np.zeros((28, 32, 16), np.uint8), padded, lps, "seg", "the images")
+    coarse = lps_grid((10, 12, 8), (2.0, 2.0, 2.0))
+    fine = network_grid(coarse, (1.0, 1.0, 1.0))  # its outer half voxels lie beyond the coarse centres
+    moved, _ = labels_onto(np.ones((10, 12, 8), np.uint8), coarse, fine, "seg", "the images")
+    assert moved.shape == fine.shape and moved.all()

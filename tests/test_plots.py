@@ -91,10 +91,21 @@ def test_prepared_case(tmp_path):
 def test_prediction_shape_mismatch(raw_case, tmp_path):
     pred = tmp_path / "bad.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((40, 40, 30), np.uint8), AFFINE), pred)
-    message = r"bad\.nii\.gz: prediction has shape \(40, 40, 30\), but case case_a has \(40, 40, 32\)"
+    message = (r"bad\.nii\.gz \(shape \(40, 40, 30\)\) and the images \(shape \(40, 40, 32\)\) do not cover the same "
+               r"field of view \(94% shared")
     with pytest.raises(TumorsegError, match=message):
         save_case_plot(raw_case, pred, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_prediction_stored_in_another_orientation_is_drawn_in_place(raw_case, tmp_path):
+    from tumorseg.plots.slices import load_case, load_prediction
+
+    seg = nib.load(raw_case / "case_a_seg.nii.gz")
+    flip = np.array([[-1, 0, 0, SHAPE[0] - 1], [0, -1, 0, SHAPE[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.asarray(seg.dataobj)[::-1, ::-1].copy(), seg.affine @ flip), tmp_path / "ras.nii.gz")
+    data = load_case(raw_case)
+    assert np.array_equal(load_prediction(tmp_path / "ras.nii.gz", data), data.truth)
 
 
 def test_missing_files(raw_case, tmp_path):

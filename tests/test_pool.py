@@ -1,13 +1,17 @@
+import multiprocessing
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tumorseg.pool import worker_pool
 
 PARENT = """
-import os, sys, time
+import multiprocessing, os, sys, time
 from tumorseg.pool import worker_pool
+multiprocessing.set_start_method(sys.argv[1])
 pool = worker_pool(1)
 print(pool.submit(os.getpid).result(), flush=True)
 time.sleep(60)
@@ -22,13 +26,16 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_a_pool_works_as_a_pool():
-    with worker_pool(2) as pool:
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_pool_works_as_a_pool(method):
+    with worker_pool(2, multiprocessing.get_context(method)) as pool:
         assert list(pool.map(abs, [-1, -2, 3])) == [1, 2, 3]
 
 
-def test_workers_exit_when_their_parent_is_killed():
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("method", ["fork", "forkserver"])  # forkserver: Python 3.14's default on Linux
+def test_workers_exit_when_their_parent_is_killed(method):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, method], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)  # the killed parent's resource tracker complains of its semaphores
     worker = int(parent.stdout.readline())
     assert _running(worker)
     parent.kill()  # as the out-of-memory killer would: no clean-up in the parent

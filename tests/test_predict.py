@@ -215,7 +215,7 @@ def test_broken_case_reported_others_written(ckpt, tmp_path, capsys, breakage, m
     else:
         nib.save(nib.Nifti1Image(np.ones((40, 40, 30), np.int16), np.eye(4)), folder / "bad_flair.nii.gz")
     res = predict(ckpt, tmp_path / "raw", tmp_path / "pred", device="cpu", progress=False)
-    assert list(res.failed) == ["bad"] and message in res.failed["bad"]
+    assert list(res.failed) == ["bad"] and message in res.failed["bad"] and res.predicted == ["good"]
     assert res.written == [tmp_path / "pred/good.nii.gz"] and not (tmp_path / "pred/bad.nii.gz").exists()
     err = capsys.readouterr().err
     assert f"error: {res.failed['bad']}" in err and len(err.strip().splitlines()) == 1

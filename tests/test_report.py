@@ -249,10 +249,11 @@ def built(tmp_path_factory):
 
 def test_bad_inputs_are_one_line_each_and_the_rest_is_reported(built):
     root, result = built
-    assert sorted(c.case_id for c in result.cases) == ["case_0", "case_1", "odd <&> name"]
-    assert set(result.failed) == {"case_2", "garbage"}
-    assert ("case_2.nii.gz: prediction has shape (8, 8, 8), but the images of case case_2 have (40, 40, 32)"
-            in result.failed["case_2"])
+    assert sorted(c.case_id for c in result.cases) == ["case_0", "case_1", "case_2", "odd <&> name"]
+    assert set(result.failed) == {"garbage"}
+    case_2 = next(c for c in result.cases if c.case_id == "case_2")  # measured, drawn without its images
+    assert any(w.startswith("not drawn over its images: prediction ") and "case_2.nii.gz (shape (8, 8, 8)) and the "
+               "images of case case_2 (shape (40, 40, 32)) do not cover the same field of view" in w for w in case_2.warnings)
     assert "garbage.nii.gz: cannot read NIfTI" in result.failed["garbage"]
     assert all("\n" not in m for m in result.failed.values())
     odd = next(c for c in result.cases if c.case_id == "odd <&> name")
@@ -411,7 +412,8 @@ def test_each_prediction_is_read_once_for_measures_figures_and_metrics(tmp_path,
     case0, case1 = result.cases
     assert all(case0.metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET")) and case0.warnings == []
     assert case1.metrics is None
-    assert any(w.startswith("not scored against the ground truth") and "% of the field of view" in w for w in case1.warnings)
+    assert any(w.startswith("not scored against the ground truth") and "the same field of view" in w for w in case1.warnings)
+    assert any(w.startswith("not drawn over its images") for w in case1.warnings)
 
 
 def test_brain_and_whole_tumour_masks_are_computed_once_per_case(tmp_path, monkeypatch):

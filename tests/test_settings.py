@@ -48,6 +48,8 @@ def test_yaml_exponent_without_a_dot_is_a_learning_rate(tmp_path):
     (tmp_path / "c.yaml").write_text("lr: 1e-4\nepochs: '5'\npatch: 64,64,64\n")  # YAML reads 1e-4 as a string
     cfg = resolve_config(tmp_path / "c.yaml")
     assert (cfg.lr, cfg.epochs, cfg.patch) == (1e-4, 5, [64, 64, 64])
+    (tmp_path / "off.yaml").write_text("amp: off\n")  # YAML 1.1: false
+    assert resolve_config(tmp_path / "off.yaml").amp == "off"
     (tmp_path / "bad.yaml").write_text("epochs: ten\n")
     with pytest.raises(TumorsegError, match=r"bad.yaml: epochs must be an integer \(got 'ten'\)"):
         resolve_config(tmp_path / "bad.yaml")

@@ -23,6 +23,15 @@ def _names(text: str) -> list[str]:
     return names
 
 
+def _challenge(text: str) -> str:
+    from .evaluation.lesionwise import challenge_name
+
+    try:
+        return challenge_name(text)  # any spelling: gli, BraTS-MET
+    except TumorsegError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _ints(n: int):
     def parse(text: str) -> tuple[int, ...]:
         parts = text.replace("x", ",").split(",") if isinstance(text, str) else text
@@ -123,10 +132,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                      plots=args.plots, overlap=args.overlap, labels=args.labels, amp=args.amp,
                      uncertainty=args.uncertainty, report=args.report, engine=args.engine, window=args.window,
                      cases=args.cases)
-    n_cases = len({Path(p).name.split(".")[0].removesuffix("_probabilities").removesuffix("_uncertainty")
-                   for p in result.written})
     rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    print(f"{rank}predicted {n_cases} case(s) into {args.out_dir}"
+    print(f"{rank}predicted {len(result.predicted)} case(s) into {args.out_dir}"
           + (f", {len(result.skipped)} already done (--force to redo them)" if result.skipped else "")
           + (f", {len(result.failed)} failed" if result.failed else ""))
     return 1 if result.failed else 0
@@ -248,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ground truth's label convention (default: detected from its layout)")
     p.add_argument("--pred-labels", choices=("brats2020", "brats2023", "msd"),
                    help="the predictions' label convention (default: the tag predict writes, else the truth's)")
-    p.add_argument("--challenge", choices=("GLI", "PED", "SSA", "MEN", "MET", "GoAT"),
+    p.add_argument("--challenge", type=_challenge, metavar="{GLI,PED,SSA,MEN,MET,GoAT}",
                    help="lesion-wise metric parameters (default: from BraTS-XXX- case ids, else GLI)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cases", type=_names, metavar="ID,ID", help="only these cases of GT_DIR (default: all)")

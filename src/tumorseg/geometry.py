@@ -33,7 +33,7 @@ from .errors import TumorsegError
 CANONICAL_AXCODES: tuple[str, str, str] = ("L", "P", "S")
 SPACING_RTOL = 1e-3  # spacings closer than this (relative) count as equal: no resampling
 
-FOV_COVERED = 0.99  # share of a grid's field of view a label map moved onto it must cover
+FOV_SHARED = 0.99  # share of each other's field of view a label map and the grid it moves onto must cover
 _ROT_ATOL = 1e-4  # voxel-to-voxel matrix entries this close to 0/±1 count as an exact permutation
 _SHIFT_ATOL = 1e-3  # voxels
 
@@ -135,13 +135,14 @@ def _exact_ornt(src: Grid, dst: Grid) -> np.ndarray | None:
     return ornt
 
 
-def resample(data: np.ndarray, src: Grid, dst: Grid, order: int, cval: float = 0.0) -> np.ndarray:
+def resample(data: np.ndarray, src: Grid, dst: Grid, order: int, cval: float = 0.0, mode: str = "constant") -> np.ndarray:
     """`data` (..., X, Y, Z) on `src` -> (..., *dst.shape) on `dst`.
 
     dst same as src: `data` itself. dst an axis permutation/flip of src: exact reorientation,
     dtype kept (a contiguous copy). Otherwise spline interpolation of `order` (0 nearest for
-    labels, 1 linear), channel by channel; points outside src's voxel centres get `cval`;
-    order 0 keeps the dtype, order >= 1 returns float32.
+    labels, 1 linear), channel by channel; points outside src's voxel centres get `cval`
+    (`mode` "nearest": the nearest edge voxel's value); order 0 keeps the dtype, order >= 1
+    returns float32.
     """
     data = np.asarray(data)
     if data.ndim < 3 or tuple(data.shape[-3:]) != src.shape:
@@ -172,7 +173,7 @@ def resample(data: np.ndarray, src: Grid, dst: Grid, order: int, cval: float = 0
             chan = chan.astype(work_dtype[chan.dtype])
         affine_transform(
             chan, matrix, offset=offset, output_shape=dst.shape, output=out[c],
-            order=order, mode="constant", cval=cval, prefilter=order > 1,
+            order=order, mode=mode, cval=cval, prefilter=order > 1,
         )  # fmt: skip
     return out.astype(out_dtype, copy=False).reshape((*data.shape[:lead], *dst.shape))
 
@@ -182,19 +183,19 @@ def labels_onto(data: np.ndarray, src: Grid, dst: Grid, name: str, dst_name: str
     note when that took interpolation.
 
     The same grid: as stored. Another axis order or direction (a truth saved in RAS beside LPS
-    scans): exactly reoriented, no note. Other voxels covering `dst`'s whole field of view (a
-    0.9 mm T1's grid and a 1 mm truth's): nearest neighbour in world space, with a note. A map
-    covering less of it (cropped, shifted: usually a header written wrong) is an error naming
-    both, as labels outside it would silently be background.
+    scans): exactly reoriented, no note. Other voxels over the same field of view (a 0.9 mm T1's
+    grid and a 1 mm truth's): nearest neighbour in world space, with a note. Fields of view that
+    differ (cropped, padded, shifted: usually a header written wrong) are an error naming both:
+    labels outside the other's view would silently be lost or be background.
     """
     if dst.same_as(src):
         return data, None
-    covered = overlap_fraction(dst, src, edges=True)
-    if covered < FOV_COVERED:
-        raise TumorsegError(f"{name} (shape {src.shape}) covers {covered:.0%} of the field of view of {dst_name} "
-                            f"(shape {dst.shape}; check their affines)")
+    shared = min(overlap_fraction(dst, src, edges=True), overlap_fraction(src, dst, edges=True))
+    if shared < FOV_SHARED:
+        raise TumorsegError(f"{name} (shape {src.shape}) and {dst_name} (shape {dst.shape}) do not cover the same field "
+                            f"of view ({shared:.0%} shared; check their affines)")
     exact = _exact_ornt(src, dst) is not None
-    moved = resample(data, src, dst, order=0)
+    moved = resample(data, src, dst, order=0, mode="nearest")  # the outer half voxel of a finer grid too
     return moved, None if exact else f"{name} resampled onto the grid of {dst_name} (nearest neighbour)"
 
 

@@ -11,18 +11,27 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.context import BaseContext
+
+from .lock import pid_alive
 
 PARENT_POLL_S = 1.0
 
 
-def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool whose workers exit within about a second of the calling process's death."""
-    return ProcessPoolExecutor(max_workers=workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+def worker_pool(workers: int, context: BaseContext | None = None) -> ProcessPoolExecutor:
+    """A process pool (of `context`'s start method; None: the default) whose workers exit within
+    about a second of the calling process's death."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_exit_with_parent,
+                               initargs=(os.getpid(),))
 
 
 def _exit_with_parent(parent: int) -> None:
+    """Exit when the pool's creator is gone: re-parented (fork), or the creator not alive (under
+    forkserver, Python 3.14's default, a worker's parent is the fork server, not the creator)."""
+    first = os.getppid()
+
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == first and pid_alive(parent):
             time.sleep(PARENT_POLL_S)
         os._exit(1)
 

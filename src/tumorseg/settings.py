@@ -73,6 +73,8 @@ def _convert(value: Any, hint: Any) -> Any:
         if not math.isfinite(number):
             raise ValueError
         return number
+    if hint is str and isinstance(value, bool):
+        return "on" if value else "off"  # YAML 1.1 reads `amp: off` as false
     if hint is str and not isinstance(value, str):
         raise TypeError
     return value

@@ -56,7 +56,6 @@ ALL_METRICS: tuple[str, ...] = (*METRICS, *LESION_METRICS)
 FAILED_LESIONS: dict[str, float] = {"lesion_dice": 0.0, "lesion_hd95": LESION_HD95_MISS}
 _CHALLENGE_RE = re.compile(r"^BraTS-(?P<challenge>[A-Za-z]+)-\d+")
 STATS: tuple[str, ...] = ("mean", "std", "median", "25quantile", "75quantile")
-AFFINE_ATOL_MM = 1e-3
 _METRIC_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)", "sensitivity": "Sensitivity", "specificity": "Specificity",
                   "lesion_dice": "LesionDice", "lesion_hd95": "LesionHD95"}
 
@@ -404,10 +403,10 @@ def evaluate(
         TumorsegError: a folder is missing, holds no predictions or no segmentations.
     """
     challenge = challenge_name(challenge) if challenge is not None else None
-    for out in (out_csv, out_json):
-        if out is not None:  # before the scoring, which a failed write at the end would throw away
-            check_writable(Path(out).parent)
     jobs, decided, lists = _pair_cases(gt_dir, pred_dir, labels, challenge, pred_labels, cases)
+    for out in (out_csv, out_json):
+        if out is not None:  # the inputs are checked; now, before the scoring a failed write would lose
+            check_writable(Path(out).parent)
     rows = sorted(decided + _run_jobs(jobs, workers, progress), key=lambda r: r.case_id)
     lists["notes"] += [r.message for r in rows if r.status == STATUS_OK and r.message]
     missing = [r.case_id for r in rows if r.status == STATUS_MISSING]

@@ -256,9 +256,11 @@ def probability_channels(target: str, k: int) -> tuple[str, ...]:
 
 @dataclass
 class PredictResult:
-    """What a predict run did: files written, cases skipped (outputs existed), cases failed."""
+    """What a predict run did: cases predicted and their files written, cases skipped (outputs
+    existed), cases failed."""
 
     out_dir: Path
+    predicted: list[str] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
@@ -552,6 +554,7 @@ def predict(
             for case, future in writes:
                 try:
                     result.written.extend(future.result())
+                    result.predicted.append(case.case_id)
                 except Exception as exc:  # noqa: BLE001
                     result.failed[case.case_id] = _failure(case, exc)
                     bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import TumorsegError
-from ..geometry import labels_onto
+from ..geometry import Grid, labels_onto
 from ..io import atomic_path, load_nifti
 from ..labels import BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention_from_header, to_training_labels
 from ..layouts import Case, discover_cases, is_case_list
@@ -257,7 +257,14 @@ def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> n
             labels = _npy_to_labels(_load_npy(where), where)
         else:
             vol = load_nifti(where, data.case_id)
-            labels = raw_to_labels(vol.data, where, convention_from_header(vol.header) or data.labels)
+            raw = vol.data
+            if data.affine is not None and data.crop_box is None:  # stored in another orientation: reoriented
+                from ..prepare.case import grid
+
+                raw, note = labels_onto(raw, grid(vol), Grid(data.shape, data.affine), where.name, "the images")
+                if note:
+                    print(f"note: {data.case_id}: {note}", file=sys.stderr)
+            labels = raw_to_labels(raw, where, convention_from_header(vol.header) or data.labels)
     if labels.shape == data.shape:
         return labels
     if data.crop_box is not None and labels.shape == data.full_shape:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TumorsegError
-from ..evaluation.evaluate import AFFINE_ATOL_MM, detect_labels, truth_labels
+from ..evaluation.evaluate import detect_labels, truth_labels
+from ..geometry import Grid, labels_onto, resample
 from ..io import Volume, load_nifti
 from ..labels import LabelConvention, convention_from_header
 from ..layouts import Case
@@ -81,22 +82,22 @@ def report_case(
         labels = raw_to_labels(prediction.data, path, conv)
     except TumorsegError as exc:
         raise TumorsegError(f"{exc}{f' ({note})' if note else ''}") from None
-    moved = []
-    if images is not None:
-        data = replace(load_case(images), labels=conv)
-        if data.shape != labels.shape:
-            raise TumorsegError(f"{path}: prediction has shape {labels.shape}, "
-                                f"but the images of case {case_id} have {data.shape}")
-        if not np.allclose(data.affine, prediction.affine, rtol=0, atol=AFFINE_ATOL_MM):
-            moved.append(f"the prediction's affine differs from its images' ({path.name}): "
-                         "measurements use the prediction's header")
-    else:
+    drawn, grids, note_moved, apart = labels, None, None, []  # drawn: the prediction on its images' grid
+    data = replace(load_case(images), labels=conv) if images is not None else None
+    if data is not None:
+        grids = Grid(labels.shape, prediction.affine), Grid(data.shape, data.affine)
+        try:  # another orientation is reoriented exactly; other voxels over the same view: nearest, noted
+            drawn, note_moved = labels_onto(labels, *grids, f"prediction {path}", f"the images of case {case_id}")
+        except TumorsegError as exc:  # its volumes and diameters need no images: drawn alone
+            data, apart = None, [f"not drawn over its images: {exc}"]
+    if data is None:
         data = blank_case(case_id, path, labels, prediction.affine, conv)
     brain = brain_mask(list(data.images))  # as prediction saw it, a background off 0 included
     wt = whole_tumour(labels)
-    measures = measure(labels, prediction.affine, conv, wt)
-    warnings = case_warnings(wt, measures, brain if images is not None else None) + moved
-    notes = [note] if note else []
+    measures = measure(labels, prediction.affine, conv, wt)  # in the prediction's own grid
+    wt_drawn = wt if drawn is labels else whole_tumour(drawn)
+    warnings = case_warnings(wt_drawn, measures, brain if images is not None and not apart else None) + apart
+    notes = [n for n in (note, note_moved) if n]
     if data.truth_note:  # the truth is only drawn here: a bad one costs its overlay, not the case
         (warnings if data.truth is None else notes).append(data.truth_note)
     unc_map, score = None, None
@@ -104,9 +105,11 @@ def report_case(
         try:
             unc_map = _load_uncertainty(uncertainty, case_id, labels.shape)
             score = uncertainty_score(unc_map, wt)
+            if drawn is not labels:
+                unc_map = resample(unc_map, *grids, order=1, mode="nearest")
         except TumorsegError as exc:
             warnings.append(f"{exc}; uncertainty not shown")
-    figures = save_figures(make_scene(data, labels, brain, wt), measures, unc_map, figure_dir, case_id)
+    figures = save_figures(make_scene(data, drawn, brain, wt_drawn), measures, unc_map, figure_dir, case_id)
     return CaseReport(case_id, path, conv, measures, warnings, figures, score, notes=notes)
 
 
