@@ -119,6 +119,8 @@ def test_bad_inputs_are_one_line_errors(prepared, tmp_path):
         train(prepared, tmp_path / "run", TrainConfig(epochs=2, **{**TINY, "filters": [4, 8]}), resume=True)
     with pytest.raises(TumorsegError, match="patch"):
         train(prepared, tmp_path / "r2", TrainConfig(patch=[10, 10, 10], **TINY))
+    with pytest.raises(TumorsegError, match=r"class_weights for target 'regions' must be 3 non-negative values"):
+        train(prepared, tmp_path / "r4", resolve_config(None, {"target": "regions", **TINY}, recipe="seed"))
     (tmp_path / "bad.toml").write_text("epochs = 2\nlearning_rate = 1\n")
     with pytest.raises(TumorsegError, match="unknown key.*learning_rate"):
         resolve_config(tmp_path / "bad.toml")

@@ -185,6 +185,10 @@ def train(
         raise TumorsegError(f"{prepared_dir}: the resection cavity was kept as a class (--cavity keep); it is no "
                             "BraTS region, so train with --target labels (or prepare with --cavity drop)")
     out_channels = len(REGIONS) if config.target == "regions" else classes
+    try:  # weights that do not fit the target (a recipe's 4 with --target regions): one line, before any work
+        build_loss(config.target, config.class_weights, classes=out_channels)
+    except ValueError as exc:
+        raise TumorsegError(f"{str(exc).rstrip('.')}: set class_weights in a --config file (null: unweighted)") from None
     spec = network_spec(config.model, len(manifest["settings"]["channels"]), out_channels,
                         config.filters, config.dropout, config.deep_supervision)
     if resume and not (run_dir / "last.pt").is_file():  # before the lock, which would create the folder
