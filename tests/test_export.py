@@ -59,10 +59,10 @@ def _json(value):
     return json.loads(json.dumps(value, default=lambda t: t.tolist()))
 
 
-def _export(tmp_path, **kwargs):
+def _export(tmp_path, opset=OPSET, **kwargs):
     state = _state(**kwargs)
     save_checkpoint(tmp_path / "m.pt", state)
-    return state, export_onnx(tmp_path / "m.pt", tmp_path / "sub" / "m.onnx")
+    return state, export_onnx(tmp_path / "m.pt", tmp_path / "sub" / "m.onnx", opset=opset)
 
 
 @pytest.mark.parametrize("name", NETWORKS)
@@ -90,6 +90,22 @@ def test_round_trip_settings_and_outputs(name, tmp_path):
         want = probabilities(reference, image, **window)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_every_network_runs_at_the_lowest_and_highest_opset(name, tmp_path):
+    from tumorseg.inference.onnx_model import MAX_OPSET, MIN_OPSET
+
+    for opset in (MIN_OPSET, MAX_OPSET):
+        state, path = _export(tmp_path, opset=opset, name=name)
+        reference = build_network(**state["network"])
+        reference.load_state_dict(state["model"])
+        x = torch.randn(1, 3, 32, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(load_onnx(path)[0](x), reference.eval()(x), atol=1e-4, rtol=0)
+    for opset in (MIN_OPSET - 1, MAX_OPSET + 1):  # operators missing below; the exporter stops above
+        with pytest.raises(TumorsegError, match=rf"^opset {opset}: export supports {MIN_OPSET}-{MAX_OPSET}$"):
+            _export(tmp_path, opset=opset, name=name)
 
 
 def _read(path):

@@ -89,6 +89,11 @@ def test_resume_with_more_epochs_continues_the_schedule_on_its_new_curve(prepare
     assert len(train(prepared, tmp_path / "run", TrainConfig(epochs=4, **cfg), resume=True, progress=False).history) == 4
     with pytest.raises(TumorsegError, match="already holds epoch 4: give --epochs above 4"):
         train(prepared, tmp_path / "run", TrainConfig(epochs=3, **cfg), resume=True, progress=False)
+    for change in ({"lr": 0.1}, {"optimizer": "sgd"}):  # the loaded optimizer state would keep the old ones
+        with pytest.raises(TumorsegError, match=f"continues the run as it trained, not with {next(iter(change))} "):
+            train(prepared, tmp_path / "run", TrainConfig(epochs=6, **{**cfg, **change}), resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "run/last.pt")["config"]["lr"] == 1e-2  # nothing rewritten
+    assert "lr: 0.01" in (tmp_path / "run/config.yaml").read_text()
 
 
 def test_ctrl_c_before_any_epoch_is_saved_says_there_is_nothing_to_resume(prepared, tmp_path, monkeypatch, capsys):
@@ -193,6 +198,19 @@ def test_wall_clock_budget_stops_and_decays_the_learning_rate(prepared, tmp_path
     assert "budget is spent" in capsys.readouterr().err
     state = load_checkpoint(tmp_path / "run/last.pt")
     assert state["scheduler"]["_last_lr"][0] == pytest.approx(0.0)  # poly reached its end with the budget
+    again = train(prepared, tmp_path / "run", config, resume=True, progress=False)  # done: no epoch at rate 0
+    assert len(again.history) == 1 and "budget is already spent" in capsys.readouterr().err
+
+
+def test_settings_built_in_python_take_their_types(prepared, tmp_path):
+    config = TrainConfig(tta="no", postprocess="false", epochs="2", lr="3e-3", filters="4,8,16")
+    assert (config.tta, config.postprocess, config.epochs, config.lr, config.filters) == (False, False, 2, 3e-3, [4, 8, 16])
+    with pytest.raises(TumorsegError, match=r"^TrainConfig: epochs must be an integer \(got 2.5\)$"):
+        TrainConfig(epochs=2.5)
+    (tmp_path / "c.TOML").write_text("epochs = 3\n")  # the suffix in any case
+    assert resolve_config(tmp_path / "c.TOML").epochs == 3
+    result = train(prepared, tmp_path / "run", {"epochs": 1, **TINY}, progress=False)  # a dict as TrainConfig
+    assert len(result.history) == 1
 
 
 def test_loss_guard_skips_broken_losses_and_stops_a_diverging_run():

@@ -110,7 +110,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_config(config_file, overrides, recipe=args.recipe)
     result = train(args.prepared_dir, args.run_dir, config, resume=args.resume)
     best = f"best mean Dice {result.best_metric:.3f} at epoch {result.best_epoch}" if result.best_epoch else "no validation"
-    print(f"trained {len(result.history)} epochs; {best}; checkpoints in {args.run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(f"trained {len(result.history)} epochs; {best}; checkpoints in {args.run_dir}")
     return 0
 
 
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a checkpoint -> one ONNX model carrying its settings")
     p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run")
     p.add_argument("out", type=Path, help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-20 (default 17)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="volumes, RANO diameters, warnings: an HTML report of a folder of predictions")

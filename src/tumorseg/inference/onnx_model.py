@@ -52,6 +52,7 @@ from ..io import atomic_path
 from ..networks import network_spec, required_divisor
 from .predict import check_state, network_from_state
 
+MIN_OPSET, MAX_OPSET = 13, 20  # every network exports and runs from 13 (SegResNet); 20: the TorchScript exporter's last
 OPSET = 17
 METADATA_KEY = "tumorseg"
 TRAINING_ONLY: tuple[str, ...] = ("model", "optimizer", "scheduler", "scaler", "rng", "history")
@@ -159,6 +160,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = OPSET) -> 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.suffix.lower() != ".onnx":
         raise TumorsegError(f"{out}: name the exported model *.onnx (predict knows it by that)")
+    if not MIN_OPSET <= int(opset) <= MAX_OPSET:  # below: operators the networks use are missing; above:
+        raise TumorsegError(f"opset {opset}: export supports {MIN_OPSET}-{MAX_OPSET}")  # the exporter dumps its graph
     state = load_checkpoint(checkpoint)
     check_state(state, str(checkpoint))
     proto = _onnx_proto(network_from_state(state, str(checkpoint)), state["network"], opset, str(checkpoint))

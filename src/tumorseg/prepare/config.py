@@ -42,6 +42,8 @@ class PrepareConfig:
     cavity: str | None = None
 
     def __post_init__(self) -> None:
+        for key, value in typed_settings(type(self), vars(self), "PrepareConfig").items():  # built in Python too
+            object.__setattr__(self, key, value)
         if isinstance(self.channels, str):  # the API takes what the CLI does: "all" or "t1,flair"
             object.__setattr__(self, "channels", parse_channels(self.channels))
         bad = [c for c in self.channels if c not in MODALITIES]

@@ -60,6 +60,10 @@ class TrainConfig:
         from ..data import AUGMENTATIONS
         from ..networks import NETWORKS
 
+        # Built in Python too (the API): "no" would be a true tta, 2.5 epochs a crash mid-training.
+        for key, value in typed_settings(type(self), vars(self), "TrainConfig").items():
+            setattr(self, key, value)
+
         checks = [
             (self.model in NETWORKS, f"unknown model '{self.model}' (choose from {', '.join(NETWORKS)})"),
             (self.target in TARGETS, f"unknown target '{self.target}' (choose from {', '.join(TARGETS)})"),
@@ -107,9 +111,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise TumorsegError(f"{path}: cannot read config ({exc.strerror})") from None
     try:
-        if path.suffix == ".toml":
+        suffix = path.suffix.lower()
+        if suffix == ".toml":
             values = tomllib.loads(text)
-        elif path.suffix == ".json":
+        elif suffix == ".json":
             values = json.loads(text)
         else:
             import yaml

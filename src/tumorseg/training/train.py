@@ -148,8 +148,16 @@ def _tune_postprocessing(stats: list) -> dict:
     return choose_postprocessing(stats, ET_THRESHOLDS)
 
 
-def _resume(run_dir: Path, spec: dict, manifest: dict) -> dict:
+RESUME_FIXED = ("optimizer", "lr", "weight_decay", "schedule")  # held by last.pt's optimizer and scheduler state
+
+
+def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig) -> dict:
     state = load_checkpoint(run_dir / "last.pt")
+    was = state.get("config", {})
+    changed = [f"{k} {was[k]} -> {getattr(config, k)}" for k in RESUME_FIXED if k in was and was[k] != getattr(config, k)]
+    if changed:  # the loaded optimizer state would keep the old values (or not fit another optimizer)
+        raise TumorsegError(f"{run_dir / 'last.pt'}: --resume continues the run as it trained, not with "
+                            f"{', '.join(changed)}: drop the change or start a new run")
     if state["network"] != spec:
         raise TumorsegError(
             f"{run_dir / 'last.pt'}: checkpoint of another network ({state['network']['name']} "
@@ -163,7 +171,7 @@ def _resume(run_dir: Path, spec: dict, manifest: dict) -> dict:
 def train(
     prepared_dir: str | Path,
     run_dir: str | Path,
-    config: TrainConfig | None = None,
+    config: TrainConfig | dict | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
@@ -172,7 +180,7 @@ def train(
     Under torchrun this is data-parallel (DDP); only rank 0 writes. Ctrl-C leaves the
     `last.pt` of the last finished epoch, from which `resume=True` continues.
     """
-    config = config or TrainConfig()
+    config = TrainConfig.from_dict(config) if isinstance(config, dict) else config or TrainConfig()
     prepared_dir, run_dir = Path(prepared_dir), Path(run_dir)
     manifest = load_manifest(prepared_dir)
     train_ids, val_ids = split_ids(prepared_dir, "train"), split_ids(prepared_dir, "val")
@@ -199,7 +207,7 @@ def train(
             # under rank 0's lock: another run into this folder could be rewriting last.pt
             if not resume and (run_dir / "last.pt").exists():
                 raise TumorsegError(f"{run_dir}: already holds a run (last.pt); use --resume or another folder")
-            state = _resume(run_dir, spec, manifest) if resume else None
+            state = _resume(run_dir, spec, manifest, config) if resume else None
             return _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress)
     finally:
         distributed.cleanup()
@@ -226,7 +234,7 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
     scheduler = _scheduler(config, optimizer, clock)
     amp_dtype = resolve_amp(config.amp, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
-    history, best, best_epoch, start = [], -1.0, None, 0
+    history, best, best_epoch, start, end = [], -1.0, None, 0, config.epochs
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -239,6 +247,9 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         if start > config.epochs:  # equal: a finished run, nothing left to do (a re-run demo)
             raise TumorsegError(f"{run_dir / 'last.pt'} already holds epoch {start}: give --epochs above {start} "
                                 "to train on")
+
+        if config.max_minutes and clock["spent"] > 60 * config.max_minutes:  # finished on its budget: nothing to do
+            end = start
         # The rate of the next epoch on this run's curve: the saved one unless epochs, budget or
         # schedule changed (a longer run must not start from the old curve's last, decayed rate).
         for group, base, rate in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
@@ -255,11 +266,12 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         write_text(run_dir / "config.yaml", _config_yaml(config, prepared_dir))
         print(f"training {spec['name']} on {len(train_ids)} cases ({len(val_ids)} validation), patch {patch}, "
               f"{describe(ctx.device, config.amp, amp_dtype)}{f' x{ctx.world_size}' if ctx.distributed else ''}, "
-              + (f"epochs {start + 1}-{config.epochs}" if start < config.epochs else
-                 f"all {config.epochs} epochs already done"), file=sys.stderr)
+              + (f"epochs {start + 1}-{end}" if start < end else f"all {config.epochs} epochs already done"
+                 if start == config.epochs else f"its {config.max_minutes:g}-minute budget is already spent "
+                 f"({clock['spent'] / 60:.1f} minutes; give --max-minutes above that to train on)"), file=sys.stderr)
     guard, saved = LossGuard(), start  # saved: the epoch last.pt holds
     try:
-        for epoch in range(start, config.epochs):
+        for epoch in range(start, end):
             t0 = time.perf_counter()
             _seed_epoch(config.seed, epoch, ctx.rank, transform)
             guard.skipped = 0
@@ -289,9 +301,10 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
             if ctx.is_main:
                 state = _state(model, optimizer, scheduler, scaler, epoch + 1, history, best, best_epoch, spec, config, manifest, patch)
                 _save(run_dir, state, history, best=improved or not val_ids)
+            saved = epoch + 1  # before the line and the barrier: a Ctrl-C there still names this epoch
+            if ctx.is_main:
                 print(_format_row(row), file=sys.stderr)
             distributed.barrier(ctx)
-            saved = epoch + 1
             if out_of_time:
                 if ctx.is_main:
                     print(f"stopping: the {config.max_minutes:g}-minute budget is spent", file=sys.stderr)
