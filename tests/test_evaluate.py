@@ -186,7 +186,7 @@ def test_predictions_on_other_grids(folders, tmp_path, capsys):
     (tmp_path / "pad").mkdir()
     save(tmp_path / "pad" / f"{case_id(1)}.nii.gz", np.pad(data, 4), seg.affine)
     (row,) = evaluate(tmp_path / "pad", gt, cases=[case_id(1)], progress=False).rows
-    assert row.status == "error" and "do not cover the same field of view" in row.message
+    assert row.status == "error" and "not the same field of view (cropped, padded or shifted" in row.message
     with pytest.raises(TumorsegError, match="no such folder"):
         evaluate(tmp_path / "typo", gt, progress=False)
     assert not (tmp_path / "typo").exists()

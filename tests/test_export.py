@@ -103,7 +103,7 @@ def test_every_network_runs_at_the_lowest_and_highest_opset(name, tmp_path):
         x = torch.randn(1, 3, 32, 16, 16)
         with torch.no_grad():
             torch.testing.assert_close(load_onnx(path)[0](x), reference.eval()(x), atol=1e-4, rtol=0)
-    for opset in (MIN_OPSET - 1, MAX_OPSET + 1):  # operators missing below; the exporter stops above
+    for opset in (MIN_OPSET - 1, MAX_OPSET + 1, "x"):  # operators missing below; the exporter stops above
         with pytest.raises(TumorsegError, match=rf"^opset {opset}: export supports {MIN_OPSET}-{MAX_OPSET}$"):
             _export(tmp_path, opset=opset, name=name)
 

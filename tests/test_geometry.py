@@ -222,18 +222,25 @@ def test_labels_onto_another_grid():
     moved, note = labels_onto(labels, lps, fine, "seg", "the images")
     assert note == "seg resampled onto the grid of the images (nearest neighbour)" and moved.shape == fine.shape
     assert set(np.unique(moved)) == {0, 2} and dice(moved, sphere(fine, (-10, 12, 8), 5)) > 0.9
-    cropped = Grid((20, 24, 12), lps.affine)
-    with pytest.raises(TumorsegError, match=r"^seg \(shape \(20, 24, 12\)\) and the images \(shape \(20, 24, 16\)\) do "
-                                            r"not cover the same field of view \(75% shared; check their affines\)$"):
-        labels_onto(labels[:, :, :12], cropped, lps, "seg", "the images")
+    for shape in ((20, 24, 12), (20, 24, 15), (20, 24, 17)):  # the same voxels cropped or padded, one slice too
+        with pytest.raises(TumorsegError, match=rf"^seg \(shape \({shape[0]}, 24, {shape[2]}\)\) and the images \(shape "
+                                                r"\(20, 24, 16\)\) have the same voxel size but not the same field of view"):
+            labels_onto(np.zeros(shape, np.uint8), Grid(shape, lps.affine), lps, "seg", "the images")
+    shifted = Grid(SHAPE, lps.affine @ np.diag([1.0, 1.0, 1.0, 1.0]) + np.array([[0, 0, 0, 1.0]] * 3 + [[0] * 4]))
+    with pytest.raises(TumorsegError, match="have the same voxel size but not the same field of view"):
+        labels_onto(labels, shifted, lps, "seg", "the images")
+    half = Grid((40, 48, 24), fine.affine)  # other voxels over three quarters of the view
+    with pytest.raises(TumorsegError, match=r"do not cover the same field of view \(75.0% shared, 99% needed"):
+        labels_onto(np.zeros(half.shape, np.uint8), half, lps, "seg", "the images")
 
 
-def test_labels_onto_refuses_a_wider_view_and_keeps_the_edges():
-    lps = lps_grid()
-    padded = Grid((28, 32, 16), lps.affine)  # padded with the header unchanged: labels would shift
-    with pytest.raises(TumorsegError, match=r"do not cover the same field of view \(54% shared"):
-        labels_onto(np.zeros((28, 32, 16), np.uint8), padded, lps, "seg", "the images")
+def test_labels_onto_keeps_the_edges_and_copies_nothing_further():
     coarse = lps_grid((10, 12, 8), (2.0, 2.0, 2.0))
     fine = network_grid(coarse, (1.0, 1.0, 1.0))  # its outer half voxels lie beyond the coarse centres
     moved, _ = labels_onto(np.ones((10, 12, 8), np.uint8), coarse, fine, "seg", "the images")
     assert moved.shape == fine.shape and moved.all()
+    coarse = lps_grid((10, 12, 60), (2.0, 2.0, 2.0))
+    fine = network_grid(coarse, (1.0, 1.0, 1.0))
+    wider = Grid((20, 24, 121), fine.affine)  # one fine slice beyond the coarse view (99.2 % shared)
+    moved, _ = labels_onto(np.ones((10, 12, 60), np.uint8), coarse, wider, "seg", "the images")
+    assert moved[..., :120].all() and not moved[..., 120].any()  # beyond the map's view: background, not its edge

@@ -91,8 +91,8 @@ def test_prepared_case(tmp_path):
 def test_prediction_shape_mismatch(raw_case, tmp_path):
     pred = tmp_path / "bad.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((40, 40, 30), np.uint8), AFFINE), pred)
-    message = (r"bad\.nii\.gz \(shape \(40, 40, 30\)\) and the images \(shape \(40, 40, 32\)\) do not cover the same "
-               r"field of view \(94% shared")
+    message = (r"bad\.nii\.gz \(shape \(40, 40, 30\)\) and the images \(shape \(40, 40, 32\)\) have the same voxel "
+               r"size but not the same field of view")
     with pytest.raises(TumorsegError, match=message):
         save_case_plot(raw_case, pred, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()

@@ -108,7 +108,7 @@ def test_resumable_and_force(tmp_path):
         ("inf", "bad_t2.nii.gz (t2) has 1 NaN or infinite voxel(s)"),
         ("2d", "bad_t1ce.nii.gz: expected a 3D volume, got shape (40, 40)"),
         ("4d", "bad_t1ce.nii.gz: expected a 3D volume, got shape (40, 40, 32, 2)"),
-        ("seg_shape", "bad: bad_seg.nii.gz (shape (40, 40, 30)) and the images (shape (40, 40, 32)) do not cover the same field"),
+        ("seg_shape", "bad: bad_seg.nii.gz (shape (40, 40, 30)) and the images (shape (40, 40, 32)) have the same voxel size but not"),
     ],
 )
 def test_bad_case_reported_others_processed(tmp_path, breakage, message):

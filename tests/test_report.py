@@ -253,7 +253,7 @@ def test_bad_inputs_are_one_line_each_and_the_rest_is_reported(built):
     assert set(result.failed) == {"garbage"}
     case_2 = next(c for c in result.cases if c.case_id == "case_2")  # measured, drawn without its images
     assert any(w.startswith("not drawn over its images: prediction ") and "case_2.nii.gz (shape (8, 8, 8)) and the "
-               "images of case case_2 (shape (40, 40, 32)) do not cover the same field of view" in w for w in case_2.warnings)
+               "images of case case_2 (shape (40, 40, 32)) have the same voxel size but not the same" in w for w in case_2.warnings)
     assert "garbage.nii.gz: cannot read NIfTI" in result.failed["garbage"]
     assert all("\n" not in m for m in result.failed.values())
     odd = next(c for c in result.cases if c.case_id == "odd <&> name")

@@ -53,3 +53,12 @@ def test_yaml_exponent_without_a_dot_is_a_learning_rate(tmp_path):
     (tmp_path / "bad.yaml").write_text("epochs: ten\n")
     with pytest.raises(TumorsegError, match=r"bad.yaml: epochs must be an integer \(got 'ten'\)"):
         resolve_config(tmp_path / "bad.yaml")
+
+
+def test_numpy_values_from_the_api():
+    import numpy as np
+
+    got = typed_settings(Example, {"count": np.int64(3), "rate": np.float32(0.5), "sizes": np.array([64, 64, 32]),
+                                   "spacing": np.array([1.0, 1.0, 2.5]), "flag": np.bool_(True)}, "api")
+    assert got == {"count": 3, "rate": 0.5, "sizes": [64, 64, 32], "spacing": (1.0, 1.0, 2.5), "flag": True}
+    assert all(type(v) in (int, float, bool, list, tuple) for v in got.values())

@@ -184,19 +184,55 @@ def labels_onto(data: np.ndarray, src: Grid, dst: Grid, name: str, dst_name: str
 
     The same grid: as stored. Another axis order or direction (a truth saved in RAS beside LPS
     scans): exactly reoriented, no note. Other voxels over the same field of view (a 0.9 mm T1's
-    grid and a 1 mm truth's): nearest neighbour in world space, with a note. Fields of view that
-    differ (cropped, padded, shifted: usually a header written wrong) are an error naming both:
-    labels outside the other's view would silently be lost or be background.
+    grid and a 1 mm truth's): nearest neighbour in world space, with a note. The same voxels
+    cropped, padded or shifted (usually a header written wrong), or fields of view that differ by
+    more than 1 %: an error naming both, as labels would silently move, be lost or be background.
     """
     if dst.same_as(src):
         return data, None
+    exact = _exact_ornt(src, dst) is not None
+    if not exact and _same_lattice_axes(src, dst):  # equal voxels and axes: a different view is a crop or a shift
+        raise TumorsegError(f"{name} (shape {src.shape}) and {dst_name} (shape {dst.shape}) have the same voxel size "
+                            "but not the same field of view (cropped, padded or shifted; check their affines)")
     shared = min(overlap_fraction(dst, src, edges=True), overlap_fraction(src, dst, edges=True))
     if shared < FOV_SHARED:
         raise TumorsegError(f"{name} (shape {src.shape}) and {dst_name} (shape {dst.shape}) do not cover the same field "
-                            f"of view ({shared:.0%} shared; check their affines)")
-    exact = _exact_ornt(src, dst) is not None
-    moved = resample(data, src, dst, order=0, mode="nearest")  # the outer half voxel of a finer grid too
-    return moved, None if exact else f"{name} resampled onto the grid of {dst_name} (nearest neighbour)"
+                            f"of view ({shared:.1%} shared, {FOV_SHARED:.0%} needed; check their affines)")
+    if exact:
+        return resample(data, src, dst, order=0), None
+    inside = _inside_edges(src, dst)
+    if inside is None:  # oblique to each other: voxels beyond the map's outer centres stay background
+        return resample(data, src, dst, order=0), f"{name} resampled onto the grid of {dst_name} (nearest neighbour)"
+    # The outer half voxel of a finer grid takes the edge's label; nothing beyond the map's view does.
+    moved = resample(data, src, dst, order=0, mode="nearest")
+    keep = np.zeros(dst.shape, bool)
+    keep[inside] = True
+    moved[~keep] = 0
+    return moved, f"{name} resampled onto the grid of {dst_name} (nearest neighbour)"
+
+
+def _inside_edges(src: Grid, dst: Grid) -> tuple[slice, slice, slice] | None:
+    """The box of `dst` voxels whose centres lie within `src`'s voxels (its edges, not its centres),
+    when each `dst` axis runs along one `src` axis; None for grids oblique to each other."""
+    vox = np.linalg.solve(src.affine, dst.affine)
+    rot, shift = vox[:3, :3], vox[:3, 3]
+    if not np.all(np.count_nonzero(np.abs(rot) > _ROT_ATOL, axis=0) == 1):
+        return None
+    box = []
+    for d in range(3):
+        a = int(np.argmax(np.abs(rot[:, d])))
+        k = np.arange(dst.shape[d])
+        coord = rot[a, d] * k + shift[a]
+        ok = np.flatnonzero((coord >= -0.5 - _SHIFT_ATOL) & (coord <= src.shape[a] - 0.5 + _SHIFT_ATOL))
+        box.append(slice(int(ok[0]), int(ok[-1]) + 1) if ok.size else slice(0, 0))
+    return tuple(box)
+
+
+def _same_lattice_axes(src: Grid, dst: Grid) -> bool:
+    """Whether one voxel of `dst` is one voxel of `src` along the same axes (up to order and direction)."""
+    rot = np.linalg.solve(src.affine, dst.affine)[:3, :3]
+    return bool(np.allclose(np.abs(rot), np.round(np.abs(rot)), atol=_ROT_ATOL) and
+                np.allclose(np.abs(rot).sum(axis=0), 1.0, atol=_ROT_ATOL) and np.allclose(np.abs(rot).sum(axis=1), 1.0, atol=_ROT_ATOL))
 
 
 def overlap_fraction(a: Grid, b: Grid, edges: bool = False) -> float:

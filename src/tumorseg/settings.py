@@ -12,6 +12,8 @@ import types
 import typing
 from typing import Any
 
+import numpy as np
+
 from .errors import TumorsegError
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -33,6 +35,8 @@ def typed_settings(cls: type, values: dict[str, Any], source: str) -> dict[str, 
 
 
 def _convert(value: Any, hint: Any) -> Any:
+    if isinstance(value, (np.ndarray, np.generic)):  # from the API: np.int64(3), np.array([64, 64, 64])
+        value = value.tolist()
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

@@ -160,7 +160,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = OPSET) -> 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.suffix.lower() != ".onnx":
         raise TumorsegError(f"{out}: name the exported model *.onnx (predict knows it by that)")
-    if not MIN_OPSET <= int(opset) <= MAX_OPSET:  # below: operators the networks use are missing; above:
+    if not isinstance(opset, (int, np.integer)) or not MIN_OPSET <= int(opset) <= MAX_OPSET:  # below: operators the networks use are missing; above:
         raise TumorsegError(f"opset {opset}: export supports {MIN_OPSET}-{MAX_OPSET}")  # the exporter dumps its graph
     state = load_checkpoint(checkpoint)
     check_state(state, str(checkpoint))

@@ -105,8 +105,9 @@ def report(
                     case.warnings.append(f"no images for this case in {images}: labels shown on black, "
                                          "brain edge not checked")
                 if truths is not None:
-                    case.metrics, notes = score(prediction, truth, gt, case.labels)
-                    case.warnings += notes
+                    case.metrics, warnings, notes = score(prediction, truth, gt, case.labels)
+                    case.warnings += warnings
+                    case.notes += notes
             except TumorsegError as exc:
                 failed[cid] = str(exc)
                 continue

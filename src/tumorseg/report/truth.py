@@ -23,12 +23,14 @@ def truth_cases(gt: str | os.PathLike) -> dict[str, Case]:
 
 def score(
     prediction: Volume, truth: Case | None, gt: str | os.PathLike, labels: LabelConvention
-) -> tuple[dict[str, dict[str, float]] | None, list[str]]:
-    """({region: {metric: value}}, []) of `prediction`, in `labels`, against `truth`, or (None, [why not])."""
+) -> tuple[dict[str, dict[str, float]] | None, list[str], list[str]]:
+    """({region: {metric: value}}, [], [notes]) of `prediction`, in `labels`, against `truth`, or
+    (None, [why not], []). Notes: how the truth's convention was read, a prediction resampled."""
     if truth is None:
-        return None, [f"no ground truth for this case in {gt}: no metrics"]
+        return None, [f"no ground truth for this case in {gt}: no metrics"], []
     try:
         seg = load_nifti(truth.seg, truth.case_id)
-        return score_regions(truth.case_id, prediction, seg, truth_labels(truth), labels)[0], []
+        metrics, _, _, note = score_regions(truth.case_id, prediction, seg, truth_labels(truth), labels)
+        return metrics, [], [note] if note else []
     except TumorsegError as exc:
-        return None, [f"not scored against the ground truth: {exc}"]
+        return None, [f"not scored against the ground truth: {exc}"], []
