@@ -24,6 +24,7 @@ def test_values_from_files_take_their_fields_types():
     assert got["count"] == 3 and got["rate"] == 1e-4 and got["flag"] is True
     assert got["sizes"] == [64, 64, 32] and got["spacing"] == (1.0, 1.0, 2.5) and got["names"] == ("b", "c")
     assert "other" in got  # unknown keys are the caller's to refuse
+    assert typed_settings(Example, {"count": "12345678901234567891"}, "f")["count"] == 12345678901234567891  # exact
     assert typed_settings(Example, {"count": 4.0, "sizes": None, "names": "all", "flag": 0}, "f") == \
         {"count": 4, "sizes": None, "names": "all", "flag": False}
 

@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="BraTS case folders -> training arrays (.npy) + manifest")
-    p.add_argument("data_dir", type=Path, help="BraTS download, folder of case folders, one case folder, or a cases.csv naming each case's files")
+    p.add_argument("data_dir", type=Path, help="BraTS download, folder of case folders, one case folder, or a cases.csv naming each "
+                        "case's files")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--recipe", help="take the settings of a named recipe (seed, brats-cpu, brats-gpu); flags override")
     p.add_argument("--channels", type=parse_channels, help="comma list or 'all' (default: t2,t1ce,flair)")

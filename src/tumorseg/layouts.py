@@ -463,13 +463,13 @@ def discover_cases(
     cases = _all_cases(Path(root), need_images)
     _check_unique(Path(root), cases)
     if only is not None:
-        only = [only] if isinstance(only, str) else list(only)
-        if not only:
+        wanted = {only} if isinstance(only, str) else set(only)
+        if not wanted:
             raise TumorsegError(f"{root}: an empty selection of cases (give case ids, or None for all)")
-        absent = sorted(set(only) - {c.case_id for c in cases})
+        absent = sorted(wanted - {c.case_id for c in cases})
         if absent:
             raise TumorsegError(f"{root}: no case(s) {', '.join(absent)} among its {len(cases)}")
-        cases = [c for c in cases if c.case_id in set(only)]
+        cases = [c for c in cases if c.case_id in wanted]
     return sorted(cases, key=lambda c: c.case_id)
 
 

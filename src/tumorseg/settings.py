@@ -52,8 +52,7 @@ def _convert(value: Any, hint: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise TypeError
         items = [_convert(v, item) for v in value]
-        fixed = origin is tuple and (len(args) != 2 or args[1] is not Ellipsis)
-        if fixed and len(items) != len(args):
+        if _fixed_length(origin, args) and len(items) != len(args):
             raise ValueError
         return tuple(items) if origin is tuple else items
     if hint is bool:
@@ -66,10 +65,12 @@ def _convert(value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, bool):
             raise TypeError
-        number = float(value) if isinstance(value, (str, float)) else value
-        if not isinstance(number, (int, float)) or not float(number).is_integer():
+        if isinstance(value, str):
+            value = value.strip()
+            value = int(value) if value.lstrip("+-").isdigit() else float(value)  # "10" exactly, "1e3" too
+        if not isinstance(value, (int, float)) or not float(value).is_integer():
             raise TypeError
-        return int(number)
+        return int(value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise TypeError
@@ -90,7 +91,11 @@ def _describe(hint: Any) -> str:
         inner = [a for a in args if a is not type(None)]
         return f"{_describe(inner[0])} or null"
     if origin in (list, tuple):
-        fixed = origin is tuple and (len(args) != 2 or args[1] is not Ellipsis)
-        count = f"{len(args)} " if fixed else ""
+        count = f"{len(args)} " if _fixed_length(origin, args) else ""
         return f"a list of {count}{_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(hint, str(hint))
+
+
+def _fixed_length(origin: Any, args: tuple) -> bool:
+    """`tuple[int, int, int]` has a length; `tuple[str, ...]` and `list[int]` have none."""
+    return origin is tuple and not (len(args) == 2 and args[1] is Ellipsis)

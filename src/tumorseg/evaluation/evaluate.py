@@ -224,19 +224,17 @@ def score_regions(
     """The BraTS 2020 region metrics of a read prediction against its read truth, the two
     conventions and any note on a guessed one (`case_conventions`).
 
-    A prediction on another grid is scored on the truth's (`geometry.labels_onto`: exactly
-    reoriented, else nearest neighbour, noted). Distances use the truth's voxel sizes.
+    The prediction is on the truth's grid (`on_truth_grid`); distances use the truth's voxel sizes.
 
     Raises:
-        TumorsegError: the grids do not overlap, or labels lie outside their convention (naming both files).
+        TumorsegError: labels lie outside their convention (naming both files).
     """
-    pred, moved = on_truth_grid(case_id, pred, gt)
     try:
         pred_conv, gt_conv, note = case_conventions(pred, gt, gt_labels, pred_labels)
         metrics = region_metrics(pred.data, gt.data, gt.spacing, pred_conv, gt_conv)
     except ValueError as exc:
         raise TumorsegError(f"{case_id}: {exc} (prediction {pred.path}, ground truth {gt.path.name})") from None
-    return metrics, pred_conv, gt_conv, "; ".join(n for n in (note, moved) if n) or None
+    return metrics, pred_conv, gt_conv, note
 
 
 def evaluate_case(
@@ -348,7 +346,8 @@ def _pair_cases(
     cases = discover_cases(gt_dir, need_images=False, only=only)
     preds, conflicts = find_predictions(pred_dir)
     if only is not None:  # the other predictions in the folder are not asked about
-        preds, conflicts = ({k: v for k, v in d.items() if k in set(only)} for d in (preds, conflicts))
+        asked = {c.case_id for c in cases}
+        preds, conflicts = ({k: v for k, v in d.items() if k in asked} for d in (preds, conflicts))
     with_seg = labelled(cases, gt_dir)
     forced = convention(labels) if labels else None
     jobs, decided = [], []

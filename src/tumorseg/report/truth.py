@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from ..errors import TumorsegError
-from ..evaluation.evaluate import labelled, score_regions, truth_labels
+from ..evaluation.evaluate import labelled, on_truth_grid, score_regions, truth_labels
 from ..io import Volume, load_nifti
 from ..labels import LabelConvention
 from ..layouts import Case, discover_cases
@@ -30,7 +30,8 @@ def score(
         return None, [f"no ground truth for this case in {gt}: no metrics"], []
     try:
         seg = load_nifti(truth.seg, truth.case_id)
+        prediction, moved = on_truth_grid(truth.case_id, prediction, seg)
         metrics, _, _, note = score_regions(truth.case_id, prediction, seg, truth_labels(truth), labels)
-        return metrics, [], [note] if note else []
+        return metrics, [], [n for n in (moved, note) if n]
     except TumorsegError as exc:
         return None, [f"not scored against the ground truth: {exc}"], []
