@@ -187,3 +187,14 @@ def test_written_maps_drop_the_reference_scans_scaling_and_display_window(tmp_pa
     out = nib.load(tmp_path / "labels.nii.gz")
     assert (out.header["cal_min"], out.header["cal_max"]) == (0, 0) and out.header.get_slope_inter() == (None, None)
     assert np.array_equal(np.asarray(out.dataobj), np.ones((4, 4, 4)))
+
+
+def test_voxel_sizes_come_from_the_affine_not_pixdim():
+    import nibabel as nib
+
+    from tumorseg.io import Volume
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((2, 2, 2))
+    header.set_zooms((2.0, 2.0, 2.0))  # a pixdim that disagrees with the affine placing the voxels
+    assert Volume(np.zeros((2, 2, 2)), np.diag([-1.0, 1.0, 1.5, 1.0]), header, None).spacing == (1.0, 1.0, 1.5)

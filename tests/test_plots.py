@@ -108,6 +108,21 @@ def test_a_prediction_stored_in_another_orientation_is_drawn_in_place(raw_case, 
     assert np.array_equal(load_prediction(tmp_path / "ras.nii.gz", data), data.truth)
 
 
+def test_a_truth_that_cannot_be_placed_is_left_out_and_said(raw_case, tmp_path, capsys):
+    import shutil
+
+    from tumorseg.plots.slices import load_case
+
+    case = tmp_path / "case_a"
+    shutil.copytree(raw_case, case)
+    seg = nib.load(case / "case_a_seg.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(seg.dataobj)[:, :, :-2].copy(), seg.affine), case / "case_a_seg.nii.gz")
+    data = load_case(case)
+    assert data.truth is None and data.truth_note.startswith("ground truth not drawn: case_a_seg.nii.gz (shape ")
+    save_case_plot(case, out=tmp_path / "x.png")  # the scans are still drawn, and the reason said
+    assert (tmp_path / "x.png").exists() and "warning: case_a: ground truth not drawn" in capsys.readouterr().err
+
+
 def test_missing_files(raw_case, tmp_path):
     with pytest.raises(TumorsegError, match="nope.nii.gz: file not found"):
         save_case_plot(raw_case, tmp_path / "nope.nii.gz", tmp_path / "x.png")

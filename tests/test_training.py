@@ -89,7 +89,7 @@ def test_resume_with_more_epochs_continues_the_schedule_on_its_new_curve(prepare
     assert len(train(prepared, tmp_path / "run", TrainConfig(epochs=4, **cfg), resume=True, progress=False).history) == 4
     with pytest.raises(TumorsegError, match="already holds epoch 4: give --epochs above 4"):
         train(prepared, tmp_path / "run", TrainConfig(epochs=3, **cfg), resume=True, progress=False)
-    for change in ({"lr": 0.1}, {"optimizer": "sgd"}):  # the loaded optimizer state would keep the old ones
+    for change in ({"lr": 0.1}, {"optimizer": "sgd"}, {"weight_decay": 0.1}, {"schedule": "cosine"}):  # state holds the old
         with pytest.raises(TumorsegError, match=f"continues the run as it trained, not with {next(iter(change))} "):
             train(prepared, tmp_path / "run", TrainConfig(epochs=6, **{**cfg, **change}), resume=True, progress=False)
     assert load_checkpoint(tmp_path / "run/last.pt")["config"]["lr"] == 1e-2  # nothing rewritten
@@ -209,6 +209,8 @@ def test_settings_built_in_python_take_their_types(prepared, tmp_path):
         TrainConfig(epochs=2.5)
     (tmp_path / "c.TOML").write_text("epochs = 3\n")  # the suffix in any case
     assert resolve_config(tmp_path / "c.TOML").epochs == 3
+    (tmp_path / "c.json").write_text('{"epochs": "4", "patch": [32, 32, 32]}')
+    assert (resolve_config(tmp_path / "c.json").epochs, resolve_config(tmp_path / "c.json").patch) == (4, [32, 32, 32])
     result = train(prepared, tmp_path / "run", {"epochs": 1, **TINY}, progress=False)  # a dict as TrainConfig
     assert len(result.history) == 1
 
