@@ -45,7 +45,7 @@ from common import (add_device_arg, add_out_arg, add_threads_arg, apply_threads,
                     predict_and_save, results_path, run_child, stage_seconds, threads_flag, write_results)
 
 RESULTS = results_path("bench_predict")
-CPU_NETWORKS = ("unet", "segresnet")
+CPU_NETWORKS = ("unet", "unet-lite", "segresnet")
 CPU_FILTERS = ("default", "8,16,32,64")
 CHANNELS = ("t2", "t1ce", "flair")
 

@@ -11,9 +11,11 @@ save). The paths take turns case by case, each case starting with the next path,
 whose speed drifts during the run (a shared or virtual CPU: here the same batch of windows
 varies by 50 % from run to run) slows every path alike instead of whichever ran last. Then, per case, whole-tumour Dice between each path's labels and
 the reference's (issue 12 asks >= 0.995), and with ground truth the BraTS Dice of WT, TC, ET.
+`--compare OTHER.pt ...` runs every path for other checkpoints too, in the same turns (another
+network for the same recipe: its time beside this one's, its labels against the reference's).
 
     python benchmarks/bench_predict_paths.py runs/cpu/best.pt ../shared/data/brats --cases 4 \\
-        --paths torch:patch:0.5 onnx:patch:0.5 onnx:patch:0.25 onnx:box:0
+        --paths torch:patch:0.5 onnx:patch:0.5 onnx:patch:0.25 onnx:box:0 [--compare runs/other/best.pt]
 """
 
 from __future__ import annotations
@@ -48,14 +50,17 @@ def parse_path(text: str) -> tuple[str, int | None, float]:
 
 def run_path(args: argparse.Namespace) -> dict:
     """Child: predict case `--case` with one path; labels to `--labels-dir`, times and memory as JSON."""
+    from tumorseg.checkpoint import load_checkpoint
     from tumorseg.inference.predict import Predictor
     from tumorseg.layouts import discover_cases
 
     engine, window, overlap = parse_path(args.child)
     case = discover_cases(args.data)[args.case]
-    predictor, setup = timed(lambda: Predictor.from_checkpoint(
-        args.checkpoint, device=args.device, tta=args.tta == "on", overlap=overlap, engine=engine,
+    state, setup = timed(lambda: load_checkpoint(args.checkpoint))
+    predictor, seconds = timed(lambda: Predictor.from_checkpoint(
+        state, device=args.device, tta=args.tta == "on", overlap=overlap, engine=engine,
         window=(window,) * 3 if window else None))
+    setup += seconds
     sync = device_sync(predictor.device.type)
     setup += timed(lambda: warm_up(predictor), sync)[1]
     stats = instrument(predictor, sync)
@@ -64,7 +69,8 @@ def run_path(args: argparse.Namespace) -> dict:
                                             describe=lambda pred: f"tumorseg {pred.convention.tag()}")
     row = {"case": case.case_id, "box": stats["box"], "forwards": stats["forwards"],
            "s_total": round(predict_s + save_s, 3), **stage_seconds(stats, 0, predict_s, save_s)}
-    return {"path": args.child, "engine": predictor.engine, "tta": predictor.tta, "s_setup": round(setup, 2),
+    return {"checkpoint": str(args.checkpoint), "network": state["network"]["name"], "path": args.child,
+            "engine": predictor.engine, "tta": predictor.tta, "s_setup": round(setup, 2),
             "cases": [row], "peak_rss_gib": peak_rss_gib()}
 
 
@@ -108,17 +114,17 @@ def print_table(res: dict) -> None:
     m = res["machine"]
     print(f"\n{res['checkpoint']} on {res['cases']} case(s) of {res['data']}, {m['device_name']}, "
           f"{m['torch_threads']} threads, load {m['load_average']} -> {m['load_average_after']}")
-    print(f"{'path':<18}{'tta':<5}{'engine':<7}{'s/case':>8}{'network':>9}{'load':>7}{'other':>7}{'save':>7}"
+    print(f"{'network':<11}{'path':<18}{'tta':<5}{'engine':<7}{'s/case':>8}{'network':>9}{'load':>7}{'other':>7}{'save':>7}"
           f"{'post':>6}{'fwd':>6}{'setup':>7}{'RSS GiB':>9}{'WT vs ref (min)':>17}{'Dice WT/TC/ET vs truth':>25}")
     for r in res["results"]:
         if "error" in r:
-            print(f"{r['path']:<18}{'on' if r['tta'] else 'off':<5}error: {r['error']}")
+            print(f"{r.get('network', '?'):<11}{r['path']:<18}{'on' if r['tta'] else 'off':<5}error: {r['error']}")
             continue
         rows = r["cases"]
         mean = {k: float(np.mean([x[k] for x in rows]))
                 for k in ("s_network", "s_load", "s_other", "s_save", "s_postprocess", "forwards")}
         truth = "/".join(f"{v:.3f}" for v in r["dice_vs_truth_mean"].values()) if "dice_vs_truth_mean" in r else "-"
-        print(f"{r['path']:<18}{'on' if r['tta'] else 'off':<5}{r['engine']:<7}{r['s_per_case_mean']:>8.2f}"
+        print(f"{r['network']:<11}{r['path']:<18}{'on' if r['tta'] else 'off':<5}{r['engine']:<7}{r['s_per_case_mean']:>8.2f}"
               f"{mean['s_network']:>9.2f}{mean['s_load']:>7.2f}{mean['s_other']:>7.2f}{mean['s_save']:>7.2f}"
               f"{mean['s_postprocess']:>6.2f}{mean['forwards']:>6.0f}{r['s_setup']:>7.1f}{r['peak_rss_gib']:>9.2f}"
               f"{r.get('wt_dice_vs_reference_min', float('nan')):>17.4f}{truth:>25}")
@@ -154,6 +160,8 @@ def main() -> None:
                         f"is the reference (default {' '.join(DEFAULT_PATHS)})")
     parser.add_argument("--cases", type=int, default=1, help="the first N cases (default 1)")
     parser.add_argument("--tta", choices=("on", "off", "both"), default="both")
+    parser.add_argument("--compare", nargs="+", type=Path, default=[], metavar="CHECKPOINT",
+                        help="other checkpoints to run every path with, in the same turns")
     add_device_arg(parser, default="cpu")
     add_out_arg(parser, RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one path, JSON on stdout
@@ -175,19 +183,21 @@ def main() -> None:
     if n_cases < 1:
         raise SystemExit(f"--cases {args.cases}: at least one case")
     device = pick_device(args.device)
-    res = {"checkpoint": str(args.checkpoint), "data": str(args.data), "cases": n_cases, "paths": args.paths,
-           "machine": machine(device, versions=("monai",)), "results": []}
+    units = [(checkpoint, path) for checkpoint in (args.checkpoint, *args.compare) for path in args.paths]
+    res = {"checkpoint": str(args.checkpoint), "compare": [str(c) for c in args.compare], "data": str(args.data),
+           "cases": n_cases, "paths": args.paths, "machine": machine(device, versions=("monai",)), "results": []}
     with tempfile.TemporaryDirectory(prefix="bench_paths_") as tmp:
         for tta in (["off", "on"] if args.tta == "both" else [args.tta]):
-            dirs = [Path(tmp) / f"{tta}_{i}" for i in range(len(args.paths))]
-            runs: list[list[dict]] = [[] for _ in args.paths]
+            dirs = [Path(tmp) / f"{tta}_{i}" for i in range(len(units))]
+            runs: list[list[dict]] = [[] for _ in units]
             for k in range(n_cases):
-                for j in range(len(args.paths)):
-                    i = (k + j) % len(args.paths)
+                for j in range(len(units)):
+                    i = (k + j) % len(units)
+                    checkpoint, path = units[i]
                     dirs[i].mkdir(exist_ok=True)
-                    cmd = [str(args.checkpoint), str(args.data), "--child", args.paths[i], "--tta", tta, "--case", str(k),
+                    cmd = [str(checkpoint), str(args.data), "--child", path, "--tta", tta, "--case", str(k),
                            "--device", device, "--labels-dir", str(dirs[i])]
-                    runs[i].append(run_child(__file__, cmd, path=args.paths[i], tta=tta == "on"))
+                    runs[i].append(run_child(__file__, cmd, path=path, tta=tta == "on"))
             results = [merge_runs(r) for r in runs]
             agreement(results, dirs, args.data, n_cases)
             res["results"] += results

@@ -23,6 +23,7 @@ from common import (add_out_arg, add_real_data_args, device_label, link_case, re
 from real_learning import run_recipe
 from scipy.stats import spearmanr
 
+from tumorseg.checkpoint import load_checkpoint
 from tumorseg.io import write_text
 
 
@@ -91,8 +92,10 @@ def main() -> None:
         return
     rows = per_case(args.work, args.recipe, args.folds)
     machine = device_label()
-    res = {"machine": machine, "recipe": args.recipe, "folds": folds, "budget_minutes": args.minutes,
-           "cases": rows, "spearman_uncertainty_vs_dice": correlations(rows)}
+    networks = [load_checkpoint(args.work / f"fold{i}" / args.recipe / "run" / "best.pt")["network"]
+                for i in range(args.folds)]
+    res = {"machine": machine, "recipe": args.recipe, "networks": networks, "folds": folds,
+           "budget_minutes": args.minutes, "cases": rows, "spearman_uncertainty_vs_dice": correlations(rows)}
 
     def show(r: dict) -> None:
         print(json.dumps(r["spearman_uncertainty_vs_dice"], indent=1))

@@ -179,3 +179,30 @@ def test_predict_paths_take_turns_case_by_case(tmp_path, monkeypatch):
     assert (results[1]["s_per_case_mean"], results[1]["s_setup"], results[1]["peak_rss_gib"]) == (4.0, 2.0, 2.5)
     failed = bench_predict_paths.merge_runs([results[0], {"path": "x", "error": "exit 1: boom"}])
     assert failed["error"] == "exit 1: boom"
+
+
+def test_predict_paths_compare_checkpoints_in_the_same_turns(tmp_path, monkeypatch):
+    """`--compare` runs every path with each other checkpoint too, all of them taking turns per case."""
+    write_case(tmp_path / "raw", "c0", shape=(24, 24, 16))
+    write_case(tmp_path / "raw", "c1", shape=(24, 24, 16))
+    calls = []
+
+    def fake_child(script, args, **on_error):
+        calls.append((int(args[args.index("--case") + 1]), Path(args[0]).name, args[args.index("--child") + 1]))
+        return {**on_error, "checkpoint": args[0], "engine": "torch", "s_setup": 1.0, "peak_rss_gib": 0.5,
+                "cases": [{"case": f"c{calls[-1][0]}", "s_total": 1.0}]}
+
+    monkeypatch.setattr(bench_predict_paths, "run_child", fake_child)
+    monkeypatch.setattr(bench_predict_paths, "agreement", lambda *a: None)
+    monkeypatch.setattr(bench_predict_paths, "print_table", lambda res: None)
+    out = tmp_path / "paths.json"
+    monkeypatch.setattr(sys, "argv", ["bench_predict_paths.py", str(tmp_path / "a.pt"), str(tmp_path / "raw"), "--paths",
+                                      "torch:patch:0.5", "torch:patch:0.25", "--compare", str(tmp_path / "b.pt"),
+                                      "--tta", "off", "--cases", "2", "--out", str(out)])
+    bench_predict_paths.main()
+    units = [("a.pt", "torch:patch:0.5"), ("a.pt", "torch:patch:0.25"), ("b.pt", "torch:patch:0.5"),
+             ("b.pt", "torch:patch:0.25")]
+    assert calls == [(0, *u) for u in units] + [(1, *u) for u in units[1:] + units[:1]]
+    res = json.loads(out.read_text())
+    assert [Path(r["checkpoint"]).name for r in res["results"]] == [u[0] for u in units]
+    assert res["compare"] == [str(tmp_path / "b.pt")]

@@ -28,7 +28,7 @@ def test_recipe_contents_match_their_description():
 def test_overrides_win_over_the_recipe(tmp_path):
     (tmp_path / "c.toml").write_text("epochs = 3\n")
     cfg = resolve_config(tmp_path / "c.toml", {"lr": 0.5}, recipe="brats-cpu")
-    assert (cfg.model, cfg.epochs, cfg.lr, cfg.target) == ("unet", 3, 0.5, "regions")
+    assert (cfg.model, cfg.epochs, cfg.lr, cfg.target) == ("unet-lite", 3, 0.5, "regions")
 
 
 def test_unknown_recipe_and_unknown_key_are_clear_errors(tmp_path, monkeypatch):

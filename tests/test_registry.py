@@ -10,7 +10,7 @@ TINY = (4, 8, 16)  # widths small enough for CPU tests
 
 
 def test_names():
-    assert set(NETWORKS) == {"unet3d", "unet", "segresnet", "dynunet"}
+    assert set(NETWORKS) == {"unet3d", "unet", "unet-lite", "segresnet", "dynunet"}
 
 
 @pytest.mark.parametrize("name", NETWORKS)
@@ -48,7 +48,7 @@ def test_spec_fills_defaults():
 
 
 def test_unknown_name_lists_known():
-    known = "unet3d, unet, segresnet, dynunet"
+    known = "unet3d, unet, unet-lite, segresnet, dynunet"
     with pytest.raises(TumorsegError, match=f"unknown network 'vnet'.*{known}"):
         build_network("vnet", 3, 4)
     with pytest.raises(TumorsegError, match="vnet"):
@@ -82,3 +82,20 @@ def test_dynunet_deep_supervision_shapes():
 def test_dynunet_needs_three_levels():
     with pytest.raises(TumorsegError, match="at least 3 levels"):
         network_spec("dynunet", 3, 4, filters=(8, 16))
+
+
+def test_unet_lite_upsamples_half_resolution_logits():
+    """unet-lite's logits are its half-resolution 1x1x1 logits, trilinearly upsampled: no layer at full size."""
+    torch.manual_seed(0)
+    net = build_network("unet-lite", 4, 3, filters=TINY).eval()
+    coarse = []
+    head = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.out_channels == 3]
+    assert len(head) == 1
+    head[0].register_forward_hook(lambda module, args, out: coarse.append(out))
+    with torch.no_grad():
+        out = net(torch.randn(1, 4, 16, 16, 16))
+    assert coarse[0].shape == (1, 3, 8, 8, 8) and out.shape == (1, 3, 16, 16, 16)
+    expected = torch.nn.functional.interpolate(coarse[0], scale_factor=2, mode="trilinear", align_corners=False)
+    torch.testing.assert_close(out, expected)
+    full = [m for m in net.modules() if isinstance(m, torch.nn.ConvTranspose3d) and m.out_channels == 3]
+    assert not full  # MONAI's UNet ends in a transposed convolution to the outputs at full size

@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="checkpoints, metrics.csv, curves.png and config.yaml go here")
     p.add_argument("--recipe", help="start from a named recipe: seed, brats-cpu, brats-gpu (config file and flags override)")
     p.add_argument("--config", type=Path, help="YAML or TOML file of settings (flags override it)")
-    p.add_argument("--model", help="unet3d (ours), unet, segresnet or dynunet (MONAI)")
+    p.add_argument("--model", help="unet3d (ours), unet, unet-lite (MONAI UNet, logits at half size), segresnet or dynunet (MONAI)")
     p.add_argument("--filters", type=_int_list, help="widths per level, e.g. 16,32,64,128,256")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)

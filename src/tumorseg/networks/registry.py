@@ -1,4 +1,4 @@
-"""Networks by name: our UNet3D and three MONAI networks behind the same few arguments.
+"""Networks by name: our UNet3D, three MONAI networks and a lighter MONAI UNet, behind the same few arguments.
 
 Adding a network is one entry in `_BUILDERS` (and its default widths in `DEFAULT_FILTERS`).
 Every network maps `(B, in_channels, D, H, W)` to logits `(B, out_channels, D, H, W)` in
@@ -23,6 +23,7 @@ from .unet3d import UNet3D
 DEFAULT_FILTERS: dict[str, tuple[int, ...]] = {
     "unet3d": (16, 32, 64, 128, 256),  # the seed's Keras U-Net
     "unet": (16, 32, 64, 128, 256),
+    "unet-lite": (8, 32, 64, 128, 256),  # a thin first level: the half-size logits need little there
     "segresnet": (16, 32, 64, 128),  # MONAI's BraTS tutorial: init_filters 16, 4 levels
     "dynunet": (32, 64, 128, 256, 320),  # nnU-Net widths, capped at 320
 }
@@ -33,7 +34,11 @@ def _unet3d(spec: dict[str, Any]) -> nn.Module:
 
 
 def _unet(spec: dict[str, Any]) -> nn.Module:
-    from monai.networks.nets import UNet
+    """MONAI's UNet ("unet"), or `UNetLite` ("unet-lite": logits at half resolution, upsampled)."""
+    if spec["name"] == "unet-lite":
+        from .unet_lite import UNetLite as UNet
+    else:
+        from monai.networks.nets import UNet
 
     filters = spec["filters"]
     return UNet(
@@ -92,6 +97,7 @@ def _dynunet(spec: dict[str, Any]) -> nn.Module:
 _BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "unet3d": _unet3d,
     "unet": _unet,
+    "unet-lite": _unet,
     "segresnet": _segresnet,
     "dynunet": _dynunet,
 }
@@ -154,7 +160,8 @@ def build_network(
 
     Args:
         name: one of `NETWORKS`: "unet3d" (ours), "unet" (MONAI UNet, strided, residual
-            units), "segresnet" (MONAI SegResNet), "dynunet" (MONAI DynUNet, nnU-Net-like).
+            units), "unet-lite" (that UNet with its logits at half size, upsampled: `UNetLite`),
+            "segresnet" (MONAI SegResNet), "dynunet" (MONAI DynUNet, nnU-Net-like).
         in_channels: input channels (modalities).
         out_channels: output channels: 4 classes or 3 regions.
         filters: widths per level, top to bottom (None: `DEFAULT_FILTERS[name]`). SegResNet
