@@ -23,12 +23,12 @@ resident set size (`ru_maxrss`, scans and model included), on CUDA
 `torch.cuda.synchronize` around timings, `--warmup` untimed cases first).
 
 CPU is slow (a default-width 128^3 forward takes seconds, times 8 with TTA), so on CPU the
-default is `unet,segresnet`, TTA off, default widths and 8,16,32,64; `--all` runs every
+default is `unet,unet-lite,segresnet`, TTA off, default widths and 8,16,32,64; `--all` runs every
 network with and without TTA. On CUDA the default is every network, TTA both.
 
 Input: one synthetic full-size case (`tumorseg.synth`, seed 0), or a real case with `--data`.
 
-    python benchmarks/bench_predict.py [--device auto|cpu|cuda] [--networks unet,segresnet]
+    python benchmarks/bench_predict.py [--device auto|cpu|cuda] [--networks unet,unet-lite,segresnet]
         [--filters default --filters 8,16,32,64] [--tta both|on|off] [--all] [--data CASE_DIR]
 """
 

@@ -56,9 +56,10 @@ def run_path(args: argparse.Namespace) -> dict:
 
     engine, window, overlap = parse_path(args.child)
     case = discover_cases(args.data)[args.case]
-    state, setup = timed(lambda: load_checkpoint(args.checkpoint))
+    exported = args.checkpoint.suffix.lower() == ".onnx"  # `tumorseg export`'s file: Predictor reads it
+    source, setup = timed(lambda: args.checkpoint if exported else load_checkpoint(args.checkpoint))
     predictor, seconds = timed(lambda: Predictor.from_checkpoint(
-        state, device=args.device, tta=args.tta == "on", overlap=overlap, engine=engine,
+        source, device=args.device, tta=args.tta == "on", overlap=overlap, engine=engine,
         window=(window,) * 3 if window else None))
     setup += seconds
     sync = device_sync(predictor.device.type)
@@ -69,7 +70,8 @@ def run_path(args: argparse.Namespace) -> dict:
                                             describe=lambda pred: f"tumorseg {pred.convention.tag()}")
     row = {"case": case.case_id, "box": stats["box"], "forwards": stats["forwards"],
            "s_total": round(predict_s + save_s, 3), **stage_seconds(stats, 0, predict_s, save_s)}
-    return {"checkpoint": str(args.checkpoint), "network": state["network"]["name"], "path": args.child,
+    network = args.checkpoint.name if exported else source["network"]["name"]
+    return {"checkpoint": str(args.checkpoint), "network": network, "path": args.child,
             "engine": predictor.engine, "tta": predictor.tta, "s_setup": round(setup, 2),
             "cases": [row], "peak_rss_gib": peak_rss_gib()}
 
@@ -114,7 +116,7 @@ def print_table(res: dict) -> None:
     m = res["machine"]
     print(f"\n{res['checkpoint']} on {res['cases']} case(s) of {res['data']}, {m['device_name']}, "
           f"{m['torch_threads']} threads, load {m['load_average']} -> {m['load_average_after']}")
-    print(f"{'network':<11}{'path':<18}{'tta':<5}{'engine':<7}{'s/case':>8}{'network':>9}{'load':>7}{'other':>7}{'save':>7}"
+    print(f"{'network':<11}{'path':<18}{'tta':<5}{'engine':<7}{'s/case':>8}{'net s':>9}{'load':>7}{'other':>7}{'save':>7}"
           f"{'post':>6}{'fwd':>6}{'setup':>7}{'RSS GiB':>9}{'WT vs ref (min)':>17}{'Dice WT/TC/ET vs truth':>25}")
     for r in res["results"]:
         if "error" in r:
@@ -197,7 +199,7 @@ def main() -> None:
                     dirs[i].mkdir(exist_ok=True)
                     cmd = [str(checkpoint), str(args.data), "--child", path, "--tta", tta, "--case", str(k),
                            "--device", device, "--labels-dir", str(dirs[i])]
-                    runs[i].append(run_child(__file__, cmd, path=path, tta=tta == "on"))
+                    runs[i].append(run_child(__file__, cmd, checkpoint=str(checkpoint), path=path, tta=tta == "on"))
             results = [merge_runs(r) for r in runs]
             agreement(results, dirs, args.data, n_cases)
             res["results"] += results

@@ -135,16 +135,22 @@ def test_predict_paths_end_to_end(tmp_path):
     pytest.importorskip("onnxruntime")
     write_case(tmp_path / "raw", "c0", shape=(40, 44, 32))
     torch.manual_seed(0)
-    spec = network_spec("unet3d", 3, 4, [4, 8, 16])
-    save_checkpoint(tmp_path / "m.pt", {
-        "network": spec, "model": build_network(**spec).state_dict(), "patch": [32, 32, 32], "target": "labels",
-        "prepare": {"channels": ["t2", "t1ce", "flair"], "norm": "minmax"},
-        "label_map": {i: RAW_LABELS[i] for i in range(4)}, "inference": {"tta": False}})
+    for name in ("unet3d", "unet-lite"):
+        spec = network_spec(name, 3, 4, [4, 8, 16])
+        save_checkpoint(tmp_path / f"{name}.pt", {
+            "network": spec, "model": build_network(**spec).state_dict(), "patch": [32, 32, 32], "target": "labels",
+            "prepare": {"channels": ["t2", "t1ce", "flair"], "norm": "minmax"},
+            "label_map": {i: RAW_LABELS[i] for i in range(4)}, "inference": {"tta": False}})
     out = tmp_path / "paths.json"
-    subprocess.run([sys.executable, str(BENCHMARKS / "bench_predict_paths.py"), str(tmp_path / "m.pt"),
+    subprocess.run([sys.executable, str(BENCHMARKS / "bench_predict_paths.py"), str(tmp_path / "unet3d.pt"),
                     str(tmp_path / "raw"), "--paths", "torch:patch:0.5", "onnx:patch:0.5", "torch:box:0",
-                    "--tta", "off", "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
+                    "--compare", str(tmp_path / "unet-lite.pt"), "--tta", "off", "--out", str(out)],
+                   check=True, capture_output=True, cwd=tmp_path)
     results = json.loads(out.read_text())["results"]
+    assert [r["network"] for r in results] == ["unet3d"] * 3 + ["unet-lite"] * 3
+    other = results[3]["cases"][0]["wt_dice_vs_reference"]  # the other network's labels against the reference's
+    assert 0.0 <= other <= 1.0 and results[3]["cases"][0]["box"] == results[0]["cases"][0]["box"]
+    results = results[:3]
     assert [r["engine"] for r in results] == ["torch", "onnx", "torch"]
     assert results[1]["wt_dice_vs_reference_min"] > 0.99  # ONNX Runtime: PyTorch's labels
     assert results[0]["cases"][0]["box"] == results[1]["cases"][0]["box"]  # the same inference box and windows

@@ -67,7 +67,7 @@ def _export(tmp_path, opset=OPSET, **kwargs):
 
 @pytest.mark.parametrize("name", NETWORKS)
 def test_round_trip_settings_and_outputs(name, tmp_path):
-    target = "regions" if name in ("unet", "segresnet") else "labels"
+    target = "regions" if name in ("unet", "unet-lite", "segresnet") else "labels"
     state, path = _export(tmp_path, name=name, target=target, tta=True, largest=True, et=100)
     network, meta = load_onnx(path)
     assert meta.pop("export")["opset"] == OPSET and onnx.load(path).opset_import[0].version == OPSET
@@ -178,7 +178,8 @@ def test_engine_auto_uses_onnx_runtime_where_faster_and_falls_back(monkeypatch, 
     predict_module = sys.modules["tumorseg.inference.predict"]  # the attribute is the function of that name
 
     assert Predictor.from_checkpoint(_state(), device="cpu").engine == "onnx"  # unet3d: faster in ONNX Runtime
-    assert Predictor.from_checkpoint(_state("unet", target="regions"), device="cpu").engine == "torch"  # not faster
+    for slower in ("unet", "unet-lite"):  # measured slower in ONNX Runtime (README, "Measured")
+        assert Predictor.from_checkpoint(_state(slower, target="regions"), device="cpu").engine == "torch"
     monkeypatch.setattr(predict_module, "onnx_runtime_installed", lambda: False)
     assert Predictor.from_checkpoint(_state(), device="cpu").engine == "torch"
     monkeypatch.undo()

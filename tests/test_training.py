@@ -120,7 +120,7 @@ def test_bad_inputs_are_one_line_errors(prepared, tmp_path):
     train(prepared, tmp_path / "run", TrainConfig(epochs=1, **TINY), progress=False)
     with pytest.raises(TumorsegError, match="already holds a run"):
         train(prepared, tmp_path / "run", TrainConfig(epochs=1, **TINY))
-    with pytest.raises(TumorsegError, match="checkpoint of another network"):
+    with pytest.raises(TumorsegError, match="checkpoint of another network.*give its --model unet3d --filters 4,8,16 "):
         train(prepared, tmp_path / "run", TrainConfig(epochs=2, **{**TINY, "filters": [4, 8]}), resume=True)
     with pytest.raises(TumorsegError, match="patch"):
         train(prepared, tmp_path / "r2", TrainConfig(patch=[10, 10, 10], **TINY))

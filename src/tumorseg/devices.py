@@ -25,8 +25,8 @@ from .errors import TumorsegError
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 AMP_MODES: tuple[str, ...] = ("auto", "off", "bf16", "fp16")
 GPU_SW_BATCH = 4  # sliding windows per network call on a GPU: fills it without risking memory at 128^3
-# On the CPU too: PyTorch's per-call cost dominates small windows. Measured on 2 cores, brats-cpu's
-# UNet on 64^3 windows: 1.42 s for one window, 2.50 s for eight (README, "Measured"). Batches stay
+# On the CPU too: PyTorch's per-call cost dominates small windows. Measured on 2 cores, MONAI's
+# UNet 16-256 on 64^3 windows: 1.42 s for one window, 2.50 s for eight (README, "Measured"). Batches stay
 # within eight 64^3 windows' voxels, so a 128^3 window (the seed's) still goes alone.
 CPU_WINDOW_VOXELS = 8 * 64**3
 

@@ -13,7 +13,7 @@ regions, inference, layout, labels, format, versions): everything but the weight
 training state. So `tumorseg predict MODEL.onnx CASES OUT` needs the file alone.
 
 Exporter and opset: PyTorch's TorchScript exporter (`dynamo=False`) at ONNX opset 17 (`OPSET`).
-It exports our UNet3D and MONAI's UNet, SegResNet and DynUNet with dynamic axes in about a
+It exports our UNet3D, MONAI's UNet (and `unet-lite`), SegResNet and DynUNet with dynamic axes in about a
 second and needs no package beyond `onnx`; the `torch.export`-based exporter (PyTorch's default
 since 2.9) gives the same outputs but takes 10-15 s per network here and needs `onnxscript`.
 PyTorch marks the TorchScript exporter deprecated; its warnings are silenced here and the

@@ -47,7 +47,8 @@ from .window import to_labels, tta_probabilities
 REQUIRED_KEYS: tuple[str, ...] = ("network", "model", "prepare", "patch", "target")
 ENGINES: tuple[str, ...] = ("auto", "torch", "onnx")
 # Networks ONNX Runtime ran faster than PyTorch on the CPU (bench_predict_paths, README "Measured"): our
-# UNet3D 1.4x per case at 128^3. MONAI's UNet was 7-25 % slower there (PyTorch batches its windows well).
+# UNet3D 1.4x per case at 128^3. MONAI's UNet was 7-25 % slower there (PyTorch batches its windows well),
+# unet-lite 30-60 % slower.
 ONNX_FASTER: frozenset[str] = frozenset({"unet3d"})
 
 

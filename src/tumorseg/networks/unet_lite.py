@@ -10,12 +10,15 @@ resolution followed by trilinear upsampling, as nnU-Net's deep-supervision heads
 
 from __future__ import annotations
 
+from monai.networks.layers import Conv
 from monai.networks.nets import UNet
 from torch import nn
 
+_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
 
 class UNetLite(UNet):
-    """`monai.networks.nets.UNet` whose top decoder layer is `Conv 1x1x1 -> trilinear x stride`.
+    """`monai.networks.nets.UNet` whose top decoder layer is `Conv 1x1x1 -> (tri)linear x stride`.
 
     Same arguments as MONAI's UNet; the output has the input's spatial size.
 
@@ -30,6 +33,6 @@ class UNetLite(UNet):
         if not is_top:
             return super()._get_up_layer(in_channels, out_channels, strides, is_top)
         return nn.Sequential(
-            nn.Conv3d(in_channels, out_channels, kernel_size=1),
-            nn.Upsample(scale_factor=strides, mode="trilinear", align_corners=False),
+            Conv[Conv.CONV, self.dimensions](in_channels, out_channels, kernel_size=1),
+            nn.Upsample(scale_factor=strides, mode=_INTERPOLATION[self.dimensions], align_corners=False),
         )

@@ -161,7 +161,9 @@ def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig) -> d
     if state["network"] != spec:
         raise TumorsegError(
             f"{run_dir / 'last.pt'}: checkpoint of another network ({state['network']['name']} "
-            f"{list(state['network']['filters'])}, this run: {spec['name']} {list(spec['filters'])})"
+            f"{list(state['network']['filters'])}, this run: {spec['name']} {list(spec['filters'])}): to continue "
+            f"it, give its --model {state['network']['name']} --filters "
+            f"{','.join(str(f) for f in state['network']['filters'])} (a recipe may have changed its network)"
         )
     if state["prepare"]["channels"] != manifest["settings"]["channels"]:
         raise TumorsegError(f"{run_dir / 'last.pt'}: trained on channels {state['prepare']['channels']}, data has {manifest['settings']['channels']}")
