@@ -35,13 +35,13 @@ def _unet3d(spec: dict[str, Any]) -> nn.Module:
 
 def _unet(spec: dict[str, Any]) -> nn.Module:
     """MONAI's UNet ("unet"), or `UNetLite` ("unet-lite": logits at half resolution, upsampled)."""
-    if spec["name"] == "unet-lite":
-        from .unet_lite import UNetLite as UNet
-    else:
-        from monai.networks.nets import UNet
+    from monai.networks.nets import UNet
 
+    from .unet_lite import UNetLite
+
+    network = UNetLite if spec["name"] == "unet-lite" else UNet
     filters = spec["filters"]
-    return UNet(
+    return network(
         spatial_dims=3,
         in_channels=spec["in_channels"],
         out_channels=spec["out_channels"],
