@@ -220,19 +220,24 @@ class FlairNet(nn.Module):
     """A fixed, smooth 'network': whole tumour where FLAIR (channel 3) is bright, ET where T1CE is too.
 
     Averaging over 5^3 voxels first gives it a receptive field and smooth outputs, like a trained
-    network's, rather than a voxel-wise threshold of the noise.
+    network's, rather than a voxel-wise threshold of the noise (one axis at a time: the same mean,
+    several times faster).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.avg_pool3d(x, 5, stride=1, padding=2, count_include_pad=False)
-        wt = torch.sigmoid(8 * (x[:, 3:4] - 1.5))
-        et = wt * torch.sigmoid(8 * (x[:, 1:2] - 1.5))
+        x = x[:, [1, 3]]  # T1CE, FLAIR
+        for size in ((5, 1, 1), (1, 5, 1), (1, 1, 5)):
+            x = nn.functional.avg_pool3d(x, size, stride=1, padding=[s // 2 for s in size], count_include_pad=False)
+        wt = torch.sigmoid(8 * (x[:, 1:2] - 1.5))
+        et = wt * torch.sigmoid(8 * (x[:, 0:1] - 1.5))
         return torch.log(torch.cat([1 - wt, 0.2 * wt, 0.8 * wt - 0.5 * et, et], dim=1).clamp_min(1e-6))
 
 
 def _flair_predictor() -> Predictor:
+    """FlairNet behind the real pipeline; one window over the brain's box (its outputs do not
+    depend on the window) keeps the real-case tests fast."""
     return Predictor(FlairNet(), torch.device("cpu"), MODALITIES, "zscore", (64, 64, 64), divisor=16,
-                     spacing=(1.0, 1.0, 1.0))
+                     spacing=(1.0, 1.0, 1.0), window=(256, 256, 256))
 
 
 def _wt_dice(a: np.ndarray, b: np.ndarray) -> float:
