@@ -32,18 +32,17 @@ from common import (add_device_arg, add_out_arg, device_sync, instrument, load_a
 
 RESULTS = results_path("bench_predict_paths")
 DEFAULT_PATHS = ("torch:patch:0.5", "onnx:patch:0.5", "onnx:patch:0.25", "onnx:box:0")
-BOX = 1024  # a window side larger than any brain box: the box itself
 
 
-def parse_path(text: str) -> tuple[str, int | None, float]:
-    """"onnx:96:0.25" -> ("onnx", 96, 0.25); window "patch" -> None, "box" -> BOX."""
+def parse_path(text: str) -> tuple[str, int | str | None, float]:
+    """"onnx:96:0.25" -> ("onnx", 96, 0.25); window "patch" -> None, "box" stays (predict's own)."""
     try:
         engine, window, overlap = text.split(":")
-        size = None if window == "patch" else BOX if window == "box" else int(window)
+        size = None if window == "patch" else window if window == "box" else int(window)
         value = float(overlap)
     except ValueError:
         raise SystemExit(f"path {text!r}: expected engine:window:overlap, e.g. onnx:patch:0.5") from None
-    if engine not in ("torch", "onnx") or not 0.0 <= value < 1.0 or (size is not None and size < 1):
+    if engine not in ("torch", "onnx") or not 0.0 <= value < 1.0 or (isinstance(size, int) and size < 1):
         raise SystemExit(f"path {text!r}: engine torch or onnx, a positive window, overlap in [0, 1)")
     return engine, size, value
 
@@ -60,7 +59,7 @@ def run_path(args: argparse.Namespace) -> dict:
     source, setup = timed(lambda: args.checkpoint if exported else load_checkpoint(args.checkpoint))
     predictor, seconds = timed(lambda: Predictor.from_checkpoint(
         source, device=args.device, tta=args.tta == "on", overlap=overlap, engine=engine,
-        window=(window,) * 3 if window else None))
+        window=window))
     setup += seconds
     sync = device_sync(predictor.device.type)
     setup += timed(lambda: warm_up(predictor), sync)[1]

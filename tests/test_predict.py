@@ -397,6 +397,10 @@ def test_window_validated_and_clipped_to_the_box():
         with pytest.raises(TumorsegError, match="multiples of 8"):
             Predictor(nn.Identity(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, window=bad)
     assert check_window(48, 8) == check_window(np.int64(48), 8) == (48, 48, 48)  # one size for all axes
+    whole = Predictor(nn.Identity(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, window="box")
+    assert whole.roi((48, 56, 40)) == (48, 56, 40) and whole.roi((512, 512, 512)) == (512, 512, 512)
+    with pytest.raises(TumorsegError, match="multiples of 8 or 'box', got 'brain'"):
+        check_window("brain", 8)
 
 
 def test_window_sets_the_network_calls(raw, tmp_path, monkeypatch):
@@ -404,7 +408,7 @@ def test_window_sets_the_network_calls(raw, tmp_path, monkeypatch):
     state = _state(tta=True)
     case = discover_cases(raw)[0]
     calls = {}
-    for window in (None, (32, 32, 32), (16, 16, 16), (256, 256, 256)):
+    for window in (None, (32, 32, 32), (16, 16, 16), (256, 256, 256), "box"):
         predictor = Predictor.from_checkpoint(state, device="cpu", engine="torch", window=window)
         predictor = replace(predictor, sw_batch_size=1)
         count = []
@@ -412,7 +416,8 @@ def test_window_sets_the_network_calls(raw, tmp_path, monkeypatch):
         pred = predict_case(predictor, case)
         handle.remove()
         calls[window] = (len(count), pred.labels)
-    assert calls[(256, 256, 256)][0] == 8  # one window per flip
+    assert calls[(256, 256, 256)][0] == calls["box"][0] == 8  # one window per flip
+    assert np.array_equal(calls[(256, 256, 256)][1], calls["box"][1])
     assert calls[(16, 16, 16)][0] > calls[None][0] == calls[(32, 32, 32)][0] >= 8
     assert np.array_equal(calls[None][1], calls[(32, 32, 32)][1])
     for bad in ((0, 16, 16), (10, 16, 16)):  # checked before any export or batch arithmetic
@@ -429,6 +434,7 @@ def test_window_sets_the_network_calls(raw, tmp_path, monkeypatch):
     assert result.failed and all("batch 1" in m for m in result.failed.values())  # a new window, a new batch size
     args = build_parser().parse_args(["predict", "x.pt", "in", "out", "--window", "64", "--engine", "torch"])
     assert args.window == (64, 64, 64) and args.engine == "torch"
+    assert build_parser().parse_args(["predict", "x.pt", "in", "out", "--window", "Box"]).window == "box"
 
 
 def test_each_torchrun_rank_predicts_on_its_local_gpu(monkeypatch):

@@ -32,6 +32,15 @@ def _challenge(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _window(text: str) -> str | tuple[int, ...]:
+    if text.strip().lower() == "box":
+        return "box"
+    try:
+        return _ints(3)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 3 integers or 'box', got '{text}'") from None
+
+
 def _ints(n: int):
     def parse(text: str) -> tuple[int, ...]:
         parts = text.replace("x", ",").split(",") if isinstance(text, str) else text
@@ -274,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation (default: as the checkpoint says)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
-    p.add_argument("--window", type=_ints(3), metavar="X,Y,Z",
+    p.add_argument("--window", type=_window, metavar="X,Y,Z|box",
                    help="sliding-window size, one number for a cube, multiples of the network's downsampling (16 "
-                        "for the recipes; default: the training patch; larger than the brain: one window over it)")
+                        "for the recipes; default: the training patch); 'box' or larger than the brain: one window "
+                        "over the brain's box")
     p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
                    help="what runs the network (auto: ONNX Runtime on the CPU for networks it runs faster, else PyTorch)")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",

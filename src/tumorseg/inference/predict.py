@@ -76,7 +76,7 @@ class Predictor:
         spacing: voxel size (mm, canonical axes) the network was trained at; None: the scan's.
         labels: label convention of the written files; None: each input layout's own.
         window: sliding-window size (multiples of `divisor`); None: `patch`. Windows larger than
-            the brain's box shrink to it (one window over the whole box).
+            the brain's box shrink to it ("box": one window over the whole box).
         engine: what runs `model`: "torch", or "onnx" (ONNX Runtime; `Predictor.from_checkpoint`).
     """
 
@@ -95,7 +95,7 @@ class Predictor:
     sw_batch_size: int = 1
     spacing: tuple[float, float, float] | None = None
     labels: LabelConvention | None = None
-    window: tuple[int, int, int] | None = None
+    window: str | tuple[int, int, int] | None = None
     engine: str = "torch"
 
     def __post_init__(self) -> None:
@@ -105,7 +105,7 @@ class Predictor:
             raise TumorsegError(f"unknown target '{self.target}' (choose from labels, regions)")
         if len(self.patch) != 3 or any(p < 1 for p in self.patch):
             raise TumorsegError(f"patch must be three positive integers, got {self.patch}")
-        check_window(self.window, self.divisor)
+        self.window = check_window(self.window, self.divisor)
 
     def roi(self, box_shape: Sequence[int]) -> tuple[int, ...]:
         """The sliding window for an inference box: `window` (else `patch`), at most the box."""
@@ -121,7 +121,7 @@ class Predictor:
         labels: str | None = None,
         amp: str = "auto",
         engine: str = "auto",
-        window: Sequence[int] | None = None,
+        window: str | Sequence[int] | None = None,
     ) -> "Predictor":
         """Load a checkpoint file (or an already loaded state dict) once, for many cases.
 
@@ -131,7 +131,8 @@ class Predictor:
         or fp16 on GPUs, float32 on the CPU), "bf16", "fp16" or "off". `engine`: "torch",
         "onnx" (the network exported in memory and run by ONNX Runtime, within 1e-4 of PyTorch),
         or "auto": ONNX Runtime on the CPU where it is installed, for the networks it runs faster
-        (`ONNX_FASTER`), PyTorch otherwise. `window`: sliding-window size (None: the training patch).
+        (`ONNX_FASTER`), PyTorch otherwise. `window`: sliding-window size (None: the training patch;
+        "box": one window over the brain's box).
         """
         if engine not in ENGINES:
             raise TumorsegError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
@@ -182,11 +183,18 @@ class Predictor:
         )
 
 
-def check_window(window: int | Sequence[int] | None, divisor: int) -> tuple[int, int, int] | None:
-    """`window` (one size for all three axes, or three) as three ints, or one line saying why it
-    cannot be a sliding window for this network."""
+BOX_SIDE = 4096  # a window side beyond any brain's box: `roi` clips it to the box, one window over it
+
+
+def check_window(window: str | int | Sequence[int] | None, divisor: int) -> tuple[int, int, int] | None:
+    """`window` (one size for all three axes, or three, or "box": one window over the brain's
+    whole box) as three ints, or one line saying why it cannot be a sliding window for this network."""
     if window is None:
         return None
+    if isinstance(window, str):
+        if window != "box":
+            raise TumorsegError(f"window must be three positive multiples of {divisor} or 'box', got '{window}'")
+        return (BOX_SIDE,) * 3
     window = (window,) * 3 if np.ndim(window) == 0 else tuple(window)
     if len(window) != 3 or any(int(w) < 1 or int(w) % divisor for w in window):
         raise TumorsegError(f"window must be three positive multiples of {divisor} (the network's downsampling), "
@@ -470,7 +478,7 @@ def predict(
     uncertainty: bool = False,
     report: bool = False,
     engine: str = "auto",
-    window: Sequence[int] | None = None,
+    window: str | Sequence[int] | None = None,
     cases: Collection[str] | None = None,
 ) -> PredictResult:
     """Segment every BraTS case under `input_dir` into `out_dir/<case_id>.nii.gz`.
@@ -499,7 +507,8 @@ def predict(
         engine: "auto" (ONNX Runtime on the CPU for the networks it runs faster, where installed;
             else PyTorch), "torch" or "onnx".
         window: sliding-window size (three sides, multiples of the network's divisor; None: the
-            training patch); a side larger than the brain's box means one window across it.
+            training patch); a side larger than the brain's box means one window across it, and
+            "box" one window over the whole box.
         cases: only the cases of these ids (None: all under `input_dir`).
 
     A failing case is reported in one line and recorded in the result; the others go on.
