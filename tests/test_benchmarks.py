@@ -143,18 +143,18 @@ def test_predict_paths_end_to_end(tmp_path):
             "label_map": {i: RAW_LABELS[i] for i in range(4)}, "inference": {"tta": False}})
     out = tmp_path / "paths.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "bench_predict_paths.py"), str(tmp_path / "unet3d.pt"),
-                    str(tmp_path / "raw"), "--paths", "torch:patch:0.5", "onnx:patch:0.5", "torch:box:0",
+                    str(tmp_path / "raw"), "--paths", "torch:patch:0.5", "onnx:patch:0.5",
                     "--compare", str(tmp_path / "unet-lite.pt"), "--tta", "off", "--out", str(out)],
                    check=True, capture_output=True, cwd=tmp_path)
     results = json.loads(out.read_text())["results"]
-    assert [r["network"] for r in results] == ["unet3d"] * 3 + ["unet-lite"] * 3
-    other = results[3]["cases"][0]["wt_dice_vs_reference"]  # the other network's labels against the reference's
-    assert 0.0 <= other <= 1.0 and results[3]["cases"][0]["box"] == results[0]["cases"][0]["box"]
-    results = results[:3]
-    assert [r["engine"] for r in results] == ["torch", "onnx", "torch"]
+    assert [r["network"] for r in results] == ["unet3d"] * 2 + ["unet-lite"] * 2
+    other = results[2]["cases"][0]["wt_dice_vs_reference"]  # the other network's labels against the reference's
+    assert 0.0 <= other <= 1.0 and results[2]["cases"][0]["box"] == results[0]["cases"][0]["box"]
+    results = results[:2]
+    assert [r["engine"] for r in results] == ["torch", "onnx"]
     assert results[1]["wt_dice_vs_reference_min"] > 0.99  # ONNX Runtime: PyTorch's labels
     assert results[0]["cases"][0]["box"] == results[1]["cases"][0]["box"]  # the same inference box and windows
-    assert results[2]["cases"][0]["forwards"] == 1 and "dice_vs_truth" in results[0]["cases"][0]
+    assert results[0]["cases"][0]["forwards"] >= 1 and "dice_vs_truth" in results[0]["cases"][0]
 
 
 def test_predict_paths_take_turns_case_by_case(tmp_path, monkeypatch):
