@@ -234,8 +234,8 @@ class FlairNet(nn.Module):
 
 
 def _flair_predictor() -> Predictor:
-    """FlairNet behind the real pipeline; one window over the brain's box (its outputs do not
-    depend on the window) keeps the real-case tests fast."""
+    """FlairNet behind the real pipeline, in one window over the brain's box (no window seams):
+    fast enough for the real-case tests."""
     return Predictor(FlairNet(), torch.device("cpu"), MODALITIES, "zscore", (64, 64, 64), divisor=16,
                      spacing=(1.0, 1.0, 1.0), window=(256, 256, 256))
 

@@ -399,6 +399,7 @@ def test_window_validated_and_clipped_to_the_box():
     assert check_window(48, 8) == check_window(np.int64(48), 8) == (48, 48, 48)  # one size for all axes
     whole = Predictor(nn.Identity(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, window="box")
     assert whole.roi((48, 56, 40)) == (48, 56, 40) and whole.roi((512, 512, 512)) == (512, 512, 512)
+    assert replace(whole, divisor=3).roi((48, 57, 39)) == (48, 57, 39)  # any network's divisor
     with pytest.raises(TumorsegError, match="multiples of 8 or 'box', got 'brain'"):
         check_window("brain", 8)
 

@@ -38,7 +38,7 @@ def _window(text: str) -> str | tuple[int, ...]:
     try:
         return _ints(3)(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected 3 integers or 'box', got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected one or three integers or 'box', got '{text}'") from None
 
 
 def _ints(n: int):

@@ -196,7 +196,7 @@ def check_window(window: str | int | Sequence[int] | None, divisor: int) -> tupl
             raise TumorsegError(f"window must be three positive multiples of {divisor} or 'box', got '{window}'")
         return (BOX_SIDE,) * 3
     window = (window,) * 3 if np.ndim(window) == 0 else tuple(window)
-    if len(window) != 3 or any(int(w) < 1 or int(w) % divisor for w in window):
+    if len(window) != 3 or any(int(w) < 1 or (int(w) % divisor and int(w) != BOX_SIDE) for w in window):
         raise TumorsegError(f"window must be three positive multiples of {divisor} (the network's downsampling), "
                             f"got {tuple(window)}")
     return tuple(int(w) for w in window)
