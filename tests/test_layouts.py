@@ -237,7 +237,7 @@ def _flair_predictor() -> Predictor:
     """FlairNet behind the real pipeline, in one window over the brain's box (no window seams):
     fast enough for the real-case tests."""
     return Predictor(FlairNet(), torch.device("cpu"), MODALITIES, "zscore", (64, 64, 64), divisor=16,
-                     spacing=(1.0, 1.0, 1.0), window=(256, 256, 256))
+                     spacing=(1.0, 1.0, 1.0), window="box")
 
 
 def _wt_dice(a: np.ndarray, b: np.ndarray) -> float:

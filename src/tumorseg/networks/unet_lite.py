@@ -10,15 +10,15 @@ resolution followed by trilinear upsampling, as nnU-Net's deep-supervision heads
 
 from __future__ import annotations
 
+from monai.networks.blocks import UpSample
 from monai.networks.layers import Conv
 from monai.networks.nets import UNet
 from torch import nn
 
-_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
-
 
 class UNetLite(UNet):
-    """`monai.networks.nets.UNet` whose top decoder layer is `Conv 1x1x1 -> (tri)linear x stride`.
+    """`monai.networks.nets.UNet` whose top decoder layer is MONAI's non-trainable `UpSample`:
+    a 1x1x1 convolution to the logits, then (tri)linear upsampling by the stride.
 
     Same arguments as MONAI's UNet; the output has the input's spatial size.
 
@@ -32,7 +32,6 @@ class UNetLite(UNet):
     def _get_up_layer(self, in_channels: int, out_channels: int, strides: int, is_top: bool) -> nn.Module:
         if not is_top:
             return super()._get_up_layer(in_channels, out_channels, strides, is_top)
-        return nn.Sequential(
-            Conv[Conv.CONV, self.dimensions](in_channels, out_channels, kernel_size=1),
-            nn.Upsample(scale_factor=strides, mode=_INTERPOLATION[self.dimensions], align_corners=False),
-        )
+        head = Conv[Conv.CONV, self.dimensions](in_channels, out_channels, kernel_size=1)  # always, even if widths match
+        return UpSample(self.dimensions, scale_factor=strides, mode="nontrainable", pre_conv=head,
+                        interp_mode="linear", align_corners=False)
