@@ -63,6 +63,23 @@ def parse_filters(text: str) -> tuple[int, ...] | None:
     return filters
 
 
+def parse_spacing(text: str) -> tuple[float, float, float] | None:
+    """"1,1,1" -> (1.0, 1.0, 1.0); "scan" -> None (the network runs on each scan's own grid)."""
+    if text == "scan":
+        return None
+    try:
+        spacing = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        spacing = ()
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected three positive numbers (mm) or 'scan'")
+    return spacing
+
+
+def spacing_text(spacing: tuple[float, float, float] | None) -> str:
+    return "scan" if spacing is None else ",".join(map(str, spacing))
+
+
 def make_predictor(name: str, filters: tuple[int, ...] | None, device: str, args: argparse.Namespace):
     """An untrained `Predictor` set up like one loaded from a "labels" checkpoint."""
     import torch
@@ -78,7 +95,8 @@ def make_predictor(name: str, filters: tuple[int, ...] | None, device: str, args
     amp = amp_dtype("auto", dev)
     return Predictor(model=model.to(dev).eval(), device=dev, channels=CHANNELS, norm="minmax",
                      patch=(args.patch,) * 3, target="labels", divisor=required_divisor(name, filters),
-                     tta=args.tta == "on", overlap=args.overlap, amp_dtype=amp, sw_batch_size=args.sw_batch)
+                     tta=args.tta == "on", overlap=args.overlap, amp_dtype=amp, sw_batch_size=args.sw_batch,
+                     spacing=args.spacing)
 
 
 def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, device: str,
@@ -132,7 +150,8 @@ def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, devi
 def run_child_config(name: str, filters: str, tta: str, case_dir: Path, device: str, args: argparse.Namespace) -> dict:
     """`time_config` in a fresh interpreter, so its peak memory is its own."""
     cmd = ["--child", name, "--filters", filters, "--tta", tta, "--data", str(case_dir),
-           "--device", device, "--patch", str(args.patch), "--overlap", str(args.overlap), "--sw-batch", str(args.sw_batch),
+           "--device", device, "--spacing", spacing_text(args.spacing), "--patch", str(args.patch),
+           "--overlap", str(args.overlap), "--sw-batch", str(args.sw_batch),
            "--warmup", str(args.warmup), "--repeat", str(args.repeat), *threads_flag(args.threads)]
     return run_child(__file__, cmd, network=name, filters=filters, tta=tta == "on")
 
@@ -141,7 +160,8 @@ def print_table(res: dict) -> None:
     """One row per configuration: box, forwards, seconds (total, inference, save), peak memory."""
     cuda = res["device"] == "cuda"
     m = res["machine"]
-    print(f"\n{res['data']}: patch {res['patch']}^3, overlap {res['overlap']}, {res['device']} "
+    print(f"\n{res['data']}: network spacing {spacing_text(res['spacing'])}, patch {res['patch']}^3, "
+          f"overlap {res['overlap']}, {res['device']} "
           f"({m['device_name']}), {m['torch_threads']} threads, load average {m['load_average']} "
           f"-> {m['load_average_after']}")
     mem = "peak GiB (cuda)" if cuda else "peak RSS GiB"
@@ -174,6 +194,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--patch", type=int, default=128, help="sliding-window cube side (default 128)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     parser.add_argument("--sw-batch", type=int, default=1, help="sliding windows per network call (default 1)")
+    parser.add_argument("--spacing", type=parse_spacing, default=(1.0, 1.0, 1.0),
+                        help="the network's voxel size in mm, as a checkpoint records it (default 1,1,1: BraTS "
+                        "recipes; scans on other grids are resampled to it and back), or 'scan': the scan's own")
     parser.add_argument("--warmup", type=int, help="untimed cases first (default 1 on CUDA, 0 on CPU)")
     parser.add_argument("--repeat", type=int, help="timed cases, fastest kept (default 3 on CUDA, 1 on CPU)")
     add_threads_arg(parser)
@@ -224,7 +247,7 @@ def main() -> None:
 
             case_dir = discover_cases(args.data)[0].folder  # errors name the folder
         res = {"data": str(args.data) if args.data else "synthetic 240x240x155 .nii.gz, seed 0",
-               "patch": args.patch, "overlap": args.overlap, "sw_batch": args.sw_batch, "device": device, "warmup": args.warmup,
+               "spacing": args.spacing, "patch": args.patch, "overlap": args.overlap, "sw_batch": args.sw_batch, "device": device, "warmup": args.warmup,
                "repeat": args.repeat, "target": "labels (4 classes)", "channels": list(CHANNELS),
                "autocast": "auto (bf16 where native, else fp16)" if device == "cuda" else None,
                "machine": machine(device, versions=("monai",)), "results": []}

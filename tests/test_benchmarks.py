@@ -97,6 +97,23 @@ def test_bench_train_end_to_end(tmp_path):
             "cpu_name", "load_average_after"} <= set(machine) and machine["device"] == "cpu"
 
 
+def test_bench_predict_end_to_end_on_another_spacing(tmp_path):
+    """A network trained at 1.25 mm on a 1 mm case: the scans go to its grid and the labels come back."""
+    write_case(tmp_path / "raw", "Brats18_A_1", shape=(48, 48, 40))
+    out = tmp_path / "predict.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "bench_predict.py"), "--data", str(tmp_path / "raw"), "--networks",
+                    "unet-lite", "--filters", "4,8,16", "--patch", "32", "--tta", "off", "--spacing", "1.25,1.25,1.25",
+                    "--device", "cpu", "--threads", "1", "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
+    res = json.loads(out.read_text())
+    (row,) = res["results"]
+    assert "error" not in row, row
+    assert res["spacing"] == [1.25, 1.25, 1.25] and row["box"] == [32, 32, 32]  # 48 * 0.8 = 38 voxels: a 32-multiple box
+    assert row["s_total"] > 0 and {"s_load", "s_network", "s_other", "s_save"} <= set(row)
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "bench_predict.py"), "--spacing", "1,0,1"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and "three positive numbers (mm) or 'scan'" in bad.stderr
+
+
 def test_run_child_reports_a_failing_child(tmp_path, capsys):
     script = tmp_path / "fails.py"
     script.write_text("import sys\nprint('{not json')\nsys.exit('it broke')\n")

@@ -16,6 +16,7 @@ from tumorseg.geometry import (
     network_grid,
     overlap_fraction,
     resample,
+    resample_box,
 )
 
 SHAPE = (20, 24, 16)
@@ -209,6 +210,59 @@ def test_dtypes_and_channels():
         resample(images[:, :-1], grid, net, order=1)
     with pytest.raises(TumorsegError):
         network_grid(grid, (1, 0, 1))
+
+
+@pytest.mark.parametrize("dst", ["zoom", "oblique", "permuted zoom", "crop"])
+def test_linear_interpolation_is_scipys(dst):
+    """Linear resampling (one axis at a time in PyTorch) gives scipy's values, `cval` beyond the outer
+    voxel centres, and a voxel's own value exactly where a centre falls on one."""
+    from scipy.ndimage import affine_transform
+
+    src = lps_grid()
+    centre, turn = np.eye(4), rotation_z(20)
+    centre[:3, 3] = apply_affine(src.affine, (np.array(SHAPE) - 1) / 2)
+    turned = Grid(SHAPE, centre @ turn @ np.linalg.inv(centre) @ src.affine)  # about the field of view's centre
+    shift = np.eye(4)
+    shift[:3, 3] = (3, -2, 1)
+    target = {"zoom": network_grid(src, (0.7, 1.3, 0.6)), "oblique": turned, "crop": Grid((15, 20, 10), src.affine @ shift),
+              "permuted zoom": _stored(network_grid(src, (0.8, 1.5, 1.0)), volume(), (1,), (2, 0, 1))[0]}[dst]
+    data = np.stack([volume(seed=s) for s in range(2)])
+    vox = np.linalg.solve(src.affine, target.affine)
+    expected = [affine_transform(d, vox[:3, :3], vox[:3, 3], output_shape=target.shape, order=1, cval=-7.0) for d in data]
+    got = resample(data, src, target, order=1, cval=-7.0)
+    assert got.dtype == np.float32 and np.allclose(got, np.stack(expected), rtol=0, atol=1e-3)  # values 0-200
+    assert np.count_nonzero(got == -7.0) > 0 and np.count_nonzero(got != -7.0) > 0.3 * got.size
+    if dst == "crop":  # the same lattice: values copied, none mixed with a neighbour's
+        assert np.array_equal(got[:, :, 2:], data[:, 3:18, :18, 1:11])
+
+
+OBLIQUE = Grid((22, 26, 12), rotation_z(20) @ np.diag([-0.8, -0.9, 1.4, 1.0]))
+
+
+@pytest.mark.parametrize("dst", ["finer", "oblique", "reoriented", "same"])
+@pytest.mark.parametrize("box", [((4, 14), (3, 19), (2, 12)), ((-3, 9), (10, 30), (5, 16)), ((30, 40), (0, 5), (0, 5))])
+def test_resample_box_equals_resampling_the_whole_array(dst, box):
+    """Inside the box the values, outside it a fill per channel (beyond the grid's edges too):
+    the same as resampling the whole array with that fill as `cval`, interpolating only near the box."""
+    src = lps_grid()
+    target = {"finer": network_grid(src, (0.7, 0.8, 0.6)), "oblique": OBLIQUE, "same": src,
+              "reoriented": _stored(src, volume(), (0, 1), (2, 0, 1))[0]}[dst]
+    fill = [1.0, 0.0, 0.25]
+    whole = np.stack([np.full(SHAPE, f, np.float32) for f in fill])
+    cropped = np.stack([volume(shape=tuple(b - a for a, b in box), seed=s) / 200 for s in range(3)])
+    inside = tuple(slice(max(a, 0), min(b, n)) for (a, b), n in zip(box, SHAPE))
+    whole[(slice(None), *inside)] = cropped[(slice(None), *(slice(i.start - a, i.stop - a) for i, (a, _) in zip(inside, box)))]
+    expected = np.stack([resample(w, src, target, order=1, cval=f) for w, f in zip(whole, fill)])
+    got = resample_box(cropped, box, src, target, fill)
+    assert got.dtype == np.float32 and got.shape == (3, *target.shape)
+    at = apply_affine(np.linalg.solve(src.affine, target.affine), np.indices(target.shape).reshape(3, -1).T)
+    at = at.reshape(*target.shape, 3)
+    within = np.all((at > -1e-6) & (at < np.array(SHAPE) - 1 + 1e-6), axis=-1)  # resample gives cval beyond
+    assert np.allclose(got[:, within], expected[:, within], rtol=0, atol=1e-5)  # float32 coordinates
+    beyond = np.any((at < -1) | (at > np.array(SHAPE)), axis=-1)  # no voxel of src within reach: the fill
+    assert np.all(got[:, beyond] == np.reshape(fill, (3, 1)))
+    if dst == "finer" and box[0][0] >= 0:  # much of the finer grid never sees the box: left as the fill
+        assert np.all(got[:, :2] == np.reshape(fill, (3, 1, 1, 1)))
 
 
 def test_labels_onto_another_grid():

@@ -314,6 +314,15 @@ def test_batched_flip_tta_equals_one_flip_at_a_time():
     assert torch.allclose(batched, one_by_one, atol=1e-5)
 
 
+@pytest.mark.parametrize("classes", [2, 4, 5])
+def test_labels_are_the_first_class_of_highest_probability(classes):
+    from tumorseg.inference.window import first_argmax
+
+    probs = torch.randint(0, 3, (classes, 9, 7, 5)).float()  # many ties: the first of them wins, as argmax's
+    assert torch.equal(first_argmax(probs), probs.argmax(dim=0).to(torch.uint8))
+    assert first_argmax(probs).dtype == torch.uint8
+
+
 def test_torchrun_splits_the_cases_over_ranks(raw, ckpt, tmp_path):
     import subprocess
     import sys

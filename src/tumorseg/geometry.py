@@ -8,14 +8,15 @@ scans (affine diag(-1, -1, 1)) and the networks were trained on those arrays as 
 therefore passes through untouched and old results stay bit-identical.
 
 Orientation is fixed exactly, by permuting and flipping axes (the nearest axes of the affine, so an
-oblique scan stays oblique): no voxel value changes. Only a change of spacing needs interpolation,
-which is done with scipy (nearest neighbour for labels, linear for images).
+oblique scan stays oblique): no voxel value changes. Only a change of spacing needs interpolation:
+nearest neighbour for labels (scipy), linear for images and probabilities (one axis at a time in
+PyTorch, multi-threaded; scipy for grids oblique to each other).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from nibabel.affines import apply_affine, rescale_affine, voxel_sizes
@@ -158,6 +159,11 @@ def resample(data: np.ndarray, src: Grid, dst: Grid, order: int, cval: float = 0
         return np.ascontiguousarray(out)
 
     vox = np.linalg.solve(src.affine, dst.affine)  # dst voxel -> src voxel, as scipy wants it
+    channels = data.reshape((-1, *src.shape))
+    if order == 1 and mode == "constant":
+        out = _separable_linear(channels, vox, dst.shape, cval)
+        if out is not None:
+            return out.reshape((*data.shape[:lead], *dst.shape))
     rot, offset = vox[:3, :3], vox[:3, 3]
     diagonal = np.allclose(rot, np.diag(np.diag(rot)), rtol=0, atol=1e-12)
     matrix = np.diag(rot) if diagonal else rot  # a 1-D matrix takes scipy's faster zoom path
@@ -165,7 +171,6 @@ def resample(data: np.ndarray, src: Grid, dst: Grid, order: int, cval: float = 0
     # scipy has no bool or float16 kernels: compute those in uint8 / float32 and cast back
     work_dtype = {np.dtype(bool): np.dtype(np.uint8), np.dtype(np.float16): np.dtype(np.float32)}
     work = work_dtype.get(out_dtype, out_dtype)
-    channels = data.reshape((-1, *src.shape))
     out = np.empty((channels.shape[0], *dst.shape), dtype=work)
     for c in range(channels.shape[0]):
         chan = channels[c]
@@ -176,6 +181,102 @@ def resample(data: np.ndarray, src: Grid, dst: Grid, order: int, cval: float = 0
             order=order, mode=mode, cval=cval, prefilter=order > 1,
         )  # fmt: skip
     return out.astype(out_dtype, copy=False).reshape((*data.shape[:lead], *dst.shape))
+
+
+def _separable_linear(channels: np.ndarray, vox: np.ndarray, shape: tuple[int, int, int], cval: float) -> np.ndarray | None:
+    """Trilinear interpolation of `channels` (C, X, Y, Z) at the source voxel coordinates `vox` gives
+    each voxel of `shape`, `cval` beyond the outermost voxel centres (scipy's "constant" mode); None
+    unless each axis of `shape` runs along one source axis (any grid but one oblique to the source).
+
+    One axis at a time (trilinear weights are a product of linear ones) in PyTorch, which uses
+    every core; weights from float64 coordinates, snapped to 0 or 1 within 1e-6 voxel, so a centre
+    that falls on a source centre takes its value exactly (no bleed into a zero background, where
+    the brain mask starts). A real 0.9 mm scan's 3 channels to 1 mm: 0.74 s against scipy's 3.0 s
+    (single-threaded), 2 cores.
+    """
+    import torch
+
+    rot, offset = vox[:3, :3], vox[:3, 3]
+    along = np.abs(rot) > 1e-6 * np.abs(rot).max()  # smaller terms move no voxel by more than 1e-3 of itself
+    if not np.all(along.sum(axis=0) == 1):
+        return None
+    out = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))
+    source_axes = [int(np.flatnonzero(along[:, d])[0]) for d in range(3)]
+    out = out.permute(0, *(a + 1 for a in source_axes))  # axis d + 1 now runs along dst axis d
+    beyond = []
+    for d, a in enumerate(source_axes):
+        n = channels.shape[a + 1]
+        coord = rot[a, d] * np.arange(shape[d]) + offset[a]
+        beyond.append(np.flatnonzero((coord < -1e-9) | (coord > n - 1 + 1e-9)))
+        coord = np.clip(coord, 0, n - 1)
+        lower = np.minimum(np.floor(coord).astype(np.int64), max(n - 2, 0))
+        upper = np.minimum(lower + 1, n - 1)
+        weight = coord - lower
+        snap = np.abs(weight - np.rint(weight)) < 1e-6
+        weight[snap] = np.rint(weight[snap])
+        if d == 2:  # the innermost axis: a (sparse) matrix product, as gathering along it is slow
+            matrix = np.zeros((shape[d], n), dtype=np.float32)
+            np.add.at(matrix, (np.arange(shape[d]), lower), 1 - weight)
+            np.add.at(matrix, (np.arange(shape[d]), upper), weight)
+            out = out @ torch.from_numpy(matrix.T)
+            continue
+        weight = torch.from_numpy(weight.astype(np.float32)).view([-1 if i == d + 1 else 1 for i in range(4)])
+        out = torch.lerp(out.index_select(d + 1, torch.from_numpy(lower)),
+                         out.index_select(d + 1, torch.from_numpy(upper)), weight)
+    for d, outside in enumerate(beyond):
+        if outside.size:
+            out.index_fill_(d + 1, torch.from_numpy(outside), cval)
+    return out.contiguous().numpy()
+
+
+def _moved(grid: Grid, start: np.ndarray, shape: Sequence[int]) -> Grid:
+    """The grid of `shape` voxels whose first voxel is `grid`'s voxel `start` (may lie outside it)."""
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    return Grid(tuple(int(n) for n in shape), grid.affine @ shift)
+
+
+def resample_box(cropped: np.ndarray, box: Sequence[tuple[int, int]], src: Grid, dst: Grid,
+                 fill: Sequence[float]) -> np.ndarray:
+    """Channels known inside a box of `src`, constant elsewhere, linearly resampled onto all of `dst`.
+
+    `cropped` (K, *box size) holds an array's values over `box` ((start, stop) voxels per axis
+    of `src`; parts beyond the grid are dropped); channel k is `fill[k]` everywhere else, beyond
+    `src`'s edges too. Returns (K, *dst.shape) float32: what `resample` (order 1) gives for
+    the whole array (within float32 rounding), except beyond `src`'s outermost voxel centres,
+    where that gives its `cval`; but only the part of `dst` that sees the box is interpolated, so
+    network outputs over a brain's box go back onto a scan's grid in a fraction of the time.
+    """
+    fill = np.asarray(fill, dtype=np.float32).reshape(-1, 1, 1, 1)
+    out = np.empty((cropped.shape[0], *dst.shape), dtype=np.float32)
+    out[...] = fill
+    exact = _exact_ornt(src, dst) is not None  # a reorientation interpolates nothing: the whole array, as it is
+    start = np.zeros(3, int) if exact else np.array([max(a, 0) for a, _ in box])
+    stop = np.array(src.shape) if exact else np.array([min(b, n) for (_, b), n in zip(box, src.shape)])
+    if np.any(stop <= start):
+        return out
+    margin = 0 if exact else 2  # fill voxels around the box hold every interpolation footprint that touches it
+    part = np.empty((cropped.shape[0], *(stop - start + 2 * margin)), dtype=np.float32)
+    part[...] = fill
+    clipped = [(max(a, lo), min(b, hi)) for (a, b), lo, hi in zip(box, start, stop)]
+    if all(hi > lo for lo, hi in clipped):
+        into = tuple(slice(margin + lo - s0, margin + hi - s0) for (lo, hi), s0 in zip(clipped, start))
+        take = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(clipped, box))
+        part[(slice(None), *into)] = cropped[(slice(None), *take)]
+    sub = _moved(src, start - margin, part.shape[1:])
+    if exact:
+        return resample(part, sub, dst, order=1)
+    # the dst voxels whose footprint can touch the box: src coordinates within [start - 1, stop]
+    corners = np.array(np.meshgrid(*[[lo - 1, hi] for lo, hi in zip(start, stop)], indexing="ij")).reshape(3, -1).T
+    in_dst = apply_affine(np.linalg.solve(dst.affine, src.affine), corners)
+    lo = np.maximum(np.floor(in_dst.min(axis=0)).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(in_dst.max(axis=0)).astype(int) + 2, dst.shape)
+    if np.any(hi <= lo):
+        return out
+    region = _moved(dst, lo, hi - lo)
+    # one interpolation for all channels: each relative to its fill, which lies beyond the part
+    out[(slice(None), *(slice(a, b) for a, b in zip(lo, hi)))] = resample(part - fill, sub, region, order=1) + fill
+    return out
 
 
 def labels_onto(data: np.ndarray, src: Grid, dst: Grid, name: str, dst_name: str) -> tuple[np.ndarray, str | None]:

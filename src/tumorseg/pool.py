@@ -2,7 +2,9 @@
 
 A `prepare` killed from outside (the out-of-memory killer, `kill -9`) cannot stop its pool: the
 workers, re-parented, would idle on for ever. Each worker watches its parent and exits when it is
-gone; the output files are safe either way (atomic writes).
+gone; the output files are safe either way (atomic writes). Each runs PyTorch (linear resampling)
+on one thread: the workers are the parallelism, and a forked child must not reuse its parent's
+OpenMP threads (PyTorch's DataLoader workers do the same).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def worker_pool(workers: int, context: BaseContext | None = None) -> ProcessPool
 def _exit_with_parent(parent: int) -> None:
     """Exit when the pool's creator is gone: re-parented (fork), or the creator not alive (under
     forkserver, Python 3.14's default, a worker's parent is the fork server, not the creator)."""
+    import torch
+
+    torch.set_num_threads(1)
     first = os.getppid()
 
     def watch() -> None:

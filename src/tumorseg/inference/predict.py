@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint
 from ..devices import amp_dtype, describe, resolve_device, window_batch
 from ..errors import TumorsegError
-from ..geometry import Grid, resample
+from ..geometry import Grid, resample_box
 from ..io import save_nifti, sweep_stale_temps
 from ..labels import CLASS_ABBREVIATIONS, RAW_LABELS, REGIONS, LabelConvention, convention
 from ..layouts import Case, discover_cases
@@ -305,12 +305,14 @@ def network_input(
     return scaled_window(data, predictor.norm, brain, box), box
 
 
+def _outside_box(target: str, channels: int) -> list[float]:
+    """Each probability channel's value outside the inference box: certain background."""
+    return [1.0 if target == "labels" and k == 0 else 0.0 for k in range(channels)]
+
+
 def _full_probabilities(probs: np.ndarray, box: Box, shape: tuple[int, ...], target: str) -> np.ndarray:
     """Box probabilities (K, ...) -> the image grid; background is certain outside the box."""
-    full = uncrop(probs, box, shape, fill=0.0)
-    if target == "labels":
-        full[0] = uncrop(probs[0], box, shape, fill=1.0)
-    return full
+    return np.stack([uncrop(p, box, shape, fill=f) for p, f in zip(probs, _outside_box(target, len(probs)))])
 
 
 class CaseInput(NamedTuple):
@@ -378,15 +380,16 @@ def predict_case(
             probs, disagreement = tta_probabilities(model, x, roi, predictor.target, predictor.overlap,
                                                     predictor.tta, uncertainty=uncertainty)
     probs = probs[0]
-    if disagreement is not None:
-        disagreement = uncrop(disagreement[0].cpu().numpy(), box, net.shape)
-        disagreement = resample(disagreement, net, src, order=1).astype(np.float32)
+    same = net.same_as(src)
+    if disagreement is not None:  # (1, *box) on the network's grid -> the scan's grid
+        flips = disagreement.cpu().numpy()
+        disagreement = uncrop(flips[0], box, src.shape) if same else resample_box(flips, box, net, src, [0.0])[0]
     et_threshold = predictor.et_threshold
-    if net.same_as(src):  # the scan's own grid (BraTS): labels in the box (on the device), then uncropped
+    if same:  # the scan's own grid (BraTS): labels in the box (on the device), then uncropped
         labels = uncrop(to_labels(probs, predictor.target), box, src.shape)
         full = _full_probabilities(probs.cpu().numpy(), box, src.shape, predictor.target) if probabilities else None
     else:  # probabilities, not labels, go back to the scan's grid (exact when only reoriented)
-        full = resample(_full_probabilities(probs.cpu().numpy(), box, net.shape, predictor.target), net, src, order=1)
+        full = resample_box(probs.cpu().numpy(), box, net, src, _outside_box(predictor.target, probs.shape[0]))
         labels = to_labels(full, predictor.target)
         full = full if probabilities else None
         if et_threshold:  # tuned in training voxels: the same volume in this scan's voxels

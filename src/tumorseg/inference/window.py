@@ -101,4 +101,15 @@ def to_labels(probs: torch.Tensor | np.ndarray, target: str) -> np.ndarray:
     probs = torch.as_tensor(probs)
     if target == "regions":
         return labels_from_regions((probs > 0.5).cpu().numpy())
-    return probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
+    return first_argmax(probs).cpu().numpy()
+
+
+def first_argmax(probs: torch.Tensor) -> torch.Tensor:
+    """`probs.argmax(dim=0)` as uint8 (the first of equal maxima), class by class: on the CPU,
+    PyTorch's argmax over the outer axis of a volume took 8x longer (0.49 s for 4 x 144x176x144)."""
+    best, labels = probs[0], torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
+    for k in range(1, probs.shape[0]):
+        higher = probs[k] > best
+        best = torch.where(higher, probs[k], best)
+        labels.masked_fill_(higher, k)
+    return labels

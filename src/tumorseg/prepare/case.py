@@ -102,7 +102,9 @@ def to_network_grid(vols: list[Volume], spacing) -> tuple[list[np.ndarray], Grid
     the scan's), with the scan's grid and the network's grid. BraTS scans pass through untouched."""
     src = grid(vols[0])
     net = network_grid(src, spacing)
-    return [resample(v.data, src, net, order=1) for v in vols], src, net
+    if net.same_as(src):
+        return [v.data for v in vols], src, net
+    return list(resample(np.stack([v.data for v in vols]), src, net, order=1)), src, net  # one grid of coordinates
 
 
 def load_segmentation(case: Case, src: Grid, net: Grid, cavity: str | None) -> tuple[np.ndarray, str | None]:
