@@ -27,9 +27,11 @@ default is `unet,unet-lite,segresnet`, TTA off, default widths and 8,16,32,64; `
 network with and without TTA. On CUDA the default is every network, TTA both.
 
 Input: one synthetic full-size case (`tumorseg.synth`, seed 0), or a real case with `--data`.
+The network works at `--spacing` (default 1 mm, as the recipes' checkpoints record it), so a case
+stored on another grid is resampled to it and its probabilities back ("load" and "other").
 
     python benchmarks/bench_predict.py [--device auto|cpu|cuda] [--networks unet,unet-lite,segresnet]
-        [--filters default --filters 8,16,32,64] [--tta both|on|off] [--all] [--data CASE_DIR]
+        [--filters default --filters 8,16,32,64] [--tta both|on|off] [--all] [--data CASE_DIR] [--spacing 1,1,1]
 """
 
 from __future__ import annotations

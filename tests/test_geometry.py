@@ -236,6 +236,18 @@ def test_linear_interpolation_is_scipys(dst):
         assert np.array_equal(got[:, :, 2:], data[:, 3:18, :18, 1:11])
 
 
+def test_a_nan_voxel_spreads_only_to_its_neighbours_as_in_scipy():
+    from scipy.ndimage import affine_transform
+
+    src = lps_grid()
+    target = network_grid(src, (0.8, 1.2, 0.7))
+    data = volume()
+    data[10, 12, 8] = np.nan
+    vox = np.linalg.solve(src.affine, target.affine)
+    expected = affine_transform(data, vox[:3, :3], vox[:3, 3], output_shape=target.shape, order=1)
+    assert np.array_equal(np.isnan(resample(data, src, target, order=1)), np.isnan(expected))
+
+
 OBLIQUE = Grid((22, 26, 12), rotation_z(20) @ np.diag([-0.8, -0.9, 1.4, 1.0]))
 
 

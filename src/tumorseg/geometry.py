@@ -201,6 +201,7 @@ def _separable_linear(channels: np.ndarray, vox: np.ndarray, shape: tuple[int, i
     if not np.all(along.sum(axis=0) == 1):
         return None
     out = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))
+    finite = bool(torch.isfinite(out).all())  # a matrix product spreads NaN (0 * NaN) along a whole line
     source_axes = [int(np.flatnonzero(along[:, d])[0]) for d in range(3)]
     out = out.permute(0, *(a + 1 for a in source_axes))  # axis d + 1 now runs along dst axis d
     beyond = []
@@ -214,7 +215,7 @@ def _separable_linear(channels: np.ndarray, vox: np.ndarray, shape: tuple[int, i
         weight = coord - lower
         snap = np.abs(weight - np.rint(weight)) < 1e-6
         weight[snap] = np.rint(weight[snap])
-        if d == 2:  # the innermost axis: a (sparse) matrix product, as gathering along it is slow
+        if d == 2 and finite:  # the innermost axis: a (sparse) matrix product, as gathering along it is slow
             matrix = np.zeros((shape[d], n), dtype=np.float32)
             np.add.at(matrix, (np.arange(shape[d]), lower), 1 - weight)
             np.add.at(matrix, (np.arange(shape[d]), upper), weight)
@@ -243,7 +244,7 @@ def resample_box(cropped: np.ndarray, box: Sequence[tuple[int, int]], src: Grid,
     `cropped` (K, *box size) holds an array's values over `box` ((start, stop) voxels per axis
     of `src`; parts beyond the grid are dropped); channel k is `fill[k]` everywhere else, beyond
     `src`'s edges too. Returns (K, *dst.shape) float32: what `resample` (order 1) gives for
-    the whole array (within float32 rounding), except beyond `src`'s outermost voxel centres,
+    the whole array, except beyond `src`'s outermost voxel centres,
     where that gives its `cval`; but only the part of `dst` that sees the box is interpolated, so
     network outputs over a brain's box go back onto a scan's grid in a fraction of the time.
     """
@@ -274,8 +275,10 @@ def resample_box(cropped: np.ndarray, box: Sequence[tuple[int, int]], src: Grid,
     if np.any(hi <= lo):
         return out
     region = _moved(dst, lo, hi - lo)
-    # one interpolation for all channels: each relative to its fill, which lies beyond the part
-    out[(slice(None), *(slice(a, b) for a, b in zip(lo, hi)))] = resample(part - fill, sub, region, order=1) + fill
+    inside = tuple(slice(a, b) for a, b in zip(lo, hi))
+    for value in np.unique(fill):  # the channels of one fill in one call, with it beyond the part too
+        same = np.flatnonzero(fill.ravel() == value)
+        out[(same, *inside)] = resample(part[same], sub, region, order=1, cval=float(value))
     return out
 
 

@@ -10,6 +10,7 @@ OpenMP threads (PyTorch's DataLoader workers do the same).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,9 +31,9 @@ def worker_pool(workers: int, context: BaseContext | None = None) -> ProcessPool
 def _exit_with_parent(parent: int) -> None:
     """Exit when the pool's creator is gone: re-parented (fork), or the creator not alive (under
     forkserver, Python 3.14's default, a worker's parent is the fork server, not the creator)."""
-    import torch
-
-    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # for a PyTorch imported from here on
+    if "torch" in sys.modules:  # already imported (forked from a parent that used it): no import for a pool that needs none
+        sys.modules["torch"].set_num_threads(1)
     first = os.getppid()
 
     def watch() -> None:
