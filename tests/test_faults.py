@@ -99,21 +99,26 @@ def _same_files(a: Path, b: Path, pattern: str, load) -> None:
         assert np.array_equal(load(a / name), load(b / name)), name
 
 
-def test_prepare_killed_and_rerun_equals_uninterrupted(base, tmp_path):
+def test_prepare_killed_and_rerun_equals_uninterrupted(tmp_path):
+    # Cases of the demo's size (~25 ms each here): the 48x48x40 ones took ~5 ms, faster than a kill can follow.
+    synthesize(tmp_path / "data", 4, shape=(120, 120, 78), progress=False)
+    reference = _tumorseg("prepare", tmp_path / "data", tmp_path / "reference", *PREPARE)
+    assert reference.returncode == 0, reference.stderr
     rng, out = random.Random(0), tmp_path / "prep"
-    args = ["prepare", base / "data", out, *PREPARE]
+    args = ["prepare", tmp_path / "data", out, *PREPARE]
     finished = lambda: len([p for p in out.glob("records/*.json") if not p.name.startswith(".tmp-")])  # noqa: E731
     partial = []
-    for done in (1, 2, 3):  # after `done` finished cases (the run takes ~0.3 s after its imports)
-        if _kill_at(args, lambda: finished() >= done, rng.uniform(0.0, 0.02)):
+    for done in (1, 2, 3):  # after `done` finished cases
+        if _kill_at(args, lambda: finished() >= done, rng.uniform(0.0, 0.01)):
             partial.append(finished())
     assert any(0 < n < 4 for n in partial), partial  # killed mid-run, with work to keep and work to redo
     (out / "images").mkdir(exist_ok=True)
     (out / "images" / f".tmp-{_dead_pid()}-case.npy").write_bytes(b"\x93NUMPY partial")  # as a kill mid-write leaves
     done = _tumorseg(*args)
     assert done.returncode == 0, done.stderr
-    _same_files(base / "prep", out, "*/*.npy", np.load)
-    assert json.loads((out / "manifest.json").read_text())["cases"] == json.loads((base / "prep/manifest.json").read_text())["cases"]
+    _same_files(tmp_path / "reference", out, "*/*.npy", np.load)
+    manifest = lambda folder: json.loads((folder / "manifest.json").read_text())["cases"]  # noqa: E731
+    assert manifest(out) == manifest(tmp_path / "reference")
     assert _leftovers(out) == []
 
 
