@@ -282,11 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision on GPUs (auto: native bf16, else fp16; the CPU always uses float32)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation (default: as the checkpoint says)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (less is faster and moves some labels)")
     p.add_argument("--window", type=_window, metavar="X,Y,Z|box",
                    help="sliding-window size, one number for a cube, multiples of the network's downsampling (16 "
                         "for the recipes; default: the training patch); 'box' or larger than the brain: one window "
-                        "over the brain's box")
+                        "over the brain's box. Fewer, larger windows are faster but change the labels (README, "
+                        "Measured)")
     p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
                    help="what runs the network (auto: ONNX Runtime on the CPU for networks it runs faster, else PyTorch)")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
