@@ -100,7 +100,7 @@ def _same_files(a: Path, b: Path, pattern: str, load) -> None:
 
 
 def test_prepare_killed_and_rerun_equals_uninterrupted(tmp_path):
-    # Cases of the demo's size (~25 ms each here): the 48x48x40 ones took ~5 ms, faster than a kill can follow.
+    # Half the BraTS resolution, ~25 ms per case here: the 48x48x40 cases took ~5 ms, faster than a kill can follow.
     synthesize(tmp_path / "data", 4, shape=(120, 120, 78), progress=False)
     reference = _tumorseg("prepare", tmp_path / "data", tmp_path / "reference", *PREPARE)
     assert reference.returncode == 0, reference.stderr
