@@ -94,7 +94,7 @@ def make_predictor(name: str, filters: tuple[int, ...] | None, device: str, args
     torch.manual_seed(0)
     dev = torch.device(device)
     model = build_network(name, in_channels=len(CHANNELS), out_channels=NUM_CLASSES, filters=filters)
-    amp = amp_dtype("auto", dev)
+    amp = amp_dtype(args.amp, dev, predicting=True)
     return Predictor(model=model.to(dev).eval(), device=dev, channels=CHANNELS, norm="minmax",
                      patch=(args.patch,) * 3, target="labels", divisor=required_divisor(name, filters),
                      tta=args.tta == "on", overlap=args.overlap, amp_dtype=amp, sw_batch_size=args.sw_batch,
@@ -132,6 +132,7 @@ def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, devi
         "network": name,
         "filters": list(filters or DEFAULT_FILTERS[name]),
         "tta": args.tta == "on",
+        "precision": str(predictor.amp_dtype or torch.float32).removeprefix("torch."),
         "params_m": round(sum(p.numel() for p in predictor.model.parameters()) / 1e6, 3),
         "box": stats["box"],
         "forwards_per_case": stats["forwards"] // args.repeat,
@@ -153,7 +154,7 @@ def run_child_config(name: str, filters: str, tta: str, case_dir: Path, device: 
     """`time_config` in a fresh interpreter, so its peak memory is its own."""
     cmd = ["--child", name, "--filters", filters, "--tta", tta, "--data", str(case_dir),
            "--device", device, "--spacing", spacing_text(args.spacing), "--patch", str(args.patch),
-           "--overlap", str(args.overlap), "--sw-batch", str(args.sw_batch),
+           "--overlap", str(args.overlap), "--sw-batch", str(args.sw_batch), "--amp", args.amp,
            "--warmup", str(args.warmup), "--repeat", str(args.repeat), *threads_flag(args.threads)]
     return run_child(__file__, cmd, network=name, filters=filters, tta=tta == "on")
 
@@ -163,7 +164,7 @@ def print_table(res: dict) -> None:
     cuda = res["device"] == "cuda"
     m = res["machine"]
     print(f"\n{res['data']}: network spacing {spacing_text(res['spacing'])}, patch {res['patch']}^3, "
-          f"overlap {res['overlap']}, {res['device']} "
+          f"overlap {res['overlap']}, amp {res['amp']}, {res['device']} "
           f"({m['device_name']}), {m['torch_threads']} threads, load average {m['load_average']} "
           f"-> {m['load_average_after']}")
     mem = "peak GiB (cuda)" if cuda else "peak RSS GiB"
@@ -196,6 +197,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--patch", type=int, default=128, help="sliding-window cube side (default 128)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     parser.add_argument("--sw-batch", type=int, default=1, help="sliding windows per network call (default 1)")
+    parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                        help="precision as predict's --amp (default auto)")
     parser.add_argument("--spacing", type=parse_spacing, default=(1.0, 1.0, 1.0),
                         help="the network's voxel size in mm, as a checkpoint records it (default 1,1,1: BraTS "
                         "recipes; scans on other grids are resampled to it and back), or 'scan': the scan's own")
@@ -249,9 +252,9 @@ def main() -> None:
 
             case_dir = discover_cases(args.data)[0].folder  # errors name the folder
         res = {"data": str(args.data) if args.data else "synthetic 240x240x155 .nii.gz, seed 0",
-               "spacing": args.spacing, "patch": args.patch, "overlap": args.overlap, "sw_batch": args.sw_batch, "device": device, "warmup": args.warmup,
+               "spacing": args.spacing, "patch": args.patch, "overlap": args.overlap, "amp": args.amp,
+               "sw_batch": args.sw_batch, "device": device, "warmup": args.warmup,
                "repeat": args.repeat, "target": "labels (4 classes)", "channels": list(CHANNELS),
-               "autocast": "auto (bf16 where native, else fp16)" if device == "cuda" else None,
                "machine": machine(device, versions=("monai",)), "results": []}
         res["machine"]["load_average"] = load_before
         for name, filters, tta in configs:

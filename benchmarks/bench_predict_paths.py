@@ -1,8 +1,9 @@
 """One checkpoint, several prediction paths side by side: seconds per case, memory, agreement.
 
-A path is `engine:window:overlap`: engine `torch` or `onnx` (ONNX Runtime, the network
+A path is `engine:window:overlap[:amp]`: engine `torch` or `onnx` (ONNX Runtime, the network
 exported in memory), window `patch` (the training patch), a cube side, or `box` (one window
-over the brain's whole box), and the sliding-window overlap. The first path is the reference
+over the brain's whole box), the sliding-window overlap, and predict's `--amp` (default auto;
+`bf16` runs PyTorch in bf16 on a CPU with native bf16). The first path is the reference
 (by default today's: PyTorch, training patch, overlap 0.5). Every path predicts the same real
 cases without and with TTA (`--tta on|off|both`), each case in its own subprocess (peak RSS its
 own; the set-up, which for `onnx` includes exporting the network, timed apart), timed per stage
@@ -15,7 +16,7 @@ the reference's (issue 12 asks >= 0.995), and with ground truth the BraTS Dice o
 network for the same recipe: its time beside this one's, its labels against the reference's).
 
     python benchmarks/bench_predict_paths.py runs/cpu/best.pt ../shared/data/brats --cases 4 \\
-        --paths torch:patch:0.5 onnx:patch:0.5 onnx:patch:0.25 onnx:box:0 [--compare runs/other/best.pt]
+        --paths torch:patch:0.5 onnx:patch:0.5 torch:patch:0.5:bf16 onnx:box:0 [--compare runs/other/best.pt]
 """
 
 from __future__ import annotations
@@ -34,17 +35,22 @@ RESULTS = results_path("bench_predict_paths")
 DEFAULT_PATHS = ("torch:patch:0.5", "onnx:patch:0.5", "onnx:patch:0.25", "onnx:box:0")
 
 
-def parse_path(text: str) -> tuple[str, int | str | None, float]:
-    """"onnx:96:0.25" -> ("onnx", 96, 0.25); window "patch" -> None, "box" stays (predict's own)."""
+def parse_path(text: str) -> tuple[str, int | str | None, float, str]:
+    """"onnx:96:0.25" -> ("onnx", 96, 0.25, "auto"); window "patch" -> None, "box" stays (predict's
+    own); a fourth field is the amp mode ("torch:patch:0.5:bf16")."""
+    from tumorseg.devices import AMP_MODES
+
     try:
-        engine, window, overlap = text.split(":")
+        engine, window, overlap, *amp = text.split(":")
         size = None if window == "patch" else window if window == "box" else int(window)
         value = float(overlap)
     except ValueError:
-        raise SystemExit(f"path {text!r}: expected engine:window:overlap, e.g. onnx:patch:0.5") from None
-    if engine not in ("torch", "onnx") or not 0.0 <= value < 1.0 or (isinstance(size, int) and size < 1):
-        raise SystemExit(f"path {text!r}: engine torch or onnx, a positive window, overlap in [0, 1)")
-    return engine, size, value
+        raise SystemExit(f"path {text!r}: expected engine:window:overlap[:amp], e.g. onnx:patch:0.5") from None
+    if (engine not in ("torch", "onnx") or not 0.0 <= value < 1.0 or (isinstance(size, int) and size < 1)
+            or len(amp) > 1 or (amp and amp[0] not in AMP_MODES)):
+        raise SystemExit(f"path {text!r}: engine torch or onnx, a positive window, overlap in [0, 1), "
+                         f"amp one of {', '.join(AMP_MODES)}")
+    return engine, size, value, amp[0] if amp else "auto"
 
 
 def run_path(args: argparse.Namespace) -> dict:
@@ -53,13 +59,13 @@ def run_path(args: argparse.Namespace) -> dict:
     from tumorseg.inference.predict import Predictor
     from tumorseg.layouts import discover_cases
 
-    engine, window, overlap = parse_path(args.child)
+    engine, window, overlap, amp = parse_path(args.child)
     case = discover_cases(args.data)[args.case]
     exported = args.checkpoint.suffix.lower() == ".onnx"  # `tumorseg export`'s file: Predictor reads it
     source, setup = timed(lambda: args.checkpoint if exported else load_checkpoint(args.checkpoint))
     predictor, seconds = timed(lambda: Predictor.from_checkpoint(
         source, device=args.device, tta=args.tta == "on", overlap=overlap, engine=engine,
-        window=window))
+        window=window, amp=amp))
     setup += seconds
     sync = device_sync(predictor.device.type)
     setup += timed(lambda: warm_up(predictor), sync)[1]
@@ -71,7 +77,8 @@ def run_path(args: argparse.Namespace) -> dict:
            "s_total": round(predict_s + save_s, 3), **stage_seconds(stats, 0, predict_s, save_s)}
     network = args.checkpoint.name if exported else source["network"]["name"]
     return {"checkpoint": str(args.checkpoint), "network": network, "path": args.child,
-            "engine": predictor.engine, "tta": predictor.tta, "s_setup": round(setup, 2),
+            "engine": predictor.engine, "precision": str(predictor.amp_dtype or "float32").removeprefix("torch."),
+            "tta": predictor.tta, "s_setup": round(setup, 2),
             "cases": [row], "peak_rss_gib": peak_rss_gib()}
 
 
@@ -115,17 +122,17 @@ def print_table(res: dict) -> None:
     m = res["machine"]
     print(f"\n{res['checkpoint']} on {res['cases']} case(s) of {res['data']}, {m['device_name']}, "
           f"{m['torch_threads']} threads, load {m['load_average']} -> {m['load_average_after']}")
-    print(f"{'network':<11}{'path':<18}{'tta':<5}{'engine':<7}{'s/case':>8}{'net s':>9}{'load':>7}{'other':>7}{'save':>7}"
+    print(f"{'network':<11}{'path':<22}{'tta':<5}{'engine':<7}{'s/case':>8}{'net s':>9}{'load':>7}{'other':>7}{'save':>7}"
           f"{'post':>6}{'fwd':>6}{'setup':>7}{'RSS GiB':>9}{'WT vs ref (min)':>17}{'Dice WT/TC/ET vs truth':>25}")
     for r in res["results"]:
         if "error" in r:
-            print(f"{r.get('network', '?'):<11}{r['path']:<18}{'on' if r['tta'] else 'off':<5}error: {r['error']}")
+            print(f"{r.get('network', '?'):<11}{r['path']:<22}{'on' if r['tta'] else 'off':<5}error: {r['error']}")
             continue
         rows = r["cases"]
         mean = {k: float(np.mean([x[k] for x in rows]))
                 for k in ("s_network", "s_load", "s_other", "s_save", "s_postprocess", "forwards")}
         truth = "/".join(f"{v:.3f}" for v in r["dice_vs_truth_mean"].values()) if "dice_vs_truth_mean" in r else "-"
-        print(f"{r['network']:<11}{r['path']:<18}{'on' if r['tta'] else 'off':<5}{r['engine']:<7}{r['s_per_case_mean']:>8.2f}"
+        print(f"{r['network']:<11}{r['path']:<22}{'on' if r['tta'] else 'off':<5}{r['engine']:<7}{r['s_per_case_mean']:>8.2f}"
               f"{mean['s_network']:>9.2f}{mean['s_load']:>7.2f}{mean['s_other']:>7.2f}{mean['s_save']:>7.2f}"
               f"{mean['s_postprocess']:>6.2f}{mean['forwards']:>6.0f}{r['s_setup']:>7.1f}{r['peak_rss_gib']:>9.2f}"
               f"{r.get('wt_dice_vs_reference_min', float('nan')):>17.4f}{truth:>25}")
@@ -136,7 +143,9 @@ def warm_up(predictor) -> None:
     session start, PyTorch's first kernels) go to the set-up, not to the case, as in a long run."""
     import torch
 
-    with torch.inference_mode():
+    dtype = predictor.amp_dtype
+    with torch.inference_mode(), torch.autocast(predictor.device.type, dtype=dtype or torch.float32,
+                                                enabled=dtype is not None):
         predictor.model(torch.zeros(1, len(predictor.channels), *predictor.roi(predictor.patch),
                                     device=predictor.device))
 

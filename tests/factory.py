@@ -1,4 +1,4 @@
-"""Hand-made BraTS-format cases with exactly known content, for precise tests."""
+"""Hand-made BraTS-format cases with exactly known content, for precise tests, and a CPU of a chosen kind."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from tumorseg.labels import MODALITIES
 
@@ -72,3 +73,9 @@ def convert_case(case_dir: Path, root: Path, layout: str, case_id: str | None = 
     if layout in ("msd", "nnunet"):
         write_dataset_json(root, layout)
     return folder
+
+
+def native_cpu_bf16(monkeypatch, native: bool) -> None:
+    """Answer PyTorch's CPU probes as a CPU with (AVX512-BF16) or without native bf16."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

@@ -140,10 +140,12 @@ def test_held_out_and_fold_splits(tmp_path):
 
 
 def test_path_specs():
-    assert bench_predict_paths.parse_path("torch:patch:0.5") == ("torch", None, 0.5)
-    assert bench_predict_paths.parse_path("onnx:96:0.25") == ("onnx", 96, 0.25)
+    assert bench_predict_paths.parse_path("torch:patch:0.5") == ("torch", None, 0.5, "auto")
+    assert bench_predict_paths.parse_path("onnx:96:0.25") == ("onnx", 96, 0.25, "auto")
+    assert bench_predict_paths.parse_path("torch:patch:0.5:bf16") == ("torch", None, 0.5, "bf16")
     assert bench_predict_paths.parse_path("onnx:box:0")[1] == "box"
-    for bad in ("onnx:0:0.5", "tensorrt:patch:0.5", "onnx:patch:1.0", "onnx:patch"):
+    for bad in ("onnx:0:0.5", "tensorrt:patch:0.5", "onnx:patch:1.0", "onnx:patch", "torch:patch:0.5:int8",
+                "torch:patch:0.5:bf16:x"):
         with pytest.raises(SystemExit):
             bench_predict_paths.parse_path(bad)
 

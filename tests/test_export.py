@@ -21,7 +21,7 @@ from tumorseg.labels import BRATS2020, RAW_LABELS, REGIONS  # noqa: E402
 from tumorseg.layouts import discover_cases  # noqa: E402
 from tumorseg.networks import NETWORKS, build_network, network_spec  # noqa: E402
 
-from factory import write_case  # noqa: E402
+from factory import native_cpu_bf16, write_case  # noqa: E402
 
 CHANNELS = ("t2", "t1ce", "flair")
 
@@ -139,8 +139,8 @@ def test_prediction_from_onnx_equals_checkpoint_on_a_real_case(real_data_dir, tm
     save_checkpoint(tmp_path / "m.pt", state)
     export_onnx(tmp_path / "m.pt", tmp_path / "m.onnx")
     case = discover_cases(case_dir)[0]
-    pt, ox = (predict_case(Predictor.from_checkpoint(tmp_path / m, device="cpu", engine=e), case, probabilities=True)
-              for m, e in (("m.pt", "torch"), ("m.onnx", "auto")))
+    pt, ox = (predict_case(Predictor.from_checkpoint(tmp_path / m, device="cpu", engine=e, amp="off"), case,
+                           probabilities=True) for m, e in (("m.pt", "torch"), ("m.onnx", "auto")))
     assert ox.convention == pt.convention and np.array_equal(ox.affine, pt.affine)
     _assert_same_outputs(pt.labels, ox.labels, pt.probabilities, ox.probabilities, 0)
 
@@ -155,7 +155,8 @@ def test_cli_export_then_predict_from_the_onnx_file(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "m.onnx"), raw, str(tmp_path / "onnx"), "--device", "cpu", "--probabilities"]) == 0
     predictor = Predictor.from_checkpoint(tmp_path / "m.onnx", device="cpu")
     assert isinstance(predictor.model, OnnxNetwork) and predictor.largest_tumour and predictor.et_threshold == 20
-    predict(tmp_path / "m.pt", raw, tmp_path / "pt", device="cpu", probabilities=True, progress=False, engine="torch")
+    predict(tmp_path / "m.pt", raw, tmp_path / "pt", device="cpu", probabilities=True, progress=False, engine="torch",
+            amp="off")  # float32, as ONNX Runtime runs the graph
     _assert_same_files(tmp_path / "pt", tmp_path / "onnx", "c0")
 
 
@@ -165,7 +166,7 @@ def test_in_memory_onnx_engine_equals_pytorch(name, tmp_path):
     write_case(tmp_path / "raw", "c0", shape=(40, 44, 32))
     state = _state(name, target="regions" if name == "unet" else "labels", tta=True)
     case = discover_cases(tmp_path / "raw")[0]
-    pt, ox = (Predictor.from_checkpoint(state, device="cpu", engine=engine) for engine in ("torch", "onnx"))
+    pt, ox = (Predictor.from_checkpoint(state, device="cpu", engine=engine, amp="off") for engine in ("torch", "onnx"))
     assert ox.engine == "onnx" and isinstance(ox.model, OnnxNetwork)
     assert pt.engine == "torch" and not isinstance(pt.model, OnnxNetwork)
     a, b = (predict_case(p, case, probabilities=True) for p in (pt, ox))
@@ -176,6 +177,7 @@ def test_engine_auto_uses_onnx_runtime_where_faster_and_falls_back(monkeypatch, 
     import tumorseg.inference.onnx_model as onnx_model
 
     predict_module = sys.modules["tumorseg.inference.predict"]  # the attribute is the function of that name
+    native_cpu_bf16(monkeypatch, False)  # a float32 CPU: PyTorch's bf16 is no option
 
     assert Predictor.from_checkpoint(_state(), device="cpu").engine == "onnx"  # unet3d: faster in ONNX Runtime
     for slower in ("unet", "unet-lite"):  # measured slower in ONNX Runtime (README, "Measured")
@@ -183,6 +185,7 @@ def test_engine_auto_uses_onnx_runtime_where_faster_and_falls_back(monkeypatch, 
     monkeypatch.setattr(predict_module, "onnx_runtime_installed", lambda: False)
     assert Predictor.from_checkpoint(_state(), device="cpu").engine == "torch"
     monkeypatch.undo()
+    native_cpu_bf16(monkeypatch, False)
 
     def broken(*args):
         raise TumorsegError("checkpoint: cannot export at opset 17 (unsupported operator)")
@@ -197,6 +200,22 @@ def test_engine_auto_uses_onnx_runtime_where_faster_and_falls_back(monkeypatch, 
     monkeypatch.setattr(onnx_model, "_onnx_proto", lambda *a: (_ for _ in ()).throw(TypeError("odd tracer")))
     assert Predictor.from_checkpoint(_state(), device="cpu").engine == "torch"  # any exporter failure falls back
     assert "odd tracer" in capsys.readouterr().err
+
+
+def test_a_cpu_with_native_bf16_predicts_in_pytorch_bf16_and_onnx_runtime_in_float32(monkeypatch, tmp_path, capsys):
+    native_cpu_bf16(monkeypatch, True)
+    auto = Predictor.from_checkpoint(_state(), device="cpu")
+    assert auto.engine == "torch" and auto.amp_dtype == torch.bfloat16  # PyTorch's bf16 beats ONNX Runtime's float32
+    ox = Predictor.from_checkpoint(_state(), device="cpu", engine="onnx")
+    assert ox.engine == "onnx" and ox.amp_dtype is None
+    assert Predictor.from_checkpoint(_state(), device="cpu", amp="off").engine == "onnx"
+    write_case(tmp_path / "raw", "c0", shape=(40, 44, 32))
+    save_checkpoint(tmp_path / "m.pt", _state())
+    for extra, line in ((["--engine", "onnx", "--amp", "bf16"], "float32, ONNX Runtime (amp bf16 is PyTorch's only)"),
+                        ([], "device cpu (CPU), bf16, PyTorch")):
+        assert main(["predict", str(tmp_path / "m.pt"), str(tmp_path / "raw"), str(tmp_path / "out"), "--device", "cpu",
+                     "--force", *extra]) == 0
+        assert line in capsys.readouterr().err
 
 
 def test_exported_file_refuses_the_torch_engine(tmp_path):

@@ -24,7 +24,7 @@ from tumorseg.training import TrainConfig, build_loss, train
 from tumorseg.training.distributed import DistContext
 from tumorseg.training.engine import train_epoch, validate
 
-from factory import write_case
+from factory import native_cpu_bf16, write_case
 
 train_module = importlib.import_module("tumorseg.training.train")
 CPU = torch.device("cpu")
@@ -75,16 +75,32 @@ def test_amp_auto_takes_bf16_only_where_native(monkeypatch, native, expected):
     assert devices.amp_dtype("auto", gpu) == expected
     assert devices.amp_dtype("bf16", gpu) == torch.bfloat16 and devices.amp_dtype("fp16", gpu) == torch.float16
     assert devices.amp_dtype("off", gpu) is None and devices.amp_dtype("auto", CPU) is None
-    assert devices.amp_dtype("bf16", CPU) is None  # the CPU always trains in float32
-    assert "but no CUDA GPU is visible" in devices.describe(CPU, "bf16", None)
+    assert "fp16 asked for, but no CUDA GPU is visible" in devices.describe(CPU, "fp16", None)
     assert devices.describe(CPU, "auto", None) == "device cpu (CPU), float32"
 
 
-def test_a_run_asking_for_bf16_without_a_gpu_says_so(prepared, tmp_path, capsys):
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
+    native_cpu_bf16(monkeypatch, native)
+    assert devices.native_bf16(CPU) is native
+    assert devices.amp_dtype("bf16", CPU) == (torch.bfloat16 if native else None)
+    assert devices.amp_dtype("fp16", CPU) is None and devices.amp_dtype("off", CPU) is None
+    # auto: bf16 for prediction where native (measured to keep the labels); training stays float32
+    assert devices.amp_dtype("auto", CPU, predicting=True) == devices.amp_dtype("bf16", CPU)
+    assert devices.amp_dtype("auto", CPU) is None and devices.amp_dtype("off", CPU, predicting=True) is None
+    line = devices.describe(CPU, "bf16", devices.amp_dtype("bf16", CPU))
+    assert line == "device cpu (CPU), bf16" if native else "this CPU has no native bf16 (AVX512-BF16 or AMX)" in line
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # another PyTorch without the probe: float32
+    assert devices.amp_dtype("bf16", CPU) is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_cpu_run_asking_for_bf16_trains_in_it_where_native(prepared, tmp_path, capsys, monkeypatch, native):
+    native_cpu_bf16(monkeypatch, native)
     config = TrainConfig(epochs=1, filters=[4, 8, 16], amp="bf16", seed=0)
     train(prepared / "prep", tmp_path / "run", config, progress=False)
     err = capsys.readouterr().err
-    assert "amp bf16 asked for, but no CUDA GPU is visible: running on the CPU in float32" in err
+    assert ("device cpu (CPU), bf16," if native else "this CPU has no native bf16 (AVX512-BF16 or AMX): float32") in err
 
 
 def _tiny_spec(name: str) -> dict:

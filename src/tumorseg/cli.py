@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
-                   help="mixed precision on GPUs (auto: native bf16, else fp16 with a scaler)")
+                   help="mixed precision (auto: on GPUs native bf16, else fp16 with a scaler; the CPU trains in "
+                        "float32, or bf16 if asked for and native)")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="deterministic GPU algorithms: bitwise repeatable and exactly resumable, slower")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -279,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
-                   help="mixed precision on GPUs (auto: native bf16, else fp16; the CPU always uses float32)")
+                   help="mixed precision (auto: bf16 where the GPU or CPU computes it natively, CPUs with "
+                        "AVX512-BF16 or AMX; fp16 on older GPUs; else float32. off: float32, the labels of "
+                        "ONNX Runtime and of machines without bf16)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation (default: as the checkpoint says)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (less is faster and moves some labels)")

@@ -71,8 +71,9 @@ class Predictor:
         largest_tumour: keep only the largest connected whole-tumour component.
         et_threshold: relabel predicted ET as necrosis when it has fewer voxels (None: off).
         overlap: sliding-window overlap in [0, 1).
-        amp_dtype: autocast dtype (`devices.amp_dtype`: native bf16 or fp16 on GPUs), None for float32.
-        sw_batch_size: sliding windows per network call (more fill a GPU; 1 on the CPU).
+        amp_dtype: autocast dtype (`devices.amp_dtype`: native bf16 on GPUs and CPUs, fp16 on older GPUs),
+            None for float32.
+        sw_batch_size: sliding windows per network call (`devices.window_batch`).
         spacing: voxel size (mm, canonical axes) the network was trained at; None: the scan's.
         labels: label convention of the written files; None: each input layout's own.
         window: sliding-window size (multiples of `divisor`); None: `patch`. Windows larger than
@@ -127,11 +128,11 @@ class Predictor:
 
         A `.onnx` file written by `tumorseg export` runs in ONNX Runtime with the settings it
         carries (needs ONNX Runtime). `tta` None uses the checkpoint's choice (`inference.tta`); the post-processing
-        (`inference.postprocess_*`) always comes from the checkpoint. `amp`: "auto" (native bf16
-        or fp16 on GPUs, float32 on the CPU), "bf16", "fp16" or "off". `engine`: "torch",
-        "onnx" (the network exported in memory and run by ONNX Runtime, within 1e-4 of PyTorch),
-        or "auto": ONNX Runtime on the CPU where it is installed, for the networks it runs faster
-        (`ONNX_FASTER`), PyTorch otherwise. `window`: sliding-window size (None: the training patch;
+        (`inference.postprocess_*`) always comes from the checkpoint. `amp`: "auto" (bf16 where the
+        GPU or CPU computes it natively, fp16 on older GPUs, else float32), "bf16", "fp16" or "off".
+        `engine`: "torch", "onnx" (the network exported in memory and run by ONNX Runtime in
+        float32, within 1e-4 of PyTorch's float32), or "auto": ONNX Runtime on a float32 CPU where
+        it is installed, for the networks it runs faster (`ONNX_FASTER`), PyTorch otherwise. `window`: sliding-window size (None: the training patch;
         "box": one window over the brain's box).
         """
         if engine not in ENGINES:
@@ -152,9 +153,11 @@ class Predictor:
         spec = state["network"]
         divisor = required_divisor(spec["name"], spec.get("filters"))
         window = check_window(window, divisor)
+        dtype = amp_dtype(amp, dev, predicting=True)
         if model is None:
             model = network_from_state(state, where)
-            faster = spec["name"] in ONNX_FASTER and dev.type == "cpu"
+            # ONNX Runtime runs the float32 graph: PyTorch's native bf16 beats it (README, "Measured")
+            faster = spec["name"] in ONNX_FASTER and dev.type == "cpu" and dtype is None
             if engine == "onnx" or (engine == "auto" and faster and onnx_runtime_installed()):
                 from .onnx_model import runtime_network
 
@@ -174,7 +177,7 @@ class Predictor:
             largest_tumour=bool(inference.get("postprocess_largest_tumour", False)),
             et_threshold=threshold if isinstance(threshold, int) and not isinstance(threshold, bool) else None,
             overlap=float(overlap),
-            amp_dtype=amp_dtype(amp, dev),
+            amp_dtype=dtype if engine_used == "torch" else None,
             sw_batch_size=window_batch(dev, window or state["patch"]),  # an upper bound: `roi` clips the window
             spacing=tuple(float(v) for v in spacing) if spacing else None,
             labels=convention(labels) if labels else None,
@@ -502,8 +505,8 @@ def predict(
         progress: show a progress bar.
         labels: label convention of the written files ("brats2020", "brats2023", "msd");
             None writes each case in its input layout's own convention.
-        amp: mixed precision, "auto" (native bf16, else fp16, on GPUs; float32 on the CPU),
-            "bf16", "fp16" or "off".
+        amp: mixed precision, "auto" (bf16 where the GPU or CPU computes it natively, fp16 on
+            older GPUs, else float32), "bf16", "fp16" or "off".
         uncertainty: also write `<case_id>_uncertainty.nii.gz`, float32: the mutual information
             between prediction and flip over the TTA flips, in bits (needs TTA).
         report: afterwards, write the `tumorseg report` of the predictions to `out_dir/report`.
@@ -533,8 +536,10 @@ def predict(
     else:
         predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap, labels, amp, engine, window)
         if progress:
-            runtime = "ONNX Runtime" if predictor.engine == "onnx" else "PyTorch"
-            print(f"predict: {describe(predictor.device, amp, predictor.amp_dtype)}, {runtime}", file=sys.stderr)
+            runtime, asked = "PyTorch", amp
+            if predictor.engine == "onnx":  # its graph is float32: amp is PyTorch's
+                runtime, asked = "ONNX Runtime" + (f" (amp {amp} is PyTorch's only)" if amp in ("bf16", "fp16") else ""), "off"
+            print(f"predict: {describe(predictor.device, asked, predictor.amp_dtype)}, {runtime}", file=sys.stderr)
     if not postprocess:
         predictor = replace(predictor, largest_tumour=False, et_threshold=None)
     if uncertainty and not predictor.tta:
