@@ -510,8 +510,8 @@ def predict(
         uncertainty: also write `<case_id>_uncertainty.nii.gz`, float32: the mutual information
             between prediction and flip over the TTA flips, in bits (needs TTA).
         report: afterwards, write the `tumorseg report` of the predictions to `out_dir/report`.
-        engine: "auto" (ONNX Runtime on the CPU for the networks it runs faster, where installed;
-            else PyTorch), "torch" or "onnx".
+        engine: "auto" (ONNX Runtime on a float32 CPU for the networks it runs faster, where
+            installed; else PyTorch), "torch" or "onnx".
         window: sliding-window size (three sides, multiples of the network's divisor; None: the
             training patch); a side larger than the brain's box means one window across it, and
             "box" one window over the whole box.
