@@ -168,7 +168,7 @@ def print_table(res: dict) -> None:
           f"({m['device_name']}), {m['torch_threads']} threads, load average {m['load_average']} "
           f"-> {m['load_average_after']}")
     mem = "peak GiB (cuda)" if cuda else "peak RSS GiB"
-    print(f"{'network':<11}{'filters':<21}{'tta':<5}{'box':<13}{'fwd':>5}{'total s':>9}{'load':>7}{'network':>9}"
+    print(f"{'network':<11}{'filters':<21}{'tta':<5}{'prec':<9}{'box':<13}{'fwd':>5}{'total s':>9}{'load':>7}{'network':>9}"
           f"{'post':>7}{'other':>7}{'save':>7}{mem:>16}")
     for r in res["results"]:
         filters = ",".join(map(str, r["filters"])) if isinstance(r["filters"], list) else r["filters"]
@@ -178,7 +178,7 @@ def print_table(res: dict) -> None:
             continue
         box = "x".join(map(str, r["box"]))
         peak = r["peak_cuda_gib"] if cuda else r["peak_rss_gib"]
-        print(f"{r['network']:<11}{filters:<21}{tta:<5}{box:<13}{r['forwards_per_case']:>5}{r['s_total']:>9.2f}"
+        print(f"{r['network']:<11}{filters:<21}{tta:<5}{r['precision']:<9}{box:<13}{r['forwards_per_case']:>5}{r['s_total']:>9.2f}"
               f"{r['s_load']:>7.2f}{r['s_network']:>9.2f}{r['s_postprocess']:>7.2f}{r['s_other']:>7.2f}"
               f"{r['s_save']:>7.2f}{peak:>16.2f}")
 

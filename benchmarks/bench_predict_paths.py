@@ -2,9 +2,9 @@
 
 A path is `engine:window:overlap[:amp]`: engine `torch` or `onnx` (ONNX Runtime, the network
 exported in memory), window `patch` (the training patch), a cube side, or `box` (one window
-over the brain's whole box), the sliding-window overlap, and predict's `--amp` (default auto;
-`bf16` runs PyTorch in bf16 on a CPU with native bf16). The first path is the reference
-(by default today's: PyTorch, training patch, overlap 0.5). Every path predicts the same real
+over the brain's whole box), the sliding-window overlap, and predict's `--amp` (default auto:
+bf16 on a CPU with native bf16; `off`: float32). The first path is the reference (by default
+PyTorch in float32, training patch, overlap 0.5: the path before issue 12). Every path predicts the same real
 cases without and with TTA (`--tta on|off|both`), each case in its own subprocess (peak RSS its
 own; the set-up, which for `onnx` includes exporting the network, timed apart), timed per stage
 from inside `predict_case` as `bench_predict.py` does (load, network, post-processing, other,
@@ -16,7 +16,7 @@ the reference's (issue 12 asks >= 0.995), and with ground truth the BraTS Dice o
 network for the same recipe: its time beside this one's, its labels against the reference's).
 
     python benchmarks/bench_predict_paths.py runs/cpu/best.pt ../shared/data/brats --cases 4 \\
-        --paths torch:patch:0.5 onnx:patch:0.5 torch:patch:0.5:bf16 onnx:box:0 [--compare runs/other/best.pt]
+        --paths torch:patch:0.5:off onnx:patch:0.5 torch:patch:0.5:bf16 onnx:box:0 [--compare runs/other/best.pt]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from common import (add_device_arg, add_out_arg, device_sync, instrument, load_a
                     write_results)
 
 RESULTS = results_path("bench_predict_paths")
-DEFAULT_PATHS = ("torch:patch:0.5", "onnx:patch:0.5", "onnx:patch:0.25", "onnx:box:0")
+DEFAULT_PATHS = ("torch:patch:0.5:off", "torch:patch:0.5", "onnx:patch:0.5", "onnx:patch:0.25", "onnx:box:0")
 
 
 def parse_path(text: str) -> tuple[str, int | str | None, float, str]:
@@ -122,7 +122,7 @@ def print_table(res: dict) -> None:
     m = res["machine"]
     print(f"\n{res['checkpoint']} on {res['cases']} case(s) of {res['data']}, {m['device_name']}, "
           f"{m['torch_threads']} threads, load {m['load_average']} -> {m['load_average_after']}")
-    print(f"{'network':<11}{'path':<22}{'tta':<5}{'engine':<7}{'s/case':>8}{'net s':>9}{'load':>7}{'other':>7}{'save':>7}"
+    print(f"{'network':<11}{'path':<22}{'tta':<5}{'engine':<7}{'prec':<6}{'s/case':>8}{'net s':>9}{'load':>7}{'other':>7}{'save':>7}"
           f"{'post':>6}{'fwd':>6}{'setup':>7}{'RSS GiB':>9}{'WT vs ref (min)':>17}{'Dice WT/TC/ET vs truth':>25}")
     for r in res["results"]:
         if "error" in r:
@@ -132,7 +132,9 @@ def print_table(res: dict) -> None:
         mean = {k: float(np.mean([x[k] for x in rows]))
                 for k in ("s_network", "s_load", "s_other", "s_save", "s_postprocess", "forwards")}
         truth = "/".join(f"{v:.3f}" for v in r["dice_vs_truth_mean"].values()) if "dice_vs_truth_mean" in r else "-"
-        print(f"{r['network']:<11}{r['path']:<22}{'on' if r['tta'] else 'off':<5}{r['engine']:<7}{r['s_per_case_mean']:>8.2f}"
+        precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[r["precision"]]
+        print(f"{r['network']:<11}{r['path']:<22}{'on' if r['tta'] else 'off':<5}{r['engine']:<7}{precision:<6}"
+              f"{r['s_per_case_mean']:>8.2f}"
               f"{mean['s_network']:>9.2f}{mean['s_load']:>7.2f}{mean['s_other']:>7.2f}{mean['s_save']:>7.2f}"
               f"{mean['s_postprocess']:>6.2f}{mean['forwards']:>6.0f}{r['s_setup']:>7.1f}{r['peak_rss_gib']:>9.2f}"
               f"{r.get('wt_dice_vs_reference_min', float('nan')):>17.4f}{truth:>25}")

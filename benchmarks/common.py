@@ -116,9 +116,12 @@ def machine(device: str, versions: tuple[str, ...] = (), bf16_autocast: bool | N
     """Where the numbers come from: CPUs, load, library versions, device name, threads.
 
     `versions`: further modules whose `__version__` to record beside torch's (e.g. "monai").
-    On CUDA `bf16_autocast` is recorded as given, or where None whether the GPU has bf16.
+    On CUDA `bf16_autocast` is recorded as given, or where None whether the GPU has bf16; on the
+    CPU whether it computes bf16 natively (what `--amp auto` runs there when predicting).
     """
     import torch
+
+    from tumorseg.devices import native_bf16
 
     info = {
         "cpu_count": os.cpu_count(),
@@ -131,6 +134,7 @@ def machine(device: str, versions: tuple[str, ...] = (), bf16_autocast: bool | N
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_name(),
         "cpu_name": cpu_name(),
+        "cpu_native_bf16": native_bf16(torch.device("cpu")),
     }
     if device == "cuda":
         info["cuda"] = torch.version.cuda

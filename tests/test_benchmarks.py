@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tumorseg.checkpoint import save_checkpoint
+from tumorseg.devices import native_bf16
 from tumorseg.labels import RAW_LABELS
 from tumorseg.networks import build_network, network_spec
 
@@ -103,10 +104,12 @@ def test_bench_predict_end_to_end_on_another_spacing(tmp_path):
     out = tmp_path / "predict.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "bench_predict.py"), "--data", str(tmp_path / "raw"), "--networks",
                     "unet-lite", "--filters", "4,8,16", "--patch", "32", "--tta", "off", "--spacing", "1.25,1.25,1.25",
-                    "--device", "cpu", "--threads", "1", "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
+                    "--device", "cpu", "--threads", "1", "--amp", "off", "--out", str(out)], check=True, capture_output=True,
+                   cwd=tmp_path)
     res = json.loads(out.read_text())
     (row,) = res["results"]
     assert "error" not in row, row
+    assert res["amp"] == "off" and row["precision"] == "float32" and "cpu_native_bf16" in res["machine"]
     assert res["spacing"] == [1.25, 1.25, 1.25] and row["box"] == [32, 32, 32]  # 48 * 0.8 = 38 voxels: a 32-multiple box
     assert row["s_total"] > 0 and {"s_load", "s_network", "s_other", "s_save"} <= set(row)
     bad = subprocess.run([sys.executable, str(BENCHMARKS / "bench_predict.py"), "--spacing", "1,0,1"],
@@ -162,16 +165,18 @@ def test_predict_paths_end_to_end(tmp_path):
             "label_map": {i: RAW_LABELS[i] for i in range(4)}, "inference": {"tta": False}})
     out = tmp_path / "paths.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "bench_predict_paths.py"), str(tmp_path / "unet3d.pt"),
-                    str(tmp_path / "raw"), "--paths", "torch:patch:0.5", "onnx:patch:0.5",
+                    str(tmp_path / "raw"), "--paths", "torch:patch:0.5:off", "onnx:patch:0.5", "torch:patch:0.5:bf16",
                     "--compare", str(tmp_path / "unet-lite.pt"), "--tta", "off", "--out", str(out)],
                    check=True, capture_output=True, cwd=tmp_path)
     results = json.loads(out.read_text())["results"]
-    assert [r["network"] for r in results] == ["unet3d"] * 2 + ["unet-lite"] * 2
-    other = results[2]["cases"][0]["wt_dice_vs_reference"]  # the other network's labels against the reference's
-    assert 0.0 <= other <= 1.0 and results[2]["cases"][0]["box"] == results[0]["cases"][0]["box"]
-    results = results[:2]
-    assert [r["engine"] for r in results] == ["torch", "onnx"]
-    assert results[1]["wt_dice_vs_reference_min"] > 0.99  # ONNX Runtime: PyTorch's labels
+    assert [r["network"] for r in results] == ["unet3d"] * 3 + ["unet-lite"] * 3
+    other = results[3]["cases"][0]["wt_dice_vs_reference"]  # the other network's labels against the reference's
+    assert 0.0 <= other <= 1.0 and results[3]["cases"][0]["box"] == results[0]["cases"][0]["box"]
+    results = results[:3]
+    assert [r["engine"] for r in results] == ["torch", "onnx", "torch"]
+    assert [r["precision"] for r in results[:2]] == ["float32", "float32"]
+    assert results[2]["precision"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
+    assert results[1]["wt_dice_vs_reference_min"] > 0.99  # ONNX Runtime: PyTorch's float32 labels
     assert results[0]["cases"][0]["box"] == results[1]["cases"][0]["box"]  # the same inference box and windows
     assert results[0]["cases"][0]["forwards"] >= 1 and "dice_vs_truth" in results[0]["cases"][0]
 

@@ -211,8 +211,13 @@ def test_a_cpu_with_native_bf16_predicts_in_pytorch_bf16_and_onnx_runtime_in_flo
     assert Predictor.from_checkpoint(_state(), device="cpu", amp="off").engine == "onnx"
     write_case(tmp_path / "raw", "c0", shape=(40, 44, 32))
     save_checkpoint(tmp_path / "m.pt", _state())
-    for extra, line in ((["--engine", "onnx", "--amp", "bf16"], "float32, ONNX Runtime (amp bf16 is PyTorch's only)"),
-                        ([], "device cpu (CPU), bf16, PyTorch")):
+    for native, extra, line in (
+            (True, ["--engine", "onnx", "--amp", "bf16"], "float32, ONNX Runtime (its graph is float32; amp bf16 is PyTorch's)"),
+            (True, [], "device cpu (CPU), bf16, PyTorch"),
+            (False, ["--amp", "bf16"], "float32 (amp bf16 asked for, but this CPU has no native bf16: no AVX512-BF16 or "
+                                       "AMX), ONNX Runtime"),
+            (True, ["--amp", "fp16"], "float32 (amp fp16 asked for, but no CUDA GPU is visible")):
+        native_cpu_bf16(monkeypatch, native)
         assert main(["predict", str(tmp_path / "m.pt"), str(tmp_path / "raw"), str(tmp_path / "out"), "--device", "cpu",
                      "--force", *extra]) == 0
         assert line in capsys.readouterr().err

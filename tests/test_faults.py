@@ -82,11 +82,10 @@ def _dead_pid() -> int:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """Uninterrupted runs of prepare, train and predict on 4 tiny synthetic cases."""
+    """Uninterrupted runs of prepare and train on 4 tiny synthetic cases."""
     root = tmp_path_factory.mktemp("faults")
     synthesize(root / "data", 4, shape=(48, 48, 40), progress=False)
-    for args in (("prepare", root / "data", root / "prep", *PREPARE), ("train", root / "prep", root / "run", *TRAIN),
-                 ("predict", root / "run/last.pt", root / "data", root / "pred", *PREDICT)):
+    for args in (("prepare", root / "data", root / "prep", *PREPARE), ("train", root / "prep", root / "run", *TRAIN)):
         done = _tumorseg(*args)
         assert done.returncode == 0, done.stderr
     return root

@@ -5,6 +5,7 @@ same code a GPU runs; the `meta` device stands in for "not the CPU" to catch ten
 """
 
 import importlib
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_cpu_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
     assert devices.amp_dtype("auto", CPU, predicting=True) == devices.amp_dtype("bf16", CPU)
     assert devices.amp_dtype("auto", CPU) is None and devices.amp_dtype("off", CPU, predicting=True) is None
     line = devices.describe(CPU, "bf16", devices.amp_dtype("bf16", CPU))
-    assert line == "device cpu (CPU), bf16" if native else "this CPU has no native bf16 (AVX512-BF16 or AMX)" in line
+    assert line == "device cpu (CPU), bf16" if native else "this CPU has no native bf16: no AVX512-BF16 or AMX" in line
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # another PyTorch without the probe: float32
     assert devices.amp_dtype("bf16", CPU) is None
 
@@ -97,10 +98,18 @@ def test_cpu_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
 @pytest.mark.parametrize("native", [True, False])
 def test_a_cpu_run_asking_for_bf16_trains_in_it_where_native(prepared, tmp_path, capsys, monkeypatch, native):
     native_cpu_bf16(monkeypatch, native)
+    real, seen = train_module.train_epoch, []
+
+    def spy(*args, **kwargs):
+        seen.append(inspect.signature(real).bind(*args, **kwargs).arguments["amp_dtype"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", spy)
     config = TrainConfig(epochs=1, filters=[4, 8, 16], amp="bf16", seed=0)
     train(prepared / "prep", tmp_path / "run", config, progress=False)
+    assert seen == [torch.bfloat16 if native else None]
     err = capsys.readouterr().err
-    assert ("device cpu (CPU), bf16," if native else "this CPU has no native bf16 (AVX512-BF16 or AMX): float32") in err
+    assert ("device cpu (CPU), bf16," if native else "float32 (amp bf16 asked for, but this CPU has no native bf16") in err
 
 
 def _tiny_spec(name: str) -> dict:

@@ -292,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "over the brain's box. Fewer, larger windows are faster but change the labels (README, "
                         "Measured)")
     p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
-                   help="what runs the network (auto: ONNX Runtime, float32, on a CPU without native bf16 for "
-                        "networks it runs faster, else PyTorch)")
+                   help="what runs the network (auto: ONNX Runtime where the CPU predicts in float32 (no native "
+                        "bf16, or --amp off) for networks it runs faster, else PyTorch)")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help="skip the checkpoint's post-processing (raw network output)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")

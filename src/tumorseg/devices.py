@@ -1,14 +1,15 @@
-"""Where the network runs and in which precision: one rule for training, prediction and export.
+"""Where the network runs and in which precision: the rules training, prediction and export share.
 
 - Device: "auto" takes the GPU when one is visible, else the CPU; "cuda" without a GPU is a
   user error. The choice is printed, so a run that silently fell back to the CPU is visible.
 - Mixed precision ("amp"): bf16 only where the GPU computes it natively (Ampere and newer:
   A100, H100, RTX 30xx+), fp16 with a gradient scaler on older GPUs (T4, V100, P100: Colab
   and Kaggle). `torch.cuda.is_bf16_supported()` counts emulation in recent PyTorch, which
-  would hand a T4 a slow, emulated bf16, so we ask for native support. On the CPU, "auto" is
-  float32; "bf16" runs bf16 where the CPU computes it natively (AVX512-BF16 or AMX: Intel Xeon
-  since Cooper Lake, AMD since Zen 4), about twice as fast for our 3D convolutions (README,
-  "Measured"), and float32 elsewhere; fp16 is GPU-only. A request that fell back says so in one line.
+  would hand a T4 a slow, emulated bf16, so we ask for native support. On a CPU that computes
+  bf16 natively (AVX512-BF16 or AMX: Intel Xeon since Cooper Lake, AMD since Zen 4) "auto" is
+  bf16 for prediction, about twice as fast for our 3D convolutions with the labels kept (README,
+  "Measured"), and float32 for training unless "bf16" is asked for; other CPUs run float32;
+  fp16 is GPU-only. A request that fell back says so in one line.
 - Determinism: CUDA's 3D convolutions are nondeterministic by default, so "exact resume" holds
   bit for bit on the CPU only, unless a run asks for deterministic algorithms (slower on GPUs).
 """
@@ -90,7 +91,7 @@ def describe(device: torch.device, mode: str, dtype: torch.dtype | None) -> str:
     if mode == "fp16" and device.type != "cuda":
         line += " (amp fp16 asked for, but no CUDA GPU is visible: running on the CPU in float32)"
     elif mode == "bf16" and dtype is None:
-        line += " (amp bf16 asked for, but this CPU has no native bf16 (AVX512-BF16 or AMX): float32)"
+        line += " (amp bf16 asked for, but this CPU has no native bf16: no AVX512-BF16 or AMX)"
     return line
 
 

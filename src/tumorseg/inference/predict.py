@@ -131,8 +131,9 @@ class Predictor:
         (`inference.postprocess_*`) always comes from the checkpoint. `amp`: "auto" (bf16 where the
         GPU or CPU computes it natively, fp16 on older GPUs, else float32), "bf16", "fp16" or "off".
         `engine`: "torch", "onnx" (the network exported in memory and run by ONNX Runtime in
-        float32, within 1e-4 of PyTorch's float32), or "auto": ONNX Runtime on a float32 CPU where
-        it is installed, for the networks it runs faster (`ONNX_FASTER`), PyTorch otherwise. `window`: sliding-window size (None: the training patch;
+        float32, within 1e-4 of PyTorch's float32), or "auto": ONNX Runtime where the CPU predicts
+        in float32 and it is installed, for the networks it runs faster (`ONNX_FASTER`), PyTorch
+        otherwise. `window`: sliding-window size (None: the training patch;
         "box": one window over the brain's box).
         """
         if engine not in ENGINES:
@@ -156,9 +157,10 @@ class Predictor:
         dtype = amp_dtype(amp, dev, predicting=True)
         if model is None:
             model = network_from_state(state, where)
-            # ONNX Runtime runs the float32 graph: PyTorch's native bf16 beats it (README, "Measured")
-            faster = spec["name"] in ONNX_FASTER and dev.type == "cpu" and dtype is None
-            if engine == "onnx" or (engine == "auto" and faster and onnx_runtime_installed()):
+            # ONNX Runtime runs the float32 graph: faster than PyTorch's float32 for ONNX_FASTER
+            # networks, slower than PyTorch's native bf16 (README, "Measured")
+            onnx_faster = spec["name"] in ONNX_FASTER and dev.type == "cpu" and dtype is None
+            if engine == "onnx" or (engine == "auto" and onnx_faster and onnx_runtime_installed()):
                 from .onnx_model import runtime_network
 
                 model, engine_used = runtime_network(model, spec, dev, where, required=engine == "onnx")
@@ -355,6 +357,15 @@ class _StitchedOnCpu(nn.Module):
             return self.model(x.to(self.device)).float().cpu()
 
 
+def _runtime_line(predictor: Predictor, amp: str) -> str:
+    """Device, precision and engine; why a requested precision is not the one running."""
+    if predictor.engine == "torch":
+        return f"{describe(predictor.device, amp, predictor.amp_dtype)}, PyTorch"
+    if amp_dtype(amp, predictor.device, predicting=True) is None:
+        return f"{describe(predictor.device, amp, None)}, ONNX Runtime"
+    return f"{describe(predictor.device, 'off', None)}, ONNX Runtime (its graph is float32; amp {amp} is PyTorch's)"
+
+
 def predict_case(
     predictor: Predictor, case: Case, probabilities: bool = False, inp: CaseInput | None = None,
     uncertainty: bool = False,
@@ -510,8 +521,8 @@ def predict(
         uncertainty: also write `<case_id>_uncertainty.nii.gz`, float32: the mutual information
             between prediction and flip over the TTA flips, in bits (needs TTA).
         report: afterwards, write the `tumorseg report` of the predictions to `out_dir/report`.
-        engine: "auto" (ONNX Runtime on a float32 CPU for the networks it runs faster, where
-            installed; else PyTorch), "torch" or "onnx".
+        engine: "auto" (ONNX Runtime where the CPU predicts in float32, for the networks it runs
+            faster, where installed; else PyTorch), "torch" or "onnx".
         window: sliding-window size (three sides, multiples of the network's divisor; None: the
             training patch); a side larger than the brain's box means one window across it, and
             "box" one window over the whole box.
@@ -536,10 +547,7 @@ def predict(
     else:
         predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap, labels, amp, engine, window)
         if progress:
-            runtime, asked = "PyTorch", amp
-            if predictor.engine == "onnx":  # its graph is float32: amp is PyTorch's
-                runtime, asked = "ONNX Runtime" + (f" (amp {amp} is PyTorch's only)" if amp in ("bf16", "fp16") else ""), "off"
-            print(f"predict: {describe(predictor.device, asked, predictor.amp_dtype)}, {runtime}", file=sys.stderr)
+            print(f"predict: {_runtime_line(predictor, amp)}", file=sys.stderr)
     if not postprocess:
         predictor = replace(predictor, largest_tumour=False, et_threshold=None)
     if uncertainty and not predictor.tta:
