@@ -3,14 +3,15 @@
 What is measured, per network (default widths from `DEFAULT_FILTERS`), on random inputs of
 shape `(batch, 3, size, size, size)` with random label maps `(batch, 1, size, size, size)`
 (values 0..3): one training step exactly as `training.engine.train_epoch` takes it (forward
-under autocast, the "labels" loss (Dice + focal over 4 classes) on float32 logits, backward,
+under autocast as `--amp` resolves for training: bf16 or fp16 on GPUs, float32 on the CPU unless
+`--amp bf16` on a CPU with native bf16; the "labels" loss (Dice + focal over 4 classes) on float32 logits, backward,
 optimizer step: Adam lr 1e-4 for every network). One warm-up step, then `--steps` timed steps
 (default 3 on CPU, 20 on CUDA); reported as seconds per step (mean and min) and samples per
 second, with the optimizer's name and settings.
 
 Each network runs in its own subprocess, so peak memory is that network's alone: on CPU the
-peak resident set size (`ru_maxrss`), on CUDA `torch.cuda.max_memory_allocated` (bf16
-autocast, timing with `torch.cuda.synchronize`).
+peak resident set size (`ru_maxrss`), on CUDA `torch.cuda.max_memory_allocated` (timing with
+`torch.cuda.synchronize`).
 
     python benchmarks/bench_train.py [--size 128] [--device auto|cpu|cuda] [--networks unet3d,unet]
 
@@ -89,11 +90,12 @@ def optimizer_fields(recipe: str | None) -> dict:
     return fields
 
 
-def make_step(name: str, size: int, batch: int, device: str,
-              recipe: str | None = None) -> tuple[Callable[[], float], int, object]:
+def make_step(name: str, size: int, batch: int, device: str, recipe: str | None = None,
+              amp: str = "auto") -> tuple[Callable[[], float], int, object]:
     """A closure running one training step of network `name` (or `recipe`'s), its parameter count and its optimizer."""
     import torch
 
+    from tumorseg.devices import amp_dtype
     from tumorseg.networks import build_network
     from tumorseg.training.losses import build_loss
 
@@ -105,10 +107,10 @@ def make_step(name: str, size: int, batch: int, device: str,
     optimizer = make_optimizer(model.parameters(), recipe)
     image = torch.rand(batch, spec["in_channels"], size, size, size, device=dev)
     labels = torch.randint(0, 4, (batch, 1, size, size, size), device=dev)
-    amp = torch.bfloat16 if device == "cuda" else None
+    dtype = amp_dtype(amp, dev)  # training's rule: float32 on the CPU unless bf16 is asked for and native
 
     def step() -> float:
-        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(image)
         loss = loss_fn(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -120,12 +122,12 @@ def make_step(name: str, size: int, batch: int, device: str,
 
 
 def time_network(name: str, size: int, batch: int, device: str, steps: int, warmup: int,
-                 recipe: str | None = None) -> dict:
+                 recipe: str | None = None, amp: str = "auto") -> dict:
     """Run `warmup` + `steps` training steps of one network; seconds, throughput, memory."""
     import torch
 
     build_start = time.perf_counter()
-    step, params, optimizer = make_step(name, size, batch, device, recipe)
+    step, params, optimizer = make_step(name, size, batch, device, recipe, amp)
     sync = device_sync(device)
     for _ in range(warmup):
         step()
@@ -152,7 +154,7 @@ def time_network(name: str, size: int, batch: int, device: str, steps: int, warm
 def run_network(name: str, args: argparse.Namespace, device: str, steps: int) -> dict:
     """`time_network` in a fresh interpreter, so its peak memory is its own."""
     cmd = ["--child", name, "--size", str(args.size), "--batch", str(args.batch),
-           "--device", device, "--steps", str(steps), "--warmup", str(args.warmup)]
+           "--device", device, "--steps", str(steps), "--warmup", str(args.warmup), "--amp", args.amp]
     if args.recipe:
         cmd += ["--recipe", args.recipe]
     return run_child(__file__, [*cmd, *threads_flag(args.threads)], network=name)
@@ -162,7 +164,7 @@ def print_table(res: dict) -> None:
     """One row per network: parameters, seconds per step, samples per second, peak memory."""
     cuda = res["device"] == "cuda"
     m = res["machine"]
-    print(f"\n{res['size']}^3, batch {res['batch']}, {res['device']} ({m['device_name']}), "
+    print(f"\n{res['size']}^3, batch {res['batch']}, {res['device']} ({m['device_name']}), {res['autocast']}, "
           f"{m['torch_threads']} threads, load average {m['load_average']}, {res['optimizer']} "
           f"{res['optimizer_settings']}")
     mem = "peak GiB (cuda)" if cuda else "peak RSS GiB"
@@ -191,6 +193,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--networks", help="comma-separated subset of the registry (default: all)")
     parser.add_argument("--steps", type=int, help="timed steps (default 3 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                        help="precision as train's --amp (default auto: bf16 or fp16 on GPUs, float32 on the CPU)")
     add_threads_arg(parser)
     add_out_arg(parser, RESULTS)
     parser.add_argument("--recipe", help="time this recipe's network at its patch and batch with its optimizer, "
@@ -205,8 +209,11 @@ def main() -> None:
     apply_threads(args.threads)
     if args.child:
         print(json.dumps(time_network(args.child, args.size, args.batch, args.device, args.steps, args.warmup,
-                                      args.recipe)))
+                                      args.recipe, args.amp)))
         return
+    import torch
+
+    from tumorseg.devices import amp_dtype
     from tumorseg.networks import NETWORKS, required_divisor
 
     names = args.networks.split(",") if args.networks else list(NETWORKS)
@@ -228,7 +235,8 @@ def main() -> None:
     res = {"size": args.size, "batch": args.batch, "device": device, "steps": steps, "warmup": args.warmup,
            "loss": f"{network_setup(names[0], args.recipe)[1]} (the training loss of that target)",
            **optimizer_fields(args.recipe),
-           "autocast": "bf16" if device == "cuda" else None, "machine": machine(device, bf16_autocast=True),
+           "amp": args.amp, "autocast": str(amp_dtype(args.amp, torch.device(device)) or torch.float32).removeprefix("torch."),
+           "machine": machine(device),
            "results": []}
     for name in names:
         res["results"].append(run_network(name, args, device, steps))

@@ -112,12 +112,12 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def machine(device: str, versions: tuple[str, ...] = (), bf16_autocast: bool | None = None) -> dict:
+def machine(device: str, versions: tuple[str, ...] = ()) -> dict:
     """Where the numbers come from: CPUs, load, library versions, device name, threads.
 
     `versions`: further modules whose `__version__` to record beside torch's (e.g. "monai").
-    On CUDA `bf16_autocast` is recorded as given, or where None whether the GPU has bf16; on the
-    CPU whether it computes bf16 natively (what `--amp auto` runs there when predicting).
+    Whether the CPU computes bf16 natively (what `--amp auto` runs there when predicting), and
+    on CUDA whether the GPU does.
     """
     import torch
 
@@ -138,7 +138,7 @@ def machine(device: str, versions: tuple[str, ...] = (), bf16_autocast: bool | N
     }
     if device == "cuda":
         info["cuda"] = torch.version.cuda
-        info["bf16_autocast"] = torch.cuda.is_bf16_supported() if bf16_autocast is None else bf16_autocast
+        info["cuda_native_bf16"] = native_bf16(torch.device("cuda"))
     return info
 
 

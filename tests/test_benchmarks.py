@@ -85,10 +85,12 @@ def test_bench_train_end_to_end(tmp_path):
     """The parent and its child process on a tiny cube: fields written, optimizer recorded in both."""
     out = tmp_path / "train.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "bench_train.py"), "--networks", "unet", "--size", "32",
-                    "--steps", "1", "--warmup", "0", "--device", "cpu", "--threads", "1", "--out", str(out)],
+                    "--steps", "1", "--warmup", "0", "--device", "cpu", "--threads", "1", "--amp", "bf16", "--out", str(out)],
                    check=True, capture_output=True, cwd=tmp_path)
     res = json.loads(out.read_text())
     assert res["optimizer"] == "Adam" and res["optimizer_settings"] == {"lr": 1e-4, "weight_decay": 0}
+    # a step in bf16 where this CPU computes it natively, float32 elsewhere: training's rule
+    assert res["amp"] == "bf16" and res["autocast"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
     (row,) = res["results"]
     assert "error" not in row, row
     assert row["network"] == "unet" and row["optimizer"] == "Adam" and len(row["step_seconds"]) == 1
