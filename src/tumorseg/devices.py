@@ -68,8 +68,8 @@ def native_bf16(device: torch.device) -> bool:
 def amp_dtype(mode: str, device: torch.device, predicting: bool = False) -> torch.dtype | None:
     """The autocast dtype for `mode` on `device`; None means float32 (amp off, or not on this device).
 
-    On a CPU with native bf16, "auto" is bf16 when `predicting` (measured to keep the labels and
-    halve the time, README "Measured"); training there stays float32 unless bf16 is asked for.
+    On a CPU with native bf16, "auto" is bf16 when `predicting` (measured to keep the labels at
+    about half the time, README "Measured"); training there stays float32 unless bf16 is asked for.
     """
     if mode not in AMP_MODES:
         raise TumorsegError(f"unknown amp '{mode}' (choose from {', '.join(AMP_MODES)})")
