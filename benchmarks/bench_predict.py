@@ -106,6 +106,7 @@ def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, devi
     """Predict one case `--warmup` + `--repeat` times with one configuration; seconds, memory."""
     import torch
 
+    from tumorseg.devices import precision_name
     from tumorseg.layouts import discover_cases
     from tumorseg.networks import DEFAULT_FILTERS
 
@@ -132,7 +133,7 @@ def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, devi
         "network": name,
         "filters": list(filters or DEFAULT_FILTERS[name]),
         "tta": args.tta == "on",
-        "precision": str(predictor.amp_dtype or torch.float32).removeprefix("torch."),
+        "precision": precision_name(predictor.amp_dtype),
         "params_m": round(sum(p.numel() for p in predictor.model.parameters()) / 1e6, 3),
         "box": stats["box"],
         "forwards_per_case": stats["forwards"] // args.repeat,

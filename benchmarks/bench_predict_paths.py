@@ -56,6 +56,7 @@ def parse_path(text: str) -> tuple[str, int | str | None, float, str]:
 def run_path(args: argparse.Namespace) -> dict:
     """Child: predict case `--case` with one path; labels to `--labels-dir`, times and memory as JSON."""
     from tumorseg.checkpoint import load_checkpoint
+    from tumorseg.devices import precision_name
     from tumorseg.inference.predict import Predictor
     from tumorseg.layouts import discover_cases
 
@@ -77,7 +78,7 @@ def run_path(args: argparse.Namespace) -> dict:
            "s_total": round(predict_s + save_s, 3), **stage_seconds(stats, 0, predict_s, save_s)}
     network = args.checkpoint.name if exported else source["network"]["name"]
     return {"checkpoint": str(args.checkpoint), "network": network, "path": args.child,
-            "engine": predictor.engine, "precision": str(predictor.amp_dtype or "float32").removeprefix("torch."),
+            "engine": predictor.engine, "precision": precision_name(predictor.amp_dtype),
             "tta": predictor.tta, "s_setup": round(setup, 2),
             "cases": [row], "peak_rss_gib": peak_rss_gib()}
 
@@ -122,7 +123,7 @@ def print_table(res: dict) -> None:
     m = res["machine"]
     print(f"\n{res['checkpoint']} on {res['cases']} case(s) of {res['data']}, {m['device_name']}, "
           f"{m['torch_threads']} threads, load {m['load_average']} -> {m['load_average_after']}")
-    print(f"{'network':<11}{'path':<22}{'tta':<5}{'engine':<7}{'prec':<6}{'s/case':>8}{'net s':>9}{'load':>7}{'other':>7}{'save':>7}"
+    print(f"{'network':<11}{'path':<22}{'tta':<5}{'engine':<7}{'prec':<8}{'s/case':>8}{'net s':>9}{'load':>7}{'other':>7}{'save':>7}"
           f"{'post':>6}{'fwd':>6}{'setup':>7}{'RSS GiB':>9}{'WT vs ref (min)':>17}{'Dice WT/TC/ET vs truth':>25}")
     for r in res["results"]:
         if "error" in r:
@@ -132,8 +133,7 @@ def print_table(res: dict) -> None:
         mean = {k: float(np.mean([x[k] for x in rows]))
                 for k in ("s_network", "s_load", "s_other", "s_save", "s_postprocess", "forwards")}
         truth = "/".join(f"{v:.3f}" for v in r["dice_vs_truth_mean"].values()) if "dice_vs_truth_mean" in r else "-"
-        precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[r["precision"]]
-        print(f"{r['network']:<11}{r['path']:<22}{'on' if r['tta'] else 'off':<5}{r['engine']:<7}{precision:<6}"
+        print(f"{r['network']:<11}{r['path']:<22}{'on' if r['tta'] else 'off':<5}{r['engine']:<7}{r['precision']:<8}"
               f"{r['s_per_case_mean']:>8.2f}"
               f"{mean['s_network']:>9.2f}{mean['s_load']:>7.2f}{mean['s_other']:>7.2f}{mean['s_save']:>7.2f}"
               f"{mean['s_postprocess']:>6.2f}{mean['forwards']:>6.0f}{r['s_setup']:>7.1f}{r['peak_rss_gib']:>9.2f}"
@@ -145,9 +145,9 @@ def warm_up(predictor) -> None:
     session start, PyTorch's first kernels) go to the set-up, not to the case, as in a long run."""
     import torch
 
-    dtype = predictor.amp_dtype
-    with torch.inference_mode(), torch.autocast(predictor.device.type, dtype=dtype or torch.float32,
-                                                enabled=dtype is not None):
+    from tumorseg.devices import autocast
+
+    with torch.inference_mode(), autocast(predictor.device, predictor.amp_dtype):
         predictor.model(torch.zeros(1, len(predictor.channels), *predictor.roi(predictor.patch),
                                     device=predictor.device))
 

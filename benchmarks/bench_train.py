@@ -95,7 +95,7 @@ def make_step(name: str, size: int, batch: int, device: str, recipe: str | None 
     """A closure running one training step of network `name` (or `recipe`'s), its parameter count and its optimizer."""
     import torch
 
-    from tumorseg.devices import amp_dtype
+    from tumorseg.devices import amp_dtype, autocast
     from tumorseg.networks import build_network
     from tumorseg.training.losses import build_loss
 
@@ -110,7 +110,7 @@ def make_step(name: str, size: int, batch: int, device: str, recipe: str | None 
     dtype = amp_dtype(amp, dev)  # training's rule: float32 on the CPU unless bf16 is asked for and native
 
     def step() -> float:
-        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(dev, dtype):
             logits = model(image)
         loss = loss_fn(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -213,7 +213,7 @@ def main() -> None:
         return
     import torch
 
-    from tumorseg.devices import amp_dtype
+    from tumorseg.devices import amp_dtype, precision_name
     from tumorseg.networks import NETWORKS, required_divisor
 
     names = args.networks.split(",") if args.networks else list(NETWORKS)
@@ -235,7 +235,7 @@ def main() -> None:
     res = {"size": args.size, "batch": args.batch, "device": device, "steps": steps, "warmup": args.warmup,
            "loss": f"{network_setup(names[0], args.recipe)[1]} (the training loss of that target)",
            **optimizer_fields(args.recipe),
-           "amp": args.amp, "autocast": str(amp_dtype(args.amp, torch.device(device)) or torch.float32).removeprefix("torch."),
+           "amp": args.amp, "autocast": precision_name(amp_dtype(args.amp, torch.device(device))),
            "machine": machine(device),
            "results": []}
     for name in names:

@@ -90,7 +90,7 @@ def test_bench_train_end_to_end(tmp_path):
     res = json.loads(out.read_text())
     assert res["optimizer"] == "Adam" and res["optimizer_settings"] == {"lr": 1e-4, "weight_decay": 0}
     # a step in bf16 where this CPU computes it natively, float32 elsewhere: training's rule
-    assert res["amp"] == "bf16" and res["autocast"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
+    assert res["amp"] == "bf16" and res["autocast"] == ("bf16" if native_bf16(torch.device("cpu")) else "float32")
     (row,) = res["results"]
     assert "error" not in row, row
     assert row["network"] == "unet" and row["optimizer"] == "Adam" and len(row["step_seconds"]) == 1
@@ -177,7 +177,7 @@ def test_predict_paths_end_to_end(tmp_path):
     results = results[:3]
     assert [r["engine"] for r in results] == ["torch", "onnx", "torch"]
     assert [r["precision"] for r in results[:2]] == ["float32", "float32"]
-    assert results[2]["precision"] == ("bfloat16" if native_bf16(torch.device("cpu")) else "float32")
+    assert results[2]["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "float32")
     assert results[1]["wt_dice_vs_reference_min"] > 0.99  # ONNX Runtime: PyTorch's float32 labels
     assert results[0]["cases"][0]["box"] == results[1]["cases"][0]["box"]  # the same inference box and windows
     assert results[0]["cases"][0]["forwards"] >= 1 and "dice_vs_truth" in results[0]["cases"][0]

@@ -90,7 +90,7 @@ def test_cpu_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
     assert devices.amp_dtype("auto", CPU, predicting=True) == devices.amp_dtype("bf16", CPU)
     assert devices.amp_dtype("auto", CPU) is None and devices.amp_dtype("off", CPU, predicting=True) is None
     line = devices.describe(CPU, "bf16", devices.amp_dtype("bf16", CPU))
-    assert line == "device cpu (CPU), bf16" if native else "this CPU has no native bf16: no AVX512-BF16 or AMX" in line
+    assert (line == "device cpu (CPU), bf16") if native else ("this CPU has no native bf16: no AVX512-BF16 or AMX" in line)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # another PyTorch without the probe: float32
     assert devices.amp_dtype("bf16", CPU) is None
 

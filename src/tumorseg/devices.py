@@ -83,11 +83,20 @@ def amp_dtype(mode: str, device: torch.device, predicting: bool = False) -> torc
     return torch.bfloat16
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to `dtype` (`amp_dtype`) on `device`; off, so float32, for None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """"bf16", "fp16", or "float32" for None (`amp_dtype`'s answers)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "float32")
+
+
 def describe(device: torch.device, mode: str, dtype: torch.dtype | None) -> str:
     """One line for the console: the device, the precision, and why when a request fell back."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "float32")
-    line = f"device {device} ({name}), {precision}"
+    line = f"device {device} ({name}), {precision_name(dtype)}"
     if mode == "fp16" and device.type != "cuda":
         line += " (amp fp16 asked for, but no CUDA GPU is visible: running on the CPU in float32)"
     elif mode == "bf16" and dtype is None:

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint
-from ..devices import amp_dtype, describe, resolve_device, window_batch
+from ..devices import amp_dtype, autocast, describe, resolve_device, window_batch
 from ..errors import TumorsegError
 from ..geometry import Grid, resample_box
 from ..io import save_nifti, sweep_stale_temps
@@ -353,7 +353,7 @@ class _StitchedOnCpu(nn.Module):
         self.model, self.device, self.amp_dtype = model, device, amp_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with autocast(self.device, self.amp_dtype):
             return self.model(x.to(self.device)).float().cpu()
 
 

@@ -14,6 +14,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from ..devices import autocast
 from ..labels import labels_from_regions
 
 
@@ -50,8 +51,7 @@ def tta_probabilities(
     for i in range(0, len(flips), FLIP_GROUP):
         group = flips[i : i + FLIP_GROUP]
         batch = torch.cat([torch.flip(image, dims) if dims else image for dims in group])
-        with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype or torch.float32,
-                                             enabled=amp_dtype is not None):
+        with torch.no_grad(), autocast(image.device, amp_dtype):
             logits = sliding_window_inference(
                 batch, roi_size=tuple(roi), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap,
                 mode="gaussian",

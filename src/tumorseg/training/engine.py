@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import PreparedDataset
-from ..devices import window_batch
+from ..devices import autocast, window_batch
 from ..errors import TumorsegError
 from ..evaluation.metrics import region_dice_from_labels
 from ..inference.postprocess import case_statistics
@@ -89,7 +89,7 @@ def train_epoch(
     for batch in bar:
         image = batch["image"].to(ctx.device, non_blocking=True)
         label = batch["label"].to(ctx.device, non_blocking=True)
-        with torch.autocast(ctx.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(ctx.device, amp_dtype):
             logits = model(image)
         loss = loss_fn(logits.float(), label)
         optimizer.zero_grad(set_to_none=True)
