@@ -26,12 +26,16 @@ CPU is slow (a default-width 128^3 forward takes seconds, times 8 with TTA), so 
 default is `unet,unet-lite,segresnet`, TTA off, default widths and 8,16,32,64; `--all` runs every
 network with and without TTA. On CUDA the default is every network, TTA both.
 
+`--engines torch,compile` runs each configuration also through `torch.compile` (Inductor, frozen
+weights: `inference.compiled`), side by side, its compiling timed apart ("compile" column).
+
 Input: one synthetic full-size case (`tumorseg.synth`, seed 0), or a real case with `--data`.
 The network works at `--spacing` (default 1 mm, as the recipes' checkpoints record it), so a case
 stored on another grid is resampled to it and its probabilities back ("load" and "other").
 
     python benchmarks/bench_predict.py [--device auto|cpu|cuda] [--networks unet,unet-lite,segresnet]
-        [--filters default --filters 8,16,32,64] [--tta both|on|off] [--all] [--data CASE_DIR] [--spacing 1,1,1]
+        [--filters default --filters 8,16,32,64] [--tta both|on|off] [--engines torch,compile] [--all]
+        [--data CASE_DIR] [--spacing 1,1,1]
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from pathlib import Path
 
 from common import (add_device_arg, add_out_arg, add_threads_arg, apply_threads, check_networks, clear_stages,
                     device_sync, instrument, load_average, machine, peak_cuda_gib, peak_rss_gib, pick_device,
-                    predict_and_save, results_path, run_child, stage_seconds, threads_flag, write_results)
+                    predict_and_save, results_path, run_child, stage_seconds, threads_flag, timed, write_results)
 
 RESULTS = results_path("bench_predict")
 CPU_NETWORKS = ("unet", "unet-lite", "segresnet")
@@ -83,7 +87,7 @@ def spacing_text(spacing: tuple[float, float, float] | None) -> str:
 
 
 def make_predictor(name: str, filters: tuple[int, ...] | None, device: str, args: argparse.Namespace):
-    """An untrained `Predictor` set up like one loaded from a "labels" checkpoint."""
+    """An untrained `Predictor` set up like one loaded from a "labels" checkpoint (PyTorch)."""
     import torch
 
     from tumorseg.devices import amp_dtype
@@ -98,12 +102,13 @@ def make_predictor(name: str, filters: tuple[int, ...] | None, device: str, args
     return Predictor(model=model.to(dev).eval(), device=dev, channels=CHANNELS, norm="minmax",
                      patch=(args.patch,) * 3, target="labels", divisor=required_divisor(name, filters),
                      tta=args.tta == "on", overlap=args.overlap, amp_dtype=amp, sw_batch_size=args.sw_batch,
-                     spacing=args.spacing)
+                     spacing=args.spacing, network=name)
 
 
-def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, device: str,
+def time_config(name: str, filters: tuple[int, ...] | None, engine: str, case_dir: Path, device: str,
                 args: argparse.Namespace) -> dict:
-    """Predict one case `--warmup` + `--repeat` times with one configuration; seconds, memory."""
+    """Predict one case `--warmup` + `--repeat` times with one configuration; seconds, memory.
+    Engine "compile": the network through `torch.compile`, compiled (and timed) before the cases."""
     import torch
 
     from tumorseg.devices import precision_name
@@ -114,6 +119,9 @@ def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, devi
     case = discover_cases(case_dir)[0]
     predictor = make_predictor(name, filters, device, args)
     sync = device_sync(device)
+    compile_s = None
+    if engine == "compile":
+        predictor, compile_s = timed(predictor.compiled, sync)
     stats = instrument(predictor, sync)
     rss_before = peak_rss_gib()
     predicts, saves = [], []
@@ -132,6 +140,9 @@ def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, devi
     out = {
         "network": name,
         "filters": list(filters or DEFAULT_FILTERS[name]),
+        "engine": engine,
+        "s_compile": None if compile_s is None else round(compile_s, 2),
+        "compile_failure": getattr(predictor.model, "failure", None),
         "tta": args.tta == "on",
         "precision": precision_name(predictor.amp_dtype),
         "params_m": round(sum(p.numel() for p in predictor.model.parameters()) / 1e6, 3),
@@ -151,13 +162,14 @@ def time_config(name: str, filters: tuple[int, ...] | None, case_dir: Path, devi
     return out
 
 
-def run_child_config(name: str, filters: str, tta: str, case_dir: Path, device: str, args: argparse.Namespace) -> dict:
-    """`time_config` in a fresh interpreter, so its peak memory is its own."""
-    cmd = ["--child", name, "--filters", filters, "--tta", tta, "--data", str(case_dir),
+def run_child_config(name: str, filters: str, tta: str, engine: str, case_dir: Path, device: str,
+                     args: argparse.Namespace) -> dict:
+    """`time_config` in a fresh interpreter, so its peak memory (and its compiling) is its own."""
+    cmd = ["--child", name, "--filters", filters, "--tta", tta, "--engines", engine, "--data", str(case_dir),
            "--device", device, "--spacing", spacing_text(args.spacing), "--patch", str(args.patch),
            "--overlap", str(args.overlap), "--sw-batch", str(args.sw_batch), "--amp", args.amp,
            "--warmup", str(args.warmup), "--repeat", str(args.repeat), *threads_flag(args.threads)]
-    return run_child(__file__, cmd, network=name, filters=filters, tta=tta == "on")
+    return run_child(__file__, cmd, network=name, filters=filters, tta=tta == "on", engine=engine)
 
 
 def print_table(res: dict) -> None:
@@ -169,19 +181,20 @@ def print_table(res: dict) -> None:
           f"({m['device_name']}), {m['torch_threads']} threads, load average {m['load_average']} "
           f"-> {m['load_average_after']}")
     mem = "peak GiB (cuda)" if cuda else "peak RSS GiB"
-    print(f"{'network':<11}{'filters':<21}{'tta':<5}{'prec':<9}{'box':<13}{'fwd':>5}{'total s':>9}{'load':>7}{'network':>9}"
-          f"{'post':>7}{'other':>7}{'save':>7}{mem:>16}")
+    print(f"{'network':<11}{'filters':<21}{'tta':<5}{'engine':<8}{'prec':<9}{'box':<13}{'fwd':>5}{'total s':>9}"
+          f"{'load':>7}{'network':>9}{'post':>7}{'other':>7}{'save':>7}{'compile':>9}{mem:>16}")
     for r in res["results"]:
         filters = ",".join(map(str, r["filters"])) if isinstance(r["filters"], list) else r["filters"]
         tta = "on" if r["tta"] else "off"
         if "error" in r:
-            print(f"{r['network']:<11}{filters:<21}{tta:<5}error: {r['error']}")
+            print(f"{r['network']:<11}{filters:<21}{tta:<5}{r['engine']:<8}error: {r['error']}")
             continue
         box = "x".join(map(str, r["box"]))
         peak = r["peak_cuda_gib"] if cuda else r["peak_rss_gib"]
-        print(f"{r['network']:<11}{filters:<21}{tta:<5}{r['precision']:<9}{box:<13}{r['forwards_per_case']:>5}{r['s_total']:>9.2f}"
-              f"{r['s_load']:>7.2f}{r['s_network']:>9.2f}{r['s_postprocess']:>7.2f}{r['s_other']:>7.2f}"
-              f"{r['s_save']:>7.2f}{peak:>16.2f}")
+        compile_s = "-" if r["s_compile"] is None else f"{r['s_compile']:.1f}" + ("!" if r["compile_failure"] else "")
+        print(f"{r['network']:<11}{filters:<21}{tta:<5}{r['engine']:<8}{r['precision']:<9}{box:<13}"
+              f"{r['forwards_per_case']:>5}{r['s_total']:>9.2f}{r['s_load']:>7.2f}{r['s_network']:>9.2f}"
+              f"{r['s_postprocess']:>7.2f}{r['s_other']:>7.2f}{r['s_save']:>7.2f}{compile_s:>9}{peak:>16.2f}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -193,6 +206,9 @@ def parse_args() -> argparse.Namespace:
                         f"several (default: 'default' on CUDA or with --all, also {CPU_FILTERS[1]} on CPU)")
     parser.add_argument("--tta", choices=("both", "on", "off"), help="flip TTA (default: both on CUDA or with "
                         "--all, off on CPU)")
+    parser.add_argument("--engines", default="torch", help="comma-separated: torch (PyTorch), compile (PyTorch "
+                        "through torch.compile, its compiling timed apart: 'compile' column, '!' where it failed "
+                        "and ran uncompiled); default torch")
     parser.add_argument("--all", action="store_true", help="on CPU too: every network, TTA both (slow)")
     parser.add_argument("--data", type=Path, help="a real BraTS case folder (default: one synthetic case)")
     parser.add_argument("--patch", type=int, default=128, help="sliding-window cube side (default 128)")
@@ -211,8 +227,8 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def configurations(args: argparse.Namespace, device: str) -> list[tuple[str, str, str]]:
-    """(network, filters, tta) to run, defaults depending on the device; checked up front."""
+def configurations(args: argparse.Namespace, device: str) -> list[tuple[str, str, str, str]]:
+    """(network, filters, tta, engine) to run, defaults depending on the device; checked up front."""
     from tumorseg.networks import NETWORKS, required_divisor
 
     full = device == "cuda" or args.all
@@ -226,7 +242,10 @@ def configurations(args: argparse.Namespace, device: str) -> list[tuple[str, str
             if args.patch % required_divisor(name, parse_filters(setting)):
                 raise SystemExit(f"--patch {args.patch} is not divisible by what {name} with filters "
                                  f"{setting} needs ({required_divisor(name, parse_filters(setting))})")
-    return [(n, s, t) for n in names for s in settings for t in flips]
+    engines = args.engines.split(",")
+    if not set(engines) <= {"torch", "compile"}:
+        raise SystemExit(f"--engines {args.engines!r}: torch and/or compile")
+    return [(n, s, t, e) for n in names for s in settings for t in flips for e in engines]
 
 
 def main() -> None:
@@ -239,7 +258,7 @@ def main() -> None:
     args.repeat = max(1, args.repeat or (3 if device == "cuda" else 1))
     if args.child:
         filters = parse_filters(args.filters[0])
-        print(json.dumps(time_config(args.child, filters, args.data, device, args)))
+        print(json.dumps(time_config(args.child, filters, args.engines, args.data, device, args)))
         return
     configs = configurations(args, device)
     load_before = load_average()
@@ -258,8 +277,8 @@ def main() -> None:
                "repeat": args.repeat, "target": "labels (4 classes)", "channels": list(CHANNELS),
                "machine": machine(device, versions=("monai",)), "results": []}
         res["machine"]["load_average"] = load_before
-        for name, filters, tta in configs:
-            res["results"].append(run_child_config(name, filters, tta, case_dir, device, args))
+        for name, filters, tta, engine in configs:
+            res["results"].append(run_child_config(name, filters, tta, engine, case_dir, device, args))
     res["machine"]["load_average_after"] = load_average()
     write_results(args.out, res, print_table)
 

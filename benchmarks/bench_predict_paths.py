@@ -1,12 +1,12 @@
 """One checkpoint, several prediction paths side by side: seconds per case, memory, agreement.
 
-A path is `engine:window:overlap[:amp]`: engine `torch` or `onnx` (ONNX Runtime, the network
-exported in memory), window `patch` (the training patch), a cube side, or `box` (one window
+A path is `engine:window:overlap[:amp]`: engine `torch`, `compile` (PyTorch through `torch.compile`)
+or `onnx` (ONNX Runtime, the network exported in memory), window `patch` (the training patch), a cube side, or `box` (one window
 over the brain's whole box), the sliding-window overlap, and predict's `--amp` (default auto:
 bf16 on a CPU with native bf16; `off`: float32). The first path is the reference (by default
 PyTorch in float32, training patch, overlap 0.5: the path before issue 12). Every path predicts the same real
 cases without and with TTA (`--tta on|off|both`), each case in its own subprocess (peak RSS its
-own; the set-up, which for `onnx` includes exporting the network, timed apart), timed per stage
+own; the set-up, which for `onnx` includes exporting the network and for `compile` compiling it, timed apart), timed per stage
 from inside `predict_case` as `bench_predict.py` does (load, network, post-processing, other,
 save). The paths take turns case by case, each case starting with the next path, so a machine
 whose speed drifts during the run (a shared or virtual CPU: here the same batch of windows
@@ -46,9 +46,9 @@ def parse_path(text: str) -> tuple[str, int | str | None, float, str]:
         value = float(overlap)
     except ValueError:
         raise SystemExit(f"path {text!r}: expected engine:window:overlap[:amp], e.g. onnx:patch:0.5") from None
-    if (engine not in ("torch", "onnx") or not 0.0 <= value < 1.0 or (isinstance(size, int) and size < 1)
+    if (engine not in ("torch", "compile", "onnx") or not 0.0 <= value < 1.0 or (isinstance(size, int) and size < 1)
             or len(amp) > 1 or (amp and amp[0] not in AMP_MODES)):
-        raise SystemExit(f"path {text!r}: engine torch or onnx, a positive window, overlap in [0, 1), "
+        raise SystemExit(f"path {text!r}: engine torch, compile or onnx, a positive window, overlap in [0, 1), "
                          f"amp one of {', '.join(AMP_MODES)}")
     return engine, size, value, amp[0] if amp else "auto"
 
@@ -69,7 +69,7 @@ def run_path(args: argparse.Namespace) -> dict:
         window=window, amp=amp))
     setup += seconds
     sync = device_sync(predictor.device.type)
-    setup += timed(lambda: warm_up(predictor), sync)[1]
+    setup += timed(predictor.warm_up, sync)[1]  # the first call's one-off costs: set-up, as in a long run
     stats = instrument(predictor, sync)
     labels = Path(args.labels_dir) / f"{case.case_id}.nii.gz"
     _, predict_s, save_s = predict_and_save(predictor, case, labels, sync,  # described as predict writes it
@@ -123,33 +123,21 @@ def print_table(res: dict) -> None:
     m = res["machine"]
     print(f"\n{res['checkpoint']} on {res['cases']} case(s) of {res['data']}, {m['device_name']}, "
           f"{m['torch_threads']} threads, load {m['load_average']} -> {m['load_average_after']}")
-    print(f"{'network':<11}{'path':<22}{'tta':<5}{'engine':<7}{'prec':<8}{'s/case':>8}{'net s':>9}{'load':>7}{'other':>7}{'save':>7}"
+    print(f"{'network':<11}{'path':<26}{'tta':<5}{'engine':<9}{'prec':<8}{'s/case':>8}{'net s':>9}{'load':>7}{'other':>7}{'save':>7}"
           f"{'post':>6}{'fwd':>6}{'setup':>7}{'RSS GiB':>9}{'WT vs ref (min)':>17}{'Dice WT/TC/ET vs truth':>25}")
     for r in res["results"]:
         if "error" in r:
-            print(f"{r.get('network', '?'):<11}{r['path']:<22}{'on' if r['tta'] else 'off':<5}error: {r['error']}")
+            print(f"{r.get('network', '?'):<11}{r['path']:<26}{'on' if r['tta'] else 'off':<5}error: {r['error']}")
             continue
         rows = r["cases"]
         mean = {k: float(np.mean([x[k] for x in rows]))
                 for k in ("s_network", "s_load", "s_other", "s_save", "s_postprocess", "forwards")}
         truth = "/".join(f"{v:.3f}" for v in r["dice_vs_truth_mean"].values()) if "dice_vs_truth_mean" in r else "-"
-        print(f"{r['network']:<11}{r['path']:<22}{'on' if r['tta'] else 'off':<5}{r['engine']:<7}{r['precision']:<8}"
+        print(f"{r['network']:<11}{r['path']:<26}{'on' if r['tta'] else 'off':<5}{r['engine']:<9}{r['precision']:<8}"
               f"{r['s_per_case_mean']:>8.2f}"
               f"{mean['s_network']:>9.2f}{mean['s_load']:>7.2f}{mean['s_other']:>7.2f}{mean['s_save']:>7.2f}"
               f"{mean['s_postprocess']:>6.2f}{mean['forwards']:>6.0f}{r['s_setup']:>7.1f}{r['peak_rss_gib']:>9.2f}"
               f"{r.get('wt_dice_vs_reference_min', float('nan')):>17.4f}{truth:>25}")
-
-
-def warm_up(predictor) -> None:
-    """One untimed network call on a window of zeros: the first call's one-off costs (ONNX Runtime's
-    session start, PyTorch's first kernels) go to the set-up, not to the case, as in a long run."""
-    import torch
-
-    from tumorseg.devices import autocast
-
-    with torch.inference_mode(), autocast(predictor.device, predictor.amp_dtype):
-        predictor.model(torch.zeros(1, len(predictor.channels), *predictor.roi(predictor.patch),
-                                    device=predictor.device))
 
 
 def merge_runs(runs: list[dict]) -> dict:

@@ -106,17 +106,23 @@ def test_bench_predict_end_to_end_on_another_spacing(tmp_path):
     out = tmp_path / "predict.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "bench_predict.py"), "--data", str(tmp_path / "raw"), "--networks",
                     "unet-lite", "--filters", "4,8,16", "--patch", "32", "--tta", "off", "--spacing", "1.25,1.25,1.25",
-                    "--device", "cpu", "--threads", "1", "--amp", "off", "--out", str(out)], check=True, capture_output=True,
-                   cwd=tmp_path)
+                    "--device", "cpu", "--threads", "1", "--amp", "off", "--engines", "torch,compile", "--out", str(out)],
+                   check=True, capture_output=True, cwd=tmp_path)
     res = json.loads(out.read_text())
-    (row,) = res["results"]
+    row, compiled = res["results"]
     assert "error" not in row, row
+    assert (row["engine"], row["s_compile"]) == ("torch", None)
+    assert compiled["engine"] == "compile" and compiled["s_compile"] > 0 and compiled["compile_failure"] is None
+    assert compiled["box"] == row["box"] and compiled["forwards_per_case"] == row["forwards_per_case"]
     assert res["amp"] == "off" and row["precision"] == "float32" and "cpu_native_bf16" in res["machine"]
     assert res["spacing"] == [1.25, 1.25, 1.25] and row["box"] == [32, 32, 32]  # 48 * 0.8 = 38 voxels: a 32-multiple box
     assert row["s_total"] > 0 and {"s_load", "s_network", "s_other", "s_save"} <= set(row)
     bad = subprocess.run([sys.executable, str(BENCHMARKS / "bench_predict.py"), "--spacing", "1,0,1"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "three positive numbers (mm) or 'scan'" in bad.stderr
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "bench_predict.py"), "--engines", "torch,onnx"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 1 and "--engines 'torch,onnx': torch and/or compile" in bad.stderr
 
 
 def test_run_child_reports_a_failing_child(tmp_path, capsys):
@@ -149,6 +155,7 @@ def test_path_specs():
     assert bench_predict_paths.parse_path("onnx:96:0.25") == ("onnx", 96, 0.25, "auto")
     assert bench_predict_paths.parse_path("torch:patch:0.5:bf16") == ("torch", None, 0.5, "bf16")
     assert bench_predict_paths.parse_path("onnx:box:0")[1] == "box"
+    assert bench_predict_paths.parse_path("compile:patch:0.5:bf16") == ("compile", None, 0.5, "bf16")
     for bad in ("onnx:0:0.5", "tensorrt:patch:0.5", "onnx:patch:1.0", "onnx:patch", "torch:patch:0.5:int8",
                 "torch:patch:0.5:bf16:x"):
         with pytest.raises(SystemExit):

@@ -18,6 +18,7 @@ import importlib.util
 import itertools
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -41,11 +42,12 @@ from ..lock import LOCK_NAME, folder_lock
 from ..networks import build_network, required_divisor
 from ..prepare.case import check_brain_size, check_intensities, load_channels, scaled_window, to_network_grid
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
+from .compiled import CompiledNetwork, compile_pays, may_compile
 from .postprocess import postprocess
 from .window import to_labels, tta_probabilities
 
 REQUIRED_KEYS: tuple[str, ...] = ("network", "model", "prepare", "patch", "target")
-ENGINES: tuple[str, ...] = ("auto", "torch", "onnx")
+ENGINES: tuple[str, ...] = ("auto", "torch", "compile", "onnx")
 # Networks ONNX Runtime ran faster than PyTorch on the CPU (bench_predict_paths, README "Measured"): our
 # UNet3D 1.4x per case at 128^3. MONAI's UNet was 7-25 % slower there (PyTorch batches its windows well),
 # unet-lite 30-60 % slower.
@@ -78,7 +80,9 @@ class Predictor:
         labels: label convention of the written files; None: each input layout's own.
         window: sliding-window size (multiples of `divisor`); None: `patch`. Windows larger than
             the brain's box shrink to it ("box": one window over the whole box).
-        engine: what runs `model`: "torch", or "onnx" (ONNX Runtime; `Predictor.from_checkpoint`).
+        engine: what runs `model`: "torch", "compile" (PyTorch through `torch.compile`: `compiled`), or
+            "onnx" (ONNX Runtime; `Predictor.from_checkpoint`).
+        network: the network's registry name (`networks.NETWORKS`), where known.
     """
 
     model: nn.Module
@@ -98,6 +102,7 @@ class Predictor:
     labels: LabelConvention | None = None
     window: str | tuple[int, int, int] | None = None
     engine: str = "torch"
+    network: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -111,6 +116,25 @@ class Predictor:
     def roi(self, box_shape: Sequence[int]) -> tuple[int, ...]:
         """The sliding window for an inference box: `window` (else `patch`), at most the box."""
         return tuple(min(int(w), int(s)) for w, s in zip(self.window or self.patch, box_shape))
+
+    def may_compile(self) -> bool:
+        """Whether compiling could speed this predictor up (`compiled.may_compile`): PyTorch on the
+        CPU, a network it ran much faster, windows of one size (the box is at least the patch)."""
+        fixed = self.window is None or all(w <= p for w, p in zip(self.window, self.patch))
+        return self.engine == "torch" and may_compile(self.network, self.device, fixed)
+
+    def compiled(self) -> "Predictor":
+        """This predictor with its network compiled (`compiled.CompiledNetwork`), warmed up."""
+        predictor = replace(self, model=CompiledNetwork(self.model), engine="compile")
+        predictor.warm_up()
+        return predictor
+
+    def warm_up(self) -> None:
+        """One network call on a batch of zero windows: the first call's one-off costs (compiling,
+        ONNX Runtime's session start, PyTorch's first kernels) paid before the first case."""
+        shape = (self.sw_batch_size, len(self.channels), *self.roi(self.patch))
+        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+            self.model(torch.zeros(shape, device=self.device))
 
     @classmethod
     def from_checkpoint(
@@ -130,11 +154,12 @@ class Predictor:
         carries (needs ONNX Runtime). `tta` None uses the checkpoint's choice (`inference.tta`); the post-processing
         (`inference.postprocess_*`) always comes from the checkpoint. `amp`: "auto" (bf16 where the
         GPU or CPU computes it natively, fp16 on older GPUs, else float32), "bf16", "fp16" or "off".
-        `engine`: "torch", "onnx" (the network exported in memory and run by ONNX Runtime in
-        float32, within 1e-4 of PyTorch's float32), or "auto": ONNX Runtime where the CPU predicts
-        in float32 and it is installed, for the networks it runs faster (`ONNX_FASTER`), PyTorch
-        otherwise. `window`: sliding-window size (None: the training patch;
-        "box": one window over the brain's box).
+        `engine`: "torch", "compile" (PyTorch through `torch.compile`; it compiles at the first call of
+        each window shape, `warm_up` pays that before the first case), "onnx" (the network exported
+        in memory and run by ONNX Runtime in float32, within 1e-4 of PyTorch's float32), or "auto": ONNX Runtime where the CPU predicts in float32 and it is
+        installed, for the networks it runs faster (`ONNX_FASTER`), else PyTorch (`predict` may
+        compile that after its first case: `compiled.compile_pays`). `window`: sliding-window size
+        (None: the training patch; "box": one window over the brain's box).
         """
         if engine not in ENGINES:
             raise TumorsegError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
@@ -142,7 +167,7 @@ class Predictor:
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: one GPU per rank
         model, engine_used = None, "torch"
         if isinstance(checkpoint, (str, Path)) and Path(checkpoint).suffix.lower() == ".onnx":
-            if engine == "torch":
+            if engine in ("torch", "compile"):
                 raise TumorsegError(f"{checkpoint}: an exported model runs only in ONNX Runtime (--engine auto or onnx)")
             from .onnx_model import load_onnx  # onnxruntime only for exported models (`tumorseg export`)
 
@@ -160,7 +185,9 @@ class Predictor:
             # ONNX Runtime runs the float32 graph: faster than PyTorch's float32 for ONNX_FASTER
             # networks, slower than PyTorch's native bf16 (README, "Measured")
             onnx_faster = spec["name"] in ONNX_FASTER and dev.type == "cpu" and dtype is None
-            if engine == "onnx" or (engine == "auto" and onnx_faster and onnx_runtime_installed()):
+            if engine == "compile":
+                model, engine_used = CompiledNetwork(model), "compile"
+            elif engine == "onnx" or (engine == "auto" and onnx_faster and onnx_runtime_installed()):
                 from .onnx_model import runtime_network
 
                 model, engine_used = runtime_network(model, spec, dev, where, required=engine == "onnx")
@@ -179,12 +206,13 @@ class Predictor:
             largest_tumour=bool(inference.get("postprocess_largest_tumour", False)),
             et_threshold=threshold if isinstance(threshold, int) and not isinstance(threshold, bool) else None,
             overlap=float(overlap),
-            amp_dtype=dtype if engine_used == "torch" else None,
+            amp_dtype=None if engine_used == "onnx" else dtype,
             sw_batch_size=window_batch(dev, window or state["patch"]),  # an upper bound: `roi` clips the window
             spacing=tuple(float(v) for v in spacing) if spacing else None,
             labels=convention(labels) if labels else None,
             window=window,
             engine=engine_used,
+            network=spec["name"],
         )
 
 
@@ -361,6 +389,8 @@ def _runtime_line(predictor: Predictor, amp: str) -> str:
     """Device, precision and engine; why a requested precision is not the one running."""
     if predictor.engine == "torch":
         return f"{describe(predictor.device, amp, predictor.amp_dtype)}, PyTorch"
+    if predictor.engine == "compile":
+        return f"{describe(predictor.device, amp, predictor.amp_dtype)}, PyTorch compiled (torch.compile)"
     if amp_dtype(amp, predictor.device, predicting=True) is None:
         return f"{describe(predictor.device, amp, None)}, ONNX Runtime"
     return f"{describe(predictor.device, 'off', None)}, ONNX Runtime (its graph is float32; amp {amp} is PyTorch's)"
@@ -445,6 +475,22 @@ def _write(pred: CasePrediction, case: Case, paths: list[Path], probabilities: b
     return paths
 
 
+def _compile_if_it_pays(predictor: Predictor, seconds: float, cases_left: int, bar: tqdm | None) -> Predictor:
+    """`predict --engine auto` after its first case: the predictor compiled where, at that case's pace
+    (`seconds`), the cases left win back the compiling (`compiled.compile_pays`); else as it is."""
+    if not compile_pays(seconds, cases_left):
+        return predictor
+    if bar is not None:
+        bar.write(f"predict: {seconds:.0f} s a case: compiling the network for the {cases_left} cases left "
+                  "(torch.compile)", file=sys.stderr)
+    return predictor.compiled()
+
+
+def _done(outputs: list[Path], force: bool) -> bool:
+    """A case whose outputs all exist is skipped, unless `force`."""
+    return not force and all(p.exists() for p in outputs)
+
+
 def _rank_world() -> tuple[int, int]:
     """This process's RANK and the WORLD_SIZE under `torchrun`; (0, 1) otherwise."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -521,8 +567,9 @@ def predict(
         uncertainty: also write `<case_id>_uncertainty.nii.gz`, float32: the mutual information
             between prediction and flip over the TTA flips, in bits (needs TTA).
         report: afterwards, write the `tumorseg report` of the predictions to `out_dir/report`.
-        engine: "auto" (ONNX Runtime where the CPU predicts in float32, for the networks it runs
-            faster, where installed; else PyTorch), "torch" or "onnx".
+        engine: "auto" (`torch.compile` on the CPU where it pays off for the cases to predict
+            (`compiled.compile_pays`); else ONNX Runtime where the CPU predicts in float32, for the
+            networks it runs faster, where installed; else PyTorch), "torch", "compile" or "onnx".
         window: sliding-window size (three sides, multiples of the network's divisor; None: the
             training patch); a side larger than the brain's box means one window across it, and
             "box" one window over the whole box.
@@ -539,6 +586,8 @@ def predict(
         raise TumorsegError(f"predict: {', '.join(wrong)}: give True or False")
     out_dir = Path(out_dir)
     found = discover_cases(input_dir, only=cases)
+    mine = shard(found)
+    planned = {case.case_id: output_paths(out_dir, case.case_id, probabilities, plots, uncertainty) for case in mine}
     if isinstance(checkpoint, Predictor):
         new_window = check_window(window, checkpoint.divisor) or checkpoint.window
         predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta), overlap=float(overlap),
@@ -548,18 +597,17 @@ def predict(
         predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap, labels, amp, engine, window)
         if progress:
             print(f"predict: {_runtime_line(predictor, amp)}", file=sys.stderr)
+        if predictor.engine == "compile":
+            predictor.warm_up()  # compiles before the first case
     if not postprocess:
         predictor = replace(predictor, largest_tumour=False, et_threshold=None)
     if uncertainty and not predictor.tta:
         raise TumorsegError("--uncertainty comes from the TTA flips: add --tta (or use a checkpoint trained with --tta)")
-    mine = shard(found)
-    planned = {case.case_id: output_paths(out_dir, case.case_id, probabilities, plots, uncertainty) for case in mine}
     with _claim(out_dir, [p.name for paths in planned.values() for p in paths]):
         result = PredictResult(out_dir=out_dir)
         todo = []
         for case in mine:
-            done = not force and all(p.exists() for p in planned[case.case_id])
-            if done:
+            if _done(planned[case.case_id], force):
                 result.skipped.append(case.case_id)
             else:
                 todo.append(case)
@@ -568,14 +616,22 @@ def predict(
         with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
             loading = reader.submit(load_input, predictor, todo[0]) if todo else None
             writes = []
+            timing = engine == "auto" and predictor.may_compile()  # until a case has shown the pace
             for i, case in enumerate(todo):
                 current, loading = loading, reader.submit(load_input, predictor, todo[i + 1]) if i + 1 < len(todo) else None
                 try:
-                    pred = predict_case(predictor, case, probabilities, current.result(), uncertainty)
+                    inp = current.result()
+                    start = time.perf_counter()
+                    pred = predict_case(predictor, case, probabilities, inp, uncertainty)
+                    seconds = time.perf_counter() - start
                     writes.append((case, writer.submit(_write, pred, case, planned[case.case_id], probabilities, plots)))
                 except Exception as exc:  # noqa: BLE001 - one line naming the case, the others go on
                     result.failed[case.case_id] = _failure(case, exc)
                     bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)
+                else:
+                    if timing:
+                        timing = False
+                        predictor = _compile_if_it_pays(predictor, seconds, len(todo) - i - 1, bar if progress else None)
                 bar.update(1)
             for case, future in writes:
                 try:

@@ -1,0 +1,143 @@
+"""Prediction through `torch.compile`: same outputs, the fallback, and when `predict --engine auto` compiles."""
+
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tumorseg.checkpoint import save_checkpoint
+from tumorseg.cli import build_parser, main
+from tumorseg.errors import TumorsegError
+from tumorseg.inference import Predictor, predict, predict_case
+from tumorseg.inference import compiled as compiled_module
+from tumorseg.inference.compiled import COMPILE_SECONDS, COMPILED_SAVES, CompiledNetwork, compile_pays, may_compile
+from tumorseg.layouts import discover_cases
+from tumorseg.networks import build_network
+
+from factory import native_cpu_bf16, write_case
+from test_predict import _state
+
+CPU = torch.device("cpu")
+PREDICT = sys.modules["tumorseg.inference.predict"]
+
+
+def test_compiled_prediction_equals_pytorch(tmp_path, capsys):
+    """The one real compilation of the suite: a small UNet3D, float32, a whole case with TTA."""
+    write_case(tmp_path / "raw", "c0", shape=(40, 44, 32))
+    case = discover_cases(tmp_path / "raw")[0]
+    state = _state(tta=True)
+    eager, fast = (Predictor.from_checkpoint(state, device="cpu", engine=e, amp="off") for e in ("torch", "compile"))
+    assert fast.engine == "compile" and isinstance(fast.model, CompiledNetwork) and fast.network == "unet3d"
+    fast.warm_up()
+    a, b = (predict_case(p, case, probabilities=True) for p in (eager, fast))
+    assert fast.model.failure is None  # compiled, not fallen back
+    np.testing.assert_allclose(b.probabilities, a.probabilities, atol=1e-4)
+    assert np.array_equal(a.labels, b.labels)
+    assert "torch.compile failed" not in capsys.readouterr().err
+
+
+def _failing_compile(calls):
+    def compile_(model, **options):
+        def run(x):
+            calls.append(x.shape)
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return run
+    return compile_
+
+
+def test_a_failed_compilation_is_one_note_then_pytorch(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(compiled_module.torch, "compile", _failing_compile(calls))
+    net = build_network("unet3d", 3, 4, (4, 8)).eval()
+    wrapped = CompiledNetwork(net)
+    x = torch.rand(1, 3, 16, 16, 16)
+    with torch.inference_mode():
+        expected = net(x)
+        assert torch.equal(wrapped(x), expected) and torch.equal(wrapped(x), expected)
+    assert len(calls) == 1  # not tried again
+    assert wrapped.failure == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    err = capsys.readouterr().err
+    assert err.count("note: torch.compile failed") == 1 and "predicting uncompiled" in err and "more detail" not in err
+
+
+def test_the_networks_own_error_is_not_a_compiler_failure(monkeypatch):
+    monkeypatch.setattr(compiled_module.torch, "compile", _failing_compile([]))
+    wrapped = CompiledNetwork(build_network("unet3d", 3, 4, (4, 8)).eval())
+    with pytest.raises(ValueError, match="divisible by"):
+        wrapped(torch.rand(1, 3, 15, 16, 16))  # the input is at fault: its error, as without compiling
+    assert wrapped.failure is None
+
+
+def test_which_predictions_may_compile():
+    cuda = torch.device("cuda")
+    assert may_compile("unet3d", CPU, True) and may_compile("dynunet", CPU, True)
+    for slight in ("unet", "unet-lite", "segresnet"):  # measured too little faster compiled
+        assert not may_compile(slight, CPU, True)
+    assert not may_compile("unet3d", cuda, True)  # not measured on a GPU
+    assert not may_compile("unet3d", CPU, False)  # windows of several sizes: a compilation each
+    assert not may_compile(None, CPU, True)  # a bare module of unknown network
+    predictor = Predictor(nn.Identity(), CPU, ("t2",), "minmax", (32, 32, 32), divisor=8, network="unet3d")
+    assert predictor.may_compile()
+    assert replace(predictor, window=(32, 32, 16)).may_compile()  # never above the box: one size
+    assert not replace(predictor, window=(64, 64, 64)).may_compile()  # clipped to each case's box
+    assert not replace(predictor, window="box").may_compile()
+    assert not replace(predictor, engine="onnx").may_compile() and not replace(predictor, engine="compile").may_compile()
+
+
+def test_compiling_pays_when_the_cases_left_save_more_than_it_costs():
+    per_case = COMPILE_SECONDS / COMPILED_SAVES  # a case that saves exactly the compiling
+    assert compile_pays(per_case, 2) and not compile_pays(per_case, 1)
+    assert not compile_pays(0.5, 100)  # a small network: never
+    assert not compile_pays(1000.0, 0)  # nothing left
+
+
+class _Spy(nn.Module):
+    """Stands in for `CompiledNetwork` (no compiling in this test): counts the calls it serves."""
+    calls = 0
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        type(self).calls += 1
+        return self.model(x)
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_predict_auto_compiles_after_the_first_case_where_it_pays(pays, tmp_path, monkeypatch, capsys):
+    for cid in ("c0", "c1", "c2"):
+        write_case(tmp_path / "raw", cid, shape=(40, 44, 32))
+    save_checkpoint(tmp_path / "m.pt", _state())
+    native_cpu_bf16(monkeypatch, True)  # PyTorch in bf16: unet3d may compile
+    seen = []
+    monkeypatch.setattr(PREDICT, "compile_pays", lambda seconds, left: seen.append((seconds > 0, left)) or pays)
+    monkeypatch.setattr(PREDICT, "CompiledNetwork", _Spy)
+    monkeypatch.setattr(_Spy, "calls", 0)
+    result = predict(tmp_path / "m.pt", tmp_path / "raw", tmp_path / "out", device="cpu")
+    assert len(result.predicted) == 3 and not result.failed
+    assert seen == [(True, 2)]  # asked once, after the first case, for the two left
+    err = capsys.readouterr().err
+    assert ("compiling the network for the 2 cases left" in err) == pays
+    assert (_Spy.calls > 1) == pays  # the warm-up and the two cases' windows
+    for engine in ("torch", "compile"):  # an engine asked for is kept
+        seen.clear()
+        predict(tmp_path / "m.pt", tmp_path / "raw", tmp_path / f"out_{engine}", device="cpu", engine=engine,
+                progress=False)
+        assert not seen
+
+
+def test_engine_compile_from_the_cli_and_refused_for_an_exported_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(PREDICT, "CompiledNetwork", _Spy)
+    write_case(tmp_path / "raw", "c0", shape=(40, 44, 32))
+    save_checkpoint(tmp_path / "m.pt", _state())
+    assert build_parser().parse_args(["predict", "m.pt", "in", "out", "--engine", "compile"]).engine == "compile"
+    assert main(["predict", str(tmp_path / "m.pt"), str(tmp_path / "raw"), str(tmp_path / "out"), "--device", "cpu",
+                 "--engine", "compile", "--amp", "off"]) == 0
+    assert "float32, PyTorch compiled (torch.compile)" in capsys.readouterr().err
+    (tmp_path / "m.onnx").write_bytes(b"")
+    with pytest.raises(TumorsegError, match="runs only in ONNX Runtime"):
+        Predictor.from_checkpoint(tmp_path / "m.onnx", device="cpu", engine="compile")
