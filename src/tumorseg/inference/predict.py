@@ -567,9 +567,9 @@ def predict(
         uncertainty: also write `<case_id>_uncertainty.nii.gz`, float32: the mutual information
             between prediction and flip over the TTA flips, in bits (needs TTA).
         report: afterwards, write the `tumorseg report` of the predictions to `out_dir/report`.
-        engine: "auto" (`torch.compile` on the CPU where it pays off for the cases to predict
-            (`compiled.compile_pays`); else ONNX Runtime where the CPU predicts in float32, for the
-            networks it runs faster, where installed; else PyTorch), "torch", "compile" or "onnx".
+        engine: "auto" (ONNX Runtime where the CPU predicts in float32, for the networks it runs
+            faster, where installed; else PyTorch, compiled after the first case where, at its pace,
+            the cases left win the compiling back: `compiled.compile_pays`), "torch", "compile" or "onnx".
         window: sliding-window size (three sides, multiples of the network's divisor; None: the
             training patch); a side larger than the brain's box means one window across it, and
             "box" one window over the whole box.
