@@ -292,11 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "over the brain's box. Fewer, larger windows are faster but change the labels (README, "
                         "Measured)")
     p.add_argument("--engine", choices=("auto", "torch", "compile", "onnx"), default="auto",
-                   help="what runs the network: PyTorch, PyTorch through torch.compile (9-25 s to compile, then "
-                        "0.44-0.61x the time per case for UNet3D and DynUNet), or ONNX Runtime (float32). auto: "
+                   help="what runs the network: PyTorch, PyTorch through torch.compile (7-18 s to compile here, "
+                        "then 0.44-0.61x the time per case for UNet3D and DynUNet), or ONNX Runtime (float32). auto: "
                         "ONNX Runtime where the CPU predicts in float32 (no native bf16, or --amp off) for networks "
-                        "it runs faster, else PyTorch, compiled after the first case where the cases left win the "
-                        "compiling back (UNet3D, DynUNet)")
+                        "it runs faster, else PyTorch; on the CPU, UNet3D and DynUNet with the training patch as "
+                        "window are compiled after the first case where the cases left win the compiling back")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help="skip the checkpoint's post-processing (raw network output)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")

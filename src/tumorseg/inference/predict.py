@@ -42,7 +42,7 @@ from ..lock import LOCK_NAME, folder_lock
 from ..networks import build_network, required_divisor
 from ..prepare.case import check_brain_size, check_intensities, load_channels, scaled_window, to_network_grid
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
-from .compiled import CompiledNetwork, compile_pays, may_compile
+from .compiled import COMPILED_SAVES, COMPILED_SAVES_ONNX, CompiledNetwork, compile_pays, compiles_faster
 from .postprocess import postprocess
 from .window import to_labels, tta_probabilities
 
@@ -83,6 +83,8 @@ class Predictor:
         engine: what runs `model`: "torch", "compile" (PyTorch through `torch.compile`: `compiled`), or
             "onnx" (ONNX Runtime; `Predictor.from_checkpoint`).
         network: the network's registry name (`networks.NETWORKS`), where known.
+        pytorch_model: the PyTorch network behind `model` where ONNX Runtime runs it exported in
+            memory (engine "onnx" from a checkpoint): what `compiled` compiles; None otherwise.
     """
 
     model: nn.Module
@@ -103,6 +105,7 @@ class Predictor:
     window: str | tuple[int, int, int] | None = None
     engine: str = "torch"
     network: str | None = None
+    pytorch_model: nn.Module | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -117,15 +120,24 @@ class Predictor:
         """The sliding window for an inference box: `window` (else `patch`), at most the box."""
         return tuple(min(int(w), int(s)) for w, s in zip(self.window or self.patch, box_shape))
 
+    def fixed_window(self) -> bool:
+        """Every case's windows have one size: at most the training patch (the box is at least that)."""
+        return self.window is None or all(w <= p for w, p in zip(self.window, self.patch))
+
     def may_compile(self) -> bool:
-        """Whether compiling could speed this predictor up (`compiled.may_compile`): PyTorch on the
-        CPU, a network it ran much faster, windows of one size (the box is at least the patch)."""
-        fixed = self.window is None or all(w <= p for w, p in zip(self.window, self.patch))
-        return self.engine == "torch" and may_compile(self.network, self.device, fixed)
+        """Whether compiling could speed this predictor up (`compiled.compiles_faster`): a PyTorch
+        network (run as it is or by ONNX Runtime) on the CPU, one it ran much faster compiled,
+        windows of one size."""
+        pytorch = self.engine == "torch" or (self.engine == "onnx" and self.pytorch_model is not None)
+        return pytorch and compiles_faster(self.network, self.device, self.fixed_window())
 
     def compiled(self) -> "Predictor":
-        """This predictor with its network compiled (`compiled.CompiledNetwork`), warmed up."""
-        predictor = replace(self, model=CompiledNetwork(self.model), engine="compile")
+        """This predictor with its PyTorch network compiled (`compiled.CompiledNetwork`), warmed up."""
+        if self.engine == "compile":
+            return self
+        model = self.pytorch_model if self.engine == "onnx" else self.model
+        predictor = replace(self, model=CompiledNetwork(model, self.sw_batch_size).eval(), engine="compile",
+                            pytorch_model=None)
         predictor.warm_up()
         return predictor
 
@@ -156,16 +168,17 @@ class Predictor:
         GPU or CPU computes it natively, fp16 on older GPUs, else float32), "bf16", "fp16" or "off".
         `engine`: "torch", "compile" (PyTorch through `torch.compile`; it compiles at the first call of
         each window shape, `warm_up` pays that before the first case), "onnx" (the network exported
-        in memory and run by ONNX Runtime in float32, within 1e-4 of PyTorch's float32), or "auto": ONNX Runtime where the CPU predicts in float32 and it is
-        installed, for the networks it runs faster (`ONNX_FASTER`), else PyTorch (`predict` may
-        compile that after its first case: `compiled.compile_pays`). `window`: sliding-window size
-        (None: the training patch; "box": one window over the brain's box).
+        in memory and run by ONNX Runtime in float32, within 1e-4 of PyTorch's float32), or "auto":
+        ONNX Runtime where the CPU predicts in float32 and it is installed, for the networks it runs
+        faster (`ONNX_FASTER`), else PyTorch (`predict` may compile either after its first case:
+        `compiled.compile_pays`). `window`: sliding-window size (None: the training patch; "box":
+        one window over the brain's box).
         """
         if engine not in ENGINES:
             raise TumorsegError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
         where = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: one GPU per rank
-        model, engine_used = None, "torch"
+        model, engine_used, pytorch_model = None, "torch", None
         if isinstance(checkpoint, (str, Path)) and Path(checkpoint).suffix.lower() == ".onnx":
             if engine in ("torch", "compile"):
                 raise TumorsegError(f"{checkpoint}: an exported model runs only in ONNX Runtime (--engine auto or onnx)")
@@ -180,17 +193,20 @@ class Predictor:
         divisor = required_divisor(spec["name"], spec.get("filters"))
         window = check_window(window, divisor)
         dtype = amp_dtype(amp, dev, predicting=True)
+        sw_batch = window_batch(dev, window or state["patch"])  # an upper bound: `roi` clips the window
         if model is None:
             model = network_from_state(state, where)
             # ONNX Runtime runs the float32 graph: faster than PyTorch's float32 for ONNX_FASTER
             # networks, slower than PyTorch's native bf16 (README, "Measured")
             onnx_faster = spec["name"] in ONNX_FASTER and dev.type == "cpu" and dtype is None
             if engine == "compile":
-                model, engine_used = CompiledNetwork(model), "compile"
+                model, engine_used = CompiledNetwork(model, sw_batch), "compile"
             elif engine == "onnx" or (engine == "auto" and onnx_faster and onnx_runtime_installed()):
                 from .onnx_model import runtime_network
 
-                model, engine_used = runtime_network(model, spec, dev, where, required=engine == "onnx")
+                runtime, engine_used = runtime_network(model, spec, dev, where, required=engine == "onnx")
+                if engine_used == "onnx":  # the PyTorch network stays at hand, for compiling
+                    model, pytorch_model = runtime, model.eval()
         inference = state.get("inference") or {}
         threshold = inference.get("postprocess_et_threshold")
         spacing = state["prepare"].get("spacing")
@@ -207,12 +223,13 @@ class Predictor:
             et_threshold=threshold if isinstance(threshold, int) and not isinstance(threshold, bool) else None,
             overlap=float(overlap),
             amp_dtype=None if engine_used == "onnx" else dtype,
-            sw_batch_size=window_batch(dev, window or state["patch"]),  # an upper bound: `roi` clips the window
+            sw_batch_size=sw_batch,
             spacing=tuple(float(v) for v in spacing) if spacing else None,
             labels=convention(labels) if labels else None,
             window=window,
             engine=engine_used,
             network=spec["name"],
+            pytorch_model=pytorch_model,
         )
 
 
@@ -420,7 +437,8 @@ def predict_case(
                 torch.cuda.empty_cache()
             tqdm.write(f"note: {case.case_id}: out of GPU memory; retrying with the windows one at a time and stitched "
                        "on the CPU (slower)", file=sys.stderr)
-            model = _StitchedOnCpu(predictor.model, predictor.device, predictor.amp_dtype)
+            eager = predictor.model.model if isinstance(predictor.model, CompiledNetwork) else predictor.model
+            model = _StitchedOnCpu(eager, predictor.device, predictor.amp_dtype)  # one window at a time: no padding
             probs, disagreement = tta_probabilities(model, x, roi, predictor.target, predictor.overlap,
                                                     predictor.tta, uncertainty=uncertainty)
     probs = probs[0]
@@ -477,8 +495,9 @@ def _write(pred: CasePrediction, case: Case, paths: list[Path], probabilities: b
 
 def _compile_if_it_pays(predictor: Predictor, seconds: float, cases_left: int, bar: tqdm | None) -> Predictor:
     """`predict --engine auto` after its first case: the predictor compiled where, at that case's pace
-    (`seconds`), the cases left win back the compiling (`compiled.compile_pays`); else as it is."""
-    if not compile_pays(seconds, cases_left):
+    (`seconds`, in PyTorch or ONNX Runtime), the cases left win back the compiling
+    (`compiled.compile_pays`); else as it is."""
+    if not compile_pays(seconds, cases_left, COMPILED_SAVES_ONNX if predictor.engine == "onnx" else COMPILED_SAVES):
         return predictor
     if bar is not None:
         bar.write(f"predict: {seconds:.0f} s a case: compiling the network for the {cases_left} cases left "
@@ -597,8 +616,11 @@ def predict(
         predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap, labels, amp, engine, window)
         if progress:
             print(f"predict: {_runtime_line(predictor, amp)}", file=sys.stderr)
-        if predictor.engine == "compile":
+        if predictor.engine == "compile" and predictor.fixed_window():
             predictor.warm_up()  # compiles before the first case
+        elif predictor.engine == "compile":
+            print("note: windows larger than the training patch differ from case to case; the network compiles "
+                  "again for each new size", file=sys.stderr)
     if not postprocess:
         predictor = replace(predictor, largest_tumour=False, et_threshold=None)
     if uncertainty and not predictor.tta:
@@ -616,7 +638,8 @@ def predict(
         with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
             loading = reader.submit(load_input, predictor, todo[0]) if todo else None
             writes = []
-            timing = engine == "auto" and predictor.may_compile()  # until a case has shown the pace
+            # until a case has shown the pace; a Predictor given is used as it is
+            timing = engine == "auto" and not isinstance(checkpoint, Predictor) and predictor.may_compile()
             for i, case in enumerate(todo):
                 current, loading = loading, reader.submit(load_input, predictor, todo[i + 1]) if i + 1 < len(todo) else None
                 try:
