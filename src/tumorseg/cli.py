@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Measured)")
     p.add_argument("--engine", choices=("auto", "torch", "compile", "onnx"), default="auto",
                    help="what runs the network: PyTorch, PyTorch through torch.compile (7-18 s to compile here, "
-                        "then 0.44-0.61x the time per case for UNet3D and DynUNet), or ONNX Runtime (float32). auto: "
+                        "then 0.44-0.64x the time per case for UNet3D and DynUNet), or ONNX Runtime (float32). auto: "
                         "ONNX Runtime where the CPU predicts in float32 (no native bf16, or --amp off) for networks "
                         "it runs faster, else PyTorch; on the CPU, UNet3D and DynUNet with the training patch as "
                         "window are compiled after the first case where the cases left win the compiling back")

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-# Networks whose cases compiled took at most 0.61x of their time uncompiled at their default
-# widths, in bf16 and in float32 (`bench_predict.py --engines torch,compile`, 128^3 windows, README
-# "Measured"): our UNet3D (0.56x bf16, 0.44x float32) and DynUNet (0.61x, 0.57x). MONAI's SegResNet,
-# UNet and unet-lite gained 0-26 % at theirs, too little for the compiling.
+# Networks whose cases compiled took at most 0.64x of their time uncompiled at their default
+# widths, in bf16 and in float32 (`bench_predict.py --engines torch,compile`, 128^3 windows, two
+# runs, README "Measured"): our UNet3D (0.56-0.64x bf16, 0.44-0.49x float32) and DynUNet (0.60-0.61x,
+# 0.57-0.58x). MONAI's SegResNet, UNet and unet-lite gained 0-29 % at theirs, too little for the compiling.
 COMPILE_FASTER: frozenset[str] = frozenset({"unet3d", "dynunet"})
 COMPILE_SECONDS = 25.0  # a budget: compiling UNet3D or DynUNet took 7-14 s here with Inductor's cache warm, 17.5 s cold
-COMPILED_SAVES = 0.4  # of a case's time in PyTorch, at least, for those networks (0.39-0.56)
+COMPILED_SAVES = 0.4  # of a case's time in PyTorch, for those networks (0.36-0.56 measured)
 COMPILED_SAVES_ONNX = 0.25  # of UNet3D's time in ONNX Runtime, float32 (0.28 measured)
 
 
