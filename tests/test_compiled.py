@@ -143,6 +143,7 @@ def test_compiling_pays_when_the_cases_left_save_more_than_it_costs():
 class _Spy(nn.Module):
     """Stands in for `CompiledNetwork` (no compiling in this test): counts the calls it serves."""
     calls = 0
+    failure = None
 
     def __init__(self, model, batch=1):
         super().__init__()
@@ -214,3 +215,51 @@ def test_engine_compile_from_the_cli_and_refused_for_an_exported_file(tmp_path, 
     (tmp_path / "m.onnx").write_bytes(b"")
     with pytest.raises(TumorsegError, match="runs only in ONNX Runtime"):
         Predictor.from_checkpoint(tmp_path / "m.onnx", device="cpu", engine="compile")
+
+
+def test_the_backends_own_error_names_the_failure(monkeypatch):
+    class BackendCompilerFailed(RuntimeError):
+        pass
+
+    def failing(forward, **options):
+        def run(x):
+            exc = BackendCompilerFailed("backend='inductor' raised:")
+            exc.inner_exception = OSError("No working C++ compiler found in PATH")
+            raise exc
+        return run
+
+    monkeypatch.setattr(compiled_module.torch, "compile", failing)
+    wrapped = CompiledNetwork(build_network("unet3d", 3, 4, (4, 8)).eval())
+    with torch.inference_mode():
+        wrapped(torch.rand(1, 3, 16, 16, 16))
+    assert wrapped.failure == "OSError: No working C++ compiler found in PATH"
+
+
+def test_a_failed_compilation_after_onnx_runtime_keeps_onnx_runtime(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    native_cpu_bf16(monkeypatch, False)
+    predictor = Predictor.from_checkpoint(_state(), device="cpu")
+    assert predictor.engine == "onnx" and predictor.may_compile()
+    monkeypatch.setattr(compiled_module.torch, "compile", _failing_compile([]))
+    assert PREDICT._compile_if_it_pays(predictor, 100.0, 10, None) is predictor  # not eager float32 PyTorch, slower
+    with pytest.raises(TumorsegError, match="an exported model has no PyTorch network"):
+        replace(predictor, pytorch_model=None).compiled()
+
+
+def test_the_compiled_network_pads_to_the_predictors_window_batch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compiled_module.torch, "compile", lambda forward, **options: forward)  # no compiling here
+    write_case(tmp_path / "raw", "c0", shape=(40, 44, 32))
+    fast = Predictor.from_checkpoint(_state(), device="cpu", engine="compile")
+    assert fast.model.batch == fast.sw_batch_size > 1
+    assert replace(Predictor.from_checkpoint(_state(), device="cpu", engine="torch")).compiled().model.batch == fast.sw_batch_size
+
+    def batch_seen(predictor, *args, **kwargs):
+        raise TumorsegError(f"batch {predictor.model.batch} of {predictor.sw_batch_size}")
+
+    monkeypatch.setattr(PREDICT, "predict_case", batch_seen)
+    result = predict(fast, tmp_path / "raw", tmp_path / "out", window=(16, 16, 16), progress=False)
+    (message,) = result.failed.values()
+    assert message == f"batch {fast.sw_batch_size * 8} of {fast.sw_batch_size * 8}"  # re-wrapped for the new window
+    save_checkpoint(tmp_path / "m.pt", _state())
+    predict(tmp_path / "m.pt", tmp_path / "raw", tmp_path / "big", engine="compile", window=(64, 64, 64), progress=False)
+    assert "the network compiles again for each new size" in capsys.readouterr().err

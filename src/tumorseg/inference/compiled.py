@@ -79,7 +79,7 @@ class CompiledNetwork(nn.Module):
             raise  # the caller's retry, not a compiler problem
         except Exception as exc:  # noqa: BLE001 - the compiler's failure, unless the network fails too
             out = self.model(x)  # raises the network's own error where the input is at fault
-            cause = getattr(exc, "inner_exception", None) or exc  # Dynamo wraps the backend's error
+            cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # Dynamo wraps the backend's error
             self.failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
             tqdm.write(f"note: torch.compile failed ({self.failure}); predicting uncompiled", file=sys.stderr)
             return out

@@ -135,6 +135,8 @@ class Predictor:
         """This predictor with its PyTorch network compiled (`compiled.CompiledNetwork`), warmed up."""
         if self.engine == "compile":
             return self
+        if self.engine == "onnx" and self.pytorch_model is None:
+            raise TumorsegError("an exported model has no PyTorch network to compile (predict the checkpoint)")
         model = self.pytorch_model if self.engine == "onnx" else self.model
         predictor = replace(self, model=CompiledNetwork(model, self.sw_batch_size).eval(), engine="compile",
                             pytorch_model=None)
@@ -502,7 +504,8 @@ def _compile_if_it_pays(predictor: Predictor, seconds: float, cases_left: int, b
     if bar is not None:
         bar.write(f"predict: {seconds:.0f} s a case: compiling the network for the {cases_left} cases left "
                   "(torch.compile)", file=sys.stderr)
-    return predictor.compiled()
+    fast = predictor.compiled()
+    return predictor if fast.model.failure else fast  # failed: the path that ran the first case, not eager PyTorch
 
 
 def _done(outputs: list[Path], force: bool) -> bool:
@@ -612,6 +615,8 @@ def predict(
         predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta), overlap=float(overlap),
                             labels=convention(labels) if labels else checkpoint.labels, window=new_window,
                             sw_batch_size=window_batch(checkpoint.device, new_window) if window else checkpoint.sw_batch_size)
+        if isinstance(predictor.model, CompiledNetwork) and predictor.model.batch != predictor.sw_batch_size:
+            predictor = replace(predictor, model=CompiledNetwork(predictor.model.model, predictor.sw_batch_size))
     else:
         predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap, labels, amp, engine, window)
         if progress:
