@@ -39,6 +39,7 @@ def parse_path(text: str) -> tuple[str, int | str | None, float, str]:
     """"onnx:96:0.25" -> ("onnx", 96, 0.25, "auto"); window "patch" -> None, "box" stays (predict's
     own); a fourth field is the amp mode ("torch:patch:0.5:bf16")."""
     from tumorseg.devices import AMP_MODES
+    from tumorseg.inference.predict import ENGINES
 
     try:
         engine, window, overlap, *amp = text.split(":")
@@ -46,7 +47,7 @@ def parse_path(text: str) -> tuple[str, int | str | None, float, str]:
         value = float(overlap)
     except ValueError:
         raise SystemExit(f"path {text!r}: expected engine:window:overlap[:amp], e.g. onnx:patch:0.5") from None
-    if (engine not in ("torch", "compile", "onnx") or not 0.0 <= value < 1.0 or (isinstance(size, int) and size < 1)
+    if (engine not in ENGINES or engine == "auto" or not 0.0 <= value < 1.0 or (isinstance(size, int) and size < 1)
             or len(amp) > 1 or (amp and amp[0] not in AMP_MODES)):
         raise SystemExit(f"path {text!r}: engine torch, compile or onnx, a positive window, overlap in [0, 1), "
                          f"amp one of {', '.join(AMP_MODES)}")

@@ -251,7 +251,8 @@ def test_the_compiled_network_pads_to_the_predictors_window_batch(tmp_path, monk
     write_case(tmp_path / "raw", "c0", shape=(40, 44, 32))
     fast = Predictor.from_checkpoint(_state(), device="cpu", engine="compile")
     assert fast.model.batch == fast.sw_batch_size > 1
-    assert replace(Predictor.from_checkpoint(_state(), device="cpu", engine="torch")).compiled().model.batch == fast.sw_batch_size
+    assert Predictor.from_checkpoint(_state(), device="cpu", engine="torch").compiled().model.batch == fast.sw_batch_size
+    assert fast.compiled() is fast  # not wrapped twice
 
     def batch_seen(predictor, *args, **kwargs):
         raise TumorsegError(f"batch {predictor.model.batch} of {predictor.sw_batch_size}")

@@ -406,10 +406,9 @@ class _StitchedOnCpu(nn.Module):
 
 def _runtime_line(predictor: Predictor, amp: str) -> str:
     """Device, precision and engine; why a requested precision is not the one running."""
-    if predictor.engine == "torch":
-        return f"{describe(predictor.device, amp, predictor.amp_dtype)}, PyTorch"
-    if predictor.engine == "compile":
-        return f"{describe(predictor.device, amp, predictor.amp_dtype)}, PyTorch compiled (torch.compile)"
+    if predictor.engine != "onnx":
+        runtime = "PyTorch" if predictor.engine == "torch" else "PyTorch compiled (torch.compile)"
+        return f"{describe(predictor.device, amp, predictor.amp_dtype)}, {runtime}"
     if amp_dtype(amp, predictor.device, predicting=True) is None:
         return f"{describe(predictor.device, amp, None)}, ONNX Runtime"
     return f"{describe(predictor.device, 'off', None)}, ONNX Runtime (its graph is float32; amp {amp} is PyTorch's)"
@@ -508,11 +507,6 @@ def _compile_if_it_pays(predictor: Predictor, seconds: float, cases_left: int, b
     return predictor if fast.model.failure else fast  # failed: the path that ran the first case, not eager PyTorch
 
 
-def _done(outputs: list[Path], force: bool) -> bool:
-    """A case whose outputs all exist is skipped, unless `force`."""
-    return not force and all(p.exists() for p in outputs)
-
-
 def _rank_world() -> tuple[int, int]:
     """This process's RANK and the WORLD_SIZE under `torchrun`; (0, 1) otherwise."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -608,8 +602,6 @@ def predict(
         raise TumorsegError(f"predict: {', '.join(wrong)}: give True or False")
     out_dir = Path(out_dir)
     found = discover_cases(input_dir, only=cases)
-    mine = shard(found)
-    planned = {case.case_id: output_paths(out_dir, case.case_id, probabilities, plots, uncertainty) for case in mine}
     if isinstance(checkpoint, Predictor):
         new_window = check_window(window, checkpoint.divisor) or checkpoint.window
         predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta), overlap=float(overlap),
@@ -630,11 +622,14 @@ def predict(
         predictor = replace(predictor, largest_tumour=False, et_threshold=None)
     if uncertainty and not predictor.tta:
         raise TumorsegError("--uncertainty comes from the TTA flips: add --tta (or use a checkpoint trained with --tta)")
+    mine = shard(found)
+    planned = {case.case_id: output_paths(out_dir, case.case_id, probabilities, plots, uncertainty) for case in mine}
     with _claim(out_dir, [p.name for paths in planned.values() for p in paths]):
         result = PredictResult(out_dir=out_dir)
         todo = []
         for case in mine:
-            if _done(planned[case.case_id], force):
+            done = not force and all(p.exists() for p in planned[case.case_id])
+            if done:
                 result.skipped.append(case.case_id)
             else:
                 todo.append(case)
