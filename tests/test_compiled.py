@@ -13,6 +13,7 @@ from tumorseg.cli import build_parser, main
 from tumorseg.errors import TumorsegError
 from tumorseg.inference import Predictor, predict, predict_case
 from tumorseg.inference import compiled as compiled_module
+from tumorseg.io import load_nifti
 from tumorseg.inference.compiled import (COMPILE_SECONDS, COMPILED_SAVES, COMPILED_SAVES_ONNX, CompiledNetwork,
                                         compile_pays, compiles_faster)
 from tumorseg.layouts import discover_cases
@@ -156,9 +157,10 @@ class _Spy(nn.Module):
 
 @pytest.mark.parametrize("pays", [True, False])
 @pytest.mark.parametrize("native", [True, False])
-def test_predict_auto_compiles_after_the_first_case_where_it_pays(pays, native, tmp_path, monkeypatch, capsys):
+def test_predict_auto_compiles_after_the_first_pass_where_it_pays(pays, native, tmp_path, monkeypatch, capsys):
     """On a bf16 CPU the first case runs in PyTorch, on a float32 CPU in ONNX Runtime (where installed);
-    compiled, the cases left run PyTorch's network through `CompiledNetwork`."""
+    compiled, the cases left (one sliding-window pass each, no TTA) run PyTorch's network through
+    `CompiledNetwork`."""
     for cid in ("c0", "c1", "c2"):
         write_case(tmp_path / "raw", cid, shape=(40, 44, 32))
     save_checkpoint(tmp_path / "m.pt", _state())
@@ -173,7 +175,7 @@ def test_predict_auto_compiles_after_the_first_case_where_it_pays(pays, native, 
     assert seen == [(True, 2, COMPILED_SAVES_ONNX if first == "onnx" else COMPILED_SAVES)]  # once, after the first case
     err = capsys.readouterr().err
     assert f"(CPU), {'bf16' if native else 'float32'}, {'ONNX Runtime' if first == 'onnx' else 'PyTorch'}" in err
-    assert ("compiling the network for the 2 cases left" in err) == pays
+    assert ("2 passes to go: compiling the network" in err) == pays
     assert (_Spy.calls > 1) == pays  # the warm-up and the two cases' windows
     for engine in ("torch", "compile"):  # an engine asked for is kept
         seen.clear()
@@ -183,6 +185,25 @@ def test_predict_auto_compiles_after_the_first_case_where_it_pays(pays, native, 
     given = Predictor.from_checkpoint(tmp_path / "m.pt", device="cpu", engine="torch")
     predict(given, tmp_path / "raw", tmp_path / "out_given", progress=False)  # a Predictor is used as it is
     assert not seen
+
+
+def test_predict_auto_compiles_within_a_case_for_its_tta_flips(tmp_path, monkeypatch, capsys):
+    """One case with TTA is 4 passes of 2 flips: decided after the first, the 3 left run compiled,
+    with the labels of the uncompiled run (`_Spy` runs the same network)."""
+    write_case(tmp_path / "raw", "c0", shape=(40, 44, 32))
+    save_checkpoint(tmp_path / "m.pt", _state())
+    native_cpu_bf16(monkeypatch, True)
+    seen = []
+    monkeypatch.setattr(PREDICT, "compile_pays", lambda seconds, left, saves: seen.append(left) or True)
+    monkeypatch.setattr(PREDICT, "CompiledNetwork", _Spy)
+    monkeypatch.setattr(_Spy, "calls", 0)
+    predict(tmp_path / "m.pt", tmp_path / "raw", tmp_path / "out", device="cpu", tta=True)
+    assert seen == [3] and _Spy.calls > 1
+    assert "3 passes to go: compiling the network" in capsys.readouterr().err
+    predict(tmp_path / "m.pt", tmp_path / "raw", tmp_path / "torch", device="cpu", tta=True, engine="torch",
+            progress=False)
+    compiled, eager = (load_nifti(tmp_path / d / "c0.nii.gz").data for d in ("out", "torch"))
+    assert np.array_equal(compiled, eager)
 
 
 def test_out_of_gpu_memory_retries_with_the_uncompiled_network_one_window_at_a_time(tmp_path, monkeypatch, capsys):

@@ -314,6 +314,32 @@ def test_batched_flip_tta_equals_one_flip_at_a_time():
     assert torch.allclose(batched, one_by_one, atol=1e-5)
 
 
+def test_a_network_returned_between_passes_runs_the_passes_left():
+    """`after_pass` hears each pass's seconds and the passes left; a network it returns (here the
+    same weights, counted) runs the rest, and the probabilities stay the same."""
+    from tumorseg.inference.window import probabilities
+
+    torch.manual_seed(0)
+    model = build_network(**network_spec("unet", 3, 4, [4, 8, 16])).eval()
+    image = torch.randn(1, 3, 24, 20, 16)
+    calls, heard = [], []
+
+    class Counted(nn.Module):
+        def forward(self, x):
+            calls.append(len(x))
+            return model(x)
+
+    def after_pass(seconds, left):
+        heard.append((seconds > 0, left))
+        return Counted() if left == 2 else None  # from the third of the 4 passes on
+
+    swapped = probabilities(model, image, (16, 16, 16), "labels", tta=True, sw_batch_size=4, after_pass=after_pass)
+    assert heard == [(True, 3), (True, 2), (True, 1), (True, 0)]
+    assert sum(calls) == 2 * 2 * 4  # 2 passes x 2 flips x 4 windows
+    assert torch.allclose(swapped, probabilities(model, image, (16, 16, 16), "labels", tta=True, sw_batch_size=4),
+                          atol=1e-6)
+
+
 @pytest.mark.parametrize("classes", [2, 4, 5])
 def test_labels_are_the_first_class_of_highest_probability(classes):
     from tumorseg.inference.window import first_argmax

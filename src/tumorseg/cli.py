@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "then 0.44-0.64x the time per case for UNet3D and DynUNet), or ONNX Runtime (float32). auto: "
                         "ONNX Runtime where the CPU predicts in float32 (no native bf16, or --amp off) for networks "
                         "it runs faster, else PyTorch; on the CPU, UNet3D and DynUNet with the training patch as "
-                        "window are compiled after the first case where the cases left win the compiling back")
+                        "window are compiled after the first sliding-window pass where the passes left (TTA "
+                        "flips, cases) win the compiling back")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                    help="skip the checkpoint's post-processing (raw network output)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")

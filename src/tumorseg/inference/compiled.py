@@ -6,9 +6,10 @@ activation and precision casts between them fuse into few kernels) ran our UNet3
 window in 0.58 s against 0.99 s uncompiled in bf16 and 0.97 against 1.93 s in float32 on this
 project's 2-core CPU, with the same labels (README, "Measured"). Compiling costs 7-18 s once per
 process here (the less, the more of the kernels Inductor's on-disk cache holds), so `predict
---engine auto` predicts the first case uncompiled (in PyTorch or ONNX Runtime) and compiles for the
-rest only where, at that case's pace, they win the cost back (`compile_pays`): never for a handful
-of cases or a small network. A failed compilation (no C++ compiler, a platform Inductor does not
+--engine auto` runs the first sliding-window pass over the first case uncompiled (in PyTorch or ONNX
+Runtime) and compiles for the passes left (the case's other TTA flips, the other cases) only where,
+at that pass's pace, they win the cost back (`compile_pays`): never for a handful of windows or a
+small network. A failed compilation (no C++ compiler, a platform Inductor does not
 support) costs a one-line note, and the run goes on uncompiled.
 """
 
@@ -26,7 +27,7 @@ from tqdm import tqdm
 # 0.57-0.58x). MONAI's SegResNet, UNet and unet-lite gained 0-29 % at theirs, too little for the compiling.
 COMPILE_FASTER: frozenset[str] = frozenset({"unet3d", "dynunet"})
 COMPILE_SECONDS = 25.0  # a budget: compiling UNet3D or DynUNet took 7-14 s here with Inductor's cache warm, 17.5 s cold
-COMPILED_SAVES = 0.4  # of a case's time in PyTorch, for those networks (0.36-0.56 measured)
+COMPILED_SAVES = 0.4  # of the time in PyTorch, for those networks (0.36-0.56 of a case's measured)
 COMPILED_SAVES_ONNX = 0.25  # of UNet3D's time in ONNX Runtime, float32 (0.28 measured)
 
 
@@ -37,10 +38,10 @@ def compiles_faster(network: str | None, device: torch.device, fixed_window: boo
     return device.type == "cpu" and network in COMPILE_FASTER and fixed_window
 
 
-def compile_pays(seconds_per_case: float, cases_left: int, saves: float = COMPILED_SAVES) -> bool:
-    """Whether the cases left, at the first case's pace, each saving that fraction of it, save more
-    than compiling costs."""
-    return cases_left * seconds_per_case * saves > COMPILE_SECONDS
+def compile_pays(seconds: float, repeats_left: int, saves: float = COMPILED_SAVES) -> bool:
+    """Whether the work left, `repeats_left` times a piece that took `seconds` uncompiled, each
+    saving that fraction of it, saves more than compiling costs."""
+    return repeats_left * seconds * saves > COMPILE_SECONDS
 
 
 class CompiledNetwork(nn.Module):

@@ -18,12 +18,11 @@ import importlib.util
 import itertools
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -44,7 +43,7 @@ from ..prepare.case import check_brain_size, check_intensities, load_channels, s
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
 from .compiled import COMPILED_SAVES, COMPILED_SAVES_ONNX, CompiledNetwork, compile_pays, compiles_faster
 from .postprocess import postprocess
-from .window import to_labels, tta_probabilities
+from .window import flip_dims, passes, to_labels, tta_probabilities
 
 REQUIRED_KEYS: tuple[str, ...] = ("network", "model", "prepare", "patch", "target")
 ENGINES: tuple[str, ...] = ("auto", "torch", "compile", "onnx")
@@ -172,9 +171,9 @@ class Predictor:
         each window shape, `warm_up` pays that before the first case), "onnx" (the network exported
         in memory and run by ONNX Runtime in float32, within 1e-4 of PyTorch's float32), or "auto":
         ONNX Runtime where the CPU predicts in float32 and it is installed, for the networks it runs
-        faster (`ONNX_FASTER`), else PyTorch (`predict` may compile either after its first case:
-        `compiled.compile_pays`). `window`: sliding-window size (None: the training patch; "box":
-        one window over the brain's box).
+        faster (`ONNX_FASTER`), else PyTorch (`predict` may compile either after its first
+        sliding-window pass: `compiled.compile_pays`). `window`: sliding-window size (None: the
+        training patch; "box": one window over the brain's box).
         """
         if engine not in ENGINES:
             raise TumorsegError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
@@ -416,11 +415,12 @@ def _runtime_line(predictor: Predictor, amp: str) -> str:
 
 def predict_case(
     predictor: Predictor, case: Case, probabilities: bool = False, inp: CaseInput | None = None,
-    uncertainty: bool = False,
+    uncertainty: bool = False, after_pass: Callable[[float, int], nn.Module | None] | None = None,
 ) -> CasePrediction:
     """Segment one case in its original grid (see `CasePrediction`); `inp` if already loaded.
 
-    `uncertainty` (needs the flips of TTA) adds the voxel-wise flip disagreement.
+    `uncertainty` (needs the flips of TTA) adds the voxel-wise flip disagreement. `after_pass`:
+    `window.tta_probabilities`'s hook between sliding-window passes.
     Raises TumorsegError naming the case and file for a missing, unreadable or mismatched scan.
     """
     if uncertainty and not predictor.tta:
@@ -431,7 +431,7 @@ def predict_case(
         try:
             probs, disagreement = tta_probabilities(
                 predictor.model, x.to(predictor.device), roi, predictor.target, predictor.overlap,
-                predictor.tta, predictor.amp_dtype, predictor.sw_batch_size, uncertainty,
+                predictor.tta, predictor.amp_dtype, predictor.sw_batch_size, uncertainty, after_pass,
             )
         except torch.cuda.OutOfMemoryError:
             if torch.cuda.is_available():
@@ -494,17 +494,17 @@ def _write(pred: CasePrediction, case: Case, paths: list[Path], probabilities: b
     return paths
 
 
-def _compile_if_it_pays(predictor: Predictor, seconds: float, cases_left: int, bar: tqdm | None) -> Predictor:
-    """`predict --engine auto` after its first case: the predictor compiled where, at that case's pace
-    (`seconds`, in PyTorch or ONNX Runtime), the cases left win back the compiling
+def _compile_if_it_pays(predictor: Predictor, seconds: float, passes_left: int, bar: tqdm | None) -> Predictor:
+    """`predict --engine auto` after its first sliding-window pass: the predictor compiled where, at
+    that pass's pace (`seconds`, in PyTorch or ONNX Runtime), the passes left win back the compiling
     (`compiled.compile_pays`); else as it is."""
-    if not compile_pays(seconds, cases_left, COMPILED_SAVES_ONNX if predictor.engine == "onnx" else COMPILED_SAVES):
+    if not compile_pays(seconds, passes_left, COMPILED_SAVES_ONNX if predictor.engine == "onnx" else COMPILED_SAVES):
         return predictor
     if bar is not None:
-        bar.write(f"predict: {seconds:.0f} s a case: compiling the network for the {cases_left} cases left "
-                  "(torch.compile)", file=sys.stderr)
+        bar.write(f"predict: {seconds:.0f} s per sliding-window pass, {passes_left} passes to go: compiling the "
+                  "network (torch.compile)", file=sys.stderr)
     fast = predictor.compiled()
-    return predictor if fast.model.failure else fast  # failed: the path that ran the first case, not eager PyTorch
+    return predictor if fast.model.failure else fast  # failed: the path that ran the first pass, not eager PyTorch
 
 
 def _rank_world() -> tuple[int, int]:
@@ -584,8 +584,9 @@ def predict(
             between prediction and flip over the TTA flips, in bits (needs TTA).
         report: afterwards, write the `tumorseg report` of the predictions to `out_dir/report`.
         engine: "auto" (ONNX Runtime where the CPU predicts in float32, for the networks it runs
-            faster, where installed; else PyTorch, compiled after the first case where, at its pace,
-            the cases left win the compiling back: `compiled.compile_pays`), "torch", "compile" or "onnx".
+            faster, where installed; else PyTorch; either compiled after the first sliding-window
+            pass where, at its pace, the passes left (TTA flips, cases) win the compiling back:
+            `compiled.compile_pays`), "torch", "compile" or "onnx".
         window: sliding-window size (three sides, multiples of the network's divisor; None: the
             training patch); a side larger than the brain's box means one window across it, and
             "box" one window over the whole box.
@@ -638,23 +639,28 @@ def predict(
         with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
             loading = reader.submit(load_input, predictor, todo[0]) if todo else None
             writes = []
-            # until a case has shown the pace; a Predictor given is used as it is
+            # until a pass over a case has shown the pace; a Predictor given is used as it is
             timing = engine == "auto" and not isinstance(checkpoint, Predictor) and predictor.may_compile()
+            per_case = passes(len(flip_dims(predictor.tta)))
+
+            def paced(seconds: float, passes_left: int) -> nn.Module | None:
+                nonlocal predictor, timing
+                if not timing:  # the first pass decided
+                    return None
+                timing = False
+                left = passes_left + per_case * (len(todo) - i - 1)  # this case's, then the other cases'
+                predictor = _compile_if_it_pays(predictor, seconds, left, bar if progress else None)
+                return predictor.model if predictor.engine == "compile" else None
+
             for i, case in enumerate(todo):
                 current, loading = loading, reader.submit(load_input, predictor, todo[i + 1]) if i + 1 < len(todo) else None
                 try:
                     inp = current.result()
-                    start = time.perf_counter()
-                    pred = predict_case(predictor, case, probabilities, inp, uncertainty)
-                    seconds = time.perf_counter() - start
+                    pred = predict_case(predictor, case, probabilities, inp, uncertainty, paced if timing else None)
                     writes.append((case, writer.submit(_write, pred, case, planned[case.case_id], probabilities, plots)))
                 except Exception as exc:  # noqa: BLE001 - one line naming the case, the others go on
                     result.failed[case.case_id] = _failure(case, exc)
                     bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)
-                else:
-                    if timing:
-                        timing = False
-                        predictor = _compile_if_it_pays(predictor, seconds, len(todo) - i - 1, bar if progress else None)
                 bar.update(1)
             for case, future in writes:
                 try:

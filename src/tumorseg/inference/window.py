@@ -7,7 +7,8 @@ numbers for the same weights.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +27,11 @@ def flip_dims(tta: bool) -> list[tuple[int, ...]]:
 FLIP_GROUP = 2  # flips per sliding-window pass: each holds K x box floats, so 8 at once passed 2 GiB
 
 
+def passes(flips: int) -> int:
+    """Sliding-window passes over a case for that many flips."""
+    return -(-flips // FLIP_GROUP)
+
+
 def tta_probabilities(
     model: nn.Module,
     image: torch.Tensor,
@@ -36,6 +42,7 @@ def tta_probabilities(
     amp_dtype: torch.dtype | None = None,
     sw_batch_size: int = 1,
     uncertainty: bool = False,
+    after_pass: Callable[[float, int], nn.Module | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Class (softmax) or region (sigmoid) probabilities `(B, K, X, Y, Z)` for `image` `(B, C, X, Y, Z)`,
     averaged over the 8 combinations of flips along the three axes with `tta`, and, if asked, the
@@ -44,12 +51,13 @@ def tta_probabilities(
     Flips go through the sliding window `FLIP_GROUP` at a time as one batch, so the network sees
     `sw_batch_size` windows per call whichever flip they come from, and memory holds only a
     group's outputs (the averages are running sums). Windows are Gaussian-weighted, as nnU-Net
-    blends them.
+    blends them. `after_pass(seconds, passes_left)`, if given, hears how long each pass took; a
+    network it returns runs the passes left (`predict` compiling the network where that pays).
     """
     flips = flip_dims(tta)
     total, entropy = None, None
     for i in range(0, len(flips), FLIP_GROUP):
-        group = flips[i : i + FLIP_GROUP]
+        group, start = flips[i : i + FLIP_GROUP], time.perf_counter()
         batch = torch.cat([torch.flip(image, dims) if dims else image for dims in group])
         with torch.no_grad(), autocast(image.device, amp_dtype):
             logits = sliding_window_inference(
@@ -63,6 +71,8 @@ def tta_probabilities(
             if uncertainty:
                 h = _entropy(part, target)
                 entropy = h if entropy is None else entropy + h
+        if after_pass is not None:
+            model = after_pass(time.perf_counter() - start, passes(len(flips)) - i // FLIP_GROUP - 1) or model
     mean = total / len(flips)
     return mean, (_mutual_information(mean, entropy / len(flips), target) if uncertainty else None)
 
