@@ -97,6 +97,8 @@ def test_mixed_and_unreadable_folders_are_one_line(tmp_path, layouts):
 def test_aliases_and_dataset_json_label_forms():
     assert [canonical_modality(n) for n in ("T1w", "t1n", "t1gd", "T1c", "T2w", "t2f", "FLAIR", "CT")] == [
         "t1", "t1", "t1ce", "t1ce", "t2", "flair", "flair", None]
+    names = ("T1-CE", "T1-C", "T1-post", "t1_ce", "T1 CE", "T1-w", "T1-native", "T2-w", "T2-FLAIR", "T1-Gd")
+    assert [canonical_modality(n) for n in names] == ["t1ce"] * 5 + ["t1", "t1", "t2", "flair", "t1ce"]
     msd = convention_from_names({"edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}, "x")
     regions = convention_from_regions({"whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}, "x")
     assert msd == regions == CONVENTIONS["msd"]
@@ -682,6 +684,23 @@ def test_visits_of_one_patient_in_folders_of_their_own_stay_apart(tmp_path):
     for visit in ("P001_pre", "P001_post"):
         _touch(tmp_path / visit, *(f"P001_{m}.nii.gz" for m in MODALITIES))
     assert [c.case_id for c in discover_cases(tmp_path)] == ["P001_post", "P001_pre"]
+
+
+def test_visits_named_alike_in_each_patients_folder_are_named_by_their_patient(tmp_path):
+    """Longitudinal data (LUMIERE's `Patient-001/week-000`): the visit folder alone names no case."""
+    for patient, visits in {"Patient-001": ("week-000", "week-044"), "Patient-002": ("week-000",)}.items():
+        for visit in visits:
+            _touch(tmp_path / "site" / patient / visit, "T1.nii.gz", "CT1.nii.gz", "T2.nii.gz", "FLAIR.nii.gz")
+    _touch(tmp_path / "site/Patient-003/scans/week-000", "T1.nii.gz", "CT1.nii.gz", "T2.nii.gz", "FLAIR.nii.gz")
+    cases = discover_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["Patient-001_week-000", "Patient-002_week-000", "scans_week-000", "week-044"]
+    assert cases[0].folder == tmp_path / "site/Patient-001/week-000"
+    assert [c.case_id for c in discover_cases(tmp_path / "site/Patient-001")] == ["week-000", "week-044"]
+    assert [c.case_id for c in discover_cases(tmp_path, only=["Patient-002_week-000"])] == ["Patient-002_week-000"]
+    _touch(tmp_path / "csv/a.nii.gz")
+    (tmp_path / "csv/cases.csv").write_text(f"case,t1\np1,{tmp_path}/csv/a.nii.gz\np1,{tmp_path}/csv/a.nii.gz\n")
+    with pytest.raises(TumorsegError, match="case ids found more than once: p1"):  # ids a table gives are kept
+        discover_cases(tmp_path / "csv/cases.csv")
 
 
 def test_ucsf_pdgm_truth_alone_in_case_folders_or_one_flat_folder(tmp_path):

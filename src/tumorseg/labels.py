@@ -29,9 +29,9 @@ SEED_CHANNELS: tuple[str, ...] = ("t2", "t1ce", "flair")  # the seed's channel o
 # Every spelling of a modality that datasets use, lower case -> canonical name.
 MODALITY_ALIASES: dict[str, str] = {
     "t1": "t1", "t1n": "t1", "t1w": "t1", "t1native": "t1", "native": "t1",
-    "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1-gd": "t1ce", "t1wce": "t1ce", "t1post": "t1ce",
+    "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1wce": "t1ce", "t1post": "t1ce",
     "t2": "t2", "t2w": "t2",
-    "flair": "flair", "t2f": "flair", "t2-flair": "flair", "t2flair": "flair",
+    "flair": "flair", "t2f": "flair", "t2flair": "flair",
     "ct1": "t1ce", "fla": "flair",  # HD-GLIO's and BraTS Toolkit's file names
 }
 
@@ -59,7 +59,7 @@ def parse_channels(text: str) -> tuple[str, ...]:
 
 def canonical_modality(name: str) -> str | None:
     """'T1w', 't1gd', 'FLAIR', 't2f', ... -> 't1', 't1ce', 'flair', ...; None if unknown."""
-    return MODALITY_ALIASES.get(re.sub(r"[\s_]", "", name.strip().lower()))
+    return MODALITY_ALIASES.get(re.sub(r"[\s_-]", "", name.strip().lower()))
 
 
 @dataclass(frozen=True)

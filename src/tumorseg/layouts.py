@@ -35,7 +35,7 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Collection
 
@@ -498,7 +498,28 @@ def _all_cases(root: Path, need_images: bool) -> list[Case]:
     if not cases:
         raise TumorsegError(f"{root}: no cases found (expected {EXPECTED})")
     _check_one_layout(root, cases)
-    return cases
+    return _named_apart(root, cases)
+
+
+def _named_apart(root: Path, cases: list[Case]) -> list[Case]:
+    """Cases of one id in different folders (longitudinal data: `patient_001/visit1`,
+    `patient_002/visit1`) named by as many of the folders above them as tell them apart:
+    `patient_001_visit1`, `patient_002_visit1`."""
+    groups: dict[str, list[Case]] = {}
+    for case in cases:
+        groups.setdefault(case.case_id, []).append(case)
+    named: list[Case] = []
+    for case_id, group in groups.items():
+        if len(group) == 1 or len({c.folder for c in group}) < len(group):
+            named += group  # alone, or twice in one folder: `_check_unique` says so
+            continue
+        above = [[p for p in c.folder.relative_to(root).parts if p != case_id] for c in group]
+        for k in range(1, max(map(len, above)) + 1):
+            ids = ["_".join([*parts[-k:], case_id]) for parts in above]
+            if len(set(ids)) == len(ids):
+                break
+        named += [replace(c, case_id=new_id) for c, new_id in zip(group, ids)]
+    return named
 
 
 def _check_unique(root: Path, cases: list[Case]) -> None:
