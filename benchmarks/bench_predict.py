@@ -215,7 +215,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", type=Path, help="a real BraTS case folder (default: one synthetic case)")
     parser.add_argument("--patch", type=int, default=128, help="sliding-window cube side (default 128)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
-    parser.add_argument("--sw-batch", type=int, default=1, help="sliding windows per network call (default 1)")
+    parser.add_argument("--sw-batch", type=int, help="sliding windows per network call (default: predict's for "
+                        "the patch, devices.window_batch)")
     parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                         help="precision as predict's --amp (default auto)")
     parser.add_argument("--spacing", type=parse_spacing, default=(1.0, 1.0, 1.0),
@@ -258,6 +259,12 @@ def main() -> None:
     device = pick_device(args.device)
     args.warmup = args.warmup if args.warmup is not None else (1 if device == "cuda" else 0)
     args.repeat = max(1, args.repeat or (3 if device == "cuda" else 1))
+    if args.sw_batch is None:
+        import torch
+
+        from tumorseg.devices import window_batch
+
+        args.sw_batch = window_batch(torch.device(device), (args.patch,) * 3)
     if args.child:
         filters = parse_filters(args.filters[0])
         print(json.dumps(time_config(args.child, filters, args.engines, args.data, device, args)))

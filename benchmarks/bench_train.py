@@ -2,9 +2,10 @@
 
 What is measured, per network (default widths from `DEFAULT_FILTERS`), on random inputs of
 shape `(batch, 3, size, size, size)` with random label maps `(batch, 1, size, size, size)`
-(values 0..3): one training step exactly as `training.engine.train_epoch` takes it (forward
-under autocast as `--amp` resolves for training: bf16 or fp16 on GPUs, float32 on the CPU unless
-`--amp bf16` on a CPU with native bf16; the "labels" loss (Dice + focal over 4 classes) on float32 logits, backward,
+(values 0..3): one training step exactly as `training.engine.train_epoch` takes it (cuDNN
+autotuning on, as training's default; forward under autocast as `--amp` resolves for training:
+bf16 or fp16 on GPUs, float32 on the CPU unless `--amp bf16` on a CPU with native bf16; the
+"labels" loss (Dice + focal over 4 classes) on float32 logits, backward, fp16's gradient scaler,
 optimizer step: Adam lr 1e-4 for every network). One warm-up step, then `--steps` timed steps
 (default 3 on CPU, 20 on CUDA); reported as seconds per step (mean and min) and samples per
 second, with the optimizer's name and settings.
@@ -108,14 +109,16 @@ def make_step(name: str, size: int, batch: int, device: str, recipe: str | None 
     image = torch.rand(batch, spec["in_channels"], size, size, size, device=dev)
     labels = torch.randint(0, 4, (batch, 1, size, size, size), device=dev)
     dtype = amp_dtype(amp, dev)  # training's rule: float32 on the CPU unless bf16 is asked for and native
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)  # as training: fp16 only
 
     def step() -> float:
         with autocast(dev, dtype):
             logits = model(image)
         loss = loss_fn(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         return float(loss.detach())  # .item() waits for the device, like the training loop
 
     return step, sum(p.numel() for p in model.parameters()), optimizer
@@ -126,13 +129,16 @@ def time_network(name: str, size: int, batch: int, device: str, steps: int, warm
     """Run `warmup` + `steps` training steps of one network; seconds, throughput, memory."""
     import torch
 
+    from tumorseg.devices import deterministic
+
     build_start = time.perf_counter()
     step, params, optimizer = make_step(name, size, batch, device, recipe, amp)
     sync = device_sync(device)
-    for _ in range(warmup):
-        step()
-    sync()
-    times = [timed(step, sync)[1] for _ in range(steps)]
+    with deterministic(False):  # as training runs by default: cuDNN autotunes for the fixed patch
+        for _ in range(warmup):
+            step()
+        sync()
+        times = [timed(step, sync)[1] for _ in range(steps)]
     mean = sum(times) / len(times)
     out = {
         "network": name,

@@ -14,6 +14,7 @@ onnx = pytest.importorskip("onnx")
 
 from tumorseg.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from tumorseg.cli import build_parser, main  # noqa: E402
+from tumorseg.devices import window_batch  # noqa: E402
 from tumorseg.errors import TumorsegError  # noqa: E402
 from tumorseg.inference import Predictor, predict, predict_case, probabilities  # noqa: E402
 from tumorseg.inference.onnx_model import INSTALL_HINT, OPSET, TRAINING_ONLY, OnnxNetwork, export_onnx, load_onnx  # noqa: E402
@@ -221,6 +222,27 @@ def test_a_cpu_with_native_bf16_predicts_in_pytorch_bf16_and_onnx_runtime_in_flo
         assert main(["predict", str(tmp_path / "m.pt"), str(tmp_path / "raw"), str(tmp_path / "out"), "--device", "cpu",
                      "--force", *extra]) == 0
         assert line in capsys.readouterr().err
+
+
+def test_onnx_runtime_without_a_working_cuda_provider_never_passes_for_the_gpu(tmp_path, monkeypatch, capsys):
+    """Asked for CUDA, ONNX Runtime falls back to the CPU with only a log line (no GPU build, or one
+    whose CUDA libraries do not load): an exported model says so and runs on the CPU; `--engine
+    onnx` from a checkpoint on a GPU is refused."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has a CUDA provider")
+    _, path = _export(tmp_path)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert OnnxNetwork(path, gpu).device == cpu and OnnxNetwork(path, cpu).device == cpu
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert OnnxNetwork(path, gpu).device == cpu  # a GPU build offering CUDA that does not load
+    monkeypatch.setattr(sys.modules["tumorseg.inference.predict"], "resolve_device", lambda *args: gpu)
+    predictor = Predictor.from_checkpoint(path, amp="off")
+    assert predictor.device == cpu and predictor.sw_batch_size == window_batch(cpu, (32, 32, 32))  # the CPU's
+    assert "CUDA provider is not installed or did not load" in capsys.readouterr().err
+    with pytest.raises(TumorsegError, match="needs onnxruntime-gpu built for this CUDA"):
+        Predictor.from_checkpoint(tmp_path / "m.pt", amp="off", engine="onnx")
 
 
 def test_exported_file_refuses_the_torch_engine(tmp_path):

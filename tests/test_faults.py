@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -345,16 +346,21 @@ def test_nan_loss_five_times_in_a_row_stops_training(base, tmp_path, monkeypatch
 
 
 class _OutOfMemoryOnce(torch.nn.Module):
-    """The network, except that its first call runs out of GPU memory."""
+    """The network, except that its first call runs out of GPU memory holding an activation; the
+    next call records whether that activation was freed first (`freed_before_retry`)."""
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.calls = model, 0
+        self.model, self.calls, self.activation, self.freed_before_retry = model, 0, None, None
 
     def forward(self, x):
         self.calls += 1
         if self.calls == 1:
+            activation = torch.zeros(1 << 20)  # alive while the traceback is: a GPU would still hold it
+            self.activation = weakref.ref(activation)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.calls == 2:
+            self.freed_before_retry = self.activation() is None
         return self.model(x)
 
 
@@ -362,9 +368,10 @@ def test_out_of_gpu_memory_in_prediction_retries_stitching_on_the_cpu(base, tmp_
     # float32: in bf16 the windows' batch size (8 against 1 in the retry) moves a few tied voxels
     predictor = Predictor.from_checkpoint(base / "run/last.pt", device="cpu", amp="off")
     predict(predictor, base / "data", tmp_path / "reference", progress=False)
-    res = predict(replace(predictor, model=_OutOfMemoryOnce(predictor.model)), base / "data", tmp_path / "pred",
-                  progress=False)
+    failing = _OutOfMemoryOnce(predictor.model)
+    res = predict(replace(predictor, model=failing), base / "data", tmp_path / "pred", progress=False)
     assert not res.failed and len(res.written) == 4
+    assert failing.freed_before_retry  # retried outside `except`: the failed pass's tensors gone
     assert capsys.readouterr().err.count("out of GPU memory; retrying with the windows one at a time and stitched on the CPU") == 1
     _same_files(tmp_path / "reference", tmp_path / "pred", "*.nii.gz", lambda p: np.asarray(nib.load(p).dataobj))
 

@@ -220,3 +220,12 @@ def test_declared_version_floors_hold_what_the_code_uses():
 def test_windows_are_batched_within_a_memory_budget():
     assert devices.window_batch(CPU, (64, 64, 64)) == 8 and devices.window_batch(CPU, (128, 128, 128)) == 1
     assert devices.window_batch(CPU, (96, 96, 96)) == 2 and devices.window_batch(torch.device("cuda", 0), (128,) * 3) == 4
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [(8, 3, 3), (1, 3, 0), (2, 3, 1)])
+def test_each_rank_takes_a_gpu_it_can_see(monkeypatch, visible, local_rank, expected):
+    """torchrun's processes see every GPU (rank r takes cuda:r); launchers that give each process its
+    own (SLURM's --gpus-per-task=1) show it as cuda:0 whatever the rank."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert devices.resolve_device("auto", local_rank) == torch.device("cuda", expected)

@@ -48,7 +48,9 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise TumorsegError("--device cuda asked for, but no CUDA GPU is available (use --device cpu or auto)")
     if preference in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
+        # torchrun's processes each see every GPU; launchers that give each process its own
+        # (SLURM's --gpus-per-task) show one, as cuda:0, whatever the local rank
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 

@@ -187,11 +187,12 @@ def runtime_network(model: nn.Module, spec: dict[str, Any], device: torch.device
     Not `required` (the "auto" engine): where the export or the runtime fails, a one-line note
     and `(model, "torch")`, so prediction goes on in PyTorch.
     """
-    if required and device.type == "cuda" and "CUDAExecutionProvider" not in _require("onnxruntime").get_available_providers():
-        raise TumorsegError("--engine onnx on a GPU needs onnxruntime-gpu (this ONNX Runtime has no CUDA provider); "
-                            "use --engine auto or torch")
     try:
-        return OnnxNetwork(_onnx_proto(model, spec, OPSET, where).SerializeToString(), device, where), "onnx"
+        network = OnnxNetwork(_onnx_proto(model, spec, OPSET, where).SerializeToString(), device, where)
+        if network.device.type != device.type:  # no CUDA provider, or one whose CUDA libraries did not load
+            raise TumorsegError("--engine onnx on a GPU needs onnxruntime-gpu built for this CUDA (ONNX Runtime "
+                                "would run on the CPU); use --engine auto or torch")
+        return network, "onnx"
     except Exception as exc:  # auto: any failure of the exporter or the runtime leaves PyTorch's path
         if required:
             raise
@@ -207,7 +208,7 @@ class OnnxNetwork(nn.Module):
     dtype (autocast's bf16 or fp16 included) is given to the runtime as float32. It has no
     parameters, so `.eval()`, `.to(device)` and `torch.no_grad()` change nothing; the runtime
     uses CUDA when its GPU build is installed and `device` is not the CPU, else as many CPU
-    threads as PyTorch would (`torch.get_num_threads()`).
+    threads as PyTorch would (`torch.get_num_threads()`); the `device` attribute says which it got.
 
     Args:
         model: the `.onnx` file (read by `load_onnx`, which also checks it), or the model's bytes.
@@ -232,6 +233,10 @@ class OnnxNetwork(nn.Module):
         except Exception as exc:  # the runtime's own errors: corrupt or unsupported file
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise TumorsegError(f"{self.name}: not a readable ONNX model ({reason})") from None
+        # where the runtime computes: asked for CUDA, it falls back to the CPU with only a log line
+        # when the CUDA provider's libraries do not load
+        cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.device = torch.device("cuda", providers[0][1]["device_id"]) if cuda else torch.device("cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(B, C, X, Y, Z)` -> logits `(B, K, X, Y, Z)` float32 on `x.device`."""

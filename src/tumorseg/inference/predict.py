@@ -187,6 +187,10 @@ class Predictor:
 
             model, state = load_onnx(checkpoint, dev)
             engine_used = "onnx"
+            if dev.type == "cuda" and model.device.type != "cuda":
+                print(f"note: {checkpoint}: ONNX Runtime's CUDA provider is not installed or did not load "
+                      "(onnxruntime-gpu, built for this CUDA); the exported model runs on the CPU", file=sys.stderr)
+                dev = model.device
         else:
             state = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
         check_state(state, where, weights=model is None)
@@ -207,7 +211,7 @@ class Predictor:
 
                 runtime, engine_used = runtime_network(model, spec, dev, where, required=engine == "onnx")
                 if engine_used == "onnx":  # the PyTorch network stays at hand, for compiling
-                    model, pytorch_model = runtime, model.eval()
+                    model, pytorch_model = runtime, model.to(dev).eval()
         inference = state.get("inference") or {}
         threshold = inference.get("postprocess_et_threshold")
         spacing = state["prepare"].get("spacing")
@@ -433,7 +437,10 @@ def predict_case(
                 predictor.model, x.to(predictor.device), roi, predictor.target, predictor.overlap,
                 predictor.tta, predictor.amp_dtype, predictor.sw_batch_size, uncertainty, after_pass,
             )
+            out_of_memory = False
         except torch.cuda.OutOfMemoryError:
+            out_of_memory = True  # retried below: inside `except` the traceback keeps the failed pass's tensors
+        if out_of_memory:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             tqdm.write(f"note: {case.case_id}: out of GPU memory; retrying with the windows one at a time and stitched "
