@@ -4,6 +4,7 @@ import numpy as np
 import nibabel as nib
 import pytest
 
+from tumorseg.checkpoint import load_checkpoint
 from tumorseg.demo import DemoSettings, run_demo
 from tumorseg.prepare import load_manifest
 from tumorseg.synth import synthesize
@@ -39,3 +40,26 @@ def test_demo_on_a_users_dataset_holds_out_its_validation_cases(tmp_path, layout
     val = load_manifest(tmp_path / "work/prepared")["split"]["val"]
     assert [r.case_id for r in result.rows] == sorted(val) and val and not result.failed
     assert sorted(p.name for p in (tmp_path / "work/predictions").glob("*.nii.gz")) == [f"{c}.nii.gz" for c in sorted(val)]
+
+
+def test_demo_interrupted_in_training_says_to_run_it_again_and_then_resumes(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("tumorseg.training.train")
+    real = train_module.train_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[6] == 1:  # the second epoch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", interrupted)
+    settings = replace(TINY, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path, settings=settings)
+    err = capsys.readouterr().err
+    assert f"holds epoch 1; continue with the same demo command again (its folder: {tmp_path})" in err
+    assert "--resume" not in err  # the demo has no such option
+    monkeypatch.setattr(train_module, "train_epoch", real)
+    result = run_demo(tmp_path, settings=settings)  # trains epoch 2 only, from last.pt
+    assert not result.failed and load_checkpoint(tmp_path / "run/last.pt")["epoch"] == 2

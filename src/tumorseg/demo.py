@@ -81,7 +81,8 @@ def run_demo(work_dir: str | Path = "demo_out", data: str | Path | None = None, 
     _step(3, f"training a small 3D U-Net for {s.epochs} epochs on the CPU -> {run}")
     config = TrainConfig(model="unet3d", filters=list(s.filters), epochs=s.epochs, lr=s.lr, batch_size=s.batch_size,
                          schedule="cosine", patch=patch, seed=s.seed, postprocess=True)
-    train(work / "prepared", run, config, resume=(run / "last.pt").exists())
+    train(work / "prepared", run, config, resume=(run / "last.pt").exists(),
+          resume_with=f"the same demo command again (its folder: {work})")
     which = test if held_out is None else f"{len(held_out)} validation cases of {test}"
     _step(4, f"predicting the held-out cases ({which}) -> {work / 'predictions'} (NIfTI + PNG)")
     predicted = predict(run / "best.pt", test, work / "predictions", plots=True, cases=held_out)

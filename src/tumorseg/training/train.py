@@ -176,11 +176,13 @@ def train(
     config: TrainConfig | dict | None = None,
     resume: bool = False,
     progress: bool = True,
+    resume_with: str = "--resume",
 ) -> TrainResult:
     """Train a network on a prepared folder; checkpoints, metrics.csv and curves.png go to `run_dir`.
 
     Under torchrun this is data-parallel (DDP); only rank 0 writes. Ctrl-C leaves the
-    `last.pt` of the last finished epoch, from which `resume=True` continues.
+    `last.pt` of the last finished epoch, from which `resume=True` continues; the line it prints
+    names `resume_with` as the way to continue (the CLI's flag; the demo: running it again).
     """
     config = TrainConfig.from_dict(config) if isinstance(config, dict) else config or TrainConfig()
     prepared_dir, run_dir = Path(prepared_dir), Path(run_dir)
@@ -210,7 +212,8 @@ def train(
             if not resume and (run_dir / "last.pt").exists():
                 raise TumorsegError(f"{run_dir}: already holds a run (last.pt); use --resume or another folder")
             state = _resume(run_dir, spec, manifest, config) if resume else None
-            return _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress)
+            return _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress,
+                        resume_with)
     finally:
         distributed.cleanup()
 
@@ -227,7 +230,8 @@ def _claim(run_dir: Path, ctx: distributed.DistContext) -> Iterator[None]:
         yield
 
 
-def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress) -> TrainResult:
+def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress,
+         resume_with) -> TrainResult:
     progress = progress and ctx.is_main
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_network(**spec).to(ctx.device)
@@ -314,8 +318,8 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
     except KeyboardInterrupt:
         if ctx.is_main:
             last = run_dir / "last.pt"  # written last when an epoch is saved: an interrupt may fall before it
-            print(f"interrupted: {last} holds epoch {saved}; continue with --resume" if saved else
-                  f"interrupted: continue from {last} with --resume" if last.is_file() else
+            print(f"interrupted: {last} holds epoch {saved}; continue with {resume_with}" if saved else
+                  f"interrupted: continue from {last} with {resume_with}" if last.is_file() else
                   "interrupted before the first epoch was saved: nothing to resume; start the run again",
                   file=sys.stderr)
         raise
