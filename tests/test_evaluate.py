@@ -5,6 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from tumorseg.cli import main
 from tumorseg.errors import TumorsegError
 from tumorseg.evaluation import FAILED_CASE, evaluate
 from tumorseg.evaluation.evaluate import STATS
@@ -70,6 +71,30 @@ def test_statuses_lists_and_csv(folders, tmp_path):
         assert float(perfect[f"{region}_dice"]) == 1.0 and float(perfect[f"{region}_hd95"]) == 0.0
         assert float(missing[f"{region}_dice"]) == 0.0 and float(missing[f"{region}_hd95"]) == 373.13
     assert missing["status"] == "missing" and "no prediction" in missing["message"]
+
+
+def test_only_the_predicted_cases_when_asked_and_a_hint_when_some_are_missing(folders, tmp_path):
+    """A `predict --cases` subset: by default the others are missing and scored as failed (BraTS's
+    rule) with a hint; `only_predicted` scores the predicted cases alone."""
+    gt, pred = folders
+    every = evaluate(pred, gt, progress=False)
+    assert "(to score only the cases that have a prediction: --only-predicted)" in every.report()
+    subset = evaluate(pred, gt, progress=False, only_predicted=True)
+    assert [r.case_id for r in subset.rows] == [case_id(n) for n in (1, 3, 4, 6)] and not subset.missing
+    assert "--only-predicted" not in subset.report() and subset.summary["cases"] == 4
+    assert main(["evaluate", str(pred), str(gt), "--only-predicted", "--out", str(tmp_path / "m.csv")]) == 1  # errors
+    with open(tmp_path / "m.csv") as fh:
+        assert [row["status"] for row in csv.DictReader(fh)] == ["ok", "error", "error", "error"]
+
+
+def test_predictions_of_other_cases_are_one_line_not_a_table_of_failures(folders, tmp_path):
+    gt, _ = folders
+    other = tmp_path / "other"
+    other.mkdir()
+    save(other / "BraTS20_Training_777.nii.gz", seg_of(gt, 1))
+    with pytest.raises(TumorsegError, match=r"other: none of its predictions \(BraTS20_Training_777, \.\.\.\) is a "
+                                            r"case of .*gt \(5 segmented cases\); give the ground truth of these"):
+        evaluate(other, gt, progress=False)
 
 
 def test_summary_json_and_table(folders, tmp_path):

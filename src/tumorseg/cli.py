@@ -129,7 +129,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = args.out or args.pred_dir / "metrics.csv"
     result = evaluate(args.pred_dir, args.gt_dir, out_csv=out, workers=args.workers, labels=args.labels,
-                      challenge=args.challenge, pred_labels=args.pred_labels, cases=args.cases)
+                      challenge=args.challenge, pred_labels=args.pred_labels, cases=args.cases,
+                      only_predicted=args.only_predicted)
     print(result.report())
     return 1 if result.failed else 0
 
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lesion-wise metric parameters (default: from BraTS-XXX- case ids, else GLI)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cases", type=_names, metavar="ID,ID", help="only these cases of GT_DIR (default: all)")
+    p.add_argument("--only-predicted", action="store_true",
+                   help="only the cases of GT_DIR that have a prediction (default: a case without one is scored "
+                        "as failed, as BraTS does)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment new cases into NIfTI in their original space")

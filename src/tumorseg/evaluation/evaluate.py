@@ -97,6 +97,8 @@ class EvaluationResult:
         lines = [self.table()]
         if self.missing:
             lines.append(f"missing predictions, scored as failed ({len(self.missing)}): {', '.join(self.missing)}")
+            if len(self.missing) < len(self.rows):
+                lines.append("(to score only the cases that have a prediction: --only-predicted)")
         if self.errors:
             lines.append(f"errors, scored as failed ({len(self.errors)}):")
             lines += [f"  {msg}" for msg in self.errors.values()]
@@ -340,7 +342,7 @@ def truth_labels(case: Case) -> LabelConvention | None:
 
 def _pair_cases(
     gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, labels: str | None, challenge: str | None,
-    pred_labels: str | None = None, only: Collection[str] | None = None,
+    pred_labels: str | None = None, only: Collection[str] | None = None, only_predicted: bool = False,
 ) -> tuple[list[tuple], list[CaseResult], dict[str, list[str]]]:
     """Jobs to score, rows already decided (missing, conflicting), and the lists to report."""
     cases = discover_cases(gt_dir, need_images=False, only=only)
@@ -349,6 +351,13 @@ def _pair_cases(
         asked = {c.case_id for c in cases}
         preds, conflicts = ({k: v for k, v in d.items() if k in asked} for d in (preds, conflicts))
     with_seg = labelled(cases, gt_dir)
+    predicted = [c for c in with_seg if c.case_id in preds or c.case_id in conflicts]
+    if not predicted and (preds or conflicts):  # predictions of other cases: the wrong truth folder
+        some = ", ".join(sorted({**preds, **conflicts})[:3])
+        raise TumorsegError(f"{pred_dir}: none of its predictions ({some}, ...) is a case of {gt_dir} "
+                            f"({len(with_seg)} segmented cases); give the ground truth of these cases")
+    if only_predicted:
+        with_seg = predicted
     forced = convention(labels) if labels else None
     jobs, decided = [], []
     for case in with_seg:
@@ -381,6 +390,7 @@ def evaluate(
     challenge: str | None = None,
     pred_labels: str | None = None,
     cases: Collection[str] | None = None,
+    only_predicted: bool = False,
 ) -> EvaluationResult:
     """Score every prediction in `pred_dir` against the BraTS cases in `gt_dir`.
 
@@ -397,12 +407,14 @@ def evaluate(
         pred_labels: the predictions' convention; None reads the tag `predict` writes in
             each file's header, else takes the ground truth's.
         cases: only the ground-truth cases of these ids (None: all in `gt_dir`).
+        only_predicted: only the ground-truth cases with a prediction (the cases a `predict
+            --cases` run chose); otherwise a case without one is scored as failed, as BraTS does.
 
     Raises:
         TumorsegError: a folder is missing, holds no predictions or no segmentations.
     """
     challenge = challenge_name(challenge) if challenge is not None else None
-    jobs, decided, lists = _pair_cases(gt_dir, pred_dir, labels, challenge, pred_labels, cases)
+    jobs, decided, lists = _pair_cases(gt_dir, pred_dir, labels, challenge, pred_labels, cases, only_predicted)
     for out in (out_csv, out_json):
         if out is not None:  # the inputs are checked; now, before the scoring a failed write would lose
             check_writable(Path(out).parent)
