@@ -30,3 +30,11 @@ def test_a_file_size_limit_is_one_line_and_keeps_the_old_file(tmp_path, monkeypa
     monkeypatch.setattr(torch, "save", real)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_run_folder_stands_for_its_best_checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "run" / "best.pt", {"epoch": 3})
+    assert load_checkpoint(tmp_path / "run")["epoch"] == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TumorsegError, match=r"empty: a folder without best.pt; give a checkpoint file"):
+        load_checkpoint(tmp_path / "empty")

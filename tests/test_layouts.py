@@ -92,6 +92,12 @@ def test_mixed_and_unreadable_folders_are_one_line(tmp_path, layouts):
     (bad / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "labels": {"edema": "one"}}))
     with pytest.raises(TumorsegError, match="must map names to integer values"):
         discover_cases(bad)
+    _touch(tmp_path / "prep" / "images", "case_1.npy")
+    (tmp_path / "prep" / "manifest.json").write_text("{}")
+    with pytest.raises(TumorsegError, match=r"prep: a prepared folder \(arrays for training\); give the scans"):
+        discover_cases(tmp_path / "prep")
+    with pytest.raises(TumorsegError, match=r"no cases found \(expected .*a BIDS dataset, or a cases.csv\)"):
+        discover_cases(tmp_path / "prep" / "images")
 
 
 def test_aliases_and_dataset_json_label_forms():

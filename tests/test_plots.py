@@ -43,12 +43,17 @@ def test_raw_case_without_prediction(raw_case, tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_raw_case_with_nifti_prediction(raw_case, tmp_path):
+def test_raw_case_with_nifti_prediction(raw_case, tmp_path, capsys):
     seg = nib.load(raw_case / "case_a_seg.nii.gz")
     pred = tmp_path / "case_a_pred.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(seg.dataobj)[::-1].copy(), AFFINE), pred)
     out = save_case_plot(raw_case, pred, tmp_path / "figs" / "a.png")
-    assert png_size(out) == expected_size(3, 4 + 2)
+    assert png_size(out) == expected_size(3, 4 + 2) and "not named for this case" not in capsys.readouterr().err
+    other = tmp_path / "case_b.nii.gz"  # another case's prediction on a grid of the same shape
+    other.write_bytes(pred.read_bytes())
+    save_case_plot(raw_case, other, tmp_path / "figs" / "b.png")
+    assert ("note: case_a: the prediction case_b.nii.gz is not named for this case (predict writes case_a.nii.gz)"
+            in capsys.readouterr().err)
 
 
 def test_single_view_and_slice(raw_case, tmp_path):

@@ -35,8 +35,12 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a tumorseg checkpoint safely; a clear error for anything else."""
+    """Read a tumorseg checkpoint safely (a run folder: its `best.pt`); a clear error for anything else."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise TumorsegError(f"{path}: a folder without best.pt; give a checkpoint file (a run's best.pt or last.pt)")
+        path = path / "best.pt"
     if not path.is_file():
         raise TumorsegError(f"{path}: checkpoint not found")
     try:

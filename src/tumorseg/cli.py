@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment new cases into NIfTI in their original space")
-    p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run, or a .onnx from tumorseg export")
+    p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run (the run folder: its "
+                   "best.pt), or a .onnx from tumorseg export")
     p.add_argument("input", type=Path, help="a case folder, a folder of case folders, or a cases.csv naming each case's files "
                         "(segmentations not needed)")
     p.add_argument("out_dir", type=Path)
@@ -330,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="a checkpoint -> one ONNX model carrying its settings")
-    p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run")
+    p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run (the run folder: its best.pt)")
     p.add_argument("out", type=Path, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-20 (default 17)")
     p.set_defaults(func=cmd_export)

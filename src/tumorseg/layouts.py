@@ -64,7 +64,7 @@ MSD_CHANNELS: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")  # Task01's "FLAIR
 NNUNET_CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")  # nnU-Net's BraTS conversions
 EXPECTED = ("BraTS case folders (<case>_{t1,t1ce,t2,flair}.nii[.gz] or <case>-{t1n,t1c,t2w,t2f}.nii.gz), "
             "case folders of files named by modality ({t1,t1ce,t2,flair}.nii[.gz]), "
-            "or an MSD / nnU-Net dataset (dataset.json with imagesTr/)")
+            "an MSD / nnU-Net dataset (dataset.json with imagesTr/), a BIDS dataset, or a cases.csv")
 _BRATS_SUFFIX_RE = re.compile(r"[_-](?P<key>[A-Za-z0-9]+)$")
 PLAIN_SEG_STEMS: tuple[str, ...] = ("seg", "segmentation", "label", "labels")
 FOLDER_WRAPPERS: tuple[str, ...] = ("_nifti",)  # `<case>_nifti/` (UCSF-PDGM) names the case `<case>`
@@ -495,6 +495,8 @@ def _all_cases(root: Path, need_images: bool) -> list[Case]:
                              if p.is_dir() and not p.name.startswith(".") and p.name not in skipped)
     if not cases and not need_images:
         cases = _label_files(root)
+    if not cases and (root / "manifest.json").is_file():  # `tumorseg prepare`'s output
+        raise TumorsegError(f"{root}: a prepared folder (arrays for training); give the scans it was prepared from")
     if not cases:
         raise TumorsegError(f"{root}: no cases found (expected {EXPECTED})")
     _check_one_layout(root, cases)

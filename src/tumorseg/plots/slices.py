@@ -253,6 +253,9 @@ def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> n
         labels, where = _npy_to_labels(pred, "prediction array"), "prediction array"
     else:
         where = Path(pred)
+        if data.case_id not in where.name:  # another case's file draws without error on a grid of the same shape
+            print(f"note: {data.case_id}: the prediction {where.name} is not named for this case (predict writes "
+                  f"{data.case_id}.nii.gz)", file=sys.stderr)
         if where.suffix == ".npy":
             labels = _npy_to_labels(_load_npy(where), where)
         else:
