@@ -142,8 +142,9 @@ def test_largest_enhancing_lesion_and_lesion_count():
     labels[10:20, 10:14, 2] = 3  # large ET lesion: 10 x 4
     labels[25, 25, 3] = labels[26, 26, 4] = 2  # touching by a corner: one lesion under 26-connectivity
     m = measure(labels, np.eye(4), BRATS2020)
-    assert m.lesions == 3 and sorted(m.component_sizes) == [2, 9, 40]
+    assert (m.lesions, m.specks) == (1, 2) and sorted(m.component_sizes) == [2, 9, 40]  # lesions: 10 voxels or more
     assert m.enhancing.longest == pytest.approx(np.hypot(9, 3))
+    assert m.whole.longest == pytest.approx(np.hypot(9, 3))  # the largest lesion's, not across lesions to (25, 25)
     assert lesion_sizes(box((5, 5, 5), slice(0, 1), slice(0, 1), slice(0, 5)) | box((5, 5, 5), 3, 3, 0))[1] == (5, 1)
 
 
@@ -169,7 +170,10 @@ def test_warnings_in_plain_words():
     wt[0, 5, 5] = True  # on the scan's face, outside the brain
     text = case_warnings(wt, measure(wt.astype(np.uint8), np.eye(4), BRATS2020), brain)
     assert any("edge of the scan (1 voxels" in w for w in text)
-    assert any("edge of the brain mask (0 voxels on its border, 1 outside it)" in w for w in text)
+    assert not any("outside the brain" in w for w in text)  # one voxel: as in expert segmentations
+    wt[0, 5:25, 5] = True  # 20 on the background
+    text = case_warnings(wt, measure(wt.astype(np.uint8), np.eye(4), BRATS2020), brain)
+    assert any(w.startswith("tumour outside the brain: 20 voxels where the images are background") for w in text)
 
 
 def test_measurement_lines_land_on_their_voxels():

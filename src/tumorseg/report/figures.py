@@ -101,7 +101,7 @@ def save_figures(scene: Scene, measures: Measures, uncertainty: np.ndarray | Non
     matplotlib.use("Agg")
     out = figure_paths(folder, stem)
     draw_views(scene.data, scene.images, scene.truth, scene.labels, scene.spacing, scene.slices, out["views"])
-    measured = {"largest enhancing lesion": measures.enhancing, "whole tumour": measures.whole}
+    measured = {"largest enhancing lesion": measures.enhancing, "largest whole-tumour lesion": measures.whole}
     _save_diameters(scene, {k: d for k, d in measured.items() if d is not None}, out["diameters"])
     if uncertainty is not None:
         from nibabel.orientations import apply_orientation

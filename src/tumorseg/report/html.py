@@ -18,7 +18,7 @@ from ..evaluation.metrics import METRICS
 from ..labels import REGIONS
 from .case import CaseReport
 from .figures import THUMB_PIXELS
-from .measure import label_names
+from .measure import LESION_MIN_VOXELS, label_names
 from .table import SUMMARY_STATS, Column, cells, volume_key
 
 PAGE_SUFFIX = ".html"
@@ -192,7 +192,7 @@ def case_page(case: CaseReport, cols: list[Column], index: Path) -> str:
               "<h2>Volumes</h2>", _volumes(case, text), "<h2>Diameters (RANO)</h2>",
               table(["lesion", "longest (mm)", "perpendicular (mm)", "product (mm2)"],
                     [[name, *(text[f"{prefix}_{k}"] for k in ("longest_mm", "perpendicular_mm", "product_mm2"))]
-                     for prefix, name in (("ET", "largest enhancing lesion"), ("WT", "whole tumour"))]),
+                     for prefix, name in (("ET", "largest enhancing lesion"), ("WT", "largest whole-tumour lesion"))]),
               "<p>Cyan: the longest diameter; magenta: the longest diameter perpendicular to it.</p>",
               _img(case, "diameters", here, "diameters drawn on their slice")]
     if "uncertainty" in case.figures:
@@ -212,7 +212,8 @@ def _volumes(case: CaseReport, text: dict[str, str]) -> str:
             for cls, name in label_names(case.labels).items()]
     rows += [[f"{r} region", "", text[f"{r}_cm3"]] for r in ("TC", "WT")]
     centroid = ", ".join(text[f"centroid_{a}_mm"] for a in "xyz") if case.measures.centroid else "none"
-    return (table(["part", "label", "cm^3"], rows) + f"<p>{case.measures.lesions} whole-tumour lesion(s); "
+    specks = f" and {case.measures.specks} speck(s) under {LESION_MIN_VOXELS} voxels" if case.measures.specks else ""
+    return (table(["part", "label", "cm^3"], rows) + f"<p>{case.measures.lesions} whole-tumour lesion(s){specks}; "
             f"centroid (scanner RAS+, mm): {escape(centroid)}</p>")
 
 

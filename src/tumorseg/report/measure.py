@@ -5,7 +5,11 @@ measured right:
 
 - Volume: voxel count x |det(A[:3, :3])| (the product of the affine's column norms for
   orthogonal axes), in cm^3.
-- Lesions: 26-connected components of the whole tumour.
+- Lesions: 26-connected components of the whole tumour of `LESION_MIN_VOXELS` or more (smaller
+  ones are specks: counted apart, never measured).
+- Diameters: of the largest enhancing lesion (what RANO measures) and of the largest
+  whole-tumour lesion (a diameter across two lesions, or to a false-positive speck, measures no
+  lesion).
 - Axial: the voxel axis closest to the world's S axis (nibabel's `io_orientation`). A voxel
   centre's position in an axial slice is mapped to millimetres in the slice's plane through the
   affine's two in-plane columns, so a rotated or sheared grid gives the same distances.
@@ -33,6 +37,7 @@ from scipy.spatial import ConvexHull, QhullError
 from ..labels import CLASS_NAMES, REGION_LABELS, LabelConvention
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+LESION_MIN_VOXELS = 10  # whole-tumour components smaller than this are specks, not lesions
 TUMOUR_CLASSES = {r: REGION_LABELS[r] for r in ("TC", "WT")}  # training labels of the volumes' regions
 _EPS_MM = 1e-6
 
@@ -63,13 +68,16 @@ class Measures:
     """One case's measurements.
 
     volumes_cm3: by label name (CLASS_NAMES of the convention's labels) then "TC", "WT".
-    lesions: 26-connected whole-tumour components; `component_sizes` their voxel counts.
-    enhancing: diameters of the largest enhancing lesion; whole: of the whole tumour (None: empty).
+    lesions: 26-connected whole-tumour components of `LESION_MIN_VOXELS` or more, `specks` the
+        smaller ones; `component_sizes` the voxel counts of all.
+    enhancing: diameters of the largest enhancing lesion; whole: of the largest whole-tumour
+        lesion (None: empty).
     centroid: the whole tumour's centre of mass in world (scanner, RAS+) mm, or None.
     """
 
     volumes_cm3: dict[str, float]
     lesions: int
+    specks: int
     component_sizes: tuple[int, ...]
     enhancing: Diameters | None
     whole: Diameters | None
@@ -97,9 +105,10 @@ def lesion_sizes(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
     return labelled, tuple(int(c) for c in np.bincount(labelled.ravel(), minlength=n + 1)[1:])
 
 
-def largest_lesion(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of `mask` (empty if `mask` is)."""
-    labelled, sizes = lesion_sizes(mask)
+def largest_lesion(mask: np.ndarray, lesions: tuple[np.ndarray, tuple[int, ...]] | None = None) -> np.ndarray:
+    """The largest 26-connected component of `mask` (empty if `mask` is); `lesions`: its
+    `lesion_sizes` where the caller has them."""
+    labelled, sizes = lesions or lesion_sizes(mask)
     return labelled == 1 + int(np.argmax(sizes)) if sizes else np.zeros_like(mask, dtype=bool)
 
 
@@ -129,13 +138,15 @@ def measure(labels: np.ndarray, affine: np.ndarray, conv: LabelConvention, wt: n
     volumes = {name: float(counts[c] * cm3) for c, name in label_names(conv).items()}
     volumes.update({r: float(counts[list(c)].sum() * cm3) for r, c in TUMOUR_CLASSES.items()})
     wt = whole_tumour(labels) if wt is None else wt
-    _, sizes = lesion_sizes(wt)
+    lesions = lesion_sizes(wt)
+    sizes = lesions[1]
     return Measures(
         volumes_cm3=volumes,
-        lesions=len(sizes),
+        lesions=sum(n >= LESION_MIN_VOXELS for n in sizes),
+        specks=sum(n < LESION_MIN_VOXELS for n in sizes),
         component_sizes=sizes,
         enhancing=bidimensional(largest_lesion(labels == 3), affine),
-        whole=bidimensional(wt, affine),
+        whole=bidimensional(largest_lesion(wt, lesions), affine),
         centroid=centroid_world(wt, affine),
     )
 

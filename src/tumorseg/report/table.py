@@ -15,9 +15,9 @@ import numpy as np
 from ..evaluation.metrics import METRICS
 from ..labels import CLASS_NAMES, REGIONS
 from .case import CaseReport
-from .measure import Diameters
+from .measure import LESION_MIN_VOXELS, Diameters
 
-_RANO = {"ET": ("enhancing", "the largest enhancing lesion"), "WT": ("whole", "the whole tumour")}
+_RANO = {"ET": ("enhancing", "the largest enhancing lesion"), "WT": ("whole", "the largest whole-tumour lesion")}
 _DIAMETER = {"longest": ("longest", "longest axial diameter", "mm"),
              "perpendicular": ("perpendicular", "longest diameter perpendicular to it, same slice", "mm"),
              "product": ("product", "product of the two (RANO bidimensional)", "mm2")}
@@ -60,8 +60,10 @@ def columns(cases: list[CaseReport], with_metrics: bool) -> list[Column]:
                   lambda c, n=n: c.measures.volumes_cm3.get(n), summary=True) for n in names]
     out += [Column(f"{r}_cm3", f"volume of the {r} region (cm^3)", 3,
                    lambda c, r=r: c.measures.volumes_cm3[r], summary=True) for r in ("TC", "WT")]
-    out.append(Column("lesions", "number of whole-tumour lesions (26-connected components)", 0,
-                      lambda c: c.measures.lesions, summary=True))
+    out.append(Column("lesions", f"number of whole-tumour lesions (26-connected components of {LESION_MIN_VOXELS} "
+                      "voxels or more)", 0, lambda c: c.measures.lesions, summary=True))
+    out.append(Column("specks", f"whole-tumour components under {LESION_MIN_VOXELS} voxels", 0,
+                      lambda c: c.measures.specks, summary=True))
     for prefix, (attr, what) in _RANO.items():
         for part, (prop, text, unit) in _DIAMETER.items():
             out.append(Column(f"{prefix}_{part}_{unit}", f"{what}: {text} ({unit})", 2,
