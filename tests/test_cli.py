@@ -53,8 +53,10 @@ def test_predict_evaluate_show(trained, capsys):
     pred = nib.load(out / "BraTS20_Training_000.nii.gz")
     assert pred.shape == (40, 40, 32) and set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}
     assert (out / "BraTS20_Training_000.png").exists()
-    assert main(["predict", str(run / "best.pt"), str(raw), str(out)]) == 0
+    assert main(["predict", str(run / "best.pt"), str(raw), str(out), "--no-tta", "--no-postprocess"]) == 0
     assert "3 already done (--force to redo them)" in capsys.readouterr().out
+    assert main(["predict", str(run), str(raw), str(out)]) == 2  # the checkpoint's TTA: other labels than the files'
+    assert "3 prediction(s) there come from another model or other settings" in capsys.readouterr().err
     assert main(["evaluate", str(out), str(raw), "--out", str(trained / "m.csv")]) == 0
     report = capsys.readouterr().out
     assert "WT" in report and (trained / "m.csv").exists() and (trained / "m_summary.json").exists()

@@ -197,6 +197,30 @@ def test_skip_existing_and_force(raw, ckpt, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_a_folder_keeps_to_one_model(raw, ckpt, tmp_path):
+    """Skip-existing would keep one model's files beside another's: a run of another checkpoint, or
+    of other label-deciding settings (TTA), is refused in one line; --force redoes the run's cases
+    (not others'); files without a fingerprint (other tools) are not judged."""
+    out = tmp_path / "pred"
+    predict(ckpt, raw, out, device="cpu", progress=False)
+    made_by = Predictor.from_checkpoint(ckpt, device="cpu").made_by()
+    assert f"model={made_by}" in bytes(nib.load(out / "c0.nii.gz").header["descrip"]).decode()
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, _state(filters=(4, 8, 12)))
+    for model, settings in ((other, {}), (ckpt, {"tta": True}), (ckpt, {"overlap": 0.25})):
+        with pytest.raises(TumorsegError, match=r"pred: 2 prediction\(s\) there come from another model or other "
+                                                r"settings \(c0, v1\); --force redoes them with this one"):
+            predict(model, raw, out, device="cpu", progress=False, **settings)
+    with pytest.raises(TumorsegError, match=r"\(v1\); predict into another folder$"):  # v1 is not this run's
+        predict(other, raw, out, device="cpu", progress=False, force=True, cases=["c0"])
+    assert predict(ckpt, raw, out, device="cpu", progress=False).skipped == ["c0", "v1"]  # its own files: skipped
+    assert len(predict(other, raw, out, device="cpu", progress=False, force=True).written) == 2
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), AFFINE), out / "v1.nii.gz")  # another tool's file
+    assert predict(other, raw, out, device="cpu", progress=False).skipped == ["c0", "v1"]
+    hand_built = replace(Predictor.from_checkpoint(ckpt, device="cpu"), model_digest=None)
+    assert hand_built.made_by() is None and predict(hand_built, raw, out, progress=False).skipped == ["c0", "v1"]
+
+
 @pytest.mark.parametrize(
     "breakage, message",
     [

@@ -34,13 +34,19 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             raise
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The file a checkpoint argument names: itself, or a run folder's `best.pt`."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / "best.pt").is_file():
+        raise TumorsegError(f"{path}: a folder without best.pt; give a checkpoint file (a run's best.pt or last.pt)")
+    return path / "best.pt"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a tumorseg checkpoint safely (a run folder: its `best.pt`); a clear error for anything else."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "best.pt").is_file():
-            raise TumorsegError(f"{path}: a folder without best.pt; give a checkpoint file (a run's best.pt or last.pt)")
-        path = path / "best.pt"
+    path = checkpoint_file(path)
     if not path.is_file():
         raise TumorsegError(f"{path}: checkpoint not found")
     try:

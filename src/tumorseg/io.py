@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -184,6 +185,15 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Atomically write one array as `.npy`."""
     with atomic_path(path, array.nbytes + 128) as tmp, open(tmp, "wb") as fh:  # + the .npy header
         np.save(fh, array)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, hex (read in blocks: checkpoints are tens of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_nifti(

@@ -14,9 +14,11 @@ The header's description records the convention for `evaluate`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import itertools
 import os
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -30,11 +32,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import checkpoint_file, load_checkpoint
 from ..devices import amp_dtype, autocast, describe, resolve_device, window_batch
 from ..errors import TumorsegError
 from ..geometry import Grid, resample_box
-from ..io import save_nifti, sweep_stale_temps
+from ..io import file_digest, save_nifti, sweep_stale_temps
 from ..labels import CLASS_ABBREVIATIONS, RAW_LABELS, REGIONS, LabelConvention, convention
 from ..layouts import Case, discover_cases
 from ..lock import LOCK_NAME, folder_lock
@@ -47,6 +49,8 @@ from .window import flip_dims, passes, to_labels, tta_probabilities
 
 REQUIRED_KEYS: tuple[str, ...] = ("network", "model", "prepare", "patch", "target")
 ENGINES: tuple[str, ...] = ("auto", "torch", "compile", "onnx")
+MADE_BY_DIGITS = 12  # hex digits of `Predictor.made_by` in a prediction's header (80 bytes in all)
+MADE_BY_RE = re.compile(r"\bmodel=([0-9a-f]+)")
 # Networks ONNX Runtime ran faster than PyTorch on the CPU (bench_predict_paths, README "Measured"): our
 # UNet3D 1.4x per case at 128^3. MONAI's UNet was 7-25 % slower there (PyTorch batches its windows well),
 # unet-lite 30-60 % slower.
@@ -84,6 +88,8 @@ class Predictor:
         network: the network's registry name (`networks.NETWORKS`), where known.
         pytorch_model: the PyTorch network behind `model` where ONNX Runtime runs it exported in
             memory (engine "onnx" from a checkpoint): what `compiled` compiles; None otherwise.
+        model_digest: SHA-256 of the checkpoint or exported file it was loaded from (None: built
+            in Python): with the settings that decide the labels, `made_by`.
     """
 
     model: nn.Module
@@ -105,6 +111,7 @@ class Predictor:
     engine: str = "torch"
     network: str | None = None
     pytorch_model: nn.Module | None = None
+    model_digest: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -118,6 +125,15 @@ class Predictor:
     def roi(self, box_shape: Sequence[int]) -> tuple[int, ...]:
         """The sliding window for an inference box: `window` (else `patch`), at most the box."""
         return tuple(min(int(w), int(s)) for w, s in zip(self.window or self.patch, box_shape))
+
+    def made_by(self) -> str | None:
+        """A fingerprint of the model file and of the settings that decide the labels (TTA, overlap,
+        window, post-processing), recorded in each prediction's header so that `predict` never
+        mixes another model's files into a folder; None where the model file is not known."""
+        if self.model_digest is None:
+            return None
+        settings = (self.model_digest, self.tta, self.overlap, self.window, self.largest_tumour, self.et_threshold)
+        return hashlib.sha256(repr(settings).encode()).hexdigest()[:MADE_BY_DIGITS]
 
     def fixed_window(self) -> bool:
         """Every case's windows have one size: at most the training patch (the box is at least that)."""
@@ -178,6 +194,10 @@ class Predictor:
         if engine not in ENGINES:
             raise TumorsegError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
         where = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
+        digest = None
+        if isinstance(checkpoint, (str, Path)):
+            checkpoint = checkpoint_file(checkpoint)
+            digest = file_digest(checkpoint) if checkpoint.is_file() else None
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: one GPU per rank
         model, engine_used, pytorch_model = None, "torch", None
         if isinstance(checkpoint, (str, Path)) and Path(checkpoint).suffix.lower() == ".onnx":
@@ -187,6 +207,7 @@ class Predictor:
 
             model, state = load_onnx(checkpoint, dev)
             engine_used = "onnx"
+            digest = (state.get("export") or {}).get("checkpoint_sha256") or digest  # the checkpoint's: same made_by
             if dev.type == "cuda" and model.device.type != "cuda":
                 print(f"note: {checkpoint}: ONNX Runtime's CUDA provider is not installed or did not load "
                       "(onnxruntime-gpu, built for this CUDA); the exported model runs on the CPU", file=sys.stderr)
@@ -235,6 +256,7 @@ class Predictor:
             engine=engine_used,
             network=spec["name"],
             pytorch_model=pytorch_model,
+            model_digest=digest,
         )
 
 
@@ -484,9 +506,11 @@ def output_paths(
     return paths
 
 
-def _write(pred: CasePrediction, case: Case, paths: list[Path], probabilities: bool, plots: bool) -> list[Path]:
+def _write(pred: CasePrediction, case: Case, paths: list[Path], probabilities: bool, plots: bool,
+           made_by: str | None) -> list[Path]:
     """Write one case's outputs (in a writer thread while the network works on the next case)."""
-    save_nifti(paths[0], pred.labels, pred.affine, pred.header, description=f"tumorseg {pred.convention.tag()}")
+    tags = f"tumorseg {pred.convention.tag()}" + (f" model={made_by}" if made_by else "")
+    save_nifti(paths[0], pred.labels, pred.affine, pred.header, description=tags)
     if probabilities:
         probs = np.ascontiguousarray(np.moveaxis(pred.probabilities, 0, -1), dtype=np.float32)  # (X, Y, Z, K)
         save_nifti(paths[1], probs, pred.affine, pred.header,
@@ -512,6 +536,38 @@ def _compile_if_it_pays(predictor: Predictor, seconds: float, passes_left: int, 
                   "network (torch.compile)", file=sys.stderr)
     fast = predictor.compiled()
     return predictor if fast.model.failure else fast  # failed: the path that ran the first pass, not eager PyTorch
+
+
+def _refuse_other_models(out_dir: Path, made_by: str | None, run_ids: set[str], force: bool) -> None:
+    """A folder of predictions is one model's: files another model (or other settings) made that
+    this run would keep refuse it in one line (skipped, they would mix the two silently). Files
+    without a fingerprint (other tools', tumorseg's before it wrote one) are not judged."""
+    if made_by is None or not out_dir.is_dir():
+        return
+    import nibabel as nib
+
+    from ..evaluation.evaluate import find_predictions  # `<case>.nii[.gz]` label maps, as evaluate reads them
+
+    try:
+        files = find_predictions(out_dir)[0]
+    except TumorsegError:  # none there yet
+        return
+    other = []
+    for case_id, path in sorted(files.items()):
+        if force and case_id in run_ids:
+            continue  # redone by this run
+        try:
+            tag = MADE_BY_RE.search(bytes(nib.load(path).header["descrip"]).decode(errors="ignore"))
+        except Exception:  # noqa: BLE001 - not readable as NIfTI: not judged here (evaluate names it)
+            continue
+        if tag and tag[1] != made_by:
+            other.append(case_id)
+    if other:
+        shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        fix = ("predict into another folder" if set(other) - run_ids else
+               "--force redoes them with this one, or predict into another folder")
+        raise TumorsegError(f"{out_dir}: {len(other)} prediction(s) there come from another model or other settings "
+                            f"({shown}); {fix}")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -632,7 +688,9 @@ def predict(
         raise TumorsegError("--uncertainty comes from the TTA flips: add --tta (or use a checkpoint trained with --tta)")
     mine = shard(found)
     planned = {case.case_id: output_paths(out_dir, case.case_id, probabilities, plots, uncertainty) for case in mine}
+    made_by = predictor.made_by()
     with _claim(out_dir, [p.name for paths in planned.values() for p in paths]):
+        _refuse_other_models(out_dir, made_by, {c.case_id for c in found}, force)
         result = PredictResult(out_dir=out_dir)
         todo = []
         for case in mine:
@@ -664,7 +722,8 @@ def predict(
                 try:
                     inp = current.result()
                     pred = predict_case(predictor, case, probabilities, inp, uncertainty, paced if timing else None)
-                    writes.append((case, writer.submit(_write, pred, case, planned[case.case_id], probabilities, plots)))
+                    writes.append((case, writer.submit(_write, pred, case, planned[case.case_id], probabilities, plots,
+                                                       made_by)))
                 except Exception as exc:  # noqa: BLE001 - one line naming the case, the others go on
                     result.failed[case.case_id] = _failure(case, exc)
                     bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)
