@@ -82,6 +82,8 @@ def test_only_the_predicted_cases_when_asked_and_a_hint_when_some_are_missing(fo
     subset = evaluate(pred, gt, progress=False, only_predicted=True)
     assert [r.case_id for r in subset.rows] == [case_id(n) for n in (1, 3, 4, 6)] and not subset.missing
     assert "--only-predicted" not in subset.report() and subset.summary["cases"] == 4
+    assert "over 4 cases (1 evaluated, 3 failed, each scored Dice 0, HD95 373.13)" in subset.report()
+    assert "over 1 cases (1 evaluated, 0 failed)\n" in evaluate(pred, gt, progress=False, cases=[case_id(1)]).report()
     assert main(["evaluate", str(pred), str(gt), "--only-predicted", "--out", str(tmp_path / "m.csv")]) == 1  # errors
     with open(tmp_path / "m.csv") as fh:
         assert [row["status"] for row in csv.DictReader(fh)] == ["ok", "error", "error", "error"]

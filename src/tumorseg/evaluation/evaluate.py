@@ -298,8 +298,8 @@ def format_table(summary: dict[str, Any]) -> str:
     """A leaderboard-style text table of the summary's metrics (one row per region/metric)."""
     head = f"{'region':<7}{'metric':<13}" + "".join(f"{s:>12}" for s in ("mean", "std", "median", "25%", "75%"))
     lines = [
-        f"BraTS metrics over {summary['cases']} cases ({summary['evaluated']} evaluated, "
-        f"{summary['failed']} failed and scored Dice 0, HD95 {FAILED_CASE['hd95']})",
+        f"BraTS metrics over {summary['cases']} cases ({summary['evaluated']} evaluated, {summary['failed']} failed"
+        + (f", each scored Dice 0, HD95 {FAILED_CASE['hd95']})" if summary["failed"] else ")"),
     ]
     sections = (("BraTS 2020 (pooled HD95, medpy)", METRICS),
                 (f"BraTS 2023+ lesion-wise ({summary.get('challenges', 'GLI')}; HD95 {LESION_HD95_MISS} per miss)", LESION_METRICS))
