@@ -118,3 +118,14 @@ def test_layouts_conventions_and_geometry_flags(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: one line, exit code 2
         main(["prepare", str(tmp_path / "msd"), str(tmp_path / "bad"), "--spacing", "0,1,1"])
     assert "expected 3 positive numbers, got '0,1,1'" in capsys.readouterr().err
+
+
+def test_a_mistyped_option_is_the_commands_error_with_the_nearest_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "a.pt", "cases", "out", "--overlapp", "0.2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: tumorseg predict")
+    assert "tumorseg predict: error: unrecognized arguments: --overlapp (did you mean --overlap?) 0.2" in err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "preds", "truth", "surplus"])
+    assert "tumorseg evaluate: error: unrecognized arguments: surplus\n" in capsys.readouterr().err

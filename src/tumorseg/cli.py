@@ -7,6 +7,7 @@ instant. A `TumorsegError` becomes one line on stderr and exit code 2, never a t
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from pathlib import Path
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write synthetic BraTS-format cases")
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("out_dir", type=Path, help="where the case folders are written")
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--shape", type=_ints(3), default=(240, 240, 155), metavar="X,Y,Z")
     p.add_argument("--seed", type=int, default=0)
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="BraTS case folders -> training arrays (.npy) + manifest")
     p.add_argument("data_dir", type=Path, help="BraTS download, folder of case folders, one case folder, or a cases.csv naming each "
                         "case's files")
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("out_dir", type=Path, help="the prepared folder: images/, masks/, manifest.json")
     p.add_argument("--recipe", help="take the settings of a named recipe (seed, brats-cpu, brats-gpu); flags override")
     p.add_argument("--channels", type=parse_channels, help="comma list or 'all' (default: t2,t1ce,flair)")
     p.add_argument("--norm", choices=("minmax", "zscore"), help="default minmax")
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a network on a prepared folder")
-    p.add_argument("prepared_dir", type=Path)
+    p.add_argument("prepared_dir", type=Path, help="a folder tumorseg prepare wrote")
     p.add_argument("run_dir", type=Path, help="checkpoints, metrics.csv, curves.png and config.yaml go here")
     p.add_argument("--recipe", help="start from a named recipe: seed, brats-cpu, brats-gpu (config file and flags override)")
     p.add_argument("--config", type=Path, help="YAML or TOML file of settings (flags override it)")
@@ -282,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "best.pt), or a .onnx from tumorseg export")
     p.add_argument("input", type=Path, help="a case folder, a folder of case folders, or a cases.csv naming each case's files "
                         "(segmentations not needed)")
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("out_dir", type=Path, help="where <case>.nii.gz predictions go (created; finished cases skipped)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                    help="mixed precision (auto: bf16 where the GPU or CPU computes it natively, CPUs with "
@@ -325,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data (or --data DIR) on the CPU")
-    p.add_argument("work_dir", type=Path, nargs="?", default=Path("demo_out"))
+    p.add_argument("work_dir", type=Path, nargs="?", default=Path("demo_out"),
+                   help="where data, run and predictions go (default demo_out; run again to resume)")
     p.add_argument("--data", type=Path, help="a real BraTS download to run on instead of synthetic cases")
     p.add_argument("--epochs", type=int, help="training epochs (default 40)")
     p.set_defaults(func=cmd_demo)
@@ -346,11 +348,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the predictions' label convention (default: the tag predict writes, else the images' "
                         "or the truth's dataset's, else guessed from the values; said in the case's notes)")
     p.set_defaults(func=cmd_report)
+    for p in sub.choices.values():
+        p.set_defaults(subparser=p)  # for `parse`'s errors
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; an unknown option is the command's error (its usage, not the top level's),
+    with the nearest option it has."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        options = [o for action in args.subparser._actions for o in action.option_strings]
+        hints = [f"{u} (did you mean {near[0]}?)" if (near := difflib.get_close_matches(u.split("=")[0], options, 1))
+                 else u for u in unknown]
+        args.subparser.error(f"unrecognized arguments: {' '.join(hints)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.func(args)
     except TumorsegError as exc:
