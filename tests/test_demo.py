@@ -6,6 +6,7 @@ import pytest
 
 from tumorseg.checkpoint import load_checkpoint
 from tumorseg.demo import DemoSettings, run_demo
+from tumorseg.inference import Predictor
 from tumorseg.prepare import load_manifest
 from tumorseg.synth import synthesize
 
@@ -28,6 +29,10 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path, capsys):
     assert "[5/5] evaluating" in out.err and "demo finished" in out.out and "WT" in out.out
     again = run_demo(tmp_path, settings=TINY)  # everything done: skips, same numbers
     assert [r.metrics for r in again.rows] == [r.metrics for r in result.rows]
+    longer = run_demo(tmp_path, settings=replace(TINY, epochs=2))  # a new best.pt: its own predictions
+    made_by = Predictor.from_checkpoint(tmp_path / "run/best.pt", device="cpu").made_by()
+    assert not longer.failed and all(f"model={made_by}" in bytes(nib.load(p).header["descrip"]).decode()
+                                     for p in preds.glob("*.nii.gz"))
 
 
 @pytest.mark.parametrize("layout", ["msd", "bids"])

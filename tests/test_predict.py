@@ -214,6 +214,11 @@ def test_a_folder_keeps_to_one_model(raw, ckpt, tmp_path):
     with pytest.raises(TumorsegError, match=r"\(v1\); predict into another folder$"):  # v1 is not this run's
         predict(other, raw, out, device="cpu", progress=False, force=True, cases=["c0"])
     assert predict(ckpt, raw, out, device="cpu", progress=False).skipped == ["c0", "v1"]  # its own files: skipped
+    redone = predict(ckpt, raw, out, device="cpu", progress=False, tta=True, redo_others=True)
+    assert redone.predicted == ["c0", "v1"] and redone.skipped == []  # another's files redone (the demo's folder)
+    with pytest.raises(TumorsegError, match=r"\(c0, v1\); predict into another folder$"):  # v1 outside the run
+        predict(ckpt, raw, out, device="cpu", progress=False, redo_others=True, cases=["c0"])
+    predict(ckpt, raw, out, device="cpu", progress=False, force=True)  # all of it the plain run's again
     assert len(predict(other, raw, out, device="cpu", progress=False, force=True).written) == 2
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), AFFINE), out / "v1.nii.gz")  # another tool's file
     assert predict(other, raw, out, device="cpu", progress=False).skipped == ["c0", "v1"]

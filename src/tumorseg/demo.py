@@ -85,7 +85,8 @@ def run_demo(work_dir: str | Path = "demo_out", data: str | Path | None = None, 
           resume_with=f"the same demo command again (its folder: {work})")
     which = test if held_out is None else f"{len(held_out)} validation cases of {test}"
     _step(4, f"predicting the held-out cases ({which}) -> {work / 'predictions'} (NIfTI + PNG)")
-    predicted = predict(run / "best.pt", test, work / "predictions", plots=True, cases=held_out)
+    predicted = predict(run / "best.pt", test, work / "predictions", plots=True, cases=held_out,
+                        redo_others=True)  # after more training (--epochs), the new best.pt's
     _step(5, "evaluating with the BraTS region metrics")
     result = evaluate(predicted.out_dir, test, out_csv=work / "predictions" / "metrics.csv", cases=held_out)
     print(result.report())

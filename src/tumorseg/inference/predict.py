@@ -538,12 +538,12 @@ def _compile_if_it_pays(predictor: Predictor, seconds: float, passes_left: int, 
     return predictor if fast.model.failure else fast  # failed: the path that ran the first pass, not eager PyTorch
 
 
-def _refuse_other_models(out_dir: Path, made_by: str | None, run_ids: set[str], force: bool) -> None:
-    """A folder of predictions is one model's: files another model (or other settings) made that
-    this run would keep refuse it in one line (skipped, they would mix the two silently). Files
-    without a fingerprint (other tools', tumorseg's before it wrote one) are not judged."""
+def _made_by_others(out_dir: Path, made_by: str | None, redone: set[str]) -> list[str]:
+    """Cases (not `redone`) whose label file in `out_dir` records another `Predictor.made_by`:
+    another model or other settings. Files without one (other tools', tumorseg's before it
+    wrote one) are not judged."""
     if made_by is None or not out_dir.is_dir():
-        return
+        return []
     import nibabel as nib
 
     from ..evaluation.evaluate import find_predictions  # `<case>.nii[.gz]` label maps, as evaluate reads them
@@ -551,21 +551,27 @@ def _refuse_other_models(out_dir: Path, made_by: str | None, run_ids: set[str], 
     try:
         files = find_predictions(out_dir)[0]
     except TumorsegError:  # none there yet
-        return
+        return []
     other = []
     for case_id, path in sorted(files.items()):
-        if force and case_id in run_ids:
-            continue  # redone by this run
+        if case_id in redone:
+            continue
         try:
             tag = MADE_BY_RE.search(bytes(nib.load(path).header["descrip"]).decode(errors="ignore"))
         except Exception:  # noqa: BLE001 - not readable as NIfTI: not judged here (evaluate names it)
             continue
         if tag and tag[1] != made_by:
             other.append(case_id)
-    if other:
+    return other
+
+
+def _check_one_model(out_dir: Path, other: list[str], run_ids: set[str], redo_others: bool) -> None:
+    """A folder of predictions is one model's: another's files that this run would keep (skipped,
+    or of cases outside it) refuse it in one line."""
+    outside = set(other) - run_ids
+    if outside or (other and not redo_others):
         shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
-        fix = ("predict into another folder" if set(other) - run_ids else
-               "--force redoes them with this one, or predict into another folder")
+        fix = "predict into another folder" if outside else "--force redoes them with this one, or predict into another folder"
         raise TumorsegError(f"{out_dir}: {len(other)} prediction(s) there come from another model or other settings "
                             f"({shown}); {fix}")
 
@@ -622,6 +628,7 @@ def predict(
     engine: str = "auto",
     window: str | Sequence[int] | None = None,
     cases: Collection[str] | None = None,
+    redo_others: bool = False,
 ) -> PredictResult:
     """Segment every BraTS case under `input_dir` into `out_dir/<case_id>.nii.gz`.
 
@@ -654,10 +661,14 @@ def predict(
             training patch); a side larger than the brain's box means one window across it, and
             "box" one window over the whole box.
         cases: only the cases of these ids (None: all under `input_dir`).
+        redo_others: predict again this run's cases whose files another model (or other settings)
+            made, instead of refusing the run (the demo's own folder, after more training).
 
-    A failing case is reported in one line and recorded in the result; the others go on.
-    Under `torchrun` (one process per GPU, any number of nodes) each rank predicts its share of
-    the cases (`shard`); outputs are written atomically, so a re-run skips what is done.
+    A folder holds one model's predictions (`Predictor.made_by`, in each label file's header): a
+    run that would keep files another model made is refused in one line. A failing case is
+    reported in one line and recorded in the result; the others go on. Under `torchrun` (one
+    process per GPU, any number of nodes) each rank predicts its share of the cases (`shard`);
+    outputs are written atomically, so a re-run skips what is done.
     """
     switches = {"tta": tta, "postprocess": postprocess, "probabilities": probabilities, "force": force, "plots": plots,
                 "uncertainty": uncertainty, "report": report}
@@ -690,11 +701,13 @@ def predict(
     planned = {case.case_id: output_paths(out_dir, case.case_id, probabilities, plots, uncertainty) for case in mine}
     made_by = predictor.made_by()
     with _claim(out_dir, [p.name for paths in planned.values() for p in paths]):
-        _refuse_other_models(out_dir, made_by, {c.case_id for c in found}, force)
+        run_ids = {c.case_id for c in found}
+        other = _made_by_others(out_dir, made_by, run_ids if force else set())
+        _check_one_model(out_dir, other, run_ids, redo_others)
         result = PredictResult(out_dir=out_dir)
         todo = []
         for case in mine:
-            done = not force and all(p.exists() for p in planned[case.case_id])
+            done = not force and case.case_id not in other and all(p.exists() for p in planned[case.case_id])
             if done:
                 result.skipped.append(case.case_id)
             else:
