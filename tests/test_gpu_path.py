@@ -16,6 +16,7 @@ import torch
 
 from tumorseg import devices
 from tumorseg.checkpoint import load_checkpoint, save_checkpoint
+from tumorseg.errors import TumorsegError
 from tumorseg.data import PreparedDataset, eval_transform, make_loader, train_transform
 from tumorseg.inference import Predictor, case_statistics, choose_postprocessing, predict_case, tune_postprocessing
 from tumorseg.layouts import discover_cases
@@ -222,10 +223,15 @@ def test_windows_are_batched_within_a_memory_budget():
     assert devices.window_batch(CPU, (96, 96, 96)) == 2 and devices.window_batch(torch.device("cuda", 0), (128,) * 3) == 4
 
 
-@pytest.mark.parametrize("visible, local_rank, expected", [(8, 3, 3), (1, 3, 0), (2, 3, 1)])
-def test_each_rank_takes_a_gpu_it_can_see(monkeypatch, visible, local_rank, expected):
+@pytest.mark.parametrize("visible, local_rank, expected", [(8, 3, 3), (1, 3, 0), (2, 3, None)])
+def test_each_rank_takes_a_gpu_of_its_own(monkeypatch, visible, local_rank, expected):
     """torchrun's processes see every GPU (rank r takes cuda:r); launchers that give each process its
-    own (SLURM's --gpus-per-task=1) show it as cuda:0 whatever the rank."""
+    own (SLURM's --gpus-per-task=1) show it as cuda:0 whatever the rank; more ranks than GPUs is
+    one line (two ranks on one GPU: NCCL refuses)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    assert devices.resolve_device("auto", local_rank) == torch.device("cuda", expected)
+    if expected is None:
+        with pytest.raises(TumorsegError, match="LOCAL_RANK 3, but 2 GPUs are visible: run at most 2 processes"):
+            devices.resolve_device("auto", local_rank)
+    else:
+        assert devices.resolve_device("auto", local_rank) == torch.device("cuda", expected)

@@ -699,7 +699,8 @@ def test_visits_named_alike_in_each_patients_folder_are_named_by_their_patient(t
             _touch(tmp_path / "site" / patient / visit, "T1.nii.gz", "CT1.nii.gz", "T2.nii.gz", "FLAIR.nii.gz")
     _touch(tmp_path / "site/Patient-003/scans/week-000", "T1.nii.gz", "CT1.nii.gz", "T2.nii.gz", "FLAIR.nii.gz")
     cases = discover_cases(tmp_path)
-    assert [c.case_id for c in cases] == ["Patient-001_week-000", "Patient-002_week-000", "scans_week-000", "week-044"]
+    assert [c.case_id for c in cases] == ["Patient-001_week-000", "Patient-001_week-044", "Patient-002_week-000",
+                                          "scans_week-000"]  # every case by the same rule, one folder up
     assert cases[0].folder == tmp_path / "site/Patient-001/week-000"
     assert [c.case_id for c in discover_cases(tmp_path / "site/Patient-001")] == ["week-000", "week-044"]
     assert [c.case_id for c in discover_cases(tmp_path, only=["Patient-002_week-000"])] == ["Patient-002_week-000"]

@@ -54,6 +54,10 @@ def test_raw_case_with_nifti_prediction(raw_case, tmp_path, capsys):
     save_case_plot(raw_case, other, tmp_path / "figs" / "b.png")
     assert ("note: case_a: the prediction case_b.nii.gz is not named for this case (predict writes case_a.nii.gz)"
             in capsys.readouterr().err)
+    longer = tmp_path / "case_ab.nii.gz"  # a name that merely begins with the case's
+    longer.write_bytes(pred.read_bytes())
+    save_case_plot(raw_case, longer, tmp_path / "figs" / "c.png")
+    assert "case_ab.nii.gz is not named for this case" in capsys.readouterr().err
 
 
 def test_single_view_and_slice(raw_case, tmp_path):

@@ -197,7 +197,7 @@ def test_skip_existing_and_force(raw, ckpt, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
 
 
-def test_a_folder_keeps_to_one_model(raw, ckpt, tmp_path):
+def test_a_folder_keeps_to_one_model(raw, ckpt, tmp_path, capsys):
     """Skip-existing would keep one model's files beside another's: a run of another checkpoint, or
     of other label-deciding settings (TTA), is refused in one line; --force redoes the run's cases
     (not others'); files without a fingerprint (other tools) are not judged."""
@@ -220,10 +220,27 @@ def test_a_folder_keeps_to_one_model(raw, ckpt, tmp_path):
         predict(ckpt, raw, out, device="cpu", progress=False, redo_others=True, cases=["c0"])
     predict(ckpt, raw, out, device="cpu", progress=False, force=True)  # all of it the plain run's again
     assert len(predict(other, raw, out, device="cpu", progress=False, force=True).written) == 2
-    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), AFFINE), out / "v1.nii.gz")  # another tool's file
+    foreign = nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), AFFINE)
+    foreign.header["descrip"] = b"nnunet model=3d_fullres"  # another tool's file: not judged
+    nib.save(foreign, out / "v1.nii.gz")
     assert predict(other, raw, out, device="cpu", progress=False).skipped == ["c0", "v1"]
+    foreign.header["descrip"] = b"tumorseg labels=brats2020:1,2,4"  # tumorseg's before it recorded the model
+    nib.save(foreign, out / "v1.nii.gz")
+    assert predict(other, raw, out, device="cpu", progress=False).skipped == ["c0", "v1"]
+    assert "1 prediction(s) there record no model" in capsys.readouterr().err
+    window = Predictor.from_checkpoint(ckpt, device="cpu", window=(32, 32, 32))  # the training patch, given
+    assert window.made_by() == made_by
     hand_built = replace(Predictor.from_checkpoint(ckpt, device="cpu"), model_digest=None)
     assert hand_built.made_by() is None and predict(hand_built, raw, out, progress=False).skipped == ["c0", "v1"]
+
+
+def test_a_checkpoint_that_cannot_be_read_is_one_line(ckpt, monkeypatch):
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(sys.modules["tumorseg.inference.predict"], "file_digest", denied)
+    with pytest.raises(TumorsegError, match=r"tiny.pt: cannot read the checkpoint \(Permission denied\)$"):
+        Predictor.from_checkpoint(ckpt, device="cpu")
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,13 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference in ("cuda", "auto") and torch.cuda.is_available():
         # torchrun's processes each see every GPU; launchers that give each process its own
         # (SLURM's --gpus-per-task) show one, as cuda:0, whatever the local rank
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        visible = torch.cuda.device_count()
+        if visible == 1:
+            return torch.device("cuda", 0)
+        if local_rank >= visible:  # two ranks on one GPU: NCCL refuses, prediction would share it
+            raise TumorsegError(f"LOCAL_RANK {local_rank}, but {visible} GPUs are visible: run at most {visible} "
+                                "processes per node (torchrun --nproc_per_node)")
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 

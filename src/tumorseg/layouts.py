@@ -504,24 +504,19 @@ def _all_cases(root: Path, need_images: bool) -> list[Case]:
 
 
 def _named_apart(root: Path, cases: list[Case]) -> list[Case]:
-    """Cases of one id in different folders (longitudinal data: `patient_001/visit1`,
-    `patient_002/visit1`) named by as many of the folders above them as tell them apart:
-    `patient_001_visit1`, `patient_002_visit1`."""
-    groups: dict[str, list[Case]] = {}
-    for case in cases:
-        groups.setdefault(case.case_id, []).append(case)
-    named: list[Case] = []
-    for case_id, group in groups.items():
-        if len(group) == 1 or len({c.folder for c in group}) < len(group):
-            named += group  # alone, or twice in one folder: `_check_unique` says so
-            continue
-        above = [[p for p in c.folder.relative_to(root).parts if p != case_id] for c in group]
-        for k in range(1, max(map(len, above)) + 1):
-            ids = ["_".join([*parts[-k:], case_id]) for parts in above]
-            if len(set(ids)) == len(ids):
-                break
-        named += [replace(c, case_id=new_id) for c, new_id in zip(group, ids)]
-    return named
+    """Where ids clash between folders (longitudinal data: `Patient-001/week-000`,
+    `Patient-002/week-000`), every case is named by as many of the folders above it as tell them
+    all apart (`Patient-001_week-000`), one rule for the whole dataset, so no id stays ambiguous."""
+    counts = Counter(c.case_id for c in cases)
+    clashing = [c for c in cases if counts[c.case_id] > 1]
+    if not clashing or len({(c.case_id, c.folder) for c in clashing}) < len(clashing):
+        return cases  # no clash, or one within a folder: `_check_unique` says so
+    above = [[p for p in c.folder.relative_to(root).parts if p != c.case_id] for c in cases]
+    for k in range(1, max(map(len, above)) + 1):
+        ids = ["_".join([*parts[-k:], c.case_id]) for c, parts in zip(cases, above)]
+        if len(set(ids)) == len(ids):
+            return [replace(c, case_id=new_id) for c, new_id in zip(cases, ids)]
+    return cases
 
 
 def _check_unique(root: Path, cases: list[Case]) -> None:

@@ -353,8 +353,9 @@ def _pair_cases(
     with_seg = labelled(cases, gt_dir)
     predicted = [c for c in with_seg if c.case_id in preds or c.case_id in conflicts]
     if not predicted and (preds or conflicts):  # predictions of other cases: the wrong truth folder
-        some = ", ".join(sorted({**preds, **conflicts})[:3])
-        raise TumorsegError(f"{pred_dir}: none of its predictions ({some}, ...) is a case of {gt_dir} "
+        ids = sorted({**preds, **conflicts})
+        some = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+        raise TumorsegError(f"{pred_dir}: none of its predictions ({some}) is a case of {gt_dir} "
                             f"({len(with_seg)} segmented cases); give the ground truth of these cases")
     if only_predicted:
         with_seg = predicted

@@ -50,7 +50,7 @@ from .window import flip_dims, passes, to_labels, tta_probabilities
 REQUIRED_KEYS: tuple[str, ...] = ("network", "model", "prepare", "patch", "target")
 ENGINES: tuple[str, ...] = ("auto", "torch", "compile", "onnx")
 MADE_BY_DIGITS = 12  # hex digits of `Predictor.made_by` in a prediction's header (80 bytes in all)
-MADE_BY_RE = re.compile(r"\bmodel=([0-9a-f]+)")
+MADE_BY_RE = re.compile(rf"^tumorseg labels=\S+ model=([0-9a-f]{{{MADE_BY_DIGITS}}})\b")  # as `_write` tags
 # Networks ONNX Runtime ran faster than PyTorch on the CPU (bench_predict_paths, README "Measured"): our
 # UNet3D 1.4x per case at 128^3. MONAI's UNet was 7-25 % slower there (PyTorch batches its windows well),
 # unet-lite 30-60 % slower.
@@ -132,7 +132,8 @@ class Predictor:
         mixes another model's files into a folder; None where the model file is not known."""
         if self.model_digest is None:
             return None
-        settings = (self.model_digest, self.tta, self.overlap, self.window, self.largest_tumour, self.et_threshold)
+        window = None if self.window == self.patch else self.window  # the training patch, given or not
+        settings = (self.model_digest, self.tta, self.overlap, window, self.largest_tumour, self.et_threshold)
         return hashlib.sha256(repr(settings).encode()).hexdigest()[:MADE_BY_DIGITS]
 
     def fixed_window(self) -> bool:
@@ -194,26 +195,22 @@ class Predictor:
         if engine not in ENGINES:
             raise TumorsegError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
         where = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "checkpoint"
-        digest = None
-        if isinstance(checkpoint, (str, Path)):
-            checkpoint = checkpoint_file(checkpoint)
-            digest = file_digest(checkpoint) if checkpoint.is_file() else None
+        path = checkpoint_file(checkpoint) if isinstance(checkpoint, (str, Path)) else None
         dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: one GPU per rank
         model, engine_used, pytorch_model = None, "torch", None
-        if isinstance(checkpoint, (str, Path)) and Path(checkpoint).suffix.lower() == ".onnx":
+        if path is not None and path.suffix.lower() == ".onnx":
             if engine in ("torch", "compile"):
                 raise TumorsegError(f"{checkpoint}: an exported model runs only in ONNX Runtime (--engine auto or onnx)")
             from .onnx_model import load_onnx  # onnxruntime only for exported models (`tumorseg export`)
 
-            model, state = load_onnx(checkpoint, dev)
+            model, state = load_onnx(path, dev)
             engine_used = "onnx"
-            digest = (state.get("export") or {}).get("checkpoint_sha256") or digest  # the checkpoint's: same made_by
             if dev.type == "cuda" and model.device.type != "cuda":
                 print(f"note: {checkpoint}: ONNX Runtime's CUDA provider is not installed or did not load "
                       "(onnxruntime-gpu, built for this CUDA); the exported model runs on the CPU", file=sys.stderr)
                 dev = model.device
         else:
-            state = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+            state = load_checkpoint(path) if path is not None else checkpoint
         check_state(state, where, weights=model is None)
         spec = state["network"]
         divisor = required_divisor(spec["name"], spec.get("filters"))
@@ -256,8 +253,22 @@ class Predictor:
             engine=engine_used,
             network=spec["name"],
             pytorch_model=pytorch_model,
-            model_digest=digest,
+            model_digest=_model_digest(path, state),
         )
+
+
+def _model_digest(path: Path | None, state: dict[str, Any]) -> str | None:
+    """The SHA-256 of the checkpoint file (an export: of the checkpoint it records it came from, so
+    both fingerprint alike); None for a state given in memory."""
+    if path is None:
+        return None
+    recorded = (state.get("export") or {}).get("checkpoint_sha256")
+    if recorded:
+        return str(recorded)
+    try:
+        return file_digest(path)
+    except OSError as exc:
+        raise TumorsegError(f"{path}: cannot read the checkpoint ({exc.strerror or type(exc).__name__})") from None
 
 
 BOX_SIDE = 4096  # a window side beyond any brain's box: `roi` clips it to the box, one window over it
@@ -538,12 +549,12 @@ def _compile_if_it_pays(predictor: Predictor, seconds: float, passes_left: int, 
     return predictor if fast.model.failure else fast  # failed: the path that ran the first pass, not eager PyTorch
 
 
-def _made_by_others(out_dir: Path, made_by: str | None, redone: set[str]) -> list[str]:
-    """Cases (not `redone`) whose label file in `out_dir` records another `Predictor.made_by`:
-    another model or other settings. Files without one (other tools', tumorseg's before it
-    wrote one) are not judged."""
+def _made_by_others(out_dir: Path, made_by: str | None, redone: set[str]) -> tuple[list[str], list[str]]:
+    """Cases (not `redone`) whose label file in `out_dir` records another `Predictor.made_by`
+    (another model or other settings), and those tumorseg wrote before it recorded one (unknown).
+    Other tools' files are not judged."""
     if made_by is None or not out_dir.is_dir():
-        return []
+        return [], []
     import nibabel as nib
 
     from ..evaluation.evaluate import find_predictions  # `<case>.nii[.gz]` label maps, as evaluate reads them
@@ -551,18 +562,21 @@ def _made_by_others(out_dir: Path, made_by: str | None, redone: set[str]) -> lis
     try:
         files = find_predictions(out_dir)[0]
     except TumorsegError:  # none there yet
-        return []
-    other = []
+        return [], []
+    other, unknown = [], []
     for case_id, path in sorted(files.items()):
         if case_id in redone:
             continue
         try:
-            tag = MADE_BY_RE.search(bytes(nib.load(path).header["descrip"]).decode(errors="ignore"))
+            text = bytes(nib.load(path).header["descrip"]).decode(errors="ignore")
         except Exception:  # noqa: BLE001 - not readable as NIfTI: not judged here (evaluate names it)
             continue
+        tag = MADE_BY_RE.search(text)
         if tag and tag[1] != made_by:
             other.append(case_id)
-    return other
+        elif not tag and text.startswith("tumorseg labels="):
+            unknown.append(case_id)
+    return other, unknown
 
 
 def _check_one_model(out_dir: Path, other: list[str], run_ids: set[str], redo_others: bool) -> None:
@@ -702,8 +716,11 @@ def predict(
     made_by = predictor.made_by()
     with _claim(out_dir, [p.name for paths in planned.values() for p in paths]):
         run_ids = {c.case_id for c in found}
-        other = _made_by_others(out_dir, made_by, run_ids if force else set())
+        other, unknown = _made_by_others(out_dir, made_by, run_ids if force else set())
         _check_one_model(out_dir, other, run_ids, redo_others)
+        if unknown and _rank_world()[0] == 0:
+            print(f"note: {out_dir}: {len(unknown)} prediction(s) there record no model (tumorseg wrote them before "
+                  "it recorded one): kept as they are; --force redoes them", file=sys.stderr)
         result = PredictResult(out_dir=out_dir)
         todo = []
         for case in mine:

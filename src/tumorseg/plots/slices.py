@@ -16,6 +16,7 @@ Slice numbers are voxel indices in that orientation.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,7 +254,8 @@ def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> n
         labels, where = _npy_to_labels(pred, "prediction array"), "prediction array"
     else:
         where = Path(pred)
-        if data.case_id not in where.name:  # another case's file draws without error on a grid of the same shape
+        # another case's file draws without error on a grid of the same shape (`_0012` is not `_001`'s)
+        if not re.search(rf"(^|[^0-9A-Za-z]){re.escape(data.case_id)}($|[^0-9A-Za-z])", where.name):
             print(f"note: {data.case_id}: the prediction {where.name} is not named for this case (predict writes "
                   f"{data.case_id}.nii.gz)", file=sys.stderr)
         if where.suffix == ".npy":
