@@ -157,7 +157,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = OPSET) -> 
             its network, an opset the exporter cannot write, or the ONNX extra missing.
     """
     onnx = _require("onnx")
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = checkpoint_file(checkpoint), Path(out)  # a run folder: its best.pt
     if out.suffix.lower() != ".onnx":
         raise TumorsegError(f"{out}: name the exported model *.onnx (predict knows it by that)")
     if not isinstance(opset, (int, np.integer)) or not MIN_OPSET <= int(opset) <= MAX_OPSET:  # below: operators the networks use are missing; above:
@@ -169,7 +169,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = OPSET) -> 
     settings["export"] = {"opset": int(opset), "exporter": "torchscript", "tumorseg_version": __version__,
                           "torch_version": str(torch.__version__), "onnx_version": onnx.__version__,
                           # predictions from the export and from the checkpoint carry the same `made_by`
-                          "checkpoint_sha256": file_digest(checkpoint_file(checkpoint))}
+                          "checkpoint_sha256": file_digest(checkpoint)}
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(_plain(settings))
     proto.doc_string = f"tumorseg {state['network']['name']} exported from {checkpoint.name}"
