@@ -79,3 +79,19 @@ def native_cpu_bf16(monkeypatch, native: bool) -> None:
     """Answer PyTorch's CPU probes as a CPU with (AVX512-BF16) or without native bf16."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+
+def interrupt_training(monkeypatch, epoch: int):
+    """Ctrl-C in training's epoch `epoch` (0-based); returns the real `train_epoch` to restore."""
+    import importlib
+
+    train_module = importlib.import_module("tumorseg.training.train")
+    real = train_module.train_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[6] == epoch:  # train_epoch's epoch argument
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", interrupted)
+    return real

@@ -10,6 +10,8 @@ from tumorseg.inference import Predictor
 from tumorseg.prepare import load_manifest
 from tumorseg.synth import synthesize
 
+from factory import interrupt_training
+
 TINY = DemoSettings(cases=5, test_cases=2, shape=(48, 48, 40), crop=(32, 32, 32), filters=(4, 8, 16), epochs=1)
 
 
@@ -48,23 +50,13 @@ def test_demo_on_a_users_dataset_holds_out_its_validation_cases(tmp_path, layout
 
 
 def test_demo_interrupted_in_training_says_to_run_it_again_and_then_resumes(tmp_path, capsys, monkeypatch):
-    import importlib
-
-    train_module = importlib.import_module("tumorseg.training.train")
-    real = train_module.train_epoch
-
-    def interrupted(*args, **kwargs):
-        if args[6] == 1:  # the second epoch
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_epoch", interrupted)
+    interrupt_training(monkeypatch, 1)
     settings = replace(TINY, epochs=2)
     with pytest.raises(KeyboardInterrupt):
         run_demo(tmp_path, settings=settings)
     err = capsys.readouterr().err
     assert f"holds epoch 1; continue with the same demo command again (its folder: {tmp_path})" in err
     assert "--resume" not in err  # the demo has no such option
-    monkeypatch.setattr(train_module, "train_epoch", real)
+    monkeypatch.undo()
     result = run_demo(tmp_path, settings=settings)  # trains epoch 2 only, from last.pt
     assert not result.failed and load_checkpoint(tmp_path / "run/last.pt")["epoch"] == 2

@@ -14,7 +14,7 @@ from tumorseg.training import TrainConfig, load_checkpoint, resolve_config, trai
 
 train_module = importlib.import_module("tumorseg.training.train")
 
-from factory import write_case
+from factory import interrupt_training, write_case
 
 TINY = dict(filters=[4, 8, 16], batch_size=2, lr=3e-3, seed=1)
 
@@ -65,14 +65,7 @@ def test_checkpoint_is_self_describing_and_safe(prepared, tmp_path):
 
 
 def test_ctrl_c_leaves_a_usable_last_checkpoint(prepared, tmp_path, monkeypatch):
-    real = train_module.train_epoch
-
-    def interrupted(*args, **kwargs):
-        if args[6] == 1:  # the epoch argument
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_epoch", interrupted)
+    real = interrupt_training(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(prepared, tmp_path / "run", TrainConfig(epochs=3, **TINY), progress=False)
     assert load_checkpoint(tmp_path / "run/last.pt")["epoch"] == 1
@@ -97,10 +90,7 @@ def test_resume_with_more_epochs_continues_the_schedule_on_its_new_curve(prepare
 
 
 def test_ctrl_c_before_any_epoch_is_saved_says_there_is_nothing_to_resume(prepared, tmp_path, monkeypatch, capsys):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "train_epoch", interrupted)
+    interrupt_training(monkeypatch, 0)
     with pytest.raises(KeyboardInterrupt):
         train(prepared, tmp_path / "run", TrainConfig(epochs=3, **TINY), progress=False)
     assert "nothing to resume; start the run again" in capsys.readouterr().err
