@@ -31,6 +31,8 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path, capsys):
     assert "[5/5] evaluating" in out.err and "demo finished" in out.out and "WT" in out.out
     again = run_demo(tmp_path, settings=TINY)  # everything done: skips, same numbers
     assert [r.metrics for r in again.rows] == [r.metrics for r in result.rows]
+    assert f"[1/5] using the 5 + 2 held-out BraTS-format cases at (48, 48, 40) in {tmp_path / 'data'}" in (
+        capsys.readouterr().err)
     longer = run_demo(tmp_path, settings=replace(TINY, epochs=2))  # a new best.pt: its own predictions
     made_by = Predictor.from_checkpoint(tmp_path / "run/best.pt", device="cpu").made_by()
     assert not longer.failed and all(f"model={made_by}" in bytes(nib.load(p).header["descrip"]).decode()

@@ -40,9 +40,12 @@ def _synthetic_data(work: Path, s: DemoSettings) -> tuple[Path, Path]:
     from .synth import synthesize
 
     train_dir, test_dir = work / "data" / "train", work / "data" / "test"
-    for folder, n, start in ((train_dir, s.cases, 1), (test_dir, s.test_cases, s.cases + 1)):
-        if len(list(folder.glob("BraTS20_Training_*"))) != n:
-            synthesize(folder, n, shape=s.shape, seed=s.seed, start_index=start)
+    parts = [(folder, n, start) for folder, n, start in ((train_dir, s.cases, 1), (test_dir, s.test_cases, s.cases + 1))
+             if len(list(folder.glob("BraTS20_Training_*"))) != n]
+    what = f"{s.cases} + {s.test_cases} held-out BraTS-format cases at {s.shape}"
+    _step(1, f"synthesising {what}" if parts else f"using the {what} in {work / 'data'}")
+    for folder, n, start in parts:
+        synthesize(folder, n, shape=s.shape, seed=s.seed, start_index=start)
     return train_dir, test_dir
 
 
@@ -65,7 +68,6 @@ def run_demo(work_dir: str | Path = "demo_out", data: str | Path | None = None, 
 
     s, work = settings or DemoSettings(), Path(work_dir)
     if data is None:
-        _step(1, f"synthesising {s.cases} + {s.test_cases} held-out BraTS-format cases at {s.shape}")
         raw, test = _synthetic_data(work, s)
         prep_cfg, patch = PrepareConfig(crop_size=s.crop, crop_mode="brain", min_tumour=s.min_tumour), None
     else:
