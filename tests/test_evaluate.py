@@ -194,7 +194,8 @@ def test_an_output_that_cannot_be_written_fails_before_the_scoring(folders, tmp_
     gt, pred = folders
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(module, "_run_jobs", lambda *a: pytest.fail("scored although the results could not be kept"))
-    with pytest.raises(TumorsegError, match=rf"^{tmp_path / 'file' / 'out'}: cannot write there"):
+    with pytest.raises(TumorsegError, match=rf"^{tmp_path / 'file' / 'out'}: cannot write there \(.*\); write the "
+                                            r"metrics elsewhere \(--out\)$"):
         evaluate(pred, gt, out_csv=tmp_path / "file/out/m.csv", progress=False)
 
 

@@ -111,8 +111,9 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         raise
 
 
-def check_writable(folder: str | os.PathLike) -> None:
-    """One line before the work, not after it, when `folder` cannot take output files."""
+def check_writable(folder: str | os.PathLike, hint: str = "") -> None:
+    """One line before the work, not after it, when `folder` cannot take output files (`hint`:
+    what to do instead, appended)."""
     import tempfile
 
     folder = Path(folder)
@@ -121,7 +122,7 @@ def check_writable(folder: str | os.PathLike) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-"):
             pass
     except OSError as exc:
-        raise TumorsegError(f"{folder}: cannot write there ({exc.strerror or exc})") from None
+        raise TumorsegError(f"{folder}: cannot write there ({exc.strerror or exc}){'; ' + hint if hint else ''}") from None
 
 
 def _remove(tmp: Path) -> None:

@@ -418,7 +418,7 @@ def evaluate(
     jobs, decided, lists = _pair_cases(gt_dir, pred_dir, labels, challenge, pred_labels, cases, only_predicted)
     for out in (out_csv, out_json):
         if out is not None:  # the inputs are checked; now, before the scoring a failed write would lose
-            check_writable(Path(out).parent)
+            check_writable(Path(out).parent, "write the metrics elsewhere (--out)")
     rows = sorted(decided + _run_jobs(jobs, workers, progress), key=lambda r: r.case_id)
     lists["notes"] += [r.message for r in rows if r.status == STATUS_OK and r.message]
     missing = [r.case_id for r in rows if r.status == STATUS_MISSING]
