@@ -290,7 +290,7 @@ def test_table_equals_volumes_csv(built):
         rows = list(csv.DictReader(fh))
     index = parse(result.index)
     keys = index.header[2:]
-    assert keys == list(rows[0])[1:-2]  # every CSV column but the warnings' and the notes' text is in the table
+    assert keys == list(rows[0])[1:-3]  # every CSV column but the warnings', the notes' text and the model's
     assert [r["case"] for r in rows] == [row[1] for row in index.rows]
     for row, cells in zip(rows, index.rows):
         for key, value in zip(keys, cells[2:]):
@@ -545,3 +545,26 @@ def test_untagged_predictions_are_read_in_a_named_convention_and_say_so(tmp_path
     case = one("pmsd", gt=layout, pred_labels="msd")
     assert case.notes == [] and case.measures.volumes_cm3 == pytest.approx(truth_volumes)
     assert all(case.metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET"))
+
+
+def _tag(path: Path, model: str) -> None:
+    img = nib.load(path)
+    img.header["descrip"] = f"tumorseg labels=brats2020:1,2,4 model={model}".encode()
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header), path)
+
+
+def test_the_model_that_made_each_prediction_and_a_warning_when_several_did(tmp_path):
+    cases = {f"case_{i}": write_case(tmp_path / "data", f"case_{i}", seed=i) for i in range(3)}
+    copy_predictions(cases, tmp_path / "preds")
+    for cid in cases:
+        _tag(tmp_path / "preds" / f"{cid}.nii.gz", "aaaaaaaaaaaa")
+    one = report(tmp_path / "preds", out=tmp_path / "one", progress=False)
+    assert [c.model for c in one.cases] == ["aaaaaaaaaaaa"] * 3
+    index = one.index.read_text()
+    assert "predict recorded): aaaaaaaaaaaa</li>" in index and "several models" not in index
+    assert "model aaaaaaaaaaaa)" in one.pages[0].read_text()
+    with open(one.csv, newline="") as fh:
+        assert [row["model"] for row in csv.DictReader(fh)] == ["aaaaaaaaaaaa"] * 3
+    _tag(tmp_path / "preds" / "case_2.nii.gz", "bbbbbbbbbbbb")
+    mixed = report(tmp_path / "preds", out=tmp_path / "mixed", progress=False).index.read_text()
+    assert "Predictions of several models" in mixed and "aaaaaaaaaaaa (2 cases), bbbbbbbbbbbb (1 cases)" in mixed

@@ -160,13 +160,31 @@ def convention_from_tag(text: str) -> LabelConvention | None:
     return LabelConvention(m["name"], *values[:3], cavity=values[3] if len(values) == 4 else None)
 
 
+def _description(header) -> str:
+    try:
+        return bytes(header["descrip"]).decode(errors="ignore")
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
 def convention_from_header(header) -> LabelConvention | None:
     """The convention `predict` recorded in a NIfTI header's description (`tag()`), if any."""
-    try:
-        text = bytes(header["descrip"]).decode(errors="ignore")
-    except (KeyError, TypeError, ValueError):
-        return None
-    return convention_from_tag(text)
+    return convention_from_tag(_description(header))
+
+
+MODEL_DIGITS = 12  # hex digits of the model fingerprint `predict` writes after the labels tag
+_MODEL_RE = re.compile(rf"^tumorseg labels=\S+ model=([0-9a-f]{{{MODEL_DIGITS}}})\b")
+
+
+def model_from_header(header) -> str | None:
+    """The model fingerprint `predict` recorded after its labels tag (`Predictor.made_by`), if any."""
+    found = _MODEL_RE.search(_description(header))
+    return found[1] if found else None
+
+
+def tumorseg_prediction(header) -> bool:
+    """Whether `predict` wrote this label file (its labels tag opens the description)."""
+    return _description(header).startswith("tumorseg labels=")
 
 
 def convention_from_names(labels: dict[str, int], name: str) -> LabelConvention:

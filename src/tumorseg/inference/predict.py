@@ -18,7 +18,6 @@ import hashlib
 import importlib.util
 import itertools
 import os
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -37,7 +36,8 @@ from ..devices import amp_dtype, autocast, describe, resolve_device, window_batc
 from ..errors import TumorsegError
 from ..geometry import Grid, resample_box
 from ..io import file_digest, save_nifti, sweep_stale_temps
-from ..labels import CLASS_ABBREVIATIONS, RAW_LABELS, REGIONS, LabelConvention, convention
+from ..labels import (CLASS_ABBREVIATIONS, MODEL_DIGITS, RAW_LABELS, REGIONS, LabelConvention, convention,
+                      model_from_header, tumorseg_prediction)
 from ..layouts import Case, discover_cases
 from ..lock import LOCK_NAME, folder_lock
 from ..networks import build_network, required_divisor
@@ -49,8 +49,6 @@ from .window import flip_dims, passes, to_labels, tta_probabilities
 
 REQUIRED_KEYS: tuple[str, ...] = ("network", "model", "prepare", "patch", "target")
 ENGINES: tuple[str, ...] = ("auto", "torch", "compile", "onnx")
-MADE_BY_DIGITS = 12  # hex digits of `Predictor.made_by` in a prediction's header (80 bytes in all)
-MADE_BY_RE = re.compile(rf"^tumorseg labels=\S+ model=([0-9a-f]{{{MADE_BY_DIGITS}}})\b")  # as `_write` tags
 # Networks ONNX Runtime ran faster than PyTorch on the CPU (bench_predict_paths, README "Measured"): our
 # UNet3D 1.4x per case at 128^3. MONAI's UNet was 7-25 % slower there (PyTorch batches its windows well),
 # unet-lite 30-60 % slower.
@@ -134,7 +132,7 @@ class Predictor:
             return None
         window = None if self.window == self.patch else self.window  # the training patch, given or not
         settings = (self.model_digest, self.tta, self.overlap, window, self.largest_tumour, self.et_threshold)
-        return hashlib.sha256(repr(settings).encode()).hexdigest()[:MADE_BY_DIGITS]
+        return hashlib.sha256(repr(settings).encode()).hexdigest()[:MODEL_DIGITS]
 
     def fixed_window(self) -> bool:
         """Every case's windows have one size: at most the training patch (the box is at least that)."""
@@ -568,13 +566,13 @@ def _made_by_others(out_dir: Path, made_by: str | None, redone: set[str]) -> tup
         if case_id in redone:
             continue
         try:
-            text = bytes(nib.load(path).header["descrip"]).decode(errors="ignore")
+            header = nib.load(path).header
         except Exception:  # noqa: BLE001 - not readable as NIfTI: not judged here (evaluate names it)
             continue
-        tag = MADE_BY_RE.search(text)
-        if tag and tag[1] != made_by:
+        model = model_from_header(header)
+        if model is not None and model != made_by:
             other.append(case_id)
-        elif not tag and text.startswith("tumorseg labels="):
+        elif model is None and tumorseg_prediction(header):
             unknown.append(case_id)
     return other, unknown
 

@@ -11,7 +11,7 @@ from ..errors import TumorsegError
 from ..evaluation.evaluate import detect_labels, truth_labels
 from ..geometry import Grid, labels_onto, resample
 from ..io import Volume, load_nifti
-from ..labels import LabelConvention, convention_from_header
+from ..labels import LabelConvention, convention_from_header, model_from_header
 from ..layouts import Case
 from ..plots.slices import raw_to_labels, load_case
 from ..prepare.crop import brain_mask
@@ -29,6 +29,7 @@ class CaseReport:
     uncertainty: mean uncertainty inside the predicted whole tumour, when a map exists.
     metrics: {region: {metric: value}} against the ground truth, with --gt.
     notes: how an untagged prediction's labels were read (shown, not counted as warnings).
+    model: the fingerprint of the model and settings `predict` recorded (None: not recorded).
     """
 
     case_id: str
@@ -40,6 +41,7 @@ class CaseReport:
     uncertainty: float | None = None
     metrics: dict[str, dict[str, float]] | None = None
     notes: list[str] = field(default_factory=list)
+    model: str | None = None
 
 
 def prediction_labels(
@@ -110,7 +112,8 @@ def report_case(
         except TumorsegError as exc:
             warnings.append(f"{exc}; uncertainty not shown")
     figures = save_figures(make_scene(data, drawn, brain, wt_drawn), measures, unc_map, figure_dir, case_id)
-    return CaseReport(case_id, path, conv, measures, warnings, figures, score, notes=notes)
+    return CaseReport(case_id, path, conv, measures, warnings, figures, score, notes=notes,
+                      model=model_from_header(prediction.header))
 
 
 def _load_uncertainty(path: Path, case_id: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -10,6 +10,7 @@ the problems) and shows any problem at the top of the page.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
@@ -142,8 +143,17 @@ def index_page(cases: list[CaseReport], cols: list[Column], stats: dict[str, dic
     """The cohort: sources, failed cases, summary statistics, the sortable table, definitions."""
     parts = ["<h1>Tumour segmentation report</h1>", "<ul>"]
     parts += [f"<li>{escape(k)}: {escape(v)}</li>" for k, v in sources.items()]
+    models = Counter(c.model for c in cases if c.model)
+    if len(models) == 1:
+        parts.append("<li>model (fingerprint of the checkpoint and settings predict recorded): "
+                     f"{escape(next(iter(models)))}</li>")
     could_not = f", {len(failed)} could not be read" if failed else ""
     parts += ["</ul>", f"<p>{len(cases)} case(s) reported{could_not}. Click a column header to sort.</p>"]
+    if len(models) > 1:  # a cohort's numbers from different models would be compared as one
+        parts += ['<h2 class="warn">Predictions of several models</h2>',
+                  f'<p class="warn">These predictions come from {len(models)} models or settings (the fingerprint '
+                  "predict records in each file): "
+                  + escape(", ".join(f"{m} ({n} cases)" for m, n in models.most_common())) + ".</p>"]
     if failed:
         parts += ['<h2 class="warn">Not reported</h2>', '<ul class="warn">']
         parts += [f"<li>{escape(msg)}</li>" for msg in failed.values()]
@@ -180,7 +190,8 @@ def case_page(case: CaseReport, cols: list[Column], index: Path) -> str:
     here = case.figures["views"].parent
     text = cells(case, cols)
     parts = [f'<p><a href="{link(index, here)}">&larr; all cases</a></p>', f"<h1>{escape(case.case_id)}</h1>",
-             f"<p>prediction {escape(str(case.prediction))} (label convention {escape(case.labels.name)})</p>",
+             f"<p>prediction {escape(str(case.prediction))} (label convention {escape(case.labels.name)}"
+             + (f", model {escape(case.model)}" if case.model else "") + ")</p>",
              "<h2>Warnings</h2>"]
     if case.warnings:
         parts += ['<ul class="warn">', *(f"<li>{escape(w)}</li>" for w in case.warnings), "</ul>"]

@@ -95,12 +95,13 @@ def cells(case: CaseReport, cols: list[Column]) -> dict[str, str]:
 
 def csv_text(cases: list[CaseReport], cols: list[Column]) -> str:
     """`volumes.csv`: one row per case, the columns above, then the warnings and the notes in words
-    (" | " between)."""
+    (" | " between) and the model fingerprint `predict` recorded."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", *(c.key for c in cols), "warning_text", "notes"])
+    writer.writerow(["case", *(c.key for c in cols), "warning_text", "notes", "model"])
     for case in cases:
-        writer.writerow([case.case_id, *cells(case, cols).values(), " | ".join(case.warnings), " | ".join(case.notes)])
+        writer.writerow([case.case_id, *cells(case, cols).values(), " | ".join(case.warnings), " | ".join(case.notes),
+                         case.model or ""])
     return buf.getvalue()
 
 
