@@ -173,7 +173,14 @@ def convention_from_header(header) -> LabelConvention | None:
 
 
 MODEL_DIGITS = 12  # hex digits of the model fingerprint `predict` writes after the labels tag
-_MODEL_RE = re.compile(rf"^tumorseg labels=\S+ model=([0-9a-f]{{{MODEL_DIGITS}}})\b")
+_PREDICTION_TAG = "tumorseg "
+_MODEL_RE = re.compile(rf"^{_PREDICTION_TAG}labels=\S+ model=([0-9a-f]{{{MODEL_DIGITS}}})\b")
+
+
+def prediction_description(conv: LabelConvention, model: str | None) -> str:
+    """What `predict` writes in a label file's header description: its convention's `tag()`, then
+    the model fingerprint (`Predictor.made_by`) where known; read back by the functions below."""
+    return f"{_PREDICTION_TAG}{conv.tag()}" + (f" model={model}" if model else "")
 
 
 def model_from_header(header) -> str | None:
@@ -184,7 +191,7 @@ def model_from_header(header) -> str | None:
 
 def tumorseg_prediction(header) -> bool:
     """Whether `predict` wrote this label file (its labels tag opens the description)."""
-    return _description(header).startswith("tumorseg labels=")
+    return _description(header).startswith(f"{_PREDICTION_TAG}labels=")
 
 
 def convention_from_names(labels: dict[str, int], name: str) -> LabelConvention:

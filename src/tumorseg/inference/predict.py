@@ -37,7 +37,7 @@ from ..errors import TumorsegError
 from ..geometry import Grid, resample_box
 from ..io import file_digest, save_nifti, sweep_stale_temps
 from ..labels import (CLASS_ABBREVIATIONS, MODEL_DIGITS, RAW_LABELS, REGIONS, LabelConvention, convention,
-                      model_from_header, tumorseg_prediction)
+                      model_from_header, prediction_description, tumorseg_prediction)
 from ..layouts import Case, discover_cases
 from ..lock import LOCK_NAME, folder_lock
 from ..networks import build_network, required_divisor
@@ -518,8 +518,8 @@ def output_paths(
 def _write(pred: CasePrediction, case: Case, paths: list[Path], probabilities: bool, plots: bool,
            made_by: str | None) -> list[Path]:
     """Write one case's outputs (in a writer thread while the network works on the next case)."""
-    tags = f"tumorseg {pred.convention.tag()}" + (f" model={made_by}" if made_by else "")
-    save_nifti(paths[0], pred.labels, pred.affine, pred.header, description=tags)
+    description = prediction_description(pred.convention, made_by)
+    save_nifti(paths[0], pred.labels, pred.affine, pred.header, description=description)
     if probabilities:
         probs = np.ascontiguousarray(np.moveaxis(pred.probabilities, 0, -1), dtype=np.float32)  # (X, Y, Z, K)
         save_nifti(paths[1], probs, pred.affine, pred.header,
@@ -583,7 +583,8 @@ def _check_one_model(out_dir: Path, other: list[str], run_ids: set[str], redo_ot
     outside = set(other) - run_ids
     if outside or (other and not redo_others):
         shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
-        fix = "predict into another folder" if outside else "--force redoes them with this one, or predict into another folder"
+        fix = ("predict into another folder" if outside else
+               "--force redoes them with this one, or predict into another folder")
         raise TumorsegError(f"{out_dir}: {len(other)} prediction(s) there come from another model or other settings "
                             f"({shown}); {fix}")
 
@@ -748,8 +749,8 @@ def predict(
             for i, case in enumerate(todo):
                 current, loading = loading, reader.submit(load_input, predictor, todo[i + 1]) if i + 1 < len(todo) else None
                 try:
-                    inp = current.result()
-                    pred = predict_case(predictor, case, probabilities, inp, uncertainty, paced if timing else None)
+                    pred = predict_case(predictor, case, probabilities, current.result(), uncertainty,
+                                        paced if timing else None)
                     writes.append((case, writer.submit(_write, pred, case, planned[case.case_id], probabilities, plots,
                                                        made_by)))
                 except Exception as exc:  # noqa: BLE001 - one line naming the case, the others go on

@@ -7,8 +7,9 @@ import numpy as np
 from .measure import LESION_MIN_VOXELS, Measures
 
 SCATTERED_MAX_LESIONS = 3  # more separate lesions than this is unusual for a glioma
-# Tumour outside the images' non-zero region: expert BraTS segmentations have 0-1 such voxels
-# (a tumour reaching the brain's surface touches the mask's border by nature), so only more is said.
+# Tumour outside the images' non-zero region: the 20 sample cases' expert segmentations have 0-3
+# such voxels (a tumour reaching the brain's surface touches the mask's border by nature), so only
+# more is said.
 OUTSIDE_MIN_VOXELS = 20
 OUTSIDE_MIN_FRACTION = 0.005
 

@@ -76,12 +76,18 @@ class Measures:
     """
 
     volumes_cm3: dict[str, float]
-    lesions: int
-    specks: int
     component_sizes: tuple[int, ...]
     enhancing: Diameters | None
     whole: Diameters | None
     centroid: tuple[float, float, float] | None
+
+    @property
+    def lesions(self) -> int:
+        return sum(n >= LESION_MIN_VOXELS for n in self.component_sizes)
+
+    @property
+    def specks(self) -> int:
+        return len(self.component_sizes) - self.lesions
 
 
 def label_names(conv: LabelConvention) -> dict[int, str]:
@@ -139,12 +145,9 @@ def measure(labels: np.ndarray, affine: np.ndarray, conv: LabelConvention, wt: n
     volumes.update({r: float(counts[list(c)].sum() * cm3) for r, c in TUMOUR_CLASSES.items()})
     wt = whole_tumour(labels) if wt is None else wt
     lesions = lesion_sizes(wt)
-    sizes = lesions[1]
     return Measures(
         volumes_cm3=volumes,
-        lesions=sum(n >= LESION_MIN_VOXELS for n in sizes),
-        specks=sum(n < LESION_MIN_VOXELS for n in sizes),
-        component_sizes=sizes,
+        component_sizes=lesions[1],
         enhancing=bidimensional(largest_lesion(labels == 3), affine),
         whole=bidimensional(largest_lesion(wt, lesions), affine),
         centroid=centroid_world(wt, affine),
