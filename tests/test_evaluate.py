@@ -9,6 +9,7 @@ from tumorseg.cli import main
 from tumorseg.errors import TumorsegError
 from tumorseg.evaluation import FAILED_CASE, evaluate
 from tumorseg.evaluation.evaluate import STATS
+from tumorseg.labels import BRATS2020, prediction_description
 
 from factory import AFFINE, write_case
 
@@ -64,13 +65,37 @@ def test_statuses_lists_and_csv(folders, tmp_path):
 
     with open(tmp_path / "out" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0])[:4] == ["case", "status", "WT_dice", "WT_hd95"] and list(rows[0])[-1] == "message"
+    assert list(rows[0])[:4] == ["case", "status", "WT_dice", "WT_hd95"] and list(rows[0])[-2:] == ["message", "model"]
     assert [r["case"] for r in rows] == [case_id(n) for n in (1, 2, 3, 4, 6)]
     perfect, missing = rows[0], rows[1]
     for region in ("WT", "TC", "ET"):
         assert float(perfect[f"{region}_dice"]) == 1.0 and float(perfect[f"{region}_hd95"]) == 0.0
         assert float(missing[f"{region}_dice"]) == 0.0 and float(missing[f"{region}_hd95"]) == 373.13
     assert missing["status"] == "missing" and "no prediction" in missing["message"]
+
+
+def test_model_fingerprints_are_listed_and_several_models_warned(folders, tmp_path):
+    """The fingerprint `predict` records per prediction: per case in the CSV, counted in the summary,
+    named under the table, and a warning when one table would average several models' scores."""
+    gt, _ = folders
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for n, model in ((1, "0123456789ab"), (3, "0123456789ab"), (4, None)):
+        image = nib.Nifti1Image(seg_of(gt, n).astype(np.uint8), AFFINE)
+        image.header["descrip"] = prediction_description(BRATS2020, model).encode()
+        nib.save(image, pred / f"{case_id(n)}.nii.gz")
+    one = evaluate(pred, gt, out_csv=tmp_path / "m.csv", progress=False, only_predicted=True)
+    assert one.summary["models"] == {"0123456789ab": 2}
+    assert "model: 0123456789ab (the fingerprint predict recorded" in one.report() and "warning" not in one.report()
+    with open(tmp_path / "m.csv") as fh:
+        assert [row["model"] for row in csv.DictReader(fh)] == ["0123456789ab", "0123456789ab", ""]
+    image = nib.Nifti1Image(seg_of(gt, 4).astype(np.uint8), AFFINE)
+    image.header["descrip"] = prediction_description(BRATS2020, "fedcba987654").encode()
+    nib.save(image, pred / f"{case_id(4)}.nii.gz")
+    several = evaluate(pred, gt, progress=False, only_predicted=True)
+    assert several.summary["models"] == {"0123456789ab": 2, "fedcba987654": 1}
+    assert ("warning: predictions of 2 models or settings scored together (the fingerprint predict records): "
+            "0123456789ab (2 cases), fedcba987654 (1 case)") in several.report()
 
 
 def test_only_the_predicted_cases_when_asked_and_a_hint_when_some_are_missing(folders, tmp_path):

@@ -34,6 +34,7 @@ import io as _stdio
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Collection, Iterable
@@ -43,7 +44,8 @@ import numpy as np
 from ..errors import TumorsegError
 from ..geometry import Grid, labels_onto
 from ..io import NIFTI_RE, Volume, check_writable, load_nifti, write_text
-from ..labels import BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header
+from ..labels import (BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header,
+                      model_from_header)
 from ..layouts import UNNAMED_CONVENTION, Case, discover_cases
 from ..pool import worker_pool
 from .lesionwise import LESION_HD95_MISS, challenge_name, lesionwise_metrics
@@ -68,6 +70,7 @@ class CaseResult:
     status: str
     metrics: dict[str, dict[str, float]]
     message: str = ""
+    model: str = ""  # the fingerprint `predict` recorded in the prediction's header ("" if none)
 
 
 @dataclass
@@ -107,6 +110,12 @@ class EvaluationResult:
         shown = self.skipped if len(self.skipped) <= 5 else [
             *self.skipped[:3], f"... and {len(self.skipped) - 3} more cases without a segmentation"]
         lines += [f"skipped: {s}" for s in shown] + [f"note: {n}" for n in _grouped(self.notes)]
+        models = self.summary.get("models", {})
+        if len(models) == 1:
+            lines.append(f"model: {next(iter(models))} (the fingerprint predict recorded of the checkpoint and settings)")
+        if len(models) > 1:  # one table averaging several models' scores would be compared as one model's
+            lines.append(f"warning: predictions of {len(models)} models or settings scored together (the fingerprint "
+                         "predict records): " + ", ".join(f"{m} ({n} case{'s' * (n != 1)})" for m, n in models.items()))
         lines += [f"wrote {p}" for p in (self.csv_path, self.json_path) if p is not None]
         return "\n".join(lines)
 
@@ -261,7 +270,8 @@ def evaluate_case(
                                      case_challenge(case_id, challenge))
     except TumorsegError as exc:
         return CaseResult(case_id, STATUS_ERROR, _failed_metrics(), str(exc))
-    return CaseResult(case_id, STATUS_OK, {r: {**metrics[r], **lesions[r]} for r in REGIONS}, note and f"{case_id}: {note}")
+    return CaseResult(case_id, STATUS_OK, {r: {**metrics[r], **lesions[r]} for r in REGIONS},
+                      note and f"{case_id}: {note}", model_from_header(pred.header) or "")
 
 
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[CaseResult]:
@@ -315,13 +325,14 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def rows_to_csv(rows: Iterable[CaseResult]) -> str:
-    """Per-case CSV: case, status, <REGION>_<metric> for WT, TC, ET (2020 and lesion-wise), message."""
+    """Per-case CSV: case, status, <REGION>_<metric> for WT, TC, ET (2020 and lesion-wise), message,
+    and the model fingerprint `predict` recorded in the prediction."""
     buf = _stdio.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "status", *(f"{r}_{m}" for r in REGIONS for m in ALL_METRICS), "message"])
+    writer.writerow(["case", "status", *(f"{r}_{m}" for r in REGIONS for m in ALL_METRICS), "message", "model"])
     for row in rows:
         values = [row.metrics[r][m] for r in REGIONS for m in ALL_METRICS]
-        writer.writerow([row.case_id, row.status, *values, row.message])
+        writer.writerow([row.case_id, row.status, *values, row.message, row.model])
     return buf.getvalue()
 
 
@@ -433,6 +444,7 @@ def evaluate(
         "errors": errors,
         **lists,
         "challenges": ", ".join(sorted({case_challenge(r.case_id, challenge) for r in rows})),
+        "models": dict(Counter(r.model for r in rows if r.model).most_common()),
         "definitions": (
             "dice, hd95, sensitivity, specificity: BraTS 2020 (CaPTk/medpy), pooled HD95 in mm; "
             "lesion_dice, lesion_hd95: BraTS 2023+ lesion-wise (BraTS-2023-Metrics), per challenge's "
