@@ -32,10 +32,14 @@ def test_train_flags_set_the_checkpoints_inference(trained):
 
 
 def test_help_is_instant_and_lists_commands():
-    proc = subprocess.run([sys.executable, "-m", "tumorseg.cli", "--help"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0
-    for command in ("synth", "prepare", "train", "predict", "evaluate", "show", "report", "export", "demo"):
-        assert command in proc.stdout
+    for module in ("tumorseg", "tumorseg.cli"):  # `python -m tumorseg` where the script is not on PATH
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: tumorseg ")
+        for command in ("synth", "prepare", "train", "predict", "evaluate", "show", "report", "export", "demo"):
+            assert command in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "tumorseg", "evaluate", "/nonexistent", "/nonexistent"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "tumorseg evaluate: error:" in proc.stderr
 
 
 def test_synth(tmp_path, capsys):
