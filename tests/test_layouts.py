@@ -618,6 +618,35 @@ def test_plain_truth_in_either_numbering_and_upenn_segm_files(layouts, tmp_path)
         assert all(f"read as {read_as} labels" in r.message for r in scores.rows), gt
 
 
+def test_upenn_gbm_expert_segmentations_beside_the_case_folders(layouts, tmp_path):
+    """UPENN-GBM as TCIA ships it: `images_structural/<case>/` without segmentations, the expert ones in
+    `images_segm/<case>_segm.nii.gz` beside it (and automated ones, not truth, in `automated_segm/`)."""
+    root = tmp_path / "NIfTI-files"
+    for case in discover_cases(layouts / "brats2020"):
+        folder = root / "images_structural" / case.case_id
+        folder.mkdir(parents=True)
+        for modality, name in zip(MODALITIES, ("T1", "T1GD", "T2", "FLAIR")):
+            (folder / f"{case.case_id}_{name}.nii.gz").symlink_to(case.image(modality))
+        for sub, suffix in (("images_segm", "_segm"), ("automated_segm", "_automated_approx_segm")):
+            (root / sub).mkdir(exist_ok=True)
+            (root / sub / f"{case.case_id}{suffix}.nii.gz").symlink_to(case.seg)
+    (root / "images_segm" / "UPENN-GBM-09999_11_segm.nii.gz").symlink_to(case.seg)  # a case without scans here
+    for given in (root, root / "images_structural"):
+        for need_images in (True, False):
+            cases = discover_cases(given, need_images=need_images)
+            assert [c.case_id for c in cases] == [c.case_id for c in discover_cases(layouts / "brats2020")]
+            assert all(c.seg == root / "images_segm" / f"{c.case_id}_segm.nii.gz" and c.layout == "brats2020"
+                       for c in cases), given
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for case in cases:
+        (preds / f"{case.case_id}.nii.gz").symlink_to(case.seg)
+    scores = evaluate(preds, root, progress=False)
+    assert len(scores.rows) == 3 and not scores.failed and scores.rows[0].metrics["ET"]["dice"] == 1.0
+    assert len(prepare(root, tmp_path / "prep", PrepareConfig(crop_size=(16, 16, 16), min_tumour=0.0),
+                       workers=1, progress=False).kept) == 3
+
+
 @pytest.mark.parametrize("layout", ["brats2020", "brats2023"])
 def test_a_flat_folder_of_several_cases_files_is_one_case_each(layouts, layout, tmp_path):
     """`<case>_t1.nii.gz` of many cases side by side: never one case of the first files found."""

@@ -19,7 +19,8 @@ name holds "seg".
 A folder of several BraTS-named cases' files side by side is one case per name.
 `plain` is how scans leave a clinic or a preprocessing tool (HD-GLIO, BraTS Toolkit): one folder
 per case, files named by modality alone; other files there (brain masks, ADC) are ignored. UCSF-PDGM's
-`<case>_tumor_segmentation` is its segmentation (beside `_brain_segmentation`, which is not).
+`<case>_tumor_segmentation` is its segmentation (beside `_brain_segmentation`, which is not);
+UPENN-GBM's cases take theirs from `images_segm/<case>_segm` beside their folders.
 A table (`cases.csv` / `.tsv`, given in place of a folder) names each case's files itself, for
 scans no layout names (`3_AX_FLAIR.nii.gz`): a case id column and one column per modality (any
 alias above) and optionally `seg`, paths relative to the table (`list_cases`).
@@ -75,6 +76,9 @@ _BIDS_RE = re.compile(r"^(?P<sub>sub-[A-Za-z0-9]+)(?P<entities>(?:_[A-Za-z]+-[A-
 BIDS_DESCRIPTION = "dataset_description.json"
 BIDS_SEG_SUFFIX = "dseg"
 BIDS_SKIPPED: tuple[str, ...] = ("derivatives", "sourcedata")  # below a BIDS root: not the raw scans
+# UPENN-GBM keeps its expert segmentations (`<case>_segm.nii.gz`) apart from the case folders of
+# `images_structural/`, in a folder beside them (`automated_segm/` beside it is not expert truth).
+SEGMENTATION_FOLDERS: tuple[str, ...] = ("images_segm",)
 CASE_LIST_SUFFIXES: tuple[str, ...] = (".csv", ".tsv")
 CASE_ID_COLUMNS: tuple[str, ...] = ("case", "case_id", "caseid", "id", "subject", "subject_id", "patient", "patient_id")
 # Layouts whose names say nothing of the label convention: `evaluate` tells it from the values.
@@ -481,9 +485,13 @@ def _all_cases(root: Path, need_images: bool) -> list[Case]:
     if not root.is_dir():
         raise TumorsegError(f"{root}: not a folder")
     cases: list[Case] = []
+    seg_folders = [root.parent / name for name in SEGMENTATION_FOLDERS if root.name.startswith("images_structural")]
     stack = [(root, 0)]
     while stack:
         folder, depth = stack.pop()
+        if folder.name in SEGMENTATION_FOLDERS and folder != root:
+            seg_folders.append(folder)
+            continue
         found = _folder_cases(folder, need_images)
         if found is not None:
             cases += found
@@ -500,7 +508,14 @@ def _all_cases(root: Path, need_images: bool) -> list[Case]:
     if not cases:
         raise TumorsegError(f"{root}: no cases found (expected {EXPECTED})")
     _check_one_layout(root, cases)
-    return _named_apart(root, cases)
+    return _named_apart(root, _with_segmentations_beside(cases, seg_folders))
+
+
+def _with_segmentations_beside(cases: list[Case], seg_folders: list[Path]) -> list[Case]:
+    """Cases given the segmentation a folder beside theirs holds for their id (UPENN-GBM's
+    `images_segm/<case>_segm.nii.gz`), where their own folder holds none."""
+    segs = {c.case_id: c.seg for folder in seg_folders if folder.is_dir() for c in _label_files(folder)}
+    return [replace(c, seg=segs[c.case_id]) if c.seg is None and c.case_id in segs else c for c in cases]
 
 
 def _named_apart(root: Path, cases: list[Case]) -> list[Case]:
