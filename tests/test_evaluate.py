@@ -205,10 +205,10 @@ def test_lesion_challenge_from_case_ids():
 
 
 def test_the_same_note_for_many_cases_is_one_line():
-    from tumorseg.evaluation.evaluate import _grouped
+    from tumorseg.notes import grouped
 
     notes = [f"case_{i}: prediction read as brats2020 labels" for i in range(5)] + ["case_9: another thing", "bare"]
-    assert _grouped(notes) == ["prediction read as brats2020 labels (5 cases: case_0, case_1, case_2, ...)",
+    assert grouped(notes) == ["prediction read as brats2020 labels (5 cases: case_0, case_1, case_2, ...)",
                                "case_9: another thing", "bare"]
 
 

@@ -1,6 +1,8 @@
 """Every dataset layout through every command, on synthetic and on real cases converted on the fly."""
 
+import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,7 +13,9 @@ from torch import nn
 from tumorseg.errors import TumorsegError
 from tumorseg.evaluation import evaluate
 from tumorseg.inference import Predictor, predict
-from tumorseg.labels import CONVENTIONS, MODALITIES, canonical_modality, convention_from_names, convention_from_regions
+from tumorseg.cli import main
+from tumorseg.labels import (CONVENTIONS, MODALITIES, canonical_modality, convention, convention_from_names,
+                             convention_from_regions, convention_from_tag)
 from tumorseg.layouts import LAYOUTS, discover_cases, layout_labels, load_images
 from tumorseg.prepare import PrepareConfig, prepare
 from tumorseg.synth import synthesize
@@ -113,6 +117,79 @@ def test_aliases_and_dataset_json_label_forms():
     seg = np.array([0, 1, 2, 3])  # MSD: oedema 1, non-enhancing 2, enhancing 3
     assert np.array_equal(CONVENTIONS["msd"].regions(seg), [[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]])
     assert np.array_equal(CONVENTIONS["msd"].to_training(seg), [0, 2, 1, 3])
+
+
+def test_brats_peds_2024_labels_and_their_dataset_json_forms():
+    """BraTS-PEDs 2024: 1 ET, 2 non-enhancing tumour, 3 cystic component, 4 oedema; NET and the cyst
+    are one core class (TC = 1 + 2 + 3), written back as NET; nnU-Net's dataset.json forms name it."""
+    peds = CONVENTIONS["peds2024"]
+    seg = np.array([0, 1, 2, 3, 4])
+    assert np.array_equal(peds.to_training(seg), [0, 3, 1, 1, 2]) and peds.invalid(seg) == []
+    assert np.array_equal(peds.regions(seg), [[0, 1, 1, 1, 1], [0, 1, 1, 1, 0], [0, 1, 0, 0, 0]])
+    assert np.array_equal(peds.from_training(np.arange(4)), [0, 2, 4, 1])
+    assert convention_from_tag(peds.tag()) is peds and convention(peds.to_dict()) == peds
+    assert convention(CONVENTIONS["msd"].to_dict() | {"core_extra": None}) == CONVENTIONS["msd"]  # older checkpoints
+    named = convention_from_names({"background": 0, "ET": 1, "NonEnh": 2, "Cystic": 3, "Edema": 4}, "nnunet")
+    regions = convention_from_regions({"whole_tumor": [1, 2, 3, 4], "tumor_core": [1, 2, 3], "enhancing_tumor": [1]},
+                                      "nnunet")
+    assert named == regions == peds
+    with pytest.raises(TumorsegError, match="one oedema label"):
+        convention_from_regions({"whole": [1, 2, 3, 4], "core": [1, 2], "enhancing": [1]}, "x")
+
+
+def _peds_dataset(layouts, root, numbering: str, oedema: bool = True) -> Path:
+    """The synthetic BraTS 2023 cases as BraTS-PED cases: in 2024's numbers (half of the core a cyst) or 2023's."""
+    for i, case in enumerate(discover_cases(layouts / "brats2023"), start=1):
+        cid = f"BraTS-PED-{i:05d}-000"
+        (root / cid).mkdir(parents=True)
+        for modality, path in case.images.items():
+            (root / cid / f"{cid}-{path.name.split('-')[-1]}").symlink_to(path)
+        seg = nib.load(case.seg)
+        classes = CONVENTIONS["brats2023"].to_training(np.asarray(seg.dataobj))
+        if not oedema:
+            classes[classes == 2] = 0
+        raw = CONVENTIONS[numbering].from_training(classes)
+        if numbering == "peds2024":
+            core = np.flatnonzero(raw == 2)
+            raw.flat[core[: len(core) // 2]] = 3  # the cystic component
+        nib.save(nib.Nifti1Image(raw, seg.affine), root / cid / f"{cid}-seg.nii.gz")
+    return root
+
+
+def test_brats_peds_2024_told_from_2023_by_the_release_folder_or_label_4(layouts, tmp_path):
+    """The same file names carry two numberings: 2024's where a folder names the release or a
+    segmentation holds 4 (oedema; PED has no cavity), else 2023's, noted either way."""
+    by_value = _peds_dataset(layouts, tmp_path / "peds", "peds2024")
+    by_name = _peds_dataset(layouts, tmp_path / "BraTS2024-PED-Challenge-TrainingData", "peds2024", oedema=False)
+    old = _peds_dataset(layouts, tmp_path / "ASNR-MICCAI-BraTS2023-PED-Challenge-TrainingData", "brats2023")
+    for root, name, why in ((by_value, "peds2024", "holds label 4"), (by_name, "peds2024", "names a BraTS-PEDs release"),
+                            (old, "brats2023", "--labels peds2024 if they are")):
+        cases = discover_cases(root, need_images=False)
+        assert {c.labels.name for c in cases} == {name} and all(why in c.seg_note for c in cases), root
+    assert {c.labels.name for c in discover_cases(layouts / "brats2023")} == {"brats2023"}  # GLI: 4 is a cavity
+
+    prepared = prepare(by_value, tmp_path / "prep", PrepareConfig(crop_size=(32, 32, 32), min_tumour=0.0),
+                       workers=1, progress=False)
+    assert prepared.manifest["labels"]["name"] == "peds2024" and len(prepared.kept) == 3
+    for case in discover_cases(layouts / "brats2023"):  # the cyst is core: the same classes as the GLI original
+        cid = case.case_id.replace("GLI", "PED")
+        gli = prepare(case.folder, tmp_path / f"prep-{cid}", PrepareConfig(crop_size=(32, 32, 32), min_tumour=0.0),
+                      workers=1, progress=False)
+        assert np.array_equal(np.load(tmp_path / "prep/masks" / f"{cid}.npy"),
+                              np.load(tmp_path / f"prep-{cid}/masks/{gli.kept[0]}.npy"))
+
+    preds = tmp_path / "preds"  # another tool's, in 2023's numbers: scored by meaning with --pred-labels
+    preds.mkdir()
+    for case in discover_cases(old):
+        (preds / f"{case.case_id}.nii.gz").symlink_to(case.seg)
+    scores = evaluate(preds, by_value, progress=False, pred_labels="brats2023")
+    assert not scores.failed and all(r.metrics[reg]["dice"] == 1.0 for r in scores.rows for reg in ("WT", "TC", "ET"))
+    assert any("read as BraTS-PEDs 2024 labels" in n for n in scores.notes)
+    # the option names the new convention: 2023's truth forced into 2024's reading moves every ET
+    assert main(["evaluate", str(preds), str(old), "--labels", "peds2024", "--pred-labels", "brats2023",
+                 "--out", str(tmp_path / "m.csv")]) == 0
+    with open(tmp_path / "m.csv") as fh:
+        assert all(float(row["ET_dice"]) < 1 for row in csv.DictReader(fh))
 
 
 def test_prepared_arrays_identical_in_every_layout(layouts, tmp_path):

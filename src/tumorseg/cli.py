@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 from .errors import TumorsegError
-from .labels import parse_channels
+from .labels import CONVENTIONS, parse_channels
 from .layouts import LAYOUTS
+
+LABEL_CONVENTIONS: tuple[str, ...] = tuple(CONVENTIONS)
 
 
 def _names(text: str) -> list[str]:
@@ -265,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ground truth: cases of any layout, segmentation-only case folders, a folder of <case>.nii.gz, "
                         "or a cases.csv")
     p.add_argument("--out", type=Path, help="per-case CSV (default PRED_DIR/metrics.csv); summary JSON beside it")
-    p.add_argument("--labels", choices=("brats2020", "brats2023", "msd"),
+    p.add_argument("--labels", choices=LABEL_CONVENTIONS,
                    help="the ground truth's label convention (default: detected from its layout)")
-    p.add_argument("--pred-labels", choices=("brats2020", "brats2023", "msd"),
+    p.add_argument("--pred-labels", choices=LABEL_CONVENTIONS,
                    help="the predictions' label convention (default: the tag predict writes, else the truth's)")
     p.add_argument("--challenge", type=_challenge, metavar="{GLI,PED,SSA,MEN,MET,GoAT}",
                    help="lesion-wise metric parameters (default: from BraTS-XXX- case ids, else GLI)")
@@ -311,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", action="store_true",
                    help="also write <case>_uncertainty.nii.gz: the TTA flips' disagreement (mutual information, bits)")
     p.add_argument("--report", action="store_true", help="then write the HTML report (tumorseg report) to OUT/report")
-    p.add_argument("--labels", choices=("brats2020", "brats2023", "msd"),
+    p.add_argument("--labels", choices=LABEL_CONVENTIONS,
                    help="label convention of the written files (default: the input layout's own)")
     p.add_argument("--force", action="store_true", help="redo cases already predicted")
     p.add_argument("--cases", type=_names, metavar="ID,ID", help="only these cases of INPUT (default: all)")
@@ -344,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cases' dataset (or cases.csv): modalities in the views, brain-edge check")
     p.add_argument("--gt", type=Path, metavar="GT_DIR", help="ground truth: BraTS metrics per case as columns")
     p.add_argument("--out", type=Path, metavar="DIR", help="report folder (default PRED_DIR/report)")
-    p.add_argument("--pred-labels", choices=("brats2020", "brats2023", "msd"),
+    p.add_argument("--pred-labels", choices=LABEL_CONVENTIONS,
                    help="the predictions' label convention (default: the tag predict writes, else the images' "
                         "or the truth's dataset's, else guessed from the values; said in the case's notes)")
     p.set_defaults(func=cmd_report)

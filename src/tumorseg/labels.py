@@ -7,8 +7,10 @@ Every dataset users hold names the same tumour parts with different numbers:
 | `brats2020` | 1                             | 2             | 4                | -                |
 | `brats2023` | 1                             | 2             | 3                | 4 (2024 post-treatment) |
 | `msd`       | 2                             | 1             | 3                | -                |
+| `peds2024`  | 2 (non-enhancing), 3 (cystic component) | 4   | 1                | -                |
 
-(BraTS 2018-2021 use `brats2020`; nnU-Net's BraTS conversions use `msd`'s numbers.)
+(BraTS 2018-2021 use `brats2020`; nnU-Net's BraTS conversions use `msd`'s numbers; BraTS-PEDs
+renumbered its labels in 2024 under the 2023 file names, `layouts` tells the two apart.)
 Internally everything is in training labels: 0 background, 1 necrotic core, 2 oedema,
 3 enhancing tumour, and 4 resection cavity when a run keeps it. The BraTS regions are the
 same in every convention: WT = core + oedema + enhancing, TC = core + enhancing, ET =
@@ -71,6 +73,7 @@ class LabelConvention:
     oedema: int
     enhancing: int
     cavity: int | None = None
+    core_extra: tuple[int, ...] = ()  # more raw values of the core class (BraTS-PEDs 2024's cystic component)
 
     @property
     def tumour_values(self) -> tuple[int, int, int]:
@@ -80,7 +83,7 @@ class LabelConvention:
     @property
     def values(self) -> tuple[int, ...]:
         """Every raw value a segmentation in this convention may hold, background included."""
-        return (0, *sorted(self.tumour_values)) + ((self.cavity,) if self.cavity is not None else ())
+        return (0, *sorted((*self.tumour_values, *self.core_extra))) + ((self.cavity,) if self.cavity is not None else ())
 
     def invalid(self, seg: np.ndarray) -> list[int]:
         """Values present in `seg` that this convention does not allow."""
@@ -100,6 +103,7 @@ class LabelConvention:
         lut = np.zeros(max(self.values) + 1, dtype=np.uint8)
         for cls, value in enumerate(self.tumour_values, start=1):
             lut[value] = cls
+        lut[list(self.core_extra)] = 1
         if self.cavity is not None:
             if cavity is None and (seg == self.cavity).any():
                 raise TumorsegError(
@@ -110,7 +114,8 @@ class LabelConvention:
         return lut[seg.astype(np.intp, copy=False)]
 
     def from_training(self, mask: np.ndarray) -> np.ndarray:
-        """Training labels (0..3, 4 = cavity) -> raw labels of this convention, uint8."""
+        """Training labels (0..3, 4 = cavity) -> raw labels of this convention, uint8 (the core
+        class as `necrosis`: a network does not tell `core_extra`'s parts apart)."""
         lut = np.zeros(CAVITY_CLASS + 1, dtype=np.uint8)
         lut[1:4] = self.tumour_values
         lut[CAVITY_CLASS] = self.cavity if self.cavity is not None else 0
@@ -119,11 +124,13 @@ class LabelConvention:
     def regions(self, seg: np.ndarray) -> np.ndarray:
         """Raw labels (...) -> boolean region masks (3, ...) in the order WT, TC, ET."""
         core = (seg == self.necrosis) | (seg == self.enhancing)
+        for value in self.core_extra:
+            core |= seg == value
         return np.stack([core | (seg == self.oedema), core, seg == self.enhancing])
 
     def to_dict(self) -> dict:
         return {"name": self.name, "necrosis": self.necrosis, "oedema": self.oedema,
-                "enhancing": self.enhancing, "cavity": self.cavity}
+                "enhancing": self.enhancing, "cavity": self.cavity, "core_extra": list(self.core_extra)}
 
     def tag(self) -> str:
         """Short text stored in written NIfTI headers (`descrip`) so `evaluate` can read it back."""
@@ -135,6 +142,8 @@ CONVENTIONS: dict[str, LabelConvention] = {
     "brats2020": LabelConvention("brats2020", necrosis=1, oedema=2, enhancing=4),
     "brats2023": LabelConvention("brats2023", necrosis=1, oedema=2, enhancing=3, cavity=4),
     "msd": LabelConvention("msd", necrosis=2, oedema=1, enhancing=3),
+    # BraTS-PEDs 2024: 1 enhancing, 2 non-enhancing tumour, 3 cystic component, 4 oedema
+    "peds2024": LabelConvention("peds2024", necrosis=2, oedema=4, enhancing=1, core_extra=(3,)),
 }
 BRATS2020 = CONVENTIONS["brats2020"]
 _TAG_RE = re.compile(r"labels=(?P<name>[\w.-]+):(?P<values>\d+(,\d+){2,3})")
@@ -145,7 +154,8 @@ def convention(spec: str | dict | LabelConvention) -> LabelConvention:
     if isinstance(spec, LabelConvention):
         return spec
     if isinstance(spec, dict):
-        return LabelConvention(**{k: spec.get(k) for k in ("name", "necrosis", "oedema", "enhancing", "cavity")})
+        return LabelConvention(**{k: spec.get(k) for k in ("name", "necrosis", "oedema", "enhancing", "cavity")},
+                               core_extra=tuple(spec.get("core_extra") or ()))
     if spec not in CONVENTIONS:
         raise TumorsegError(f"unknown label convention '{spec}' (choose from {', '.join(CONVENTIONS)})")
     return CONVENTIONS[spec]
@@ -157,7 +167,9 @@ def convention_from_tag(text: str) -> LabelConvention | None:
     if m is None:
         return None
     values = [int(v) for v in m["values"].split(",")]
-    return LabelConvention(m["name"], *values[:3], cavity=values[3] if len(values) == 4 else None)
+    tagged = LabelConvention(m["name"], *values[:3], cavity=values[3] if len(values) == 4 else None)
+    known = CONVENTIONS.get(tagged.name)  # with what the tag leaves out (`core_extra`)
+    return known if known is not None and known.tag() == tagged.tag() else tagged
 
 
 def _description(header) -> str:
@@ -198,16 +210,18 @@ def convention_from_names(labels: dict[str, int], name: str) -> LabelConvention:
     """A convention from label names -> values (MSD and nnU-Net `dataset.json` "labels").
 
     Recognises the names these datasets use ("edema", "non-enhancing tumor", "enhancing
-    tumour", "necrotic ...", "resection cavity"); a preset with the same values keeps its name.
+    tumour", "necrotic ...", "cystic component", "resection cavity"); several core parts (BraTS-PEDs
+    2024's non-enhancing tumour and cyst) make one core class. A preset with the same values keeps its name.
     """
     parts: dict[str, int] = {}
+    core_extra: list[int] = []
     for label, value in labels.items():
         text = label.lower().replace("-", " ").replace("_", " ")
         if "background" in text or text.strip() == "ignore":  # nnU-Net's ignore label is no tumour part
             continue
         if "edema" in text or "oedema" in text or "snfh" in text or "hyperintens" in text or text.strip() == "ed":
             part = "oedema"
-        elif "non enh" in text or "necro" in text or "netc" in text or "ncr" in text or text.strip() == "core":
+        elif any(k in text for k in ("non enh", "nonenh", "necro", "netc", "ncr", "cyst")) or text.strip() in ("core", "net", "cc"):
             part = "necrosis"
         elif "enhanc" in text or text.strip() == "et":
             part = "enhancing"
@@ -215,27 +229,34 @@ def convention_from_names(labels: dict[str, int], name: str) -> LabelConvention:
             part = "cavity"
         else:
             raise TumorsegError(f"unknown label name '{label}' (expected oedema, necrosis, enhancing tumour, cavity)")
-        parts[part] = int(value)
+        if part == "necrosis" and part in parts:
+            core_extra.append(int(value))
+        else:
+            parts[part] = int(value)
     missing = [p for p in ("necrosis", "oedema", "enhancing") if p not in parts]
     if missing:
         raise TumorsegError(f"labels {labels} name no {', '.join(missing)}")
-    found = LabelConvention(name, parts["necrosis"], parts["oedema"], parts["enhancing"], parts.get("cavity"))
+    found = LabelConvention(name, parts["necrosis"], parts["oedema"], parts["enhancing"], parts.get("cavity"),
+                            tuple(sorted(core_extra)))
     return next((c for c in CONVENTIONS.values() if _same_values(c, found)), found)
 
 
 def convention_from_regions(regions: dict[str, list[int]], name: str) -> LabelConvention:
     """A convention from nnU-Net's region form: {"whole tumor": [1, 2, 3], "tumor core": [2, 3],
-    "enhancing tumor": [3]} (WT, TC, ET as lists of label values)."""
+    "enhancing tumor": [3]} (WT, TC, ET as lists of label values; a core of several values, as
+    BraTS-PEDs 2024's [1, 2, 3] around ET 1, is one core class)."""
     by_size = sorted((set(int(v) for v in values) for values in regions.values()), key=len)
-    if len(by_size) != 3 or not (len(by_size[0]) == 1 and by_size[0] < by_size[1] < by_size[2]):
-        raise TumorsegError(f"regions {regions} are not nested WT > TC > ET label sets")
-    (et,), (nec,), (oed,) = by_size[0], by_size[1] - by_size[0], by_size[2] - by_size[1]
-    found = LabelConvention(name, necrosis=nec, oedema=oed, enhancing=et)
+    if (len(by_size) != 3 or not (len(by_size[0]) == 1 and by_size[0] < by_size[1] < by_size[2])
+            or len(by_size[2] - by_size[1]) != 1):
+        raise TumorsegError(f"regions {regions} are not nested WT > TC > ET label sets (one oedema label)")
+    (et,), (oed,) = by_size[0], by_size[2] - by_size[1]
+    nec, *extra = sorted(by_size[1] - by_size[0])
+    found = LabelConvention(name, necrosis=nec, oedema=oed, enhancing=et, core_extra=tuple(extra))
     return next((c for c in CONVENTIONS.values() if _same_values(c, found)), found)
 
 
 def _same_values(a: LabelConvention, b: LabelConvention) -> bool:
-    return a.tumour_values == b.tumour_values and a.cavity == b.cavity
+    return a.tumour_values == b.tumour_values and a.cavity == b.cavity and a.core_extra == b.core_extra
 
 
 # BraTS 2020 shorthands, used where data is known to be in that convention (metrics on raw labels).

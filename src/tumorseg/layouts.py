@@ -43,7 +43,7 @@ from typing import Collection
 import numpy as np
 
 from .errors import TumorsegError
-from .io import NIFTI_RE, Volume, load_nifti_channels, save_nifti, write_text
+from .io import NIFTI_RE, Volume, load_nifti, load_nifti_channels, save_nifti, write_text
 from .labels import (
     BRATS2020,
     CONVENTIONS,
@@ -79,6 +79,10 @@ BIDS_SKIPPED: tuple[str, ...] = ("derivatives", "sourcedata")  # below a BIDS ro
 # UPENN-GBM keeps its expert segmentations (`<case>_segm.nii.gz`) apart from the case folders of
 # `images_structural/`, in a folder beside them (`automated_segm/` beside it is not expert truth).
 SEGMENTATION_FOLDERS: tuple[str, ...] = ("images_segm",)
+# BraTS-PEDs renumbered its labels in 2024 under the 2023 file names (`labels.CONVENTIONS["peds2024"]`).
+_PED_CASE_RE = re.compile(r"^BraTS-PED-\d", re.IGNORECASE)
+_PED_RELEASE_RE = re.compile(r"ped.*20(2[4-9]|[3-9]\d)|20(2[4-9]|[3-9]\d).*ped", re.IGNORECASE)  # BraTS2024-PED-...
+PEDS2024_VALUE = 4  # oedema in BraTS-PEDs 2024; no 2023 PED label and no cavity (PED is pre-treatment)
 CASE_LIST_SUFFIXES: tuple[str, ...] = (".csv", ".tsv")
 CASE_ID_COLUMNS: tuple[str, ...] = ("case", "case_id", "caseid", "id", "subject", "subject_id", "patient", "patient_id")
 # Layouts whose names say nothing of the label convention: `evaluate` tells it from the values.
@@ -508,7 +512,35 @@ def _all_cases(root: Path, need_images: bool) -> list[Case]:
     if not cases:
         raise TumorsegError(f"{root}: no cases found (expected {EXPECTED})")
     _check_one_layout(root, cases)
-    return _named_apart(root, _with_segmentations_beside(cases, seg_folders))
+    return _named_apart(root, _pediatric_labels(root, _with_segmentations_beside(cases, seg_folders)))
+
+
+def _pediatric_labels(root: Path, cases: list[Case]) -> list[Case]:
+    """A BraTS-PEDs dataset in BraTS 2024's labels (1 ET, 2 NET, 3 CC, 4 ED) where a folder from `root`
+    down to its cases names a release from 2024 on (`BraTS2024-PED-...`; the folders above `root` are
+    the user's) or a segmentation holds label 4; else in 2023's (BraTS 2023's), noted on each case
+    since the file names are the same."""
+    if any(c.layout != "brats2023" or not _PED_CASE_RE.match(c.case_id) for c in cases):
+        return cases
+    named = next((part for c in cases for part in (root.name, *c.folder.relative_to(root).parts)
+                  if _PED_RELEASE_RE.search(part)), None)
+    why = f"the folder {named} names a BraTS-PEDs release from 2024 on" if named else next(
+        (f"{c.seg.name} holds label {PEDS2024_VALUE} (oedema from 2024 on)"
+         for c in cases if c.seg is not None and _holds(c.seg, PEDS2024_VALUE)), None)
+    if why is None:
+        note = ("read as BraTS-PEDs 2023 labels (1 NCR, 2 ED, 3 ET); BraTS-PEDs 2024 and later number them 1 ET, "
+                "2 NET, 3 CC, 4 ED: --labels peds2024 if they are")
+        return [replace(c, seg_note=c.seg_note or f"{c.case_id}: {note}") for c in cases]
+    note = f"read as BraTS-PEDs 2024 labels (1 ET, 2 NET, 3 CC, 4 ED): {why}"
+    return [replace(c, labels=CONVENTIONS["peds2024"], seg_note=c.seg_note or f"{c.case_id}: {note}") for c in cases]
+
+
+def _holds(seg: Path, value: int) -> bool:
+    """Whether a segmentation file holds `value` (False if it cannot be read: its case says why)."""
+    try:
+        return bool((np.asarray(load_nifti(seg).data) == value).any())
+    except TumorsegError:
+        return False
 
 
 def _with_segmentations_beside(cases: list[Case], seg_folders: list[Path]) -> list[Case]:

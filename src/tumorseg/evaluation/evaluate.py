@@ -47,6 +47,7 @@ from ..io import NIFTI_RE, Volume, check_writable, load_nifti, write_text
 from ..labels import (BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header,
                       model_from_header)
 from ..layouts import UNNAMED_CONVENTION, Case, discover_cases
+from ..notes import grouped
 from ..pool import worker_pool
 from .lesionwise import LESION_HD95_MISS, challenge_name, lesionwise_metrics
 from .metrics import FAILED_CASE, METRICS, check_labels, region_metrics
@@ -109,7 +110,7 @@ class EvaluationResult:
             lines.append(f"predictions without ground truth, ignored ({len(self.extra)}): {', '.join(self.extra)}")
         shown = self.skipped if len(self.skipped) <= 5 else [
             *self.skipped[:3], f"... and {len(self.skipped) - 3} more cases without a segmentation"]
-        lines += [f"skipped: {s}" for s in shown] + [f"note: {n}" for n in _grouped(self.notes)]
+        lines += [f"skipped: {s}" for s in shown] + [f"note: {n}" for n in grouped(self.notes)]
         models = self.summary.get("models", {})
         if len(models) == 1:
             lines.append(f"model: {next(iter(models))} (the fingerprint predict recorded of the checkpoint and settings)")
@@ -118,18 +119,6 @@ class EvaluationResult:
                          "predict records): " + ", ".join(f"{m} ({n} case{'s' * (n != 1)})" for m, n in models.items()))
         lines += [f"wrote {p}" for p in (self.csv_path, self.json_path) if p is not None]
         return "\n".join(lines)
-
-
-def _grouped(notes: list[str]) -> list[str]:
-    """"<case>: <text>" notes with the same text as one line naming a few of their cases (a
-    thousand untagged predictions make one note, not a thousand)."""
-    cases: dict[str, list[str]] = {}
-    for note in notes:
-        case_id, sep, text = note.partition(": ")
-        cases.setdefault(text if sep else note, []).append(case_id if sep else "")
-    return [(f"{ids[0]}: {text}" if ids[0] else text) if len(ids) == 1 else
-            f"{text} ({len(ids)} cases: {', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
-            for text, ids in cases.items()]
 
 
 def _failed_metrics() -> dict[str, dict[str, float]]:
@@ -224,7 +213,7 @@ def on_truth_grid(case_id: str, pred: Volume, gt: Volume) -> tuple[Volume, str |
         data, moved = labels_onto(pred.data, src, dst, f"prediction {pred.path}", f"the ground truth {gt.path.name}")
     except TumorsegError as exc:
         raise TumorsegError(f"{case_id}: {exc}; write predictions with the ground truth's geometry") from None
-    # one wording for all cases: a folder of such predictions makes one note (`_grouped`)
+    # one wording for all cases: a folder of such predictions makes one note (`notes.grouped`)
     note = moved and "prediction resampled onto its ground truth's grid (nearest neighbour)"
     return replace(pred, data=data, affine=gt.affine), note
 
@@ -413,7 +402,8 @@ def evaluate(
         out_json: summary JSON; default `<csv stem>_summary.json` beside `out_csv`.
         progress: show a tqdm bar over the cases.
         workers: processes scoring cases in parallel (1: in this process).
-        labels: the ground truth's label convention ("brats2020", "brats2023", "msd");
+        labels: the ground truth's label convention (a name of `labels.CONVENTIONS`: "brats2020",
+            "brats2023", "msd", "peds2024");
             None detects it from the layout.
         challenge: lesion-wise parameters (GLI, PED, SSA, MEN, MET); None: from each case id.
         pred_labels: the predictions' convention; None reads the tag `predict` writes in

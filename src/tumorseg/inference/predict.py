@@ -659,7 +659,8 @@ def predict(
         plots: also write `<case_id>.png`, slices with the prediction overlaid.
         overlap: sliding-window overlap in [0, 1).
         progress: show a progress bar.
-        labels: label convention of the written files ("brats2020", "brats2023", "msd");
+        labels: label convention of the written files (a name of `labels.CONVENTIONS`: "brats2020",
+            "brats2023", "msd", "peds2024");
             None writes each case in its input layout's own convention.
         amp: mixed precision, "auto" (bf16 where the GPU or CPU computes it natively, fp16 on
             older GPUs, else float32), "bf16", "fp16" or "off".

@@ -16,6 +16,7 @@ from ..io import sweep_stale_temps, write_text
 from ..geometry import grid_of, network_grid
 from ..layouts import Case, dataset_layout, discover_cases
 from ..lock import folder_lock
+from ..notes import grouped
 from ..pool import worker_pool
 from .case import prepare_case, record_path
 from .config import PrepareConfig, default_workers
@@ -92,8 +93,8 @@ def prepare(
                 records[case.case_id] = done
             else:
                 todo.append(case)
-            if case.seg_note:
-                _say(case.seg_note)
+        for note in grouped([c.seg_note for c in cases if c.seg_note]):
+            _say(note)
         skipped = len(records)
         workers = max(1, min(workers or default_workers(), len(todo) or 1))
         bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress)

@@ -70,7 +70,8 @@ def report(
         gt: ground truth for the BraTS metrics per case (as `tumorseg evaluate` takes it).
         out: report folder; default `pred_dir/report`.
         progress: show a progress bar over the cases.
-        pred_labels: the predictions' label convention ("brats2020", "brats2023", "msd"); None: each
+        pred_labels: the predictions' label convention (a name of `labels.CONVENTIONS`: "brats2020",
+            "brats2023", "msd", "peds2024"); None: each
             prediction's header tag, else its images' or its truth's dataset's, else a guess from its
             values, the last three said in the case's notes (`case.prediction_labels`).
 
