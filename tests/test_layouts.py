@@ -15,7 +15,7 @@ from tumorseg.evaluation import evaluate
 from tumorseg.inference import Predictor, predict
 from tumorseg.cli import main
 from tumorseg.labels import (CONVENTIONS, MODALITIES, canonical_modality, convention, convention_from_names,
-                             convention_from_regions, convention_from_tag)
+                             convention_from_header, convention_from_regions, convention_from_tag)
 from tumorseg.layouts import LAYOUTS, discover_cases, layout_labels, load_images
 from tumorseg.prepare import PrepareConfig, prepare
 from tumorseg.synth import synthesize
@@ -418,6 +418,32 @@ def test_real_case_in_every_layout_prepares_and_predicts_identically(real_data_d
         assert all(np.array_equal(a, b) for a, b in zip(images[layout], images["brats2020"]))
         assert np.array_equal(preds[layout], preds["brats2020"])
     assert np.count_nonzero(preds["brats2020"]) > 10_000  # the stand-in network does find the tumour
+
+
+@pytest.mark.real
+def test_real_case_in_brats_peds_2024_labels(real_data_dir, tmp_path):
+    """A real case in BraTS-PEDs 2024's numbers (half its core a cyst): read so from its label 4,
+    predicted back in those numbers (the core as non-enhancing tumour), scored as the original."""
+    source = real_data_dir / "Brats18_CBICA_AQT_1"
+    folder = convert_case(source, tmp_path / "peds", "brats2023", case_id="BraTS-PED-00007-000")
+    seg_path = folder / "BraTS-PED-00007-000-seg.nii.gz"
+    seg = nib.load(seg_path)
+    raw = CONVENTIONS["peds2024"].from_training(CONVENTIONS["brats2023"].to_training(np.asarray(seg.dataobj)))
+    raw.flat[np.flatnonzero(raw == 2)[::2]] = 3
+    nib.save(nib.Nifti1Image(raw, seg.affine, seg.header), seg_path)
+    (case,) = discover_cases(tmp_path / "peds")
+    assert case.labels.name == "peds2024" and "holds label 4" in case.seg_note
+
+    original = predict(_flair_predictor(), source, tmp_path / "pred-orig", progress=False).written[0]
+    (path,) = predict(_flair_predictor(), tmp_path / "peds", tmp_path / "pred-peds", progress=False).written
+    written = np.asarray(nib.load(path).dataobj)
+    assert 4 in written and set(np.unique(written).tolist()) <= {0, 1, 2, 4}  # never 3: the cyst is not predicted
+    assert convention_from_header(nib.load(path).header) is CONVENTIONS["peds2024"]
+    assert np.array_equal(CONVENTIONS["peds2024"].to_training(written),
+                          CONVENTIONS["brats2020"].to_training(np.asarray(nib.load(original).dataobj)))
+    ours = evaluate(tmp_path / "pred-peds", tmp_path / "peds", progress=False)
+    assert ours.summary["metrics"] == evaluate(tmp_path / "pred-orig", source, progress=False).summary["metrics"]
+    assert ours.rows[0].metrics["WT"]["dice"] > 0.5
 
 
 def _write_resampled(source, folder, target_affine, target_shape, order=1):
