@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from factory import AFFINE, write_case
 
+from tumorseg.cli import main
 from tumorseg.errors import TumorsegError
 from tumorseg.plots import save_case_plot
 from tumorseg.labels import to_raw_labels
@@ -130,6 +131,28 @@ def test_a_truth_that_cannot_be_placed_is_left_out_and_said(raw_case, tmp_path, 
     assert data.truth is None and data.truth_note.startswith("ground truth not drawn: case_a_seg.nii.gz (shape ")
     save_case_plot(case, out=tmp_path / "x.png")  # the scans are still drawn, and the reason said
     assert (tmp_path / "x.png").exists() and "warning: case_a: ground truth not drawn" in capsys.readouterr().err
+
+
+def test_one_case_of_a_dataset_or_case_list_by_id_or_by_its_prediction(tmp_path, capsys):
+    """A folder or cases.csv of several cases: the case `--case` names, else the one the prediction is named for."""
+    for name in ("case_a", "case_b"):
+        write_case(tmp_path / "data", name, SHAPE)
+    rows = ["case,t1,t1ce,t2,flair,seg"] + [",".join([c, *(f"data/{c}/{c}_{m}.nii.gz" for m in
+                                                           ("t1", "t1ce", "t2", "flair", "seg"))]) for c in ("case_a", "case_b")]
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
+    pred = tmp_path / "preds" / "case_b.nii.gz"
+    pred.parent.mkdir()
+    pred.write_bytes((tmp_path / "data/case_b/case_b_seg.nii.gz").read_bytes())
+    for given in (tmp_path / "data", tmp_path / "cases.csv"):
+        assert load_case(given, "case_b").case_id == "case_b"
+        out = save_case_plot(given, pred, tmp_path / "b.png")
+        assert png_size(out) == expected_size(3, 4 + 2) and "not named" not in capsys.readouterr().err
+        with pytest.raises(TumorsegError, match=r"holds 2 cases; .* or name the case \(--case ID\)"):
+            save_case_plot(given, out=tmp_path / "x.png")
+        with pytest.raises(TumorsegError, match="no case case_z among its 2"):
+            save_case_plot(given, pred, tmp_path / "x.png", case_id="case_z")
+    assert main(["show", str(tmp_path / "cases.csv"), "--case", "case_a", "--out", str(tmp_path / "a.png")]) == 0
+    assert png_size(tmp_path / "a.png") == expected_size(3, 4 + 1)
 
 
 def test_missing_files(raw_case, tmp_path):

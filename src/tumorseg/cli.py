@@ -157,7 +157,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .plots import save_case_plot
 
     views = ("axial", "coronal", "sagittal") if args.view == "all" else (args.view,)
-    path = save_case_plot(args.case, pred=args.pred, out=args.out, slice_index=args.slice, views=views)
+    path = save_case_plot(args.case, pred=args.pred, out=args.out, slice_index=args.slice, views=views,
+                          case_id=args.case_id)
     print(f"wrote {path}")
     return 0
 
@@ -320,8 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("show", help="plot slices of a case with ground truth and prediction overlaid")
-    p.add_argument("case", type=Path, help="a raw case folder (or one of its files, or a one-case cases.csv), or a prepared images/<case>.npy")
+    p.add_argument("case", type=Path, help="a raw case folder (or one of its files), a dataset folder or cases.csv "
+                                           "with --case, or a prepared images/<case>.npy")
     p.add_argument("--pred", type=Path, help="a prediction (.nii.gz, or .npy for prepared cases)")
+    p.add_argument("--case", dest="case_id", metavar="ID",
+                   help="the case to draw of a dataset folder or cases.csv (default: the one --pred is named for)")
     p.add_argument("--out", type=Path, help="PNG file (default: <case>.png here)")
     p.add_argument("--slice", type=int, help="slice index (default: the slice with the most tumour)")
     p.add_argument("--view", choices=("all", "axial", "coronal", "sagittal"), default="all")

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import TumorsegError
 from ..geometry import Grid, labels_onto
-from ..io import atomic_path, load_nifti
+from ..io import NIFTI_RE, atomic_path, load_nifti
 from ..labels import BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention_from_header, to_training_labels
 from ..layouts import Case, discover_cases, is_case_list
 
@@ -89,6 +89,7 @@ def save_case_plot(
     out: str | os.PathLike | None = None,
     slice_index: int | None = None,
     views: str | Sequence[str] = VIEWS,
+    case_id: str | None = None,
 ) -> Path:
     """Write a PNG of a case's slices with ground truth and prediction overlays.
 
@@ -103,6 +104,8 @@ def save_case_plot(
         slice_index: the slice shown in every view; default the slice with the most tumour
             (ground truth, else prediction, else the middle of the brain).
         views: "all", one view name, or a sequence of "axial", "coronal", "sagittal".
+        case_id: the case to draw where `case` holds several (a dataset folder, a cases.csv);
+            default the one `pred`'s file is named for.
 
     Returns:
         The path of the PNG written. Figure: rows = views, columns = channels (+ truth,
@@ -110,7 +113,10 @@ def save_case_plot(
         at `DPI` dots per inch.
     """
     views = _check_views(views)
-    data = load_case(case)
+    if case_id is None and isinstance(pred, (str, os.PathLike)) and not isinstance(case, Case):
+        data = load_case(case, by_prediction=Path(pred))
+    else:
+        data = load_case(case, case_id)
     if data.truth_note:
         kind = "warning" if data.truth is None else "note"
         print(f"{kind}: {data.case_id}: {data.truth_note}", file=sys.stderr)
@@ -167,8 +173,11 @@ def display_slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:
     return plane.T if view == "axial" else np.rot90(plane)
 
 
-def load_case(case: str | os.PathLike | Case) -> CaseImages:
-    """A raw case folder / `Case` / NIfTI file of a case, or a prepared `images/<case>.npy`."""
+def load_case(case: str | os.PathLike | Case, case_id: str | None = None,
+              by_prediction: Path | None = None) -> CaseImages:
+    """A raw case folder / `Case` / NIfTI file of a case, or a prepared `images/<case>.npy`; where
+    the folder or cases.csv holds several cases, the one `case_id` names, or else the one a
+    prediction file `by_prediction` (`<case>.nii.gz`) is named for."""
     if isinstance(case, Case):
         return _load_raw(case)
     path = Path(case)
@@ -180,8 +189,16 @@ def load_case(case: str | os.PathLike | Case) -> CaseImages:
         cases = [c for c in discover_cases(path.parent) if path in (*c.images.values(), c.seg)]
     else:
         cases = discover_cases(path)
+    named = NIFTI_RE.match(by_prediction.name) if case_id is None and by_prediction is not None else None
+    wanted = case_id or (named["stem"] if named else None)
+    if len(cases) > 1 and wanted is not None:
+        chosen = [c for c in cases if c.case_id == wanted]
+        if not chosen and case_id is not None:
+            raise TumorsegError(f"{path}: no case {case_id} among its {len(cases)}")
+        cases = chosen or cases
     if len(cases) != 1:
-        raise TumorsegError(f"{path}: holds {len(cases)} cases; give one case folder or one of its files")
+        raise TumorsegError(f"{path}: holds {len(cases)} cases; give one case folder or one of its files, "
+                            "or name the case (--case ID)")
     return _load_raw(cases[0])
 
 
