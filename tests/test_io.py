@@ -135,6 +135,26 @@ def test_full_disk_is_one_line_with_the_size_and_keeps_the_old_file(tmp_path, mo
             raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def test_a_write_that_fails_with_its_file_open_does_not_keep_the_file(tmp_path):
+    """nibabel on a full disk leaves its file open in its finished frames; held by the error (a
+    prediction run keeps each case's), the unlinked temporary kept its space and every later write
+    of the run failed. The error must not keep the file open."""
+    import weakref
+
+    def writer(path):
+        fh = open(path, "wb")  # never closed, as nibabel's on a failed write
+        fh.write(b"x" * 4096)
+        files.append(weakref.ref(fh))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    files: list = []
+    with pytest.raises(TumorsegError, match="out of disk space") as info:
+        with atomic_path(tmp_path / "a.bin") as tmp:
+            writer(tmp)
+    assert info.value is not None and (files[0]() is None or files[0]().closed)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_short_write_on_a_full_disk_is_out_of_space(tmp_path, monkeypatch):
     """numpy's `tofile` reports a short write without an errno; a disk with no room left explains it."""
     import shutil

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -103,8 +104,14 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
-        reason = _no_space(path, tmp, size) if _disk_full(exc, path) else exc.strerror or str(exc)
+        # The writer's finished frames (nibabel's) hold its open file: unlinked, the temporary
+        # would keep its space for as long as anyone holds this exception, and a full disk would
+        # fail every later write of the run. Clearing their locals closes it.
+        traceback.clear_frames(exc.__traceback__)
+        full = _disk_full(exc, path)
+        written = tmp.stat().st_size if full and tmp.exists() else 0
         _remove(tmp)
+        reason = _no_space(path, written, size) if full else exc.strerror or str(exc)
         raise TumorsegError(f"{path}: cannot write ({reason})") from None
     except BaseException:
         _remove(tmp)
@@ -141,9 +148,9 @@ def _disk_full(exc: OSError, path: Path) -> bool:
         return False
 
 
-def _no_space(path: Path, tmp: Path, size: int | None) -> str:
-    """The reason for ENOSPC with what the write needed: `size`, else more than it had written."""
-    written = tmp.stat().st_size if tmp.exists() else 0
+def _no_space(path: Path, written: int, size: int | None) -> str:
+    """The reason for ENOSPC with what the write needed: `size`, else more than it had `written`;
+    the space free is measured with the failed temporary removed."""
     need = f"{_mb(size)} needed" if size else f"more than {_mb(written)} needed" if written else None
     try:
         free = f"{_mb(shutil.disk_usage(path.parent).free)} free"
