@@ -532,3 +532,29 @@ def test_each_torchrun_rank_predicts_on_its_local_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     Predictor.from_checkpoint(_state(), device="cuda", engine="torch")
     assert asked == [("cuda", 3)]
+
+
+def test_a_torchrun_rank_stops_waiting_when_its_launcher_is_gone(monkeypatch):
+    """SIGKILL of torchrun's launcher leaves its ranks running: one that has written its cases must
+    not wait the day its store allows for ranks that will never come, and none waits past its timeout."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    module = sys.modules["tumorseg.inference.predict"]
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=30), wait_for_workers=False)  # torchrun's
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+                        "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(module, "MEETING_POLL", 0.05)
+    with pytest.raises(TumorsegError, match="not every rank reached 'predicted' within"):
+        module._meet("predicted", os.getppid(), timeout=timedelta(seconds=0.3))
+    launcher = os.getppid()
+    looks = iter([launcher, launcher])  # alive when the rank arrives, then reaped: its parent is another process
+    monkeypatch.setattr(os, "getppid", lambda: next(looks, 1))
+    with pytest.raises(TumorsegError, match=rf"the torchrun launcher \(pid {launcher}\) is gone; this rank stopped "
+                                            r"after 'predicted': its cases are written, run the same command again"):
+        module._meet("predicted", launcher)
+    store.set(f"tumorseg/predict/0/{next(module._MEETINGS) + 1}/reported/all", "1")  # every rank already there
+    monkeypatch.setattr(os, "getppid", lambda: launcher)
+    module._meet("reported", launcher)

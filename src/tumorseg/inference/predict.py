@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import itertools
 import os
+import time
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -689,6 +690,7 @@ def predict(
     wrong = [f"{k}={v!r}" for k, v in switches.items() if v is not None and not isinstance(v, (bool, np.bool_))]
     if wrong:  # bool("no") is True: a notebook's tta="no" would silently run the 8 flips
         raise TumorsegError(f"predict: {', '.join(wrong)}: give True or False")
+    launcher = os.getppid()  # torchrun's agent under torchrun: `_meet` stops waiting when it is gone
     out_dir = Path(out_dir)
     found = discover_cases(input_dir, only=cases)
     if isinstance(checkpoint, Predictor):
@@ -768,38 +770,55 @@ def predict(
         bar.close()
     # Under torchrun every rank waits for all (an early exit would make torchrun stop the others),
     # and the report, of all the cases, is rank 0's alone.
-    _meet("predicted")
+    _meet("predicted", launcher)
     if report and _rank_world()[0] == 0:
         from ..evaluation.evaluate import find_predictions
         from ..report import report as write_report  # matplotlib only when asked for
 
         if find_predictions(out_dir)[0]:  # every case failed: their lines say why, no empty report
             result.report = write_report(out_dir, images=input_dir, out=out_dir / "report", progress=progress).index
-    _meet("reported")
+    _meet("reported", launcher)
     return result
 
 
-def _meet(step: str, timeout: timedelta = timedelta(days=1)) -> None:
+def _meet(step: str, launcher: int, timeout: timedelta = timedelta(days=1)) -> None:
     """Under torchrun, wait until every rank has reached `step` (nothing otherwise).
 
     Prediction makes no process group: the ranks meet on torchrun's own key-value store, with a
-    key of their own per meeting (no group to set up, tear down or share with a caller's NCCL)."""
+    key of their own per meeting (no group to set up, tear down or share with a caller's NCCL).
+    A rank whose launcher (`launcher`, its parent's pid when it started) is gone, killed with its
+    store, stops waiting in one line instead of holding its memory for the day others may take."""
     rank, world = _rank_world()
     if world == 1:
         return
     import torch.distributed as dist
 
+    deadline = time.monotonic() + timeout.total_seconds()
     try:
+        _check_launcher(launcher, step)
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it; else rank 0
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=rank == 0 and not agent, timeout=timeout)
+                              is_master=rank == 0 and not agent, timeout=STORE_CONNECT)
         key = f"tumorseg/predict/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_MEETINGS)}/{step}"
         if store.add(key, 1) == world:
             store.set(f"{key}/all", "1")
-        store.wait([f"{key}/all"])
+        while not store.check([f"{key}/all"]):  # polled: a timed-out wait logs a warning each time
+            _check_launcher(launcher, step)
+            if time.monotonic() > deadline:
+                raise TumorsegError(f"not every rank reached '{step}' within {timeout}")
+            time.sleep(MEETING_POLL)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise TumorsegError(f"RANK and WORLD_SIZE are set but the ranks cannot meet ({type(exc).__name__}: {exc}): "
                             "start several processes with torchrun") from None
 
 
 _MEETINGS = itertools.count()
+STORE_CONNECT = timedelta(minutes=5)  # to torchrun's store, which is up before any rank starts
+MEETING_POLL = 0.05  # s between looks: the last rank to arrive leaves at once and may exit (torchrun then
+# stops the others), so the ranks waiting for it must not sleep through their last lines
+
+
+def _check_launcher(launcher: int, step: str) -> None:
+    if os.getppid() != launcher:
+        raise TumorsegError(f"the torchrun launcher (pid {launcher}) is gone; this rank stopped after "
+                            f"'{step}': its cases are written, run the same command again for the others")
