@@ -91,6 +91,13 @@ def test_resumable_and_force(tmp_path):
     assert again.skipped == 2 and (tmp_path / "out/images/c2.npy").exists()
     assert (tmp_path / "out/images/c1.npy").stat().st_mtime_ns == stamp
     assert again.manifest["split"] == first.manifest["split"]
+    damaged = ("images/c0.npy", "masks/c1.npy")
+    arrays = {name: np.load(tmp_path / "out" / name) for name in damaged}
+    for name, damage in zip(damaged, (b"", (tmp_path / "out/masks/c1.npy").read_bytes()[:300])):
+        (tmp_path / "out" / name).write_bytes(damage)  # emptied or cut short since: not "already done"
+    redone = prepare(tmp_path / "raw", tmp_path / "out", cfg, workers=1, progress=False)
+    assert redone.skipped == 1 and len(redone.kept) == 3
+    assert all(np.array_equal(np.load(tmp_path / "out" / name), arrays[name]) for name in damaged)
     forced = prepare(tmp_path / "raw", tmp_path / "out", cfg, workers=1, force=True, progress=False)
     assert forced.skipped == 0
     other = prepare(tmp_path / "raw", tmp_path / "out", PrepareConfig(norm="zscore", **SMALL), workers=1, progress=False)

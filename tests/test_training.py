@@ -217,6 +217,20 @@ def test_loss_guard_skips_broken_losses_and_stops_a_diverging_run():
         guard.allows(float("nan"), ctx, 7)
 
 
+@pytest.mark.parametrize("damage", [b"", b"\x93NUMPY"])
+def test_a_damaged_array_is_one_line_naming_it_and_how_to_redo_it(prepared, tmp_path, damage):
+    import json
+    import shutil
+
+    copy = tmp_path / "prep"
+    shutil.copytree(prepared, copy)
+    case_id = json.loads((copy / "manifest.json").read_text())["split"]["train"][0]
+    (copy / "masks" / f"{case_id}.npy").write_bytes(damage)
+    with pytest.raises(TumorsegError, match=rf"masks/{case_id}.npy: cannot read .npy \(.+\); run the same "
+                                            r"`tumorseg prepare` again: it redoes damaged arrays; no epoch was saved$"):
+        train(copy, tmp_path / "run", TrainConfig(epochs=1, workers=0, **TINY), progress=False)
+
+
 @pytest.mark.parametrize("damage", ["list", "no settings", "no split", "crop", "channels"])
 def test_a_damaged_manifest_is_one_line_naming_it(prepared, tmp_path, damage):
     import json

@@ -195,6 +195,18 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
+def read_npy(path: str | os.PathLike, hint: str = "") -> np.ndarray:
+    """An `.npy` array, memory-mapped (read-only); a missing, empty, truncated or foreign file is
+    one line naming it (`hint`: what to do, appended)."""
+    hint = f"; {hint}" if hint else ""
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise TumorsegError(f"{path}: file not found{hint}") from None
+    except (OSError, ValueError, EOFError) as exc:  # an empty file is EOFError
+        raise TumorsegError(f"{path}: cannot read .npy ({exc or type(exc).__name__}){hint}") from None
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes, hex (read in blocks: checkpoints are tens of MB)."""
     digest = hashlib.sha256()

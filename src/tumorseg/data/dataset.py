@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import TumorsegError
+from ..io import read_npy
 from ..prepare import load_manifest
 
 
@@ -54,11 +55,9 @@ class PreparedDataset(Dataset):
 
     def load(self, index: int) -> dict:
         case_id = self.case_ids[index]
-        try:
-            image = np.load(self.root / "images" / f"{case_id}.npy", mmap_mode="r")
-            label = np.load(self.root / "masks" / f"{case_id}.npy", mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise TumorsegError(f"{self.root}: cannot read arrays of {case_id} ({exc})") from None
+        again = "run the same `tumorseg prepare` again: it redoes damaged arrays"
+        image = read_npy(self.root / "images" / f"{case_id}.npy", again)
+        label = read_npy(self.root / "masks" / f"{case_id}.npy", again)
         self._check_shapes(case_id, image.shape, label.shape)
         # One copy out of the page cache; the arrays on disk are never written to.
         return {

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import TumorsegError
 from ..geometry import Grid, labels_onto
-from ..io import NIFTI_RE, atomic_path, load_nifti
+from ..io import NIFTI_RE, atomic_path, load_nifti, read_npy
 from ..labels import BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention_from_header, to_training_labels
 from ..layouts import Case, discover_cases, is_case_list
 
@@ -222,7 +222,7 @@ def _load_raw(case: Case) -> CaseImages:
 
 def _load_prepared(path: Path) -> CaseImages:
     case_id = path.stem
-    image = _load_npy(path)
+    image = read_npy(path)
     if image.ndim == 3:
         image = image[None]
     if image.ndim != 4:
@@ -241,7 +241,7 @@ def _load_prepared(path: Path) -> CaseImages:
     truth = None
     mask_path = root / "masks" / path.name
     if mask_path.is_file():
-        truth = _npy_to_labels(_load_npy(mask_path), mask_path, prepared=True)
+        truth = _npy_to_labels(read_npy(mask_path), mask_path, prepared=True)
         if truth.shape != image.shape[1:]:
             raise TumorsegError(f"{mask_path}: shape {truth.shape} differs from the image's {image.shape[1:]}")
     return CaseImages(
@@ -276,7 +276,7 @@ def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> n
             print(f"note: {data.case_id}: the prediction {where.name} is not named for this case (predict writes "
                   f"{data.case_id}.nii.gz)", file=sys.stderr)
         if where.suffix == ".npy":
-            labels = _npy_to_labels(_load_npy(where), where)
+            labels = _npy_to_labels(read_npy(where), where)
         else:
             vol = load_nifti(where, data.case_id)
             raw = vol.data
@@ -294,15 +294,6 @@ def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> n
 
         return crop(labels, data.crop_box)
     raise TumorsegError(f"{where}: prediction has shape {labels.shape}, but case {data.case_id} has {data.shape}")
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r")
-    except FileNotFoundError:
-        raise TumorsegError(f"{path}: file not found") from None
-    except (OSError, ValueError) as exc:
-        raise TumorsegError(f"{path}: cannot read .npy ({exc})") from None
 
 
 def raw_to_labels(seg: np.ndarray, where, labels: LabelConvention = BRATS2020) -> np.ndarray:

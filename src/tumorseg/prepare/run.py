@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import TumorsegError
-from ..io import sweep_stale_temps, write_text
+from ..io import read_npy, sweep_stale_temps, write_text
 from ..geometry import grid_of, network_grid
 from ..layouts import Case, dataset_layout, discover_cases
 from ..lock import folder_lock
@@ -59,8 +59,14 @@ def _finished(case: Case, config: PrepareConfig, out_dir: Path) -> dict | None:
     if record.get("settings") != config.case_settings():
         return None
     needed = [] if record["status"] == "dropped" else ["images"] + (["masks"] if record["status"] == "kept" else [])
-    if not all((out_dir / kind / f"{case.case_id}.npy").exists() for kind in needed):
-        return None
+    size = tuple(stop - start for start, stop in record.get("crop_box", ()))
+    shapes = {"images": (len(config.channels), *size), "masks": size}
+    for kind in needed:  # an array emptied, cut short or replaced since is done again
+        try:
+            if read_npy(out_dir / kind / f"{case.case_id}.npy").shape != shapes[kind]:
+                return None
+        except TumorsegError:
+            return None
     return record
 
 
