@@ -197,6 +197,26 @@ def test_skip_existing_and_force(raw, ckpt, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_damaged_prediction_files_are_not_already_done(raw, ckpt, tmp_path, capsys):
+    """A label file emptied, cut short or overwritten since (a full disk, a broken copy) is predicted
+    again, not skipped as done; whole files are still skipped."""
+    from tumorseg.io import nifti_whole
+
+    out = tmp_path / "pred"
+    first = predict(ckpt, raw, out, device="cpu", probabilities=True, progress=False)
+    whole = {p.name: p.read_bytes() for p in first.written}
+    assert all(nifti_whole(p) for p in first.written) and nifti_whole(raw / "c0" / "c0_t1.nii.gz")
+    (out / "c0_probabilities.nii.gz").write_bytes(whole["c0_probabilities.nii.gz"][:-100])  # cut short
+    (out / "v1.nii.gz").write_bytes(b"")
+    assert not nifti_whole(out / "c0_probabilities.nii.gz") and not nifti_whole(out / "v1.nii.gz")
+    again = predict(ckpt, raw, out, device="cpu", probabilities=True, progress=False)
+    assert again.predicted == ["c0", "v1"] and again.skipped == []
+    assert "2 case(s) with a damaged prediction file, predicted again: c0, v1" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in again.written} == whole
+    (out / "v1.nii.gz").write_bytes(b"not a NIfTI file at all")
+    assert predict(ckpt, raw, out, device="cpu", probabilities=True, progress=False).skipped == ["c0"]
+
+
 def test_a_folder_keeps_to_one_model(raw, ckpt, tmp_path, capsys):
     """Skip-existing would keep one model's files beside another's: a run of another checkpoint, or
     of other label-deciding settings (TTA), is refused in one line; --force redoes the run's cases

@@ -84,6 +84,25 @@ def load_nifti_channels(path: str | os.PathLike, case_id: str | None, indices: l
     return [Volume(data=data[..., i], affine=img.affine, header=img.header, path=path) for i in indices]
 
 
+def nifti_whole(path: str | os.PathLike) -> bool:
+    """Whether a NIfTI file this program wrote is whole, without reading its data: its header reads
+    and it holds the bytes the header announces (`.nii.gz`, one gzip member as nibabel writes: the
+    uncompressed size its trailer records; a file cut short ends in other bytes)."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        header = image.header  # the proxy's offset: the header's vox_offset may read 0
+        need = int(image.dataobj.offset) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        with open(path, "rb") as fh:
+            if str(path).endswith(".gz"):
+                fh.seek(-4, os.SEEK_END)
+                return int.from_bytes(fh.read(4), "little") == need % 2**32
+            return os.fstat(fh.fileno()).st_size >= need
+    except Exception:  # noqa: BLE001 - nibabel raises many types for damaged files
+        return False
+
+
 TEMP_RE = re.compile(r"^\.tmp-(?P<pid>\d+)-(?P<name>.+)$")
 STALE_AFTER_S = 24 * 3600  # a temporary this old is stale whoever wrote it (another host, a reused pid)
 

@@ -36,7 +36,7 @@ from ..checkpoint import checkpoint_file, load_checkpoint
 from ..devices import amp_dtype, autocast, describe, resolve_device, window_batch
 from ..errors import TumorsegError
 from ..geometry import Grid, resample_box
-from ..io import file_digest, save_nifti, sweep_stale_temps
+from ..io import file_digest, nifti_whole, save_nifti, sweep_stale_temps
 from ..labels import (CLASS_ABBREVIATIONS, MODEL_DIGITS, RAW_LABELS, REGIONS, LabelConvention, convention,
                       model_from_header, prediction_description, tumorseg_prediction)
 from ..layouts import Case, discover_cases
@@ -725,12 +725,19 @@ def predict(
                   "it recorded one): kept as they are; --force redoes them", file=sys.stderr)
         result = PredictResult(out_dir=out_dir)
         todo = []
+        damaged = []
         for case in mine:
             done = not force and case.case_id not in other and all(p.exists() for p in planned[case.case_id])
+            if done and not all(nifti_whole(p) for p in planned[case.case_id] if p.suffix == ".gz"):
+                done = False  # emptied or cut short since it was written (a full disk, a copy): redone
+                damaged.append(case.case_id)
             if done:
                 result.skipped.append(case.case_id)
             else:
                 todo.append(case)
+        if damaged:
+            print(f"note: {out_dir}: {len(damaged)} case(s) with a damaged prediction file, predicted again: "
+                  f"{', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}", file=sys.stderr)
         bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress)
         # Reading the next case and writing the previous one overlap with the network's work.
         with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
