@@ -159,6 +159,10 @@ def test_cli_export_then_predict_from_the_onnx_file(tmp_path, capsys):
     predict(tmp_path / "m.pt", raw, tmp_path / "pt", device="cpu", probabilities=True, progress=False, engine="torch",
             amp="off")  # float32, as ONNX Runtime runs the graph
     _assert_same_files(tmp_path / "pt", tmp_path / "onnx", "c0")
+    save_checkpoint(tmp_path / "bad.pt", {**_state(), "prepare": {}})  # settings damaged: no model file is written
+    assert main(["export", str(tmp_path / "bad.pt"), str(tmp_path / "bad.onnx")]) == 2
+    assert "damaged checkpoint settings (prepare.channels, prepare.norm)" in capsys.readouterr().err
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 @pytest.mark.parametrize("name", ["unet3d", "unet"])

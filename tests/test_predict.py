@@ -330,6 +330,15 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
         Predictor.from_checkpoint({**_state(), "model": _state(filters=(4, 8, 32))["model"]})
     with pytest.raises(TumorsegError, match="overlap must be in"):
         Predictor.from_checkpoint(_state(), device="cpu", overlap=1.0)
+    state = _state()
+    for damaged, name in (({"network": "garbage"}, "network"), ({"prepare": {}}, "prepare.channels, prepare.norm"),
+                          ({"network": {**state["network"], "filters": "abc"}}, "network.filters"),
+                          ({"patch": "x"}, "patch"), ({"target": 3}, "target"),
+                          ({"prepare": {**state["prepare"], "spacing": "1mm"}}, "prepare.spacing")):
+        with pytest.raises(TumorsegError, match=rf"^checkpoint: damaged checkpoint settings \({name}\); not as tumorseg"):
+            Predictor.from_checkpoint({**state, **damaged}, device="cpu")
+    with pytest.raises(TumorsegError, match=r"^checkpoint: damaged checkpoint settings \(network: TypeError: "):
+        Predictor.from_checkpoint({**state, "network": {**state["network"], "colour": "red"}}, device="cpu")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     write_case(tmp_path / "raw", "c0")
     with pytest.raises(TumorsegError, match="junk.pt: not a readable tumorseg checkpoint"):
