@@ -51,6 +51,23 @@ def test_resume_equals_uninterrupted(prepared, tmp_path):
     assert all(torch.equal(full[k], part[k]) for k in full)
 
 
+def test_resume_mends_a_damaged_best_checkpoint_or_says_its_weights_are_lost(prepared, tmp_path, capsys):
+    """A resumed run that reports success leaves a best.pt that loads: rewritten from last.pt where
+    the best epoch is the last one saved; else said lost, and best.pt is the best epoch from then on."""
+    from tumorseg.checkpoint import save_checkpoint
+
+    train(prepared, tmp_path / "run", TrainConfig(epochs=1, **TINY), progress=False)
+    (tmp_path / "run/best.pt").write_bytes((tmp_path / "run/best.pt").read_bytes()[:1000])
+    train(prepared, tmp_path / "run", TrainConfig(epochs=2, **TINY), resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "run/best.pt")["epoch"] in (1, 2) and "weights are lost" not in capsys.readouterr().err
+    last = load_checkpoint(tmp_path / "run/last.pt")
+    save_checkpoint(tmp_path / "run/last.pt", {**last, "best_epoch": 1, "best_metric": 2.0})  # best: an earlier epoch
+    (tmp_path / "run/best.pt").write_bytes(b"")
+    train(prepared, tmp_path / "run", TrainConfig(epochs=3, **TINY), resume=True, progress=False)
+    assert "best.pt does not hold epoch 1, the best so far (damaged or removed): its weights are lost" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "run/best.pt")["epoch"] == 3 == load_checkpoint(tmp_path / "run/last.pt")["best_epoch"]
+
+
 def test_checkpoint_is_self_describing_and_safe(prepared, tmp_path):
     train(prepared, tmp_path / "run", TrainConfig(epochs=1, target="regions", **TINY), progress=False)
     state = torch.load(tmp_path / "run/best.pt", weights_only=True)  # no code can run on load

@@ -151,7 +151,7 @@ def _tune_postprocessing(stats: list) -> dict:
 RESUME_FIXED = ("optimizer", "lr", "weight_decay", "schedule")  # held by last.pt's optimizer and scheduler state
 
 
-def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig) -> dict:
+def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, main: bool = True) -> dict:
     state = load_checkpoint(run_dir / "last.pt")
     was = state.get("config", {})
     changed = [f"{k} {was[k]} -> {getattr(config, k)}" for k in RESUME_FIXED if k in was and was[k] != getattr(config, k)]
@@ -167,7 +167,28 @@ def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig) -> d
         )
     if state["prepare"]["channels"] != manifest["settings"]["channels"]:
         raise TumorsegError(f"{run_dir / 'last.pt'}: trained on channels {state['prepare']['channels']}, data has {manifest['settings']['channels']}")
-    return state
+    return _with_best_checkpoint(run_dir, state, main)
+
+
+def _with_best_checkpoint(run_dir: Path, state: dict, main: bool = True) -> dict:
+    """`state` once `best.pt` holds its best epoch: rewritten from last.pt where that epoch is the
+    last; else (emptied, cut short, deleted since) the run goes on saying so, and best.pt becomes the
+    best of the epochs from now on: a resumed run that reports success leaves a usable best.pt.
+    Only the `main` rank writes and says so."""
+    best_epoch = state.get("best_epoch") or 0
+    try:
+        if not best_epoch or load_checkpoint(run_dir / "best.pt").get("epoch") == best_epoch:
+            return state
+    except TumorsegError:
+        pass
+    if state["epoch"] == best_epoch:
+        if main:
+            save_checkpoint(run_dir / "best.pt", state)
+        return state
+    if main:
+        print(f"warning: {run_dir / 'best.pt'} does not hold epoch {best_epoch}, the best so far (damaged or "
+              "removed): its weights are lost; best.pt will hold the best epoch from now on", file=sys.stderr)
+    return {**state, "best_metric": -1.0, "best_epoch": None}  # as a new run starts
 
 
 def train(
@@ -211,7 +232,7 @@ def train(
             # under rank 0's lock: another run into this folder could be rewriting last.pt
             if not resume and (run_dir / "last.pt").exists():
                 raise TumorsegError(f"{run_dir}: already holds a run (last.pt); use --resume or another folder")
-            state = _resume(run_dir, spec, manifest, config) if resume else None
+            state = _resume(run_dir, spec, manifest, config, ctx.is_main) if resume else None
             return _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress,
                         resume_with)
     finally:
