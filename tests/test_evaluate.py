@@ -222,6 +222,8 @@ def test_an_output_that_cannot_be_written_fails_before_the_scoring(folders, tmp_
     with pytest.raises(TumorsegError, match=rf"^{tmp_path / 'file' / 'out'}: cannot write there \(.*\); write the "
                                             r"metrics elsewhere \(--out\)$"):
         evaluate(pred, gt, out_csv=tmp_path / "file/out/m.csv", progress=False)
+    with pytest.raises(TumorsegError, match=rf"^{tmp_path}: a folder; give the file to write \(--out FOLDER/metrics.csv\)$"):
+        evaluate(pred, gt, out_csv=tmp_path, progress=False)
 
 
 def test_predictions_on_other_grids(folders, tmp_path, capsys):

@@ -54,6 +54,10 @@ def test_yaml_exponent_without_a_dot_is_a_learning_rate(tmp_path):
     (tmp_path / "bad.yaml").write_text("epochs: ten\n")
     with pytest.raises(TumorsegError, match=r"bad.yaml: epochs must be an integer \(got 'ten'\)"):
         resolve_config(tmp_path / "bad.yaml")
+    (tmp_path / "broken.yaml").write_text("epochs: 5\nlr: [0.1\n  model: unet\n")  # damaged by hand
+    with pytest.raises(TumorsegError, match=r"broken.yaml: cannot parse config \(\w+Error: ") as info:
+        resolve_config(tmp_path / "broken.yaml")
+    assert "\n" not in str(info.value)
 
 
 def test_numpy_values_from_the_api():

@@ -419,6 +419,8 @@ def evaluate(
     jobs, decided, lists = _pair_cases(gt_dir, pred_dir, labels, challenge, pred_labels, cases, only_predicted)
     for out in (out_csv, out_json):
         if out is not None:  # the inputs are checked; now, before the scoring a failed write would lose
+            if Path(out).is_dir():
+                raise TumorsegError(f"{out}: a folder; give the file to write (--out FOLDER/metrics.csv)")
             check_writable(Path(out).parent, "write the metrics elsewhere (--out)")
     rows = sorted(decided + _run_jobs(jobs, workers, progress), key=lambda r: r.case_id)
     lists["notes"] += [r.message for r in rows if r.status == STATUS_OK and r.message]

@@ -121,7 +121,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
             values = yaml.safe_load(text) or {}
     except Exception as exc:  # each parser has its own error type
-        raise TumorsegError(f"{path}: cannot parse config ({type(exc).__name__}: {exc})") from None
+        reason = " ".join(str(exc).split())  # YAML's errors run over several lines
+        raise TumorsegError(f"{path}: cannot parse config ({type(exc).__name__}: {reason})") from None
     if not isinstance(values, dict):
         raise TumorsegError(f"{path}: config must be a mapping of settings")
     return values
