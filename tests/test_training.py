@@ -68,6 +68,28 @@ def test_resume_mends_a_damaged_best_checkpoint_or_says_its_weights_are_lost(pre
     assert load_checkpoint(tmp_path / "run/best.pt")["epoch"] == 3 == load_checkpoint(tmp_path / "run/last.pt")["best_epoch"]
 
 
+def test_resume_on_other_prepared_data_is_refused(prepared, tmp_path):
+    """--resume goes on with the run's own data: another prepared folder (other cases, other
+    settings) would carry on its curves and best epoch on other data."""
+    import json
+    import shutil
+
+    train(prepared, tmp_path / "run", TrainConfig(epochs=1, **TINY), progress=False)
+    moved = shutil.copytree(prepared, tmp_path / "moved")  # the same data elsewhere: fine
+    assert len(train(moved, tmp_path / "run", TrainConfig(epochs=2, **TINY), resume=True, progress=False).history) == 2
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["split"]["train"], manifest["split"]["val"] = manifest["split"]["val"], manifest["split"]["train"]
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TumorsegError, match=r"--resume goes on with the data the run trained on; this prepared folder "
+                                            r"differs in its train/validation cases: give that folder, or start a new run"):
+        train(moved, tmp_path / "run", TrainConfig(epochs=3, **TINY), resume=True, progress=False)
+    manifest["split"]["train"], manifest["split"]["val"] = manifest["split"]["val"], manifest["split"]["train"]
+    manifest["settings"]["norm"] = "zscore"
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TumorsegError, match=r"differs in norm: give that folder"):
+        train(moved, tmp_path / "run", TrainConfig(epochs=3, **TINY), resume=True, progress=False)
+
+
 def test_checkpoint_is_self_describing_and_safe(prepared, tmp_path):
     train(prepared, tmp_path / "run", TrainConfig(epochs=1, target="regions", **TINY), progress=False)
     state = torch.load(tmp_path / "run/best.pt", weights_only=True)  # no code can run on load

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io as _io
+import json
 import math
 import random
 import sys
@@ -123,7 +125,8 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch
         "best_metric": best,
         "best_epoch": best_epoch,
         "config": config.to_dict(),
-        "prepare": {k: settings.get(k) for k in ("channels", "norm", "crop_size", "crop_mode", "spacing", "cavity")},
+        "prepare": {k: settings.get(k) for k in PREPARE_KEYS},
+        "data_split": split_digest(manifest),  # what --resume checks it goes on with (ids themselves not shared)
         "layout": manifest.get("layout", "brats2020"),
         "labels": manifest.get("labels", BRATS2020.to_dict()),  # the training data's convention
         "patch": list(patch),
@@ -148,7 +151,14 @@ def _tune_postprocessing(stats: list) -> dict:
     return choose_postprocessing(stats, ET_THRESHOLDS)
 
 
-RESUME_FIXED = ("optimizer", "lr", "weight_decay", "schedule")  # held by last.pt's optimizer and scheduler state
+RESUME_FIXED = ("optimizer", "lr", "weight_decay", "schedule")
+PREPARE_KEYS = ("channels", "norm", "crop_size", "crop_mode", "spacing", "cavity")
+
+
+def split_digest(manifest: dict) -> str:
+    """SHA-256 of the prepared folder's train/val case ids: a checkpoint shared with others names no case."""
+    split = {part: sorted(manifest.get("split", {}).get(part, [])) for part in ("train", "val")}
+    return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()  # held by last.pt's optimizer and scheduler state
 
 
 def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, main: bool = True) -> dict:
@@ -167,6 +177,12 @@ def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, main
         )
     if state["prepare"]["channels"] != manifest["settings"]["channels"]:
         raise TumorsegError(f"{run_dir / 'last.pt'}: trained on channels {state['prepare']['channels']}, data has {manifest['settings']['channels']}")
+    other = [k for k in PREPARE_KEYS if k in state["prepare"] and state["prepare"][k] != manifest["settings"].get(k)]
+    if state.get("data_split") not in (None, split_digest(manifest)):  # older checkpoints record none
+        other.append("its train/validation cases")
+    if other:  # the run would go on with other data under the same curves and best epoch
+        raise TumorsegError(f"{run_dir / 'last.pt'}: --resume goes on with the data the run trained on; this prepared "
+                            f"folder differs in {', '.join(other)}: give that folder, or start a new run")
     return _with_best_checkpoint(run_dir, state, main)
 
 
