@@ -475,13 +475,47 @@ def test_rerun_removes_the_reports_stale_pages_and_figures_and_nothing_else(tmp_
     result = report(preds, out=out, progress=False)
     assert [c.case_id for c in result.cases] == ["case_0"] and set(result.failed) == {"case_1"}
     figures = [f"case_{i}_{k}.png" for i in (1, 2) for k in ("views", "diameters", "thumb")]
-    assert sorted(removed) == sorted(["case_1.html", "case_2.html", "case_0_uncertainty.png", *figures])
-    assert {p.name for p in cases.iterdir()} == {"case_0.html", "case_0_views.png", "case_0_diameters.png",
+    assert sorted(removed) == sorted(["case_1.html", "case_2.html", "case_1.json", "case_2.json",
+                                      "case_0_uncertainty.png", *figures])
+    assert {p.name for p in cases.iterdir()} == {"case_0.html", "case_0.json", "case_0_views.png", "case_0_diameters.png",
                                                  "case_0_thumb.png", *(p.name for p in user if p.parent == cases)}
     assert all(path.read_text() == text for path, text in user.items())
     index = parse(result.index)
     assert {unquote(h) for h in index.links} == {"cases/case_0.html"}
     assert all((out / unquote(src)).is_file() for src in index.images)
+
+
+def test_a_rerun_redoes_only_the_cases_whose_files_or_settings_changed(tmp_path, monkeypatch):
+    """A report killed half-way, or run again, goes on from each case's record: the same pages and
+    table, without reading or drawing again what did not change."""
+    import tumorseg.report.build as build
+
+    preds = small_cohort(tmp_path, 3)
+    out = tmp_path / "out"
+    first = report(preds, images=tmp_path / "data", gt=tmp_path / "data", out=out, progress=False)
+    pages = {p.name: p.read_text() for p in (out / "cases").glob("*.html")}
+    table = first.csv.read_text()
+    done, real = [], build.report_case
+
+    def counted(case_id, *args, **kwargs):
+        done.append(case_id)
+        return real(case_id, *args, **kwargs)
+
+    monkeypatch.setattr(build, "report_case", counted)
+    again = report(preds, images=tmp_path / "data", gt=tmp_path / "data", out=out, progress=False)
+    assert done == [] and again.csv.read_text() == table
+    assert {p.name: p.read_text() for p in (out / "cases").glob("*.html")} == pages
+    assert [c.measures for c in again.cases] == [c.measures for c in first.cases]
+    assert [c.metrics for c in again.cases] == [c.metrics for c in first.cases]
+
+    os.utime(preds / "case_1.nii.gz", ns=(1, 1))  # a new prediction in place
+    (out / "cases/case_2.json").write_text("{damaged")  # as a kill mid-write cannot leave, but a disk can
+    (out / "cases/case_0_thumb.png").unlink()
+    report(preds, images=tmp_path / "data", gt=tmp_path / "data", out=out, progress=False)
+    assert done == ["case_0", "case_1", "case_2"]
+    done.clear()
+    report(preds, images=tmp_path / "data", out=out, progress=False)  # without the truth: other columns
+    assert done == ["case_0", "case_1", "case_2"]
 
 
 def test_a_case_failing_after_its_figures_leaves_none_behind(tmp_path, monkeypatch):
@@ -503,7 +537,7 @@ def test_a_case_failing_after_its_figures_leaves_none_behind(tmp_path, monkeypat
     assert [c.case_id for c in result.cases] == ["case_0"]
     assert result.failed == {"case_1": "case_1: RuntimeError: scoring broke"}
     assert sorted(p.name for p in (out / "cases").iterdir()) == [
-        "case_0.html", "case_0_diameters.png", "case_0_thumb.png", "case_0_views.png"]
+        "case_0.html", "case_0.json", "case_0_diameters.png", "case_0_thumb.png", "case_0_views.png"]
     (out / "cases/case_5_views.png").write_bytes(b"mine, from before")  # not the report's: stays
     old = 1_000_000_000
     os.utime(out / "cases/case_5_views.png", (old, old))

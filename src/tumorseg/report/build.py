@@ -11,6 +11,8 @@ convention its header tag names); `<case>_uncertainty.nii.gz` beside one adds th
 view and score. A case that cannot be read is one line naming the file; the others are still
 reported. Each prediction is read once: measured, drawn and (with `gt`) scored from that read.
 
+A case reported is recorded (`cases/<case>.json`, `record`): a re-run, after a kill or over the
+same folder, redoes only the cases whose files or settings changed.
 Re-running into the same folder replaces the report: once the new index is in place, the pages
 and figures the report wrote for cases not in this run are removed, so the index never links to a
 missing page. A `cases/<case>.html` is the report's only when it begins as the report writes it,
@@ -20,6 +22,7 @@ failed (so unlinked); every other file stays.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ from ..lock import folder_lock
 from .case import CaseReport, prediction_labels, report_case
 from .figures import figure_paths
 from .html import case_page, case_page_name, index_page, page_case_id
+from .record import load_record, record_key, record_path, save_record
 from .table import columns, csv_text, summary
 from .truth import score, truth_cases
 
@@ -96,10 +100,18 @@ def report(
             sweep_stale_temps(folder)  # what a killed run left
         failed = dict(conflicts)
         reported: list[CaseReport] = []
+        settings = {"images": images, "gt": gt, "pred_labels": pred_labels}
         for cid, path in tqdm(sorted(preds.items()), desc="report", unit="case", disable=not progress):
+            truth = truths.get(cid) if truths is not None else None
+            scans = image_cases.get(cid)
+            key = record_key([path, uncertainty.get(cid), *(scans.images.values() if scans else ()),
+                              truth.seg if truth is not None else None], settings)
+            kept = load_record(record_path(out / CASES_DIR, cid), key)
+            if kept is not None:  # reported before from these very files: a re-run after a kill goes on
+                reported.append(kept)
+                continue
             try:
                 prediction = load_nifti(path, cid)  # the one read of this file
-                truth = truths.get(cid) if truths is not None else None
                 labels = prediction_labels(prediction, image_cases.get(cid), truth, forced)
                 case = report_case(cid, prediction, image_cases.get(cid), labels, uncertainty.get(cid), out / CASES_DIR)
                 if images is not None and cid not in image_cases:
@@ -116,6 +128,8 @@ def report(
                 failed[cid] = f"{cid}: {type(exc).__name__}: {exc}"
                 continue
             reported.append(case)
+            with contextlib.suppress(TumorsegError):  # without its record the case is only done again next time
+                save_record(record_path(out / CASES_DIR, cid), case, key)
         sources = {"predictions": pred_dir, "images": images or "not given", "ground truth": gt or "not given"}
         result = _write(reported, failed, gt is not None, out, {k: str(v) for k, v in sources.items()})
         _remove_stale(out / CASES_DIR, result, started)
@@ -140,10 +154,11 @@ def _remove_stale(folder: Path, result: ReportResult, started: float) -> None:
     write and those pages' cases' figures this run did not link, and the figures this run drew
     (modified since `started`) for cases that then failed; nothing else. Called once the new index,
     linking only to this run's pages, is in place."""
-    written = {p.name for p in result.pages} | {p.name for c in result.cases for p in c.figures.values()}
+    written = ({p.name for p in result.pages} | {p.name for c in result.cases for p in c.figures.values()}
+               | {record_path(folder, c.case_id).name for c in result.cases})
     owners = ({page_case_id(p) for p in folder.iterdir()} - {None}) if folder.is_dir() else set()
     for cid in owners | set(result.failed):
-        for path in (folder / case_page_name(cid), *figure_paths(folder, cid).values()):
+        for path in (folder / case_page_name(cid), record_path(folder, cid), *figure_paths(folder, cid).values()):
             if path.name not in written and (cid in owners or _modified_since(path, started)):
                 path.unlink(missing_ok=True)
 

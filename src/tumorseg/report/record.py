@@ -1,0 +1,81 @@
+"""A reported case kept between runs (`cases/<case>.json`), so a report killed half-way, or run
+again over the same folder, redoes only the cases whose inputs changed.
+
+A record holds the case as the report shows it and the key it was made under: the size and
+modification time of every file it read (prediction, uncertainty map, scans, ground truth) and
+the settings that change what is shown. Its figures must still be there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..io import write_text
+from ..labels import convention
+from .case import CaseReport
+from .measure import Diameters, Measures
+
+RECORD_VERSION = 1  # raised when the report shows a case differently: older records are redone
+
+
+def record_path(folder: Path, case_id: str) -> Path:
+    return folder / f"{case_id}.json"
+
+
+def record_key(files: list[Path | None], settings: dict[str, Any]) -> dict[str, Any]:
+    """What a record is valid for: each file's (size, mtime in ns) or None where it is missing."""
+    stamps: dict[str, list[int] | None] = {}
+    for path in files:
+        if path is not None:
+            try:
+                st = os.stat(path)
+                stamps[str(path)] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                stamps[str(path)] = None
+    return {"version": RECORD_VERSION, "files": stamps, **{k: str(v) for k, v in settings.items()}}
+
+
+def save_record(path: Path, case: CaseReport, key: dict[str, Any]) -> None:
+    plain = dataclasses.asdict(case, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+    write_text(path, json.dumps({"key": key, "case": plain}))
+
+
+def load_record(path: Path, key: dict[str, Any]) -> CaseReport | None:
+    """The case a record holds, if it was made under `key` and its figures are all there; else None."""
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") != key:
+            return None
+        case = _case(data["case"])
+    except (OSError, ValueError, KeyError, TypeError):  # none, or damaged: the case is done again
+        return None
+    return case if all(p.is_file() for p in case.figures.values()) else None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _case(d: dict[str, Any]) -> CaseReport:
+    m = d["measures"]
+    measures = Measures({k: float(v) for k, v in m["volumes_cm3"].items()}, tuple(m["component_sizes"]),
+                        _diameters(m["enhancing"]), _diameters(m["whole"]),
+                        tuple(m["centroid"]) if m["centroid"] is not None else None)
+    return CaseReport(d["case_id"], Path(d["prediction"]), convention(d["labels"]), measures, list(d["warnings"]),
+                      {k: Path(v) for k, v in d["figures"].items()}, d["uncertainty"], d["metrics"], list(d["notes"]),
+                      d["model"])
+
+
+def _diameters(d: dict[str, Any] | None) -> Diameters | None:
+    if d is None:
+        return None
+    return Diameters(d["longest"], d["perpendicular"], d["axis"], d["slice_index"],
+                     tuple(tuple(e) for e in d["longest_ends"]), tuple(tuple(e) for e in d["perpendicular_ends"]))
