@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tumorseg.errors import TumorsegError
-from tumorseg.lock import LOCK_NAME, folder_lock
+from tumorseg.lock import LOCK_NAME, STALE_AFTER_S, folder_lock
 
 
 def _dead_pid() -> int:
@@ -36,11 +36,33 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_lock_of_another_host_is_respected(tmp_path):
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": "elsewhere", "command": "train", "started": 0}))
+def test_lock_of_another_host_is_respected_while_it_is_touched(tmp_path, capsys):
+    lock = tmp_path / LOCK_NAME
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host": "elsewhere", "command": "train", "started": 0}))
     with pytest.raises(TumorsegError, match="in use by tumorseg train .* on elsewhere"):
         with folder_lock(tmp_path, "train"):
             pass
+    old = lock.stat().st_mtime - STALE_AFTER_S - 1  # its holder stopped touching it: gone, wherever it ran
+    os.utime(lock, (old, old))
+    with folder_lock(tmp_path, "train"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "which is gone; taking it over" in capsys.readouterr().err
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "command": "train", "started": 0}))
+    os.utime(lock, (old, old))  # a live pid (since reused) that no tumorseg holder touches
+    with folder_lock(tmp_path, "train"):
+        pass
+
+
+def test_a_holder_touches_its_lock(tmp_path, monkeypatch):
+    import time
+
+    import tumorseg.lock as lock_module
+
+    monkeypatch.setattr(lock_module, "HEARTBEAT_S", 0.05)
+    with folder_lock(tmp_path, "predict") as path:
+        os.utime(path, (1, 1))
+        time.sleep(0.5)
+        assert path.stat().st_mtime > 1
 
 
 HOLD = """

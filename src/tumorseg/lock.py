@@ -3,7 +3,9 @@
 Two runs writing into one folder (two `prepare`, two `train` into one run folder) would
 interleave their files and each trust the other's half-written state; the second is refused
 with one line naming the first. A lock left behind by a killed process (SIGKILL, a crash, a
-power cut) is recognised by its pid being gone on this host and taken over.
+power cut) is recognised by its pid being gone on this host and taken over. The holder touches
+its lock every minute; one untouched for `STALE_AFTER_S` is taken over too, wherever it was
+written (a container's or a requeued job's former host, a pid since reused).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +24,8 @@ from .errors import TumorsegError
 
 LOCK_NAME = ".tumorseg.lock"
 UNREADABLE_GRACE_S = 5.0
+HEARTBEAT_S = 60.0  # how often a holder touches its lock
+STALE_AFTER_S = 15 * 60.0  # a lock untouched this long has no live holder anywhere
 
 
 def pid_alive(pid: int) -> bool:
@@ -46,9 +51,10 @@ def _holder(text: str) -> dict | None:
 def _dead(holder: dict | None, path: Path) -> bool:
     """Whether the lock's process is gone. An unreadable lock counts as dead unless it is a few
     seconds old: then its run may be between creating it and writing its content."""
+    untouched = time.time() - path.stat().st_mtime
     if holder is None:
-        return time.time() - path.stat().st_mtime > UNREADABLE_GRACE_S
-    return holder.get("host") == socket.gethostname() and not pid_alive(holder["pid"])
+        return untouched > UNREADABLE_GRACE_S
+    return untouched > STALE_AFTER_S or (holder.get("host") == socket.gethostname() and not pid_alive(holder["pid"]))
 
 
 def _describe(holder: dict | None) -> str:
@@ -113,9 +119,21 @@ def folder_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> 
                                 f"wait for it or remove {path} if it is gone")
         print(f"note: {path} was left by {_describe(holder)}, which is gone; "
               "taking it over", file=sys.stderr)
+    done = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(path, done), daemon=True, name="tumorseg-lock")
+    beat.start()
     try:
         yield path
     finally:
+        done.set()
+        beat.join()
         with contextlib.suppress(OSError):
             if path.read_text() == mine:  # never remove a lock someone else took over
                 path.unlink()
+
+
+def _heartbeat(path: Path, done: threading.Event) -> None:
+    """Touch the lock every `HEARTBEAT_S` until `done`: a run on any host sees it is held."""
+    while not done.wait(HEARTBEAT_S):
+        with contextlib.suppress(OSError):
+            os.utime(path)
