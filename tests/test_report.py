@@ -516,6 +516,12 @@ def test_a_rerun_redoes_only_the_cases_whose_files_or_settings_changed(tmp_path,
     done.clear()
     report(preds, images=tmp_path / "data", out=out, progress=False)  # without the truth: other columns
     assert done == ["case_0", "case_1", "case_2"]
+    done.clear()
+    import tumorseg.report.record as record
+
+    monkeypatch.setattr(record, "_code_digest", lambda: "another version")  # measured or drawn anew
+    report(preds, images=tmp_path / "data", out=out, progress=False)
+    assert done == ["case_0", "case_1", "case_2"]
 
 
 def test_a_case_failing_after_its_figures_leaves_none_behind(tmp_path, monkeypatch):

@@ -2,16 +2,19 @@
 again over the same folder, redoes only the cases whose inputs changed.
 
 A record holds the case as the report shows it and the key it was made under: the size and
-modification time of every file it read (prediction, uncertainty map, scans, ground truth) and
-the settings that change what is shown. Its figures must still be there.
+modification time of every file it read (prediction, uncertainty map, scans, ground truth), the
+settings that change what is shown, and a digest of the code that measures and draws a case (a
+new version redoes every case). Its figures must still be there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
+from functools import lru_cache
 from typing import Any
 
 from ..io import write_text
@@ -19,7 +22,8 @@ from ..labels import convention
 from .case import CaseReport
 from .measure import Diameters, Measures
 
-RECORD_VERSION = 1  # raised when the report shows a case differently: older records are redone
+# The modules whose code decides what a case's record holds (measures, checks, figures, metrics).
+CASE_CODE: tuple[str, ...] = ("case.py", "checks.py", "figures.py", "measure.py", "truth.py", "record.py")
 
 
 def record_path(folder: Path, case_id: str) -> Path:
@@ -36,7 +40,13 @@ def record_key(files: list[Path | None], settings: dict[str, Any]) -> dict[str, 
                 stamps[str(path)] = [st.st_size, st.st_mtime_ns]
             except OSError:
                 stamps[str(path)] = None
-    return {"version": RECORD_VERSION, "files": stamps, **{k: str(v) for k, v in settings.items()}}
+    return {"code": _code_digest(), "files": stamps, **{k: str(v) for k, v in settings.items()}}
+
+
+@lru_cache(maxsize=1)
+def _code_digest() -> str:
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in CASE_CODE)).hexdigest()[:16]
 
 
 def save_record(path: Path, case: CaseReport, key: dict[str, Any]) -> None:
