@@ -580,10 +580,30 @@ def test_a_torchrun_rank_stops_waiting_when_its_launcher_is_gone(monkeypatch):
         module._meet("predicted", os.getppid(), timeout=timedelta(seconds=0.3))
     launcher = os.getppid()
     looks = iter([launcher, launcher])  # alive when the rank arrives, then reaped: its parent is another process
-    monkeypatch.setattr(os, "getppid", lambda: next(looks, 1))
+    monkeypatch.setattr(os, "getppid", lambda: next(looks, launcher + 1))
     with pytest.raises(TumorsegError, match=rf"the torchrun launcher \(pid {launcher}\) is gone; this rank stopped "
                                             r"after 'predicted': its cases are written, run the same command again"):
-        module._meet("predicted", launcher)
+        module._meet("predicted", launcher, timeout=timedelta(seconds=30))
     store.set(f"tumorseg/predict/0/{next(module._MEETINGS) + 1}/reported/all", "1")  # every rank already there
     monkeypatch.setattr(os, "getppid", lambda: launcher)
-    module._meet("reported", launcher)
+    module._meet("reported", launcher, timeout=timedelta(seconds=30))
+
+
+def test_ranks_meet_on_rank_0s_store_whichever_arrives_last():
+    """Where torchrun shares no store (its etcd rendezvous, RANK and WORLD_SIZE set by hand), rank 0
+    hosts it: arriving last, it must not take the store away before the others have seen the meeting."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import os, time\nfrom tumorseg.inference.predict import _meet\n"
+            "time.sleep(2.0 if os.environ['RANK'] == '0' else 0)\n"  # rank 0 still busy with its own cases
+            "_meet('predicted', os.getppid())\n_meet('reported', os.getppid())\nprint('met', flush=True)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "False"})
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and all(out == "met\n" for out, _ in outs), outs

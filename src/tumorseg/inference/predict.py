@@ -18,8 +18,8 @@ import hashlib
 import importlib.util
 import itertools
 import os
-import time
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -821,10 +821,10 @@ def predict(
 def _meet(step: str, launcher: int, timeout: timedelta = timedelta(days=1)) -> None:
     """Under torchrun, wait until every rank has reached `step` (nothing otherwise).
 
-    Prediction makes no process group: the ranks meet on torchrun's own key-value store, with a
-    key of their own per meeting (no group to set up, tear down or share with a caller's NCCL).
-    A rank whose launcher (`launcher`, its parent's pid when it started) is gone, killed with its
-    store, stops waiting in one line instead of holding its memory for the day others may take."""
+    Prediction makes no process group: the ranks meet on torchrun's own key-value store (or rank
+    0's, where torchrun shares none), with a key of their own per meeting (no group to set up, tear
+    down or share with a caller's NCCL). A rank whose launcher (`launcher`, its parent's pid when it
+    started) is gone stops waiting in one line instead of holding its memory for the day others may take."""
     rank, world = _rank_world()
     if world == 1:
         return
@@ -833,24 +833,38 @@ def _meet(step: str, launcher: int, timeout: timedelta = timedelta(days=1)) -> N
     deadline = time.monotonic() + timeout.total_seconds()
     try:
         _check_launcher(launcher, step)
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it; else rank 0
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=rank == 0 and not agent, timeout=STORE_CONNECT)
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it; else rank 0
+        host = rank == 0 and not agent
+        address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        if address not in _STORES:  # one per process: rank 0's, made anew, could not take the same port back
+            _STORES[address] = dist.TCPStore(*address, world, is_master=host,
+                                             timeout=STORE_CONNECT if agent else timeout)  # rank 0 may come late
+        store = _STORES[address]
         key = f"tumorseg/predict/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_MEETINGS)}/{step}"
         if store.add(key, 1) == world:
             store.set(f"{key}/all", "1")
-        while not store.check([f"{key}/all"]):  # polled: a timed-out wait logs a warning each time
-            _check_launcher(launcher, step)
-            if time.monotonic() > deadline:
-                raise TumorsegError(f"not every rank reached '{step}' within {timeout}")
-            time.sleep(MEETING_POLL)
+        _poll(lambda: store.check([f"{key}/all"]), launcher, step, deadline, timeout)
+        store.add(f"{key}/seen", 1)
+        if host:  # its store goes with it: every rank must have seen the meeting first
+            _poll(lambda: store.add(f"{key}/seen", 0) >= world, launcher, step, deadline, timeout)
     except (KeyError, ValueError, RuntimeError) as exc:
+        _check_launcher(launcher, step)  # a killed launcher took its store along: say that, not this
         raise TumorsegError(f"RANK and WORLD_SIZE are set but the ranks cannot meet ({type(exc).__name__}: {exc}): "
                             "start several processes with torchrun") from None
 
 
+def _poll(done: Callable[[], bool], launcher: int, step: str, deadline: float, timeout: timedelta) -> None:
+    """Until `done()`, looking at the launcher between looks (a timed-out store wait logs a warning each time)."""
+    while not done():
+        _check_launcher(launcher, step)
+        if time.monotonic() > deadline:
+            raise TumorsegError(f"not every rank reached '{step}' within {timeout}")
+        time.sleep(MEETING_POLL)
+
+
 _MEETINGS = itertools.count()
-STORE_CONNECT = timedelta(minutes=5)  # to torchrun's store, which is up before any rank starts
+_STORES: dict[tuple[str, int], Any] = {}
+STORE_CONNECT = timedelta(minutes=5)  # to torchrun's agent's store, up before any rank starts
 MEETING_POLL = 0.05  # s between looks: the last rank to arrive leaves at once and may exit (torchrun then
 # stops the others), so the ranks waiting for it must not sleep through their last lines
 
