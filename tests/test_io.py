@@ -155,6 +155,25 @@ def test_a_write_that_fails_with_its_file_open_does_not_keep_the_file(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_nifti_file_is_whole_however_it_was_compressed_and_not_when_cut_short(tmp_path):
+    import gzip
+
+    import nibabel as nib
+
+    from tumorseg.io import nifti_whole
+
+    nib.save(nib.Nifti1Image(np.arange(8000, dtype=np.uint8).reshape(20, 20, 20), np.eye(4)), tmp_path / "a.nii")
+    raw = (tmp_path / "a.nii").read_bytes()
+    files = {"one member.nii.gz": gzip.compress(raw), "bgzip-like.nii.gz": gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]),
+             "padded.nii.gz": gzip.compress(raw) + bytes(512), "cut.nii.gz": gzip.compress(raw)[:-30],
+             "cut.nii": raw[:-10], "empty.nii.gz": b"", "junk.nii.gz": b"not a NIfTI file"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    assert {name: nifti_whole(tmp_path / name) for name in ["a.nii", *files]} == {
+        "a.nii": True, "one member.nii.gz": True, "bgzip-like.nii.gz": True, "padded.nii.gz": True,
+        "cut.nii.gz": False, "cut.nii": False, "empty.nii.gz": False, "junk.nii.gz": False}
+
+
 def test_a_short_write_on_a_full_disk_is_out_of_space(tmp_path, monkeypatch):
     """numpy's `tofile` reports a short write without an errno; a disk with no room left explains it."""
     import shutil
