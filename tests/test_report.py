@@ -522,6 +522,16 @@ def test_a_rerun_redoes_only_the_cases_whose_files_or_settings_changed(tmp_path,
     monkeypatch.setattr(record, "_code_digest", lambda: "another version")  # measured or drawn anew
     report(preds, images=tmp_path / "data", out=out, progress=False)
     assert done == ["case_0", "case_1", "case_2"]
+    done.clear()
+    os.utime(tmp_path / "data/case_2/case_2_seg.nii.gz", ns=(1, 1))  # the images' segmentation is drawn too
+    report(preds, images=tmp_path / "data", out=out, progress=False)
+    assert done == ["case_2"]
+    import shutil
+
+    copy = shutil.copytree(out, tmp_path / "copy")  # a report copied elsewhere, run again there
+    moved = report(preds, images=tmp_path / "data", out=copy, progress=False)
+    assert done == ["case_2"] and all(p.parent == copy / "cases" for c in moved.cases for p in c.figures.values())
+    assert "../out/" not in (copy / "cases/case_0.html").read_text()
 
 
 def test_a_case_failing_after_its_figures_leaves_none_behind(tmp_path, monkeypatch):

@@ -104,8 +104,9 @@ def report(
         for cid, path in tqdm(sorted(preds.items()), desc="report", unit="case", disable=not progress):
             truth = truths.get(cid) if truths is not None else None
             scans = image_cases.get(cid)
+            read = [c for c in (scans, truth) if c is not None]  # their files and how their labels are read
             key = record_key([path, uncertainty.get(cid), *(scans.images.values() if scans else ()),
-                              truth.seg if truth is not None else None], settings)
+                              *(c.seg for c in read)], {**settings, "read as": [(c.layout, c.labels.tag()) for c in read]})
             kept = load_record(record_path(out / CASES_DIR, cid), key)
             if kept is not None:  # reported before from these very files: a re-run after a kill goes on
                 reported.append(kept)

@@ -50,7 +50,10 @@ def _code_digest() -> str:
 
 
 def save_record(path: Path, case: CaseReport, key: dict[str, Any]) -> None:
+    """`case` and its `key` as `path`; its figures by name, beside the record (a report copied
+    elsewhere and run again links its own)."""
     plain = dataclasses.asdict(case, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+    plain["figures"] = {kind: Path(p).name for kind, p in plain["figures"].items()}
     write_text(path, json.dumps({"key": key, "case": plain}))
 
 
@@ -60,7 +63,7 @@ def load_record(path: Path, key: dict[str, Any]) -> CaseReport | None:
         data = json.loads(path.read_text())
         if data.get("key") != key:
             return None
-        case = _case(data["case"])
+        case = _case(data["case"], path.parent)
     except (OSError, ValueError, KeyError, TypeError):  # none, or damaged: the case is done again
         return None
     return case if all(p.is_file() for p in case.figures.values()) else None
@@ -74,13 +77,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _case(d: dict[str, Any]) -> CaseReport:
+def _case(d: dict[str, Any], folder: Path) -> CaseReport:
     m = d["measures"]
     measures = Measures({k: float(v) for k, v in m["volumes_cm3"].items()}, tuple(m["component_sizes"]),
                         _diameters(m["enhancing"]), _diameters(m["whole"]),
                         tuple(m["centroid"]) if m["centroid"] is not None else None)
     return CaseReport(d["case_id"], Path(d["prediction"]), convention(d["labels"]), measures, list(d["warnings"]),
-                      {k: Path(v) for k, v in d["figures"].items()}, d["uncertainty"], d["metrics"], list(d["notes"]),
+                      {k: folder / v for k, v in d["figures"].items()}, d["uncertainty"], d["metrics"], list(d["notes"]),
                       d["model"])
 
 
