@@ -167,6 +167,17 @@ def test_brats_peds_2024_told_from_2023_by_the_release_folder_or_label_4(layouts
         cases = discover_cases(root, need_images=False)
         assert {c.labels.name for c in cases} == {name} and all(why in c.seg_note for c in cases), root
     assert {c.labels.name for c in discover_cases(layouts / "brats2023")} == {"brats2023"}  # GLI: 4 is a cavity
+    dated = _peds_dataset(layouts, tmp_path / "BraTS2023-PED_downloaded_2024-03", "brats2023")  # a date, no release
+    assert {c.labels.name for c in discover_cases(dated)} == {"brats2023"}
+    mixed = tmp_path / "mixed"  # GLI and PED cases side by side: each read in its own numbers
+    for case in discover_cases(layouts / "brats2023")[:1]:
+        (mixed / case.case_id).mkdir(parents=True)
+        for path in (*case.images.values(), case.seg):
+            (mixed / case.case_id / path.name).symlink_to(path)
+    for case in discover_cases(by_value):
+        (mixed / case.case_id).symlink_to(case.folder)
+    read = {c.case_id: c.labels.name for c in discover_cases(mixed)}
+    assert read == {"BraTS-GLI-00001-000": "brats2023", **{f"BraTS-PED-0000{i}-000": "peds2024" for i in (1, 2, 3)}}
 
     prepared = prepare(by_value, tmp_path / "prep", PrepareConfig(crop_size=(32, 32, 32), min_tumour=0.0),
                        workers=1, progress=False)

@@ -81,7 +81,9 @@ BIDS_SKIPPED: tuple[str, ...] = ("derivatives", "sourcedata")  # below a BIDS ro
 SEGMENTATION_FOLDERS: tuple[str, ...] = ("images_segm",)
 # BraTS-PEDs renumbered its labels in 2024 under the 2023 file names (`labels.CONVENTIONS["peds2024"]`).
 _PED_CASE_RE = re.compile(r"^BraTS-PED-\d", re.IGNORECASE)
-_PED_RELEASE_RE = re.compile(r"ped.*20(2[4-9]|[3-9]\d)|20(2[4-9]|[3-9]\d).*ped", re.IGNORECASE)  # BraTS2024-PED-...
+# A release year beside "BraTS" or "PED(s)" in a folder's name (`BraTS2024-PED-...`, `PEDs_2024`), not a
+# date elsewhere in it (`..._downloaded_2024-03`).
+_RELEASE_RE = re.compile(r"(?:brats|peds?)[-_ ]?(20\d\d)(?!\d)|(?<!\d)(20\d\d)[-_ ]?(?:brats|peds?)", re.IGNORECASE)
 PEDS2024_VALUE = 4  # oedema in BraTS-PEDs 2024; no 2023 PED label and no cavity (PED is pre-treatment)
 CASE_LIST_SUFFIXES: tuple[str, ...] = (".csv", ".tsv")
 CASE_ID_COLUMNS: tuple[str, ...] = ("case", "case_id", "caseid", "id", "subject", "subject_id", "patient", "patient_id")
@@ -516,23 +518,29 @@ def _all_cases(root: Path, need_images: bool) -> list[Case]:
 
 
 def _pediatric_labels(root: Path, cases: list[Case]) -> list[Case]:
-    """A BraTS-PEDs dataset in BraTS 2024's labels (1 ET, 2 NET, 3 CC, 4 ED) where a folder from `root`
-    down to its cases names a release from 2024 on (`BraTS2024-PED-...`; the folders above `root` are
-    the user's) or a segmentation holds label 4; else in 2023's (BraTS 2023's), noted on each case
-    since the file names are the same."""
-    if any(c.layout != "brats2023" or not _PED_CASE_RE.match(c.case_id) for c in cases):
+    """The dataset's `BraTS-PED-` cases in BraTS 2024's labels (1 ET, 2 NET, 3 CC, 4 ED) where a
+    folder from `root` down to them names a release from 2024 on (`BraTS2024-PED-...`; the folders
+    above `root` are the user's) or one of their segmentations holds label 4; in 2023's (BraTS
+    2023's) where a folder names 2023 or none holds a 4. Noted on each, as the file names are the same."""
+    ped = [c for c in cases if c.layout == "brats2023" and _PED_CASE_RE.match(c.case_id)]
+    if not ped:
         return cases
-    named = next((part for c in cases for part in (root.name, *c.folder.relative_to(root).parts)
-                  if _PED_RELEASE_RE.search(part)), None)
-    why = f"the folder {named} names a BraTS-PEDs release from 2024 on" if named else next(
-        (f"{c.seg.name} holds label {PEDS2024_VALUE} (oedema from 2024 on)"
-         for c in cases if c.seg is not None and _holds(c.seg, PEDS2024_VALUE)), None)
+    names = {part for c in ped for part in (root.name, *c.folder.relative_to(root).parts) if "ped" in part.lower()}
+    years = {name: [int(m[1] or m[2]) for m in _RELEASE_RE.finditer(name)] for name in sorted(names)}
+    why = next((f"the folder {name} names a BraTS-PEDs release from 2024 on"
+                for name, found in years.items() if any(y >= 2024 for y in found)), None)
+    if why is None and not any(years.values()):  # nothing names the release: the labels tell
+        why = next((f"{c.seg.name} holds label {PEDS2024_VALUE} (oedema from 2024 on)"
+                    for c in ped if c.seg is not None and _holds(c.seg, PEDS2024_VALUE)), None)
     if why is None:
         note = ("read as BraTS-PEDs 2023 labels (1 NCR, 2 ED, 3 ET); BraTS-PEDs 2024 and later number them 1 ET, "
                 "2 NET, 3 CC, 4 ED: --labels peds2024 if they are")
-        return [replace(c, seg_note=c.seg_note or f"{c.case_id}: {note}") for c in cases]
-    note = f"read as BraTS-PEDs 2024 labels (1 ET, 2 NET, 3 CC, 4 ED): {why}"
-    return [replace(c, labels=CONVENTIONS["peds2024"], seg_note=c.seg_note or f"{c.case_id}: {note}") for c in cases]
+        read = {c.case_id: replace(c, seg_note=c.seg_note or f"{c.case_id}: {note}") for c in ped}
+    else:
+        note = f"read as BraTS-PEDs 2024 labels (1 ET, 2 NET, 3 CC, 4 ED): {why}"
+        read = {c.case_id: replace(c, labels=CONVENTIONS["peds2024"], seg_note=c.seg_note or f"{c.case_id}: {note}")
+                for c in ped}
+    return [read.get(c.case_id, c) for c in cases]
 
 
 def _holds(seg: Path, value: int) -> bool:
