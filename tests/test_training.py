@@ -64,8 +64,13 @@ def test_resume_mends_a_damaged_best_checkpoint_or_says_its_weights_are_lost(pre
     save_checkpoint(tmp_path / "run/last.pt", {**last, "best_epoch": 1, "best_metric": 2.0})  # best: an earlier epoch
     (tmp_path / "run/best.pt").write_bytes(b"")
     train(prepared, tmp_path / "run", TrainConfig(epochs=3, **TINY), resume=True, progress=False)
-    assert "best.pt does not hold epoch 1, the best so far (damaged or removed): its weights are lost" in capsys.readouterr().err
-    assert load_checkpoint(tmp_path / "run/best.pt")["epoch"] == 3 == load_checkpoint(tmp_path / "run/last.pt")["best_epoch"]
+    assert ("best.pt did not hold epoch 1, the best so far (damaged or removed): its weights are lost; best.pt holds "
+            "epoch 2, the last saved") in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "run/best.pt")["epoch"] in (2, 3)
+    assert load_checkpoint(tmp_path / "run/best.pt")["epoch"] == load_checkpoint(tmp_path / "run/last.pt")["best_epoch"]
+    (tmp_path / "run/best.pt").unlink()  # and no epoch left to train: best.pt is still there afterwards
+    train(prepared, tmp_path / "run", TrainConfig(epochs=3, **TINY), resume=True, progress=False)  # all 3 done
+    assert load_checkpoint(tmp_path / "run/best.pt")["epoch"] == load_checkpoint(tmp_path / "run/last.pt")["best_epoch"]
 
 
 def test_resume_on_other_prepared_data_is_refused(prepared, tmp_path):

@@ -151,14 +151,14 @@ def _tune_postprocessing(stats: list) -> dict:
     return choose_postprocessing(stats, ET_THRESHOLDS)
 
 
-RESUME_FIXED = ("optimizer", "lr", "weight_decay", "schedule")
+RESUME_FIXED = ("optimizer", "lr", "weight_decay", "schedule")  # held by last.pt's optimizer and scheduler state
 PREPARE_KEYS = ("channels", "norm", "crop_size", "crop_mode", "spacing", "cavity")
 
 
 def split_digest(manifest: dict) -> str:
     """SHA-256 of the prepared folder's train/val case ids: a checkpoint shared with others names no case."""
     split = {part: sorted(manifest.get("split", {}).get(part, [])) for part in ("train", "val")}
-    return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()  # held by last.pt's optimizer and scheduler state
+    return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()
 
 
 def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, main: bool = True) -> dict:
@@ -177,7 +177,8 @@ def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, main
         )
     if state["prepare"]["channels"] != manifest["settings"]["channels"]:
         raise TumorsegError(f"{run_dir / 'last.pt'}: trained on channels {state['prepare']['channels']}, data has {manifest['settings']['channels']}")
-    other = [k for k in PREPARE_KEYS if k in state["prepare"] and state["prepare"][k] != manifest["settings"].get(k)]
+    other = [k for k in PREPARE_KEYS[1:]  # the channels: said above
+             if k in state["prepare"] and state["prepare"][k] != manifest["settings"].get(k)]
     if state.get("data_split") not in (None, split_digest(manifest)):  # older checkpoints record none
         other.append("its train/validation cases")
     if other:  # the run would go on with other data under the same curves and best epoch
@@ -187,24 +188,28 @@ def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, main
 
 
 def _with_best_checkpoint(run_dir: Path, state: dict, main: bool = True) -> dict:
-    """`state` once `best.pt` holds its best epoch: rewritten from last.pt where that epoch is the
-    last; else (emptied, cut short, deleted since) the run goes on saying so, and best.pt becomes the
-    best of the epochs from now on: a resumed run that reports success leaves a usable best.pt.
-    Only the `main` rank writes and says so."""
+    """`state` once `best.pt` holds its best epoch. Damaged or removed since, it is rewritten from
+    last.pt: the best epoch's own weights where that is the last epoch saved; else those are lost,
+    said so, and best.pt holds the last epoch saved until a later one validates better. So a
+    resumed run that reports success always leaves a usable best.pt. Only the `main` rank writes."""
     best_epoch = state.get("best_epoch") or 0
     try:
         if not best_epoch or load_checkpoint(run_dir / "best.pt").get("epoch") == best_epoch:
             return state
     except TumorsegError:
         pass
-    if state["epoch"] == best_epoch:
-        if main:
-            save_checkpoint(run_dir / "best.pt", state)
-        return state
+    lost = state["epoch"] != best_epoch
+    if lost:
+        validated = [row["dice_mean"] for row in state["history"] if row.get("epoch") == state["epoch"] and "dice_mean" in row]
+        state = {**state, "best_epoch": state["epoch"], "best_metric": validated[0] if validated else -1.0}
     if main:
-        print(f"warning: {run_dir / 'best.pt'} does not hold epoch {best_epoch}, the best so far (damaged or "
-              "removed): its weights are lost; best.pt will hold the best epoch from now on", file=sys.stderr)
-    return {**state, "best_metric": -1.0, "best_epoch": None}  # as a new run starts
+        save_checkpoint(run_dir / "best.pt", state)
+        if lost:  # last.pt names the best it now has, as a finished run would leave it
+            save_checkpoint(run_dir / "last.pt", state)
+            print(f"warning: {run_dir / 'best.pt'} did not hold epoch {best_epoch}, the best so far (damaged or "
+                  f"removed): its weights are lost; best.pt holds epoch {state['epoch']}, the last saved, until a "
+                  "later epoch validates better", file=sys.stderr)
+    return state
 
 
 def train(
