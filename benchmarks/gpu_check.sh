@@ -21,6 +21,7 @@ DEVICE=${DEVICE:-cuda}
 CASES=${CASES:-10}
 SHORT=${SHORT:-0}
 PY=${PYTHON:-python3}
+rm -rf "$WORK"  # a warm machine keeps the last call's run folder, which train would refuse
 mkdir -p "$OUT" "$WORK"
 OUT=$(cd "$OUT" && pwd)
 LOG=$OUT/gpu_check.log

@@ -151,6 +151,8 @@ def test_one_case_of_a_dataset_or_case_list_by_id_or_by_its_prediction(tmp_path,
             save_case_plot(given, out=tmp_path / "x.png")
         with pytest.raises(TumorsegError, match="no case case_z among its 2"):
             save_case_plot(given, pred, tmp_path / "x.png", case_id="case_z")
+    with pytest.raises(TumorsegError, match="no case case_b among its 1"):  # one case there, but not that one
+        save_case_plot(tmp_path / "data/case_a", out=tmp_path / "x.png", case_id="case_b")
     assert main(["show", str(tmp_path / "cases.csv"), "--case", "case_a", "--out", str(tmp_path / "a.png")]) == 0
     assert png_size(tmp_path / "a.png") == expected_size(3, 4 + 1)
 

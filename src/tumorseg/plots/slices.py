@@ -182,6 +182,8 @@ def load_case(case: str | os.PathLike | Case, case_id: str | None = None,
         return _load_raw(case)
     path = Path(case)
     if path.suffix == ".npy":
+        if case_id is not None and case_id != path.stem:
+            raise TumorsegError(f"{path}: a prepared array of case {path.stem}, not {case_id}")
         return _load_prepared(path)
     if not path.exists():
         raise TumorsegError(f"{path}: no such case folder or file")
@@ -191,11 +193,10 @@ def load_case(case: str | os.PathLike | Case, case_id: str | None = None,
         cases = discover_cases(path)
     named = NIFTI_RE.match(by_prediction.name) if case_id is None and by_prediction is not None else None
     wanted = case_id or (named["stem"] if named else None)
+    if case_id is not None and case_id not in {c.case_id for c in cases}:
+        raise TumorsegError(f"{path}: no case {case_id} among its {len(cases)}")
     if len(cases) > 1 and wanted is not None:
-        chosen = [c for c in cases if c.case_id == wanted]
-        if not chosen and case_id is not None:
-            raise TumorsegError(f"{path}: no case {case_id} among its {len(cases)}")
-        cases = chosen or cases
+        cases = [c for c in cases if c.case_id == wanted] or cases
     if len(cases) != 1:
         raise TumorsegError(f"{path}: holds {len(cases)} cases; give one case folder or one of its files, "
                             "or name the case (--case ID)")
