@@ -390,6 +390,13 @@ def test_case_list_paths_gaps_and_mistakes(layouts, tmp_path, capsys):
     absolute.write_text("id,flair,t1,t2,t1ce,notes\n" + f"p3,{','.join(str(other.images[m]) for m in ('flair', 't1', 't2', 't1ce'))},x\n")
     (p3,) = discover_cases(absolute)
     assert p3.images == other.images and p3.seg is None
+    unnamed = tmp_path / "unnamed.csv"  # a column named for its file, not its modality: said when it is needed
+    unnamed.write_text("id,t1,t1ce,t2,5_AX_FLAIR,age\n" + f"p4,{','.join(str(other.images[m]) for m in MODALITIES)},61\n")
+    (p4,) = discover_cases(unnamed)
+    with pytest.raises(TumorsegError, match=r"p4: no flair column in .*unnamed.csv \(columns not read: 5_AX_FLAIR, age; "
+                                            r"name it by a modality"):
+        p4.image("flair")
+    assert p4.image("t2") == other.images["t2"]
     res = predict(_flair_predictor(), table, tmp_path / "pred", progress=False)
     assert list(res.failed) == ["p2"] and "p2: missing modality 't1ce' in " + str(table) in res.failed["p2"]
     (tmp_path / "scans/p1/4_AX_T2.nii.gz").unlink()

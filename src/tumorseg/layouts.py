@@ -438,6 +438,7 @@ def list_cases(table: str | os.PathLike) -> list[Case]:
         raise TumorsegError(f"{table}: no case id column (one of {', '.join(CASE_ID_COLUMNS)})")
     if set(roles.values()) == {"case"}:
         raise TumorsegError(f"{table}: no modality or segmentation column (t1, t1ce, t2, flair by any alias; seg)")
+    unread = [name.strip() for i, name in enumerate(rows[0]) if i not in roles and name.strip()]
     cases = []
     for line, row in enumerate(rows[1:], start=2):
         cells = {role: row[i].strip() if i < len(row) else "" for i, role in roles.items()}
@@ -445,7 +446,11 @@ def list_cases(table: str | os.PathLike) -> list[Case]:
         if not case_id or case_id in (".", "..") or any(c in case_id for c in '/\\'):
             raise TumorsegError(f"{table}: line {line}: {case_id!r} cannot name a case's output files")
         images = {m: _listed_file(table, v) for m, v in cells.items() if v}
-        cases.append(Case(case_id, table, images, _listed_file(table, seg) if seg else None, layout="list"))
+        # A modality without a column: say which columns were not read (`3_AX_FLAIR` names no modality).
+        absent = {m: f"{case_id}: no {m} column in {table} (columns not read: {', '.join(unread)}; name it by a "
+                     f"modality: t1, t1ce, t2, flair or an alias)" for m in MODALITIES if unread and m not in roles.values()}
+        cases.append(Case(case_id, table, images, _listed_file(table, seg) if seg else None, layout="list",
+                          conflicts=absent))
     return cases
 
 
