@@ -203,9 +203,8 @@ def _with_best_checkpoint(run_dir: Path, state: dict, main: bool = True) -> dict
         validated = [row["dice_mean"] for row in state["history"] if row.get("epoch") == state["epoch"] and "dice_mean" in row]
         state = {**state, "best_epoch": state["epoch"], "best_metric": validated[0] if validated else -1.0}
     if main:
-        save_checkpoint(run_dir / "best.pt", state)
-        if lost:  # last.pt names the best it now has, as a finished run would leave it
-            save_checkpoint(run_dir / "last.pt", state)
+        save_checkpoint(run_dir / "best.pt", state)  # last.pt records the new best with the next epoch
+        if lost:
             print(f"warning: {run_dir / 'best.pt'} did not hold epoch {best_epoch}, the best so far (damaged or "
                   f"removed): its weights are lost; best.pt holds epoch {state['epoch']}, the last saved, until a "
                   "later epoch validates better", file=sys.stderr)
