@@ -50,7 +50,12 @@ def test_missing_modality_is_reported_by_name(tmp_path):
 
 
 def test_empty_and_missing_folder(tmp_path):
-    with pytest.raises(TumorsegError, match="no cases found"):
+    with pytest.raises(TumorsegError, match=r"no cases found \(expected [^;]*\)$"):
+        discover_cases(tmp_path)
+    for name in ("case_1/t1.hdr", "case_1/t1.img"):  # Analyze pairs: said, not just "no cases"
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(TumorsegError, match=r"no cases found .*; t1.hdr and the like are .hdr/.img pairs: convert them"):
         discover_cases(tmp_path)
     with pytest.raises(TumorsegError, match="no such folder"):
         discover_cases(tmp_path / "nope")

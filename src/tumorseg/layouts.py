@@ -517,7 +517,9 @@ def _all_cases(root: Path, need_images: bool) -> list[Case]:
     if not cases and (root / "manifest.json").is_file():  # `tumorseg prepare`'s output
         raise TumorsegError(f"{root}: a prepared folder (arrays for training); give the scans it was prepared from")
     if not cases:
-        raise TumorsegError(f"{root}: no cases found (expected {EXPECTED})")
+        pairs = next((p for pattern in ("*.hdr", "*/*.hdr") for p in root.glob(pattern)), None)  # Analyze pairs
+        hint = f"; {pairs.name} and the like are .hdr/.img pairs: convert them to .nii.gz" if pairs else ""
+        raise TumorsegError(f"{root}: no cases found (expected {EXPECTED}){hint}")
     _check_one_layout(root, cases)
     return _named_apart(root, _pediatric_labels(root, _with_segmentations_beside(cases, seg_folders)))
 
