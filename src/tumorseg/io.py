@@ -232,7 +232,7 @@ def read_npy(path: str | os.PathLike, hint: str = "") -> np.ndarray:
     except FileNotFoundError:
         raise TumorsegError(f"{path}: file not found{hint}") from None
     except (OSError, ValueError, EOFError) as exc:  # an empty file is EOFError
-        raise TumorsegError(f"{path}: cannot read .npy ({exc or type(exc).__name__}){hint}") from None
+        raise TumorsegError(f"{path}: cannot read .npy ({str(exc) or type(exc).__name__}){hint}") from None
 
 
 def file_digest(path: str | os.PathLike) -> str:

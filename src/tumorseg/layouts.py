@@ -97,8 +97,8 @@ class Case:
     """One case: where each modality (by canonical name) and the segmentation are.
 
     `images` may lack modalities (a broken download); `image` turns that into an error
-    naming the case and the modality, as it does a modality found in several files (`conflicts`:
-    modality -> why), so one odd case fails alone. `channel_index` gives a modality's index inside
+    naming the case and the modality, as it does a modality found in several files or named by no
+    column of a case list (`conflicts`: modality -> why), so one odd case fails alone. `channel_index` gives a modality's index inside
     a 4D file (MSD). `seg_note` says when the segmentation was found under a non-standard name, or
     why none was taken.
     """
@@ -553,7 +553,7 @@ def _pediatric_labels(root: Path, cases: list[Case]) -> list[Case]:
 def _holds(seg: Path, value: int) -> bool:
     """Whether a segmentation file holds `value` (False if it cannot be read: its case says why)."""
     try:
-        return bool((np.asarray(load_nifti(seg).data) == value).any())
+        return bool((load_nifti(seg).data == value).any())
     except TumorsegError:
         return False
 

@@ -113,10 +113,7 @@ def save_case_plot(
         at `DPI` dots per inch.
     """
     views = _check_views(views)
-    if case_id is None and isinstance(pred, (str, os.PathLike)) and not isinstance(case, Case):
-        data = load_case(case, by_prediction=Path(pred))
-    else:
-        data = load_case(case, case_id)
+    data = load_case(case, case_id, Path(pred) if isinstance(pred, (str, os.PathLike)) else None)
     if data.truth_note:
         kind = "warning" if data.truth is None else "note"
         print(f"{kind}: {data.case_id}: {data.truth_note}", file=sys.stderr)
@@ -191,8 +188,8 @@ def load_case(case: str | os.PathLike | Case, case_id: str | None = None,
         cases = [c for c in discover_cases(path.parent) if path in (*c.images.values(), c.seg)]
     else:
         cases = discover_cases(path)
-    named = NIFTI_RE.match(by_prediction.name) if case_id is None and by_prediction is not None else None
-    wanted = case_id or (named["stem"] if named else None)
+    named = NIFTI_RE.match(by_prediction.name) if by_prediction is not None else None
+    wanted = case_id or (named and named["stem"])
     if case_id is not None and case_id not in {c.case_id for c in cases}:
         raise TumorsegError(f"{path}: no case {case_id} among its {len(cases)}")
     if len(cases) > 1 and wanted is not None:

@@ -13,8 +13,8 @@ import dataclasses
 import hashlib
 import json
 import os
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from ..io import write_text
@@ -52,9 +52,9 @@ def _code_digest() -> str:
 def save_record(path: Path, case: CaseReport, key: dict[str, Any]) -> None:
     """`case` and its `key` as `path`; its figures by name, beside the record (a report copied
     elsewhere and run again links its own)."""
-    plain = dataclasses.asdict(case, dict_factory=lambda items: {k: _plain(v) for k, v in items})
-    plain["figures"] = {kind: Path(p).name for kind, p in plain["figures"].items()}
-    write_text(path, json.dumps({"key": key, "case": plain}))
+    plain = dataclasses.asdict(case)
+    plain["figures"] = {kind: p.name for kind, p in case.figures.items()}
+    write_text(path, json.dumps({"key": key, "case": plain}, default=str))  # str: the prediction's Path
 
 
 def load_record(path: Path, key: dict[str, Any]) -> CaseReport | None:
@@ -67,14 +67,6 @@ def load_record(path: Path, key: dict[str, Any]) -> CaseReport | None:
     except (OSError, ValueError, KeyError, TypeError):  # none, or damaged: the case is done again
         return None
     return case if all(p.is_file() for p in case.figures.values()) else None
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def _case(d: dict[str, Any], folder: Path) -> CaseReport:
