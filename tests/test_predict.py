@@ -254,11 +254,21 @@ def test_a_folder_keeps_to_one_model(raw, ckpt, tmp_path, capsys):
     assert hand_built.made_by() is None and predict(hand_built, raw, out, progress=False).skipped == ["c0", "v1"]
 
 
-def test_a_checkpoint_that_cannot_be_read_is_one_line(ckpt, monkeypatch):
-    def denied(path):
-        raise PermissionError(13, "Permission denied", str(path))
+def test_a_checkpoint_is_read_once_for_its_weights_and_fingerprint_and_unreadable_is_one_line(ckpt, monkeypatch):
+    """The fingerprint is the SHA-256 of the very bytes the weights came from: a second read could
+    see a best.pt that training replaced meanwhile."""
+    import hashlib
+    from pathlib import Path
 
-    monkeypatch.setattr(sys.modules["tumorseg.inference.predict"], "file_digest", denied)
+    module = sys.modules["tumorseg.inference.predict"]
+    monkeypatch.setattr(module, "file_digest", lambda path: pytest.fail("the checkpoint was read a second time"))
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    assert predictor.model_digest == hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
     with pytest.raises(TumorsegError, match=r"tiny.pt: cannot read the checkpoint \(Permission denied\)$"):
         Predictor.from_checkpoint(ckpt, device="cpu")
 

@@ -8,6 +8,8 @@ downloaded checkpoint cannot run code. Writes are atomic: a crash leaves the old
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +48,23 @@ def checkpoint_file(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a tumorseg checkpoint safely (a run folder: its `best.pt`); a clear error for anything else."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
+    """`load_checkpoint`'s state and the SHA-256 of the very bytes it came from: read once, so a
+    `best.pt` that training replaces meanwhile cannot give one file's weights another's fingerprint."""
     path = checkpoint_file(path)
     if not path.is_file():
         raise TumorsegError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TumorsegError(f"{path}: cannot read the checkpoint ({exc.strerror or type(exc).__name__})") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, or one holding arbitrary objects
         raise TumorsegError(f"{path}: not a readable tumorseg checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise TumorsegError(f"{path}: not a tumorseg checkpoint")
-    return state
+    return state, hashlib.sha256(data).hexdigest()

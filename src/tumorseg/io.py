@@ -236,12 +236,9 @@ def read_npy(path: str | os.PathLike, hint: str = "") -> np.ndarray:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, hex (read in blocks: checkpoints are tens of MB)."""
-    digest = hashlib.sha256()
+    """SHA-256 of a file's bytes, hex."""
     with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def save_nifti(

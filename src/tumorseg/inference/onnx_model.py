@@ -46,9 +46,9 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import checkpoint_file, load_checkpoint
+from ..checkpoint import checkpoint_file, read_checkpoint
 from ..errors import TumorsegError
-from ..io import atomic_path, file_digest
+from ..io import atomic_path
 from ..networks import network_spec, required_divisor
 from .predict import check_state, network_from_state
 
@@ -162,14 +162,14 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = OPSET) -> 
         raise TumorsegError(f"{out}: name the exported model *.onnx (predict knows it by that)")
     if not isinstance(opset, (int, np.integer)) or not MIN_OPSET <= int(opset) <= MAX_OPSET:  # below: operators the networks use are missing; above:
         raise TumorsegError(f"opset {opset}: export supports {MIN_OPSET}-{MAX_OPSET}")  # the exporter dumps its graph
-    state = load_checkpoint(checkpoint)
+    state, digest = read_checkpoint(checkpoint)
     check_state(state, str(checkpoint))
     proto = _onnx_proto(network_from_state(state, str(checkpoint)), state["network"], opset, str(checkpoint))
     settings = {k: v for k, v in state.items() if k not in TRAINING_ONLY}
     settings["export"] = {"opset": int(opset), "exporter": "torchscript", "tumorseg_version": __version__,
                           "torch_version": str(torch.__version__), "onnx_version": onnx.__version__,
                           # predictions from the export and from the checkpoint carry the same `made_by`
-                          "checkpoint_sha256": file_digest(checkpoint)}
+                          "checkpoint_sha256": digest}
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(_plain(settings))
     proto.doc_string = f"tumorseg {state['network']['name']} exported from {checkpoint.name}"

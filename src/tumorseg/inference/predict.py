@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import checkpoint_file, load_checkpoint
+from ..checkpoint import checkpoint_file, read_checkpoint
 from ..devices import amp_dtype, autocast, describe, resolve_device, window_batch
 from ..errors import TumorsegError
 from ..geometry import Grid, resample_box
@@ -203,13 +203,14 @@ class Predictor:
             from .onnx_model import load_onnx  # onnxruntime only for exported models (`tumorseg export`)
 
             model, state = load_onnx(path, dev)
-            engine_used = "onnx"
+            engine_used = "onnx"  # the digest of the checkpoint it records it came from: both fingerprint alike
+            digest = (state.get("export") or {}).get("checkpoint_sha256") or file_digest(path)
             if dev.type == "cuda" and model.device.type != "cuda":
                 print(f"note: {checkpoint}: ONNX Runtime's CUDA provider is not installed or did not load "
                       "(onnxruntime-gpu, built for this CUDA); the exported model runs on the CPU", file=sys.stderr)
                 dev = model.device
         else:
-            state = load_checkpoint(path) if path is not None else checkpoint
+            state, digest = read_checkpoint(path) if path is not None else (checkpoint, None)
         check_state(state, where, weights=model is None)
         spec = state["network"]
         divisor = required_divisor(spec["name"], spec.get("filters"))
@@ -252,22 +253,8 @@ class Predictor:
             engine=engine_used,
             network=spec["name"],
             pytorch_model=pytorch_model,
-            model_digest=_model_digest(path, state),
+            model_digest=digest,
         )
-
-
-def _model_digest(path: Path | None, state: dict[str, Any]) -> str | None:
-    """The SHA-256 of the checkpoint file (an export: of the checkpoint it records it came from, so
-    both fingerprint alike); None for a state given in memory."""
-    if path is None:
-        return None
-    recorded = (state.get("export") or {}).get("checkpoint_sha256")
-    if recorded:
-        return str(recorded)
-    try:
-        return file_digest(path)
-    except OSError as exc:
-        raise TumorsegError(f"{path}: cannot read the checkpoint ({exc.strerror or type(exc).__name__})") from None
 
 
 BOX_SIDE = 4096  # a window side beyond any brain's box: `roi` clips it to the box, one window over it
