@@ -247,6 +247,11 @@ def test_onnx_runtime_without_a_working_cuda_provider_never_passes_for_the_gpu(t
     assert "CUDA provider is not installed or did not load" in capsys.readouterr().err
     with pytest.raises(TumorsegError, match="needs onnxruntime-gpu built for this CUDA"):
         Predictor.from_checkpoint(tmp_path / "m.pt", amp="off", engine="onnx")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])  # no GPU build at all:
+    monkeypatch.setattr(sys.modules["tumorseg.inference.onnx_model"], "_onnx_proto",   # refused before exporting
+                        lambda *args: pytest.fail("exported although ONNX Runtime cannot run it on the GPU"))
+    with pytest.raises(TumorsegError, match="needs onnxruntime-gpu built for this CUDA"):
+        Predictor.from_checkpoint(tmp_path / "m.pt", amp="off", engine="onnx")
 
 
 def test_exported_file_refuses_the_torch_engine(tmp_path):

@@ -189,11 +189,14 @@ def runtime_network(model: nn.Module, spec: dict[str, Any], device: torch.device
     Not `required` (the "auto" engine): where the export or the runtime fails, a one-line note
     and `(model, "torch")`, so prediction goes on in PyTorch.
     """
+    refusal = ("--engine onnx on a GPU needs onnxruntime-gpu built for this CUDA (ONNX Runtime would run on the "
+               "CPU); use --engine auto or torch")
     try:
+        if device.type == "cuda" and "CUDAExecutionProvider" not in _require("onnxruntime").get_available_providers():
+            raise TumorsegError(refusal)  # before exporting the network for nothing
         network = OnnxNetwork(_onnx_proto(model, spec, OPSET, where).SerializeToString(), device, where)
-        if network.device.type != device.type:  # no CUDA provider, or one whose CUDA libraries did not load
-            raise TumorsegError("--engine onnx on a GPU needs onnxruntime-gpu built for this CUDA (ONNX Runtime "
-                                "would run on the CPU); use --engine auto or torch")
+        if network.device.type != device.type:  # a CUDA provider whose CUDA libraries did not load
+            raise TumorsegError(refusal)
         return network, "onnx"
     except Exception as exc:  # auto: any failure of the exporter or the runtime leaves PyTorch's path
         if required:
