@@ -854,10 +854,6 @@ def test_visits_named_alike_in_each_patients_folder_are_named_by_their_patient(t
     assert cases[0].folder == tmp_path / "site/Patient-001/week-000"
     assert [c.case_id for c in discover_cases(tmp_path / "site/Patient-001")] == ["week-000", "week-044"]
     assert [c.case_id for c in discover_cases(tmp_path, only=["Patient-002_week-000"])] == ["Patient-002_week-000"]
-    _touch(tmp_path / "csv/a.nii.gz")
-    (tmp_path / "csv/cases.csv").write_text(f"case,t1\np1,{tmp_path}/csv/a.nii.gz\np1,{tmp_path}/csv/a.nii.gz\n")
-    with pytest.raises(TumorsegError, match="case ids found more than once: p1"):  # ids a table gives are kept
-        discover_cases(tmp_path / "csv/cases.csv")
 
 
 def test_ucsf_pdgm_truth_alone_in_case_folders_or_one_flat_folder(tmp_path):
