@@ -2,7 +2,7 @@
 
 What is measured, per network (default widths from `DEFAULT_FILTERS`), on random inputs of
 shape `(batch, 3, size, size, size)` with random label maps `(batch, 1, size, size, size)`
-(values 0..3): one training step exactly as `training.engine.train_epoch` takes it (cuDNN
+(values 0..3): one training step through `training.engine.forward_backward`, as `train_epoch` takes it (cuDNN
 autotuning on, as training's default; forward under autocast as `--amp` resolves for training:
 bf16 or fp16 on GPUs, float32 on the CPU unless `--amp bf16` on a CPU with native bf16; the
 "labels" loss (Dice + focal over 4 classes) on float32 logits, backward, fp16's gradient scaler,
@@ -96,8 +96,9 @@ def make_step(name: str, size: int, batch: int, device: str, recipe: str | None 
     """A closure running one training step of network `name` (or `recipe`'s), its parameter count and its optimizer."""
     import torch
 
-    from tumorseg.devices import amp_dtype, autocast
+    from tumorseg.devices import amp_dtype
     from tumorseg.networks import build_network
+    from tumorseg.training.engine import forward_backward
     from tumorseg.training.losses import build_loss
 
     torch.manual_seed(0)
@@ -111,12 +112,8 @@ def make_step(name: str, size: int, batch: int, device: str, recipe: str | None 
     dtype = amp_dtype(amp, dev)  # training's rule: float32 on the CPU unless bf16 is asked for and native
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)  # as training: fp16 only
 
-    def step() -> float:
-        with autocast(dev, dtype):
-            logits = model(image)
-        loss = loss_fn(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+    def step() -> float:  # training's own step (`engine.train_epoch`), without its loss guard
+        loss = forward_backward(model, image, labels, loss_fn, optimizer, scaler, dtype)
         scaler.step(optimizer)
         scaler.update()
         return float(loss.detach())  # .item() waits for the device, like the training loop

@@ -64,6 +64,19 @@ class LossGuard:
         return False
 
 
+def forward_backward(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
+                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """A training step up to its gradients: the forward under autocast, the loss in float32, the
+    backward scaled (fp16); the loss is returned, and the optimizer's step left to the caller."""
+    with autocast(image.device, amp_dtype):
+        logits = model(image)
+    loss = loss_fn(logits.float(), label)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    return loss
+
+
 def train_epoch(
     model: nn.Module,
     loader,
@@ -89,11 +102,8 @@ def train_epoch(
     for batch in bar:
         image = batch["image"].to(ctx.device, non_blocking=True)
         label = batch["label"].to(ctx.device, non_blocking=True)
-        with autocast(ctx.device, amp_dtype):
-            logits = model(image)
-        loss = loss_fn(logits.float(), label)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # on every rank, skipped or not: DDP's gradient averaging waits for all
+        # the backward on every rank, skipped or not: DDP's gradient averaging waits for all
+        loss = forward_backward(model, image, label, loss_fn, optimizer, scaler, amp_dtype)
         value = loss.item()  # one host sync per step, shared by the guard and the running mean
         if not guard.allows(value, ctx, epoch):
             optimizer.zero_grad(set_to_none=True)
