@@ -51,7 +51,8 @@ def _state(name="unet3d", target="labels", patch=(32, 32, 32), tta=False, larges
         "target": target,
         "label_map": {i: RAW_LABELS[i] for i in range(4)},
         "regions": list(REGIONS),
-        "inference": {"tta": tta, "postprocess_largest_tumour": largest, "postprocess_et_threshold": et},
+        "inference": {"tta": tta, "postprocess_largest_tumour": largest, "postprocess_et_threshold": et,
+                      "postprocess_min_component": [0, 10, 5]},
         "torch_version": str(torch.__version__),
     }
 
@@ -156,6 +157,7 @@ def test_cli_export_then_predict_from_the_onnx_file(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "m.onnx"), raw, str(tmp_path / "onnx"), "--device", "cpu", "--probabilities"]) == 0
     predictor = Predictor.from_checkpoint(tmp_path / "m.onnx", device="cpu")
     assert isinstance(predictor.model, OnnxNetwork) and predictor.largest_tumour and predictor.et_threshold == 20
+    assert predictor.min_component == (0, 10, 5)
     predict(tmp_path / "m.pt", raw, tmp_path / "pt", device="cpu", probabilities=True, progress=False, engine="torch",
             amp="off")  # float32, as ONNX Runtime runs the graph
     _assert_same_files(tmp_path / "pt", tmp_path / "onnx", "c0")

@@ -139,7 +139,8 @@ def test_every_network_trains_validates_tunes_and_predicts_under_autocast(prepar
     val_loss, dice = validate(model, PreparedDataset(prep, ["c2"], eval_transform()), loss_fn, CTX, [32, 32, 32],
                               "regions", dtype, False, stats)
     assert np.isfinite(val_loss) and set(dice) == {"WT", "TC", "ET"}
-    assert set(choose_postprocessing(stats, (10, 100))) == {"largest_tumour", "et_threshold"}
+    assert set(choose_postprocessing(stats, (10, 100), (5, 50))) == {"largest_tumour", "et_threshold", "min_component",
+                                                                     "lesion_dice"}
     predictor = Predictor(model.eval(), CPU, ("t1", "t1ce", "t2", "flair"), "minmax", (32, 32, 32), "regions",
                           required_divisor(name, spec["filters"]), tta=True, overlap=0.25, amp_dtype=dtype,
                           sw_batch_size=2)
@@ -161,8 +162,9 @@ def test_postprocessing_tuning_needs_only_per_case_numbers():
         gts.append(gt)
         preds.append(pred)
     stats = [case_statistics(p, g) for p, g in zip(preds, gts)]
-    assert choose_postprocessing(stats, (5, 50, 500)) == tune_postprocessing(preds, gts, (5, 50, 500))
-    assert len(repr(stats[0])) < 400  # a few numbers per case, not volumes
+    chosen = choose_postprocessing(stats, (5, 50, 500), (2, 20))
+    assert chosen == tune_postprocessing(preds, gts, (5, 50, 500), (2, 20))
+    assert len(repr(stats[0])) < 3000  # a few numbers per case and predicted component, not 24^3 voxels
 
 
 def _run(prepared, run_dir, monkeypatch, amp, epochs, resume=False):

@@ -9,6 +9,7 @@ import pytest
 
 from tumorseg.errors import TumorsegError
 from tumorseg.evaluation.lesionwise import (
+    lesion_table,
     _CODE_TRIANGLES,
     _TRIANGLES,
     CHALLENGES,
@@ -204,3 +205,27 @@ def test_surface_area_table_matches_surface_distance():
         for c in range(256)
     ]
     assert ours == table
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lesion_table_gives_lesion_scores_dice_for_any_kept_components(seed):
+    """The table post-processing tunes on is exact: Dice of any subset of the predicted components."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    shape = (22, 20, 18)
+    gt = ndimage.binary_dilation(rng.random(shape) > 0.996, iterations=2)
+    pred = ndimage.binary_dilation(rng.random(shape) > 0.994, iterations=int(rng.integers(0, 2))) | (
+        gt & (rng.random(shape) > 0.3))
+    spacing = [(1.0, 1.0, 1.0), (1.2, 0.8, 2.0)][seed % 2]
+    parts, n = ndimage.label(pred, np.ones((3, 3, 3)))
+    for dilation, threshold in ((3, 50), (1, 2), (0, 5)):
+        table = lesion_table(parts, gt, spacing, dilation, threshold)
+        assert len(table.sizes) == n and table.dice() == pytest.approx(lesion_scores(pred, gt, spacing, dilation, threshold).dice)
+        for _ in range(5):
+            keep = rng.random(n) > 0.5
+            kept = np.isin(parts, np.flatnonzero(keep) + 1)
+            assert table.dice(keep) == pytest.approx(lesion_scores(kept, gt, spacing, dilation, threshold).dice, abs=1e-12)
+    empty = np.zeros(shape, np.int32)
+    assert lesion_table(empty, np.zeros(shape, bool), spacing, 3, 50).dice() == 1.0
+    assert lesion_table(empty, gt, spacing, 3, 50).dice() == lesion_scores(empty > 0, gt, spacing, 3, 50).dice

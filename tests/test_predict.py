@@ -1,3 +1,4 @@
+import hashlib
 import os
 import sys
 from dataclasses import replace
@@ -6,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from torch import nn
 
 from tumorseg.cli import build_parser
@@ -184,6 +186,31 @@ def test_largest_tumour_only(edge_case, tmp_path):
     assert not Predictor.from_checkpoint(_state(), device="cpu").largest_tumour  # older checkpoints: off
 
 
+def test_small_components_removed_in_this_scans_voxels(edge_case, tmp_path):
+    folder, expected = edge_case
+    case = discover_cases(folder)[0]
+    for minimum, kept in (((64, 0, 0), 144 + 64), ((65, 0, 0), 144), ((145, 0, 0), 0)):
+        predictor = Predictor(ThresholdNet(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, min_component=minimum)
+        assert np.count_nonzero(predict_case(predictor, case).labels) == kept, minimum
+    # Sizes are tuned in training voxels: at 2 mm, 9 of them are 72 of this scan's 1 mm voxels
+    at_2mm = Predictor(ThresholdNet(), CPU, CHANNELS, "minmax", (16, 16, 16), divisor=8, spacing=(2.0, 2.0, 2.0))
+    parts, _ = ndimage.label(predict_case(at_2mm, case).labels > 0, np.ones((3, 3, 3)))
+    small, big = sorted(np.bincount(parts.ravel())[1:])  # the blobs as resampled back: 56 and 136 voxels
+    assert small < 9 * 8 <= big < 19 * 8
+    for minimum, kept in (((9, 0, 0), big), ((19, 0, 0), 0)):
+        assert np.count_nonzero(predict_case(replace(at_2mm, min_component=minimum), case).labels) == kept, minimum
+    on = Predictor.from_checkpoint(_state(postprocess_min_component=[0, 20, 5]), device="cpu")
+    assert on.min_component == (0, 20, 5) and Predictor.from_checkpoint(_state(), device="cpu").min_component == (0, 0, 0)
+    digest = replace(on, model_digest="d" * 64)
+    assert digest.made_by() != replace(digest, min_component=(0, 0, 0)).made_by()
+    older = replace(digest, min_component=(0, 0, 0))  # the fingerprint of files written before this step: unchanged
+    settings = ("d" * 64, older.tta, older.overlap, None, older.largest_tumour, older.et_threshold)
+    assert older.made_by() == hashlib.sha256(repr(settings).encode()).hexdigest()[:len(older.made_by())]
+    predictor = Predictor(ThresholdNet(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, min_component=(145, 0, 0))
+    raw = predict(predictor, folder, tmp_path, postprocess=False, progress=False)
+    assert np.array_equal(np.asarray(nib.load(raw.written[0]).dataobj), expected)  # the user's opt-out
+
+
 def test_skip_existing_and_force(raw, ckpt, tmp_path):
     out = tmp_path / "pred"
     predict(ckpt, raw, out, device="cpu", progress=False)
@@ -344,7 +371,9 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     for damaged, name in (({"network": "garbage"}, "network"), ({"prepare": {}}, "prepare.channels, prepare.norm"),
                           ({"network": {**state["network"], "filters": "abc"}}, "network.filters"),
                           ({"patch": "x"}, "patch"), ({"target": 3}, "target"),
-                          ({"prepare": {**state["prepare"], "spacing": "1mm"}}, "prepare.spacing")):
+                          ({"prepare": {**state["prepare"], "spacing": "1mm"}}, "prepare.spacing"),
+                          ({"inference": {"postprocess_min_component": [1, -2, 3]}}, "inference.postprocess_min_component"),
+                          ({"inference": {"postprocess_min_component": [1, 2]}}, "inference.postprocess_min_component")):
         with pytest.raises(TumorsegError, match=rf"^checkpoint: damaged checkpoint settings \({name}\); not as tumorseg"):
             Predictor.from_checkpoint({**state, **damaged}, device="cpu")
     with pytest.raises(TumorsegError, match=r"^checkpoint: damaged checkpoint settings \(network: TypeError: "):

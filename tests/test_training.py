@@ -214,6 +214,7 @@ def test_ddp_two_cpu_processes(prepared, tmp_path):
     row = state["history"][-1]  # tuned on the validation outputs gathered from both ranks
     assert state["inference"]["postprocess_largest_tumour"] is row["largest_tumour"]
     assert state["inference"]["postprocess_et_threshold"] == row["et_threshold"]
+    assert state["inference"]["postprocess_min_component"] == [row["min_wt"], row["min_tc"], row["min_et"]]
 
 
 def test_postprocess_threshold_tuned_on_validation_and_stored(prepared, tmp_path):
@@ -223,6 +224,12 @@ def test_postprocess_threshold_tuned_on_validation_and_stored(prepared, tmp_path
     assert "et_threshold" in state["history"][-1] and threshold == state["history"][-1]["et_threshold"]
     assert state["inference"]["postprocess_largest_tumour"] is state["history"][-1]["largest_tumour"]
     assert threshold is None or threshold in train_module.ET_THRESHOLDS
+    row = state["history"][-1]
+    minimum = state["inference"]["postprocess_min_component"]
+    assert minimum == [row["min_wt"], row["min_tc"], row["min_et"]] and 0.0 <= row["lesion_dice"] <= 1.0
+    assert all(v == 0 or v in train_module.COMPONENT_SIZES for v in minimum)
+    header = (tmp_path / "run/metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"min_wt", "min_tc", "min_et", "lesion_dice"} <= set(header)
 
 
 def test_wall_clock_budget_stops_and_decays_the_learning_rate(prepared, tmp_path, capsys):

@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="record flip test-time augmentation as the checkpoint's inference setting")
     p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=None,
-                   help="choose largest-tumour and small-ET post-processing on validation, for prediction")
+                   help="choose the post-processing on validation, for prediction: largest tumour only, small ET "
+                        "as necrosis (Dice), small components per region (lesion-wise Dice)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.set_defaults(func=cmd_train)
 

@@ -33,7 +33,6 @@ import csv
 import io as _stdio
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,7 +48,7 @@ from ..labels import (BRATS2020, CONVENTIONS, REGIONS, LabelConvention, conventi
 from ..layouts import UNNAMED_CONVENTION, Case, discover_cases
 from ..notes import grouped
 from ..pool import worker_pool
-from .lesionwise import LESION_HD95_MISS, challenge_name, lesionwise_metrics
+from .lesionwise import LESION_HD95_MISS, case_challenge, challenge_name, lesionwise_metrics
 from .metrics import FAILED_CASE, METRICS, check_labels, region_metrics
 
 STATUS_OK, STATUS_MISSING, STATUS_ERROR = "ok", "missing", "error"
@@ -57,7 +56,6 @@ LESION_METRICS: tuple[str, ...] = ("lesion_dice", "lesion_hd95")
 PREDICT_EXTRAS: tuple[str, ...] = ("_probabilities", "_uncertainty")
 ALL_METRICS: tuple[str, ...] = (*METRICS, *LESION_METRICS)
 FAILED_LESIONS: dict[str, float] = {"lesion_dice": 0.0, "lesion_hd95": LESION_HD95_MISS}
-_CHALLENGE_RE = re.compile(r"^BraTS-(?P<challenge>[A-Za-z]+)-\d+")
 STATS: tuple[str, ...] = ("mean", "std", "median", "25quantile", "75quantile")
 _METRIC_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)", "sensitivity": "Sensitivity", "specificity": "Specificity",
                   "lesion_dice": "LesionDice", "lesion_hd95": "LesionHD95"}
@@ -123,17 +121,6 @@ class EvaluationResult:
 
 def _failed_metrics() -> dict[str, dict[str, float]]:
     return {region: {**FAILED_CASE, **FAILED_LESIONS} for region in REGIONS}
-
-
-def case_challenge(case_id: str, challenge: str | None = None) -> str:
-    """The lesion-wise parameters' challenge: as given, else from a BraTS 2023+ id, else GLI."""
-    if challenge is not None:
-        return challenge_name(challenge)
-    m = _CHALLENGE_RE.match(case_id)
-    try:
-        return challenge_name(m["challenge"]) if m else "GLI"
-    except TumorsegError:  # BraTS-XYZ- of a challenge without its own parameters
-        return "GLI"
 
 
 def detect_labels(seg: np.ndarray) -> LabelConvention:

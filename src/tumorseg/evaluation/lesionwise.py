@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -57,6 +58,7 @@ from .metrics import _spacing, bounding_box, dice
 CHALLENGES: dict[str, tuple[int, int]] = {
     "GLI": (3, 50), "PED": (3, 50), "SSA": (3, 50), "MEN": (1, 50), "MET": (1, 2), "GoAT": (3, 50),
 }
+_CHALLENGE_RE = re.compile(r"^BraTS-(?P<challenge>[A-Za-z]+)-\d+")
 LESION_HD95_MISS = 374.0  # mm, their score for a missed lesion or a false-positive component
 
 _DILATION = ndimage.generate_binary_structure(3, 2)  # 18-neighbour, as theirs
@@ -162,6 +164,25 @@ def _union_box(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...]:
     return tuple(slice(min(b[i].start for b in boxes), max(b[i].stop for b in boxes)) for i in range(3))
 
 
+def _dilated_lesions(gt: np.ndarray, dilation: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(dilated lesions labelled, truth voxels labelled by their lesion, lesion count); dilation
+    runs only in the truth's box grown by `dilation` (the caller's array is already cropped)."""
+    regions = np.zeros(gt.shape, np.int32)
+    n_lesions = 0
+    gbox = _grow(bounding_box(gt), dilation, gt.shape)
+    if gbox is not None:
+        grown = ndimage.binary_dilation(gt[gbox], _DILATION, iterations=dilation) if dilation else gt[gbox]
+        regions[gbox], n_lesions = ndimage.label(grown, _CONNECTIVITY)
+    return regions, np.where(gt, regions, 0), n_lesions
+
+
+def _check_masks(pred: np.ndarray, gt: np.ndarray, dilation: int) -> None:
+    if pred.shape != gt.shape or gt.ndim != 3:
+        raise ValueError(f"need two 3-D masks of one shape, got {pred.shape} and {gt.shape}")
+    if dilation < 0:
+        raise ValueError(f"dilation must be >= 0, got {dilation}")
+
+
 def lesion_scores(
     pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], dilation: int, threshold: float
 ) -> LesionScores:
@@ -175,23 +196,14 @@ def lesion_scores(
         threshold: lesions of volume <= threshold mm^3 are not scored.
     """
     pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
-    if pred.shape != gt.shape or gt.ndim != 3:
-        raise ValueError(f"need two 3-D masks of one shape, got {pred.shape} and {gt.shape}")
+    _check_masks(pred, gt, dilation)
     sampling = _spacing(spacing, 3)
-    if dilation < 0:
-        raise ValueError(f"dilation must be >= 0, got {dilation}")
     box = _grow(bounding_box(pred | gt), dilation, gt.shape)
     if box is None:
         return LesionScores(1.0, 0.0, 0, 0, 0)
     pred, gt = pred[box], gt[box]
 
-    regions = np.zeros(gt.shape, np.int32)  # dilated lesions, labelled; dilation only near the truth
-    n_lesions = 0
-    gbox = _grow(bounding_box(gt), dilation, gt.shape)
-    if gbox is not None:
-        grown = ndimage.binary_dilation(gt[gbox], _DILATION, iterations=dilation) if dilation else gt[gbox]
-        regions[gbox], n_lesions = ndimage.label(grown, _CONNECTIVITY)
-    lesions = np.where(gt, regions, 0)
+    regions, lesions, n_lesions = _dilated_lesions(gt, dilation)
     pred_labels, n_pred = ndimage.label(pred, _CONNECTIVITY)
     voxels = np.bincount(lesions.ravel(), minlength=n_lesions + 1)
     region_boxes, lesion_boxes = ndimage.find_objects(regions), ndimage.find_objects(lesions)
@@ -232,6 +244,71 @@ def lesion_scores(
     )
 
 
+@dataclass(frozen=True)
+class LesionTable:
+    """What lesion-wise Dice needs of one region of one case, for any subset of the predicted
+    components: a few numbers per component and lesion instead of the volumes (post-processing
+    tunes on these, gathered over ranks).
+
+    Components are numbered 0.. in the order of the caller's labels (label 1 is component 0).
+    """
+
+    sizes: tuple[int, ...]  # voxels per predicted component
+    lesion_voxels: tuple[int, ...]  # truth voxels per lesion
+    scored: tuple[bool, ...]  # per lesion: volume above the challenge's threshold
+    pairs: tuple[tuple[int, int, int], ...]  # (lesion, component, overlap voxels): the component touches the lesion's dilation
+
+    def dice(self, keep: np.ndarray | None = None) -> float:
+        """Lesion-wise Dice with only the components where `keep` is True (None: all), exactly
+        as `lesion_scores` gives it for the prediction made of those components."""
+        sizes = np.asarray(self.sizes, np.int64)
+        keep = np.ones(sizes.size, bool) if keep is None else np.asarray(keep, bool)
+        pairs = np.asarray(self.pairs, np.int64).reshape(-1, 3)
+        lesion, comp, overlap = pairs.T
+        n_lesions = len(self.lesion_voxels)
+        kept = keep[comp]
+        hits = np.bincount(lesion[kept], minlength=n_lesions) > 0
+        inter = np.bincount(lesion[kept], weights=overlap[kept], minlength=n_lesions)
+        size = np.bincount(lesion[kept], weights=sizes[comp[kept]], minlength=n_lesions)
+        voxels = np.asarray(self.lesion_voxels, np.float64)
+        dices = np.where(hits, 2.0 * inter / np.maximum(voxels + size, 1.0), 0.0)
+        scored = np.asarray(self.scored, bool)
+        matched = np.zeros(sizes.size, bool)
+        matched[comp] = True  # matching any lesion, scored or not (see `lesion_scores`)
+        n = int(np.count_nonzero(scored)) + int(np.count_nonzero(keep & ~matched))
+        return 1.0 if n == 0 else float(np.sum(dices[scored])) / n
+
+
+def lesion_table(
+    components: np.ndarray, gt: np.ndarray, spacing: Sequence[float], dilation: int, threshold: float
+) -> LesionTable:
+    """The `LesionTable` of predicted components (labelled 1..n, 26-connected, 0 background)
+    against one region's truth mask, with a challenge's dilation and threshold (`lesion_scores`)."""
+    components, gt = np.asarray(components), np.asarray(gt, dtype=bool)
+    _check_masks(components, gt, dilation)
+    n_pred = int(components.max(initial=0))
+    sizes = np.bincount(components.ravel(), minlength=n_pred + 1)[1:]
+    box = _grow(bounding_box((components > 0) | gt), dilation, gt.shape)
+    if box is None:
+        return LesionTable(tuple(int(s) for s in sizes), (), (), ())
+    components, gt = components[box], gt[box]
+    regions, lesions, n_lesions = _dilated_lesions(gt, dilation)
+    base = np.int64(n_pred + 1)
+    touching = (regions > 0) & (components > 0)
+    codes = np.unique(regions[touching].astype(np.int64) * base + components[touching])
+    inside = (lesions > 0) & (components > 0)  # inside a lesion is inside its dilation: a subset of codes
+    overlap_codes, overlaps = np.unique(lesions[inside].astype(np.int64) * base + components[inside], return_counts=True)
+    overlap = dict(zip(overlap_codes.tolist(), overlaps.tolist()))
+    voxels = np.bincount(lesions.ravel(), minlength=n_lesions + 1)[1:]
+    volume = float(np.prod(_spacing(spacing, 3)))
+    return LesionTable(
+        sizes=tuple(int(s) for s in sizes),
+        lesion_voxels=tuple(int(v) for v in voxels),
+        scored=tuple(bool(v * volume > threshold) for v in voxels),
+        pairs=tuple((int(c // base) - 1, int(c % base) - 1, overlap.get(int(c), 0)) for c in codes.tolist()),
+    )
+
+
 def challenge_name(challenge: str) -> str:
     """A challenge's name in `CHALLENGES`: 'GLI', 'gli', 'BraTS-GLI' and 'goat' all work."""
     key = challenge.strip().upper().removeprefix("BRATS-")
@@ -239,6 +316,17 @@ def challenge_name(challenge: str) -> str:
         if name.upper() == key:
             return name
     raise TumorsegError(f"unknown BraTS challenge {challenge!r}; choose one of {', '.join(CHALLENGES)}")
+
+
+def case_challenge(case_id: str, challenge: str | None = None) -> str:
+    """The lesion-wise parameters' challenge: as given, else from a BraTS 2023+ id, else GLI."""
+    if challenge is not None:
+        return challenge_name(challenge)
+    m = _CHALLENGE_RE.match(case_id)
+    try:
+        return challenge_name(m["challenge"]) if m else "GLI"
+    except TumorsegError:  # BraTS-XYZ- of a challenge without its own parameters
+        return "GLI"
 
 
 def challenge_parameters(challenge: str) -> tuple[int, int]:

@@ -45,7 +45,7 @@ from ..networks import build_network, required_divisor
 from ..prepare.case import check_brain_size, check_intensities, load_channels, scaled_window, to_network_grid
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
 from .compiled import COMPILED_SAVES, COMPILED_SAVES_ONNX, CompiledNetwork, compile_pays, compiles_faster
-from .postprocess import postprocess
+from .postprocess import NO_COMPONENT_STEP, postprocess
 from .window import flip_dims, passes, to_labels, tta_probabilities
 
 REQUIRED_KEYS: tuple[str, ...] = ("network", "model", "prepare", "patch", "target")
@@ -74,6 +74,8 @@ class Predictor:
         tta: average over the 8 flip combinations.
         largest_tumour: keep only the largest connected whole-tumour component.
         et_threshold: relabel predicted ET as necrosis when it has fewer voxels (None: off).
+        min_component: per region (WT, TC, ET), remove 26-connected components of fewer voxels
+            (0: off; `postprocess.remove_small_components`).
         overlap: sliding-window overlap in [0, 1).
         amp_dtype: autocast dtype (`devices.amp_dtype`: native bf16 on GPUs and CPUs, fp16 on older GPUs),
             None for float32.
@@ -101,6 +103,7 @@ class Predictor:
     tta: bool = False
     largest_tumour: bool = False
     et_threshold: int | None = None
+    min_component: tuple[int, int, int] = NO_COMPONENT_STEP
     overlap: float = 0.5
     amp_dtype: torch.dtype | None = None
     sw_batch_size: int = 1
@@ -133,6 +136,8 @@ class Predictor:
             return None
         window = None if self.window == self.patch else self.window  # the training patch, given or not
         settings = (self.model_digest, self.tta, self.overlap, window, self.largest_tumour, self.et_threshold)
+        if any(self.min_component):  # absent when off: files of models from before this step keep their fingerprint
+            settings += (tuple(self.min_component),)
         return hashlib.sha256(repr(settings).encode()).hexdigest()[:MODEL_DIGITS]
 
     def fixed_window(self) -> bool:
@@ -232,6 +237,7 @@ class Predictor:
                     model, pytorch_model = runtime, model.to(dev).eval()
         inference = state.get("inference") or {}
         threshold = inference.get("postprocess_et_threshold")
+        minimum = inference.get("postprocess_min_component")  # checked by `check_state`
         spacing = state["prepare"].get("spacing")
         return cls(
             model=model.to(dev).eval(),
@@ -244,6 +250,7 @@ class Predictor:
             tta=bool(inference.get("tta", False)) if tta is None else bool(tta),
             largest_tumour=bool(inference.get("postprocess_largest_tumour", False)),
             et_threshold=threshold if isinstance(threshold, int) and not isinstance(threshold, bool) else None,
+            min_component=tuple(minimum) if minimum else NO_COMPONENT_STEP,
             overlap=float(overlap),
             amp_dtype=None if engine_used == "onnx" else dtype,
             sw_batch_size=sw_batch,
@@ -294,11 +301,12 @@ def check_state(state: dict[str, Any], where: str, weights: bool = True) -> None
 
 def _settings_checks(state: dict[str, Any]) -> list[tuple[str, bool]]:
     """(setting, whether it has the form prediction reads) for each setting it reads."""
-    def ints(value: Any, n: int | None = None) -> bool:
+    def ints(value: Any, n: int | None = None, least: int = 1) -> bool:
         return (isinstance(value, (list, tuple)) and (n is None or len(value) == n) and len(value) > 0
-                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in value))
 
     net, prep = state["network"], state["prepare"]
+    minimum = state["inference"].get("postprocess_min_component") if isinstance(state.get("inference"), dict) else None
     net_ok = isinstance(net, dict) and isinstance(net.get("name"), str)
     prep_ok = isinstance(prep, dict)
     return [
@@ -313,6 +321,7 @@ def _settings_checks(state: dict[str, Any]) -> list[tuple[str, bool]]:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in prep["spacing"]))),
         ("patch", ints(state["patch"], 3)),
         ("target", state["target"] in ("labels", "regions")),
+        ("inference.postprocess_min_component", minimum is None or ints(minimum, len(NO_COMPONENT_STEP), least=0)),
     ]
 
 
@@ -503,7 +512,7 @@ def predict_case(
     if disagreement is not None:  # (1, *box) on the network's grid -> the scan's grid
         flips = disagreement.cpu().numpy()
         disagreement = uncrop(flips[0], box, src.shape) if same else resample_box(flips, box, net, src, [0.0])[0]
-    et_threshold = predictor.et_threshold
+    et_threshold, minimum = predictor.et_threshold, predictor.min_component
     if same:  # the scan's own grid (BraTS): labels in the box (on the device), then uncropped
         labels = uncrop(to_labels(probs, predictor.target), box, src.shape)
         full = _full_probabilities(probs.cpu().numpy(), box, src.shape, predictor.target) if probabilities else None
@@ -511,9 +520,10 @@ def predict_case(
         full = resample_box(probs.cpu().numpy(), box, net, src, _outside_box(predictor.target, probs.shape[0]))
         labels = to_labels(full, predictor.target)
         full = full if probabilities else None
-        if et_threshold:  # tuned in training voxels: the same volume in this scan's voxels
-            et_threshold = max(1, round(et_threshold * np.prod(net.spacing) / np.prod(src.spacing)))
-    labels = postprocess(labels, predictor.largest_tumour, et_threshold)
+        ratio = np.prod(net.spacing) / np.prod(src.spacing)  # sizes tuned in training voxels: the same volumes here
+        et_threshold = max(1, round(et_threshold * ratio)) if et_threshold else et_threshold
+        minimum = tuple(max(1, round(v * ratio)) if v else 0 for v in minimum)
+    labels = postprocess(labels, predictor.largest_tumour, et_threshold, minimum)
     conv = predictor.labels or case.labels
     return CasePrediction(conv.from_training(labels), full, affine, header, conv, disagreement,
                           probability_channels(predictor.target, probs.shape[0]))
@@ -727,7 +737,7 @@ def predict(
             print("note: windows larger than the training patch differ from case to case; the network compiles "
                   "again for each new size", file=sys.stderr)
     if not postprocess:
-        predictor = replace(predictor, largest_tumour=False, et_threshold=None)
+        predictor = replace(predictor, largest_tumour=False, et_threshold=None, min_component=NO_COMPONENT_STEP)
     if uncertainty and not predictor.tta:
         raise TumorsegError("--uncertainty comes from the TTA flips: add --tta (or use a checkpoint trained with --tta)")
     mine = shard(found)

@@ -15,6 +15,7 @@ from ..data import PreparedDataset
 from ..devices import autocast, window_batch
 from ..errors import TumorsegError
 from ..evaluation.metrics import region_dice_from_labels
+from ..evaluation.lesionwise import case_challenge
 from ..inference.postprocess import case_statistics
 from ..inference.window import probabilities, to_labels
 from ..labels import REGIONS
@@ -128,11 +129,13 @@ def validate(
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
     collect: list | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> tuple[float, dict[str, float]]:
     """Validation loss and mean region Dice (WT, TC, ET) over this rank's cases, summed over ranks.
 
     If `collect` is a list, each case's `postprocess.case_statistics` (a few numbers, not the
-    volumes: they are gathered over ranks) is appended to it, for tuning post-processing.
+    volumes: they are gathered over ranks) is appended to it, for tuning post-processing: its
+    lesion-wise part at the prepared `spacing` (mm), with the challenge its case id names.
     """
     model.eval()
     sums = torch.zeros(2 + len(REGIONS), dtype=torch.float64)  # loss, dice per region, count
@@ -145,7 +148,7 @@ def validate(
         pred = to_labels(probs[0], target)
         gt = sample["label"][0].numpy()
         if collect is not None:  # the statistics hold this Dice already
-            collect.append(case_statistics(pred, gt))
+            collect.append(case_statistics(pred, gt, spacing, case_challenge(dataset.case_ids[index])))
             dice = dict(zip(REGIONS, collect[-1]["dice"]))
         else:
             dice = region_dice_from_labels(pred, gt)

@@ -42,8 +42,9 @@ from .config import TrainConfig
 from .engine import LossGuard, mean_dice, train_epoch, validate
 from .losses import build_loss
 
+MIN_COLUMNS = tuple(f"min_{r.lower()}" for r in REGIONS)  # post-processing's smallest component kept, per region
 COLUMNS = ["epoch", "train_loss", "skipped_steps", "val_loss", *(f"dice_{r}" for r in REGIONS), "dice_mean",
-           "largest_tumour", "et_threshold", "lr", "seconds"]
+           "largest_tumour", "et_threshold", *MIN_COLUMNS, "lesion_dice", "lr", "seconds"]
 
 
 @dataclass
@@ -137,6 +138,7 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch
             "tta": config.tta,
             "postprocess_largest_tumour": bool(tuned.get("largest_tumour", False)),
             "postprocess_et_threshold": tuned.get("et_threshold"),
+            "postprocess_min_component": [int(tuned.get(c) or 0) for c in MIN_COLUMNS],  # WT, TC, ET voxels; 0: off
         },
         "rng": rng_state(),
         "torch_version": str(torch.__version__),
@@ -144,11 +146,14 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch
 
 
 ET_THRESHOLDS = (50, 100, 200, 300, 500, 750, 1000, 1500)
+COMPONENT_SIZES = (5, 10, 20, 50, 100, 200, 500, 1000)  # voxels at the prepared spacing
 
 
 def _tune_postprocessing(stats: list) -> dict:
-    """nnU-Net's BraTS post-processing (largest tumour only, smallest ET worth keeping), on validation."""
-    return choose_postprocessing(stats, ET_THRESHOLDS)
+    """nnU-Net's BraTS post-processing (largest tumour only, smallest ET worth keeping) and the
+    smallest component worth keeping per region (lesion-wise Dice), on validation: a metrics row."""
+    tuned = choose_postprocessing(stats, ET_THRESHOLDS, COMPONENT_SIZES)
+    return {**{k: v for k, v in tuned.items() if k != "min_component"}, **dict(zip(MIN_COLUMNS, tuned["min_component"]))}
 
 
 RESUME_FIXED = ("optimizer", "lr", "weight_decay", "schedule")  # held by last.pt's optimizer and scheduler state
@@ -332,7 +337,8 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
             final = out_of_time or epoch + 1 == config.epochs
             if val_ids and ((epoch + 1) % config.val_every == 0 or final):
                 outputs: list | None = [] if config.postprocess else None
-                val_loss, dice = validate(model, val_set, loss_fn, ctx, patch, config.target, amp_dtype, progress, outputs)
+                val_loss, dice = validate(model, val_set, loss_fn, ctx, patch, config.target, amp_dtype, progress, outputs,
+                                          manifest["settings"].get("spacing") or (1.0, 1.0, 1.0))
                 row.update(val_loss=val_loss, dice_mean=mean_dice(dice), **{f"dice_{r}": dice[r] for r in REGIONS})
                 if outputs is not None:
                     row.update(_tune_postprocessing(distributed.gather_lists(outputs, ctx)))
@@ -393,6 +399,8 @@ def _format_row(row: dict) -> str:
     parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.4f}"]
     if "val_loss" in row:
         parts += [f"val loss {row['val_loss']:.4f}"] + [f"{r} {row[f'dice_{r}']:.3f}" for r in REGIONS]
+    if "lesion_dice" in row:
+        parts.append(f"lesion-wise {row['lesion_dice']:.3f}")
     return " | ".join(parts + [f"{row['seconds']:.0f}s"])
 
 
