@@ -6,6 +6,7 @@ same code a GPU runs; the `meta` device stands in for "not the CPU" to catch ten
 
 import importlib
 import inspect
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -162,8 +163,9 @@ def test_postprocessing_tuning_needs_only_per_case_numbers():
         gts.append(gt)
         preds.append(pred)
     stats = [case_statistics(p, g) for p, g in zip(preds, gts)]
-    chosen = choose_postprocessing(stats, (5, 50, 500), (2, 20))
-    assert chosen == tune_postprocessing(preds, gts, (5, 50, 500), (2, 20))
+    gathered = pickle.loads(pickle.dumps(stats))  # as `all_gather_object` sends them between ranks
+    chosen = choose_postprocessing(gathered, (5, 50, 500), (2, 20))
+    assert chosen == tune_postprocessing(preds, gts, (5, 50, 500), (2, 20)) and chosen["largest_tumour"]
     assert len(repr(stats[0])) < 3000  # a few numbers per case and predicted component, not 24^3 voxels
 
 

@@ -229,3 +229,15 @@ def test_lesion_table_gives_lesion_scores_dice_for_any_kept_components(seed):
     empty = np.zeros(shape, np.int32)
     assert lesion_table(empty, np.zeros(shape, bool), spacing, 3, 50).dice() == 1.0
     assert lesion_table(empty, gt, spacing, 3, 50).dice() == lesion_scores(empty > 0, gt, spacing, 3, 50).dice
+
+
+def test_lesion_table_scores_the_lesions_lesion_scores_scores_at_the_threshold():
+    """125 voxels of 0.8 x 0.8 x 0.625 mm are 50 mm^3 to within rounding: both must say the same."""
+    from scipy import ndimage
+
+    spacing = (0.8, 0.8, 0.625)
+    gt = np.zeros((20, 20, 20), bool)
+    gt[5:10, 5:10, 5:10] = True
+    pred = np.roll(gt, 1, 0)
+    parts, _ = ndimage.label(pred, np.ones((3, 3, 3)))
+    assert lesion_table(parts, gt, spacing, 3, 50).dice() == lesion_scores(pred, gt, spacing, 3, 50).dice

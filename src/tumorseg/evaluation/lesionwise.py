@@ -176,6 +176,13 @@ def _dilated_lesions(gt: np.ndarray, dilation: int) -> tuple[np.ndarray, np.ndar
     return regions, np.where(gt, regions, 0), n_lesions
 
 
+def _scored(voxels: int, sampling: Sequence[float], threshold: float) -> bool:
+    """Whether a lesion of this many voxels is scored: volume in mm^3 above the threshold, as
+    their code multiplies it (one expression for both users, so they agree at the threshold)."""
+    sx, sy, sz = sampling
+    return voxels * sx * sy * sz > threshold
+
+
 def _check_masks(pred: np.ndarray, gt: np.ndarray, dilation: int) -> None:
     if pred.shape != gt.shape or gt.ndim != 3:
         raise ValueError(f"need two 3-D masks of one shape, got {pred.shape} and {gt.shape}")
@@ -213,13 +220,12 @@ def lesion_scores(
     dices: list[float] = []
     hds: list[float] = []
     detected = 0
-    sx, sy, sz = sampling
     for k in range(1, n_lesions + 1):
         rbox = region_boxes[k - 1]
         hits = np.unique(pred_labels[rbox][regions[rbox] == k])
         hits = hits[hits != 0]
         matched[hits] = True  # matched components are never false positives, scored or not
-        if int(voxels[k]) * sx * sy * sz <= threshold:
+        if not _scored(int(voxels[k]), sampling, threshold):
             continue
         if hits.size == 0:
             dices.append(0.0)
@@ -244,7 +250,7 @@ def lesion_scores(
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LesionTable:
     """What lesion-wise Dice needs of one region of one case, for any subset of the predicted
     components: a few numbers per component and lesion instead of the volumes (post-processing
@@ -253,30 +259,26 @@ class LesionTable:
     Components are numbered 0.. in the order of the caller's labels (label 1 is component 0).
     """
 
-    sizes: tuple[int, ...]  # voxels per predicted component
-    lesion_voxels: tuple[int, ...]  # truth voxels per lesion
-    scored: tuple[bool, ...]  # per lesion: volume above the challenge's threshold
-    pairs: tuple[tuple[int, int, int], ...]  # (lesion, component, overlap voxels): the component touches the lesion's dilation
+    sizes: np.ndarray  # (components,) voxels per predicted component
+    lesion_voxels: np.ndarray  # (lesions,) truth voxels per lesion
+    scored: np.ndarray  # (lesions,) bool: volume above the challenge's threshold
+    pairs: np.ndarray  # (n, 3) lesion, component, overlap voxels: the component touches the lesion's dilation
 
     def dice(self, keep: np.ndarray | None = None) -> float:
         """Lesion-wise Dice with only the components where `keep` is True (None: all), exactly
         as `lesion_scores` gives it for the prediction made of those components."""
-        sizes = np.asarray(self.sizes, np.int64)
-        keep = np.ones(sizes.size, bool) if keep is None else np.asarray(keep, bool)
-        pairs = np.asarray(self.pairs, np.int64).reshape(-1, 3)
-        lesion, comp, overlap = pairs.T
-        n_lesions = len(self.lesion_voxels)
+        keep = np.ones(self.sizes.size, bool) if keep is None else np.asarray(keep, bool)
+        lesion, comp, overlap = self.pairs.T
+        n_lesions = self.lesion_voxels.size
         kept = keep[comp]
         hits = np.bincount(lesion[kept], minlength=n_lesions) > 0
         inter = np.bincount(lesion[kept], weights=overlap[kept], minlength=n_lesions)
-        size = np.bincount(lesion[kept], weights=sizes[comp[kept]], minlength=n_lesions)
-        voxels = np.asarray(self.lesion_voxels, np.float64)
-        dices = np.where(hits, 2.0 * inter / np.maximum(voxels + size, 1.0), 0.0)
-        scored = np.asarray(self.scored, bool)
-        matched = np.zeros(sizes.size, bool)
+        size = np.bincount(lesion[kept], weights=self.sizes[comp[kept]], minlength=n_lesions)
+        dices = np.where(hits, 2.0 * inter / np.maximum(self.lesion_voxels + size, 1.0), 0.0)
+        matched = np.zeros(self.sizes.size, bool)
         matched[comp] = True  # matching any lesion, scored or not (see `lesion_scores`)
-        n = int(np.count_nonzero(scored)) + int(np.count_nonzero(keep & ~matched))
-        return 1.0 if n == 0 else float(np.sum(dices[scored])) / n
+        n = int(np.count_nonzero(self.scored)) + int(np.count_nonzero(keep & ~matched))
+        return 1.0 if n == 0 else float(np.sum(dices[self.scored])) / n
 
 
 def lesion_table(
@@ -290,7 +292,7 @@ def lesion_table(
     sizes = np.bincount(components.ravel(), minlength=n_pred + 1)[1:]
     box = _grow(bounding_box((components > 0) | gt), dilation, gt.shape)
     if box is None:
-        return LesionTable(tuple(int(s) for s in sizes), (), (), ())
+        return LesionTable(sizes.astype(np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros((0, 3), np.int64))
     components, gt = components[box], gt[box]
     regions, lesions, n_lesions = _dilated_lesions(gt, dilation)
     base = np.int64(n_pred + 1)
@@ -300,12 +302,13 @@ def lesion_table(
     overlap_codes, overlaps = np.unique(lesions[inside].astype(np.int64) * base + components[inside], return_counts=True)
     overlap = dict(zip(overlap_codes.tolist(), overlaps.tolist()))
     voxels = np.bincount(lesions.ravel(), minlength=n_lesions + 1)[1:]
-    volume = float(np.prod(_spacing(spacing, 3)))
+    sampling = _spacing(spacing, 3)
+    pairs = np.array([(c // base - 1, c % base - 1, overlap.get(c, 0)) for c in codes.tolist()], np.int64)
     return LesionTable(
-        sizes=tuple(int(s) for s in sizes),
-        lesion_voxels=tuple(int(v) for v in voxels),
-        scored=tuple(bool(v * volume > threshold) for v in voxels),
-        pairs=tuple((int(c // base) - 1, int(c % base) - 1, overlap.get(int(c), 0)) for c in codes.tolist()),
+        sizes=sizes.astype(np.int64),
+        lesion_voxels=voxels.astype(np.int64),
+        scored=np.array([_scored(int(v), sampling, threshold) for v in voxels], bool),
+        pairs=pairs.reshape(-1, 3),
     )
 
 

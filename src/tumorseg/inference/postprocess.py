@@ -1,6 +1,6 @@
-"""BraTS postprocessing in two steps, both decided on validation cases (after nnU-Net).
+"""BraTS postprocessing in three steps, all decided on validation cases.
 
-1. Whole-tumour islands: a glioma is nearly always one connected lesion, so predicted tumour
+1. Whole-tumour islands (after nnU-Net): a glioma is nearly always one connected lesion, so predicted tumour
    outside the largest connected whole-tumour component is usually a false positive far
    from the lesion. Such islands barely move Dice but dominate HD95 (README, "Measured").
    nnU-Net removes them when that raises validation Dice and lowers no class; we also
@@ -17,7 +17,9 @@
    validation cases' lesion-wise Dice are removed, as BraTS 2023 teams do: a whole-tumour
    component becomes background, a tumour-core one oedema, an enhancing one necrosis, so the
    outer regions are unchanged. Regions go outside in (WT, TC, ET), each size chosen for its own
-   region given the outer ones (an inner region's components lie inside one outer component).
+   region given the outer ones (an inner region's components lie inside one outer component),
+   for the mean lesion-wise Dice of the three regions: a whole-tumour size also removes the
+   core and enhancing components inside, which that mean sees.
 
 Everything here works on training labels 0..3 (3 = ET, 1 = necrosis).
 """
@@ -127,7 +129,7 @@ def _component_rows(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], 
             inside = parts > 0
             parent[parts[inside]] = outer[inside] - 1  # one outer component holds each inner one
         table = lesion_table(parts, np.isin(gt, REGION_LABELS[region]), spacing, dilation, threshold)
-        rows.append({"table": table, "parent": parent[1:].tolist()})
+        rows.append({"table": table, "parent": parent[1:]})
         outer = parts
     return rows
 
@@ -156,12 +158,12 @@ def _kept(rows: list[dict], largest: bool, et_threshold: int | None, minimum: Se
     tumour: list[np.ndarray] = []  # kept by the largest-tumour step
     kept: list[np.ndarray] = []
     for i, row in enumerate(rows):
-        sizes = np.asarray(row["table"].sizes, np.int64)
+        sizes = row["table"].sizes
         if i == 0:
             tumour.append(np.arange(sizes.size) == np.argmax(sizes) if largest and sizes.size else np.ones(sizes.size, bool))
             keep = tumour[0].copy()
         else:
-            parent = np.asarray(row["parent"], np.int64)
+            parent = row["parent"]
             tumour.append(tumour[-1][parent])
             keep = kept[-1][parent]
         keep &= sizes >= minimum[i]
@@ -179,13 +181,14 @@ def _lesion_dice(stats: Sequence[dict], largest: bool, et_threshold: int | None,
 
 
 def _best_minimum(stats: Sequence[dict], largest: bool, et_threshold: int | None, candidates: Iterable[int]) -> list[int]:
-    """Component sizes per region, outside in, each the best for its own region's lesion-wise Dice
-    given the outer ones; ties go to keeping more (0: keep all, then the smallest size)."""
+    """Component sizes per region, outside in, each the best for the mean lesion-wise Dice of the
+    regions given the outer ones (so the mean never falls); ties go to keeping more (0: keep all,
+    then the smallest size)."""
     minimum = list(NO_COMPONENT_STEP)
     for i in range(len(REGIONS)):
-        best_score = _lesion_dice(stats, largest, et_threshold, minimum)[i]
+        best_score = float(np.mean(_lesion_dice(stats, largest, et_threshold, minimum)))
         for t in sorted({int(c) for c in candidates if int(c) > 1}):
-            score = _lesion_dice(stats, largest, et_threshold, minimum[:i] + [t] + minimum[i + 1:])[i]
+            score = float(np.mean(_lesion_dice(stats, largest, et_threshold, minimum[:i] + [t] + minimum[i + 1:])))
             if score > best_score + 1e-12:
                 minimum[i], best_score = t, score
     return minimum
@@ -195,8 +198,8 @@ def choose_postprocessing(
     stats: Sequence[dict[str, list]], et_candidates: Iterable[int], component_candidates: Iterable[int] = ()
 ) -> dict[str, bool | int | None | list[int] | float]:
     """All steps from `case_statistics` of the validation cases (see `tune_postprocessing`):
-    `largest_tumour`, `et_threshold`, `min_component` (WT, TC, ET voxels; 0 = off) and
-    `lesion_dice`, the validation's mean lesion-wise Dice over the regions with all of them."""
+    `largest_tumour`, `et_threshold`, `min_component` (WT, TC, ET voxels; 0 = off) and, given
+    cases, `lesion_dice`: their mean lesion-wise Dice over the regions with all three steps."""
     if not stats:
         return {"largest_tumour": False, "et_threshold": None, "min_component": list(NO_COMPONENT_STEP)}
     dice = np.mean([s["dice"] for s in stats], axis=0)
