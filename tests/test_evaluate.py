@@ -72,6 +72,21 @@ def test_statuses_lists_and_csv(folders, tmp_path):
         assert float(perfect[f"{region}_dice"]) == 1.0 and float(perfect[f"{region}_hd95"]) == 0.0
         assert float(missing[f"{region}_dice"]) == 0.0 and float(missing[f"{region}_hd95"]) == 373.13
     assert missing["status"] == "missing" and "no prediction" in missing["message"]
+    assert perfect["WT_lesion_fp"] == "0" and int(perfect["WT_lesion_tp"]) >= 1 and missing["WT_lesion_tp"] == ""
+    assert result.summary["lesions"]["WT"] == {"tp": int(perfect["WT_lesion_tp"]), "fn": 0, "fp": 0}  # ok cases only
+
+
+def test_lesion_counts_name_false_positives(folders, tmp_path):
+    gt, _ = folders
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    speckled = seg_of(gt, 1).copy()
+    speckled[0, 0, 0] = speckled[23, 23, 19] = 2  # two specks far from the tumour
+    save(pred / f"{case_id(1)}.nii.gz", speckled)
+    result = evaluate(pred, gt, progress=False, only_predicted=True)
+    (row,) = result.rows
+    assert row.metrics["WT"]["lesion_fp"] == 2 and row.metrics["TC"]["lesion_fp"] == 0
+    assert f"WT     {row.metrics['WT']['lesion_tp']} found, 0 missed, 2 false positives" in result.table()
 
 
 def test_model_fingerprints_are_listed_and_several_models_warned(folders, tmp_path):
@@ -163,7 +178,7 @@ def test_spacing_comes_from_the_ground_truth_header(tmp_path):
     (row,) = evaluate(tmp_path / "pred", tmp_path / "gt", progress=False).rows
     assert row.metrics["WT"]["hd95"] == 4.0 and row.metrics["WT"]["dice"] == 0.0
     assert row.metrics["ET"] == {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0,
-                                  "lesion_dice": 1.0, "lesion_hd95": 0.0}
+                                  "lesion_dice": 1.0, "lesion_hd95": 0.0, "lesion_tp": 0, "lesion_fn": 0, "lesion_fp": 0}
 
 
 def test_folder_problems_are_one_line_errors(folders, tmp_path):
@@ -190,7 +205,11 @@ def test_real_case_scored_against_itself(real_data_dir, tmp_path):
     assert row.status == "ok"
     for region in ("WT", "TC", "ET"):
         assert row.metrics[region] == {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0,
-                                          "lesion_dice": 1.0, "lesion_hd95": 0.0}
+                                          "lesion_dice": 1.0, "lesion_hd95": 0.0, "lesion_tp": row.metrics[region]["lesion_tp"],
+                                          "lesion_fn": 0, "lesion_fp": 0}
+        assert row.metrics[region]["lesion_tp"] >= 1
+    assert result.summary["lesions"] == {r: {"tp": row.metrics[r]["lesion_tp"], "fn": 0, "fp": 0} for r in ("WT", "TC", "ET")}
+    assert "0 missed, 0 false positives" in result.table()
 
 
 def test_lesion_challenge_from_case_ids():

@@ -164,9 +164,9 @@ def test_lesionwise_metrics_region_order_and_challenge():
     pred[2, 25, 25, 25] = True
     out = lesionwise_metrics(pred, gt, ISO, challenge="MEN")
     assert list(out) == ["WT", "TC", "ET"]
-    assert out["WT"] == {"lesion_dice": 1.0, "lesion_hd95": 0.0}
-    assert out["TC"] == {"lesion_dice": 0.0, "lesion_hd95": 374.0}
-    assert out["ET"] == {"lesion_dice": 0.5, "lesion_hd95": 187.0}
+    assert out["WT"] == {"lesion_dice": 1.0, "lesion_hd95": 0.0, "lesion_tp": 1, "lesion_fn": 0, "lesion_fp": 0}
+    assert out["TC"] == {"lesion_dice": 0.0, "lesion_hd95": 374.0, "lesion_tp": 0, "lesion_fn": 1, "lesion_fp": 0}
+    assert out["ET"] == {"lesion_dice": 0.5, "lesion_hd95": 187.0, "lesion_tp": 1, "lesion_fn": 0, "lesion_fp": 1}
     with pytest.raises(TumorsegError, match="GLI, PED, SSA, MEN, MET, GoAT"):
         lesionwise_metrics(pred, gt, ISO, challenge="LGG")
     with pytest.raises(ValueError):

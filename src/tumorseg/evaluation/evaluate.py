@@ -55,6 +55,7 @@ STATUS_OK, STATUS_MISSING, STATUS_ERROR = "ok", "missing", "error"
 LESION_METRICS: tuple[str, ...] = ("lesion_dice", "lesion_hd95")
 PREDICT_EXTRAS: tuple[str, ...] = ("_probabilities", "_uncertainty")
 ALL_METRICS: tuple[str, ...] = (*METRICS, *LESION_METRICS)
+LESION_COUNTS: tuple[str, ...] = ("lesion_tp", "lesion_fn", "lesion_fp")  # scored cases only: none for a failed one
 FAILED_LESIONS: dict[str, float] = {"lesion_dice": 0.0, "lesion_hd95": LESION_HD95_MISS}
 STATS: tuple[str, ...] = ("mean", "std", "median", "25quantile", "75quantile")
 _METRIC_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)", "sensitivity": "Sensitivity", "specificity": "Specificity",
@@ -297,17 +298,25 @@ def format_table(summary: dict[str, Any]) -> str:
                 fmt = "{:>12.2f}" if "hd95" in metric else "{:>12.4f}"
                 cells = "".join(fmt.format(stats[s]) for s in STATS)
                 lines.append(f"{region if i == 0 else '':<7}{_METRIC_LABELS[metric]:<13}{cells}")
+    counts = summary.get("lesions")
+    if counts:
+        lines.append(f"lesions in the {summary['evaluated']} evaluated cases (truth lesions scored: found, missed; "
+                     "predicted components touching none):")
+        lines += [f"{region:<7}{c['tp']} found, {c['fn']} missed, {c['fp']} false positive{'s' * (c['fp'] != 1)}"
+                  for region, c in counts.items()]
     return "\n".join(lines)
 
 
 def rows_to_csv(rows: Iterable[CaseResult]) -> str:
-    """Per-case CSV: case, status, <REGION>_<metric> for WT, TC, ET (2020 and lesion-wise), message,
-    and the model fingerprint `predict` recorded in the prediction."""
+    """Per-case CSV: case, status, <REGION>_<metric> for WT, TC, ET (2020 and lesion-wise, then the
+    lesion counts, empty for a failed case), message, and the model fingerprint `predict` recorded
+    in the prediction."""
     buf = _stdio.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "status", *(f"{r}_{m}" for r in REGIONS for m in ALL_METRICS), "message", "model"])
+    columns = [(r, m) for r in REGIONS for m in (*ALL_METRICS, *LESION_COUNTS)]
+    writer.writerow(["case", "status", *(f"{r}_{m}" for r, m in columns), "message", "model"])
     for row in rows:
-        values = [row.metrics[r][m] for r in REGIONS for m in ALL_METRICS]
+        values = [row.metrics[r].get(m, "") for r, m in columns]  # a failed case has no lesion counts
         writer.writerow([row.case_id, row.status, *values, row.message, row.model])
     return buf.getvalue()
 
@@ -419,6 +428,8 @@ def evaluate(
         "failed": len(rows) - sum(r.status == STATUS_OK for r in rows),
         "failed_case_values": dict(FAILED_CASE),
         "metrics": summarize(rows),
+        "lesions": {r: {k: sum(int(row.metrics[r][f"lesion_{k}"]) for row in rows if row.status == STATUS_OK)
+                        for k in ("tp", "fn", "fp")} for r in REGIONS},
         "missing": missing,
         "errors": errors,
         **lists,
@@ -428,6 +439,7 @@ def evaluate(
             "dice, hd95, sensitivity, specificity: BraTS 2020 (CaPTk/medpy), pooled HD95 in mm; "
             "lesion_dice, lesion_hd95: BraTS 2023+ lesion-wise (BraTS-2023-Metrics), per challenge's "
             "dilation and volume threshold, 374 mm per missed or false-positive lesion; "
+            "lesions: their Num_TP, Num_FN, Num_FP summed over the evaluated cases; "
             "std ddof=0; quantiles numpy linear"
         ),
     }

@@ -348,7 +348,9 @@ def lesionwise_metrics(
         challenge: which challenge's dilation and threshold to use (`CHALLENGES`).
 
     Returns:
-        {"WT": {"lesion_dice": .., "lesion_hd95": ..}, "TC": {...}, "ET": {...}}.
+        {"WT": {"lesion_dice": .., "lesion_hd95": .., "lesion_tp": .., "lesion_fn": .., "lesion_fp": ..},
+        "TC": {...}, "ET": {...}}: the counts are the scored truth lesions found and missed, and the
+        predicted components matching no lesion (their code's Num_TP, Num_FN, Num_FP).
 
     Raises:
         TumorsegError: unknown challenge. ValueError: bad shapes or spacing.
@@ -360,5 +362,6 @@ def lesionwise_metrics(
     out = {}
     for i, region in enumerate(REGIONS):
         s = lesion_scores(pred_regions[i], gt_regions[i], spacing, dilation, threshold)
-        out[region] = {"lesion_dice": s.dice, "lesion_hd95": s.hd95}
+        out[region] = {"lesion_dice": s.dice, "lesion_hd95": s.hd95, "lesion_tp": s.detected,
+                       "lesion_fn": s.gt_lesions - s.detected, "lesion_fp": s.false_positives}
     return out
