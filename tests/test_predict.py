@@ -186,7 +186,7 @@ def test_largest_tumour_only(edge_case, tmp_path):
     assert not Predictor.from_checkpoint(_state(), device="cpu").largest_tumour  # older checkpoints: off
 
 
-def test_small_components_removed_in_this_scans_voxels(edge_case, tmp_path):
+def test_small_components_removed_in_this_scans_voxels(edge_case, tmp_path, capsys):
     folder, expected = edge_case
     case = discover_cases(folder)[0]
     for minimum, kept in (((64, 0, 0), 144 + 64), ((65, 0, 0), 144), ((145, 0, 0), 0)):
@@ -207,7 +207,12 @@ def test_small_components_removed_in_this_scans_voxels(edge_case, tmp_path):
     settings = ("d" * 64, older.tta, older.overlap, None, older.largest_tumour, older.et_threshold)
     assert older.made_by() == hashlib.sha256(repr(settings).encode()).hexdigest()[:len(older.made_by())]
     predictor = Predictor(ThresholdNet(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, min_component=(145, 0, 0))
-    raw = predict(predictor, folder, tmp_path, postprocess=False, progress=False)
+    assert predictor.settings_line() == "no TTA; post-processing: components under WT 145 voxels removed"
+    both = replace(predictor, tta=True, largest_tumour=True, et_threshold=50, min_component=(0, 200, 500), spacing=(1.0,) * 3)
+    assert both.settings_line() == ("8-flip TTA; post-processing: largest tumour only; ET under 50 voxels as necrosis; "
+                                    "components under TC 200 / ET 500 voxels removed (training voxels, 1x1x1 mm)")
+    raw = predict(predictor, folder, tmp_path, postprocess=False, progress=True)
+    assert "predict: no TTA; post-processing: none" in capsys.readouterr().err
     assert np.array_equal(np.asarray(nib.load(raw.written[0]).dataobj), expected)  # the user's opt-out
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..evaluation.lesionwise import challenge_parameters, lesion_table
-from ..evaluation.metrics import region_dice_from_labels
+from ..evaluation.metrics import bounding_box, region_dice_from_labels
 from ..labels import CAVITY_CLASS, REGION_LABELS, REGIONS
 from ..prepare.crop import largest_component
 
@@ -66,17 +66,22 @@ def suppress_small_et(labels: np.ndarray, threshold: int | None) -> np.ndarray:
     return out
 
 
+def _tumour(labels: np.ndarray) -> np.ndarray:
+    return (labels > 0) & (labels != CAVITY_CLASS)  # a kept resection cavity is not tumour
+
+
 def keep_largest_tumour(labels: np.ndarray) -> np.ndarray:
     """Set tumour voxels outside the largest 26-connected whole-tumour component to background.
 
     Returns `labels` itself when there is at most one component, else a cleaned copy.
     """
-    tumour = (labels > 0) & (labels != CAVITY_CLASS)  # a kept resection cavity is not tumour
-    largest = largest_component(tumour, connectivity=3)
+    tumour = _tumour(labels)
+    box = bounding_box(tumour)  # components never leave it: labelling the box alone is 10-50x less work
+    largest = None if box is None else largest_component(tumour[box], connectivity=3)
     if largest is None:
         return labels
     out = labels.copy()
-    out[tumour & ~largest] = 0
+    out[box][tumour[box] & ~largest] = 0
     return out
 
 
@@ -84,16 +89,19 @@ def remove_small_components(labels: np.ndarray, minimum: Sequence[int] = NO_COMP
     """Remove each region's 26-connected components of fewer than `minimum` voxels (WT, TC, ET;
     0: keep all), outside in; a removed component's voxels take the next region out's label
     (`REMOVED_AS`). Returns `labels` itself when nothing changes, else a cleaned copy."""
+    box = bounding_box(_tumour(labels)) if any(minimum) else None  # every region's components lie in it
+    if box is None:
+        return labels
     out = labels
     for region, least in zip(REGIONS, minimum):
         if not least:
             continue
-        parts, count = ndimage.label(np.isin(out, REGION_LABELS[region]), _CONNECTIVITY)
+        parts, count = ndimage.label(np.isin(out[box], REGION_LABELS[region]), _CONNECTIVITY)
         small = np.bincount(parts.ravel(), minlength=count + 1) < least
         small[0] = False
         if small.any():
             out = out.copy() if out is labels else out
-            out[small[parts]] = REMOVED_AS[region]
+            out[box][small[parts]] = REMOVED_AS[region]
     return out
 
 

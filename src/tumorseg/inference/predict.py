@@ -140,6 +140,19 @@ class Predictor:
             settings += (tuple(self.min_component),)
         return hashlib.sha256(repr(settings).encode()).hexdigest()[:MODEL_DIGITS]
 
+    def settings_line(self) -> str:
+        """TTA and the post-processing steps, in words, for the run's first lines."""
+        steps = ["largest tumour only"] if self.largest_tumour else []
+        if self.et_threshold:
+            steps.append(f"ET under {self.et_threshold} voxels as necrosis")
+        small = [f"{r} {v}" for r, v in zip(REGIONS, self.min_component) if v]
+        if small:
+            steps.append(f"components under {' / '.join(small)} voxels removed")
+        voxels = f" (training voxels, {'x'.join(f'{v:g}' for v in self.spacing)} mm)" if self.spacing and (
+            self.et_threshold or small) else ""
+        return (f"{'8-flip TTA' if self.tta else 'no TTA'}; post-processing: "
+                + ("; ".join(steps) + voxels if steps else "none"))
+
     def fixed_window(self) -> bool:
         """Every case's windows have one size: at most the training patch (the box is at least that)."""
         return self.window is None or all(w <= p for w, p in zip(self.window, self.patch))
@@ -738,6 +751,8 @@ def predict(
                   "again for each new size", file=sys.stderr)
     if not postprocess:
         predictor = replace(predictor, largest_tumour=False, et_threshold=None, min_component=NO_COMPONENT_STEP)
+    if progress and _rank_world()[0] == 0:
+        print(f"predict: {predictor.settings_line()}", file=sys.stderr)
     if uncertainty and not predictor.tta:
         raise TumorsegError("--uncertainty comes from the TTA flips: add --tta (or use a checkpoint trained with --tta)")
     mine = shard(found)
