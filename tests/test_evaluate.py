@@ -264,3 +264,16 @@ def test_predictions_on_other_grids(folders, tmp_path, capsys):
     with pytest.raises(TumorsegError, match="no such folder"):
         evaluate(tmp_path / "typo", gt, progress=False)
     assert not (tmp_path / "typo").exists()
+
+
+def test_float_rounding_noise_in_truth_and_prediction_scores_as_the_integers(folders, tmp_path):
+    gt, _ = folders
+    seg = seg_of(gt, 1)
+    noisy_gt = tmp_path / "gt" / case_id(1)
+    noisy_gt.mkdir(parents=True)
+    noise = np.where(seg > 0, np.where(seg % 2 == 0, 1e-6, -1e-6), 0.0)
+    nib.save(nib.Nifti1Image((seg + noise).astype(np.float32), AFFINE), noisy_gt / f"{case_id(1)}_seg.nii.gz")
+    (tmp_path / "pred").mkdir()
+    nib.save(nib.Nifti1Image((seg - noise).astype(np.float32), AFFINE), tmp_path / "pred" / f"{case_id(1)}.nii.gz")
+    (row,) = evaluate(tmp_path / "pred", tmp_path / "gt", progress=False).rows
+    assert row.status == "ok" and all(row.metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET"))

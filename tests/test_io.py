@@ -242,3 +242,46 @@ def test_voxel_sizes_come_from_the_affine_not_pixdim():
     header.set_data_shape((2, 2, 2))
     header.set_zooms((2.0, 2.0, 2.0))  # a pixdim that disagrees with the affine placing the voxels
     assert Volume(np.zeros((2, 2, 2)), np.diag([-1.0, 1.0, 1.5, 1.0]), header, None).spacing == (1.0, 1.0, 1.5)
+
+
+def test_label_maps_lose_float_rounding_noise_only(tmp_path):
+    import nibabel as nib
+
+    from tumorseg.io import load_labels
+
+    seg = np.zeros((6, 6, 6), np.float32)
+    seg[1], seg[2], seg[3] = 0.9999999, 2.0000002, 4.0000005  # what resampling and float pipelines leave
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), tmp_path / "noisy.nii.gz")
+    noisy = load_labels(tmp_path / "noisy.nii.gz")
+    assert noisy.data.dtype == np.uint8 and sorted(np.unique(noisy.data)) == [0, 1, 2, 4]
+    seg[4] = 1.5  # a real fraction: left for the label check to name
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), tmp_path / "fraction.nii.gz")
+    assert 1.5 in load_labels(tmp_path / "fraction.nii.gz").data
+    ints = np.zeros((6, 6, 6), np.int16)
+    nib.save(nib.Nifti1Image(ints, np.eye(4)), tmp_path / "ints.nii.gz")
+    assert load_labels(tmp_path / "ints.nii.gz").data.dtype == np.int16  # integers as stored
+
+
+def test_singleton_axes_beyond_three_are_dropped(tmp_path):
+    import nibabel as nib
+
+    data = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
+    for shape in ((4, 5, 3, 1), (4, 5, 3, 1, 1)):
+        nib.save(nib.Nifti1Image(data.reshape(shape), np.eye(4)), tmp_path / "v.nii.gz")
+        assert np.array_equal(load_nifti(tmp_path / "v.nii.gz").data, data)
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 3, 2), np.int16), np.eye(4)), tmp_path / "two.nii.gz")
+    with pytest.raises(TumorsegError, match=r"expected a 3D volume, got shape \(4, 5, 3, 2\)"):
+        load_nifti(tmp_path / "two.nii.gz")
+
+
+def test_an_unfetched_annex_file_is_named_not_a_missing_modality(tmp_path):
+    from tumorseg.layouts import load_images
+
+    folder = write_case(tmp_path, "BraTS20_Training_001")
+    t1 = folder / "BraTS20_Training_001_t1.nii.gz"
+    t1.unlink()
+    t1.symlink_to("../.git/annex/objects/Xx/SHA256E-s1--abc.nii.gz")  # DataLad before `datalad get`
+    (case,) = discover_cases(tmp_path)
+    assert case.images["t1"] == t1
+    with pytest.raises(TumorsegError, match=r"_t1.nii.gz: a link to \.\./\.git/annex/.*not fetched\? `datalad get` it"):
+        load_images(case, ("t1", "t1ce"))

@@ -13,7 +13,7 @@ import re
 import shutil
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -52,6 +52,20 @@ def load_nifti(path: str | os.PathLike, case_id: str | None = None) -> Volume:
     return vol
 
 
+def load_labels(path: str | os.PathLike, case_id: str | None = None) -> Volume:
+    """A label map (`load_nifti`): float values within 1e-3 of whole numbers, the rounding noise
+    resampling and float pipelines leave (0.9999999, 4.0000005), become those numbers; other
+    fractions stay, for the caller's label check to name."""
+    vol = load_nifti(path, case_id)
+    if vol.data.dtype.kind != "f":
+        return vol
+    whole = np.rint(vol.data)
+    if not np.all(np.abs(vol.data - whole) <= 1e-3):  # NaN fails too: left for the check
+        return vol
+    small = whole.size == 0 or (whole.min() >= 0 and whole.max() <= 255)
+    return replace(vol, data=whole.astype(np.uint8 if small else np.int32))
+
+
 def load_nifti_channels(path: str | os.PathLike, case_id: str | None, indices: list[int] | None) -> list[Volume]:
     """Read a NIfTI file once: the 3D volume (`indices` None) or the given channels of a 4D one.
 
@@ -70,12 +84,15 @@ def load_nifti_channels(path: str | os.PathLike, case_id: str | None, indices: l
         else:
             data = img.get_fdata(dtype=np.float32)
     except FileNotFoundError:
+        if path.is_symlink():  # DataLad / git-annex keep unfetched files as links to content not there
+            raise TumorsegError(f"{where}{path}: a link to {os.readlink(path)}, which is not there (a DataLad or "
+                                "git-annex dataset whose content is not fetched? `datalad get` it)") from None
         raise TumorsegError(f"{where}{path}: file not found") from None
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise TumorsegError(f"{where}{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+    while data.ndim > (3 if indices is None else 4) and data.shape[-1] == 1:
+        data = data[..., 0]  # (X, Y, Z, 1, 1): singleton time and vector axes some tools write
     if indices is None:
-        if data.ndim == 4 and data.shape[-1] == 1:
-            data = data[..., 0]
         if data.ndim != 3:
             raise TumorsegError(f"{where}{path}: expected a 3D volume, got shape {data.shape}")
         return [Volume(data=data, affine=img.affine, header=img.header, path=path)]

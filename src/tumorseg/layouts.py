@@ -43,7 +43,7 @@ from typing import Collection
 import numpy as np
 
 from .errors import TumorsegError
-from .io import NIFTI_RE, Volume, load_nifti, load_nifti_channels, save_nifti, write_text
+from .io import NIFTI_RE, Volume, load_labels, load_nifti_channels, save_nifti, write_text
 from .labels import (
     BRATS2020,
     CONVENTIONS,
@@ -136,9 +136,12 @@ def load_images(case: Case, modalities: tuple[str, ...] | list[str]) -> list[Vol
 
 
 def _nifti_files(folder: Path) -> list[Path]:
-    """NIfTI files of a folder, without hidden ones (the `._*` files macOS archives carry)."""
+    """NIfTI files of a folder, without hidden ones (the `._*` files macOS archives carry); a link to
+    nothing stays (an unfetched DataLad file): reading it says so, where dropping it would say
+    the modality is missing."""
     try:
-        return sorted(p for p in folder.iterdir() if p.is_file() and NIFTI_RE.match(p.name) and not p.name.startswith("."))
+        return sorted(p for p in folder.iterdir() if (p.is_file() or p.is_symlink() and not p.exists())
+                      and NIFTI_RE.match(p.name) and not p.name.startswith("."))
     except OSError:
         return []
 
@@ -553,7 +556,7 @@ def _pediatric_labels(root: Path, cases: list[Case]) -> list[Case]:
 def _holds(seg: Path, value: int) -> bool:
     """Whether a segmentation file holds `value` (False if it cannot be read: its case says why)."""
     try:
-        return bool((load_nifti(seg).data == value).any())
+        return bool((load_labels(seg).data == value).any())
     except TumorsegError:
         return False
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from ..errors import TumorsegError
 from ..geometry import Grid, labels_onto
-from ..io import NIFTI_RE, Volume, check_writable, load_nifti, write_text
+from ..io import NIFTI_RE, Volume, check_writable, load_labels, write_text
 from ..labels import (BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header,
                       model_from_header)
 from ..layouts import UNNAMED_CONVENTION, Case, discover_cases
@@ -238,8 +238,8 @@ def evaluate_case(
     Conventions as `case_conventions` decides them; a guessed one is noted in the message.
     """
     try:
-        gt = load_nifti(seg_path, case_id)
-        pred = load_nifti(pred_path, case_id)
+        gt = load_labels(seg_path, case_id)
+        pred = load_labels(pred_path, case_id)
         pred, moved = on_truth_grid(case_id, pred, gt)  # once, for the region and the lesion-wise metrics
         metrics, pred_conv, gt_conv, note = score_regions(case_id, pred, gt, gt_labels, pred_labels)
         note = "; ".join(n for n in (moved, note) if n)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import TumorsegError
 from ..geometry import Grid, labels_onto
-from ..io import NIFTI_RE, atomic_path, load_nifti, read_npy
+from ..io import NIFTI_RE, atomic_path, load_labels, read_npy
 from ..labels import BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention_from_header, to_training_labels
 from ..layouts import Case, discover_cases, is_case_list
 
@@ -209,7 +209,7 @@ def _load_raw(case: Case) -> CaseImages:
     truth, note = None, None
     if case.seg is not None:  # a truth that cannot be drawn leaves the scans and the prediction drawable
         try:
-            seg = load_nifti(case.seg, case.case_id)
+            seg = load_labels(case.seg, case.case_id)
             on_images, note = labels_onto(seg.data, grid(seg), grid(vols[0]), case.seg.name, "the images")
             truth = raw_to_labels(on_images, case.seg, case.labels)
         except TumorsegError as exc:
@@ -276,7 +276,7 @@ def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> n
         if where.suffix == ".npy":
             labels = _npy_to_labels(read_npy(where), where)
         else:
-            vol = load_nifti(where, data.case_id)
+            vol = load_labels(where, data.case_id)
             raw = vol.data
             if data.affine is not None and data.crop_box is None:  # stored in another orientation: reoriented
                 from ..prepare.case import grid

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import TumorsegError
 from ..geometry import Grid, labels_onto, network_grid, overlap_fraction, resample
-from ..io import Volume, load_nifti, save_npy, write_text
+from ..io import Volume, load_labels, save_npy, write_text
 from ..labels import CAVITY_CLASS
 from ..layouts import Case, load_images
 from .config import PrepareConfig
@@ -110,7 +110,7 @@ def to_network_grid(vols: list[Volume], spacing) -> tuple[list[np.ndarray], Grid
 def load_segmentation(case: Case, src: Grid, net: Grid, cavity: str | None) -> tuple[np.ndarray, str | None]:
     """The case's segmentation, validated in its label convention, as training labels on `net`,
     and a note when it had to be resampled onto the images' grid `src` (`geometry.labels_onto`)."""
-    seg = load_nifti(case.seg, case.case_id)
+    seg = load_labels(case.seg, case.case_id)
     bad = case.labels.invalid(seg.data)
     if bad:
         raise TumorsegError(

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import TumorsegError
 from ..evaluation.evaluate import find_predictions
-from ..io import load_nifti, sweep_stale_temps, write_text
+from ..io import load_labels, sweep_stale_temps, write_text
 from ..labels import convention
 from ..layouts import discover_cases
 from ..lock import folder_lock
@@ -112,7 +112,7 @@ def report(
                 reported.append(kept)
                 continue
             try:
-                prediction = load_nifti(path, cid)  # the one read of this file
+                prediction = load_labels(path, cid)  # the one read of this file
                 labels = prediction_labels(prediction, image_cases.get(cid), truth, forced)
                 case = report_case(cid, prediction, image_cases.get(cid), labels, uncertainty.get(cid), out / CASES_DIR)
                 if images is not None and cid not in image_cases:

@@ -7,7 +7,7 @@ import os
 
 from ..errors import TumorsegError
 from ..evaluation.evaluate import labelled, on_truth_grid, score_regions, truth_labels
-from ..io import Volume, load_nifti
+from ..io import Volume, load_labels
 from ..labels import LabelConvention
 from ..layouts import Case, discover_cases
 
@@ -29,7 +29,7 @@ def score(
     if truth is None:
         return None, [f"no ground truth for this case in {gt}: no metrics"], []
     try:
-        seg = load_nifti(truth.seg, truth.case_id)
+        seg = load_labels(truth.seg, truth.case_id)
         prediction, moved = on_truth_grid(truth.case_id, prediction, seg)
         metrics, _, _, note = score_regions(truth.case_id, prediction, seg, truth_labels(truth), labels)
         return metrics, [], [n for n in (moved, note) if n]
