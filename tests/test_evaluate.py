@@ -277,3 +277,33 @@ def test_float_rounding_noise_in_truth_and_prediction_scores_as_the_integers(fol
     nib.save(nib.Nifti1Image((seg - noise).astype(np.float32), AFFINE), tmp_path / "pred" / f"{case_id(1)}.nii.gz")
     (row,) = evaluate(tmp_path / "pred", tmp_path / "gt", progress=False).rows
     assert row.status == "ok" and all(row.metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET"))
+
+
+def test_an_unusable_ground_truth_is_not_the_models_failure(folders, tmp_path, capsys):
+    gt, _ = folders
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    for n in (1, 2):
+        (tmp_path / "gt" / case_id(n)).symlink_to(gt / case_id(n))
+        save(tmp_path / "pred" / f"{case_id(n)}.nii.gz", seg_of(gt, n))
+    broken = tmp_path / "gt" / case_id(3)
+    broken.mkdir()
+    bad = seg_of(gt, 3).copy()
+    bad[0, 0, 0] = 5
+    save(broken / f"{case_id(3)}_seg.nii.gz", bad)
+    save(tmp_path / "pred" / f"{case_id(3)}.nii.gz", seg_of(gt, 3))
+    result = evaluate(tmp_path / "pred", tmp_path / "gt", out_csv=tmp_path / "m.csv", progress=False)
+    assert result.summary["cases"] == 2 and result.summary["failed"] == 0 and result.failed == []
+    assert result.summary["metrics"]["WT"]["dice"]["mean"] == 1.0  # the two usable cases, both perfect
+    assert list(result.truth_errors) == [case_id(3)] and "label" in result.truth_errors[case_id(3)]
+    assert "5" in result.truth_errors[case_id(3)] and f"{case_id(3)}_seg.nii.gz" in result.truth_errors[case_id(3)]
+    assert "ground truth unusable, not scored (1):" in result.report()
+    with open(tmp_path / "m.csv") as fh:
+        rows = {r["case"]: r for r in csv.DictReader(fh)}
+    assert rows[case_id(3)]["status"] == "truth_error" and rows[case_id(3)]["WT_dice"] == ""
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--out", str(tmp_path / "c.csv")]) == 1
+    assert "ground truth unusable" in capsys.readouterr().out
+    for n in (1, 2):
+        (tmp_path / "gt" / case_id(n)).unlink()
+    with pytest.raises(TumorsegError, match="no ground truth could be used"):
+        evaluate(tmp_path / "pred", tmp_path / "gt", progress=False, only_predicted=True)

@@ -135,7 +135,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       challenge=args.challenge, pred_labels=args.pred_labels, cases=args.cases,
                       only_predicted=args.only_predicted)
     print(result.report())
-    return 1 if result.failed else 0
+    return 1 if result.failed or result.truth_errors else 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

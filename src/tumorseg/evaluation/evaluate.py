@@ -19,10 +19,13 @@ Every ground-truth case is accounted for, never silently skipped:
 - status "error": the prediction could not be scored (unreadable file, shape or affine
   different from the ground truth, labels outside 0/1/2/4, both `.nii` and `.nii.gz`);
   one line says why, and the case is scored as failed like a missing one.
+- status "truth_error": the ground truth itself is unusable (unreadable, labels outside its
+  convention); one line says why, and the case is kept out of the summary: a broken truth file
+  is not the model's failure. `evaluate` still exits non-zero.
 Ground-truth cases without a segmentation are skipped with a note; predictions without a
 ground-truth case are listed as extra.
 
-Summary (over all cases above, failed ones included, as BraTS leaderboards): per region and
+Summary (over the cases above but truth errors, failed ones included, as BraTS leaderboards): per region and
 metric the mean, standard deviation (numpy, ddof=0), median and the 25th / 75th percentiles
 (numpy default, linear).
 """
@@ -52,6 +55,7 @@ from .lesionwise import LESION_HD95_MISS, case_challenge, challenge_name, lesion
 from .metrics import FAILED_CASE, METRICS, check_labels, region_metrics
 
 STATUS_OK, STATUS_MISSING, STATUS_ERROR = "ok", "missing", "error"
+STATUS_TRUTH = "truth_error"  # the ground truth itself is unusable: not the model's failure, kept out of the scores
 LESION_METRICS: tuple[str, ...] = ("lesion_dice", "lesion_hd95")
 PREDICT_EXTRAS: tuple[str, ...] = ("_probabilities", "_uncertainty")
 ALL_METRICS: tuple[str, ...] = (*METRICS, *LESION_METRICS)
@@ -82,6 +86,7 @@ class EvaluationResult:
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    truth_errors: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     csv_path: Path | None = None
@@ -89,8 +94,8 @@ class EvaluationResult:
 
     @property
     def failed(self) -> list[str]:
-        """Case ids scored as failed (missing or error)."""
-        return [r.case_id for r in self.rows if r.status != STATUS_OK]
+        """Case ids scored as failed (missing or error; not those whose ground truth is unusable)."""
+        return [r.case_id for r in self.rows if r.status in (STATUS_MISSING, STATUS_ERROR)]
 
     def table(self) -> str:
         return format_table(self.summary)
@@ -105,6 +110,9 @@ class EvaluationResult:
         if self.errors:
             lines.append(f"errors, scored as failed ({len(self.errors)}):")
             lines += [f"  {msg}" for msg in self.errors.values()]
+        if self.truth_errors:
+            lines.append(f"ground truth unusable, not scored ({len(self.truth_errors)}):")
+            lines += [f"  {msg}" for msg in self.truth_errors.values()]
         if self.extra:
             lines.append(f"predictions without ground truth, ignored ({len(self.extra)}): {', '.join(self.extra)}")
         shown = self.skipped if len(self.skipped) <= 5 else [
@@ -239,6 +247,12 @@ def evaluate_case(
     """
     try:
         gt = load_labels(seg_path, case_id)
+        if gt_labels is not None:
+            check_labels(gt.data, f"ground truth {seg_path}", gt_labels)
+    except (TumorsegError, ValueError) as exc:
+        message = str(exc) if str(exc).startswith(f"{case_id}: ") else f"{case_id}: {exc}"
+        return CaseResult(case_id, STATUS_TRUTH, {r: {} for r in REGIONS}, message)
+    try:
         pred = load_labels(pred_path, case_id)
         pred, moved = on_truth_grid(case_id, pred, gt)  # once, for the region and the lesion-wise metrics
         metrics, pred_conv, gt_conv, note = score_regions(case_id, pred, gt, gt_labels, pred_labels)
@@ -418,7 +432,12 @@ def evaluate(
             if Path(out).is_dir():
                 raise TumorsegError(f"{out}: a folder; give the file to write (--out FOLDER/metrics.csv)")
             check_writable(Path(out).parent, "write the metrics elsewhere (--out)")
-    rows = sorted(decided + _run_jobs(jobs, workers, progress), key=lambda r: r.case_id)
+    every = sorted(decided + _run_jobs(jobs, workers, progress), key=lambda r: r.case_id)
+    truth_errors = {r.case_id: r.message for r in every if r.status == STATUS_TRUTH}
+    rows = [r for r in every if r.status != STATUS_TRUTH]
+    if not rows:
+        raise TumorsegError(f"{gt_dir}: no ground truth could be used ({len(truth_errors)} unusable; the first: "
+                            f"{next(iter(truth_errors.values()))})")
     lists["notes"] += [r.message for r in rows if r.status == STATUS_OK and r.message]
     missing = [r.case_id for r in rows if r.status == STATUS_MISSING]
     errors = {r.case_id: r.message for r in rows if r.status == STATUS_ERROR}
@@ -432,6 +451,7 @@ def evaluate(
                         for k in ("tp", "fn", "fp")} for r in REGIONS},
         "missing": missing,
         "errors": errors,
+        "truth_errors": truth_errors,
         **lists,
         "challenges": ", ".join(sorted({case_challenge(r.case_id, challenge) for r in rows})),
         "models": dict(Counter(r.model for r in rows if r.model).most_common()),
@@ -443,7 +463,8 @@ def evaluate(
             "std ddof=0; quantiles numpy linear"
         ),
     }
-    result = EvaluationResult(rows, summary, missing, lists["extra"], errors, lists["skipped"], lists["notes"])
+    result = EvaluationResult(every, summary, missing, lists["extra"], errors, truth_errors, lists["skipped"],
+                              lists["notes"])
     _write_outputs(result, out_csv, out_json)
     return result
 
