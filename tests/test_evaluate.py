@@ -261,6 +261,13 @@ def test_predictions_on_other_grids(folders, tmp_path, capsys):
     save(tmp_path / "pad" / f"{case_id(1)}.nii.gz", np.pad(data, 4), seg.affine)
     (row,) = evaluate(tmp_path / "pad", gt, cases=[case_id(1)], progress=False).rows
     assert row.status == "error" and "not the same field of view (cropped, padded or shifted" in row.message
+    assert row.message.endswith("is the ground truth on its scans' grid?")
+    (tmp_path / "nudged").mkdir()
+    nudged = seg.affine.copy()
+    nudged[:3, 3] += 0.01  # origins another tool rounded: the same voxels
+    save(tmp_path / "nudged" / f"{case_id(1)}.nii.gz", data, nudged)
+    (row,) = evaluate(tmp_path / "nudged", gt, cases=[case_id(1)], progress=False).rows
+    assert row.status == "ok" and row.metrics["WT"]["dice"] == 1.0 and "origins under 0.05 voxel apart" in row.message
     with pytest.raises(TumorsegError, match="no such folder"):
         evaluate(tmp_path / "typo", gt, progress=False)
     assert not (tmp_path / "typo").exists()

@@ -267,3 +267,21 @@ def test_the_reference_grid_is_the_finest_then_the_widest():
     one, fine, cropped = Grid((40, 40, 30), np.eye(4)), Grid((44, 44, 33), np.diag([0.9, 0.9, 0.9, 1])), Grid((30, 30, 20), np.eye(4))
     assert reference_index([one, fine]) == 1  # a 1 mm scan is never blurred onto coarser voxels
     assert reference_index([cropped, one, Grid((40, 40, 30), np.eye(4))]) == 1  # a cropped T1 would crop the labels
+
+
+def test_a_modality_whose_origin_another_tool_rounded_is_not_interpolated(tmp_path):
+    from tumorseg.layouts import discover_cases
+    from tumorseg.prepare.case import load_channels
+
+    folder = write_case(tmp_path, "BraTS20_Training_001")
+    flair = folder / "BraTS20_Training_001_flair.nii.gz"
+    img = nib.load(flair)
+    stored = np.asarray(img.dataobj)
+    for mm, interpolated in ((0.01, False), (0.3, True)):
+        nudged = img.affine.copy()
+        nudged[:3, 3] += mm
+        nib.save(nib.Nifti1Image(stored, nudged), flair)
+        (case,) = discover_cases(folder)
+        t1, fl = load_channels(case, ("t1", "flair"))
+        assert np.array_equal(fl.affine, t1.affine)  # one grid: the reference's
+        assert np.array_equal(fl.data, stored) != interpolated

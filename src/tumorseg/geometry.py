@@ -37,6 +37,7 @@ SPACING_RTOL = 1e-3  # spacings closer than this (relative) count as equal: no r
 FOV_SHARED = 0.99  # share of each other's field of view a label map and the grid it moves onto must cover
 _ROT_ATOL = 1e-4  # voxel-to-voxel matrix entries this close to 0/±1 count as an exact permutation
 _SHIFT_ATOL = 1e-3  # voxels
+SUBVOXEL = 0.05  # voxels: grids of the same voxels offset by less are one grid (`Grid.offset_from`)
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,6 +70,17 @@ class Grid:
         return self.shape == other.shape and np.allclose(
             self.affine, other.affine, rtol=0, atol=atol
         )
+
+    def offset_from(self, other: Grid) -> float | None:
+        """How far apart (mm) two grids of the same voxels along the same axes lie, when under
+        `SUBVOXEL` of a voxel on every axis: the rounding of origins between tools, not a shift
+        (nearest neighbour would map every voxel onto itself); None otherwise."""
+        if self.shape != other.shape:
+            return None
+        vox = np.linalg.solve(other.affine, self.affine)
+        if not np.allclose(vox[:3, :3], np.eye(3), rtol=0, atol=_ROT_ATOL) or np.abs(vox[:3, 3]).max() >= SUBVOXEL:
+            return None
+        return float(np.abs(self.affine[:3, 3] - other.affine[:3, 3]).max())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Grid) and self.same_as(other)
@@ -294,6 +306,9 @@ def labels_onto(data: np.ndarray, src: Grid, dst: Grid, name: str, dst_name: str
     """
     if dst.same_as(src):
         return data, None
+    offset = dst.offset_from(src)
+    if offset is not None:
+        return data, f"{name} taken as on the voxels of {dst_name} (origins {offset:.3g} mm apart, under {SUBVOXEL} voxel)"
     exact = _exact_ornt(src, dst) is not None
     if not exact and _same_lattice_axes(src, dst):  # equal voxels and axes: a different view is a crop or a shift
         raise TumorsegError(f"{name} (shape {src.shape}) and {dst_name} (shape {dst.shape}) have the same voxel size "

@@ -44,7 +44,7 @@ from typing import Any, Collection, Iterable
 import numpy as np
 
 from ..errors import TumorsegError
-from ..geometry import Grid, labels_onto
+from ..geometry import SUBVOXEL, Grid, labels_onto
 from ..io import NIFTI_RE, Volume, check_writable, load_labels, write_text
 from ..labels import (BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header,
                       model_from_header)
@@ -207,10 +207,11 @@ def on_truth_grid(case_id: str, pred: Volume, gt: Volume) -> tuple[Volume, str |
     src, dst = Grid(pred.data.shape[:3], pred.affine), Grid(gt.data.shape[:3], gt.affine)
     try:
         data, moved = labels_onto(pred.data, src, dst, f"prediction {pred.path}", f"the ground truth {gt.path.name}")
-    except TumorsegError as exc:
-        raise TumorsegError(f"{case_id}: {exc}; write predictions with the ground truth's geometry") from None
-    # one wording for all cases: a folder of such predictions makes one note (`notes.grouped`)
-    note = moved and "prediction resampled onto its ground truth's grid (nearest neighbour)"
+    except TumorsegError as exc:  # predict writes on its scans' grid: this truth is on another
+        raise TumorsegError(f"{case_id}: {exc}; is the ground truth on its scans' grid?") from None
+    # one wording per kind for all cases: a folder of such predictions makes one note (`notes.grouped`)
+    note = moved and ("prediction resampled onto its ground truth's grid (nearest neighbour)" if "resampled" in moved
+                      else f"prediction taken as on its ground truth's voxels (origins under {SUBVOXEL} voxel apart)")
     return replace(pred, data=data, affine=gt.affine), note
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,8 @@ def load_channels(case: Case, channels: tuple[str, ...]) -> list[Volume]:
     ref = reference_index(grids)
     out = []
     for vol, g in zip(vols, grids):
-        if g.same_as(grids[ref]):
-            out.append(vol)
+        if g.same_as(grids[ref]) or g.offset_from(grids[ref]) is not None:  # rounding of origins: no interpolation
+            out.append(vol if g.same_as(grids[ref]) else replace(vol, affine=vols[ref].affine, header=vols[ref].header))
             continue
         if overlap_fraction(g, grids[ref]) <= 0.0:
             raise TumorsegError(
