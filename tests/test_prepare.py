@@ -285,3 +285,30 @@ def test_a_modality_whose_origin_another_tool_rounded_is_not_interpolated(tmp_pa
         t1, fl = load_channels(case, ("t1", "flair"))
         assert np.array_equal(fl.affine, t1.affine)  # one grid: the reference's
         assert np.array_equal(fl.data, stored) != interpolated
+
+
+def test_headers_that_leave_the_orientation_open_are_warned_about(tmp_path):
+    from tumorseg.layouts import discover_cases
+    from tumorseg.prepare.case import check_headers
+
+    folder = write_case(tmp_path, "BraTS20_Training_001")
+    (case,) = discover_cases(folder)
+    assert check_headers(case, ("t1", "t1ce", "t2", "flair")) == []
+    img = nib.load(case.images["flair"])  # a qform mirrored against the sform
+    img.set_qform(np.diag([-1.0, 1.0, 1.0, 1.0]) @ img.affine, code=1)
+    nib.save(img, case.images["flair"])
+    two = ("BraTS20_Training_001: the header of flair holds a qform and an sform that disagree: the sform is used, as "
+           "nibabel and FSL do (other tools may take the qform)")
+    prepare(folder, tmp_path / "prep", PrepareConfig(crop_size=(16, 16, 16), min_tumour=0.0, val_fraction=0.0))
+    (record,) = json.loads((tmp_path / "prep" / "manifest.json").read_text())["cases"]
+    assert record["status"] == "kept" and two in json.loads(
+        (tmp_path / "prep" / "records" / "BraTS20_Training_001.json").read_text())["warnings"]
+    for modality in ("t1", "t2"):  # no orientation at all
+        img = nib.load(case.images[modality])
+        img = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
+        img.set_sform(None, code=0)
+        img.set_qform(None, code=0)
+        nib.save(img, case.images[modality])
+    assert check_headers(case, ("t1", "t1ce", "t2", "flair")) == [
+        "BraTS20_Training_001: the header of t1, t2 gives no orientation (qform and sform codes 0): placed as nibabel "
+        "places such files, from pixdim alone, which may mirror left and right", two]

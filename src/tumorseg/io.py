@@ -52,6 +52,29 @@ def load_nifti(path: str | os.PathLike, case_id: str | None = None) -> Volume:
     return vol
 
 
+NO_ORIENTATION = ("gives no orientation (qform and sform codes 0): placed as nibabel places such files, from "
+                  "pixdim alone, which may mirror left and right")
+TWO_ORIENTATIONS = ("holds a qform and an sform that disagree: the sform is used, as nibabel and FSL do (other "
+                    "tools may take the qform)")
+
+
+def orientation_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with where a NIfTI header places its voxels (`NO_ORIENTATION`,
+    `TWO_ORIENTATIONS`), or None; reads the header alone (None if it cannot: reading the data says why)."""
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    except Exception:  # not NIfTI, unreadable: the data's own read names the file
+        return None
+    if qcode == 0 and scode == 0:
+        return NO_ORIENTATION
+    if qcode and scode and not np.allclose(header.get_qform(), header.get_sform(), rtol=0, atol=1e-3):
+        return TWO_ORIENTATIONS
+    return None
+
+
 def load_labels(path: str | os.PathLike, case_id: str | None = None) -> Volume:
     """A label map (`load_nifti`): float values within 1e-3 of whole numbers, the rounding noise
     resampling and float pipelines leave (0.9999999, 4.0000005), become those numbers; other

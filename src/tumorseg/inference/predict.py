@@ -42,7 +42,8 @@ from ..labels import (CLASS_ABBREVIATIONS, MODEL_DIGITS, RAW_LABELS, REGIONS, La
 from ..layouts import Case, discover_cases
 from ..lock import LOCK_NAME, folder_lock
 from ..networks import build_network, required_divisor
-from ..prepare.case import check_brain_size, check_intensities, load_channels, scaled_window, to_network_grid
+from ..prepare.case import (check_brain_size, check_headers, check_intensities, load_channels, scaled_window,
+                            to_network_grid)
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
 from .compiled import COMPILED_SAVES, COMPILED_SAVES_ONNX, CompiledNetwork, compile_pays, compiles_faster
 from .postprocess import NO_COMPONENT_STEP, postprocess
@@ -456,7 +457,7 @@ def load_input(predictor: Predictor, case: Case) -> CaseInput:
     """Read a case's scans and preprocess them as training did (no network work: runs in a
     reader thread while the network works on the previous case)."""
     vols = load_channels(case, predictor.channels)
-    warnings = check_intensities(case, predictor.channels, vols)
+    warnings = check_intensities(case, predictor.channels, vols) + check_headers(case, predictor.channels)
     data, src, net = to_network_grid(vols, predictor.spacing)
     brain = brain_mask(data)
     for warning in warnings + check_brain_size(case, brain, net):

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import TumorsegError
 from ..geometry import Grid, labels_onto, network_grid, overlap_fraction, resample
-from ..io import Volume, load_labels, save_npy, write_text
+from ..io import Volume, load_labels, orientation_problem, save_npy, write_text
 from ..labels import CAVITY_CLASS
 from ..layouts import Case, load_images
 from .config import PrepareConfig
@@ -87,6 +87,17 @@ def check_intensities(case: Case, channels: tuple[str, ...], vols: list[Volume])
     return warnings
 
 
+def check_headers(case: Case, channels: tuple[str, ...]) -> list[str]:
+    """A warning per kind of orientation problem in the modalities' headers, naming them: where
+    the header leaves the voxels' placement open, the tool's reading may not be the user's."""
+    found: dict[str, list[str]] = {}
+    for modality in channels:
+        problem = orientation_problem(case.image(modality))
+        if problem:
+            found.setdefault(problem, []).append(modality)
+    return [f"{case.case_id}: the header of {', '.join(names)} {problem}" for problem, names in found.items()]
+
+
 def check_brain_size(case: Case, brain: np.ndarray, net: Grid) -> list[str]:
     """A warning when the scans' non-background region is larger than any skull-stripped brain: the
     network, trained on brains alone, would see skull, scalp and neck."""
@@ -149,7 +160,7 @@ def preprocess(data: list[np.ndarray], config: PrepareConfig) -> tuple[np.ndarra
 def prepare_case(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
     """Process one case and write its arrays and record; returns the record."""
     vols = load_channels(case, config.channels)
-    warnings = check_intensities(case, config.channels, vols)
+    warnings = check_intensities(case, config.channels, vols) + check_headers(case, config.channels)
     data, src, net = to_network_grid(vols, config.spacing)
     image, box, brain = preprocess(data, config)
     warnings += check_brain_size(case, brain, net)
