@@ -572,6 +572,8 @@ def test_real_case_with_its_background_off_zero_predicts_as_the_original(real_da
         (path,) = predict(_flair_predictor(), folder, tmp_path / f"pred-{name}", progress=False).written
         err = capfd.readouterr().err
         assert all(f"{cid}_{m}.nii.gz ({m}): the background is not 0" in err for m in MODALITIES), err
+        brain = "not at that level" if name == "offset" else "more than 0.49"
+        assert f"the brain is taken as the voxels {brain}" in err, err
         labels = np.asarray(nib.load(path).dataobj)
         if name == "offset":  # z-scores ignore a shift: the very same network input
             assert np.array_equal(labels, reference)

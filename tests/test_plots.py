@@ -169,7 +169,7 @@ def test_missing_files(raw_case, tmp_path):
 def test_bad_prediction_labels(raw_case, tmp_path):
     pred = tmp_path / "bad.nii.gz"
     nib.save(nib.Nifti1Image(np.full(SHAPE, 3, np.uint8), AFFINE), pred)
-    with pytest.raises(TumorsegError, match=r"bad\.nii\.gz: contains label\(s\) \[3\]"):
+    with pytest.raises(TumorsegError, match=r"bad\.nii\.gz has labels 3 outside the brats2020 labels 0, 1, 2, 4 \(label 3: "):
         save_case_plot(raw_case, pred, tmp_path / "x.png")
 
 

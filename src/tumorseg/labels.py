@@ -93,6 +93,15 @@ class LabelConvention:
             present = np.unique(seg)
         return [int(v) if float(v).is_integer() else float(v) for v in present if v not in self.values]
 
+    def problem(self, seg: np.ndarray) -> str | None:
+        """`has labels .. outside the <name> labels ..` (with a hint for training labels in a BraTS
+        2020 file) when `seg` holds values this convention does not allow; None when it does not."""
+        bad = self.invalid(seg)
+        if not bad:
+            return None
+        hint = " (label 3: training labels? BraTS 2020 files use 4 for enhancing tumour)" if 3 in bad and self == BRATS2020 else ""
+        return f"has labels {_format_values(bad)} outside the {self.name} labels {_format_values(self.values)}{hint}"
+
     def to_training(self, seg: np.ndarray, cavity: str | None = None) -> np.ndarray:
         """Raw labels -> training labels uint8 (valid values assumed: check `invalid` first).
 
@@ -147,6 +156,10 @@ CONVENTIONS: dict[str, LabelConvention] = {
 }
 BRATS2020 = CONVENTIONS["brats2020"]
 _TAG_RE = re.compile(r"labels=(?P<name>[\w.-]+):(?P<values>\d+(,\d+){2,3})")
+
+
+def _format_values(values) -> str:
+    return ", ".join(str(int(v)) if float(v).is_integer() else repr(float(v)) for v in values)
 
 
 def convention(spec: str | dict | LabelConvention) -> LabelConvention:

@@ -194,19 +194,11 @@ def binary_metrics(
     }
 
 
-def _format_values(values: Sequence[Any]) -> str:
-    return ", ".join(str(int(v)) if float(v).is_integer() else repr(float(v)) for v in values)
-
-
 def check_labels(seg: np.ndarray, name: str = "segmentation", labels: LabelConvention = BRATS2020) -> None:
     """ValueError naming the values when `seg` holds labels its convention does not allow."""
-    bad = labels.invalid(np.asarray(seg))
-    if bad:
-        hint = " (label 3: training labels? BraTS 2020 files use 4 for enhancing tumour)" if 3 in bad and labels == BRATS2020 else ""
-        raise ValueError(
-            f"{name} has labels {_format_values(bad)} outside the {labels.name} labels "
-            f"{_format_values(labels.values)}{hint}"
-        )
+    problem = labels.problem(np.asarray(seg))
+    if problem:
+        raise ValueError(f"{name} {problem}")
 
 
 def region_metrics(

@@ -295,10 +295,9 @@ def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> n
 
 
 def raw_to_labels(seg: np.ndarray, where, labels: LabelConvention = BRATS2020) -> np.ndarray:
-    bad = labels.invalid(np.asarray(seg))
-    if bad:
-        raise TumorsegError(f"{where}: contains label(s) {bad}; {labels.name} segmentations use "
-                            f"{', '.join(map(str, labels.values))}")
+    problem = labels.problem(np.asarray(seg))
+    if problem:
+        raise TumorsegError(f"{where} {problem}")
     return labels.to_training(seg, cavity="keep")
 
 

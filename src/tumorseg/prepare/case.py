@@ -81,9 +81,10 @@ def check_intensities(case: Case, channels: tuple[str, ...], vols: list[Volume])
             warnings.append(f"{case.case_id}: {vol.path} ({modality}) holds the single value {lo:g}: a broken scan? "
                             "it is scaled to zeros")
         elif (level := background(vol.data)) is not None:
+            brain = "not at that level" if level[1] == 0 else f"more than {level[1]:.3g} away from it"
             warnings.append(f"{case.case_id}: {vol.path} ({modality}): the background is not 0 (about {level[0]:.3g} "
-                            f"on the volume's faces); the brain is taken as the voxels farther from it than "
-                            f"{level[1]:.3g}. tumorseg expects skull-stripped scans with a zero background")
+                            f"on the volume's faces); the brain is taken as the voxels {brain}. tumorseg expects "
+                            "skull-stripped scans with a zero background")
     return warnings
 
 
@@ -123,12 +124,9 @@ def load_segmentation(case: Case, src: Grid, net: Grid, cavity: str | None) -> t
     """The case's segmentation, validated in its label convention, as training labels on `net`,
     and a note when it had to be resampled onto the images' grid `src` (`geometry.labels_onto`)."""
     seg = load_labels(case.seg, case.case_id)
-    bad = case.labels.invalid(seg.data)
-    if bad:
-        raise TumorsegError(
-            f"{case.case_id}: {case.seg} contains label(s) {bad}; {case.labels.name} segmentations use "
-            f"{', '.join(map(str, case.labels.values))}"
-        )
+    problem = case.labels.problem(seg.data)
+    if problem:
+        raise TumorsegError(f"{case.case_id}: {case.seg} {problem}")
     try:
         labels = case.labels.to_training(seg.data, cavity)
     except TumorsegError as exc:
