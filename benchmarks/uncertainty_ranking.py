@@ -56,6 +56,8 @@ def per_case(work: Path, recipe: str, k: int) -> list[dict]:
         preds = work / f"fold{i}" / recipe / "predictions"
         metrics, volumes = read_csv(preds / "metrics.csv"), read_csv(preds / "report" / "volumes.csv")
         for cid, m in metrics.items():
+            if m["status"] == "truth_error":  # no Dice: its ground truth could not be used
+                continue
             score = volumes.get(cid, {}).get("uncertainty", "")
             rows.append({"case": cid, "fold": i, "uncertainty": float(score) if score else None,
                          **{f"dice_{r}": float(m[f"{r}_dice"]) for r in ("WT", "TC", "ET")}})

@@ -267,7 +267,7 @@ def test_predictions_on_other_grids(folders, tmp_path, capsys):
     nudged[:3, 3] += 0.01  # origins another tool rounded: the same voxels
     save(tmp_path / "nudged" / f"{case_id(1)}.nii.gz", data, nudged)
     (row,) = evaluate(tmp_path / "nudged", gt, cases=[case_id(1)], progress=False).rows
-    assert row.status == "ok" and row.metrics["WT"]["dice"] == 1.0 and "origins under 0.05 voxel apart" in row.message
+    assert row.status == "ok" and row.metrics["WT"]["dice"] == 1.0 and "centres under 0.05 voxel apart" in row.message
     with pytest.raises(TumorsegError, match="no such folder"):
         evaluate(tmp_path / "typo", gt, progress=False)
     assert not (tmp_path / "typo").exists()
@@ -314,3 +314,29 @@ def test_an_unusable_ground_truth_is_not_the_models_failure(folders, tmp_path, c
         (tmp_path / "gt" / case_id(n)).unlink()
     with pytest.raises(TumorsegError, match="no ground truth could be used"):
         evaluate(tmp_path / "pred", tmp_path / "gt", progress=False, only_predicted=True)
+
+
+def test_a_flat_truth_folder_holding_no_conventions_labels_is_a_truth_error(folders, tmp_path):
+    gt, _ = folders
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "pred").mkdir()
+    bad = seg_of(gt, 3).copy()
+    bad[0, 0, 0] = 5
+    for n, seg in ((1, seg_of(gt, 1)), (3, bad)):  # labelsTr style: names no convention
+        save(tmp_path / "labels" / f"{case_id(n)}.nii.gz", seg)
+        save(tmp_path / "pred" / f"{case_id(n)}.nii.gz", seg_of(gt, n))
+    result = evaluate(tmp_path / "pred", tmp_path / "labels", progress=False)
+    assert list(result.truth_errors) == [case_id(3)] and result.failed == [] and result.summary["cases"] == 1
+    assert "has labels 5 outside" in result.truth_errors[case_id(3)]
+
+
+def test_an_unfetched_prediction_link_is_named_and_a_dead_twin_ignored(folders, tmp_path):
+    gt, _ = folders
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    save(pred / f"{case_id(1)}.nii.gz", seg_of(gt, 1))
+    (pred / f"{case_id(1)}.nii").symlink_to("/gone/old.nii")  # a stale link beside the real file: not a second one
+    (pred / f"{case_id(3)}.nii.gz").symlink_to("../.git/annex/objects/x.nii.gz")  # DataLad before `datalad get`
+    rows = {r.case_id: r for r in evaluate(pred, gt, progress=False, only_predicted=True).rows}
+    assert rows[case_id(1)].status == "ok"
+    assert rows[case_id(3)].status == "error" and "not fetched? `datalad get` it" in rows[case_id(3)].message

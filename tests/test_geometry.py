@@ -9,6 +9,7 @@ from nibabel.affines import apply_affine
 
 from tumorseg.errors import TumorsegError
 from tumorseg.geometry import (
+    same_voxels,
     CANONICAL_AXCODES,
     Grid,
     grid_of,
@@ -296,16 +297,18 @@ def test_labels_onto_another_grid():
     with pytest.raises(TumorsegError, match="have the same voxel size but not the same field of view"):
         labels_onto(labels, shifted, lps, "seg", "the images")
     for mm, kept in ((0.002, True), (0.01, True), (0.04, True), (0.06, False), (0.5, False)):  # lps voxels are 1 mm in x
-        nudged = lps.affine.copy()
-        nudged[0, 3] += mm
-        if kept:  # origins rounded apart by another tool: the same voxels, said in a note
-            out, note = labels_onto(labels, Grid(SHAPE, nudged), lps, "seg", "the images")
-            assert out is labels and note == f"seg taken as on the voxels of the images (origins {mm:.3g} mm apart, under 0.05 voxel)"
-            assert Grid(SHAPE, nudged).offset_from(lps) == pytest.approx(mm)
-        else:
-            assert Grid(SHAPE, nudged).offset_from(lps) is None
-            with pytest.raises(TumorsegError, match="not the same field of view"):
-                labels_onto(labels, Grid(SHAPE, nudged), lps, "seg", "the images")
+        for grid, stored in ((lps, labels), (ras, labels[::-1, ::-1])):  # the same voxels, in LPS or RAS order
+            nudged = grid.affine.copy()
+            nudged[0, 3] += mm
+            if kept:  # origins rounded apart by another tool: the same voxels, said in a note
+                out, note = labels_onto(stored, Grid(SHAPE, nudged), lps, "seg", "the images")
+                assert np.array_equal(out, labels) and note == (f"seg taken as on the voxels of the images (voxel centres "
+                                                                f"{mm:.3g} mm apart, under 0.05 voxel)")
+                assert same_voxels(Grid(SHAPE, nudged), lps)[1] == pytest.approx(mm)
+            else:
+                assert same_voxels(Grid(SHAPE, nudged), lps) is None
+                with pytest.raises(TumorsegError, match="not the same field of view"):
+                    labels_onto(stored, Grid(SHAPE, nudged), lps, "seg", "the images")
     half = Grid((40, 48, 24), fine.affine)  # other voxels over three quarters of the view
     with pytest.raises(TumorsegError, match=r"do not cover the same field of view \(75.0% shared, 99% needed"):
         labels_onto(np.zeros(half.shape, np.uint8), half, lps, "seg", "the images")

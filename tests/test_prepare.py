@@ -312,3 +312,17 @@ def test_headers_that_leave_the_orientation_open_are_warned_about(tmp_path):
     assert check_headers(case, ("t1", "t1ce", "t2", "flair")) == [
         "BraTS20_Training_001: the header of t1, t2 gives no orientation (qform and sform codes 0): placed as nibabel "
         "places such files, from pixdim alone, which may mirror left and right", two]
+
+
+def test_a_quaternion_nibabel_cannot_read_is_a_warning_not_a_failure(tmp_path):
+    from tumorseg.layouts import discover_cases
+    from tumorseg.prepare.case import check_headers
+
+    folder = write_case(tmp_path, "BraTS20_Training_001")
+    (case,) = discover_cases(folder)
+    img = nib.load(case.images["flair"])
+    img.header["qform_code"] = 1
+    img.header["quatern_b"], img.header["quatern_c"] = 0.9, 0.6  # b^2 + c^2 > 1: no rotation; the sform places it
+    nib.save(img, case.images["flair"])
+    (warning,) = check_headers(case, ("t1", "flair"))
+    assert "flair holds a qform and an sform that disagree: the sform is used" in warning

@@ -37,7 +37,7 @@ SPACING_RTOL = 1e-3  # spacings closer than this (relative) count as equal: no r
 FOV_SHARED = 0.99  # share of each other's field of view a label map and the grid it moves onto must cover
 _ROT_ATOL = 1e-4  # voxel-to-voxel matrix entries this close to 0/±1 count as an exact permutation
 _SHIFT_ATOL = 1e-3  # voxels
-SUBVOXEL = 0.05  # voxels: grids of the same voxels offset by less are one grid (`Grid.offset_from`)
+SUBVOXEL = 0.05  # voxels: grids of the same voxels offset by less are one grid (`same_voxels`)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,17 +70,6 @@ class Grid:
         return self.shape == other.shape and np.allclose(
             self.affine, other.affine, rtol=0, atol=atol
         )
-
-    def offset_from(self, other: Grid) -> float | None:
-        """How far apart (mm) two grids of the same voxels along the same axes lie, when under
-        `SUBVOXEL` of a voxel on every axis: the rounding of origins between tools, not a shift
-        (nearest neighbour would map every voxel onto itself); None otherwise."""
-        if self.shape != other.shape:
-            return None
-        vox = np.linalg.solve(other.affine, self.affine)
-        if not np.allclose(vox[:3, :3], np.eye(3), rtol=0, atol=_ROT_ATOL) or np.abs(vox[:3, 3]).max() >= SUBVOXEL:
-            return None
-        return float(np.abs(self.affine[:3, 3] - other.affine[:3, 3]).max())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Grid) and self.same_as(other)
@@ -127,9 +116,10 @@ def network_grid(grid: Grid, spacing: Sequence[float] | None = None) -> Grid:
     return Grid(tuple(int(n) for n in new_shape), affine)
 
 
-def _exact_ornt(src: Grid, dst: Grid) -> np.ndarray | None:
+def _exact_ornt(src: Grid, dst: Grid, shift_atol: float = _SHIFT_ATOL) -> np.ndarray | None:
     """The nibabel orientation taking src arrays to dst arrays when dst is an exact axis
-    permutation/flip of src (same voxel centres); None when interpolation is needed."""
+    permutation/flip of src (same voxel centres, to `shift_atol` voxels); None when interpolation
+    is needed."""
     vox = np.linalg.solve(dst.affine, src.affine)  # src voxel -> dst voxel
     rot, shift = vox[:3, :3], vox[:3, 3]
     perm = np.rint(rot)
@@ -142,10 +132,31 @@ def _exact_ornt(src: Grid, dst: Grid) -> np.ndarray | None:
         new_axis = int(np.argmax(np.abs(perm[:, axis])))
         flip = perm[new_axis, axis]
         expected = 0.0 if flip > 0 else src.shape[axis] - 1.0
-        if dst.shape[new_axis] != src.shape[axis] or abs(shift[new_axis] - expected) > _SHIFT_ATOL:
+        if dst.shape[new_axis] != src.shape[axis] or abs(shift[new_axis] - expected) > shift_atol:
             return None
         ornt[axis] = (new_axis, flip)
     return ornt
+
+
+def same_voxels(src: Grid, dst: Grid) -> tuple[np.ndarray, float] | None:
+    """(orientation, mm apart) when dst holds src's voxels up to axis order and direction, their
+    centres under `SUBVOXEL` of a voxel apart on every axis (two tools rounding an origin
+    differently, not a shift: nearest neighbour would map every voxel onto itself); else None."""
+    ornt = _exact_ornt(src, dst, SUBVOXEL)
+    if ornt is None:
+        return None
+    src_voxel = np.linalg.solve(src.affine, dst.affine)[:3, 3]  # dst's first voxel centre, in src voxels
+    nearest = np.rint(src_voxel)
+    return ornt, float(np.linalg.norm(src.affine[:3, :3] @ (src_voxel - nearest)))
+
+
+def reorient(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """`data` (..., X, Y, Z) with its last three axes permuted and flipped by `ornt` (exact)."""
+    lead = data.ndim - 3  # apply_orientation works on the first axes: put channels last for it
+    moved = np.moveaxis(data, range(lead), range(-lead, 0)) if lead else data
+    out = apply_orientation(moved, ornt)
+    out = np.moveaxis(out, range(-lead, 0), range(lead)) if lead else out
+    return np.ascontiguousarray(out)
 
 
 def resample(data: np.ndarray, src: Grid, dst: Grid, order: int, cval: float = 0.0, mode: str = "constant") -> np.ndarray:
@@ -162,13 +173,10 @@ def resample(data: np.ndarray, src: Grid, dst: Grid, order: int, cval: float = 0
         raise ValueError(f"array of shape {data.shape} does not end with grid shape {src.shape}")
     if dst.same_as(src):
         return data
-    lead = data.ndim - 3
     ornt = _exact_ornt(src, dst)
-    if ornt is not None:  # apply_orientation works on the first axes: put channels last for it
-        moved = np.moveaxis(data, range(lead), range(-lead, 0)) if lead else data
-        out = apply_orientation(moved, ornt)
-        out = np.moveaxis(out, range(-lead, 0), range(lead)) if lead else out
-        return np.ascontiguousarray(out)
+    if ornt is not None:
+        return reorient(data, ornt)
+    lead = data.ndim - 3
 
     vox = np.linalg.solve(src.affine, dst.affine)  # dst voxel -> src voxel, as scipy wants it
     channels = data.reshape((-1, *src.shape))
@@ -306,10 +314,11 @@ def labels_onto(data: np.ndarray, src: Grid, dst: Grid, name: str, dst_name: str
     """
     if dst.same_as(src):
         return data, None
-    offset = dst.offset_from(src)
-    if offset is not None:
-        return data, f"{name} taken as on the voxels of {dst_name} (origins {offset:.3g} mm apart, under {SUBVOXEL} voxel)"
     exact = _exact_ornt(src, dst) is not None
+    near = None if exact else same_voxels(src, dst)
+    if near is not None:
+        return reorient(data, near[0]), (f"{name} taken as on the voxels of {dst_name} (voxel centres "
+                                         f"{near[1]:.3g} mm apart, under {SUBVOXEL} voxel)")
     if not exact and _same_lattice_axes(src, dst):  # equal voxels and axes: a different view is a crop or a shift
         raise TumorsegError(f"{name} (shape {src.shape}) and {dst_name} (shape {dst.shape}) have the same voxel size "
                             "but not the same field of view (cropped, padded or shifted; check their affines)")

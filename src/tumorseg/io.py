@@ -52,6 +52,20 @@ def load_nifti(path: str | os.PathLike, case_id: str | None = None) -> Volume:
     return vol
 
 
+def nifti_files(folder: Path) -> list[Path]:
+    """NIfTI files of a folder, sorted, without hidden ones (the `._*` files macOS archives carry).
+    A link to nothing (an unfetched DataLad / git-annex file) stays where no readable file has its
+    name's stem: reading it then says so, where dropping it would report the file as missing."""
+    try:
+        entries = [p for p in folder.iterdir() if NIFTI_RE.match(p.name) and not p.name.startswith(".")]
+    except OSError:
+        return []
+    readable = [p for p in entries if p.is_file()]
+    stems = {NIFTI_RE.match(p.name)["stem"] for p in readable}
+    dangling = [p for p in entries if p.is_symlink() and not p.exists() and NIFTI_RE.match(p.name)["stem"] not in stems]
+    return sorted(readable + dangling)
+
+
 NO_ORIENTATION = ("gives no orientation (qform and sform codes 0): placed as nibabel places such files, from "
                   "pixdim alone, which may mirror left and right")
 TWO_ORIENTATIONS = ("holds a qform and an sform that disagree: the sform is used, as nibabel and FSL do (other "
@@ -70,9 +84,11 @@ def orientation_problem(path: str | os.PathLike) -> str | None:
         return None
     if qcode == 0 and scode == 0:
         return NO_ORIENTATION
-    if qcode and scode and not np.allclose(header.get_qform(), header.get_sform(), rtol=0, atol=1e-3):
-        return TWO_ORIENTATIONS
-    return None
+    try:
+        differ = bool(qcode and scode and not np.allclose(header.get_qform(), header.get_sform(), rtol=0, atol=1e-3))
+    except Exception:  # a quaternion nibabel cannot turn into a matrix: it places the voxels by the sform
+        differ = True
+    return TWO_ORIENTATIONS if differ else None
 
 
 def load_labels(path: str | os.PathLike, case_id: str | None = None) -> Volume:
@@ -85,6 +101,8 @@ def load_labels(path: str | os.PathLike, case_id: str | None = None) -> Volume:
     whole = np.rint(vol.data)
     if not np.all(np.abs(vol.data - whole) <= 1e-3):  # NaN fails too: left for the check
         return vol
+    if whole.size and (whole.min() < np.iinfo(np.int32).min or whole.max() > np.iinfo(np.int32).max):
+        return vol  # no label map holds such values: left as they are for the check to name
     small = whole.size == 0 or (whole.min() >= 0 and whole.max() <= 255)
     return replace(vol, data=whole.astype(np.uint8 if small else np.int32))
 

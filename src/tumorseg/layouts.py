@@ -43,7 +43,7 @@ from typing import Collection
 import numpy as np
 
 from .errors import TumorsegError
-from .io import NIFTI_RE, Volume, load_labels, load_nifti_channels, save_nifti, write_text
+from .io import NIFTI_RE, Volume, load_labels, load_nifti_channels, nifti_files, save_nifti, write_text
 from .labels import (
     BRATS2020,
     CONVENTIONS,
@@ -133,17 +133,6 @@ def load_images(case: Case, modalities: tuple[str, ...] | list[str]) -> list[Vol
         for m, vol in zip(names, load_nifti_channels(path, case.case_id, indices)):
             loaded[m] = vol
     return [loaded[m] for m in modalities]
-
-
-def _nifti_files(folder: Path) -> list[Path]:
-    """NIfTI files of a folder, without hidden ones (the `._*` files macOS archives carry); a link to
-    nothing stays (an unfetched DataLad file): reading it says so, where dropping it would say
-    the modality is missing."""
-    try:
-        return sorted(p for p in folder.iterdir() if (p.is_file() or p.is_symlink() and not p.exists())
-                      and NIFTI_RE.match(p.name) and not p.name.startswith("."))
-    except OSError:
-        return []
 
 
 def _stem(path: Path) -> str:
@@ -284,7 +273,7 @@ def _dataset_cases(root: Path, subdirs: tuple[str, ...]) -> list[Case]:
     cases: list[Case] = []
     for sub in subdirs:
         folder = root / sub
-        files = _nifti_files(folder)
+        files = nifti_files(folder)
         label_dir = root / LABEL_DIRS.get(sub, "")
         if sub.startswith("labels"):  # ground truth only (evaluate)
             layout = "nnunet" if "channel_names" in meta else "msd"
@@ -308,7 +297,7 @@ def _dataset_cases(root: Path, subdirs: tuple[str, ...]) -> list[Case]:
         else:
             order = [channels[i] for i in sorted(channels)]
             found = [(_stem(f), {m: f for m in order}, {m: i for i, m in enumerate(order)}) for f in files]
-        segs = {_stem(p): p for p in _nifti_files(label_dir)} if label_dir.is_dir() else {}
+        segs = {_stem(p): p for p in nifti_files(label_dir)} if label_dir.is_dir() else {}
         cases += [Case(cid, folder, imgs, segs.get(cid), None, layout, conv, index) for cid, imgs, index in found]
     return cases
 
@@ -323,7 +312,7 @@ def _folder_cases(folder: Path, need_images: bool) -> list[Case] | None:
             return _dataset_cases(folder, subs)
     if folder.name in (*IMAGE_DIRS, *LABEL_DIRS.values()) and (folder.parent / DATASET_JSON).is_file():
         return _dataset_cases(folder.parent, (folder.name,))
-    files = _nifti_files(folder)
+    files = nifti_files(folder)
     bids = _bids_cases(folder, files)
     if bids is not None:
         return [c for c in bids if c.images or (not need_images and c.seg is not None)] or None
@@ -395,7 +384,7 @@ def _bids_derivative_segs(anat: Path, case_id: str) -> list[Path]:
     if not derivatives.is_dir():
         return []
     relative = anat.relative_to(subject.parent)
-    return sorted(p for pipeline in derivatives.iterdir() for p in _nifti_files(pipeline / relative)
+    return sorted(p for pipeline in derivatives.iterdir() for p in nifti_files(pipeline / relative)
                   if (m := _BIDS_RE.match(_stem(p))) and m["suffix"].lower() == BIDS_SEG_SUFFIX
                   and _bids_tumour_seg(m) and _stem(p).startswith(case_id + "_"))
 
@@ -403,7 +392,7 @@ def _bids_derivative_segs(anat: Path, case_id: str) -> list[Path]:
 def _label_files(folder: Path) -> list[Case]:
     """A flat folder of `<case>.nii.gz` (or `<case>_seg`, `<case>-seg`, UPENN-GBM's `<case>_segm`,
     UCSF-PDGM's `<case>_tumor_segmentation`) segmentations, labelsTr style."""
-    return [Case(_SEG_FILE_SUFFIX_RE.sub("", _stem(f)), folder, seg=f, layout="labels") for f in _nifti_files(folder)]
+    return [Case(_SEG_FILE_SUFFIX_RE.sub("", _stem(f)), folder, seg=f, layout="labels") for f in nifti_files(folder)]
 
 
 def is_case_list(path: str | os.PathLike) -> bool:

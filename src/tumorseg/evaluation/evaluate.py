@@ -45,7 +45,7 @@ import numpy as np
 
 from ..errors import TumorsegError
 from ..geometry import SUBVOXEL, Grid, labels_onto
-from ..io import NIFTI_RE, Volume, check_writable, load_labels, write_text
+from ..io import NIFTI_RE, Volume, check_writable, load_labels, nifti_files, write_text
 from ..labels import (BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header,
                       model_from_header)
 from ..layouts import UNNAMED_CONVENTION, Case, discover_cases
@@ -105,7 +105,7 @@ class EvaluationResult:
         lines = [self.table()]
         if self.missing:
             lines.append(f"missing predictions, scored as failed ({len(self.missing)}): {', '.join(self.missing)}")
-            if len(self.missing) < len(self.rows):
+            if len(self.missing) < self.summary["cases"]:  # cases scored: truth errors are not
                 lines.append("(to score only the cases that have a prediction: --only-predicted)")
         if self.errors:
             lines.append(f"errors, scored as failed ({len(self.errors)}):")
@@ -184,11 +184,10 @@ def find_predictions(pred_dir: str | os.PathLike) -> tuple[dict[str, Path], dict
     if not pred_dir.is_dir():
         raise TumorsegError(f"{pred_dir}: no such folder (expected predictions <case_id>.nii.gz)")
     found: dict[str, list[Path]] = {}
-    for path in sorted(pred_dir.iterdir()):
-        match = NIFTI_RE.match(path.name)
-        # `<case>_probabilities` / `_uncertainty` beside a prediction are `predict` extras, not label maps.
-        if match and path.is_file() and not path.name.startswith(".") and not match["stem"].endswith(PREDICT_EXTRAS):
-            found.setdefault(match["stem"], []).append(path)
+    for path in nifti_files(pred_dir):
+        stem = NIFTI_RE.match(path.name)["stem"]
+        if not stem.endswith(PREDICT_EXTRAS):  # `<case>_probabilities` / `_uncertainty`: `predict` extras, not labels
+            found.setdefault(stem, []).append(path)
     if not found:
         raise TumorsegError(f"{pred_dir}: no predictions found (expected <case_id>.nii.gz files)")
     preds = {cid: paths[0] for cid, paths in found.items() if len(paths) == 1}
@@ -211,7 +210,7 @@ def on_truth_grid(case_id: str, pred: Volume, gt: Volume) -> tuple[Volume, str |
         raise TumorsegError(f"{case_id}: {exc}; is the ground truth on its scans' grid?") from None
     # one wording per kind for all cases: a folder of such predictions makes one note (`notes.grouped`)
     note = moved and ("prediction resampled onto its ground truth's grid (nearest neighbour)" if "resampled" in moved
-                      else f"prediction taken as on its ground truth's voxels (origins under {SUBVOXEL} voxel apart)")
+                      else f"prediction taken as on its ground truth's voxels (centres under {SUBVOXEL} voxel apart)")
     return replace(pred, data=data, affine=gt.affine), note
 
 
@@ -250,6 +249,8 @@ def evaluate_case(
         gt = load_labels(seg_path, case_id)
         if gt_labels is not None:
             check_labels(gt.data, f"ground truth {seg_path}", gt_labels)
+        elif all(conv.invalid(gt.data) for conv in CONVENTIONS.values()):  # a label map of no convention
+            check_labels(gt.data, f"ground truth {seg_path}", detect_labels(gt.data))
     except (TumorsegError, ValueError) as exc:
         message = str(exc) if str(exc).startswith(f"{case_id}: ") else f"{case_id}: {exc}"
         return CaseResult(case_id, STATUS_TRUTH, {r: {} for r in REGIONS}, message)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TumorsegError
-from ..geometry import Grid, labels_onto, network_grid, overlap_fraction, resample
+from ..geometry import Grid, labels_onto, network_grid, overlap_fraction, reorient, resample, same_voxels
 from ..io import Volume, load_labels, orientation_problem, save_npy, write_text
 from ..labels import CAVITY_CLASS
 from ..layouts import Case, load_images
@@ -50,8 +50,12 @@ def load_channels(case: Case, channels: tuple[str, ...]) -> list[Volume]:
     ref = reference_index(grids)
     out = []
     for vol, g in zip(vols, grids):
-        if g.same_as(grids[ref]) or g.offset_from(grids[ref]) is not None:  # rounding of origins: no interpolation
-            out.append(vol if g.same_as(grids[ref]) else replace(vol, affine=vols[ref].affine, header=vols[ref].header))
+        if g.same_as(grids[ref]):
+            out.append(vol)
+            continue
+        near = same_voxels(g, grids[ref])
+        if near is not None:  # reordered axes, origins rounded apart: exact, no interpolation
+            out.append(replace(vol, data=reorient(vol.data, near[0]), affine=vols[ref].affine, header=vols[ref].header))
             continue
         if overlap_fraction(g, grids[ref]) <= 0.0:
             raise TumorsegError(
