@@ -18,9 +18,24 @@ def trained(tmp_path_factory):
     for i in range(3):
         write_case(root / "raw", f"BraTS20_Training_00{i}", seed=i)
     assert main(["prepare", str(root / "raw"), str(root / "prep"), "--crop", "32", "--workers", "1"]) == 0
-    assert main(["train", str(root / "prep"), str(root / "run"), "--filters", "4,8,16", "--epochs", "1",
-                 "--tta", "--postprocess"]) == 0
+    assert main(["train", str(root / "prep"), str(root / "run"), "--filters", "4,8,16", "--epochs", "3",
+                 "--val-every", "2", "--tta", "--postprocess"]) == 0
     return root
+
+
+def test_prepare_says_its_settings_and_metrics_csv_marks_the_best_epoch(trained, capsys):
+    import csv
+
+    from tumorseg.checkpoint import load_checkpoint
+
+    assert main(["prepare", str(trained / "raw"), str(trained / "prep"), "--crop", "32", "--workers", "1"]) == 0
+    assert ("settings: channels t2,t1ce,flair, minmax scaling, crop 32x32x32 (fixed), min tumour 0.01, spacing 1x1x1 mm"
+            in capsys.readouterr().out)
+    with open(trained / "run/metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and [bool(r["val_loss"]) for r in rows] == [False, True, True]
+    best = load_checkpoint(trained / "run/best.pt")["epoch"]
+    assert [r["epoch"] for r in rows if r["best"] == "1"] == [str(best)] and best in (2, 3)
 
 
 def test_train_flags_set_the_checkpoints_inference(trained):
@@ -29,6 +44,11 @@ def test_train_flags_set_the_checkpoints_inference(trained):
     state = load_checkpoint(trained / "run/best.pt")
     assert state["config"]["tta"] and state["config"]["postprocess"] and state["inference"]["tta"]
     assert state["inference"]["postprocess_largest_tumour"] is state["history"][-1]["largest_tumour"]
+
+
+def test_version():
+    proc = subprocess.run([sys.executable, "-m", "tumorseg", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("tumorseg 0.")
 
 
 def test_help_is_instant_and_lists_commands():

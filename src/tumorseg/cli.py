@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import TumorsegError
 from .labels import CONVENTIONS, parse_channels
 from .layouts import LAYOUTS
@@ -99,6 +100,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         f"{counts['dropped']} dropped, {counts['unlabelled']} unlabelled, {counts['failed']} failed"
         + (f", {result.skipped} already done" if result.skipped else "")
     )
+    used = result.manifest["settings"]
+    print(f"settings: channels {','.join(used['channels'])}, {used['norm']} scaling, crop "
+          f"{'x'.join(map(str, used['crop_size']))} ({used['crop_mode']}), min tumour {used['min_tumour']:g}, "
+          f"spacing {'x'.join(f'{v:g}' for v in used['spacing'] or ()) or 'of each scan'} mm (recorded in manifest.json)")
     if result.failed:
         print(f"{len(result.failed)} case(s) failed; see {Path(args.out_dir) / 'manifest.json'}", file=sys.stderr)
         return 1
@@ -106,7 +111,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 TRAIN_FLAGS = ("model", "filters", "epochs", "batch_size", "lr", "patch", "target", "schedule", "augment",
-               "steps_per_epoch", "max_minutes", "workers", "seed", "device", "amp", "deterministic", "tta", "postprocess")
+               "steps_per_epoch", "max_minutes", "workers", "val_every", "seed", "device", "amp", "deterministic", "tta",
+               "postprocess")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -199,13 +205,15 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tumorseg", description="Brain tumour segmentation for BraTS MRI.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write synthetic BraTS-format cases")
     p.add_argument("out_dir", type=Path, help="where the case folders are written")
-    p.add_argument("--cases", type=int, default=8)
-    p.add_argument("--shape", type=_ints(3), default=(240, 240, 155), metavar="X,Y,Z")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cases", type=int, default=8, help="how many cases (default 8)")
+    p.add_argument("--shape", type=_ints(3), default=(240, 240, 155), metavar="X,Y,Z",
+                   help="volume size (default BraTS's 240,240,155)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same cases (default 0)")
     p.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="image data type (real scans: int16)")
     p.add_argument("--layout", choices=LAYOUTS, default="brats2020",
                    help="dataset layout: file names, 4D files, dataset.json and label convention")
@@ -217,11 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path, help="the prepared folder: images/, masks/, manifest.json")
     p.add_argument("--recipe", help="take the settings of a named recipe (seed, brats-cpu, brats-gpu); flags override")
     p.add_argument("--channels", type=parse_channels, help="comma list or 'all' (default: t2,t1ce,flair)")
-    p.add_argument("--norm", choices=("minmax", "zscore"), help="default minmax")
+    p.add_argument("--norm", choices=("minmax", "zscore"), help="default minmax (defaults here: without --recipe)")
     p.add_argument("--crop", type=_ints(3), metavar="X,Y,Z", help="default 128,128,128")
     p.add_argument("--crop-mode", choices=("fixed", "brain"), help="default fixed (the seed's window)")
     p.add_argument("--min-tumour", type=float, help="drop cases with less tumour in the crop (default 0.01)")
-    p.add_argument("--val-fraction", type=float, help="default 0.25")
+    p.add_argument("--val-fraction", type=float, help="share of the cases kept for validation (default 0.25)")
     p.add_argument("--seed", type=int, help="seed of the train/val split (default 42)")
     p.add_argument("--spacing", type=_floats(3), metavar="X,Y,Z",
                    help="voxel size in mm the network sees (default: the data's median, 1 mm for BraTS)")
@@ -235,21 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prepared_dir", type=Path, help="a folder tumorseg prepare wrote")
     p.add_argument("run_dir", type=Path, help="checkpoints, metrics.csv, curves.png and config.yaml go here")
     p.add_argument("--recipe", help="start from a named recipe: seed, brats-cpu, brats-gpu (config file and flags override)")
-    p.add_argument("--config", type=Path, help="YAML or TOML file of settings (flags override it)")
+    p.add_argument("--config", type=Path, help="YAML, TOML or JSON file of settings (flags override it)")
     p.add_argument("--model", help="unet3d (ours), unet, unet-lite (MONAI UNet, logits at half size), segresnet or dynunet (MONAI)")
     p.add_argument("--filters", type=_int_list, help="widths per level, e.g. 16,32,64,128,256")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int, help="epochs to train (default 100; with --max-minutes an upper bound)")
+    p.add_argument("--batch-size", type=int, help="patches per step (default 2)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
     p.add_argument("--patch", type=_ints(3), metavar="X,Y,Z", help="random patches of this size (default: whole crop)")
     p.add_argument("--target", choices=("labels", "regions"), help="4 softmax classes (seed) or 3 sigmoid regions")
-    p.add_argument("--schedule", choices=("none", "cosine", "poly"))
-    p.add_argument("--augment", choices=("none", "light", "heavy"))
+    p.add_argument("--schedule", choices=("none", "cosine", "poly"), help="learning-rate schedule (default none)")
+    p.add_argument("--augment", choices=("none", "light", "heavy"), help="data augmentation (default light)")
     p.add_argument("--steps-per-epoch", type=int, help="batches per epoch (default: one pass over the cases)")
     p.add_argument("--max-minutes", type=float, help="wall-clock training budget; stops after the epoch that spends it")
-    p.add_argument("--workers", type=int, help="data loader processes")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--workers", type=int, help="data loader processes (default 0: in the training process)")
+    p.add_argument("--val-every", type=int, help="validate every N epochs, and after the last (default 1; the brats "
+                   "recipes 10): best.pt and the post-processing come from the validated epochs")
+    p.add_argument("--seed", type=int, help="seed of weights, data order and augmentation (default 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: a GPU where there is one")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
                    help="mixed precision (auto: on GPUs native bf16, else fp16 with a scaler; the CPU trains in "
                         "float32, or bf16 if asked for and native)")
@@ -263,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="BraTS region metrics (Dice, HD95, sensitivity, specificity) per case + summary")
+    p = sub.add_parser("evaluate", help="BraTS region metrics (Dice, HD95, sensitivity, specificity; BraTS 2023+ "
+                                        "lesion-wise Dice and HD95) per case + summary")
     p.add_argument("pred_dir", type=Path, help="folder of <case>.nii.gz predictions (label convention from their header)")
     p.add_argument("gt_dir", type=Path,
                    help="ground truth: cases of any layout, segmentation-only case folders, a folder of <case>.nii.gz, "
@@ -275,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the predictions' label convention (default: the tag predict writes, else the truth's)")
     p.add_argument("--challenge", type=_challenge, metavar="{GLI,PED,SSA,MEN,MET,GoAT}",
                    help="lesion-wise metric parameters (default: from BraTS-XXX- case ids, else GLI)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="cases scored in parallel processes (default 1)")
     p.add_argument("--cases", type=_names, metavar="ID,ID", help="only these cases of GT_DIR (default: all)")
     p.add_argument("--only-predicted", action="store_true",
                    help="only the cases of GT_DIR that have a prediction (default: a case without one is scored "
@@ -295,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ONNX Runtime and of machines without bf16)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation (default: as the checkpoint says)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (less is faster and moves some labels)")
+    p.add_argument("--overlap", type=float, default=0.5,
+                   help="sliding-window overlap (default 0.5; less is faster and moves some labels)")
     p.add_argument("--window", type=_window, metavar="X,Y,Z|box",
                    help="sliding-window size, one number for a cube, multiples of the network's downsampling (16 "
                         "for the recipes; default: the training patch); 'box' or larger than the brain: one window "

@@ -44,7 +44,7 @@ from .losses import build_loss
 
 MIN_COLUMNS = tuple(f"min_{r.lower()}" for r in REGIONS)  # post-processing's smallest component kept, per region
 COLUMNS = ["epoch", "train_loss", "skipped_steps", "val_loss", *(f"dice_{r}" for r in REGIONS), "dice_mean",
-           "largest_tumour", "et_threshold", *MIN_COLUMNS, "lesion_dice", "lr", "seconds"]
+           "largest_tumour", "et_threshold", *MIN_COLUMNS, "lesion_dice", "lr", "seconds", "best"]
 
 
 @dataclass
@@ -102,12 +102,12 @@ def _seed_epoch(seed: int, epoch: int, rank: int, transform) -> None:
     transform.set_random_state(seed=s % 2**32)
 
 
-def _write_history(run_dir: Path, history: list[dict]) -> None:
+def _write_history(run_dir: Path, history: list[dict], best_epoch: int | None) -> None:
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()
-    for row in history:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
+    for row in history:  # "best": 1 on the epoch best.pt holds
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS} | {"best": int(row["epoch"] == best_epoch)})
     write_text(run_dir / "metrics.csv", buf.getvalue())
     plot_curves(history, run_dir / "curves.png")
 
@@ -316,7 +316,8 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", _config_yaml(config, prepared_dir))
-        print(f"training {spec['name']} on {len(train_ids)} cases ({len(val_ids)} validation), patch {patch}, "
+        print(f"training {spec['name']} on {len(train_ids)} cases, validating on {len(val_ids)}"
+              + (f" every {config.val_every} epochs" if config.val_every > 1 and val_ids else "") + f", patch {patch}, "
               f"{describe(ctx.device, config.amp, amp_dtype)}{f' x{ctx.world_size}' if ctx.distributed else ''}, "
               + (f"epochs {start + 1}-{end}" if start < end else f"all {config.epochs} epochs already done"
                  if start == config.epochs else f"its {config.max_minutes:g}-minute budget is already spent "
@@ -391,7 +392,7 @@ def _save(run_dir: Path, state: dict, history: list[dict], best: bool) -> None:
     metrics.csv shows best (last.pt first could leave a stale best.pt that no resume rewrites)."""
     if best:
         save_checkpoint(run_dir / "best.pt", state)
-    _write_history(run_dir, history)
+    _write_history(run_dir, history, state["best_epoch"] or (state["epoch"] if best else None))  # no validation: the last
     save_checkpoint(run_dir / "last.pt", state)
 
 
