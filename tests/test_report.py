@@ -304,6 +304,7 @@ def test_table_equals_volumes_csv(built):
     assert float(case0["WT_longest_mm"]) == pytest.approx(11 * SQRT2, abs=0.01)
     assert float(case0["ET_product_mm2"]) == pytest.approx(50.0, abs=0.01)
     assert float(case0["WT_dice"]) == 1.0 and case0["uncertainty"] == "0.2500"
+    assert (case0["WT_lesion_dice"], case0["WT_lesion_hd95"], case0["WT_lesion_fp"]) == ("1.0000", "0.00", "0")
     assert rows[1]["uncertainty"] == ""
 
 
@@ -367,6 +368,7 @@ def test_real_cases_truth_as_prediction(real_data_dir, tmp_path):
         for key, mask in expected.items():
             assert float(rows[cid][key]) == pytest.approx(np.count_nonzero(mask) * voxel, abs=5e-4)
         assert all(float(rows[cid][f"{r}_dice"]) == 1.0 for r in ("WT", "TC", "ET"))
+        assert all(float(rows[cid][f"{r}_lesion_dice"]) == 1.0 and rows[cid][f"{r}_lesion_fp"] == "0" for r in ("WT", "TC", "ET"))
         assert float(rows[cid]["WT_longest_mm"]) > float(rows[cid]["WT_perpendicular_mm"]) > 0
 
 

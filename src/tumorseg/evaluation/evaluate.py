@@ -256,15 +256,25 @@ def evaluate_case(
         return CaseResult(case_id, STATUS_TRUTH, {r: {} for r in REGIONS}, message)
     try:
         pred = load_labels(pred_path, case_id)
-        pred, moved = on_truth_grid(case_id, pred, gt)  # once, for the region and the lesion-wise metrics
-        metrics, pred_conv, gt_conv, note = score_regions(case_id, pred, gt, gt_labels, pred_labels)
-        note = "; ".join(n for n in (moved, note) if n)
-        lesions = lesionwise_metrics(pred_conv.regions(pred.data), gt_conv.regions(gt.data), gt.spacing,
-                                     case_challenge(case_id, challenge))
+        metrics, notes = score_case(case_id, pred, gt, gt_labels, pred_labels, challenge)
     except TumorsegError as exc:
         return CaseResult(case_id, STATUS_ERROR, _failed_metrics(), str(exc))
-    return CaseResult(case_id, STATUS_OK, {r: {**metrics[r], **lesions[r]} for r in REGIONS},
-                      note and f"{case_id}: {note}", model_from_header(pred.header) or "")
+    note = "; ".join(notes)
+    return CaseResult(case_id, STATUS_OK, metrics, note and f"{case_id}: {note}", model_from_header(pred.header) or "")
+
+
+def score_case(
+    case_id: str, pred: Volume, gt: Volume, gt_labels: LabelConvention | None, pred_labels: LabelConvention | None,
+    challenge: str | None = None,
+) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Every metric of a read prediction against its read truth, per region (the BraTS 2020 ones
+    and the lesion-wise ones with their counts), and the notes (a prediction moved onto the
+    truth's grid, a convention guessed). Raises TumorsegError where the two cannot be compared."""
+    pred, moved = on_truth_grid(case_id, pred, gt)  # once, for the region and the lesion-wise metrics
+    metrics, pred_conv, gt_conv, note = score_regions(case_id, pred, gt, gt_labels, pred_labels)
+    lesions = lesionwise_metrics(pred_conv.regions(pred.data), gt_conv.regions(gt.data), gt.spacing,
+                                 case_challenge(case_id, challenge))
+    return {r: {**metrics[r], **lesions[r]} for r in REGIONS}, [n for n in (moved, note) if n]
 
 
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[CaseResult]:

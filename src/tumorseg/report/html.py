@@ -15,12 +15,11 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
-from ..evaluation.metrics import METRICS
 from ..labels import REGIONS
 from .case import CaseReport
 from .figures import THUMB_PIXELS
 from .measure import LESION_MIN_VOXELS, label_names
-from .table import SUMMARY_STATS, Column, cells, volume_key
+from .table import REPORT_METRICS, SUMMARY_STATS, Column, cells, volume_key
 
 PAGE_SUFFIX = ".html"
 
@@ -87,8 +86,10 @@ DEFINITIONS = (
     ("Centroid", "the whole tumour's centre of mass in scanner coordinates (NIfTI world, RAS+), mm."),
     ("Uncertainty", "the mean of the voxel-wise uncertainty map (<case>_uncertainty.nii.gz beside the prediction) "
                     "inside the predicted whole tumour; higher means less certain."),
-    ("Metrics", "BraTS 2020 region metrics against the ground truth (tumorseg evaluate): Dice, HD95 in mm, "
-                "sensitivity, specificity."),
+    ("Metrics", "against the ground truth, as tumorseg evaluate computes them: the BraTS 2020 region metrics "
+                "(Dice, HD95 in mm, sensitivity, specificity) and the BraTS 2023+ lesion-wise Dice and HD95 (each "
+                "predicted component touching no true lesion counts as a missed lesion: Dice 0, HD95 374 mm), with "
+                "the number of such false-positive components."),
 )
 
 
@@ -212,7 +213,7 @@ def case_page(case: CaseReport, cols: list[Column], index: Path) -> str:
                   _img(case, "uncertainty", here, "uncertainty map")]
     if case.metrics is not None:
         parts += ["<h2>Against the ground truth</h2>",
-                  table(["region", *METRICS], [[r, *(text[f"{r}_{m}"] for m in METRICS)] for r in REGIONS])]
+                  table(["region", *REPORT_METRICS], [[r, *(text[f"{r}_{m}"] for m in REPORT_METRICS)] for r in REGIONS])]
     return page(case_page_title(case.case_id), "\n".join(parts))
 
 

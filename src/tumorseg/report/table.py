@@ -21,7 +21,12 @@ _RANO = {"ET": ("enhancing", "the largest enhancing lesion"), "WT": ("whole", "t
 _DIAMETER = {"longest": ("longest", "longest axial diameter", "mm"),
              "perpendicular": ("perpendicular", "longest diameter perpendicular to it, same slice", "mm"),
              "product": ("product", "product of the two (RANO bidimensional)", "mm2")}
-_METRIC_DIGITS = {"hd95": 2}
+_METRIC_DIGITS = {"hd95": 2, "lesion_hd95": 2, "lesion_fp": 0}
+# what the report shows against a ground truth: BraTS 2020's metrics, then the 2023+ lesion-wise
+# Dice and HD95 and the false-positive components that cost them (`evaluation.lesionwise`)
+REPORT_METRICS = {**{m: f"BraTS {m}" for m in METRICS}, "lesion_dice": "BraTS 2023+ lesion-wise Dice",
+                  "lesion_hd95": "BraTS 2023+ lesion-wise HD95 (mm)",
+                  "lesion_fp": "false-positive components (lesion-wise)"}
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,10 @@ def columns(cases: list[CaseReport], with_metrics: bool) -> list[Column]:
         out.append(Column("uncertainty", "mean voxel uncertainty inside the predicted whole tumour", 4,
                           lambda c: c.uncertainty, summary=True))
     if with_metrics:
-        out += [Column(f"{r}_{m}", f"BraTS {m} of the {r} region against the ground truth", _METRIC_DIGITS.get(m, 4),
-                       lambda c, r=r, m=m: None if c.metrics is None else c.metrics[r][m], summary=True)
-                for m in METRICS for r in REGIONS]
+        out += [Column(f"{r}_{m}", f"{REPORT_METRICS[m]} of the {r} region against the ground truth",
+                       _METRIC_DIGITS.get(m, 4), lambda c, r=r, m=m: None if c.metrics is None else c.metrics[r][m],
+                       summary=True)
+                for m in REPORT_METRICS for r in REGIONS]
     out.append(Column("warnings", "number of warnings (listed on the case's page)", 0,
                       lambda c: len(c.warnings)))
     return out

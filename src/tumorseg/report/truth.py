@@ -1,12 +1,13 @@
 """The report's BraTS metrics (`--gt`): a prediction the report has already read, scored against
-its ground truth as `tumorseg evaluate` pairs and scores it (the 2020 region metrics it shows)."""
+its ground truth as `tumorseg evaluate` pairs and scores it (the 2020 region metrics and the
+2023+ lesion-wise ones)."""
 
 from __future__ import annotations
 
 import os
 
 from ..errors import TumorsegError
-from ..evaluation.evaluate import labelled, on_truth_grid, score_regions, truth_labels
+from ..evaluation.evaluate import labelled, score_case, truth_labels
 from ..io import Volume, load_labels
 from ..labels import LabelConvention
 from ..layouts import Case, discover_cases
@@ -30,8 +31,7 @@ def score(
         return None, [f"no ground truth for this case in {gt}: no metrics"], []
     try:
         seg = load_labels(truth.seg, truth.case_id)
-        prediction, moved = on_truth_grid(truth.case_id, prediction, seg)
-        metrics, _, _, note = score_regions(truth.case_id, prediction, seg, truth_labels(truth), labels)
-        return metrics, [], [n for n in (moved, note) if n]
+        metrics, notes = score_case(truth.case_id, prediction, seg, truth_labels(truth), labels)
+        return metrics, [], notes
     except TumorsegError as exc:
         return None, [f"not scored against the ground truth: {exc}"], []
