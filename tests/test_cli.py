@@ -153,3 +153,13 @@ def test_a_mistyped_option_is_the_commands_error_with_the_nearest_option(capsys)
     with pytest.raises(SystemExit):
         main(["evaluate", "preds", "truth", "surplus"])
     assert "tumorseg evaluate: error: unrecognized arguments: surplus\n" in capsys.readouterr().err
+
+
+def test_evaluate_says_when_it_replaces_earlier_scores(trained, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    seg = trained / "raw" / "BraTS20_Training_000" / "BraTS20_Training_000_seg.nii.gz"
+    (preds / "BraTS20_Training_000.nii.gz").symlink_to(seg)
+    args = ["evaluate", str(preds), str(trained / "raw"), "--only-predicted"]
+    assert main(args) == 0 and "held earlier scores" not in capsys.readouterr().out
+    assert main(args) == 0 and f"note: {preds / 'metrics.csv'} held earlier scores" in capsys.readouterr().out

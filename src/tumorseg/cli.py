@@ -137,10 +137,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
     out = args.out or args.pred_dir / "metrics.csv"
+    earlier = Path(out).is_file()
     result = evaluate(args.pred_dir, args.gt_dir, out_csv=out, workers=args.workers, labels=args.labels,
                       challenge=args.challenge, pred_labels=args.pred_labels, cases=args.cases,
                       only_predicted=args.only_predicted)
     print(result.report())
+    if earlier:
+        print(f"note: {out} held earlier scores and now holds these (--out FILE keeps both)")
     return 1 if result.failed or result.truth_errors else 0
 
 
