@@ -243,6 +243,22 @@ def test_wall_clock_budget_stops_and_decays_the_learning_rate(prepared, tmp_path
     assert len(again.history) == 1 and "budget is already spent" in capsys.readouterr().err
 
 
+def test_a_validation_that_spends_the_budget_ends_the_run(prepared, tmp_path, monkeypatch):
+    """Without it, the next epoch would train at the poly schedule's rate of 0 for nothing."""
+    import time
+
+    slow = train_module.validate
+
+    def validate(*args, **kwargs):
+        time.sleep(1.5)  # past the 1.2 s budget, which the epoch's training left unspent
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "validate", validate)
+    config = TrainConfig(epochs=5, max_minutes=0.02, schedule="poly", **TINY)
+    result = train(prepared, tmp_path / "run", config, progress=False)
+    assert len(result.history) == 1 and result.history[0]["lr"] > 0
+
+
 def test_settings_built_in_python_take_their_types(prepared, tmp_path):
     config = TrainConfig(tta="no", postprocess="false", epochs="2", lr="3e-3", filters="4,8,16")
     assert (config.tta, config.postprocess, config.epochs, config.lr, config.filters) == (False, False, 2, 3e-3, [4, 8, 16])

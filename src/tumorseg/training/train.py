@@ -346,6 +346,8 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
             seconds = distributed.all_reduce_sum(torch.tensor([time.perf_counter() - t0], dtype=torch.float64), ctx)
             row["seconds"] = round(float(seconds[0]) / ctx.world_size, 2)  # identical on every rank, so is the LR
             clock["spent"] += row["seconds"]
+            # validation can spend the budget after the check above: no further epoch at a rate of 0
+            out_of_time = out_of_time or bool(config.max_minutes) and clock["spent"] > 60 * config.max_minutes
             scheduler.step()
             history.append(row)
             improved = row.get("dice_mean", -1.0) > best
