@@ -1,7 +1,8 @@
+import re
 from dataclasses import replace
 
-import numpy as np
 import nibabel as nib
+import numpy as np
 import pytest
 
 from tumorseg.checkpoint import load_checkpoint
@@ -29,6 +30,8 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path, capsys):
     assert (tmp_path / "run/curves.png").exists()
     out = capsys.readouterr()
     assert "[5/5] evaluating" in out.err and "demo finished" in out.out and "WT" in out.out
+    assert re.search(r"  \d+ kept \(\d+ train, \d+ validation\), \d+ dropped \(under [\d.]+% tumour in the crop\)", out.err)
+    assert re.search(r"  best.pt: epoch 1, validation mean Dice \d\.\d{3}", out.err)
     again = run_demo(tmp_path, settings=TINY)  # everything done: skips, same numbers
     assert [r.metrics for r in again.rows] == [r.metrics for r in result.rows]
     assert f"[1/5] using the 5 + 2 held-out BraTS-format cases at (48, 48, 40) in {tmp_path / 'data'}" in (

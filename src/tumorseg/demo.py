@@ -76,6 +76,9 @@ def run_demo(work_dir: str | Path = "demo_out", data: str | Path | None = None, 
         prep_cfg, patch = PrepareConfig(crop_size=s.real_crop), list(s.real_patch)
     _step(2, f"preparing -> {work / 'prepared'}")
     prepared = prepare(raw, work / "prepared", prep_cfg)
+    counts, split = prepared.manifest["counts"], prepared.manifest["split"]
+    print(f"  {counts['kept']} kept ({len(split['train'])} train, {len(split['val'])} validation), "
+          f"{counts['dropped']} dropped (under {prep_cfg.min_tumour * 100:g}% tumour in the crop)", file=sys.stderr)
     if prepared.failed:
         print(f"  {len(prepared.failed)} case(s) failed and are left out", file=sys.stderr)
     held_out = None if data is None else _held_out(work / "prepared", raw)  # else all of test/
@@ -83,8 +86,10 @@ def run_demo(work_dir: str | Path = "demo_out", data: str | Path | None = None, 
     _step(3, f"training a small 3D U-Net for {s.epochs} epochs on the CPU -> {run}")
     config = TrainConfig(model="unet3d", filters=list(s.filters), epochs=s.epochs, lr=s.lr, batch_size=s.batch_size,
                          schedule="cosine", patch=patch, seed=s.seed, postprocess=True)
-    train(work / "prepared", run, config, resume=(run / "last.pt").exists(),
-          resume_with=f"the same demo command again (its folder: {work})")
+    trained = train(work / "prepared", run, config, resume=(run / "last.pt").exists(),
+                    resume_with=f"the same demo command again (its folder: {work})")
+    if trained.best_epoch:
+        print(f"  best.pt: epoch {trained.best_epoch}, validation mean Dice {trained.best_metric:.3f}", file=sys.stderr)
     which = test if held_out is None else f"{len(held_out)} validation cases of {test}"
     _step(4, f"predicting the held-out cases ({which}) -> {work / 'predictions'} (NIfTI + PNG)")
     predicted = predict(run / "best.pt", test, work / "predictions", plots=True, cases=held_out,
