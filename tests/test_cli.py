@@ -1,5 +1,6 @@
 """The command line as a user meets it: each subcommand end to end, errors as one line."""
 
+import os
 import subprocess
 import sys
 
@@ -163,3 +164,10 @@ def test_evaluate_says_when_it_replaces_earlier_scores(trained, tmp_path, capsys
     args = ["evaluate", str(preds), str(trained / "raw"), "--only-predicted"]
     assert main(args) == 0 and "held earlier scores" not in capsys.readouterr().out
     assert main(args) == 0 and f"note: {preds / 'metrics.csv'} held earlier scores" in capsys.readouterr().out
+
+
+def test_progress_bars_written_to_a_log_file_update_once_a_minute(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_MININTERVAL", "")  # restored (to unset) after the test
+    monkeypatch.delenv("TQDM_MININTERVAL")
+    assert main(["synth", str(tmp_path / "raw"), "--cases", "1", "--shape", "16,16,16"]) == 0  # stderr captured: no TTY
+    assert os.environ["TQDM_MININTERVAL"] == "60"

@@ -389,6 +389,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if not sys.stderr.isatty():  # a log file (nohup, SLURM): a progress line a minute, not ten a second
+        os.environ.setdefault("TQDM_MININTERVAL", "60")
     try:
         return args.func(args)
     except TumorsegError as exc:
