@@ -30,7 +30,7 @@ def test_prepare_says_its_settings_and_metrics_csv_marks_the_best_epoch(trained,
     from tumorseg.checkpoint import load_checkpoint
 
     assert main(["prepare", str(trained / "raw"), str(trained / "prep"), "--crop", "32", "--workers", "1"]) == 0
-    assert ("settings: channels t2,t1ce,flair, minmax scaling, crop 32x32x32 (fixed), min tumour 0.01, spacing 1x1x1 mm"
+    assert ("settings: channels t2,t1ce,flair, minmax scaling, crop 32x32x32 (fixed), min tumour 1%, spacing 1x1x1 mm"
             in capsys.readouterr().out)
     with open(trained / "run/metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -166,8 +166,11 @@ def test_evaluate_says_when_it_replaces_earlier_scores(trained, tmp_path, capsys
     assert main(args) == 0 and f"note: {preds / 'metrics.csv'} held earlier scores" in capsys.readouterr().out
 
 
-def test_progress_bars_written_to_a_log_file_update_once_a_minute(tmp_path, monkeypatch):
-    monkeypatch.setenv("TQDM_MININTERVAL", "")  # restored (to unset) after the test
-    monkeypatch.delenv("TQDM_MININTERVAL")
-    assert main(["synth", str(tmp_path / "raw"), "--cases", "1", "--shape", "16,16,16"]) == 0  # stderr captured: no TTY
-    assert os.environ["TQDM_MININTERVAL"] == "60"
+def test_progress_bars_written_to_a_log_file_update_once_a_minute(tmp_path):
+    """In a fresh process, as the CLI runs: tqdm takes its TQDM_* defaults when first imported."""
+    code = ("import os, sys\nfrom tumorseg.cli import main\n"
+            f"main(['synth', {str(tmp_path / 'raw')!r}, '--cases', '1', '--shape', '16,16,16'])\n"
+            "from tqdm import tqdm\nprint(tqdm(total=1, file=open(os.devnull, 'w')).mininterval)")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "60.0", proc.stderr[-2000:]

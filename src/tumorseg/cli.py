@@ -102,8 +102,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     used = result.manifest["settings"]
     print(f"settings: channels {','.join(used['channels'])}, {used['norm']} scaling, crop "
-          f"{'x'.join(map(str, used['crop_size']))} ({used['crop_mode']}), min tumour {used['min_tumour']:g}, "
-          f"spacing {'x'.join(f'{v:g}' for v in used['spacing'] or ()) or 'of each scan'} mm (recorded in manifest.json)")
+          f"{'x'.join(map(str, used['crop_size']))} ({used['crop_mode']}), min tumour {used['min_tumour'] * 100:g}%, "
+          f"spacing {'x'.join(f'{v:g}' for v in used['spacing'])} mm (recorded in manifest.json)")
     if result.failed:
         print(f"{len(result.failed)} case(s) failed; see {Path(args.out_dir) / 'manifest.json'}", file=sys.stderr)
         return 1
@@ -137,7 +137,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
     out = args.out or args.pred_dir / "metrics.csv"
-    earlier = Path(out).is_file()
+    earlier = args.out is None and Path(out).is_file()  # the default file: a second truth folder's scores replace it
     result = evaluate(args.pred_dir, args.gt_dir, out_csv=out, workers=args.workers, labels=args.labels,
                       challenge=args.challenge, pred_labels=args.pred_labels, cases=args.cases,
                       only_predicted=args.only_predicted)

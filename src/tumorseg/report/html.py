@@ -88,8 +88,8 @@ DEFINITIONS = (
                     "inside the predicted whole tumour; higher means less certain."),
     ("Metrics", "against the ground truth, as tumorseg evaluate computes them: the BraTS 2020 region metrics "
                 "(Dice, HD95 in mm, sensitivity, specificity) and the BraTS 2023+ lesion-wise Dice and HD95 (each "
-                "predicted component touching no true lesion counts as a missed lesion: Dice 0, HD95 374 mm), with "
-                "the number of such false-positive components."),
+                "predicted component touching no true lesion, dilated as the challenge does, is a false positive "
+                "scored as a missed lesion is: Dice 0, HD95 374 mm), with the number of such components."),
 )
 
 

@@ -43,10 +43,14 @@ def record_key(files: list[Path | None], settings: dict[str, Any]) -> dict[str, 
     return {"code": _code_digest(), "files": stamps, **{k: str(v) for k, v in settings.items()}}
 
 
+SCORING_CODE: tuple[str, ...] = ("evaluate.py", "lesionwise.py", "metrics.py")  # evaluation/: the metrics a record holds
+
+
 @lru_cache(maxsize=1)
 def _code_digest() -> str:
     here = Path(__file__).parent
-    return hashlib.sha256(b"".join((here / name).read_bytes() for name in CASE_CODE)).hexdigest()[:16]
+    files = [here / name for name in CASE_CODE] + [here.parent / "evaluation" / name for name in SCORING_CODE]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()[:16]
 
 
 def save_record(path: Path, case: CaseReport, key: dict[str, Any]) -> None:

@@ -316,7 +316,8 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", _config_yaml(config, prepared_dir))
-        print(f"training {spec['name']} on {len(train_ids)} cases, validating on {len(val_ids)}"
+        print(f"training {spec['name']} on {len(train_ids)} cases, "
+              + (f"validating on {len(val_ids)}" if val_ids else "no validation cases")
               + (f" every {config.val_every} epochs" if config.val_every > 1 and val_ids else "") + f", patch {patch}, "
               f"{describe(ctx.device, config.amp, amp_dtype)}{f' x{ctx.world_size}' if ctx.distributed else ''}, "
               + (f"epochs {start + 1}-{end}" if start < end else f"all {config.epochs} epochs already done"
@@ -346,8 +347,8 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
             seconds = distributed.all_reduce_sum(torch.tensor([time.perf_counter() - t0], dtype=torch.float64), ctx)
             row["seconds"] = round(float(seconds[0]) / ctx.world_size, 2)  # identical on every rank, so is the LR
             clock["spent"] += row["seconds"]
-            # validation can spend the budget after the check above: no further epoch at a rate of 0
-            out_of_time = out_of_time or bool(config.max_minutes) and clock["spent"] > 60 * config.max_minutes
+            if "dice_mean" in row or not val_ids:  # validation spent the budget: no further epoch at a rate of 0
+                out_of_time = out_of_time or bool(config.max_minutes) and clock["spent"] > 60 * config.max_minutes
             scheduler.step()
             history.append(row)
             improved = row.get("dice_mean", -1.0) > best
