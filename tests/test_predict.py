@@ -651,3 +651,13 @@ def test_ranks_meet_on_rank_0s_store_whichever_arrives_last():
              for r in (0, 1)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and all(out == "met\n" for out, _ in outs), outs
+
+
+def test_a_predictors_own_overlap_is_kept_unless_given(edge_case, tmp_path):
+    folder, _ = edge_case
+    own = Predictor(ThresholdNet(), CPU, CHANNELS, "minmax", (32, 32, 32), divisor=8, overlap=0.25,
+                    model_digest="d" * 64)
+    for given, used in ((None, 0.25), (0.5, 0.5)):
+        out = predict(own, folder, tmp_path / str(given), overlap=given, progress=False).written[0]
+        made_by = bytes(nib.load(out).header["descrip"]).decode().rstrip("\x00")
+        assert made_by.endswith(f"model={replace(own, overlap=used).made_by()}"), (given, made_by)

@@ -674,7 +674,7 @@ def predict(
     probabilities: bool = False,
     force: bool = False,
     plots: bool = False,
-    overlap: float = 0.5,
+    overlap: float | None = None,
     progress: bool = True,
     labels: str | None = None,
     amp: str = "auto",
@@ -689,7 +689,7 @@ def predict(
 
     Args:
         checkpoint: a tumorseg checkpoint (`best.pt` of a run), or a loaded `Predictor` (used
-            as it is, except that `overlap`, and `tta`, `labels`, `window` when given, replace its own).
+            as it is, except that `overlap`, `tta`, `labels`, `window` when given replace its own).
         input_dir: one case folder, a folder of them, or a dataset: any layout `layouts`
             knows; segmentations are not needed.
         out_dir: where predictions go (created if needed).
@@ -699,7 +699,7 @@ def predict(
         probabilities: also write `<case_id>_probabilities.nii.gz`, float32 (X, Y, Z, K).
         force: predict cases whose outputs already exist (otherwise they are skipped).
         plots: also write `<case_id>.png`, slices with the prediction overlaid.
-        overlap: sliding-window overlap in [0, 1).
+        overlap: sliding-window overlap in [0, 1); None: a Predictor's own, else 0.5.
         progress: show a progress bar.
         labels: label convention of the written files (a name of `labels.CONVENTIONS`: "brats2020",
             "brats2023", "msd", "peds2024");
@@ -736,13 +736,15 @@ def predict(
     found = discover_cases(input_dir, only=cases)
     if isinstance(checkpoint, Predictor):
         new_window = check_window(window, checkpoint.divisor) or checkpoint.window
-        predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta), overlap=float(overlap),
+        predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta),
+                            overlap=checkpoint.overlap if overlap is None else float(overlap),
                             labels=convention(labels) if labels else checkpoint.labels, window=new_window,
                             sw_batch_size=window_batch(checkpoint.device, new_window) if window else checkpoint.sw_batch_size)
         if isinstance(predictor.model, CompiledNetwork) and predictor.model.batch != predictor.sw_batch_size:
             predictor = replace(predictor, model=CompiledNetwork(predictor.model.model, predictor.sw_batch_size))
     else:
-        predictor = Predictor.from_checkpoint(checkpoint, device, tta, overlap, labels, amp, engine, window)
+        predictor = Predictor.from_checkpoint(checkpoint, device, tta, 0.5 if overlap is None else overlap, labels, amp,
+                                              engine, window)
         if progress:
             print(f"predict: {_runtime_line(predictor, amp)}", file=sys.stderr)
         if predictor.engine == "compile" and predictor.fixed_window():
