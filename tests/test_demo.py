@@ -29,12 +29,14 @@ def test_demo_runs_the_whole_pipeline_and_resumes(tmp_path, capsys):
     assert len(result.rows) == 2 and not result.failed
     assert (tmp_path / "run/curves.png").exists()
     out = capsys.readouterr()
-    assert "[5/5] evaluating" in out.err and "demo finished" in out.out and "WT" in out.out
+    assert "[5/6] evaluating" in out.err and "demo finished" in out.out and "WT" in out.out
+    assert "[6/6] writing the report" in out.err and (tmp_path / "report/index.html").exists()
+    assert f"the report in {tmp_path / 'report/index.html'}" in out.out
     assert re.search(r"  \d+ kept \(\d+ train, \d+ validation\), \d+ dropped \(under [\d.]+% tumour in the crop\)", out.err)
     assert re.search(r"  best.pt: epoch 1, validation mean Dice \d\.\d{3}", out.err)
     again = run_demo(tmp_path, settings=TINY)  # everything done: skips, same numbers
     assert [r.metrics for r in again.rows] == [r.metrics for r in result.rows]
-    assert f"[1/5] using the 5 + 2 held-out BraTS-format cases at (48, 48, 40) in {tmp_path / 'data'}" in (
+    assert f"[1/6] using the 5 + 2 held-out BraTS-format cases at (48, 48, 40) in {tmp_path / 'data'}" in (
         capsys.readouterr().err)
     longer = run_demo(tmp_path, settings=replace(TINY, epochs=2))  # a new best.pt: its own predictions
     made_by = Predictor.from_checkpoint(tmp_path / "run/best.pt", device="cpu").made_by()

@@ -32,8 +32,11 @@ class DemoSettings:
     seed: int = 0
 
 
+STEPS = 6
+
+
 def _step(number: int, text: str) -> None:
-    print(f"[{number}/5] {text}", file=sys.stderr, flush=True)
+    print(f"[{number}/{STEPS}] {text}", file=sys.stderr, flush=True)
 
 
 def _synthetic_data(work: Path, s: DemoSettings) -> tuple[Path, Path]:
@@ -64,6 +67,7 @@ def run_demo(work_dir: str | Path = "demo_out", data: str | Path | None = None, 
     from .evaluation import evaluate
     from .inference import predict
     from .prepare import PrepareConfig, prepare
+    from .report import report
     from .training import TrainConfig, train
 
     s, work = settings or DemoSettings(), Path(work_dir)
@@ -97,6 +101,8 @@ def run_demo(work_dir: str | Path = "demo_out", data: str | Path | None = None, 
     _step(5, "evaluating with the BraTS region metrics")
     result = evaluate(predicted.out_dir, test, out_csv=work / "predictions" / "metrics.csv", cases=held_out)
     print(result.report())
-    print(f"\ndemo finished: predictions, plots and metrics in {work / 'predictions'}; "
-          f"training curves in {run / 'curves.png'}")
+    _step(6, f"writing the report (volumes, diameters, checks, metrics) -> {work / 'report'}")
+    written = report(predicted.out_dir, images=test, gt=test, out=work / "report")
+    print(f"\ndemo finished: predictions, plots and metrics in {work / 'predictions'}; the report in "
+          f"{written.index}; training curves in {run / 'curves.png'}")
     return result
