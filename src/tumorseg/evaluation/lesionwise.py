@@ -176,8 +176,8 @@ def _dilated_lesions(gt: np.ndarray, dilation: int) -> tuple[np.ndarray, np.ndar
     return regions, np.where(gt, regions, 0), n_lesions
 
 
-def _scored(voxels: int, sampling: Sequence[float], threshold: float) -> bool:
-    """Whether a lesion of this many voxels is scored: volume in mm^3 above the threshold, as
+def _scored(voxels: int | np.ndarray, sampling: Sequence[float], threshold: float) -> bool | np.ndarray:
+    """Whether lesions of this many voxels are scored: volume in mm^3 above the threshold, as
     their code multiplies it (one expression for both users, so they agree at the threshold)."""
     sx, sy, sz = sampling
     return voxels * sx * sy * sz > threshold
@@ -300,15 +300,14 @@ def lesion_table(
     codes = np.unique(regions[touching].astype(np.int64) * base + components[touching])
     inside = (lesions > 0) & (components > 0)  # inside a lesion is inside its dilation: a subset of codes
     overlap_codes, overlaps = np.unique(lesions[inside].astype(np.int64) * base + components[inside], return_counts=True)
-    overlap = dict(zip(overlap_codes.tolist(), overlaps.tolist()))
-    voxels = np.bincount(lesions.ravel(), minlength=n_lesions + 1)[1:]
-    sampling = _spacing(spacing, 3)
-    pairs = np.array([(c // base - 1, c % base - 1, overlap.get(c, 0)) for c in codes.tolist()], np.int64)
+    overlap = np.zeros(codes.size, np.int64)
+    overlap[np.searchsorted(codes, overlap_codes)] = overlaps
+    voxels = np.bincount(lesions.ravel(), minlength=n_lesions + 1)[1:].astype(np.int64)
     return LesionTable(
         sizes=sizes.astype(np.int64),
-        lesion_voxels=voxels.astype(np.int64),
-        scored=np.array([_scored(int(v), sampling, threshold) for v in voxels], bool),
-        pairs=pairs.reshape(-1, 3),
+        lesion_voxels=voxels,
+        scored=_scored(voxels, _spacing(spacing, 3), threshold),
+        pairs=np.stack([codes // base - 1, codes % base - 1, overlap], axis=1),
     )
 
 

@@ -535,8 +535,7 @@ def predict_case(
         labels = to_labels(full, predictor.target)
         full = full if probabilities else None
         ratio = np.prod(net.spacing) / np.prod(src.spacing)  # sizes tuned in training voxels: the same volumes here
-        et_threshold = max(1, round(et_threshold * ratio)) if et_threshold else et_threshold
-        minimum = tuple(max(1, round(v * ratio)) if v else 0 for v in minimum)
+        et_threshold, *minimum = (max(1, round(v * ratio)) if v else v for v in (et_threshold, *minimum))
     labels = postprocess(labels, predictor.largest_tumour, et_threshold, minimum)
     conv = predictor.labels or case.labels
     return CasePrediction(conv.from_training(labels), full, affine, header, conv, disagreement,
