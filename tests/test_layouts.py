@@ -163,10 +163,15 @@ def test_brats_peds_2024_told_from_2023_by_the_release_folder_or_label_4(layouts
     by_name = _peds_dataset(layouts, tmp_path / "BraTS2024-PED-Challenge-TrainingData", "peds2024", oedema=False)
     old = _peds_dataset(layouts, tmp_path / "ASNR-MICCAI-BraTS2023-PED-Challenge-TrainingData", "brats2023")
     for root, name, why in ((by_value, "peds2024", "holds label 4"), (by_name, "peds2024", "names a BraTS-PEDs release"),
-                            (old, "brats2023", "--labels peds2024 if they are")):
+                            (old, "brats2023", "if they are, name the release in a folder above them")):
         cases = discover_cases(root, need_images=False)
         assert {c.labels.name for c in cases} == {name} and all(why in c.seg_note for c in cases), root
     assert {c.labels.name for c in discover_cases(layouts / "brats2023")} == {"brats2023"}  # GLI: 4 is a cavity
+    import tumorseg.layouts as layouts_module
+
+    reads = layouts_module._holds_version.cache_info().misses
+    discover_cases(by_value, need_images=False)  # a second search (predict, then its report): no file read again
+    assert layouts_module._holds_version.cache_info().misses == reads
     dated = _peds_dataset(layouts, tmp_path / "BraTS2023-PED_downloaded_2024-03", "brats2023")  # a date, no release
     assert {c.labels.name for c in discover_cases(dated)} == {"brats2023"}
     mixed = tmp_path / "mixed"  # GLI and PED cases side by side: each read in its own numbers

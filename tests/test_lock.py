@@ -48,9 +48,29 @@ def test_lock_of_another_host_is_respected_while_it_is_touched(tmp_path, capsys)
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert "which is gone; taking it over" in capsys.readouterr().err
     lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "command": "train", "started": 0}))
-    os.utime(lock, (old, old))  # a live pid (since reused) that no tumorseg holder touches
+    os.utime(lock, (old, old))  # a live pid, but of a process started after the lock: the pid was reused
     with folder_lock(tmp_path, "train"):
         pass
+
+
+def test_a_suspended_holder_on_this_host_keeps_its_lock(tmp_path):
+    """Ctrl-Z or SIGSTOP stops the heartbeat, not the run: it would write on when resumed."""
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        lock = tmp_path / LOCK_NAME
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "command": "train",
+                                    "started": time.time()}))
+        old = lock.stat().st_mtime - STALE_AFTER_S - 1
+        os.utime(lock, (old, old))
+        with pytest.raises(TumorsegError, match=rf"in use by tumorseg train \(pid {holder.pid} "):
+            with folder_lock(tmp_path, "train"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_holder_touches_its_lock(tmp_path, monkeypatch):

@@ -631,6 +631,11 @@ def test_a_torchrun_rank_stops_waiting_when_its_launcher_is_gone(monkeypatch):
     store.set(f"tumorseg/predict/0/{next(module._MEETINGS) + 1}/reported/all", "1")  # every rank already there
     monkeypatch.setattr(os, "getppid", lambda: launcher)
     module._meet("reported", launcher, timeout=timedelta(seconds=30))
+    module._check_launcher(None, "predicted")  # ranks started without torchrun: no launcher to lose
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert module._launcher() is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
+    assert module._launcher() == launcher
 
 
 def test_ranks_meet_on_rank_0s_store_whichever_arrives_last():

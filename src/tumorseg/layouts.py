@@ -37,6 +37,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Collection
 
@@ -533,7 +534,8 @@ def _pediatric_labels(root: Path, cases: list[Case]) -> list[Case]:
                     for c in ped if c.seg is not None and _holds(c.seg, PEDS2024_VALUE)), None)
     if why is None:
         note = ("read as BraTS-PEDs 2023 labels (1 NCR, 2 ED, 3 ET); BraTS-PEDs 2024 and later number them 1 ET, "
-                "2 NET, 3 CC, 4 ED: --labels peds2024 if they are")
+                "2 NET, 3 CC, 4 ED: if they are, name the release in a folder above them (BraTS2024-PED-...); "
+                "evaluate takes --labels peds2024")
         read = {c.case_id: replace(c, seg_note=c.seg_note or f"{c.case_id}: {note}") for c in ped}
     else:
         note = f"read as BraTS-PEDs 2024 labels (1 ET, 2 NET, 3 CC, 4 ED): {why}"
@@ -543,7 +545,17 @@ def _pediatric_labels(root: Path, cases: list[Case]) -> list[Case]:
 
 
 def _holds(seg: Path, value: int) -> bool:
-    """Whether a segmentation file holds `value` (False if it cannot be read: its case says why)."""
+    """Whether a segmentation file holds `value` (False if it cannot be read: its case says why);
+    remembered per file version, as every case search of a command (predict, then its report) asks."""
+    try:
+        st = seg.stat()
+    except OSError:
+        return False
+    return _holds_version(str(seg), st.st_size, st.st_mtime_ns, value)
+
+
+@lru_cache(maxsize=4096)
+def _holds_version(seg: str, size: int, mtime_ns: int, value: int) -> bool:
     try:
         return bool((load_labels(seg).data == value).any())
     except TumorsegError:

@@ -48,13 +48,30 @@ def _holder(text: str) -> dict | None:
     return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
 
 
+def _started_at(pid: int) -> float | None:
+    """When process `pid` started (s since the epoch; Linux's /proc), None where that is unknown."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def _dead(holder: dict | None, path: Path) -> bool:
     """Whether the lock's process is gone. An unreadable lock counts as dead unless it is a few
-    seconds old: then its run may be between creating it and writing its content."""
+    seconds old: then its run may be between creating it and writing its content. On this host
+    the process itself tells (gone, or its pid now another process's, started after the lock), so
+    a live holder that stopped touching its lock (suspended: Ctrl-Z, SIGSTOP) keeps it; a lock of
+    another host (or of this one under a former container name) is gone once left untouched."""
     untouched = time.time() - path.stat().st_mtime
     if holder is None:
         return untouched > UNREADABLE_GRACE_S
-    return untouched > STALE_AFTER_S or (holder.get("host") == socket.gethostname() and not pid_alive(holder["pid"]))
+    if holder.get("host") == socket.gethostname():
+        started = _started_at(holder["pid"])
+        reused = started is not None and started > float(holder.get("started", 0)) + 1.0
+        return not pid_alive(holder["pid"]) or reused
+    return untouched > STALE_AFTER_S
 
 
 def _describe(holder: dict | None) -> str:

@@ -223,7 +223,10 @@ class Predictor:
 
             model, state = load_onnx(path, dev)
             engine_used = "onnx"  # the digest of the checkpoint it records it came from: both fingerprint alike
-            digest = (state.get("export") or {}).get("checkpoint_sha256") or file_digest(path)
+            try:
+                digest = (state.get("export") or {}).get("checkpoint_sha256") or file_digest(path)
+            except OSError as exc:  # gone or unreadable since ONNX Runtime read it
+                raise TumorsegError(f"{path}: cannot read it ({exc.strerror})") from None
             if dev.type == "cuda" and model.device.type != "cuda":
                 print(f"note: {checkpoint}: ONNX Runtime's CUDA provider is not installed or did not load "
                       "(onnxruntime-gpu, built for this CUDA); the exported model runs on the CPU", file=sys.stderr)
@@ -730,7 +733,7 @@ def predict(
     wrong = [f"{k}={v!r}" for k, v in switches.items() if v is not None and not isinstance(v, (bool, np.bool_))]
     if wrong:  # bool("no") is True: a notebook's tta="no" would silently run the 8 flips
         raise TumorsegError(f"predict: {', '.join(wrong)}: give True or False")
-    launcher = os.getppid()  # torchrun's agent under torchrun: `_meet` stops waiting when it is gone
+    launcher = _launcher()
     out_dir = Path(out_dir)
     found = discover_cases(input_dir, only=cases)
     if isinstance(checkpoint, Predictor):
@@ -832,7 +835,7 @@ def predict(
     return result
 
 
-def _meet(step: str, launcher: int, timeout: timedelta = timedelta(days=1)) -> None:
+def _meet(step: str, launcher: int | None, timeout: timedelta = timedelta(days=1)) -> None:
     """Under torchrun, wait until every rank has reached `step` (nothing otherwise).
 
     Prediction makes no process group: the ranks meet on torchrun's own key-value store (or rank
@@ -867,7 +870,7 @@ def _meet(step: str, launcher: int, timeout: timedelta = timedelta(days=1)) -> N
                             "start several processes with torchrun") from None
 
 
-def _poll(done: Callable[[], bool], launcher: int, step: str, deadline: float, timeout: timedelta) -> None:
+def _poll(done: Callable[[], bool], launcher: int | None, step: str, deadline: float, timeout: timedelta) -> None:
     """Until `done()`, looking at the launcher between looks (a timed-out store wait logs a warning each time)."""
     while not done():
         _check_launcher(launcher, step)
@@ -883,7 +886,13 @@ MEETING_POLL = 0.05  # s between looks: the last rank to arrive leaves at once a
 # stops the others), so the ranks waiting for it must not sleep through their last lines
 
 
-def _check_launcher(launcher: int, step: str) -> None:
-    if os.getppid() != launcher:
+def _launcher() -> int | None:
+    """torchrun's agent (this process's parent) where torchrun started it: `_meet` stops waiting when
+    it is gone. None for ranks started otherwise (by hand, by a shell that may exit): no launcher to watch."""
+    return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+
+def _check_launcher(launcher: int | None, step: str) -> None:
+    if launcher is not None and os.getppid() != launcher:
         raise TumorsegError(f"the torchrun launcher (pid {launcher}) is gone; this rank stopped after "
                             f"'{step}': its cases are written, run the same command again for the others")
