@@ -207,12 +207,13 @@ def _with_best_checkpoint(run_dir: Path, state: dict, main: bool = True) -> dict
     if lost:
         validated = [row["dice_mean"] for row in state["history"] if row.get("epoch") == state["epoch"] and "dice_mean" in row]
         state = {**state, "best_epoch": state["epoch"], "best_metric": validated[0] if validated else -1.0}
-    if main:
-        save_checkpoint(run_dir / "best.pt", state)  # last.pt records the new best with the next epoch
-        if lost:
-            print(f"warning: {run_dir / 'best.pt'} did not hold epoch {best_epoch}, the best so far (damaged or "
-                  f"removed): its weights are lost; best.pt holds epoch {state['epoch']}, the last saved, until a "
-                  "later epoch validates better", file=sys.stderr)
+    if main and not lost:
+        save_checkpoint(run_dir / "best.pt", state)
+    elif main:  # a new best epoch: metrics.csv marks it and last.pt records it now (no epoch may follow)
+        _save(run_dir, state, state["history"], best=True)
+        print(f"warning: {run_dir / 'best.pt'} did not hold epoch {best_epoch}, the best so far (damaged or "
+              f"removed): its weights are lost; best.pt holds epoch {state['epoch']}, the last saved, until a "
+              "later epoch validates better", file=sys.stderr)
     return state
 
 
