@@ -210,7 +210,10 @@ def _with_best_checkpoint(run_dir: Path, state: dict, main: bool = True) -> dict
     if main and not lost:
         save_checkpoint(run_dir / "best.pt", state)
     elif main:  # a new best epoch: metrics.csv marks it and last.pt records it now (no epoch may follow)
-        _save(run_dir, state, state["history"], best=True)
+        try:
+            _save(run_dir, state, state["history"], best=True)
+        except TumorsegError as exc:  # a full disk: last.pt is as it was
+            raise TumorsegError(f"{exc}; {_kept(run_dir, state['epoch'])}") from None
         print(f"warning: {run_dir / 'best.pt'} did not hold epoch {best_epoch}, the best so far (damaged or "
               f"removed): its weights are lost; best.pt holds epoch {state['epoch']}, the last saved, until a "
               "later epoch validates better", file=sys.stderr)
@@ -379,9 +382,13 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         reason = exc if isinstance(exc, TumorsegError) else (
             f"out of GPU memory in epoch {len(history) + 1} with batch {config.batch_size} and patch {patch}: "
             "lower --batch-size or --patch")
-        kept = f"{run_dir / 'last.pt'} keeps epoch {saved}, the last good one" if saved else "no epoch was saved"
-        raise TumorsegError(f"{reason}; {kept}") from None
+        raise TumorsegError(f"{reason}; {_kept(run_dir, saved)}") from None
     return TrainResult(run_dir, history, best, best_epoch)
+
+
+def _kept(run_dir: Path, saved: int) -> str:
+    """What a failed save left: last.pt's epoch, which it still holds."""
+    return f"{run_dir / 'last.pt'} keeps epoch {saved}, the last good one" if saved else "no epoch was saved"
 
 
 def _check_finite(model: torch.nn.Module, epoch: int) -> None:
