@@ -22,10 +22,10 @@ from common import add_out_arg, device_label, results_path, write_results
 from tumorseg.evaluation.lesionwise import case_challenge, lesionwise_metrics
 from tumorseg.evaluation.metrics import region_dice_from_labels
 from tumorseg.inference import predict
-from tumorseg.inference.postprocess import case_statistics, choose_postprocessing, postprocess
+from tumorseg.inference.postprocess import (COMPONENT_SIZES, ET_THRESHOLDS, case_statistics, choose_postprocessing,
+                                            postprocess)
 from tumorseg.labels import REGIONS, convention_from_header, regions_from_labels
 from tumorseg.layouts import discover_cases
-from tumorseg.training.train import COMPONENT_SIZES, ET_THRESHOLDS
 
 RESULTS = results_path("small_components")
 

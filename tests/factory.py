@@ -10,7 +10,27 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from tumorseg.labels import MODALITIES
+from tumorseg.labels import MODALITIES, RAW_LABELS
+from tumorseg.networks import build_network, network_spec
+
+CHANNELS = ("t2", "t1ce", "flair")  # the seed's
+
+
+def checkpoint_state(name="unet3d", filters=(4, 8, 16), target="labels", patch=(32, 32, 32), norm="minmax", seed=0,
+                     **inference) -> dict:
+    """A checkpoint state as training writes it, with untrained weights (drawn with `seed`)."""
+    torch.manual_seed(seed)
+    spec = network_spec(name, len(CHANNELS), 3 if target == "regions" else 4, list(filters))
+    return {
+        "network": spec,
+        "model": build_network(**spec).state_dict(),
+        "prepare": {"channels": list(CHANNELS), "norm": norm, "crop_size": [32, 32, 32], "crop_mode": "fixed"},
+        "patch": list(patch),
+        "target": target,
+        "label_map": {i: RAW_LABELS[i] for i in range(4)},
+        "inference": {"tta": False, "postprocess_et_threshold": None, **inference},
+    }
+
 
 AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239], [0, 0, 1.0, 0], [0, 0, 0, 1]])
 

@@ -245,3 +245,22 @@ def test_predict_paths_compare_checkpoints_in_the_same_turns(tmp_path, monkeypat
     res = json.loads(out.read_text())
     assert [Path(r["checkpoint"]).name for r in res["results"]] == [u[0] for u in units]
     assert res["compare"] == [str(tmp_path / "b.pt")]
+
+
+def test_ensemble_folds_end_to_end(tmp_path):
+    """Folds trained, each and their ensemble predicting the held-out cases, scored side by side."""
+    for i in range(5):
+        write_case(tmp_path / "raw", f"c{i}", shape=(40, 40, 32), seed=i)
+    (tmp_path / "tiny.yaml").write_text("model: unet\nfilters: [4, 8, 16]\npatch: [16, 16, 16]\nepochs: 1\n"
+                                        "steps_per_epoch: 1\nbatch_size: 1\nval_every: 1\ndevice: cpu\n")
+    out = tmp_path / "ens.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "ensemble_folds.py"), "--data", str(tmp_path / "raw"),
+                           "--work", str(tmp_path / "work"), "--folds", "2", "--test-cases", "1", "--minutes", "5",
+                           "--config", str(tmp_path / "tiny.yaml"), "--crop", "32", "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [r["model"] for r in res["results"]] == ["fold 0", "fold 1", "ensemble of 2"]
+    assert [f["validation_cases"] for f in res["training"]] == [2, 2]  # the 4 training cases, each validated once
+    assert all(0.0 <= r["means"]["WT"]["dice"] <= 1.0 and r["seconds_per_case"] > 0 for r in res["results"])
+    assert "| ensemble of 2 |" in proc.stdout

@@ -15,31 +15,16 @@ from tumorseg.errors import TumorsegError
 from tumorseg.inference import Predictor, predict, predict_case
 from tumorseg.inference.predict import check_window, inference_box, network_input
 from tumorseg.layouts import discover_cases
-from tumorseg.labels import RAW_LABELS, to_raw_labels
+from tumorseg.labels import to_raw_labels
 from tumorseg.networks import build_network, network_spec
 from tumorseg.prepare import PrepareConfig, prepare, uncrop
 from tumorseg.prepare.case import load_channels
 from tumorseg.checkpoint import save_checkpoint
 
-from factory import AFFINE, write_case
+from factory import AFFINE, CHANNELS, write_case
+from factory import checkpoint_state as _state
 
-CHANNELS = ("t2", "t1ce", "flair")
 CPU = torch.device("cpu")
-
-
-def _state(name="unet3d", filters=(4, 8, 16), target="labels", patch=(32, 32, 32), norm="minmax", **inference) -> dict:
-    """A checkpoint state as training writes it, with untrained weights."""
-    torch.manual_seed(0)
-    spec = network_spec(name, len(CHANNELS), 3 if target == "regions" else 4, list(filters))
-    return {
-        "network": spec,
-        "model": build_network(**spec).state_dict(),
-        "prepare": {"channels": list(CHANNELS), "norm": norm, "crop_size": [32, 32, 32], "crop_mode": "fixed"},
-        "patch": list(patch),
-        "target": target,
-        "label_map": {i: RAW_LABELS[i] for i in range(4)},
-        "inference": {"tta": False, "postprocess_et_threshold": None, **inference},
-    }
 
 
 @pytest.fixture(scope="module")

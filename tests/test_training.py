@@ -10,9 +10,14 @@ from tumorseg.cli import main
 from tumorseg.errors import TumorsegError
 from tumorseg.networks import build_network
 from tumorseg.prepare import PrepareConfig, prepare
+from tumorseg.data import split_ids
+from tumorseg.inference import Predictor
+from tumorseg.prepare import load_manifest
+from tumorseg.prepare.split import fold_split
 from tumorseg.training import TrainConfig, load_checkpoint, resolve_config, train
 
 train_module = importlib.import_module("tumorseg.training.train")
+postprocess_module = importlib.import_module("tumorseg.inference.postprocess")
 
 from factory import interrupt_training, write_case
 
@@ -216,6 +221,7 @@ def test_ddp_two_cpu_processes(prepared, tmp_path):
     assert state["inference"]["postprocess_largest_tumour"] is row["largest_tumour"]
     assert state["inference"]["postprocess_et_threshold"] == row["et_threshold"]
     assert state["inference"]["postprocess_min_component"] == [row["min_wt"], row["min_tc"], row["min_et"]]
+    assert len(state["inference"]["postprocess_statistics"]) == len(split_ids(prepared, "val"))  # both ranks' cases
 
 
 def test_postprocess_threshold_tuned_on_validation_and_stored(prepared, tmp_path):
@@ -224,13 +230,68 @@ def test_postprocess_threshold_tuned_on_validation_and_stored(prepared, tmp_path
     threshold = state["inference"]["postprocess_et_threshold"]
     assert "et_threshold" in state["history"][-1] and threshold == state["history"][-1]["et_threshold"]
     assert state["inference"]["postprocess_largest_tumour"] is state["history"][-1]["largest_tumour"]
-    assert threshold is None or threshold in train_module.ET_THRESHOLDS
+    assert threshold is None or threshold in postprocess_module.ET_THRESHOLDS
     row = state["history"][-1]
     minimum = state["inference"]["postprocess_min_component"]
     assert minimum == [row["min_wt"], row["min_tc"], row["min_et"]] and 0.0 <= row["lesion_dice"] <= 1.0
-    assert all(v == 0 or v in train_module.COMPONENT_SIZES for v in minimum)
+    assert all(v == 0 or v in postprocess_module.COMPONENT_SIZES for v in minimum)
+    # what the choice was made on travels with it, and makes it again (an ensemble pools these)
+    stats = postprocess_module.statistics_from_state(state["inference"]["postprocess_statistics"])
+    assert len(stats) == len(split_ids(prepared, "val"))
+    again = postprocess_module.choose_default(stats)
+    assert (again["et_threshold"], again["min_component"]) == (threshold, minimum)
     header = (tmp_path / "run/metrics.csv").read_text().splitlines()[0].split(",")
     assert {"min_wt", "min_tc", "min_et", "lesion_dice"} <= set(header)
+
+
+def test_folds_deal_every_case_into_exactly_one_validation_set():
+    ids = [f"c{i:02d}" for i in range(23)]
+    parts = [fold_split(ids, 5, k, seed=42) for k in range(5)]
+    vals = [p["val"] for p in parts]
+    assert sorted(v for val in vals for v in val) == ids and {len(v) for v in vals} == {4, 5}
+    assert all(sorted(p["train"] + p["val"]) == ids and not set(p["train"]) & set(p["val"]) for p in parts)
+    assert fold_split(list(reversed(ids)), 5, 3, seed=42) == parts[3]  # the ids' order does not matter
+    assert fold_split(ids, 5, 3, seed=7) != parts[3]
+
+
+def test_cross_validation_folds_train_apart_and_predict_as_their_ensemble(prepared, tmp_path, capsys):
+    config = dict(epochs=1, postprocess=True, folds=2, **TINY)
+    cases = sorted(split_ids(prepared, "train") + split_ids(prepared, "val"))
+    for k in range(2):
+        result = train(prepared, tmp_path / "cv", TrainConfig(fold=k, **config), progress=False)
+        assert result.run_dir == tmp_path / "cv" / f"fold_{k}"
+    err = capsys.readouterr().err
+    assert f"fold 1 of 2 ({tmp_path / 'cv' / 'fold_1'}): training unet3d on 3 cases, validating on 2" in err
+    seed = load_manifest(prepared)["settings"]["seed"]  # the prepared folder's split seed deals the folds
+    for k in range(2):
+        state = load_checkpoint(tmp_path / f"cv/fold_{k}/best.pt")
+        fold = fold_split(cases, 2, k, seed)
+        assert state["data_split"] == train_module.split_digest(fold["train"], fold["val"])
+        assert state["config"]["fold"] == k and len(state["inference"]["postprocess_statistics"]) == len(fold["val"])
+    ensemble = Predictor.from_checkpoints(tmp_path / "cv", device="cpu")
+    assert ensemble.members == 2  # post-processing chosen on every prepared case, each validated by one fold
+    assert ensemble.postprocess_source == f"chosen on the members' {len(cases)} validation cases"
+    # resumed by the run folder and its fold, or by the fold's folder; another cross-validation is refused
+    train(prepared, tmp_path / "cv", TrainConfig(fold=0, **{**config, "epochs": 2}), resume=True, progress=False)
+    train(prepared, tmp_path / "cv/fold_0", TrainConfig(fold=0, **{**config, "epochs": 3}), resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "cv/fold_0/last.pt")["epoch"] == 3 and not (tmp_path / "cv/fold_0/fold_0").exists()
+    with pytest.raises(TumorsegError, match="its train/validation cases"):
+        train(prepared, tmp_path / "cv", TrainConfig(fold=0, **{**config, "folds": 3, "epochs": 4}), resume=True,
+              progress=False)
+    with pytest.raises(TumorsegError, match="5 kept case\\(s\\) cannot make 6 folds"):
+        train(prepared, tmp_path / "six", TrainConfig(fold=0, **{**config, "folds": 6}), progress=False)
+    with pytest.raises(TumorsegError, match="fold must be in 0..folds-1"):
+        TrainConfig(fold=2, folds=2)
+
+
+def test_cli_trains_and_resumes_a_fold(prepared, tmp_path, capsys):
+    args = ["train", str(prepared), str(tmp_path / "cv"), "--filters", "4,8,16", "--epochs", "1", "--fold", "1",
+            "--folds", "3"]
+    assert main(args) == 0
+    assert f"checkpoints in {tmp_path / 'cv' / 'fold_1'}" in capsys.readouterr().out
+    assert main(["train", str(prepared), str(tmp_path / "cv"), "--fold", "1", "--resume", "--epochs", "2"]) == 0
+    state = load_checkpoint(tmp_path / "cv/fold_1/last.pt")  # its folds and filters came from the fold's config.yaml
+    assert state["epoch"] == 2 and state["config"]["folds"] == 3 and list(state["network"]["filters"]) == [4, 8, 16]
 
 
 def test_wall_clock_budget_stops_and_decays_the_learning_rate(prepared, tmp_path, capsys):

@@ -42,8 +42,30 @@ def checkpoint_file(path: str | Path) -> Path:
     if not path.is_dir():
         return path
     if not (path / "best.pt").is_file():
-        raise TumorsegError(f"{path}: a folder without best.pt; give a checkpoint file (a run's best.pt or last.pt)")
+        folds = _fold_folders(path)
+        raise TumorsegError(f"{path}: a folder of {len(folds)} cross-validation folds; give one fold's folder "
+                            f"({folds[0]})" if folds else
+                            f"{path}: a folder without best.pt; give a checkpoint file (a run's best.pt or last.pt)")
     return path / "best.pt"
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The checkpoints a model argument names: `checkpoint_file`'s one, or each fold's `best.pt` for a
+    folder of cross-validation folds (`train --fold K` writes `fold_K`), in fold order."""
+    path = Path(path)
+    folds = _fold_folders(path) if path.is_dir() and not (path / "best.pt").is_file() else []
+    if not folds:
+        return [checkpoint_file(path)]
+    unfinished = [f.name for f in folds if not (f / "best.pt").is_file()]
+    if unfinished:  # an ensemble short of folds would pass for the whole cross-validation
+        raise TumorsegError(f"{path}: {', '.join(unfinished)} of its {len(folds)} folds have no best.pt yet; "
+                            "finish them, or give the folds' folders to ensemble (RUN/fold_0 RUN/fold_1 ...)")
+    return [f / "best.pt" for f in folds]
+
+
+def _fold_folders(path: Path) -> list[Path]:
+    folds = [p for p in path.glob("fold_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(folds, key=lambda p: int(p.name[5:]))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

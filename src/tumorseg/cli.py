@@ -112,7 +112,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 TRAIN_FLAGS = ("model", "filters", "epochs", "batch_size", "lr", "patch", "target", "schedule", "augment",
                "steps_per_epoch", "max_minutes", "workers", "val_every", "seed", "device", "amp", "deterministic", "tta",
-               "postprocess")
+               "postprocess", "fold", "folds")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -123,13 +123,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if overrides[key] is not None:
             overrides[key] = list(overrides[key])
     config_file = args.config
-    if args.resume and config_file is None and (args.run_dir / "config.yaml").is_file():
-        config_file = args.run_dir / "config.yaml"  # a resumed run keeps its settings; flags still override
+    run_dir = args.run_dir / f"fold_{args.fold}" if args.fold is not None and args.run_dir.name != f"fold_{args.fold}" \
+        else args.run_dir
+    if args.resume and config_file is None and (run_dir / "config.yaml").is_file():
+        config_file = run_dir / "config.yaml"  # a resumed run keeps its settings; flags still override
     config = resolve_config(config_file, overrides, recipe=args.recipe)
     result = train(args.prepared_dir, args.run_dir, config, resume=args.resume)
     best = f"best mean Dice {result.best_metric:.3f} at epoch {result.best_epoch}" if result.best_epoch else "no validation"
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
-        print(f"trained {len(result.history)} epochs; {best}; checkpoints in {args.run_dir}")
+        print(f"trained {len(result.history)} epochs; {best}; checkpoints in {result.run_dir}")
     return 0
 
 
@@ -150,7 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import predict
 
-    result = predict(args.checkpoint, args.input, args.out_dir, device=args.device, tta=args.tta,
+    result = predict(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0], args.input, args.out_dir, device=args.device, tta=args.tta,
                      postprocess=args.postprocess, probabilities=args.probabilities, force=args.force,
                      plots=args.plots, overlap=args.overlap, labels=args.labels, amp=args.amp,
                      uncertainty=args.uncertainty, report=args.report, engine=args.engine, window=args.window,
@@ -273,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=None,
                    help="choose the post-processing on validation, for prediction: largest tumour only, small ET "
                         "as necrosis (Dice), small components per region (lesion-wise Dice)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--fold", type=int, help="train this fold (0..FOLDS-1) of a cross-validation over all prepared "
+                   "cases instead of the prepared split, into RUN_DIR/fold_K; predict RUN_DIR ensembles the folds")
+    p.add_argument("--folds", type=int, help="folds of the cross-validation (default 5; the same for every fold)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (RUN_DIR/fold_K/last.pt)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="BraTS region metrics (Dice, HD95, sensitivity, specificity; BraTS 2023+ "
@@ -297,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment new cases into NIfTI in their original space")
-    p.add_argument("checkpoint", type=Path, help="best.pt or last.pt of a training run (the run folder: its "
-                   "best.pt), or a .onnx from tumorseg export")
+    p.add_argument("checkpoint", type=Path, nargs="+", metavar="MODEL",
+                   help="best.pt or last.pt of a training run (the run folder: its best.pt), or a .onnx from tumorseg "
+                        "export; several, or a folder of folds (train --fold): their ensemble, probabilities averaged")
     p.add_argument("input", type=Path, help="a case folder, a folder of case folders, or a cases.csv naming each case's files "
                         "(segmentations not needed)")
     p.add_argument("out_dir", type=Path, help="where <case>.nii.gz predictions go (created; finished cases skipped)")

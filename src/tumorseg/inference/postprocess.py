@@ -27,12 +27,15 @@ Everything here works on training labels 0..3 (3 = ET, 1 = necrosis).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from scipy import ndimage
 
-from ..evaluation.lesionwise import challenge_parameters, lesion_table
+import torch
+
+from ..evaluation.lesionwise import LesionTable, challenge_parameters, lesion_table
 from ..evaluation.metrics import bounding_box, region_dice_from_labels
 from ..labels import CAVITY_CLASS, REGION_LABELS, REGIONS
 from ..prepare.crop import largest_component
@@ -43,6 +46,9 @@ OEDEMA_LABEL = 2
 REMOVED_AS = {"WT": 0, "TC": OEDEMA_LABEL, "ET": NECROSIS_LABEL}  # a removed component's voxels: the next region out
 NO_COMPONENT_STEP = (0, 0, 0)
 _CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connected, as the lesion-wise metrics count components
+ET_THRESHOLDS = (50, 100, 200, 300, 500, 750, 1000, 1500)  # candidates, voxels at the prepared spacing
+COMPONENT_SIZES = (5, 10, 20, 50, 100, 200, 500, 1000)
+_TABLE_FIELDS = ("sizes", "lesion_voxels", "scored", "pairs")
 
 
 def suppress_small_et(labels: np.ndarray, threshold: int | None) -> np.ndarray:
@@ -218,6 +224,60 @@ def choose_postprocessing(
     minimum = _best_minimum(stats, largest, et_threshold, component_candidates)
     return {"largest_tumour": largest, "et_threshold": et_threshold, "min_component": minimum,
             "lesion_dice": float(np.mean(_lesion_dice(stats, largest, et_threshold, minimum)))}
+
+
+def choose_default(stats: Sequence[dict[str, list]]) -> dict:
+    """`choose_postprocessing` over training's candidate thresholds and sizes."""
+    return choose_postprocessing(stats, ET_THRESHOLDS, COMPONENT_SIZES)
+
+
+def statistics_state(stats: Sequence[dict]) -> list[dict]:
+    """`case_statistics` as a checkpoint stores them: tensors and plain types (loadable with
+    `weights_only=True`), so an ensemble of runs can choose its post-processing on all their
+    validation cases (`statistics_from_state`)."""
+    return [{**{k: list(s[k]) for k in ("dice", "dice_cleaned", "et", "et_cleaned")},
+             "components": [{**{f: torch.from_numpy(np.ascontiguousarray(getattr(row["table"], f))) for f in _TABLE_FIELDS},
+                             "parent": torch.from_numpy(np.ascontiguousarray(row["parent"]))}
+                            for row in s["components"]]}
+            for s in stats]
+
+
+def _array(value: Any, name: str) -> np.ndarray:
+    """A stored statistics array: a tensor, or a list where an exported model's JSON metadata carries it."""
+    array = np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value, bool if name == "scored" else np.int64)
+    return array.reshape(-1, 3) if name == "pairs" else array
+
+
+def statistics_from_state(items: Sequence[dict]) -> list[dict]:
+    """`statistics_state`'s inverse; raises ValueError for anything else (a damaged checkpoint)."""
+    try:
+        stats = [{**{k: [float(v) for v in item[k]] for k in ("dice", "dice_cleaned", "et", "et_cleaned")},
+                  "components": [{"table": LesionTable(*(_array(row[f], f) for f in _TABLE_FIELDS)),
+                                  "parent": _array(row["parent"], "parent")} for row in item["components"]]}
+                 for item in items]
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"damaged validation statistics ({type(exc).__name__})") from None
+    if not all(_consistent(s) for s in stats):
+        raise ValueError("damaged validation statistics (sizes or indices)")
+    return stats
+
+
+def _consistent(stats: dict) -> bool:
+    """Shapes and indices as `case_statistics` makes them: what `_kept` and `LesionTable.dice` index with."""
+    rows = stats["components"]
+    if len(rows) != len(REGIONS) or any(len(stats[k]) != 3 for k in ("dice", "dice_cleaned", "et", "et_cleaned")):
+        return False
+    outer = None
+    for row in rows:
+        table, parent = row["table"], row["parent"]
+        lesion, comp = table.pairs[:, 0], table.pairs[:, 1]
+        if (table.scored.shape != table.lesion_voxels.shape or parent.shape != table.sizes.shape
+                or not (0 <= lesion).all() or not (lesion < table.lesion_voxels.size).all()
+                or not (0 <= comp).all() or not (comp < table.sizes.size).all()
+                or (outer is not None and parent.size and not (0 <= parent.min() and parent.max() < outer))):
+            return False
+        outer = table.sizes.size
+    return True
 
 
 def tune_postprocessing(

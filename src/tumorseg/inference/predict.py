@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import importlib.util
 import itertools
+import math
 import os
 import sys
 import time
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import checkpoint_file, read_checkpoint
+from ..checkpoint import checkpoint_file, checkpoint_files, read_checkpoint
 from ..devices import amp_dtype, autocast, describe, resolve_device, window_batch
 from ..errors import TumorsegError
 from ..geometry import Grid, resample_box
@@ -46,6 +47,7 @@ from ..prepare.case import (check_brain_size, check_headers, check_intensities, 
                             to_network_grid)
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
 from .compiled import COMPILED_SAVES, COMPILED_SAVES_ONNX, CompiledNetwork, compile_pays, compiles_faster
+from .ensemble import EnsembleNetwork, ensemble_postprocessing
 from .postprocess import NO_COMPONENT_STEP, postprocess
 from .window import flip_dims, passes, to_labels, tta_probabilities
 
@@ -92,6 +94,10 @@ class Predictor:
             memory (engine "onnx" from a checkpoint): what `compiled` compiles; None otherwise.
         model_digest: SHA-256 of the checkpoint or exported file it was loaded from (None: built
             in Python): with the settings that decide the labels, `made_by`.
+        statistics: the validation statistics its post-processing was chosen on, as checkpoints store
+            them (`postprocess.statistics_state`), where known: an ensemble chooses on all its members'.
+        members: networks averaged (`Predictor.ensemble`); 1 for one network.
+        postprocess_source: where an ensemble's post-processing comes from, in words (None: the checkpoint's).
     """
 
     model: nn.Module
@@ -115,6 +121,9 @@ class Predictor:
     network: str | None = None
     pytorch_model: nn.Module | None = None
     model_digest: str | None = None
+    statistics: list | None = None
+    members: int = 1
+    postprocess_source: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -151,8 +160,10 @@ class Predictor:
             steps.append(f"components under {' / '.join(small)} voxels removed")
         voxels = f" (training voxels, {'x'.join(f'{v:g}' for v in self.spacing)} mm)" if self.spacing and (
             self.et_threshold or small) else ""
-        return (f"{'8-flip TTA' if self.tta else 'no TTA'}; post-processing: "
-                + ("; ".join(steps) + voxels if steps else "none"))
+        source = f" ({self.postprocess_source})" if self.postprocess_source else ""
+        return (f"{f'ensemble of {self.members} models; ' if self.members > 1 else ''}"
+                f"{'8-flip TTA' if self.tta else 'no TTA'}; post-processing: "
+                + ("; ".join(steps) + voxels if steps else "none") + source)
 
     def fixed_window(self) -> bool:
         """Every case's windows have one size: at most the training patch (the box is at least that)."""
@@ -278,6 +289,85 @@ class Predictor:
             network=spec["name"],
             pytorch_model=pytorch_model,
             model_digest=digest,
+            statistics=inference.get("postprocess_statistics"),
+        )
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        checkpoints: str | Path | Sequence[str | Path],
+        device: str = "auto",
+        tta: bool | None = None,
+        overlap: float = 0.5,
+        labels: str | None = None,
+        amp: str = "auto",
+        engine: str = "auto",
+        window: str | Sequence[int] | None = None,
+    ) -> "Predictor":
+        """`from_checkpoint` for one model, or the `ensemble` of several: checkpoint files, run
+        folders (their `best.pt`), folders of cross-validation folds (every fold's `best.pt`:
+        `checkpoint.checkpoint_files`), exported models, in any mix."""
+        given = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+        files = [f for c in given for f in checkpoint_files(c)]
+        if not files:
+            raise TumorsegError("predict: no model given")
+        twice = sorted({str(f) for f in files if sum(g.resolve() == f.resolve() for g in files) > 1})
+        if twice:  # a fold given alone and in its cross-validation folder would count double
+            raise TumorsegError(f"{twice[0]}: given twice; an ensemble takes each model once")
+        settings = (device, tta, overlap, labels, amp)
+        members = [cls.from_checkpoint(f, *settings, engine, window) for f in files]
+        if len({m.engine for m in members}) > 1:  # `auto` chose per network: one runtime for all of them
+            members = [cls.from_checkpoint(f, *settings, "torch", window) for f in files]
+        return members[0] if len(members) == 1 else cls.ensemble(members, [str(f) for f in files])
+
+    @classmethod
+    def ensemble(cls, members: Sequence["Predictor"], names: Sequence[str] | None = None) -> "Predictor":
+        """One predictor averaging the members' probabilities (`ensemble.EnsembleNetwork`).
+
+        Members must read the same channels, scaled alike at the same spacing, and predict the
+        same target on the same device; their networks, patches and settings may differ. The
+        window is the largest patch (rounded to every network's divisor); TTA runs where every
+        member records it; the post-processing is `ensemble.ensemble_postprocessing`'s.
+        """
+        names = list(names) if names is not None else [f"member {i + 1}" for i in range(len(members))]
+        first = members[0]
+        for member, name in zip(members[1:], names[1:]):
+            for what in ("channels", "norm", "spacing", "target", "device"):
+                if getattr(member, what) != getattr(first, what):
+                    raise TumorsegError(f"{name}: {what} {getattr(member, what)}, but {names[0]}: "
+                                        f"{getattr(first, what)}; an ensemble's models share their input and output")
+        divisor = math.lcm(*(m.divisor for m in members))
+        patch = tuple(-(-max(sides) // divisor) * divisor for sides in zip(*(m.patch for m in members)))
+        post = ensemble_postprocessing(members)
+        digests = sorted(m.model_digest for m in members if m.model_digest is not None)
+        digest = (hashlib.sha256(("ensemble:" + ",".join(digests)).encode()).hexdigest()
+                  if len(digests) == len(members) else None)
+        pytorch = [m.pytorch_model for m in members]
+        return cls(
+            model=EnsembleNetwork([m.model for m in members], first.target).eval(),
+            device=first.device,
+            channels=first.channels,
+            norm=first.norm,
+            patch=patch,
+            target=first.target,
+            divisor=divisor,
+            tta=all(m.tta for m in members),
+            largest_tumour=post.largest_tumour,
+            et_threshold=post.et_threshold,
+            min_component=post.min_component,
+            overlap=first.overlap,
+            amp_dtype=next((m.amp_dtype for m in members if m.amp_dtype is not None), None),
+            sw_batch_size=min(m.sw_batch_size for m in members),
+            spacing=first.spacing,
+            labels=first.labels,
+            window=first.window,
+            engine=first.engine,  # `from_checkpoints` gives every member the same
+            network=first.network if len({m.network for m in members}) == 1 else None,
+            pytorch_model=EnsembleNetwork(pytorch, first.target).eval() if all(p is not None for p in pytorch) else None,
+            model_digest=digest,
+            statistics=post.statistics,
+            members=sum(m.members for m in members),
+            postprocess_source=post.source,
         )
 
 
@@ -667,7 +757,7 @@ def _failure(case: Case, exc: BaseException) -> str:
 
 
 def predict(
-    checkpoint: str | Path | Predictor,
+    checkpoint: str | Path | Sequence[str | Path] | Predictor,
     input_dir: str | Path,
     out_dir: str | Path,
     device: str = "auto",
@@ -690,8 +780,10 @@ def predict(
     """Segment every BraTS case under `input_dir` into `out_dir/<case_id>.nii.gz`.
 
     Args:
-        checkpoint: a tumorseg checkpoint (`best.pt` of a run), or a loaded `Predictor` (used
-            as it is, except that `overlap`, `tta`, `labels`, `window` when given replace its own).
+        checkpoint: a tumorseg checkpoint (`best.pt` of a run; a folder of cross-validation folds:
+            their ensemble), several (their ensemble: `Predictor.from_checkpoints`), or a loaded
+            `Predictor` (used as it is, except that `overlap`, `tta`, `labels`, `window` when given
+            replace its own).
         input_dir: one case folder, a folder of them, or a dataset: any layout `layouts`
             knows; segmentations are not needed.
         out_dir: where predictions go (created if needed).
@@ -745,8 +837,8 @@ def predict(
         if isinstance(predictor.model, CompiledNetwork) and predictor.model.batch != predictor.sw_batch_size:
             predictor = replace(predictor, model=CompiledNetwork(predictor.model.model, predictor.sw_batch_size))
     else:
-        predictor = Predictor.from_checkpoint(checkpoint, device, tta, 0.5 if overlap is None else overlap, labels, amp,
-                                              engine, window)
+        predictor = Predictor.from_checkpoints(checkpoint, device, tta, 0.5 if overlap is None else overlap, labels, amp,
+                                               engine, window)
         if progress:
             print(f"predict: {_runtime_line(predictor, amp)}", file=sys.stderr)
         if predictor.engine == "compile" and predictor.fixed_window():

@@ -27,7 +27,9 @@ class TrainConfig:
     wall-clock budget (0: no budget); the last epoch is validated and saved. `amp` "auto"
     is bf16 on GPUs that have it natively, fp16 on older GPUs, float32 on the CPU
     (`devices.amp_dtype`). `deterministic` makes GPU training bitwise repeatable (and a resumed
-    run bitwise equal to an uninterrupted one, as on the CPU) at some speed.
+    run bitwise equal to an uninterrupted one, as on the CPU) at some speed. `fold` (None: the
+    prepared folder's own train/val split) trains fold `fold` of a seeded `folds`-fold
+    cross-validation over all its kept cases, into the run folder's `fold_<fold>`.
     """
 
     model: str = "unet3d"
@@ -55,6 +57,8 @@ class TrainConfig:
     deterministic: bool = False
     tta: bool = False
     postprocess: bool = False
+    fold: int | None = None
+    folds: int = 5
 
     def __post_init__(self) -> None:
         from ..data import AUGMENTATIONS
@@ -80,6 +84,8 @@ class TrainConfig:
             (self.workers >= 0 and self.steps_per_epoch >= 0 and self.val_every >= 1,
              f"workers and steps per epoch must be >= 0 and val_every >= 1 "
              f"(got {self.workers}, {self.steps_per_epoch}, {self.val_every})"),
+            (self.folds >= 2 and (self.fold is None or 0 <= self.fold < self.folds),
+             f"fold must be in 0..folds-1 and folds >= 2 (got fold {self.fold} of {self.folds})"),
             (self.max_minutes >= 0 and self.weight_decay >= 0,
              f"max_minutes and weight decay must be >= 0 (got {self.max_minutes}, {self.weight_decay})"),
         ]

@@ -30,11 +30,12 @@ from ..io import sweep_stale_temps, write_text
 from ..lock import folder_lock
 from ..devices import amp_dtype as resolve_amp
 from ..devices import describe, deterministic
-from ..inference.postprocess import choose_postprocessing
+from ..inference.postprocess import choose_default, statistics_state
 from ..labels import BRATS2020, NUM_CLASSES, RAW_LABELS, REGIONS
 from ..networks import build_network, network_spec, required_divisor
 from ..plots import plot_curves
 from ..prepare import load_manifest
+from ..prepare.split import fold_split
 from . import distributed
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .rng import rng_state, set_rng_state
@@ -112,7 +113,8 @@ def _write_history(run_dir: Path, history: list[dict], best_epoch: int | None) -
     plot_curves(history, run_dir / "curves.png")
 
 
-def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch, spec, config, manifest, patch) -> dict:
+def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch, spec, config, manifest, patch, ids,
+           statistics) -> dict:
     settings = manifest["settings"]
     tuned = next((row for row in reversed(history) if "dice_mean" in row), {})  # the latest validated epoch
     return {
@@ -127,7 +129,7 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch
         "best_epoch": best_epoch,
         "config": config.to_dict(),
         "prepare": {k: settings.get(k) for k in PREPARE_KEYS},
-        "data_split": split_digest(manifest),  # what --resume checks it goes on with (ids themselves not shared)
+        "data_split": split_digest(*ids),  # what --resume checks it goes on with (ids themselves not shared)
         "layout": manifest.get("layout", "brats2020"),
         "labels": manifest.get("labels", BRATS2020.to_dict()),  # the training data's convention
         "patch": list(patch),
@@ -139,20 +141,17 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch
             "postprocess_largest_tumour": bool(tuned.get("largest_tumour", False)),
             "postprocess_et_threshold": tuned.get("et_threshold"),
             "postprocess_min_component": [int(tuned.get(c) or 0) for c in MIN_COLUMNS],  # WT, TC, ET voxels; 0: off
+            "postprocess_statistics": statistics,  # what they were chosen on: an ensemble of runs chooses on all
         },
         "rng": rng_state(),
         "torch_version": str(torch.__version__),
     }
 
 
-ET_THRESHOLDS = (50, 100, 200, 300, 500, 750, 1000, 1500)
-COMPONENT_SIZES = (5, 10, 20, 50, 100, 200, 500, 1000)  # voxels at the prepared spacing
-
-
 def _tune_postprocessing(stats: list) -> dict:
     """nnU-Net's BraTS post-processing (largest tumour only, smallest ET worth keeping) and the
     smallest component worth keeping per region (lesion-wise Dice), on validation: a metrics row."""
-    tuned = choose_postprocessing(stats, ET_THRESHOLDS, COMPONENT_SIZES)
+    tuned = choose_default(stats)
     return {**{k: v for k, v in tuned.items() if k != "min_component"}, **dict(zip(MIN_COLUMNS, tuned["min_component"]))}
 
 
@@ -160,13 +159,14 @@ RESUME_FIXED = ("optimizer", "lr", "weight_decay", "schedule")  # held by last.p
 PREPARE_KEYS = ("channels", "norm", "crop_size", "crop_mode", "spacing", "cavity")
 
 
-def split_digest(manifest: dict) -> str:
-    """SHA-256 of the prepared folder's train/val case ids: a checkpoint shared with others names no case."""
-    split = {part: sorted(manifest.get("split", {}).get(part, [])) for part in ("train", "val")}
+def split_digest(train_ids: list[str], val_ids: list[str]) -> str:
+    """SHA-256 of the run's train/val case ids: a checkpoint shared with others names no case."""
+    split = {"train": sorted(train_ids), "val": sorted(val_ids)}
     return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()
 
 
-def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, main: bool = True) -> dict:
+def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, ids: tuple[list[str], list[str]],
+            main: bool = True) -> dict:
     state = load_checkpoint(run_dir / "last.pt")
     was = state.get("config", {})
     changed = [f"{k} {was[k]} -> {getattr(config, k)}" for k in RESUME_FIXED if k in was and was[k] != getattr(config, k)]
@@ -184,7 +184,7 @@ def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, main
         raise TumorsegError(f"{run_dir / 'last.pt'}: trained on channels {state['prepare']['channels']}, data has {manifest['settings']['channels']}")
     other = [k for k in PREPARE_KEYS[1:]  # the channels: said above
              if k in state["prepare"] and state["prepare"][k] != manifest["settings"].get(k)]
-    if state.get("data_split") not in (None, split_digest(manifest)):  # older checkpoints record none
+    if state.get("data_split") not in (None, split_digest(*ids)):  # older checkpoints record none
         other.append("its train/validation cases")
     if other:  # the run would go on with other data under the same curves and best epoch
         raise TumorsegError(f"{run_dir / 'last.pt'}: --resume goes on with the data the run trained on; this prepared "
@@ -238,6 +238,13 @@ def train(
     prepared_dir, run_dir = Path(prepared_dir), Path(run_dir)
     manifest = load_manifest(prepared_dir)
     train_ids, val_ids = split_ids(prepared_dir, "train"), split_ids(prepared_dir, "val")
+    if config.fold is not None:  # all kept cases, dealt into folds by the prepared folder's split seed
+        cases = train_ids + val_ids
+        if len(cases) < config.folds:
+            raise TumorsegError(f"{prepared_dir}: {len(cases)} kept case(s) cannot make {config.folds} folds (--folds)")
+        fold = fold_split(cases, config.folds, config.fold, int(manifest["settings"].get("seed", 0)))
+        train_ids, val_ids = fold["train"], fold["val"]
+        run_dir = run_dir if run_dir.name == f"fold_{config.fold}" else run_dir / f"fold_{config.fold}"  # RUN or RUN/fold_K
     if not train_ids:
         raise TumorsegError(f"{prepared_dir}: no training cases in the manifest's split")
     crop = list(manifest["settings"]["crop_size"])
@@ -261,7 +268,7 @@ def train(
             # under rank 0's lock: another run into this folder could be rewriting last.pt
             if not resume and (run_dir / "last.pt").exists():
                 raise TumorsegError(f"{run_dir}: already holds a run (last.pt); use --resume or another folder")
-            state = _resume(run_dir, spec, manifest, config, ctx.is_main) if resume else None
+            state = _resume(run_dir, spec, manifest, config, (train_ids, val_ids), ctx.is_main) if resume else None
             return _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress,
                         resume_with)
     finally:
@@ -291,6 +298,7 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
     amp_dtype = resolve_amp(config.amp, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
     history, best, best_epoch, start, end = [], -1.0, None, 0, config.epochs
+    statistics = None  # the latest validated epoch's `case_statistics`, as checkpoints store them
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -298,6 +306,7 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         if scaler.is_enabled() and state["scaler"]:  # a run saved in bf16, float32 or on the CPU has none
             scaler.load_state_dict(state["scaler"])
         history, best, best_epoch, start = state["history"], state["best_metric"], state["best_epoch"], state["epoch"]
+        statistics = (state.get("inference") or {}).get("postprocess_statistics")
         clock["spent"] = sum(row["seconds"] for row in history)
         set_rng_state(state["rng"])
         if start > config.epochs:  # equal: a finished run, nothing left to do (a re-run demo)
@@ -320,7 +329,8 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", _config_yaml(config, prepared_dir))
-        print(f"training {spec['name']} on {len(train_ids)} cases, "
+        fold = f"fold {config.fold} of {config.folds} ({run_dir}): " if config.fold is not None else ""
+        print(f"{fold}training {spec['name']} on {len(train_ids)} cases, "
               + (f"validating on {len(val_ids)}" if val_ids else "no validation cases")
               + (f" every {config.val_every} epochs" if config.val_every > 1 and val_ids else "") + f", patch {patch}, "
               f"{describe(ctx.device, config.amp, amp_dtype)}{f' x{ctx.world_size}' if ctx.distributed else ''}, "
@@ -347,7 +357,9 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
                                           manifest["settings"].get("spacing") or (1.0, 1.0, 1.0))
                 row.update(val_loss=val_loss, dice_mean=mean_dice(dice), **{f"dice_{r}": dice[r] for r in REGIONS})
                 if outputs is not None:
-                    row.update(_tune_postprocessing(distributed.gather_lists(outputs, ctx)))
+                    gathered = distributed.gather_lists(outputs, ctx)
+                    row.update(_tune_postprocessing(gathered))
+                    statistics = statistics_state(gathered)
             seconds = distributed.all_reduce_sum(torch.tensor([time.perf_counter() - t0], dtype=torch.float64), ctx)
             row["seconds"] = round(float(seconds[0]) / ctx.world_size, 2)  # identical on every rank, so is the LR
             clock["spent"] += row["seconds"]
@@ -360,7 +372,8 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
                 best, best_epoch = row["dice_mean"], epoch + 1
             _check_finite(model, epoch)
             if ctx.is_main:
-                state = _state(model, optimizer, scheduler, scaler, epoch + 1, history, best, best_epoch, spec, config, manifest, patch)
+                state = _state(model, optimizer, scheduler, scaler, epoch + 1, history, best, best_epoch, spec, config,
+                               manifest, patch, (train_ids, val_ids), statistics)
                 _save(run_dir, state, history, best=improved or not val_ids)
             saved = epoch + 1  # before the line and the barrier: a Ctrl-C there still names this epoch
             if ctx.is_main:

@@ -1,0 +1,78 @@
+"""Several trained networks predicting as one: cross-validation folds (`train --fold K`), seeds or
+architectures, as nnU-Net and the BraTS winners ensemble them.
+
+Each sliding window goes through every member and their probabilities (softmax or sigmoid) are
+averaged, so flips, window blending and post-processing see one network. The post-processing
+of an ensemble is chosen, as nnU-Net chooses it after a cross-validation, on the validation
+cases of all its members together: for folds, every prepared case once, each predicted by the
+model that did not train on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .postprocess import NO_COMPONENT_STEP, choose_default, statistics_from_state
+
+EPS = 1e-7  # probabilities clamped off 0 and 1 before their logarithm
+
+
+class EnsembleNetwork(nn.Module):
+    """`members` (each `(B, C, X, Y, Z)` -> logits `(B, K, X, Y, Z)`) as one network whose logits
+    give, under the target's own activation, the members' mean probabilities: log-probabilities for
+    softmax (`target` "labels"), logits of the mean for sigmoid ("regions").
+
+    One member gives that member's labels: the sliding window's weighted blend of log-softmax
+    outputs differs from that of logits by a per-voxel constant, which softmax cancels.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], target: str) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.target = target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for member in self.members:
+            logits = member(x).float()
+            probs = torch.sigmoid(logits) if self.target == "regions" else torch.softmax(logits, dim=1)
+            total = probs if total is None else total + probs
+        mean = (total / len(self.members)).clamp(EPS, 1.0 - EPS)
+        return torch.logit(mean) if self.target == "regions" else torch.log(mean)
+
+
+class EnsemblePostprocessing(NamedTuple):
+    """An ensemble's post-processing and where it comes from (`source`, for the run's first lines)."""
+
+    largest_tumour: bool
+    et_threshold: int | None
+    min_component: tuple[int, int, int]
+    statistics: list | None  # the validation statistics it was chosen on, as checkpoints store them
+    source: str
+
+
+def ensemble_postprocessing(members: Sequence[Any]) -> EnsemblePostprocessing:
+    """Chosen on all the members' validation statistics (`Predictor.statistics`) where every member
+    stores them; else the members' own where they agree; else none (`source` says why)."""
+    stored = [m.statistics for m in members]
+    if all(s is not None for s in stored):
+        try:
+            stats = [case for s in stored for case in statistics_from_state(s)]
+        except ValueError:
+            stats = []
+        if stats:
+            tuned = choose_default(stats)
+            return EnsemblePostprocessing(tuned["largest_tumour"], tuned["et_threshold"], tuple(tuned["min_component"]),
+                                          [case for s in stored for case in s],
+                                          f"chosen on the members' {len(stats)} validation cases")
+    own = {(m.largest_tumour, m.et_threshold, tuple(m.min_component)) for m in members}
+    if len(own) == 1:
+        return EnsemblePostprocessing(*own.pop(), None, "the members'")
+    return EnsemblePostprocessing(False, None, NO_COMPONENT_STEP, None,
+                                  "none: the members chose different post-processing and not all of them store the "
+                                  "validation statistics to choose one on (trained with --postprocess since "
+                                  "ensembles were added)")
