@@ -54,7 +54,7 @@ def train_folds(recipe: str, train_dir: Path, work: Path, folds: int, minutes: f
     return rows
 
 
-def predict_and_score(name: str, model: Path, test_dir: Path, work: Path, tta: bool) -> dict:
+def predict_and_score(name: str, model: Path, test_dir: Path, work: Path, tta: bool | None) -> dict:
     out = work / f"pred_{name}"
     t0 = time.perf_counter()
     result = predict(model, test_dir, out, tta=tta, force=True)
@@ -67,7 +67,7 @@ def predict_and_score(name: str, model: Path, test_dir: Path, work: Path, tta: b
 
 def print_table(res: dict) -> None:
     print(f"{len(res['test_cases'])} held-out cases, {res['recipe']} {res['folds']} folds x {res['minutes']:g} min, "
-          f"TTA {'on' if res['tta'] else 'off'} ({res['machine']})")
+          f"TTA {({True: 'on', False: 'off'}).get(res['tta'], 'as recorded')} ({res['machine']})")
     print("| model | s/case | " + " | ".join(f"{r} Dice" for r in REGIONS) + " | "
           + " | ".join(f"{r} HD95" for r in REGIONS) + " | " + " | ".join(f"{r} lesion Dice" for r in REGIONS) + " |")
     print("|---" * (2 + 3 * len(REGIONS)) + "|")
@@ -86,7 +86,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--minutes", type=float, default=12.0, help="training budget per fold")
     parser.add_argument("--test-cases", type=int, default=6)
-    parser.add_argument("--tta", action="store_true", help="predict with the 8 flips")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="predict with the 8 flips (default: as each checkpoint records)")
     parser.add_argument("--config", type=Path, help="training settings over the recipe's (a tiny network in tests)")
     parser.add_argument("--crop", type=int, help="prepared crop side instead of the recipe's")
     add_out_arg(parser, results_path("ensemble_folds"))

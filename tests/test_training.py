@@ -1,4 +1,5 @@
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -258,10 +259,19 @@ def test_cross_validation_folds_train_apart_and_predict_as_their_ensemble(prepar
     config = dict(epochs=1, postprocess=True, folds=2, **TINY)
     cases = sorted(split_ids(prepared, "train") + split_ids(prepared, "val"))
     for k in range(2):
-        result = train(prepared, tmp_path / "cv", TrainConfig(fold=k, **config), progress=False)
+        result = train(prepared, tmp_path / "cv", TrainConfig(fold=k, **config))
         assert result.run_dir == tmp_path / "cv" / f"fold_{k}"
+        assert (tmp_path / "cv/cross_validation.json").exists() == (k == 1)  # once every fold is trained
     err = capsys.readouterr().err
     assert f"fold 1 of 2 ({tmp_path / 'cv' / 'fold_1'}): training unet3d on 3 cases, validating on 2" in err
+    summary = json.loads((tmp_path / "cv/cross_validation.json").read_text())
+    best = [load_checkpoint(tmp_path / f"cv/fold_{k}/best.pt") for k in range(2)]
+    dice = [next(r["dice_WT"] for r in b["history"] if r["epoch"] == b["best_epoch"]) for b in best]
+    assert summary["cases"] == 5 and summary["dice"]["WT"] == pytest.approx((3 * dice[0] + 2 * dice[1]) / 5)
+    assert f"cross-validation of 2 folds: 5 cases, each validated by the fold that did not train on it: Dice WT " \
+           f"{summary['dice']['WT']:.3f}" in err
+    assert 0.0 <= summary["lesion_dice"] <= 1.0 and set(summary["postprocessing"]) == {
+        "largest_tumour", "et_threshold", "min_component"}
     seed = load_manifest(prepared)["settings"]["seed"]  # the prepared folder's split seed deals the folds
     for k in range(2):
         state = load_checkpoint(tmp_path / f"cv/fold_{k}/best.pt")

@@ -36,7 +36,7 @@ from ..networks import build_network, network_spec, required_divisor
 from ..plots import plot_curves
 from ..prepare import load_manifest
 from ..prepare.split import fold_split
-from . import distributed
+from . import crossval, distributed
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .rng import rng_state, set_rng_state
 from .config import TrainConfig
@@ -242,8 +242,8 @@ def train(
         cases = train_ids + val_ids
         if len(cases) < config.folds:
             raise TumorsegError(f"{prepared_dir}: {len(cases)} kept case(s) cannot make {config.folds} folds (--folds)")
-        fold = fold_split(cases, config.folds, config.fold, int(manifest["settings"].get("seed", 0)))
-        train_ids, val_ids = fold["train"], fold["val"]
+        folds = [fold_split(cases, config.folds, k, int(manifest["settings"].get("seed", 0))) for k in range(config.folds)]
+        train_ids, val_ids = folds[config.fold]["train"], folds[config.fold]["val"]
         run_dir = run_dir if run_dir.name == f"fold_{config.fold}" else run_dir / f"fold_{config.fold}"  # RUN or RUN/fold_K
     if not train_ids:
         raise TumorsegError(f"{prepared_dir}: no training cases in the manifest's split")
@@ -269,8 +269,13 @@ def train(
             if not resume and (run_dir / "last.pt").exists():
                 raise TumorsegError(f"{run_dir}: already holds a run (last.pt); use --resume or another folder")
             state = _resume(run_dir, spec, manifest, config, (train_ids, val_ids), ctx.is_main) if resume else None
-            return _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress,
-                        resume_with)
+            result = _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress,
+                          resume_with)
+        if config.fold is not None and ctx.is_main:  # the last fold to finish sums the cross-validation up
+            line = crossval.report(run_dir.parent, [len(f["val"]) for f in folds])
+            if line and progress:
+                print(line, file=sys.stderr)
+        return result
     finally:
         distributed.cleanup()
 

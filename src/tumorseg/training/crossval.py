@@ -1,0 +1,64 @@
+"""A cross-validation's result once all its folds are trained (`train --fold K`): every prepared case
+scored once, by the fold that did not train on it, as nnU-Net summarises its five folds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import load_checkpoint
+from ..errors import TumorsegError
+from ..inference.postprocess import choose_default, statistics_from_state
+from ..io import write_text
+from ..labels import REGIONS
+
+SUMMARY = "cross_validation.json"
+
+
+def summarize(cv_dir: Path, sizes: list[int]) -> dict[str, Any] | None:
+    """The out-of-fold Dice of the `len(sizes)`-fold cross-validation in `cv_dir` (fold k validated
+    `sizes[k]` cases): each fold's best epoch, their case-weighted mean per region and, where every
+    fold stores its validation statistics, the post-processing their ensemble chooses on them and its
+    lesion-wise Dice. None until every fold of this cross-validation has a `best.pt`."""
+    folds, rows, stats = len(sizes), [], []
+    for k in range(folds):
+        try:
+            state = load_checkpoint(cv_dir / f"fold_{k}" / "best.pt")
+        except TumorsegError:  # not trained yet (or damaged: its own run says so)
+            return None
+        config = state.get("config") or {}
+        best = next((row for row in state.get("history", []) if row.get("epoch") == state.get("best_epoch")
+                     and "dice_mean" in row), None)
+        if (config.get("fold"), config.get("folds")) != (k, folds) or best is None:
+            return None  # another cross-validation's folder, or a fold never validated
+        rows.append({"fold": k, "cases": sizes[k], "best_epoch": best["epoch"],
+                     **{f"dice_{r}": best[f"dice_{r}"] for r in REGIONS}})
+        stored = (state.get("inference") or {}).get("postprocess_statistics")
+        stats = stats + statistics_from_state(stored) if stats is not None and stored is not None else None
+    n = sum(sizes)
+    summary: dict[str, Any] = {
+        "folds": folds, "cases": n, "per_fold": rows,
+        "dice": {r: sum(row["cases"] * row[f"dice_{r}"] for row in rows) / n for r in REGIONS},
+    }
+    if stats:
+        tuned = choose_default(stats)
+        summary["postprocessing"] = {k: tuned[k] for k in ("largest_tumour", "et_threshold", "min_component")}
+        summary["lesion_dice"] = tuned["lesion_dice"]
+    return summary
+
+
+def report(cv_dir: Path, sizes: list[int]) -> str | None:
+    """Write `cv_dir/cross_validation.json` once every fold is trained, and say it in one line (None before)."""
+    try:
+        summary = summarize(cv_dir, sizes)
+    except ValueError:  # damaged validation statistics in a fold's checkpoint
+        return None
+    if summary is None:
+        return None
+    write_text(cv_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    dice = " / ".join(f"{r} {summary['dice'][r]:.3f}" for r in REGIONS)
+    lesion = f", lesion-wise {summary['lesion_dice']:.3f} after the ensemble's post-processing" if "lesion_dice" in summary else ""
+    return (f"cross-validation of {summary['folds']} folds: {summary['cases']} cases, each validated by the fold that "
+            f"did not train on it: Dice {dice}{lesion} ({cv_dir / SUMMARY}); predict with the folds' ensemble: "
+            f"tumorseg predict {cv_dir} CASES OUT")
