@@ -8,17 +8,19 @@ from tumorseg.checkpoint import save_checkpoint
 from tumorseg.training import crossval
 
 
-def _fold(root, k, folds, dice, statistics=None):
+def _fold(root, k, folds, dice, statistics=None, cases="abc"):
     row = {"epoch": 3, "dice_mean": sum(dice) / 3, **dict(zip(("dice_WT", "dice_TC", "dice_ET"), dice))}
     save_checkpoint(root / f"fold_{k}" / "best.pt", {
         "config": {"fold": k, "folds": folds}, "best_epoch": 3, "history": [{"epoch": 2, "train_loss": 1.0}, row],
-        "inference": {"postprocess_statistics": statistics}})
+        "inference": {"postprocess_statistics": statistics}, "data_cases": cases})
 
 
 def test_summary_waits_for_every_fold_of_its_own_cross_validation(tmp_path):
     _fold(tmp_path, 0, 2, (0.9, 0.6, 0.3))
     assert crossval.report(tmp_path, [3, 2]) is None and not (tmp_path / crossval.SUMMARY).exists()
     _fold(tmp_path, 1, 3, (0.8, 0.5, 0.2))  # a fold of another (3-fold) cross-validation
+    assert crossval.summarize(tmp_path, [3, 2]) is None
+    _fold(tmp_path, 1, 2, (0.8, 0.5, 0.2), cases="other")  # of a 2-fold cross-validation over other cases
     assert crossval.summarize(tmp_path, [3, 2]) is None
     _fold(tmp_path, 1, 2, (0.8, 0.5, 0.2))
     line = crossval.report(tmp_path, [3, 2])
@@ -27,3 +29,9 @@ def test_summary_waits_for_every_fold_of_its_own_cross_validation(tmp_path):
     assert [row["best_epoch"] for row in summary["per_fold"]] == [3, 3]
     assert "postprocessing" not in summary and "lesion-wise" not in line  # trained without --postprocess
     assert line.startswith("cross-validation of 2 folds: 5 cases") and "Dice WT 0.860 / TC 0.560 / ET 0.260" in line
+
+
+def test_folds_trained_before_the_case_digest_are_summed_with_the_others(tmp_path):
+    _fold(tmp_path, 0, 2, (0.9, 0.6, 0.3), cases=None)
+    _fold(tmp_path, 1, 2, (0.8, 0.5, 0.2))
+    assert crossval.summarize(tmp_path, [3, 2])["cases"] == 5

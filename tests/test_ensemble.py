@@ -1,6 +1,7 @@
 """Ensembles: several checkpoints (cross-validation folds, seeds, networks) predicting as one."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from tumorseg.inference.postprocess import (case_statistics, choose_default, sta
 from tumorseg.inference.window import probabilities
 from tumorseg.labels import model_from_header
 from tumorseg.layouts import discover_cases
+from tumorseg.networks import build_network
 
 from factory import checkpoint_state, write_case
 
@@ -163,7 +165,7 @@ def test_ensemble_post_processing_is_chosen_on_all_members_validation_cases(tmp_
     assert Predictor.ensemble(bare).min_component == (0, 20, 5)
     other = Predictor.from_checkpoint(checkpoint_state(postprocess_min_component=[0, 50, 5]), device="cpu")
     mixed = Predictor.ensemble([bare[0], other])
-    assert mixed.min_component == (0, 0, 0) and mixed.postprocess_source.startswith("none: the members chose different")
+    assert mixed.min_component == (0, 0, 0) and mixed.postprocess_source.startswith("none: the members chose differently")
     assert "post-processing: none (none: the members chose different" in mixed.settings_line()
 
 
@@ -182,3 +184,118 @@ def test_cli_predicts_with_several_models(raw, tmp_path, capsys):
                  "--device", "cpu"]) == 0
     assert (tmp_path / "out/c0.nii.gz").is_file()
     assert "ensemble of 2 models" in capsys.readouterr().err
+
+
+def test_exported_model_and_checkpoints_make_one_mixed_ensemble(raw, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from tumorseg.inference.onnx_model import export_onnx
+
+    save_checkpoint(tmp_path / "a.pt", checkpoint_state(seed=0))
+    save_checkpoint(tmp_path / "b.pt", checkpoint_state("unet-lite", filters=(4, 8, 16), seed=1))
+    export_onnx(tmp_path / "a.pt", tmp_path / "a.onnx")
+    # `auto` runs the UNet3D checkpoint in ONNX Runtime: the other checkpoint joins it in PyTorch
+    both = Predictor.from_checkpoints([tmp_path / "a.onnx", tmp_path / "b.pt"], device="cpu", amp="off")
+    assert both.engine == "mixed" and both.members == 2 and not both.may_compile()
+    case = discover_cases(raw / "c0")[0]
+    reference = Predictor.ensemble([Predictor.from_checkpoint(tmp_path / f"{n}.pt", device="cpu", amp="off",
+                                                              engine="torch")
+                                    for n in "ab"])
+    a, b = predict_case(both, case, probabilities=True), predict_case(reference, case, probabilities=True)
+    assert np.abs(a.probabilities - b.probabilities).max() < 1e-4
+    # an export is the model it was exported from: not a second member
+    with pytest.raises(TumorsegError, match=r"a.onnx: the same model as .*a.pt"):
+        Predictor.from_checkpoints([tmp_path / "a.pt", tmp_path / "a.onnx"], device="cpu")
+    assert main(["predict", str(tmp_path / "a.onnx"), str(tmp_path / "b.pt"), str(raw / "c0"), str(tmp_path / "out"),
+                 "--device", "cpu"]) == 0
+    assert "PyTorch and ONNX Runtime" in capsys.readouterr().err
+
+
+def test_same_model_twice_and_other_class_counts_are_refused(tmp_path):
+    save_checkpoint(tmp_path / "a.pt", checkpoint_state())
+    save_checkpoint(tmp_path / "copy.pt", checkpoint_state())  # the same bytes under another name
+    with pytest.raises(TumorsegError, match=r"copy.pt: the same model as .*a.pt; an ensemble takes each model once"):
+        Predictor.from_checkpoints([tmp_path / "a.pt", tmp_path / "copy.pt"], device="cpu")
+    five = checkpoint_state(seed=1)
+    five["network"]["out_channels"] = 5  # e.g. a run that kept the cavity as a class of its own
+    five["model"] = build_network(**five["network"]).state_dict()
+    save_checkpoint(tmp_path / "five.pt", five)
+    with pytest.raises(TumorsegError, match=r"five.pt: out_channels 5, but .*a.pt: 4"):
+        Predictor.from_checkpoints([tmp_path / "a.pt", tmp_path / "five.pt"], device="cpu")
+
+
+def test_nested_ensembles_weigh_every_network_once(raw):
+    members = [Predictor.from_checkpoint(checkpoint_state(seed=k), device="cpu") for k in range(3)]
+    nested = Predictor.ensemble([Predictor.ensemble(members[:2]), members[2]])
+    flat = Predictor.ensemble(members)
+    assert nested.members == 3 and len(nested.model.members) == 3
+    case = discover_cases(raw / "c0")[0]
+    a, b = predict_case(nested, case, probabilities=True), predict_case(flat, case, probabilities=True)
+    assert np.abs(a.probabilities - b.probabilities).max() < 1e-6
+
+
+def test_compiled_ensemble_is_one_network_with_the_ensembles_window_batch(tmp_path):
+    from tumorseg.devices import window_batch
+    from tumorseg.inference.compiled import CompiledNetwork
+
+    for k in range(2):
+        save_checkpoint(tmp_path / f"m{k}.pt", checkpoint_state(seed=k, patch=(16, 16, 16) if k else (32, 32, 32)))
+    compiled = Predictor.from_checkpoints([tmp_path / "m0.pt", tmp_path / "m1.pt"], device="cpu", engine="compile")
+    assert compiled.engine == "compile" and isinstance(compiled.model, CompiledNetwork)
+    assert isinstance(compiled.model.model, EnsembleNetwork) and len(compiled.model.model.members) == 2
+    assert compiled.sw_batch_size == compiled.model.batch == window_batch(compiled.device, compiled.patch)
+    plain = Predictor.from_checkpoints([tmp_path / "m0.pt", tmp_path / "m1.pt"], device="cpu", engine="torch")
+    assert plain.engine == "torch" and plain.sw_batch_size == window_batch(plain.device, (32, 32, 32))
+
+
+def test_damaged_or_missing_statistics_are_named_not_a_traceback():
+    good = Predictor.from_checkpoint(checkpoint_state(postprocess_statistics=statistics_state(_noisy_statistics(3))),
+                                     device="cpu")
+    for stored, why in (("garbage", "damaged validation statistics"), ({"dice": 1}, "damaged validation statistics"),
+                        ([{"dice": [float("nan")] * 3}], "damaged validation statistics"),
+                        (None, "stores no validation statistics; train with --postprocess")):
+        other = Predictor.from_checkpoint(checkpoint_state(seed=1, postprocess_min_component=[0, 50, 5],
+                                                           postprocess_statistics=stored), device="cpu")
+        both = Predictor.ensemble([good, other], ["good.pt", "other.pt"])
+        assert both.statistics is None and both.min_component == (0, 0, 0)
+        assert f"(other.pt {why}" in both.postprocess_source
+    same = Predictor.ensemble([other, Predictor.from_checkpoint(checkpoint_state(
+        seed=2, postprocess_min_component=[0, 50, 5]), device="cpu")], ["x.pt", "y.pt"])
+    assert same.min_component == (0, 50, 5) and same.postprocess_source.startswith("the members' own: not chosen")
+
+
+def test_nested_ensembles_hold_each_model_once_and_fingerprint_as_flat(tmp_path):
+    for k in range(3):
+        save_checkpoint(tmp_path / f"m{k}.pt", checkpoint_state(seed=k))
+    a, b, c = (Predictor.from_checkpoint(tmp_path / f"m{k}.pt", device="cpu") for k in range(3))
+    inner = Predictor.ensemble([a, b], ["m0.pt", "m1.pt"])
+    with pytest.raises(TumorsegError, match="inner: holds the same model as m0.pt"):
+        Predictor.ensemble([a, inner], ["m0.pt", "inner"])
+    assert Predictor.ensemble([inner, c]).made_by() == Predictor.ensemble([c, b, a]).made_by()
+    # a network built in Python (classes unknown) does not hide two others' different class counts
+    five = checkpoint_state(seed=3)
+    five["network"]["out_channels"] = 5
+    five["model"] = build_network(**five["network"]).state_dict()
+    unknown = replace(a, out_channels=None, model_digest=None)
+    with pytest.raises(TumorsegError, match="five: out_channels 5, but python: 4"):
+        Predictor.ensemble([unknown, b, Predictor.from_checkpoint(five, device="cpu")], ["python", "m1.pt", "five"])
+
+
+def test_folds_of_other_cases_are_refused_though_the_first_records_none(tmp_path):
+    for k, cases in enumerate((None, "AAA", "BBB")):
+        save_checkpoint(tmp_path / f"cv/fold_{k}/best.pt", {**checkpoint_state(seed=k), "data_cases": cases,
+                                                            "config": {"fold": k, "folds": 3}})
+    with pytest.raises(TumorsegError, match=r"fold_2/best.pt: trained on other cases than .*fold_1/best.pt"):
+        checkpoint_files(tmp_path / "cv")
+    save_checkpoint(tmp_path / "cv/fold_2/best.pt", {**checkpoint_state(seed=2), "data_cases": "AAA",
+                                                     "config": {"fold": 2, "folds": 3}})
+    assert len(checkpoint_files(tmp_path / "cv")) == 3
+
+
+def test_no_postprocess_names_no_source(raw, tmp_path, capsys):
+    for k in range(2):
+        save_checkpoint(tmp_path / f"m{k}.pt", checkpoint_state(
+            seed=k, postprocess_statistics=statistics_state(_noisy_statistics(k))))
+    both = Predictor.from_checkpoints([tmp_path / "m0.pt", tmp_path / "m1.pt"], device="cpu")
+    assert both.postprocess_source.startswith("chosen on")
+    predict([tmp_path / "m0.pt", tmp_path / "m1.pt"], raw / "c0", tmp_path / "out", device="cpu", postprocess=False)
+    assert "post-processing: none\n" in capsys.readouterr().err

@@ -285,9 +285,24 @@ def test_cross_validation_folds_train_apart_and_predict_as_their_ensemble(prepar
     train(prepared, tmp_path / "cv", TrainConfig(fold=0, **{**config, "epochs": 2}), resume=True, progress=False)
     train(prepared, tmp_path / "cv/fold_0", TrainConfig(fold=0, **{**config, "epochs": 3}), resume=True, progress=False)
     assert load_checkpoint(tmp_path / "cv/fold_0/last.pt")["epoch"] == 3 and not (tmp_path / "cv/fold_0/fold_0").exists()
-    with pytest.raises(TumorsegError, match="its train/validation cases"):
-        train(prepared, tmp_path / "cv", TrainConfig(fold=0, **{**config, "folds": 3, "epochs": 4}), resume=True,
+    # resumed without --postprocess: its statistics are not an earlier epoch's, left over
+    train(prepared, tmp_path / "cv/fold_0", TrainConfig(fold=0, **{**config, "epochs": 4, "postprocess": False}),
+          resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "cv/fold_0/last.pt")["inference"]["postprocess_statistics"] is None
+    with pytest.raises(TumorsegError, match="trained as fold 0 of 2; resume it with --fold 0 --folds 2"):
+        train(prepared, tmp_path / "cv", TrainConfig(fold=0, **{**config, "folds": 3, "epochs": 5}), resume=True,
               progress=False)
+    with pytest.raises(TumorsegError, match="resume it with --fold 0 --folds 2"):
+        train(prepared, tmp_path / "cv/fold_0", TrainConfig(**{**config, "epochs": 5}), resume=True, progress=False)
+    # the folder of folds is one cross-validation: a fold trained as another's, or missing, is named
+    for k in range(2):
+        assert load_checkpoint(tmp_path / f"cv/fold_{k}/best.pt")["data_cases"] == train_module.split_digest(cases, [])
+    (tmp_path / "cv/fold_1").rename(tmp_path / "cv/moved")
+    with pytest.raises(TumorsegError, match=r"trained as 2 folds, 1 found \(fold_1 missing: train --fold 1 --folds 2\)"):
+        Predictor.from_checkpoints(tmp_path / "cv", device="cpu")
+    (tmp_path / "cv/moved").rename(tmp_path / "cv/fold_2")
+    with pytest.raises(TumorsegError, match=r"fold_2/best.pt: trained as fold 1, not fold_2"):
+        Predictor.from_checkpoints(tmp_path / "cv", device="cpu")
     with pytest.raises(TumorsegError, match="5 kept case\\(s\\) cannot make 6 folds"):
         train(prepared, tmp_path / "six", TrainConfig(fold=0, **{**config, "folds": 6}), progress=False)
     with pytest.raises(TumorsegError, match="fold must be in 0..folds-1"):
@@ -302,6 +317,9 @@ def test_cli_trains_and_resumes_a_fold(prepared, tmp_path, capsys):
     assert main(["train", str(prepared), str(tmp_path / "cv"), "--fold", "1", "--resume", "--epochs", "2"]) == 0
     state = load_checkpoint(tmp_path / "cv/fold_1/last.pt")  # its folds and filters came from the fold's config.yaml
     assert state["epoch"] == 2 and state["config"]["folds"] == 3 and list(state["network"]["filters"]) == [4, 8, 16]
+    assert main(["train", str(prepared), str(tmp_path / "other"), "--folds", "3"]) == 2
+    assert "--folds sets the folds of a cross-validation; give the fold to train with --fold K (0..2)" in \
+        capsys.readouterr().err
 
 
 def test_wall_clock_budget_stops_and_decays_the_learning_rate(prepared, tmp_path, capsys):

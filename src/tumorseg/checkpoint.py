@@ -60,7 +60,53 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     if unfinished:  # an ensemble short of folds would pass for the whole cross-validation
         raise TumorsegError(f"{path}: {', '.join(unfinished)} of its {len(folds)} folds have no best.pt yet; "
                             "finish them, or give the folds' folders to ensemble (RUN/fold_0 RUN/fold_1 ...)")
-    return [f / "best.pt" for f in folds]
+    files = [f / "best.pt" for f in folds]
+    _check_one_cross_validation(path, files)
+    return files
+
+
+def _check_one_cross_validation(path: Path, files: list[Path]) -> None:
+    """One line where the folders `fold_K` are not every fold of one cross-validation: a fold trained
+    as another (or another count of folds), on other cases, or a recorded fold missing. Folds
+    without the record (older checkpoints, runs put there by hand) are taken as they are."""
+    recorded = [(f, _fold_record(f)) for f in files]
+    recorded = [(f, r) for f, r in recorded if r is not None]
+    if not recorded:
+        return
+    first, (_, folds, _) = recorded[0]
+    cases: dict[str, Path] = {}  # digest of a fold's cases -> the first fold recording it
+    for file, (fold, its_folds, its_cases) in recorded:
+        if fold != int(file.parent.name[5:]):
+            raise TumorsegError(f"{file}: trained as fold {fold}, not {file.parent.name}; a cross-validation's folders "
+                                "are named for their folds")
+        if its_folds != folds:
+            raise TumorsegError(f"{file}: trained as one of {its_folds} folds, {first} of {folds}; an ensemble of "
+                                "folds takes one cross-validation's")
+        if its_cases is not None:  # folds trained before the digest was recorded: not compared
+            cases.setdefault(its_cases, file)
+            if len(cases) > 1:
+                raise TumorsegError(f"{file}: trained on other cases than {next(iter(cases.values()))}; an ensemble "
+                                    "of folds takes one cross-validation's")
+    numbers = {int(f.parent.name[5:]) for f in files}
+    if numbers != set(range(folds)):
+        missing = sorted(set(range(folds)) - numbers)
+        raise TumorsegError(f"{path}: its folds were trained as {folds} folds, {len(files)} found"
+                            + (f" (fold_{missing[0]} missing: train --fold {missing[0]} --folds {folds})" if missing else ""))
+
+
+def _fold_record(file: Path) -> tuple[int, int, str | None] | None:
+    """(fold, folds, digest of all its cases) a checkpoint records it was trained as; None where it
+    records none or cannot be read (loading it says why). Memory-mapped: the weights are not read."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        config = state.get("config") or {}
+        fold, folds = config.get("fold"), config.get("folds")
+    except Exception:  # noqa: BLE001 - damaged or not a checkpoint: `read_checkpoint` reports it in one line
+        return None
+    if not (isinstance(fold, int) and isinstance(folds, int)):
+        return None
+    cases = state.get("data_cases")
+    return fold, folds, cases if isinstance(cases, str) else None
 
 
 def _fold_folders(path: Path) -> list[Path]:

@@ -122,6 +122,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key in ("filters", "patch"):
         if overrides[key] is not None:
             overrides[key] = list(overrides[key])
+    if args.folds is not None and args.fold is None:
+        raise TumorsegError("train: --folds sets the folds of a cross-validation; give the fold to train with --fold K "
+                            f"(0..{args.folds - 1})")
     config_file = args.config
     run_dir = args.run_dir / f"fold_{args.fold}" if args.fold is not None and args.run_dir.name != f"fold_{args.fold}" \
         else args.run_dir

@@ -55,24 +55,31 @@ class EnsemblePostprocessing(NamedTuple):
     source: str
 
 
-def ensemble_postprocessing(members: Sequence[Any]) -> EnsemblePostprocessing:
+def ensemble_postprocessing(members: Sequence[Any], names: Sequence[str]) -> EnsemblePostprocessing:
     """Chosen on all the members' validation statistics (`Predictor.statistics`) where every member
-    stores them; else the members' own where they agree; else none (`source` says why)."""
-    stored = [m.statistics for m in members]
-    if all(s is not None for s in stored):
+    stores them; else the members' own where they agree; else none (`source` says why, naming the
+    first member, of `names`, without usable statistics)."""
+    lacking = None  # (name, why) of the first member whose statistics cannot be used
+    stats: list[dict] = []
+    for member, name in zip(members, names):
+        if member.statistics is None:
+            lacking = lacking or (name, "stores no validation statistics")
+            continue
         try:
-            stats = [case for s in stored for case in statistics_from_state(s)]
-        except ValueError:
-            stats = []
-        if stats:
-            tuned = choose_default(stats)
-            return EnsemblePostprocessing(tuned["largest_tumour"], tuned["et_threshold"], tuple(tuned["min_component"]),
-                                          [case for s in stored for case in s],
-                                          f"chosen on the members' {len(stats)} validation cases")
+            stats += statistics_from_state(member.statistics)
+        except ValueError as exc:
+            lacking = lacking or (name, str(exc))
+    if lacking is None and stats:
+        tuned = choose_default(stats)
+        return EnsemblePostprocessing(tuned["largest_tumour"], tuned["et_threshold"], tuple(tuned["min_component"]),
+                                      [case for m in members for case in m.statistics],
+                                      f"chosen on the members' {len(stats)} validation cases")
+    name, why = lacking or (names[0], "no validation cases")
+    hint = "; train with --postprocess to store them" if why.startswith("stores no") else ""
     own = {(m.largest_tumour, m.et_threshold, tuple(m.min_component)) for m in members}
     if len(own) == 1:
-        return EnsemblePostprocessing(*own.pop(), None, "the members'")
+        return EnsemblePostprocessing(*own.pop(), None, f"the members' own: not chosen on their validation cases "
+                                                        f"({name} {why})")
     return EnsemblePostprocessing(False, None, NO_COMPONENT_STEP, None,
-                                  "none: the members chose different post-processing and not all of them store the "
-                                  "validation statistics to choose one on (trained with --postprocess since "
-                                  "ensembles were added)")
+                                  f"none: the members chose differently and it cannot be chosen on their validation "
+                                  f"cases ({name} {why}{hint})")

@@ -248,28 +248,34 @@ def _array(value: Any, name: str) -> np.ndarray:
     return array.reshape(-1, 3) if name == "pairs" else array
 
 
-def statistics_from_state(items: Sequence[dict]) -> list[dict]:
+def statistics_from_state(items: Any) -> list[dict]:
     """`statistics_state`'s inverse; raises ValueError for anything else (a damaged checkpoint)."""
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"damaged validation statistics (a {type(items).__name__}, not a list of cases)")
     try:
         stats = [{**{k: [float(v) for v in item[k]] for k in ("dice", "dice_cleaned", "et", "et_cleaned")},
                   "components": [{"table": LesionTable(*(_array(row[f], f) for f in _TABLE_FIELDS)),
                                   "parent": _array(row["parent"], "parent")} for row in item["components"]]}
                  for item in items]
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        consistent = all(_consistent(s) for s in stats)
+    except Exception as exc:  # noqa: BLE001 - whatever a hand-edited file holds: one reason, not a traceback
         raise ValueError(f"damaged validation statistics ({type(exc).__name__})") from None
-    if not all(_consistent(s) for s in stats):
-        raise ValueError("damaged validation statistics (sizes or indices)")
+    if not consistent:
+        raise ValueError("damaged validation statistics (sizes, indices or values)")
     return stats
 
 
 def _consistent(stats: dict) -> bool:
     """Shapes and indices as `case_statistics` makes them: what `_kept` and `LesionTable.dice` index with."""
     rows = stats["components"]
-    if len(rows) != len(REGIONS) or any(len(stats[k]) != 3 for k in ("dice", "dice_cleaned", "et", "et_cleaned")):
+    numbers = [stats[k] for k in ("dice", "dice_cleaned", "et", "et_cleaned")]
+    if len(rows) != len(REGIONS) or any(len(v) != 3 or not np.isfinite(v).all() for v in numbers):
         return False
     outer = None
     for row in rows:
         table, parent = row["table"], row["parent"]
+        if any(a.ndim != 1 for a in (table.sizes, table.lesion_voxels, table.scored, parent)):
+            return False
         lesion, comp = table.pairs[:, 0], table.pairs[:, 1]
         if (table.scored.shape != table.lesion_voxels.shape or parent.shape != table.sizes.shape
                 or not (0 <= lesion).all() or not (lesion < table.lesion_voxels.size).all()

@@ -87,8 +87,9 @@ class Predictor:
         labels: label convention of the written files; None: each input layout's own.
         window: sliding-window size (multiples of `divisor`); None: `patch`. Windows larger than
             the brain's box shrink to it ("box": one window over the whole box).
-        engine: what runs `model`: "torch", "compile" (PyTorch through `torch.compile`: `compiled`), or
-            "onnx" (ONNX Runtime; `Predictor.from_checkpoint`).
+        engine: what runs `model`: "torch", "compile" (PyTorch through `torch.compile`: `compiled`),
+            "onnx" (ONNX Runtime; `Predictor.from_checkpoint`), or "mixed" (an ensemble of exported
+            models, run by ONNX Runtime, and PyTorch networks).
         network: the network's registry name (`networks.NETWORKS`), where known.
         pytorch_model: the PyTorch network behind `model` where ONNX Runtime runs it exported in
             memory (engine "onnx" from a checkpoint): what `compiled` compiles; None otherwise.
@@ -97,6 +98,9 @@ class Predictor:
         statistics: the validation statistics its post-processing was chosen on, as checkpoints store
             them (`postprocess.statistics_state`), where known: an ensemble chooses on all its members'.
         members: networks averaged (`Predictor.ensemble`); 1 for one network.
+        out_channels: the network's output channels (classes or regions), where known.
+        member_digests: an ensemble's networks' `model_digest`s, one per network (nested ensembles
+            flattened); empty for one network.
         postprocess_source: where an ensemble's post-processing comes from, in words (None: the checkpoint's).
     """
 
@@ -124,6 +128,8 @@ class Predictor:
     statistics: list | None = None
     members: int = 1
     postprocess_source: str | None = None
+    out_channels: int | None = None
+    member_digests: tuple[str | None, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -180,7 +186,7 @@ class Predictor:
         """This predictor with its PyTorch network compiled (`compiled.CompiledNetwork`), warmed up."""
         if self.engine == "compile":
             return self
-        if self.engine == "onnx" and self.pytorch_model is None:
+        if self.engine == "mixed" or (self.engine == "onnx" and self.pytorch_model is None):
             raise TumorsegError("an exported model has no PyTorch network to compile (predict the checkpoint)")
         model = self.pytorch_model if self.engine == "onnx" else self.model
         predictor = replace(self, model=CompiledNetwork(model, self.sw_batch_size).eval(), engine="compile",
@@ -290,23 +296,15 @@ class Predictor:
             pytorch_model=pytorch_model,
             model_digest=digest,
             statistics=inference.get("postprocess_statistics"),
+            out_channels=spec.get("out_channels"),
         )
 
     @classmethod
-    def from_checkpoints(
-        cls,
-        checkpoints: str | Path | Sequence[str | Path],
-        device: str = "auto",
-        tta: bool | None = None,
-        overlap: float = 0.5,
-        labels: str | None = None,
-        amp: str = "auto",
-        engine: str = "auto",
-        window: str | Sequence[int] | None = None,
-    ) -> "Predictor":
+    def from_checkpoints(cls, checkpoints: str | Path | Sequence[str | Path], **settings: Any) -> "Predictor":
         """`from_checkpoint` for one model, or the `ensemble` of several: checkpoint files, run
         folders (their `best.pt`), folders of cross-validation folds (every fold's `best.pt`:
-        `checkpoint.checkpoint_files`), exported models, in any mix."""
+        `checkpoint.checkpoint_files`), exported models, in any mix. `settings`: `from_checkpoint`'s
+        keyword arguments, for every member."""
         given = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
         files = [f for c in given for f in checkpoint_files(c)]
         if not files:
@@ -314,11 +312,19 @@ class Predictor:
         twice = sorted({str(f) for f in files if sum(g.resolve() == f.resolve() for g in files) > 1})
         if twice:  # a fold given alone and in its cross-validation folder would count double
             raise TumorsegError(f"{twice[0]}: given twice; an ensemble takes each model once")
-        settings = (device, tta, overlap, labels, amp)
-        members = [cls.from_checkpoint(f, *settings, engine, window) for f in files]
-        if len({m.engine for m in members}) > 1:  # `auto` chose per network: one runtime for all of them
-            members = [cls.from_checkpoint(f, *settings, "torch", window) for f in files]
-        return members[0] if len(members) == 1 else cls.ensemble(members, [str(f) for f in files])
+        engine = settings.pop("engine", "auto")
+        if len(files) == 1:
+            return cls.from_checkpoint(files[0], engine=engine, **settings)
+        # the ensemble compiles as one network (one graph, one batch of windows), not member by member
+        members = [cls.from_checkpoint(f, engine="torch" if engine == "compile" and f.suffix.lower() != ".onnx"
+                                       else engine, **settings) for f in files]
+        if engine == "auto" and len({m.engine for m in members}) > 1:  # chosen per network: PyTorch for the checkpoints
+            members = [m if m.engine == "torch" or f.suffix.lower() == ".onnx" else
+                       cls.from_checkpoint(f, engine="torch", **settings) for f, m in zip(files, members)]
+        joint = cls.ensemble(members, [str(f) for f in files])
+        if engine == "compile" and joint.engine == "torch":
+            joint = replace(joint, model=CompiledNetwork(joint.model, joint.sw_batch_size).eval(), engine="compile")
+        return joint
 
     @classmethod
     def ensemble(cls, members: Sequence["Predictor"], names: Sequence[str] | None = None) -> "Predictor":
@@ -330,22 +336,41 @@ class Predictor:
         member records it; the post-processing is `ensemble.ensemble_postprocessing`'s.
         """
         names = list(names) if names is not None else [f"member {i + 1}" for i in range(len(members))]
+        if not members:
+            raise TumorsegError("an ensemble needs at least one model")
         first = members[0]
+        runs = [m for m in members if m.engine != "onnx"] or members  # an exported model may fall back to the CPU
         for member, name in zip(members[1:], names[1:]):
-            for what in ("channels", "norm", "spacing", "target", "device"):
-                if getattr(member, what) != getattr(first, what):
-                    raise TumorsegError(f"{name}: {what} {getattr(member, what)}, but {names[0]}: "
-                                        f"{getattr(first, what)}; an ensemble's models share their input and output")
+            for what in ("channels", "norm", "spacing", "target", "out_channels"):
+                mine, theirs = getattr(member, what), getattr(first, what)
+                if what == "out_channels":  # None: not known (a network built in Python); the first known one
+                    theirs = next((m.out_channels for m in members if m.out_channels is not None), None)
+                if mine != theirs and (what != "out_channels" or mine is not None):
+                    raise TumorsegError(f"{name}: {what} {mine}, but {names[0]}: {theirs}; an ensemble's models share "
+                                        "their input and output")
+            if member.engine != "onnx" and member.device != runs[0].device:
+                raise TumorsegError(f"{name}: on {member.device}, but {runs[0].device}: an ensemble runs on one device")
+        seen: dict[str, str] = {}
+        digests = [d for m in members for d in m.member_digests or (m.model_digest,)]  # each network once
+        for member, name in zip(members, names):  # a checkpoint and its export, or a copy: one model counted twice
+            for d in member.member_digests or (member.model_digest,):
+                if d in seen:
+                    raise TumorsegError(f"{name}: {'holds ' if member.members > 1 else ''}the same model as {seen[d]}; "
+                                        "an ensemble takes each model once")
+                if d is not None:
+                    seen[d] = name
         divisor = math.lcm(*(m.divisor for m in members))
         patch = tuple(-(-max(sides) // divisor) * divisor for sides in zip(*(m.patch for m in members)))
-        post = ensemble_postprocessing(members)
-        digests = sorted(m.model_digest for m in members if m.model_digest is not None)
-        digest = (hashlib.sha256(("ensemble:" + ",".join(digests)).encode()).hexdigest()
-                  if len(digests) == len(members) else None)
+        post = ensemble_postprocessing(members, names)
+        digest = (hashlib.sha256(("ensemble:" + ",".join(sorted(seen))).encode()).hexdigest()
+                  if None not in digests else None)
+        engines = {"torch" if m.engine == "compile" else m.engine for m in members}  # compiled: `compiled` again
+        engine = engines.pop() if len(engines) == 1 else "mixed"
         pytorch = [m.pytorch_model for m in members]
+        window = check_window(first.window, divisor)
         return cls(
-            model=EnsembleNetwork([m.model for m in members], first.target).eval(),
-            device=first.device,
+            model=EnsembleNetwork([n for m in members for n in _networks(m.model)], first.target).eval(),
+            device=runs[0].device,
             channels=first.channels,
             norm=first.norm,
             patch=patch,
@@ -356,19 +381,29 @@ class Predictor:
             et_threshold=post.et_threshold,
             min_component=post.min_component,
             overlap=first.overlap,
-            amp_dtype=next((m.amp_dtype for m in members if m.amp_dtype is not None), None),
-            sw_batch_size=min(m.sw_batch_size for m in members),
+            amp_dtype=next((m.amp_dtype for m in runs if m.amp_dtype is not None), None),
+            sw_batch_size=window_batch(runs[0].device, window or patch),
             spacing=first.spacing,
             labels=first.labels,
-            window=first.window,
-            engine=first.engine,  # `from_checkpoints` gives every member the same
+            window=window,
+            engine=engine,
             network=first.network if len({m.network for m in members}) == 1 else None,
-            pytorch_model=EnsembleNetwork(pytorch, first.target).eval() if all(p is not None for p in pytorch) else None,
+            pytorch_model=(EnsembleNetwork([n for p in pytorch for n in _networks(p)], first.target).eval()
+                           if engine == "onnx" and all(p is not None for p in pytorch) else None),
             model_digest=digest,
             statistics=post.statistics,
             members=sum(m.members for m in members),
             postprocess_source=post.source,
+            out_channels=next((m.out_channels for m in members if m.out_channels is not None), None),
+            member_digests=tuple(digests),
         )
+
+
+def _networks(model: nn.Module) -> list[nn.Module]:
+    """The networks a predictor's model averages: an ensemble's members (so a nested ensemble weighs
+    each network once, not each group), the network itself uncompiled, or the model as it is."""
+    model = model.model if isinstance(model, CompiledNetwork) else model
+    return list(model.members) if isinstance(model, EnsembleNetwork) else [model]
 
 
 BOX_SIDE = 4096  # a window side beyond any brain's box: `roi` clips it to the box, one window over it
@@ -574,6 +609,8 @@ class _StitchedOnCpu(nn.Module):
 
 def _runtime_line(predictor: Predictor, amp: str) -> str:
     """Device, precision and engine; why a requested precision is not the one running."""
+    if predictor.engine == "mixed":
+        return f"{describe(predictor.device, amp, predictor.amp_dtype)}, PyTorch and ONNX Runtime (the exported models)"
     if predictor.engine != "onnx":
         runtime = "PyTorch" if predictor.engine == "torch" else "PyTorch compiled (torch.compile)"
         return f"{describe(predictor.device, amp, predictor.amp_dtype)}, {runtime}"
@@ -672,7 +709,9 @@ def _compile_if_it_pays(predictor: Predictor, seconds: float, passes_left: int, 
     """`predict --engine auto` after its first sliding-window pass: the predictor compiled where, at
     that pass's pace (`seconds`, in PyTorch or ONNX Runtime), the passes left win back the compiling
     (`compiled.compile_pays`); else as it is."""
-    if not compile_pays(seconds, passes_left, COMPILED_SAVES_ONNX if predictor.engine == "onnx" else COMPILED_SAVES):
+    # an ensemble compiles each of its networks: its pass must pay for all of them
+    if not compile_pays(seconds / predictor.members, passes_left,
+                        COMPILED_SAVES_ONNX if predictor.engine == "onnx" else COMPILED_SAVES):
         return predictor
     if bar is not None:
         bar.write(f"predict: {seconds:.0f} s per sliding-window pass, {passes_left} passes to go: compiling the "
@@ -837,8 +876,8 @@ def predict(
         if isinstance(predictor.model, CompiledNetwork) and predictor.model.batch != predictor.sw_batch_size:
             predictor = replace(predictor, model=CompiledNetwork(predictor.model.model, predictor.sw_batch_size))
     else:
-        predictor = Predictor.from_checkpoints(checkpoint, device, tta, 0.5 if overlap is None else overlap, labels, amp,
-                                               engine, window)
+        predictor = Predictor.from_checkpoints(checkpoint, device=device, tta=tta, labels=labels, amp=amp, engine=engine,
+                                               overlap=0.5 if overlap is None else overlap, window=window)
         if progress:
             print(f"predict: {_runtime_line(predictor, amp)}", file=sys.stderr)
         if predictor.engine == "compile" and predictor.fixed_window():
@@ -847,7 +886,8 @@ def predict(
             print("note: windows larger than the training patch differ from case to case; the network compiles "
                   "again for each new size", file=sys.stderr)
     if not postprocess:
-        predictor = replace(predictor, largest_tumour=False, et_threshold=None, min_component=NO_COMPONENT_STEP)
+        predictor = replace(predictor, largest_tumour=False, et_threshold=None, min_component=NO_COMPONENT_STEP,
+                            postprocess_source=None, statistics=None)
     if progress and _rank_world()[0] == 0:
         print(f"predict: {predictor.settings_line()}", file=sys.stderr)
     if uncertainty and not predictor.tta:

@@ -21,7 +21,7 @@ def summarize(cv_dir: Path, sizes: list[int]) -> dict[str, Any] | None:
     `sizes[k]` cases): each fold's best epoch, their case-weighted mean per region and, where every
     fold stores its validation statistics, the post-processing their ensemble chooses on them and its
     lesion-wise Dice. None until every fold of this cross-validation has a `best.pt`."""
-    folds, rows, stats = len(sizes), [], []
+    folds, rows, stats, cases = len(sizes), [], [], None
     for k in range(folds):
         try:
             state = load_checkpoint(cv_dir / f"fold_{k}" / "best.pt")
@@ -30,8 +30,10 @@ def summarize(cv_dir: Path, sizes: list[int]) -> dict[str, Any] | None:
         config = state.get("config") or {}
         best = next((row for row in state.get("history", []) if row.get("epoch") == state.get("best_epoch")
                      and "dice_mean" in row), None)
-        if (config.get("fold"), config.get("folds")) != (k, folds) or best is None:
-            return None  # another cross-validation's folder, or a fold never validated
+        its_cases = state.get("data_cases")  # None: trained before it was recorded, not compared
+        cases = cases or its_cases
+        if (config.get("fold"), config.get("folds")) != (k, folds) or best is None or its_cases not in (None, cases):
+            return None  # another cross-validation's folder (other folds or cases), or a fold never validated
         rows.append({"fold": k, "cases": sizes[k], "best_epoch": best["epoch"],
                      **{f"dice_{r}": best[f"dice_{r}"] for r in REGIONS}})
         stored = (state.get("inference") or {}).get("postprocess_statistics")

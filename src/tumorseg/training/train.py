@@ -130,6 +130,7 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch
         "config": config.to_dict(),
         "prepare": {k: settings.get(k) for k in PREPARE_KEYS},
         "data_split": split_digest(*ids),  # what --resume checks it goes on with (ids themselves not shared)
+        "data_cases": split_digest(ids[0] + ids[1], []),  # all of them: what a cross-validation's folds share
         "layout": manifest.get("layout", "brats2020"),
         "labels": manifest.get("labels", BRATS2020.to_dict()),  # the training data's convention
         "patch": list(patch),
@@ -169,6 +170,13 @@ def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, ids:
             main: bool = True) -> dict:
     state = load_checkpoint(run_dir / "last.pt")
     was = state.get("config", {})
+    def fold_of(c: dict) -> tuple:
+        return (c.get("fold"), c.get("folds")) if c.get("fold") is not None else (None, None)
+
+    if "fold" in was and fold_of(was) != fold_of(config.to_dict()):  # other folds: other cases, other curves
+        trained = (f"trained as fold {was['fold']} of {was['folds']}; resume it with --fold {was['fold']} "
+                   f"--folds {was['folds']}") if was["fold"] is not None else "trained on the prepared split; resume it without --fold"
+        raise TumorsegError(f"{run_dir / 'last.pt'}: {trained}")
     changed = [f"{k} {was[k]} -> {getattr(config, k)}" for k in RESUME_FIXED if k in was and was[k] != getattr(config, k)]
     if changed:  # the loaded optimizer state would keep the old values (or not fit another optimizer)
         raise TumorsegError(f"{run_dir / 'last.pt'}: --resume continues the run as it trained, not with "
@@ -361,6 +369,7 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
                 val_loss, dice = validate(model, val_set, loss_fn, ctx, patch, config.target, amp_dtype, progress, outputs,
                                           manifest["settings"].get("spacing") or (1.0, 1.0, 1.0))
                 row.update(val_loss=val_loss, dice_mean=mean_dice(dice), **{f"dice_{r}": dice[r] for r in REGIONS})
+                statistics = None  # this epoch's, or none: a resumed run may have turned --postprocess off
                 if outputs is not None:
                     gathered = distributed.gather_lists(outputs, ctx)
                     row.update(_tune_postprocessing(gathered))
