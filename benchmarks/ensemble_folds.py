@@ -4,8 +4,9 @@ Holds out a seeded set of test cases (as `real_learning.py`), prepares the other
 settings, trains each of K folds over them (`train --fold K --folds K`, the recipe's
 post-processing chosen on each fold's validation cases) for the same budget, then predicts the
 held-out cases with every fold alone and with their ensemble (the folder of folds, its
-post-processing chosen on all folds' validation cases), and scores them with the BraTS 2020
-metrics and the 2023+ lesion-wise Dice, with the seconds per case of each `predict` call.
+post-processing chosen on all folds' validation cases), each without and with its
+post-processing, and scores them with the BraTS 2020 metrics and the 2023+ lesion-wise Dice,
+with the seconds per case of each `predict` call and the cross-validation's own summary.
 Prints a table side by side and writes everything as JSON; a re-run goes on where it stopped.
 
     python benchmarks/ensemble_folds.py --data ../shared/data/brats --work /tmp/ens --folds 3 --minutes 12
@@ -14,6 +15,7 @@ Prints a table side by side and writes everything as JSON; a re-run goes on wher
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ from tumorseg.inference import predict
 from tumorseg.labels import REGIONS
 from tumorseg.prepare import PrepareConfig, prepare
 from tumorseg.recipes import load_recipe
-from tumorseg.training import resolve_config, train
+from tumorseg.training import crossval, resolve_config, train
 
 METRICS = ("dice", "hd95", "lesion_dice")
 
@@ -54,14 +56,16 @@ def train_folds(recipe: str, train_dir: Path, work: Path, folds: int, minutes: f
     return rows
 
 
-def predict_and_score(name: str, model: Path, test_dir: Path, work: Path, tta: bool | None) -> dict:
-    out = work / f"pred_{name}"
+def predict_and_score(name: str, model: Path, test_dir: Path, work: Path, tta: bool | None,
+                      postprocess: bool = True) -> dict:
+    out = work / f"pred_{name}{'' if postprocess else '_raw'}"
     t0 = time.perf_counter()
-    result = predict(model, test_dir, out, tta=tta, force=True)
+    result = predict(model, test_dir, out, tta=tta, force=True, postprocess=postprocess)
     seconds = time.perf_counter() - t0
     scores = evaluate(out, test_dir, out_csv=out / "metrics.csv")
     metrics = scores.summary["metrics"]
-    return {"model": name, "seconds_per_case": round(seconds / max(len(result.predicted), 1), 2),
+    return {"model": name + ("" if postprocess else ", no post-processing"),
+            "seconds_per_case": round(seconds / max(len(result.predicted), 1), 2),
             "means": {r: {m: metrics[r][m]["mean"] for m in METRICS} for r in REGIONS}}
 
 
@@ -95,11 +99,15 @@ def main() -> None:
     train_dir, test_dir, test_ids = hold_out(args.data, args.work, args.test_cases, args.seed)
     print(f"held-out test cases: {', '.join(test_ids)}")
     folds = train_folds(args.recipe, train_dir, args.work, args.folds, args.minutes, args.config, args.crop)
-    results = [predict_and_score(f"fold {k}", args.work / "cv" / f"fold_{k}", test_dir, args.work, args.tta)
-               for k in range(args.folds)]
-    results.append(predict_and_score(f"ensemble of {args.folds}", args.work / "cv", test_dir, args.work, args.tta))
+    models = [(f"fold {k}", args.work / "cv" / f"fold_{k}") for k in range(args.folds)]
+    models.append((f"ensemble of {args.folds}", args.work / "cv"))
+    # the networks alone, then with the post-processing each checkpoint (or the ensemble) chose
+    results = [predict_and_score(name, model, test_dir, args.work, args.tta, postprocess)
+               for postprocess in (False, True) for name, model in models]
+    summary = args.work / "cv" / crossval.SUMMARY
     res = {"machine": device_label(), "platform": platform.platform(), "recipe": args.recipe, "folds": args.folds,
-           "minutes": args.minutes, "tta": args.tta, "test_cases": test_ids, "training": folds, "results": results}
+           "minutes": args.minutes, "tta": args.tta, "test_cases": test_ids, "training": folds, "results": results,
+           "cross_validation": json.loads(summary.read_text()) if summary.is_file() else None}
     write_results(args.out, res, print_table)
 
 

@@ -260,7 +260,10 @@ def test_ensemble_folds_end_to_end(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert [r["model"] for r in res["results"]] == ["fold 0", "fold 1", "ensemble of 2"]
+    raw = ", no post-processing"
+    assert [r["model"] for r in res["results"]] == [f"fold 0{raw}", f"fold 1{raw}", f"ensemble of 2{raw}",
+                                                    "fold 0", "fold 1", "ensemble of 2"]
+    assert res["cross_validation"]["folds"] == 2 and res["cross_validation"]["cases"] == 4
     assert [f["validation_cases"] for f in res["training"]] == [2, 2]  # the 4 training cases, each validated once
     assert all(0.0 <= r["means"]["WT"]["dice"] <= 1.0 and r["seconds_per_case"] > 0 for r in res["results"])
     assert "| ensemble of 2 |" in proc.stdout
