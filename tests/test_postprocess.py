@@ -163,8 +163,25 @@ def test_remove_small_components_moves_voxels_one_region_out():
     assert remove_small_components(labels, (0, 0, 0)) is labels and remove_small_components(labels, (1, 1, 1)) is labels
     assert np.count_nonzero(labels[1:3, 18:21, 2:4] == 3) == 12  # the input is not modified
     cavity = np.zeros((6, 6, 6), np.uint8)
-    cavity[0, 0, 0], cavity[3:5, 3:5, 3:5] = 2, 4  # a kept resection cavity (4) is in no region: never removed
-    assert np.array_equal(remove_small_components(cavity, (5, 5, 5)), np.where(cavity == 4, 4, 0))
+    cavity[0, 0, 0], cavity[0:3, 5, 0:2], cavity[3:5, 3:5, 3:5] = 2, 2, 4
+    expected = cavity.copy()  # the speck goes; a kept resection cavity (4) is in no region: never removed
+    expected[0, 0, 0] = 0
+    assert np.array_equal(remove_small_components(cavity, (5, 5, 5)), expected)
+
+
+def test_a_region_predicted_only_in_small_parts_keeps_its_largest():
+    """Removing every component would wipe a true small region (ET Dice 0, HD95 374): its largest stays."""
+    labels = np.zeros((24, 24, 24), np.uint8)
+    labels[4:14, 4:14, 4:14] = 2
+    labels[5:8, 5:8, 5:8] = 3  # 27 voxels of ET
+    labels[10:12, 10:12, 10:12] = 3  # 8 voxels
+    out = remove_small_components(labels, (0, 0, 500))
+    assert np.count_nonzero(out == 3) == 27 and np.all(out[10:12, 10:12, 10:12] == 1)
+    gt = np.where(out == 3, 3, np.where(labels > 0, 2, 0)).astype(np.uint8)
+    stats = case_statistics(labels, gt)
+    kept = _kept(stats["components"], False, None, (0, 0, 500))
+    assert kept[2].tolist() == [True, False]  # the tuning models it: the largest ET component stays
+    assert remove_small_components(np.zeros((4, 4, 4), np.uint8), (5, 5, 5)).max() == 0
 
 
 def test_component_sizes_are_tuned_on_lesionwise_dice():

@@ -153,7 +153,7 @@ class Predictor:
         window = None if self.window == self.patch else self.window  # the training patch, given or not
         settings = (self.model_digest, self.tta, self.overlap, window, self.largest_tumour, self.et_threshold)
         if any(self.min_component):  # absent when off: files of models from before this step keep their fingerprint
-            settings += (tuple(self.min_component),)
+            settings += (tuple(self.min_component), "largest kept")  # files from before it kept no region's largest
         return hashlib.sha256(repr(settings).encode()).hexdigest()[:MODEL_DIGITS]
 
     def settings_line(self) -> str:
@@ -163,7 +163,7 @@ class Predictor:
             steps.append(f"ET under {self.et_threshold} voxels as necrosis")
         small = [f"{r} {v}" for r, v in zip(REGIONS, self.min_component) if v]
         if small:
-            steps.append(f"components under {' / '.join(small)} voxels removed")
+            steps.append(f"components under {' / '.join(small)} voxels removed but each region's largest")
         voxels = f" (training voxels, {'x'.join(f'{v:g}' for v in self.spacing)} mm)" if self.spacing and (
             self.et_threshold or small) else ""
         source = f" ({self.postprocess_source})" if self.postprocess_source else ""
