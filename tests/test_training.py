@@ -317,6 +317,8 @@ def test_cli_trains_and_resumes_a_fold(prepared, tmp_path, capsys):
     assert main(["train", str(prepared), str(tmp_path / "cv"), "--fold", "1", "--resume", "--epochs", "2"]) == 0
     state = load_checkpoint(tmp_path / "cv/fold_1/last.pt")  # its folds and filters came from the fold's config.yaml
     assert state["epoch"] == 2 and state["config"]["folds"] == 3 and list(state["network"]["filters"]) == [4, 8, 16]
+    assert main(["train", str(prepared), str(tmp_path / "cv/fold_1"), "--resume", "--folds", "3", "--epochs", "3"]) == 0
+    assert load_checkpoint(tmp_path / "cv/fold_1/last.pt")["epoch"] == 3  # the fold's folder names its fold
     assert main(["train", str(prepared), str(tmp_path / "other"), "--folds", "3"]) == 2
     assert "--folds sets the folds of a cross-validation; give the fold to train with --fold K (0..2)" in \
         capsys.readouterr().err

@@ -122,7 +122,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key in ("filters", "patch"):
         if overrides[key] is not None:
             overrides[key] = list(overrides[key])
-    if args.folds is not None and args.fold is None:
+    resumed_fold = args.resume and args.run_dir.name.startswith("fold_") and args.run_dir.name[5:].isdigit()
+    if args.folds is not None and args.fold is None and not resumed_fold:  # a fold's folder: its config.yaml has it
         raise TumorsegError("train: --folds sets the folds of a cross-validation; give the fold to train with --fold K "
                             f"(0..{args.folds - 1})")
     config_file = args.config
