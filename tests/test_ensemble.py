@@ -202,6 +202,11 @@ def test_exported_model_and_checkpoints_make_one_mixed_ensemble(raw, tmp_path, c
                                     for n in "ab"])
     a, b = predict_case(both, case, probabilities=True), predict_case(reference, case, probabilities=True)
     assert np.abs(a.probabilities - b.probabilities).max() < 1e-4
+    # `auto` runs UNet3D checkpoints in ONNX Runtime on a float32 CPU, other networks in PyTorch: one ensemble
+    auto = Predictor.from_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], device="cpu", amp="off")
+    assert auto.engine == "mixed" and auto.pytorch_model is None
+    c = predict_case(auto, case, probabilities=True)
+    assert np.abs(c.probabilities - b.probabilities).max() < 1e-4
     # an export is the model it was exported from: not a second member
     with pytest.raises(TumorsegError, match=r"a.onnx: the same model as .*a.pt"):
         Predictor.from_checkpoints([tmp_path / "a.pt", tmp_path / "a.onnx"], device="cpu")
@@ -237,14 +242,32 @@ def test_compiled_ensemble_is_one_network_with_the_ensembles_window_batch(tmp_pa
     from tumorseg.devices import window_batch
     from tumorseg.inference.compiled import CompiledNetwork
 
-    for k in range(2):
-        save_checkpoint(tmp_path / f"m{k}.pt", checkpoint_state(seed=k, patch=(16, 16, 16) if k else (32, 32, 32)))
-    compiled = Predictor.from_checkpoints([tmp_path / "m0.pt", tmp_path / "m1.pt"], device="cpu", engine="compile")
+    # the ensemble's window (32, 32, 24) is larger than either member's patch: fewer windows per call
+    save_checkpoint(tmp_path / "m0.pt", checkpoint_state(filters=(4, 8, 16, 32), patch=(16, 16, 16)))
+    save_checkpoint(tmp_path / "m1.pt", checkpoint_state(seed=1, patch=(32, 32, 20)))
+    models = [tmp_path / "m0.pt", tmp_path / "m1.pt"]
+    compiled = Predictor.from_checkpoints(models, device="cpu", engine="compile")
     assert compiled.engine == "compile" and isinstance(compiled.model, CompiledNetwork)
     assert isinstance(compiled.model.model, EnsembleNetwork) and len(compiled.model.model.members) == 2
-    assert compiled.sw_batch_size == compiled.model.batch == window_batch(compiled.device, compiled.patch)
-    plain = Predictor.from_checkpoints([tmp_path / "m0.pt", tmp_path / "m1.pt"], device="cpu", engine="torch")
-    assert plain.engine == "torch" and plain.sw_batch_size == window_batch(plain.device, (32, 32, 32))
+    cpu = torch.device("cpu")
+    assert compiled.patch == (32, 32, 24) and window_batch(cpu, (32, 32, 24)) < window_batch(cpu, (32, 32, 20))
+    assert compiled.sw_batch_size == compiled.model.batch == window_batch(cpu, (32, 32, 24))
+    plain = Predictor.from_checkpoints(models, device="cpu", engine="torch")
+    assert plain.engine == "torch" and plain.sw_batch_size == window_batch(cpu, (32, 32, 24))
+
+
+def test_auto_compiles_an_ensemble_only_where_the_passes_left_repay_every_member(monkeypatch):
+    from tumorseg.inference.compiled import COMPILE_SECONDS, COMPILED_SAVES, CompiledNetwork
+    from tumorseg.inference.predict import _compile_if_it_pays
+
+    members = [Predictor.from_checkpoint(checkpoint_state(seed=k), device="cpu") for k in range(3)]
+    three = Predictor.ensemble(members)
+    # compiling itself is `test_compiled`'s: here only the decision (a CompiledNetwork compiles at its first call)
+    monkeypatch.setattr(Predictor, "compiled", lambda self: replace(self, engine="compile", model=CompiledNetwork(self.model)))
+    seconds = 2 * COMPILE_SECONDS / (10 * COMPILED_SAVES)  # 10 passes left save twice one network's compiling
+    assert _compile_if_it_pays(members[0], seconds, 10, None).engine == "compile"
+    assert _compile_if_it_pays(three, seconds, 10, None) is three  # not three networks' compiling
+    assert _compile_if_it_pays(three, 2 * seconds, 10, None).engine == "compile"
 
 
 def test_damaged_or_missing_statistics_are_named_not_a_traceback():
@@ -276,7 +299,7 @@ def test_nested_ensembles_hold_each_model_once_and_fingerprint_as_flat(tmp_path)
     five["network"]["out_channels"] = 5
     five["model"] = build_network(**five["network"]).state_dict()
     unknown = replace(a, out_channels=None, model_digest=None)
-    with pytest.raises(TumorsegError, match="five: out_channels 5, but python: 4"):
+    with pytest.raises(TumorsegError, match="five: out_channels 5, but m1.pt: 4"):
         Predictor.ensemble([unknown, b, Predictor.from_checkpoint(five, device="cpu")], ["python", "m1.pt", "five"])
 
 

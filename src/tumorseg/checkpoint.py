@@ -90,8 +90,8 @@ def _check_one_cross_validation(path: Path, files: list[Path]) -> None:
     numbers = {int(f.parent.name[5:]) for f in files}
     if numbers != set(range(folds)):
         missing = sorted(set(range(folds)) - numbers)
-        raise TumorsegError(f"{path}: its folds were trained as {folds} folds, {len(files)} found"
-                            + (f" (fold_{missing[0]} missing: train --fold {missing[0]} --folds {folds})" if missing else ""))
+        hint = f" (fold_{missing[0]} missing: train --fold {missing[0]} --folds {folds})" if missing else ""
+        raise TumorsegError(f"{path}: its folds were trained as {folds} folds, {len(files)} found{hint}")
 
 
 def _fold_record(file: Path) -> tuple[int, int, str | None] | None:

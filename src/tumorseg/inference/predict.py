@@ -88,8 +88,8 @@ class Predictor:
         window: sliding-window size (multiples of `divisor`); None: `patch`. Windows larger than
             the brain's box shrink to it ("box": one window over the whole box).
         engine: what runs `model`: "torch", "compile" (PyTorch through `torch.compile`: `compiled`),
-            "onnx" (ONNX Runtime; `Predictor.from_checkpoint`), or "mixed" (an ensemble of exported
-            models, run by ONNX Runtime, and PyTorch networks).
+            "onnx" (ONNX Runtime; `Predictor.from_checkpoint`), or "mixed" (an ensemble whose networks
+            run partly in ONNX Runtime, partly in PyTorch).
         network: the network's registry name (`networks.NETWORKS`), where known.
         pytorch_model: the PyTorch network behind `model` where ONNX Runtime runs it exported in
             memory (engine "onnx" from a checkpoint): what `compiled` compiles; None otherwise.
@@ -97,7 +97,6 @@ class Predictor:
             in Python): with the settings that decide the labels, `made_by`.
         statistics: the validation statistics its post-processing was chosen on, as checkpoints store
             them (`postprocess.statistics_state`), where known: an ensemble chooses on all its members'.
-        members: networks averaged (`Predictor.ensemble`); 1 for one network.
         out_channels: the network's output channels (classes or regions), where known.
         member_digests: an ensemble's networks' `model_digest`s, one per network (nested ensembles
             flattened); empty for one network.
@@ -126,7 +125,6 @@ class Predictor:
     pytorch_model: nn.Module | None = None
     model_digest: str | None = None
     statistics: list | None = None
-    members: int = 1
     postprocess_source: str | None = None
     out_channels: int | None = None
     member_digests: tuple[str | None, ...] = ()
@@ -139,6 +137,11 @@ class Predictor:
         if len(self.patch) != 3 or any(p < 1 for p in self.patch):
             raise TumorsegError(f"patch must be three positive integers, got {self.patch}")
         self.window = check_window(self.window, self.divisor)
+
+    @property
+    def members(self) -> int:
+        """Networks averaged (`Predictor.ensemble`); 1 for one network."""
+        return len(self.member_digests) or 1
 
     def roi(self, box_shape: Sequence[int]) -> tuple[int, ...]:
         """The sliding window for an inference box: `window` (else `patch`), at most the box."""
@@ -315,12 +318,10 @@ class Predictor:
         engine = settings.pop("engine", "auto")
         if len(files) == 1:
             return cls.from_checkpoint(files[0], engine=engine, **settings)
-        # the ensemble compiles as one network (one graph, one batch of windows), not member by member
+        # the ensemble compiles as one network (one graph, one batch of windows), not member by member;
+        # `auto` chooses per network, so an ensemble may run some in ONNX Runtime and some in PyTorch
         members = [cls.from_checkpoint(f, engine="torch" if engine == "compile" and f.suffix.lower() != ".onnx"
                                        else engine, **settings) for f in files]
-        if engine == "auto" and len({m.engine for m in members}) > 1:  # chosen per network: PyTorch for the checkpoints
-            members = [m if m.engine == "torch" or f.suffix.lower() == ".onnx" else
-                       cls.from_checkpoint(f, engine="torch", **settings) for f, m in zip(files, members)]
         joint = cls.ensemble(members, [str(f) for f in files])
         if engine == "compile" and joint.engine == "torch":
             joint = replace(joint, model=CompiledNetwork(joint.model, joint.sw_batch_size).eval(), engine="compile")
@@ -341,17 +342,19 @@ class Predictor:
         first = members[0]
         runs = [m for m in members if m.engine != "onnx"] or members  # an exported model may fall back to the CPU
         for member, name in zip(members[1:], names[1:]):
-            for what in ("channels", "norm", "spacing", "target", "out_channels"):
-                mine, theirs = getattr(member, what), getattr(first, what)
-                if what == "out_channels":  # None: not known (a network built in Python); the first known one
-                    theirs = next((m.out_channels for m in members if m.out_channels is not None), None)
-                if mine != theirs and (what != "out_channels" or mine is not None):
-                    raise TumorsegError(f"{name}: {what} {mine}, but {names[0]}: {theirs}; an ensemble's models share "
-                                        "their input and output")
+            for what in ("channels", "norm", "spacing", "target"):
+                if getattr(member, what) != getattr(first, what):
+                    raise TumorsegError(f"{name}: {what} {getattr(member, what)}, but {names[0]}: "
+                                        f"{getattr(first, what)}; an ensemble's models share their input and output")
             if member.engine != "onnx" and member.device != runs[0].device:
                 raise TumorsegError(f"{name}: on {member.device}, but {runs[0].device}: an ensemble runs on one device")
-        seen: dict[str, str] = {}
-        digests = [d for m in members for d in m.member_digests or (m.model_digest,)]  # each network once
+        known = [(m.out_channels, name) for m, name in zip(members, names) if m.out_channels is not None]
+        for channels, name in known[1:]:  # None: not known (a network built in Python)
+            if channels != known[0][0]:
+                raise TumorsegError(f"{name}: out_channels {channels}, but {known[0][1]}: {known[0][0]}; an "
+                                    "ensemble's models share their input and output")
+        seen: dict[str, str] = {}  # digest -> the member holding it
+        digests: list[str | None] = []  # one per network, nested ensembles flattened
         for member, name in zip(members, names):  # a checkpoint and its export, or a copy: one model counted twice
             for d in member.member_digests or (member.model_digest,):
                 if d in seen:
@@ -359,6 +362,7 @@ class Predictor:
                                         "an ensemble takes each model once")
                 if d is not None:
                     seen[d] = name
+                digests.append(d)
         divisor = math.lcm(*(m.divisor for m in members))
         patch = tuple(-(-max(sides) // divisor) * divisor for sides in zip(*(m.patch for m in members)))
         post = ensemble_postprocessing(members, names)
@@ -392,9 +396,8 @@ class Predictor:
                            if engine == "onnx" and all(p is not None for p in pytorch) else None),
             model_digest=digest,
             statistics=post.statistics,
-            members=sum(m.members for m in members),
             postprocess_source=post.source,
-            out_channels=next((m.out_channels for m in members if m.out_channels is not None), None),
+            out_channels=known[0][0] if known else None,
             member_digests=tuple(digests),
         )
 
@@ -610,7 +613,8 @@ class _StitchedOnCpu(nn.Module):
 def _runtime_line(predictor: Predictor, amp: str) -> str:
     """Device, precision and engine; why a requested precision is not the one running."""
     if predictor.engine == "mixed":
-        return f"{describe(predictor.device, amp, predictor.amp_dtype)}, PyTorch and ONNX Runtime (the exported models)"
+        return (f"{describe(predictor.device, amp, predictor.amp_dtype)}, PyTorch and ONNX Runtime "
+                "(networks of the ensemble)")
     if predictor.engine != "onnx":
         runtime = "PyTorch" if predictor.engine == "torch" else "PyTorch compiled (torch.compile)"
         return f"{describe(predictor.device, amp, predictor.amp_dtype)}, {runtime}"
@@ -876,8 +880,8 @@ def predict(
         if isinstance(predictor.model, CompiledNetwork) and predictor.model.batch != predictor.sw_batch_size:
             predictor = replace(predictor, model=CompiledNetwork(predictor.model.model, predictor.sw_batch_size))
     else:
-        predictor = Predictor.from_checkpoints(checkpoint, device=device, tta=tta, labels=labels, amp=amp, engine=engine,
-                                               overlap=0.5 if overlap is None else overlap, window=window)
+        predictor = Predictor.from_checkpoints(checkpoint, device=device, tta=tta, labels=labels, amp=amp,
+                                               engine=engine, overlap=0.5 if overlap is None else overlap, window=window)
         if progress:
             print(f"predict: {_runtime_line(predictor, amp)}", file=sys.stderr)
         if predictor.engine == "compile" and predictor.fixed_window():

@@ -170,12 +170,11 @@ def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, ids:
             main: bool = True) -> dict:
     state = load_checkpoint(run_dir / "last.pt")
     was = state.get("config", {})
-    def fold_of(c: dict) -> tuple:
-        return (c.get("fold"), c.get("folds")) if c.get("fold") is not None else (None, None)
-
-    if "fold" in was and fold_of(was) != fold_of(config.to_dict()):  # other folds: other cases, other curves
-        trained = (f"trained as fold {was['fold']} of {was['folds']}; resume it with --fold {was['fold']} "
-                   f"--folds {was['folds']}") if was["fold"] is not None else "trained on the prepared split; resume it without --fold"
+    was_fold = (was.get("fold"), was.get("folds")) if was.get("fold") is not None else None
+    if "fold" in was and was_fold != ((config.fold, config.folds) if config.fold is not None else None):
+        # another fold trains and validates on other cases, under the same curves and best epoch
+        trained = (f"trained as fold {was_fold[0]} of {was_fold[1]}; resume it with --fold {was_fold[0]} "
+                   f"--folds {was_fold[1]}") if was_fold else "trained on the prepared split; resume it without --fold"
         raise TumorsegError(f"{run_dir / 'last.pt'}: {trained}")
     changed = [f"{k} {was[k]} -> {getattr(config, k)}" for k in RESUME_FIXED if k in was and was[k] != getattr(config, k)]
     if changed:  # the loaded optimizer state would keep the old values (or not fit another optimizer)
