@@ -316,6 +316,30 @@ def test_an_unusable_ground_truth_is_not_the_models_failure(folders, tmp_path, c
         evaluate(tmp_path / "pred", tmp_path / "gt", progress=False, only_predicted=True)
 
 
+def test_an_unusable_truth_without_a_usable_prediction_is_no_failure_either(folders, tmp_path):
+    """A case whose prediction is missing, or given twice (`.nii` and `.nii.gz`), is failed only
+    when its truth could have scored it; a broken truth is named as such instead."""
+    gt, _ = folders
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt" / case_id(1)).symlink_to(gt / case_id(1))
+    save(tmp_path / "pred" / f"{case_id(1)}.nii.gz", seg_of(gt, 1))
+    bad = seg_of(gt, 3).copy()
+    bad[0, 0, 0] = 5
+    for n in (3, 4):
+        (tmp_path / "gt" / case_id(n)).mkdir()
+        save(tmp_path / "gt" / case_id(n) / f"{case_id(n)}_seg.nii.gz", bad)
+    for ext in (".nii", ".nii.gz"):  # case 4: two files; case 3: none
+        save(tmp_path / "pred" / f"{case_id(4)}{ext}", seg_of(gt, 4))
+    result = evaluate(tmp_path / "pred", tmp_path / "gt", progress=False, workers=2)
+    assert sorted(result.truth_errors) == [case_id(3), case_id(4)] and result.failed == [] and not result.missing
+    assert result.summary["cases"] == 1 and result.summary["failed"] == 0
+    assert all("labels 5" in msg for msg in result.truth_errors.values())
+    (tmp_path / "gt" / case_id(2)).symlink_to(gt / case_id(2))  # a usable truth: missing is still failed
+    result = evaluate(tmp_path / "pred", tmp_path / "gt", progress=False)
+    assert result.missing == [case_id(2)] and result.failed == [case_id(2)] and result.summary["cases"] == 2
+
+
 def test_a_flat_truth_folder_holding_no_conventions_labels_is_a_truth_error(folders, tmp_path):
     gt, _ = folders
     (tmp_path / "labels").mkdir()

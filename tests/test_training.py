@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -15,9 +16,11 @@ from tumorseg.data import split_ids
 from tumorseg.inference import Predictor
 from tumorseg.prepare import load_manifest
 from tumorseg.prepare.split import fold_split
-from tumorseg.training import TrainConfig, load_checkpoint, resolve_config, train
+from tumorseg.training import TrainConfig, build_loss, load_checkpoint, resolve_config, train
+from tumorseg.training.distributed import DistContext
 
 train_module = importlib.import_module("tumorseg.training.train")
+engine = importlib.import_module("tumorseg.training.engine")
 postprocess_module = importlib.import_module("tumorseg.inference.postprocess")
 
 from factory import interrupt_training, write_case
@@ -409,3 +412,20 @@ def test_a_damaged_manifest_is_one_line_naming_it(prepared, tmp_path, damage):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TumorsegError, match=r"manifest.json: (damaged manifest|not a tumorseg manifest)"):
         train(copy, tmp_path / "run", TrainConfig(epochs=1, **TINY), progress=False)
+
+
+def test_a_training_epoch_writes_its_progress_at_the_bars_pace(monkeypatch, capsys):
+    """In a log file (TQDM_MININTERVAL=60, as the CLI sets it) the running loss must not force a
+    progress line every step."""
+    class Loader(list):
+        sampler = type("Sampler", (), {"set_epoch": lambda self, epoch: None})()
+
+    monkeypatch.setattr(engine, "tqdm", partial(engine.tqdm, mininterval=60))  # tqdm reads TQDM_* on import
+    torch.manual_seed(0)
+    loader = Loader({"image": torch.randn(1, 1, 8, 8, 8), "label": torch.randint(0, 4, (1, 1, 8, 8, 8))}
+                    for _ in range(6))
+    model = torch.nn.Conv3d(1, 3, 1)
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    engine.train_epoch(model, loader, build_loss("regions"), torch.optim.SGD(model.parameters(), lr=1e-3), scaler, ctx, 0)
+    assert capsys.readouterr().err.count("loss=") <= 1  # at most the last state, not one per step

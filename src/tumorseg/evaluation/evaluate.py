@@ -20,8 +20,8 @@ Every ground-truth case is accounted for, never silently skipped:
   different from the ground truth, labels outside 0/1/2/4, both `.nii` and `.nii.gz`);
   one line says why, and the case is scored as failed like a missing one.
 - status "truth_error": the ground truth itself is unusable (unreadable, labels outside its
-  convention); one line says why, and the case is kept out of the summary: a broken truth file
-  is not the model's failure. `evaluate` still exits non-zero.
+  convention); one line says why, and the case is kept out of the summary whether or not it has
+  a prediction: a broken truth file is not the model's failure. `evaluate` still exits non-zero.
 Ground-truth cases without a segmentation are skipped with a note; predictions without a
 ground-truth case are listed as extra.
 
@@ -235,15 +235,19 @@ def score_regions(
 
 def evaluate_case(
     case_id: str,
-    pred_path: Path,
+    pred_path: Path | None,
     seg_path: Path,
     gt_labels: LabelConvention | None = BRATS2020,
     challenge: str | None = None,
     pred_labels: LabelConvention | None = None,
+    unscored: tuple[str, str] | None = None,
 ) -> CaseResult:
     """Score one prediction file against one ground-truth file; errors become a status.
 
     Conventions as `case_conventions` decides them; a guessed one is noted in the message.
+    `unscored` (status, message) is a case without a prediction to read (missing, or `.nii`
+    beside `.nii.gz`): failed, once its truth is found usable, since an unusable truth is no
+    model's failure.
     """
     try:
         gt = load_labels(seg_path, case_id)
@@ -254,6 +258,9 @@ def evaluate_case(
     except (TumorsegError, ValueError) as exc:
         message = str(exc) if str(exc).startswith(f"{case_id}: ") else f"{case_id}: {exc}"
         return CaseResult(case_id, STATUS_TRUTH, {r: {} for r in REGIONS}, message)
+    if unscored is not None or pred_path is None:
+        status, message = unscored or (STATUS_MISSING, f"{case_id}: no prediction")
+        return CaseResult(case_id, status, _failed_metrics(), message)
     try:
         pred = load_labels(pred_path, case_id)
         metrics, notes = score_case(case_id, pred, gt, gt_labels, pred_labels, challenge)
@@ -365,8 +372,9 @@ def truth_labels(case: Case) -> LabelConvention | None:
 def _pair_cases(
     gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, labels: str | None, challenge: str | None,
     pred_labels: str | None = None, only: Collection[str] | None = None, only_predicted: bool = False,
-) -> tuple[list[tuple], list[CaseResult], dict[str, list[str]]]:
-    """Jobs to score, rows already decided (missing, conflicting), and the lists to report."""
+) -> tuple[list[tuple], dict[str, list[str]]]:
+    """Jobs to score (every segmented case: a missing or conflicting prediction's truth is
+    checked too) and the lists to report."""
     cases = discover_cases(gt_dir, need_images=False, only=only)
     preds, conflicts = find_predictions(pred_dir)
     if only is not None:  # the other predictions in the folder are not asked about
@@ -382,24 +390,20 @@ def _pair_cases(
     if only_predicted:
         with_seg = predicted
     forced = convention(labels) if labels else None
-    jobs, decided = [], []
+    pred_conv = convention(pred_labels) if pred_labels else None
+    jobs = []
     for case in with_seg:
         cid = case.case_id
-        gt_labels = forced or truth_labels(case)
-        if cid in conflicts:
-            decided.append(CaseResult(cid, STATUS_ERROR, _failed_metrics(), conflicts[cid]))
-        elif cid in preds:
-            jobs.append((cid, preds[cid], case.seg, gt_labels, challenge, convention(pred_labels) if pred_labels else None))
-        else:
-            msg = f"{cid}: no prediction {cid}.nii.gz in {pred_dir}"
-            decided.append(CaseResult(cid, STATUS_MISSING, _failed_metrics(), msg))
+        unscored = ((STATUS_ERROR, conflicts[cid]) if cid in conflicts else None if cid in preds
+                    else (STATUS_MISSING, f"{cid}: no prediction {cid}.nii.gz in {pred_dir}"))
+        jobs.append((cid, preds.get(cid), case.seg, forced or truth_labels(case), challenge, pred_conv, unscored))
     gt_ids = {c.case_id for c in with_seg}
     lists = {
         "extra": sorted((set(preds) | set(conflicts)) - gt_ids),
         "skipped": [f"{c.case_id}: no segmentation in {c.folder}" for c in cases if c.seg is None],
         "notes": [c.seg_note for c in with_seg if c.seg_note],
     }
-    return jobs, decided, lists
+    return jobs, lists
 
 
 def evaluate(
@@ -438,13 +442,13 @@ def evaluate(
         TumorsegError: a folder is missing, holds no predictions or no segmentations.
     """
     challenge = challenge_name(challenge) if challenge is not None else None
-    jobs, decided, lists = _pair_cases(gt_dir, pred_dir, labels, challenge, pred_labels, cases, only_predicted)
+    jobs, lists = _pair_cases(gt_dir, pred_dir, labels, challenge, pred_labels, cases, only_predicted)
     for out in (out_csv, out_json):
         if out is not None:  # the inputs are checked; now, before the scoring a failed write would lose
             if Path(out).is_dir():
                 raise TumorsegError(f"{out}: a folder; give the file to write (--out FOLDER/metrics.csv)")
             check_writable(Path(out).parent, "write the metrics elsewhere (--out)")
-    every = sorted(decided + _run_jobs(jobs, workers, progress), key=lambda r: r.case_id)
+    every = sorted(_run_jobs(jobs, workers, progress), key=lambda r: r.case_id)
     truth_errors = {r.case_id: r.message for r in every if r.status == STATUS_TRUTH}
     rows = [r for r in every if r.status != STATUS_TRUTH]
     if not rows:

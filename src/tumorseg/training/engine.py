@@ -114,7 +114,7 @@ def train_epoch(
         scaler.step(optimizer)
         scaler.update()
         total += torch.tensor([value, 1.0], dtype=torch.float64)
-        bar.set_postfix(loss=f"{total[0] / total[1]:.4f}")
+        bar.set_postfix(loss=f"{total[0] / total[1]:.4f}", refresh=False)  # shown at the bar's own pace
     total = all_reduce_sum(total, ctx)
     return float(total[0] / total[1]) if total[1] else float("nan")  # nan: every step was skipped
 
