@@ -673,6 +673,30 @@ def test_evaluate_never_guesses_conventions_silently(tmp_path):
     assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET")) and not scores.notes
 
 
+def test_a_flat_truth_folder_of_brats2023_ids_is_read_in_their_convention(tmp_path):
+    """BraTS 2024 post-treatment truth (a cavity, no enhancing tumour) as `BraTS-GLI-...-seg.nii.gz`
+    label files side by side: the ids name the convention, as their case folders would; the cavity
+    is in no region. Other names keep the guess from the values, said aloud."""
+    shape = (24, 24, 20)
+    post = np.zeros(shape, np.uint8)
+    post[4:14, 4:14, 4:14], post[6:12, 6:12, 6:12], post[16:20, 16:20, 14:18] = 2, 1, 4
+    b23 = CONVENTIONS["brats2023"]
+    case = "BraTS-GLI-02073-100"
+    _write_tagged(tmp_path / "gt", f"{case}-seg", b23.from_training(post), AFFINE, None)
+    (tmp_path / "pred").mkdir()
+    empty_cavity = post.copy()
+    empty_cavity[empty_cavity == 4] = 0  # a network that draws no cavity: every region still perfect
+    _write_tagged(tmp_path / "pred", case, b23.from_training(empty_cavity), AFFINE, b23)
+    (found,) = discover_cases(tmp_path / "gt", need_images=False)
+    assert found.case_id == case and found.labels is b23
+    scores = evaluate(tmp_path / "pred", tmp_path / "gt", progress=False)
+    assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET")) and not scores.notes
+    (tmp_path / "gt" / f"{case}-seg.nii.gz").rename(tmp_path / "gt" / "case_seg.nii.gz")
+    (tmp_path / "pred" / f"{case}.nii.gz").rename(tmp_path / "pred" / "case.nii.gz")
+    scores = evaluate(tmp_path / "pred", tmp_path / "gt", progress=False)
+    assert scores.notes[0] == "case: ground truth read as brats2023 labels (as the prediction's header says; --labels to set)"
+
+
 def test_a_segmentation_stored_twice_beside_the_images_is_one_case(tmp_path):
     """`x_seg.nii` beside `x_seg.nii.gz` (an unpacked archive) is the same file twice, as for images."""
     folder = write_case(tmp_path, "BraTS20_Training_001")

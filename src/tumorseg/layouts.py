@@ -82,6 +82,7 @@ BIDS_SKIPPED: tuple[str, ...] = ("derivatives", "sourcedata")  # below a BIDS ro
 SEGMENTATION_FOLDERS: tuple[str, ...] = ("images_segm",)
 # BraTS-PEDs renumbered its labels in 2024 under the 2023 file names (`labels.CONVENTIONS["peds2024"]`).
 _PED_CASE_RE = re.compile(r"^BraTS-PED-\d", re.IGNORECASE)
+_BRATS2023_CASE_RE = re.compile(r"^BraTS-[A-Za-z]+-\d+-\d+$", re.IGNORECASE)  # BraTS 2023+ ids: BraTS-GLI-00000-000
 # A release year beside "BraTS" or "PED(s)" in a folder's name (`BraTS2024-PED-...`, `PEDs_2024`), not a
 # date elsewhere in it (`..._downloaded_2024-03`).
 _RELEASE_RE = re.compile(r"(?:brats|peds?)[-_ ]?(20\d\d)(?!\d)|(?<!\d)(20\d\d)[-_ ]?(?:brats|peds?)", re.IGNORECASE)
@@ -392,8 +393,16 @@ def _bids_derivative_segs(anat: Path, case_id: str) -> list[Path]:
 
 def _label_files(folder: Path) -> list[Case]:
     """A flat folder of `<case>.nii.gz` (or `<case>_seg`, `<case>-seg`, UPENN-GBM's `<case>_segm`,
-    UCSF-PDGM's `<case>_tumor_segmentation`) segmentations, labelsTr style."""
-    return [Case(_SEG_FILE_SUFFIX_RE.sub("", _stem(f)), folder, seg=f, layout="labels") for f in nifti_files(folder)]
+    UCSF-PDGM's `<case>_tumor_segmentation`) segmentations, labelsTr style. BraTS 2023+ case ids
+    (`BraTS-GLI-00000-000`) name their convention, as their case folders do: a 2024 truth holding a
+    resection cavity (4) and no enhancing tumour is not read as BraTS 2020's enhancing tumour."""
+    cases = []
+    for f in nifti_files(folder):
+        case_id = _SEG_FILE_SUFFIX_RE.sub("", _stem(f))
+        named = _BRATS2023_CASE_RE.match(case_id) is not None
+        cases.append(Case(case_id, folder, seg=f, layout="brats2023" if named else "labels",
+                          labels=CONVENTIONS["brats2023"] if named else BRATS2020))
+    return cases
 
 
 def is_case_list(path: str | os.PathLike) -> bool:

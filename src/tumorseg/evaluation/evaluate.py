@@ -3,8 +3,9 @@
 Pairing: `PRED_DIR/<case_id>.nii.gz` (or `.nii`) is scored against the segmentation of case
 `<case_id>` that `layouts.discover_cases(GT_DIR, need_images=False)` finds: any dataset
 layout, case folders holding only a segmentation, or a flat folder of `<case>.nii.gz` label
-files. Label conventions: the truth's comes from its layout (a flat folder: label 3 present
-means `brats2023`, else `brats2020`; `labels` forces one), the prediction's from the tag
+files. Label conventions: the truth's comes from its layout (a flat folder: BraTS 2023+ ids
+name `brats2023`; for other names label 3 present means `brats2023`, else `brats2020`; `labels`
+forces one), the prediction's from the tag
 `predict` writes in its header, else the truth's; regions are compared by meaning.
 
 Metrics per case and region: the BraTS 2020 ones of `evaluation.metrics` (CaPTk / medpy
