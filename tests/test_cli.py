@@ -71,6 +71,15 @@ def test_synth(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_demo_refuses_zero_epochs_before_any_work(tmp_path, capsys):
+    """0 is not "unset": the demo once ran its full 40 epochs for --epochs 0."""
+    for value in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["demo", str(tmp_path / "demo"), "--epochs", value])
+        assert exit_.value.code == 2 and f"--epochs: expected a whole number >= 1, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_predict_evaluate_show(trained, capsys):
     run, raw, out = trained / "run", trained / "raw", trained / "pred"
     assert main(["predict", str(run / "best.pt"), str(raw), str(out), "--plots", "--no-tta", "--no-postprocess"]) == 0

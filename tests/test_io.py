@@ -2,6 +2,7 @@ import errno
 import os
 import re
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -285,3 +286,13 @@ def test_an_unfetched_annex_file_is_named_not_a_missing_modality(tmp_path):
     assert case.images["t1"] == t1
     with pytest.raises(TumorsegError, match=r"_t1.nii.gz: a link to \.\./\.git/annex/.*not fetched\? `datalad get` it"):
         load_images(case, ("t1", "t1ce"))
+
+
+def test_a_header_that_places_no_voxels_is_named(tmp_path):
+    """An sform of zeros (and no qform): one line naming the file, not a bare 'singular affine'."""
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.int16), np.eye(4))
+    img.set_sform(np.zeros((4, 4)), code=1)
+    img.set_qform(None, code=0)
+    nib.save(img, tmp_path / "t2.nii.gz")
+    with pytest.raises(TumorsegError, match=r"^case1: .*t2.nii.gz: its header places no voxels"):
+        load_nifti(tmp_path / "t2.nii.gz", "case1")

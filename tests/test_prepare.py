@@ -326,3 +326,37 @@ def test_a_quaternion_nibabel_cannot_read_is_a_warning_not_a_failure(tmp_path):
     nib.save(img, case.images["flair"])
     (warning,) = check_headers(case, ("t1", "flair"))
     assert "flair holds a qform and an sform that disagree: the sform is used" in warning
+
+
+def test_a_changed_prepare_cut_short_leaves_no_manifest_vouching_for_mixed_arrays(tmp_path, monkeypatch):
+    """Re-preparing with other settings replaces the arrays case by case: until the run ends, no
+    manifest may say they were made with the old settings (train would take old and new together)."""
+    import importlib
+
+    from tumorseg.prepare import load_manifest
+
+    run_module = importlib.import_module("tumorseg.prepare.run")
+    for i in range(3):
+        write_case(tmp_path / "raw", f"c{i}", seed=i)
+    prepare(tmp_path / "raw", tmp_path / "out", PrepareConfig(**SMALL), workers=1, progress=False)
+    real, calls = run_module.prepare_case, []
+
+    def cut_short(case, config, out_dir):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(case.case_id)
+        return real(case, config, out_dir)
+
+    monkeypatch.setattr(run_module, "prepare_case", cut_short)
+    smaller = PrepareConfig(crop_size=(24, 24, 24))
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "raw", tmp_path / "out", smaller, workers=1, progress=False)
+    assert np.load(tmp_path / "out/images" / f"{calls[0]}.npy").shape[1:] == (24, 24, 24)  # old and new arrays
+    with pytest.raises(TumorsegError, match=r"out: its 'tumorseg prepare' did not finish \(no manifest.json\): run it again"):
+        load_manifest(tmp_path / "out")
+    assert main(["train", str(tmp_path / "out"), str(tmp_path / "run"), "--epochs", "1"]) == 2
+    monkeypatch.setattr(run_module, "prepare_case", real)
+    again = prepare(tmp_path / "raw", tmp_path / "out", smaller, workers=1, progress=False)
+    assert again.skipped == 1 and load_manifest(tmp_path / "out")["settings"]["crop_size"] == [24, 24, 24]
+    assert prepare(tmp_path / "raw", tmp_path / "out", smaller, workers=1, progress=False).skipped == 3
+    assert (tmp_path / "out/manifest.json").is_file()  # nothing to redo: the manifest is written again, never removed

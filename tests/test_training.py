@@ -429,3 +429,25 @@ def test_a_training_epoch_writes_its_progress_at_the_bars_pace(monkeypatch, caps
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     engine.train_epoch(model, loader, build_loss("regions"), torch.optim.SGD(model.parameters(), lr=1e-3), scaler, ctx, 0)
     assert capsys.readouterr().err.count("loss=") <= 1  # at most the last state, not one per step
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_prepared_mask_outside_the_training_classes_is_one_line_naming_it(prepared, tmp_path, capsys, workers):
+    """A hand-edited or damaged mask (a 9) fails in the loader, in this process or a worker, as one
+    line naming the array, not as a one-hot traceback deep in the loss."""
+    import shutil
+
+    import numpy as np
+
+    copy = tmp_path / "prep"
+    shutil.copytree(prepared, copy)
+    case = load_manifest(copy)["split"]["train"][0]
+    mask = np.load(copy / "masks" / f"{case}.npy")
+    mask[0, 0, 0] = 9
+    np.save(copy / "masks" / f"{case}.npy", mask)
+    args = ["train", str(copy), str(tmp_path / "run"), "--epochs", "1", "--filters", "4,8,16", "--workers", str(workers)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert f"masks/{case}.npy: labels 0, " in last and "9 outside the training classes 0..3" in last
+    assert "Traceback" not in err and last.endswith("no epoch was saved")

@@ -61,6 +61,16 @@ def _ints(n: int):
     return parse
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
+    return value
+
+
 def _floats(n: int):
     def parse(text: str) -> tuple[float, ...]:
         try:
@@ -181,7 +191,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoSettings, run_demo
 
-    settings = DemoSettings(epochs=args.epochs) if args.epochs else DemoSettings()
+    settings = DemoSettings(epochs=args.epochs) if args.epochs is not None else DemoSettings()
     result = run_demo(args.work_dir, data=args.data, settings=settings)
     return 1 if result.failed else 0
 
@@ -361,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("work_dir", type=Path, nargs="?", default=Path("demo_out"),
                    help="where data, run and predictions go (default demo_out; run again to resume)")
     p.add_argument("--data", type=Path, help="a real BraTS download to run on instead of synthetic cases")
-    p.add_argument("--epochs", type=int, help="training epochs (default 40)")
+    p.add_argument("--epochs", type=_positive, help="training epochs (default 40)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="a checkpoint -> one ONNX model carrying its settings")

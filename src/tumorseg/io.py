@@ -131,6 +131,10 @@ def load_nifti_channels(path: str | os.PathLike, case_id: str | None, indices: l
         raise TumorsegError(f"{where}{path}: file not found") from None
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise TumorsegError(f"{where}{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise TumorsegError(f"{where}{path}: its header places no voxels (an affine that is singular, zero voxel "
+                            f"sizes, or not finite; check its sform and qform)")
     while data.ndim > (3 if indices is None else 4) and data.shape[-1] == 1:
         data = data[..., 0]  # (X, Y, Z, 1, 1): singleton time and vector axes some tools write
     if indices is None:

@@ -41,14 +41,16 @@ class PreparedDataset(Dataset):
         transform: optional MONAI dictionary transform applied to each sample; if it
             returns a list (patch samplers), the first element is used.
         channels: the number of image channels the manifest names, checked on each case.
+        classes: the training classes the manifest allows (0 .. classes - 1), checked on each mask.
     """
 
     def __init__(self, prepared_dir: str | Path, case_ids: list[str], transform: Callable | None = None,
-                 channels: int | None = None) -> None:
+                 channels: int | None = None, classes: int | None = None) -> None:
         self.root = Path(prepared_dir)
         self.case_ids = list(case_ids)
         self.transform = transform
         self.channels = channels
+        self.classes = classes
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -60,9 +62,14 @@ class PreparedDataset(Dataset):
         label = read_npy(self.root / "masks" / f"{case_id}.npy", again)
         self._check_shapes(case_id, image.shape, label.shape)
         # One copy out of the page cache; the arrays on disk are never written to.
+        label = np.array(label, dtype=np.int64 if label.dtype.kind in "iu" else label.dtype)
+        if self.classes is not None and label.size and (label.min() < 0 or label.max() >= self.classes):
+            found = ", ".join(str(v) for v in np.unique(label)[:8])
+            raise TumorsegError(f"{self.root / 'masks' / f'{case_id}.npy'}: labels {found} outside the training "
+                                f"classes 0..{self.classes - 1}; {again}")
         return {
             "image": torch.from_numpy(np.array(image, dtype=np.float32)),
-            "label": torch.from_numpy(np.array(label, dtype=np.uint8)[None]),
+            "label": torch.from_numpy(label.astype(np.uint8)[None]),
             "case_id": case_id,
         }
 

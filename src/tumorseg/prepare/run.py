@@ -102,6 +102,8 @@ def prepare(
         for note in grouped([c.seg_note for c in cases if c.seg_note]):
             _say(note)
         skipped = len(records)
+        if todo:  # arrays are about to change: a run cut short must not leave the old manifest vouching for them
+            (out_dir / MANIFEST).unlink(missing_ok=True)
         workers = max(1, min(workers or default_workers(), len(todo) or 1))
         bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress)
         if workers == 1:
@@ -185,6 +187,9 @@ def load_manifest(prepared_dir: str | Path) -> dict:
     """Read a prepared folder's manifest, with a clear error if it is not one."""
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
+        if (Path(prepared_dir) / "records").is_dir():
+            raise TumorsegError(f"{prepared_dir}: its 'tumorseg prepare' did not finish (no {MANIFEST}): run it again, "
+                                "it goes on from the cases done")
         raise TumorsegError(f"{prepared_dir}: not a prepared folder (no {MANIFEST}; run 'tumorseg prepare' first)")
     try:
         manifest = json.loads(path.read_text())

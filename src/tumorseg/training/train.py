@@ -256,7 +256,7 @@ def train(
         raise TumorsegError(f"{prepared_dir}: no training cases in the manifest's split")
     crop = list(manifest["settings"]["crop_size"])
     patch = _check_patch(config, crop)
-    classes = NUM_CLASSES + (manifest["settings"].get("cavity") == "keep")
+    classes = _classes(manifest)
     if config.target == "regions" and classes > NUM_CLASSES:
         raise TumorsegError(f"{prepared_dir}: the resection cavity was kept as a class (--cavity keep); it is no "
                             "BraTS region, so train with --target labels (or prepare with --cavity drop)")
@@ -285,6 +285,11 @@ def train(
         return result
     finally:
         distributed.cleanup()
+
+
+def _classes(manifest: dict) -> int:
+    """The training classes of a prepared folder: a kept resection cavity is a fifth."""
+    return NUM_CLASSES + (manifest["settings"].get("cavity") == "keep")
 
 
 @contextlib.contextmanager
@@ -333,10 +338,12 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
             group["lr"] = base * rate(scheduler.last_epoch)
     net = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None) if ctx.distributed else model
     transform = train_transform(patch, manifest["settings"]["crop_size"], config.augment, config.fg_ratio)
-    train_set = PreparedDataset(prepared_dir, train_ids, transform, spec["in_channels"])
+    classes = _classes(manifest)
+    train_set = PreparedDataset(prepared_dir, train_ids, transform, spec["in_channels"], classes)
     loader = make_loader(train_set, config.batch_size, True, config.seed, config.workers, ctx.rank, ctx.world_size,
                          pin_memory=ctx.device.type == "cuda")
-    val_set = PreparedDataset(prepared_dir, shard(val_ids, ctx.rank, ctx.world_size), eval_transform(), spec["in_channels"])
+    val_set = PreparedDataset(prepared_dir, shard(val_ids, ctx.rank, ctx.world_size), eval_transform(), spec["in_channels"],
+                             classes)
     loss_fn = build_loss(config.target, config.class_weights, classes=spec["out_channels"]).to(ctx.device)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
