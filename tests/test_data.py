@@ -54,6 +54,25 @@ def test_mismatched_arrays_name_their_file(prepared, tmp_path):
     assert PreparedDataset(prepared, [case], channels=3)[0]["image"].shape[0] == 3
 
 
+@pytest.mark.parametrize("dtype, bad", [(np.uint8, 9), (np.int16, -1), (np.float32, 1.5), (np.float32, np.nan)])
+def test_masks_outside_the_training_classes_name_their_file(prepared, tmp_path, dtype, bad):
+    import shutil
+
+    broken = tmp_path / "copy"
+    shutil.copytree(prepared, broken)
+    case = split_ids(prepared, "train")[0]
+    mask = np.load(prepared / "masks" / f"{case}.npy").astype(dtype)
+    assert PreparedDataset(broken, [case], classes=4)[0]["label"].dtype == torch.uint8  # as prepared: fine
+    np.save(broken / "masks" / f"{case}.npy", mask)
+    assert np.array_equal(PreparedDataset(broken, [case], classes=4)[0]["label"][0].numpy(), mask)  # any whole dtype
+    mask[0, 0, 0] = bad
+    np.save(broken / "masks" / f"{case}.npy", mask)
+    with pytest.raises(TumorsegError, match=rf"masks/{case}.npy: labels .* outside the training classes 0..3"):
+        PreparedDataset(broken, [case], classes=4)[0]
+    if not np.isnan(bad):  # no classes given: not checked
+        PreparedDataset(broken, [case])[0]
+
+
 def test_patches_and_augmentation_shapes(prepared):
     ds = PreparedDataset(prepared, split_ids(prepared, "train"), train_transform((16, 16, 16), (32, 32, 24), "heavy"))
     s = ds[1]

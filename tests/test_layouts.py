@@ -691,6 +691,10 @@ def test_a_flat_truth_folder_of_brats2023_ids_is_read_in_their_convention(tmp_pa
     assert found.case_id == case and found.labels is b23
     scores = evaluate(tmp_path / "pred", tmp_path / "gt", progress=False)
     assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET")) and not scores.notes
+    _write_tagged(tmp_path / "gt", f"{case}_seg_corrected", b23.from_training(post), AFFINE, None)  # an odd name beside
+    scores = evaluate(tmp_path / "pred", tmp_path / "gt", progress=False)  # each file in its own reading, not refused
+    assert {r.case_id: r.status for r in scores.rows} == {case: "ok", f"{case}_seg_corrected": "missing"}
+    (tmp_path / "gt" / f"{case}_seg_corrected.nii.gz").unlink()
     (tmp_path / "gt" / f"{case}-seg.nii.gz").rename(tmp_path / "gt" / "case_seg.nii.gz")
     (tmp_path / "pred" / f"{case}.nii.gz").rename(tmp_path / "pred" / "case.nii.gz")
     scores = evaluate(tmp_path / "pred", tmp_path / "gt", progress=False)

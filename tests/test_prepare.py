@@ -333,6 +333,7 @@ def test_a_changed_prepare_cut_short_leaves_no_manifest_vouching_for_mixed_array
     manifest may say they were made with the old settings (train would take old and new together)."""
     import importlib
 
+    from tumorseg.layouts import discover_cases
     from tumorseg.prepare import load_manifest
 
     run_module = importlib.import_module("tumorseg.prepare.run")
@@ -355,6 +356,8 @@ def test_a_changed_prepare_cut_short_leaves_no_manifest_vouching_for_mixed_array
     with pytest.raises(TumorsegError, match=r"out: its 'tumorseg prepare' did not finish \(no manifest.json\): run it again"):
         load_manifest(tmp_path / "out")
     assert main(["train", str(tmp_path / "out"), str(tmp_path / "run"), "--epochs", "1"]) == 2
+    with pytest.raises(TumorsegError, match="a prepared folder"):  # still told apart from a folder of scans
+        discover_cases(tmp_path / "out")
     monkeypatch.setattr(run_module, "prepare_case", real)
     again = prepare(tmp_path / "raw", tmp_path / "out", smaller, workers=1, progress=False)
     assert again.skipped == 1 and load_manifest(tmp_path / "out")["settings"]["crop_size"] == [24, 24, 24]

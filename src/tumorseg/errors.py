@@ -1,7 +1,7 @@
 """The one exception type for user errors: the CLI prints it as a single line, no traceback."""
 
 _WORKER_PREFIX = "Caught TumorsegError"  # how torch's DataLoader re-raises a worker's exception
-_ORIGINAL = "TumorsegError: "
+_ORIGINAL = "\ntumorseg.errors.TumorsegError: "  # the traceback's last line
 
 
 class TumorsegError(Exception):

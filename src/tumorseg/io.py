@@ -52,6 +52,13 @@ def load_nifti(path: str | os.PathLike, case_id: str | None = None) -> Volume:
     return vol
 
 
+def unfinished_prepare(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a `tumorseg prepare` output whose run has not (yet) written its
+    manifest: one cut short, or one changing its arrays now."""
+    folder = Path(folder)
+    return not (folder / "manifest.json").is_file() and (folder / "records").is_dir() and (folder / "images").is_dir()
+
+
 def nifti_files(folder: Path) -> list[Path]:
     """NIfTI files of a folder, sorted, without hidden ones (the `._*` files macOS archives carry).
     A link to nothing (an unfetched DataLad / git-annex file) stays where no readable file has its

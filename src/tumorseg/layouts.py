@@ -44,7 +44,7 @@ from typing import Collection
 import numpy as np
 
 from .errors import TumorsegError
-from .io import NIFTI_RE, Volume, load_labels, load_nifti_channels, nifti_files, save_nifti, write_text
+from .io import NIFTI_RE, Volume, load_labels, load_nifti_channels, nifti_files, save_nifti, unfinished_prepare, write_text
 from .labels import (
     BRATS2020,
     CONVENTIONS,
@@ -514,15 +514,17 @@ def _all_cases(root: Path, need_images: bool) -> list[Case]:
             with contextlib.suppress(OSError):
                 stack.extend((p, depth + 1) for p in folder.iterdir()
                              if p.is_dir() and not p.name.startswith(".") and p.name not in skipped)
-    if not cases and not need_images:
+    flat = not cases and not need_images
+    if flat:
         cases = _label_files(root)
-    if not cases and (root / "manifest.json").is_file():  # `tumorseg prepare`'s output
+    if not cases and ((root / "manifest.json").is_file() or unfinished_prepare(root)):  # `tumorseg prepare`'s output
         raise TumorsegError(f"{root}: a prepared folder (arrays for training); give the scans it was prepared from")
     if not cases:
         pairs = next((p for pattern in ("*.hdr", "*/*.hdr") for p in root.glob(pattern)), None)  # Analyze pairs
         hint = f"; {pairs.name} and the like are .hdr/.img pairs: convert them to .nii.gz" if pairs else ""
         raise TumorsegError(f"{root}: no cases found (expected {EXPECTED}){hint}")
-    _check_one_layout(root, cases)
+    if not flat:  # flat label files (evaluate's truth) are each read in the convention their name gives
+        _check_one_layout(root, cases)
     return _named_apart(root, _pediatric_labels(root, _with_segmentations_beside(cases, seg_folders)))
 
 

@@ -62,16 +62,23 @@ class PreparedDataset(Dataset):
         label = read_npy(self.root / "masks" / f"{case_id}.npy", again)
         self._check_shapes(case_id, image.shape, label.shape)
         # One copy out of the page cache; the arrays on disk are never written to.
-        label = np.array(label, dtype=np.int64 if label.dtype.kind in "iu" else label.dtype)
-        if self.classes is not None and label.size and (label.min() < 0 or label.max() >= self.classes):
+        label = np.array(label)
+        if self.classes is not None and label.size and not self._classes_only(label):
             found = ", ".join(str(v) for v in np.unique(label)[:8])
             raise TumorsegError(f"{self.root / 'masks' / f'{case_id}.npy'}: labels {found} outside the training "
                                 f"classes 0..{self.classes - 1}; {again}")
         return {
             "image": torch.from_numpy(np.array(image, dtype=np.float32)),
-            "label": torch.from_numpy(label.astype(np.uint8)[None]),
+            "label": torch.from_numpy(label.astype(np.uint8, copy=False)[None]),
             "case_id": case_id,
         }
+
+    def _classes_only(self, label: np.ndarray) -> bool:
+        """Whether a mask holds whole numbers 0 .. classes - 1 alone (prepare writes uint8: one max)."""
+        if label.dtype == np.uint8:
+            return int(label.max()) < self.classes
+        whole = label.dtype.kind in "iu" or bool(np.all(np.mod(label, 1) == 0))  # NaN and 1.5 are not
+        return whole and label.min() >= 0 and label.max() < self.classes
 
     def _check_shapes(self, case_id: str, image: tuple[int, ...], label: tuple[int, ...]) -> None:
         """A hand-copied or mismatched array fails here, naming its file, not deep in a transform."""

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import TumorsegError
-from ..io import read_npy, sweep_stale_temps, write_text
+from ..io import read_npy, sweep_stale_temps, unfinished_prepare, write_text
 from ..geometry import grid_of, network_grid
 from ..layouts import Case, dataset_layout, discover_cases
 from ..lock import folder_lock
@@ -187,7 +187,7 @@ def load_manifest(prepared_dir: str | Path) -> dict:
     """Read a prepared folder's manifest, with a clear error if it is not one."""
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
-        if (Path(prepared_dir) / "records").is_dir():
+        if unfinished_prepare(prepared_dir):
             raise TumorsegError(f"{prepared_dir}: its 'tumorseg prepare' did not finish (no {MANIFEST}): run it again, "
                                 "it goes on from the cases done")
         raise TumorsegError(f"{prepared_dir}: not a prepared folder (no {MANIFEST}; run 'tumorseg prepare' first)")
