@@ -298,8 +298,9 @@ def test_cross_validation_folds_train_apart_and_predict_as_their_ensemble(prepar
     with pytest.raises(TumorsegError, match="resume it with --fold 0 --folds 2"):
         train(prepared, tmp_path / "cv/fold_0", TrainConfig(**{**config, "epochs": 5}), resume=True, progress=False)
     # the folder of folds is one cross-validation: a fold trained as another's, or missing, is named
-    for k in range(2):
-        assert load_checkpoint(tmp_path / f"cv/fold_{k}/best.pt")["data_cases"] == train_module.split_digest(cases, [])
+    for k in range(2):  # the cases and the seed that dealt them: folds of another deal overlap, so never one
+        assert load_checkpoint(tmp_path / f"cv/fold_{k}/best.pt")["data_cases"] == train_module.cases_digest(cases, seed)
+    assert train_module.cases_digest(cases, seed + 1) != train_module.cases_digest(cases, seed)
     (tmp_path / "cv/fold_1").rename(tmp_path / "cv/moved")
     with pytest.raises(TumorsegError, match=r"trained as 2 folds, 1 found \(fold_1 missing: train --fold 1 --folds 2\)"):
         Predictor.from_checkpoints(tmp_path / "cv", device="cpu")
@@ -325,6 +326,24 @@ def test_cli_trains_and_resumes_a_fold(prepared, tmp_path, capsys):
     assert main(["train", str(prepared), str(tmp_path / "other"), "--folds", "3"]) == 2
     assert "--folds sets the folds of a cross-validation; give the fold to train with --fold K (0..2)" in \
         capsys.readouterr().err
+    refusals = {  # each names what is wrong, before any work
+        ("cv/fold_1", "--fold", "0", "--folds", "3", "--resume"): f"{tmp_path / 'cv' / 'fold_1'}: the folder of fold 1, "
+        f"not of fold 0: give the cross-validation's folder ({tmp_path / 'cv'}) with --fold 0",
+        ("cv", "--fold", "1", "--resume", "--epochs", "4", "--target", "regions"):
+            "--resume continues the run as it trained, not with target labels -> regions",
+        ("cv", "--fold", "1", "--resume", "--epochs", "4", "--recipe", "seed"): "--recipe seed is not the run's settings "
+            "(filters [4, 8, 16] in the run, [16, 32, 64, 128, 256] in the recipe; class_weights None in the run, "
+            "[0.25, 0.25, 0.25, 0.25] in the recipe): --resume goes on with the run's",
+    }
+    for args, message in refusals.items():
+        assert main(["train", str(prepared), str(tmp_path / args[0]), *args[1:]]) == 2
+        assert message in capsys.readouterr().err
+    same = ["train", str(prepared), str(tmp_path / "seeded"), "--recipe", "seed", "--filters", "4,8,16", "--epochs", "1"]
+    assert main(same) == 0 and main([*same[:-1], "2", "--resume"]) == 0  # the command it started with, resumed
+    assert load_checkpoint(tmp_path / "seeded/last.pt")["epoch"] == 2
+    (tmp_path / "fold.yaml").write_text("fold: 2\nfilters: [4, 8, 16]\nepochs: 1\n")  # the fold from a config file
+    assert main(["train", str(prepared), str(tmp_path / "cv"), "--config", str(tmp_path / "fold.yaml"), "--folds", "3"]) == 0
+    assert load_checkpoint(tmp_path / "cv/fold_2/last.pt")["config"]["fold"] == 2
 
 
 def test_wall_clock_budget_stops_and_decays_the_learning_rate(prepared, tmp_path, capsys):

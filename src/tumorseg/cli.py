@@ -127,21 +127,27 @@ TRAIN_FLAGS = ("model", "filters", "epochs", "batch_size", "lr", "patch", "targe
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import resolve_config, train
+    from .recipes import load_recipe
+    from .training.train import fold_dir
 
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}
     for key in ("filters", "patch"):
         if overrides[key] is not None:
             overrides[key] = list(overrides[key])
+    config = resolve_config(args.config, overrides, recipe=args.recipe)  # recipe < file < flags
     resumed_fold = args.resume and args.run_dir.name.startswith("fold_") and args.run_dir.name[5:].isdigit()
-    if args.folds is not None and args.fold is None and not resumed_fold:  # a fold's folder: its config.yaml has it
+    if args.folds is not None and config.fold is None and not resumed_fold:  # a fold's folder: its config.yaml has it
         raise TumorsegError("train: --folds sets the folds of a cross-validation; give the fold to train with --fold K "
                             f"(0..{args.folds - 1})")
-    config_file = args.config
-    run_dir = args.run_dir / f"fold_{args.fold}" if args.fold is not None and args.run_dir.name != f"fold_{args.fold}" \
-        else args.run_dir
-    if args.resume and config_file is None and (run_dir / "config.yaml").is_file():
-        config_file = run_dir / "config.yaml"  # a resumed run keeps its settings; flags still override
-    config = resolve_config(config_file, overrides, recipe=args.recipe)
+    run_file = fold_dir(args.run_dir, config.fold) / "config.yaml"
+    if args.resume and args.config is None and run_file.is_file():  # a resumed run keeps its settings; flags override
+        asked, config = config.to_dict(), resolve_config(run_file, overrides)
+        differ = [f"{k} {v} in the run, {asked[k]} in the recipe" for k, v in config.to_dict().items()
+                  if k in load_recipe(args.recipe)["train"] and asked[k] != v] if args.recipe else []
+        if differ:  # silently keeping the run's settings would ignore the recipe asked for
+            raise TumorsegError(f"{run_file.parent}: --recipe {args.recipe} is not the run's settings ({'; '.join(differ[:4])}"
+                                f"{'; ...' if len(differ) > 4 else ''}): --resume goes on with the run's; drop --recipe "
+                                "(flags still change what may change) or start a new run")
     result = train(args.prepared_dir, args.run_dir, config, resume=args.resume)
     best = f"best mean Dice {result.best_metric:.3f} at epoch {result.best_epoch}" if result.best_epoch else "no validation"
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once

@@ -130,7 +130,7 @@ def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch
         "config": config.to_dict(),
         "prepare": {k: settings.get(k) for k in PREPARE_KEYS},
         "data_split": split_digest(*ids),  # what --resume checks it goes on with (ids themselves not shared)
-        "data_cases": split_digest(ids[0] + ids[1], []),  # all of them: what a cross-validation's folds share
+        "data_cases": cases_digest(ids[0] + ids[1], int(settings.get("seed", 0))),  # what a cross-validation's folds share
         "layout": manifest.get("layout", "brats2020"),
         "labels": manifest.get("labels", BRATS2020.to_dict()),  # the training data's convention
         "patch": list(patch),
@@ -156,8 +156,27 @@ def _tune_postprocessing(stats: list) -> dict:
     return {**{k: v for k, v in tuned.items() if k != "min_component"}, **dict(zip(MIN_COLUMNS, tuned["min_component"]))}
 
 
-RESUME_FIXED = ("optimizer", "lr", "weight_decay", "schedule")  # held by last.pt's optimizer and scheduler state
+# Held by last.pt's optimizer and scheduler state, or by its network's output layers
+RESUME_FIXED = ("optimizer", "lr", "weight_decay", "schedule", "target", "dropout", "deep_supervision")
 PREPARE_KEYS = ("channels", "norm", "crop_size", "crop_mode", "spacing", "cavity")
+
+
+def fold_dir(run_dir: Path, fold: int | None) -> Path:
+    """Where fold `fold` of a cross-validation in `run_dir` trains: `run_dir/fold_K`, or `run_dir`
+    itself when that is fold K's folder; another fold's folder is refused in one line."""
+    run_dir = Path(run_dir)
+    if fold is None or run_dir.name == f"fold_{fold}":
+        return run_dir
+    if run_dir.name.startswith("fold_") and run_dir.name[5:].isdigit():
+        raise TumorsegError(f"{run_dir}: the folder of fold {run_dir.name[5:]}, not of fold {fold}: give the "
+                            f"cross-validation's folder ({run_dir.parent}) with --fold {fold}")
+    return run_dir / f"fold_{fold}"
+
+
+def cases_digest(case_ids: list[str], split_seed: int) -> str:
+    """SHA-256 of all the cases a run drew from and the seed that dealt them: a cross-validation's
+    folds share it (the same cases dealt alike), so folds of other deals never make one."""
+    return hashlib.sha256(json.dumps({"cases": sorted(case_ids), "seed": split_seed}).encode()).hexdigest()
 
 
 def split_digest(train_ids: list[str], val_ids: list[str]) -> str:
@@ -180,6 +199,8 @@ def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, ids:
     if changed:  # the loaded optimizer state would keep the old values (or not fit another optimizer)
         raise TumorsegError(f"{run_dir / 'last.pt'}: --resume continues the run as it trained, not with "
                             f"{', '.join(changed)}: drop the change or start a new run")
+    if state["prepare"]["channels"] != manifest["settings"]["channels"]:
+        raise TumorsegError(f"{run_dir / 'last.pt'}: trained on channels {state['prepare']['channels']}, data has {manifest['settings']['channels']}")
     if state["network"] != spec:
         raise TumorsegError(
             f"{run_dir / 'last.pt'}: checkpoint of another network ({state['network']['name']} "
@@ -187,8 +208,6 @@ def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, ids:
             f"it, give its --model {state['network']['name']} --filters "
             f"{','.join(str(f) for f in state['network']['filters'])} (a recipe may have changed its network)"
         )
-    if state["prepare"]["channels"] != manifest["settings"]["channels"]:
-        raise TumorsegError(f"{run_dir / 'last.pt'}: trained on channels {state['prepare']['channels']}, data has {manifest['settings']['channels']}")
     other = [k for k in PREPARE_KEYS[1:]  # the channels: said above
              if k in state["prepare"] and state["prepare"][k] != manifest["settings"].get(k)]
     if state.get("data_split") not in (None, split_digest(*ids)):  # older checkpoints record none
@@ -251,7 +270,7 @@ def train(
             raise TumorsegError(f"{prepared_dir}: {len(cases)} kept case(s) cannot make {config.folds} folds (--folds)")
         folds = [fold_split(cases, config.folds, k, int(manifest["settings"].get("seed", 0))) for k in range(config.folds)]
         train_ids, val_ids = folds[config.fold]["train"], folds[config.fold]["val"]
-        run_dir = run_dir if run_dir.name == f"fold_{config.fold}" else run_dir / f"fold_{config.fold}"  # RUN or RUN/fold_K
+        run_dir = fold_dir(run_dir, config.fold)
     if not train_ids:
         raise TumorsegError(f"{prepared_dir}: no training cases in the manifest's split")
     crop = list(manifest["settings"]["crop_size"])
