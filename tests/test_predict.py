@@ -216,6 +216,19 @@ def test_skip_existing_and_force(raw, ckpt, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_a_case_predicted_again_keeps_no_earlier_predictions_extras(raw, ckpt, tmp_path):
+    """Probabilities, uncertainty and plot record no model: a case written again without them must
+    not keep the earlier ones beside its new labels, to be skipped as done or read by the report."""
+    out = tmp_path / "pred"
+    first = predict(ckpt, raw / "c0", out, device="cpu", tta=True, probabilities=True, uncertainty=True, plots=True,
+                    progress=False)
+    assert [p.name for p in first.written] == ["c0.nii.gz", "c0_probabilities.nii.gz", "c0_uncertainty.nii.gz", "c0.png"]
+    predict(ckpt, raw / "c0", out, device="cpu", tta=True, force=True, progress=False)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["c0.nii.gz"]
+    again = predict(ckpt, raw / "c0", out, device="cpu", tta=True, uncertainty=True, progress=False)
+    assert again.skipped == [] and (out / "c0_uncertainty.nii.gz").is_file()
+
+
 def test_damaged_prediction_files_are_not_already_done(raw, ckpt, tmp_path, capsys):
     """A label file emptied, cut short or overwritten since (a full disk, a broken copy) is predicted
     again, not skipped as done; whole files are still skipped."""

@@ -692,7 +692,14 @@ def output_paths(
 
 def _write(pred: CasePrediction, case: Case, paths: list[Path], probabilities: bool, plots: bool,
            made_by: str | None) -> list[Path]:
-    """Write one case's outputs (in a writer thread while the network works on the next case)."""
+    """Write one case's outputs (in a writer thread while the network works on the next case).
+
+    An earlier prediction's probabilities, uncertainty and plot go first: they record no model, so
+    left beside new labels (a `--force` run, another model, a run killed before its extras) they
+    would pass for this prediction's.
+    """
+    for extra in output_paths(paths[0].parent, case.case_id, True, True, True)[1:]:
+        extra.unlink(missing_ok=True)
     description = prediction_description(pred.convention, made_by)
     save_nifti(paths[0], pred.labels, pred.affine, pred.header, description=description)
     if probabilities:
