@@ -35,3 +35,16 @@ def test_folds_trained_before_the_case_digest_are_summed_with_the_others(tmp_pat
     _fold(tmp_path, 0, 2, (0.9, 0.6, 0.3), cases=None)
     _fold(tmp_path, 1, 2, (0.8, 0.5, 0.2))
     assert crossval.summarize(tmp_path, [3, 2])["cases"] == 5
+
+
+def test_folds_that_read_or_predict_otherwise_are_not_summed_and_say_why(tmp_path):
+    for k in range(2):
+        _fold(tmp_path, k, 2, (0.9, 0.6, 0.3))
+    assert crossval.report(tmp_path, [3, 2]).startswith("cross-validation of 2 folds")
+    state = {"config": {"fold": 1, "folds": 2}, "best_epoch": 3, "data_cases": "abc", "target": "regions",
+             "history": [{"epoch": 3, "dice_mean": 0.5, "dice_WT": 0.5, "dice_TC": 0.5, "dice_ET": 0.5}]}
+    save_checkpoint(tmp_path / "fold_1" / "best.pt", state)  # retrained with --target regions
+    line = crossval.report(tmp_path, [3, 2])
+    assert line == (f"warning: the folds in {tmp_path} are not one cross-validation, not summed: fold_1: target "
+                    "regions, but fold_0: None; retrain it with fold 0's settings")
+    assert not (tmp_path / crossval.SUMMARY).exists()  # the earlier summary is not left to vouch for them

@@ -21,12 +21,17 @@ def summarize(cv_dir: Path, sizes: list[int]) -> dict[str, Any] | None:
     `sizes[k]` cases): each fold's best epoch, their case-weighted mean per region and, where every
     fold stores its validation statistics, the post-processing their ensemble chooses on them and its
     lesion-wise Dice. None until every fold of this cross-validation has a `best.pt`."""
-    folds, rows, stats, cases = len(sizes), [], [], None
+    folds, rows, stats, cases, first = len(sizes), [], [], None, None
     for k in range(folds):
         try:
             state = load_checkpoint(cv_dir / f"fold_{k}" / "best.pt")
         except TumorsegError:  # not trained yet (or damaged: its own run says so)
             return None
+        inputs = _inputs(state)
+        first = first or inputs
+        differ = [f"{key} {inputs[key]}, but fold_0: {first[key]}" for key in inputs if inputs[key] != first[key]]
+        if differ:  # their ensemble cannot run, and their scores are not one model's
+            raise TumorsegError(f"fold_{k}: {'; '.join(differ)}; retrain it with fold 0's settings")
         config = state.get("config") or {}
         best = next((row for row in state.get("history", []) if row.get("epoch") == state.get("best_epoch")
                      and "dice_mean" in row), None)
@@ -50,12 +55,22 @@ def summarize(cv_dir: Path, sizes: list[int]) -> dict[str, Any] | None:
     return summary
 
 
+def _inputs(state: dict) -> dict[str, Any]:
+    """What a fold's network reads and predicts: the same in every fold of one cross-validation."""
+    prepare = state.get("prepare") or {}
+    return {"target": state.get("target"), "out_channels": (state.get("network") or {}).get("out_channels"),
+            **{key: prepare.get(key) for key in ("channels", "norm", "spacing")}}
+
+
 def report(cv_dir: Path, sizes: list[int]) -> str | None:
     """Write `cv_dir/cross_validation.json` once every fold is trained, and say it in one line (None before)."""
     try:
         summary = summarize(cv_dir, sizes)
     except ValueError:  # damaged validation statistics in a fold's checkpoint
         return None
+    except TumorsegError as exc:  # folds that do not make one model: said, and no summary
+        (cv_dir / SUMMARY).unlink(missing_ok=True)
+        return f"warning: the folds in {cv_dir} are not one cross-validation, not summed: {exc}"
     if summary is None:
         return None
     write_text(cv_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
