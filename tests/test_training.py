@@ -470,3 +470,16 @@ def test_a_prepared_mask_outside_the_training_classes_is_one_line_naming_it(prep
     last = err.strip().splitlines()[-1]
     assert f"masks/{case}.npy: labels 0, " in last and "9 outside the training classes 0..3" in last
     assert "Traceback" not in err and last.endswith("no epoch was saved")
+
+
+def test_a_fold_beyond_the_default_count_resumes_by_its_fold_alone(tmp_path):
+    """`--fold 5 --resume` takes the fold count from the run's config.yaml (6), not the default 5."""
+    for i in range(6):
+        write_case(tmp_path / "raw", f"c{i}", seed=i)
+    prepare(tmp_path / "raw", tmp_path / "prep", PrepareConfig(crop_size=(32, 32, 32)), workers=1, progress=False)
+    start = ["train", str(tmp_path / "prep"), str(tmp_path / "cv"), "--filters", "4,8,16", "--epochs", "1"]
+    assert main([*start, "--fold", "5", "--folds", "6"]) == 0
+    assert main(["train", str(tmp_path / "prep"), str(tmp_path / "cv"), "--fold", "5", "--resume", "--epochs", "2"]) == 0
+    assert main(["train", str(tmp_path / "prep"), str(tmp_path / "cv/fold_5"), "--fold", "5", "--resume",
+                 "--epochs", "3"]) == 0
+    assert load_checkpoint(tmp_path / "cv/fold_5/last.pt")["epoch"] == 3

@@ -128,26 +128,31 @@ TRAIN_FLAGS = ("model", "filters", "epochs", "batch_size", "lr", "patch", "targe
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import resolve_config, train
     from .recipes import load_recipe
+    from .training.config import read_config_file
     from .training.train import fold_dir
 
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}
     for key in ("filters", "patch"):
         if overrides[key] is not None:
             overrides[key] = list(overrides[key])
-    config = resolve_config(args.config, overrides, recipe=args.recipe)  # recipe < file < flags
+    fold = args.fold if args.fold is not None else read_config_file(args.config).get("fold") if args.config else None
     resumed_fold = args.resume and args.run_dir.name.startswith("fold_") and args.run_dir.name[5:].isdigit()
-    if args.folds is not None and config.fold is None and not resumed_fold:  # a fold's folder: its config.yaml has it
+    if args.folds is not None and fold is None and not resumed_fold:  # a fold's folder: its config.yaml has it
         raise TumorsegError("train: --folds sets the folds of a cross-validation; give the fold to train with --fold K "
                             f"(0..{args.folds - 1})")
-    run_file = fold_dir(args.run_dir, config.fold) / "config.yaml"
+    run_file = fold_dir(args.run_dir, fold) / "config.yaml"
+    config = None
     if args.resume and args.config is None and run_file.is_file():  # a resumed run keeps its settings; flags override
-        asked, config = config.to_dict(), resolve_config(run_file, overrides)
+        config = resolve_config(run_file, overrides)
+        asked = resolve_config(None, {**overrides, "fold": config.fold, "folds": config.folds},
+                               recipe=args.recipe).to_dict() if args.recipe else {}
         differ = [f"{k} {v} in the run, {asked[k]} in the recipe" for k, v in config.to_dict().items()
-                  if k in load_recipe(args.recipe)["train"] and asked[k] != v] if args.recipe else []
+                  if k in asked and k in load_recipe(args.recipe)["train"] and asked[k] != v]
         if differ:  # silently keeping the run's settings would ignore the recipe asked for
             raise TumorsegError(f"{run_file.parent}: --recipe {args.recipe} is not the run's settings ({'; '.join(differ[:4])}"
                                 f"{'; ...' if len(differ) > 4 else ''}): --resume goes on with the run's; drop --recipe "
                                 "(flags still change what may change) or start a new run")
+    config = config or resolve_config(args.config, overrides, recipe=args.recipe)  # recipe < file < flags
     result = train(args.prepared_dir, args.run_dir, config, resume=args.resume)
     best = f"best mean Dice {result.best_metric:.3f} at epoch {result.best_epoch}" if result.best_epoch else "no validation"
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
