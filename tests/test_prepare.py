@@ -255,6 +255,10 @@ def test_spacing_defaults_to_the_datas_median_and_is_recorded(tmp_path):
 def test_config_takes_channels_as_the_cli_writes_them():
     assert PrepareConfig(channels="all").channels == ("t1", "t1ce", "t2", "flair")
     assert PrepareConfig(channels="T2, flair").channels == ("t2", "flair")
+    assert PrepareConfig(channels="T1-CE, t2f,T2w").channels == ("t1ce", "flair", "t2")  # by meaning, as files are
+    assert PrepareConfig(channels=["T1Gd", "FLAIR"]).channels == ("t1ce", "flair")
+    with pytest.raises(TumorsegError, match="bad channels t1ce,t1ce: choose distinct names"):
+        PrepareConfig(channels="t1ce,t1c")
     assert PrepareConfig.from_dict({"channels": "all", "crop_size": [64] * 3}).channels == ("t1", "t1ce", "t2", "flair")
     with pytest.raises(TumorsegError, match="bad channels t2,pd"):
         PrepareConfig(channels="t2,pd")

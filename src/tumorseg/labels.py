@@ -55,8 +55,12 @@ REGION_NAMES: dict[str, str] = {
 
 
 def parse_channels(text: str) -> tuple[str, ...]:
-    """"all" or a comma list ("t2, T1CE,flair") -> modality names, as given (checked by their users)."""
-    return MODALITIES if text.strip().lower() == "all" else tuple(c.strip().lower() for c in text.split(",") if c.strip())
+    """"all" or a comma list ("t2, T1-CE,FLAIR") -> modality names, each alias as its canonical name
+    (`canonical_modality`); an unknown name stays as given, for its users' check to name."""
+    if text.strip().lower() == "all":
+        return MODALITIES
+    names = (c.strip() for c in text.split(",") if c.strip())
+    return tuple(canonical_modality(c) or c.lower() for c in names)
 
 
 def canonical_modality(name: str) -> str | None:

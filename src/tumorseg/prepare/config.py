@@ -44,8 +44,9 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         for key, value in typed_settings(type(self), vars(self), "PrepareConfig").items():  # built in Python too
             object.__setattr__(self, key, value)
-        if isinstance(self.channels, str):  # the API takes what the CLI does: "all" or "t1,flair"
-            object.__setattr__(self, "channels", parse_channels(self.channels))
+        # the API and config files take what the CLI does: "all", "t1,flair", aliases ("T1-CE", "t2f")
+        text = self.channels if isinstance(self.channels, str) else ",".join(str(c) for c in self.channels)
+        object.__setattr__(self, "channels", parse_channels(text))
         bad = [c for c in self.channels if c not in MODALITIES]
         if bad or not self.channels or len(set(self.channels)) != len(self.channels):
             raise TumorsegError(
