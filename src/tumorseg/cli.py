@@ -144,10 +144,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = None
     if args.resume and args.config is None and run_file.is_file():  # a resumed run keeps its settings; flags override
         config = resolve_config(run_file, overrides)
-        asked = resolve_config(None, {**overrides, "fold": config.fold, "folds": config.folds},
-                               recipe=args.recipe).to_dict() if args.recipe else {}
-        differ = [f"{k} {v} in the run, {asked[k]} in the recipe" for k, v in config.to_dict().items()
-                  if k in asked and k in load_recipe(args.recipe)["train"] and asked[k] != v]
+        differ = []
+        if args.recipe:  # the recipe's settings (flags over them) against the run's
+            asked = resolve_config(None, {**overrides, "fold": config.fold, "folds": config.folds}, recipe=args.recipe)
+            run, recipe_keys = config.to_dict(), load_recipe(args.recipe)["train"]
+            differ = [f"{k} {run[k]} in the run, {v} in the recipe" for k, v in asked.to_dict().items()
+                      if k in recipe_keys and run[k] != v]
         if differ:  # silently keeping the run's settings would ignore the recipe asked for
             raise TumorsegError(f"{run_file.parent}: --recipe {args.recipe} is not the run's settings ({'; '.join(differ[:4])}"
                                 f"{'; ...' if len(differ) > 4 else ''}): --resume goes on with the run's; drop --recipe "

@@ -52,11 +52,19 @@ def load_nifti(path: str | os.PathLike, case_id: str | None = None) -> Volume:
     return vol
 
 
+MANIFEST = "manifest.json"  # what `tumorseg prepare` writes last, over its arrays
+
+
+def prepared_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a `tumorseg prepare` output, finished or not (`unfinished_prepare`)."""
+    return (Path(folder) / MANIFEST).is_file() or unfinished_prepare(folder)
+
+
 def unfinished_prepare(folder: str | os.PathLike) -> bool:
     """Whether `folder` is a `tumorseg prepare` output whose run has not (yet) written its
     manifest: one cut short, or one changing its arrays now."""
     folder = Path(folder)
-    return not (folder / "manifest.json").is_file() and (folder / "records").is_dir() and (folder / "images").is_dir()
+    return not (folder / MANIFEST).is_file() and (folder / "records").is_dir() and (folder / "images").is_dir()
 
 
 def nifti_files(folder: Path) -> list[Path]:

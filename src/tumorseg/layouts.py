@@ -44,7 +44,7 @@ from typing import Collection
 import numpy as np
 
 from .errors import TumorsegError
-from .io import NIFTI_RE, Volume, load_labels, load_nifti_channels, nifti_files, save_nifti, unfinished_prepare, write_text
+from .io import NIFTI_RE, Volume, load_labels, load_nifti_channels, nifti_files, prepared_folder, save_nifti, write_text
 from .labels import (
     BRATS2020,
     CONVENTIONS,
@@ -517,7 +517,7 @@ def _all_cases(root: Path, need_images: bool) -> list[Case]:
     flat = not cases and not need_images
     if flat:
         cases = _label_files(root)
-    if not cases and ((root / "manifest.json").is_file() or unfinished_prepare(root)):  # `tumorseg prepare`'s output
+    if not cases and prepared_folder(root):  # `tumorseg prepare`'s output
         raise TumorsegError(f"{root}: a prepared folder (arrays for training); give the scans it was prepared from")
     if not cases:
         pairs = next((p for pattern in ("*.hdr", "*/*.hdr") for p in root.glob(pattern)), None)  # Analyze pairs

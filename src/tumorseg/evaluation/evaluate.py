@@ -259,9 +259,8 @@ def evaluate_case(
     except (TumorsegError, ValueError) as exc:
         message = str(exc) if str(exc).startswith(f"{case_id}: ") else f"{case_id}: {exc}"
         return CaseResult(case_id, STATUS_TRUTH, {r: {} for r in REGIONS}, message)
-    if unscored is not None or pred_path is None:
-        status, message = unscored or (STATUS_MISSING, f"{case_id}: no prediction")
-        return CaseResult(case_id, status, _failed_metrics(), message)
+    if unscored is not None:
+        return CaseResult(case_id, unscored[0], _failed_metrics(), unscored[1])
     try:
         pred = load_labels(pred_path, case_id)
         metrics, notes = score_case(case_id, pred, gt, gt_labels, pred_labels, challenge)

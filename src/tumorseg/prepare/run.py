@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import TumorsegError
-from ..io import read_npy, sweep_stale_temps, unfinished_prepare, write_text
+from ..io import MANIFEST, read_npy, sweep_stale_temps, unfinished_prepare, write_text
 from ..geometry import grid_of, network_grid
 from ..layouts import Case, dataset_layout, discover_cases
 from ..lock import folder_lock
@@ -21,8 +21,6 @@ from ..pool import worker_pool
 from .case import prepare_case, record_path
 from .config import PrepareConfig, default_workers
 from .split import split_cases
-
-MANIFEST = "manifest.json"
 
 
 @dataclass
