@@ -183,3 +183,57 @@ def test_progress_bars_written_to_a_log_file_update_once_a_minute(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "60.0", proc.stderr[-2000:]
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """scancel, docker stop and torchrun stop a command with SIGTERM: the lock and temporaries go, the
+    progress bar ends before one last line, exit code 143, and the caller's handler is back."""
+    import signal
+
+    import tumorseg.prepare.run as run_module
+
+    for i in range(3):
+        write_case(tmp_path / "raw", f"BraTS20_Training_00{i}", seed=i)
+    real, calls = run_module.prepare_case, []
+
+    def terminated_on_the_second(case, config, out_dir):
+        calls.append(case.case_id)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(case, config, out_dir)
+
+    monkeypatch.setattr(run_module, "prepare_case", terminated_on_the_second)
+    before = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    assert main(["prepare", str(tmp_path / "raw"), str(tmp_path / "prep"), "--crop", "32", "--workers", "1"]) == 143
+    err = capsys.readouterr().err
+    assert err.endswith("\ntumorseg prepare: terminated\n") and "Traceback" not in err
+    assert "prepare:  33%" in err.splitlines()[-2]  # the bar's last state, its own line, before the last line
+    assert signal.getsignal(signal.SIGTERM) is before
+    left = sorted(p.name for p in (tmp_path / "prep").rglob("*") if p.is_file())
+    assert left == ["BraTS20_Training_000.json", "BraTS20_Training_000.npy", "BraTS20_Training_000.npy"], left
+    monkeypatch.setattr(run_module, "prepare_case", real)
+    assert main(["prepare", str(tmp_path / "raw"), str(tmp_path / "prep"), "--crop", "32", "--workers", "1"]) == 0
+    assert "taking it over" not in capsys.readouterr().err  # the lock was released, not left for the next run
+
+
+def test_training_ends_its_bars_before_its_resume_line(tmp_path):
+    """In a log file (not a terminal) each bar ends its line: the interrupt's lines start their own."""
+    from tumorseg.bars import end_bars, leave_in_log
+    from tqdm import tqdm
+
+    log = tmp_path / "log"
+    with open(log, "w") as stream:
+        monkey = pytest.MonkeyPatch()
+        monkey.setattr(sys, "stderr", stream)
+        try:
+            assert leave_in_log()
+            bar = tqdm(range(3), desc="epoch 1", leave=leave_in_log(), mininterval=0)
+            next(iter(bar))
+            end_bars()
+            print("interrupted: last.pt holds epoch 0", file=sys.stderr)
+        finally:
+            monkey.undo()
+    assert bar.disable  # closed
+    lines = log.read_text().split("\n")
+    assert lines[-2] == "interrupted: last.pt holds epoch 0" and lines[-3].rsplit("\r", 1)[-1].startswith("epoch 1:")

@@ -44,3 +44,23 @@ def test_workers_exit_when_their_parent_is_killed(method):
     while _running(worker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _running(worker)
+
+
+def _mark(path: str) -> None:
+    time.sleep(0.3)
+    Path(path).touch()
+
+
+def test_a_pool_left_by_an_exception_starts_none_of_the_queued_jobs(tmp_path):
+    """Ctrl-C or SIGTERM in a 1,000-case prepare stops within the cases under way, not after the last."""
+    with pytest.raises(KeyboardInterrupt):
+        with worker_pool(1) as pool:
+            for i in range(8):
+                pool.submit(_mark, str(tmp_path / str(i)))
+            raise KeyboardInterrupt
+    ran = len(list(tmp_path.iterdir()))
+    assert 1 <= ran <= 2  # the job under way and at most one handed to the worker already
+    with worker_pool(1) as pool:  # left normally, every job runs
+        for i in range(8, 12):
+            pool.submit(_mark, str(tmp_path / str(i)))
+    assert len(list(tmp_path.iterdir())) == ran + 4

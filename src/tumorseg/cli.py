@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
-from .errors import TumorsegError
+from .bars import end_bars
+from .errors import Terminated, TumorsegError
 from .labels import CONVENTIONS, parse_channels
 from .layouts import LAYOUTS
 
@@ -420,18 +423,30 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if not sys.stderr.isatty():  # a log file (nohup, SLURM): a progress line a minute, not ten a second
         os.environ.setdefault("TQDM_MININTERVAL", "60")
+    on_main = threading.current_thread() is threading.main_thread()  # signal handlers live there
+    before = signal.signal(signal.SIGTERM, _terminate) if on_main else None
     try:
         return args.func(args)
     except TumorsegError as exc:
+        end_bars()
         print(f"tumorseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"tumorseg {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        end_bars()
+        terminated = isinstance(exc, Terminated)
+        print(f"tumorseg {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
+    finally:
+        if on_main:  # main() called from Python (tests, a notebook) leaves the caller's handler as it was
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -15,3 +15,9 @@ class TumorsegError(Exception):
         if len(args) == 1 and isinstance(args[0], str) and args[0].startswith(_WORKER_PREFIX) and _ORIGINAL in args[0]:
             args = (args[0].rsplit(_ORIGINAL, 1)[1].strip(),)
         super().__init__(*args)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`scancel`, `docker stop`, `timeout`, torchrun stopping its workers), raised where the
+    command is so that it cleans up as after Ctrl-C: temporaries removed, locks released, and
+    training's line naming the epoch to resume from."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..bars import end_bars
 from ..data import PreparedDataset, eval_transform, make_loader, shard, split_ids, train_transform
 from ..errors import TumorsegError
 from ..io import sweep_stale_temps, write_text
@@ -423,6 +424,7 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
                     print(f"stopping: the {config.max_minutes:g}-minute budget is spent", file=sys.stderr)
                 break
     except KeyboardInterrupt:
+        end_bars()
         if ctx.is_main:
             last = run_dir / "last.pt"  # written last when an epoch is saved: an interrupt may fall before it
             print(f"interrupted: {last} holds epoch {saved}; continue with {resume_with}" if saved else
