@@ -14,6 +14,7 @@ from tumorseg.cli import main
 from tumorseg.errors import TumorsegError
 from tumorseg.plots import save_case_plot
 from tumorseg.labels import to_raw_labels
+import tumorseg.plots.slices as slices_module
 from tumorseg.plots.slices import DPI, MARGIN_INCHES, PANEL_INCHES, choose_slices, display_slice, load_case, load_prediction
 from tumorseg.prepare import PrepareConfig, prepare
 
@@ -209,10 +210,38 @@ def test_reoriented_case_matches(tmp_path):
         data = np.asarray(img.dataobj)[::-1, ::-1]
         affine = img.affine @ np.array([[-1, 0, 0, SHAPE[0] - 1], [0, -1, 0, SHAPE[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]])
         nib.save(nib.Nifti1Image(data, affine), ras / path.name)
-    assert nib.aff2axcodes(nib.load(next(ras.iterdir())).affine) == ("R", "A", "S")
-    a = save_case_plot(lps, out=tmp_path / "a.png")
-    b = save_case_plot(ras, out=tmp_path / "b.png")
-    assert a.read_bytes() == b.read_bytes()
+    ras_affine = nib.load(next(ras.iterdir())).affine
+    assert nib.aff2axcodes(ras_affine) == ("R", "A", "S")
+    with pytest.MonkeyPatch.context() as mp:  # the pixels alike; the titles name each file's own slices
+        mp.setattr(slices_module, "slice_title", lambda transform, shape, view, index: view)
+        a = save_case_plot(lps, out=tmp_path / "a.png")
+        b = save_case_plot(ras, out=tmp_path / "b.png")
+        assert a.read_bytes() == b.read_bytes()
+        k = SHAPE[0] - 1 - 3  # --slice is the file's slice: the RAS file's 3 is the LPS file's k
+        a = save_case_plot(lps, out=tmp_path / "a.png", slice_index=k, views="sagittal")
+        b = save_case_plot(ras, out=tmp_path / "b.png", slice_index=3, views="sagittal")
+        assert a.read_bytes() == b.read_bytes()
+    turned = slices_module.lps_transform(ras_affine)
+    assert slices_module.slice_title(turned, SHAPE, "sagittal", k) == "sagittal slice 3"
+    assert slices_module.slice_title(turned, SHAPE, "axial", 5) == "axial slice 5"  # k runs superior in both
+    sagittal_stored = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]])  # i superior, k left
+    assert slices_module.slice_title(slices_module.lps_transform(sagittal_stored), SHAPE, "axial", 2) == \
+        "axial slice 2 (voxel axis i)"
+
+
+def test_the_lettered_sides_are_the_patients():
+    """Each view's letters name the edge where a voxel at that side of the patient is drawn."""
+    vol = np.zeros((4, 5, 6))
+    toward = {"R": (0, 0), "L": (0, 3), "A": (1, 0), "P": (1, 4), "I": (2, 0), "S": (2, 5)}  # LPS axis, index
+    for view, (top, bottom, left, right) in slices_module.SIDES.items():
+        for letter, (row, col) in ((top, (0, None)), (bottom, (-1, None)), (left, (None, 0)), (right, (None, -1))):
+            axis, index = toward[letter]
+            vol[:] = 0
+            vol[(slice(None),) * axis + (index,)] = 1  # the patient's whole side `letter`
+            middle = vol.shape[slices_module.VIEW_AXIS[view]] // 2
+            shown = display_slice(vol, view, middle)
+            edge = shown[row] if row is not None else shown[:, col]
+            assert edge.all() and shown.sum() == edge.size, (view, letter)
 
 
 @pytest.mark.real

@@ -484,6 +484,7 @@ def test_torchrun_splits_the_cases_over_ranks(raw, ckpt, tmp_path):
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("predicted 0 case(s) into") == 2  # a re-run skips
+    assert again.stdout.count(f"; report: open {tmp_path / 'ddp/report/index.html'}") == 1  # rank 0 wrote it
     # the report waits for every rank and is written once, by rank 0, over all the cases
     rows = (tmp_path / "ddp/report/volumes.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == sorted(p.name.split(".")[0] for p in single.written)

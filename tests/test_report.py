@@ -291,6 +291,11 @@ def test_table_equals_volumes_csv(built):
     index = parse(result.index)
     keys = index.header[2:]
     assert keys == list(rows[0])[1:-3]  # every CSV column but the warnings', the notes' text and the model's
+    failed = {r["case"]: r for r in rows if r["warning_text"].startswith("not reported: ")}
+    assert list(failed) == list(result.failed) == ["garbage"]  # in the table too: no reader of it alone loses a case
+    assert failed["garbage"]["warning_text"] == f"not reported: {result.failed['garbage']}"
+    assert not any(failed["garbage"][k] for k in keys)
+    rows = [r for r in rows if r["case"] not in failed]
     assert [r["case"] for r in rows] == [row[1] for row in index.rows]
     for row, cells in zip(rows, index.rows):
         for key, value in zip(keys, cells[2:]):
@@ -620,3 +625,23 @@ def test_the_model_that_made_each_prediction_and_a_warning_when_several_did(tmp_
     _tag(tmp_path / "preds" / "case_2.nii.gz", "bbbbbbbbbbbb")
     mixed = report(tmp_path / "preds", out=tmp_path / "mixed", progress=False).index.read_text()
     assert "Predictions of several models" in mixed and "aaaaaaaaaaaa (2 cases), bbbbbbbbbbbb (1 cases)" in mixed
+
+
+def test_pages_fit_a_phone_and_name_their_units(built):
+    """A viewport and a scrolling box round every table (a phone's 390 px); millimetres and bits
+    named; a mean count keeps two decimals (0.25 lesions is not "0.2")."""
+    import re
+
+    from tumorseg.report.table import Column, summary
+
+    root, result = built
+    for page in [result.index, *result.pages]:
+        text = page.read_text()
+        assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text, page
+        assert text.count("<table") == text.count('<div class="scroll"><table'), page
+    case0 = (result.index.parent / "cases/case_0.html").read_text()
+    assert "<th>hd95 (mm)</th>" in case0 and "<th>lesion_hd95 (mm)</th>" in case0
+    assert re.search(r"<p>score 0\.2500 bits: the mean voxel uncertainty", case0)
+    count = Column("lesion_fp", "false positives", 0, lambda n: n, summary=True)  # the cases stand for their counts
+    assert summary([0, 0, 0, 1], [count])["lesion_fp"] == {"n": "4", "mean": "0.25", "median": "0.00", "min": "0.00",
+                                                        "max": "1.00"}

@@ -190,7 +190,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     print(f"{rank}predicted {len(result.predicted)} case(s) into {args.out_dir}"
           + (f", {len(result.skipped)} already done (--force to redo them)" if result.skipped else "")
-          + (f", {len(result.failed)} failed" if result.failed else ""), flush=True)  # torchrun may stop us next
+          + (f", {len(result.failed)} failed" if result.failed else "")
+          + (f"; report: open {result.report}" if result.report else ""), flush=True)  # torchrun may stop us next
     return 1 if result.failed else 0
 
 

@@ -9,8 +9,10 @@ labels) yellow, at alpha 0.45.
 Volumes are turned to the BraTS voxel orientation (LPS: i towards the patient's left, j
 posterior, k superior) before slicing, which changes nothing for BraTS data, and every
 panel is displayed upright: axial with anterior at the top, coronal and sagittal with
-superior at the top, in radiological convention (the patient's right on the image's left).
-Slice numbers are voxel indices in that orientation.
+superior at the top, in radiological convention (the patient's right on the image's left),
+with the patient's sides lettered at each panel's edges. Slice numbers are the stored file's
+voxel indices, as a viewer (ITK-SNAP, FSLeyes) shows them, with the file's voxel axis named
+where it is not the usual one for the view (i sagittal, j coronal, k axial).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ PANEL_INCHES = 3.0  # each panel is PANEL_INCHES square
 MARGIN_INCHES = 1.0  # extra figure height for the title and the legend
 DPI = 100
 LPS = ("L", "P", "S")
+UNTURNED = np.array([[0, 1], [1, 1], [2, 1]])  # nibabel's orientation transform that changes nothing
+# The patient's side at each edge of a displayed view: top, bottom, left, right (radiological)
+SIDES: dict[str, tuple[str, str, str, str]] = {
+    "axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ def save_case_plot(
         reference = truth if truth is not None and truth.any() else labels
         slices = choose_slices(reference, brain, views)
     else:
-        slices = {v: _check_slice(slice_index, v, images.shape[1:], data) for v in views}
+        slices = {v: _check_slice(slice_index, v, data) for v in views}
     out = Path(out) if out is not None else Path.cwd() / f"{data.case_id}.png"
     draw_views(data, images, truth, labels, spacing, slices, out)
     return out
@@ -314,17 +320,48 @@ def _npy_to_labels(mask: np.ndarray, where, prepared: bool = False) -> np.ndarra
     return to_training_labels(mask) if 4 in values else np.asarray(mask, dtype=np.uint8)
 
 
+def lps_transform(affine: np.ndarray | None) -> np.ndarray:
+    """Stored voxel axes -> LPS voxel order: (new axis, flip) per stored axis, as nibabel's
+    `ornt_transform` gives it (no affine: the voxels are taken as LPS already)."""
+    if affine is None:
+        return UNTURNED
+    import nibabel as nib
+    from nibabel.orientations import axcodes2ornt, ornt_transform
+
+    return ornt_transform(nib.io_orientation(affine), axcodes2ornt(LPS))
+
+
+def stored_slice(transform: np.ndarray, shape: Sequence[int], view: str, index: int) -> tuple[int, int]:
+    """The stored voxel axis that `view` slices, and the index on it of LPS slice `index`; the
+    map is its own inverse, so it also gives the LPS slice of a stored index. `shape`: stored."""
+    axis = next(a for a, (target, _) in enumerate(transform) if int(target) == VIEW_AXIS[view])
+    return axis, int(shape[axis] - 1 - index if transform[axis][1] < 0 else index)
+
+
+def slice_title(transform: np.ndarray, shape: Sequence[int], view: str, index: int) -> str:
+    """"axial slice 61": the view and the stored file's index of LPS slice `index`, naming the
+    file's voxel axis where it is not the view's usual one (a scan stored sagittally)."""
+    axis, stored = stored_slice(transform, shape, view, index)
+    return f"{view} slice {stored}" + ("" if axis == VIEW_AXIS[view] else f" (voxel axis {'ijk'[axis]})")
+
+
+def mark_sides(ax, view: str) -> None:
+    """The patient's side at each edge of a panel (A/P, S/I, R/L), as radiology viewers letter them."""
+    top, bottom, left, right = SIDES[view]
+    style = dict(transform=ax.transAxes, color="white", fontsize=9, fontweight="bold", alpha=0.9)
+    for text, x, y, ha, va in ((top, 0.5, 0.98, "center", "top"), (bottom, 0.5, 0.02, "center", "bottom"),
+                               (left, 0.02, 0.5, "left", "center"), (right, 0.98, 0.5, "right", "center")):
+        ax.text(x, y, text, ha=ha, va=va, **style)
+
+
 def to_lps(data: CaseImages, pred: np.ndarray | None):
     """Images (C, X, Y, Z), truth, prediction and spacing, reoriented to LPS voxel order."""
     images, truth, spacing = data.images, data.truth, data.spacing
-    if data.affine is None:
+    transform = lps_transform(data.affine)
+    if np.array_equal(transform, UNTURNED):
         return images, truth, pred, spacing
-    import nibabel as nib
-    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+    from nibabel.orientations import apply_orientation
 
-    transform = ornt_transform(nib.io_orientation(data.affine), axcodes2ornt(LPS))
-    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
-        return images, truth, pred, spacing
     turn = lambda a: None if a is None else np.ascontiguousarray(apply_orientation(a, transform))  # noqa: E731
     new_spacing = [0.0] * 3
     for axis, (target, _) in enumerate(transform):
@@ -342,11 +379,14 @@ def _check_views(views: str | Sequence[str]) -> tuple[str, ...]:
     return views
 
 
-def _check_slice(index: int, view: str, shape: tuple[int, ...], data: CaseImages) -> int:
-    size = shape[VIEW_AXIS[view]]
+def _check_slice(index: int, view: str, data: CaseImages) -> int:
+    """The LPS slice of the stored file's slice `index` in `view` (checked against the file's size)."""
+    transform = lps_transform(data.affine)
+    axis, _ = stored_slice(transform, data.shape, view, 0)
+    size = data.shape[axis]
     if not 0 <= int(index) < size:
         raise TumorsegError(f"{data.case_id}: slice {index} is outside the {view} range 0..{size - 1}")
-    return int(index)
+    return stored_slice(transform, data.shape, view, int(index))[1]
 
 
 def display_window(channel: np.ndarray) -> tuple[float, float]:
@@ -378,6 +418,7 @@ def draw_views(data, images, truth, pred, spacing, slices: dict[str, int], out: 
     columns += [(f"{base_name} + ground truth", base, truth)] if truth is not None else []
     columns += [(f"{base_name} + prediction", base, pred)] if pred is not None else []
     windows = [display_window(c) for c in images]
+    transform = lps_transform(data.affine)
     nrows, ncols = len(slices), len(columns)
     fig, axes = plt.subplots(
         nrows, ncols, squeeze=False, layout="constrained",
@@ -394,10 +435,11 @@ def draw_views(data, images, truth, pred, spacing, slices: dict[str, int], out: 
                 ax.imshow(label_overlay(display_slice(labels, view, index)), aspect=aspect, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            mark_sides(ax, view)
             if row == 0:
                 ax.set_title(title, fontsize=11)
             if col == 0:
-                ax.set_ylabel(f"{view} slice {index}", fontsize=11)
+                ax.set_ylabel(slice_title(transform, data.shape, view, index), fontsize=11)
     fig.suptitle(data.case_id, fontsize=13)
     if truth is not None or pred is not None:
         shown = set(np.unique(truth)) if truth is not None else set()

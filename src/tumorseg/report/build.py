@@ -141,7 +141,7 @@ def _write(cases: list[CaseReport], failed: dict[str, str], with_metrics: bool, 
            sources: dict[str, str]) -> ReportResult:
     cols = columns(cases, with_metrics)
     result = ReportResult(cases, failed, out / "index.html", out / "volumes.csv")
-    write_text(result.csv, csv_text(cases, cols))
+    write_text(result.csv, csv_text(cases, cols, failed))
     for case in cases:
         path = out / CASES_DIR / case_page_name(case.case_id)
         write_text(path, case_page(case, cols, result.index))

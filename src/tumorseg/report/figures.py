@@ -12,7 +12,6 @@ import numpy as np
 
 from ..io import atomic_path
 from ..plots.slices import (
-    LPS,
     VIEW_AXIS,
     CaseImages,
     draw_views,
@@ -21,6 +20,9 @@ from ..plots.slices import (
     display_window,
     choose_slices,
     display_slice,
+    lps_transform,
+    mark_sides,
+    slice_title,
 )
 from .measure import Diameters, Measures
 
@@ -78,11 +80,10 @@ def make_scene(data: CaseImages, labels: np.ndarray, brain: np.ndarray, wt: np.n
     `brain` (the images' non-zero voxels) and `wt` (the labels' whole tumour) are the case's masks
     in stored order, computed once by the caller; here only reoriented (views, no copies).
     """
-    import nibabel as nib
-    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+    from nibabel.orientations import apply_orientation
 
     images, truth, lps, spacing = to_lps(data, labels)
-    transform = ornt_transform(nib.io_orientation(data.affine), axcodes2ornt(LPS))
+    transform = lps_transform(data.affine)
     reference = lps if lps.any() or truth is None else truth
     slices = choose_slices(reference, apply_orientation(brain, transform))
     return Scene(data, images, truth, lps, apply_orientation(wt, transform), spacing, slices, transform)
@@ -134,14 +135,17 @@ def _aspect(scene: Scene, view: str) -> float:
     return scene.spacing[second] / scene.spacing[first]
 
 
-def _panel(ax, scene: Scene, view: str, index: int) -> None:
-    """The base channel with the labels overlaid, as one panel of `tumorseg show`."""
+def _panel(ax, scene: Scene, view: str, index: int, sides: bool = True) -> None:
+    """The base channel with the labels overlaid, as one panel of `tumorseg show` (`sides`: the
+    patient's sides lettered, too small to read on a thumbnail)."""
     lo, hi = scene.window
     aspect = _aspect(scene, view)
     ax.imshow(display_slice(scene.images[scene.base], view, index), cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
     ax.imshow(label_overlay(display_slice(scene.labels, view, index)), aspect=aspect, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
+    if sides:
+        mark_sides(ax, view)
 
 
 def _save_diameters(scene: Scene, measured: dict[str, Diameters], out: Path) -> None:
@@ -157,7 +161,8 @@ def _save_diameters(scene: Scene, measured: dict[str, Diameters], out: Path) -> 
         for ends, colour in ((d.longest_ends, LONGEST_COLOUR), (d.perpendicular_ends, PERPENDICULAR_COLOUR)):
             xy = np.array([display_xy(_lps_point(scene, e), view, scene.labels.shape) for e in ends])
             ax.plot(xy[:, 0], xy[:, 1], "-o", color=colour, linewidth=1.5, markersize=3)
-        ax.set_title(f"{name}\n{d.longest:.1f} x {d.perpendicular:.1f} mm ({view} slice {index})", fontsize=10)
+        ax.set_title(f"{name}\n{d.longest:.1f} x {d.perpendicular:.1f} mm "
+                     f"({slice_title(scene.transform, scene.data.shape, view, index)})", fontsize=10)
     if not measured:
         axes[0, 0].axis("off")
         axes[0, 0].text(0.5, 0.5, "no tumour to measure", ha="center", va="center")
@@ -177,10 +182,11 @@ def _save_uncertainty(scene: Scene, uncertainty: np.ndarray, out: Path) -> None:
         tumour = display_slice(scene.wt, view, index)
         if tumour.any():
             ax.contour(tumour.astype(np.float32), levels=[0.5], colors=LONGEST_COLOUR, linewidths=0.8)
-        ax.set_title(f"{view} slice {index}", fontsize=10)
+        ax.set_title(slice_title(scene.transform, scene.data.shape, view, index), fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(shown, ax=axes[0].tolist(), shrink=0.8, label="uncertainty")
+        mark_sides(ax, view)
+    fig.colorbar(shown, ax=axes[0].tolist(), shrink=0.8, label="uncertainty (bits)")
     _save(fig, out)
 
 
@@ -189,7 +195,7 @@ def _save_thumbnail(scene: Scene, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(THUMB_INCHES, THUMB_INCHES))
     fig.subplots_adjust(0, 0, 1, 1)
-    _panel(ax, scene, "axial", scene.slices["axial"])
+    _panel(ax, scene, "axial", scene.slices["axial"], sides=False)
     ax.axis("off")
     _save(fig, out)
 

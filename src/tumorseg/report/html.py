@@ -19,9 +19,10 @@ from ..labels import REGIONS
 from .case import CaseReport
 from .figures import THUMB_PIXELS
 from .measure import LESION_MIN_VOXELS, label_names
-from .table import REPORT_METRICS, SUMMARY_STATS, Column, cells, volume_key
+from .table import METRIC_UNITS, REPORT_METRICS, SUMMARY_STATS, Column, cells, volume_key
 
 PAGE_SUFFIX = ".html"
+VIEWPORT = '<meta name="viewport" content="width=device-width, initial-scale=1">\n'  # a phone's width, not 980 px
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -32,7 +33,7 @@ td.text, th.text { text-align: left; }
 table.sortable th { cursor: pointer; }
 th[data-dir="asc"]::after { content: " \\25B2"; } th[data-dir="desc"]::after { content: " \\25BC"; }
 .warn { color: #a40000; } .note { color: #555; } img { max-width: 100%; } img.thumb { max-width: none; } dt { font-weight: bold; }
-.scroll { overflow-x: auto; }
+.scroll { overflow-x: auto; } h1 { overflow-wrap: anywhere; }
 """
 
 SCRIPT = """
@@ -98,7 +99,7 @@ def _head(title: str) -> str:
 
 
 def page(title: str, body: str) -> str:
-    return _head(title) + f"<style>{STYLE}</style>\n<script>{SCRIPT}</script>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    return _head(title) + VIEWPORT + f"<style>{STYLE}</style>\n<script>{SCRIPT}</script>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
 
 
 def link(target: Path, start: Path) -> str:
@@ -136,7 +137,7 @@ def table(head: list[str], rows: list[list[str]]) -> str:
                 + "".join(f"<{tag}>{escape(c)}</{tag}>" for c in rest) + "</tr>")
 
     body = "".join(row(r, "td") for r in rows)
-    return f"<table><thead>{row(head, 'th')}</thead><tbody>{body}</tbody></table>"
+    return f"<div class=\"scroll\"><table><thead>{row(head, 'th')}</thead><tbody>{body}</tbody></table></div>"
 
 
 def index_page(cases: list[CaseReport], cols: list[Column], stats: dict[str, dict[str, str]],
@@ -208,12 +209,13 @@ def case_page(case: CaseReport, cols: list[Column], index: Path) -> str:
               "<p>Cyan: the longest diameter; magenta: the longest diameter perpendicular to it.</p>",
               _img(case, "diameters", here, "diameters drawn on their slice")]
     if "uncertainty" in case.figures:
-        parts += ["<h2>Uncertainty</h2>", f"<p>score {escape(text['uncertainty'] or 'none')}: the mean voxel "
+        parts += ["<h2>Uncertainty</h2>", f"<p>score {escape(text['uncertainty'] + ' bits' if text['uncertainty'] else 'none')}: the mean voxel "
                   "uncertainty inside the predicted whole tumour (outlined in cyan).</p>",
                   _img(case, "uncertainty", here, "uncertainty map")]
     if case.metrics is not None:
         parts += ["<h2>Against the ground truth</h2>",
-                  table(["region", *REPORT_METRICS], [[r, *(text[f"{r}_{m}"] for m in REPORT_METRICS)] for r in REGIONS])]
+                  table(["region", *(f"{m} ({METRIC_UNITS[m]})" if m in METRIC_UNITS else m for m in REPORT_METRICS)],
+                        [[r, *(text[f"{r}_{m}"] for m in REPORT_METRICS)] for r in REGIONS])]
     return page(case_page_title(case.case_id), "\n".join(parts))
 
 

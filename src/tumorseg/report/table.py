@@ -22,9 +22,11 @@ _DIAMETER = {"longest": ("longest", "longest axial diameter", "mm"),
              "perpendicular": ("perpendicular", "longest diameter perpendicular to it, same slice", "mm"),
              "product": ("product", "product of the two (RANO bidimensional)", "mm2")}
 _METRIC_DIGITS = {"hd95": 2, "lesion_hd95": 2, "lesion_fp": 0}
+METRIC_UNITS = {"hd95": "mm", "lesion_hd95": "mm"}
 # what the report shows against a ground truth: BraTS 2020's metrics, then the 2023+ lesion-wise
 # Dice and HD95 and the false-positive components that cost them (`evaluation.lesionwise`)
-REPORT_METRICS = {**{m: f"BraTS {m}" for m in METRICS}, "lesion_dice": "BraTS 2023+ lesion-wise Dice",
+REPORT_METRICS = {**{m: f"BraTS {m}" + (" (mm)" if m == "hd95" else "") for m in METRICS},
+                  "lesion_dice": "BraTS 2023+ lesion-wise Dice",
                   "lesion_hd95": "BraTS 2023+ lesion-wise HD95 (mm)",
                   "lesion_fp": "false-positive components (lesion-wise)"}
 
@@ -77,7 +79,7 @@ def columns(cases: list[CaseReport], with_metrics: bool) -> list[Column]:
                    lambda c, i=i: None if c.measures.centroid is None else c.measures.centroid[i])
             for i, axis in enumerate("xyz")]
     if any(c.uncertainty is not None for c in cases):
-        out.append(Column("uncertainty", "mean voxel uncertainty inside the predicted whole tumour", 4,
+        out.append(Column("uncertainty", "mean voxel uncertainty inside the predicted whole tumour (bits)", 4,
                           lambda c: c.uncertainty, summary=True))
     if with_metrics:
         out += [Column(f"{r}_{m}", f"{REPORT_METRICS[m]} of the {r} region against the ground truth",
@@ -99,15 +101,18 @@ def cells(case: CaseReport, cols: list[Column]) -> dict[str, str]:
     return {col.key: fmt(col.value(case), col.digits) for col in cols}
 
 
-def csv_text(cases: list[CaseReport], cols: list[Column]) -> str:
+def csv_text(cases: list[CaseReport], cols: list[Column], failed: dict[str, str] | None = None) -> str:
     """`volumes.csv`: one row per case, the columns above, then the warnings and the notes in words
-    (" | " between) and the model fingerprint `predict` recorded."""
+    (" | " between) and the model fingerprint `predict` recorded; a case that could not be reported
+    (`failed`: case id -> why) has a row of blanks whose warning says why, so that no reader of the
+    table alone loses it."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["case", *(c.key for c in cols), "warning_text", "notes", "model"])
-    for case in cases:
-        writer.writerow([case.case_id, *cells(case, cols).values(), " | ".join(case.warnings), " | ".join(case.notes),
-                         case.model or ""])
+    rows = [[case.case_id, *cells(case, cols).values(), " | ".join(case.warnings), " | ".join(case.notes),
+             case.model or ""] for case in cases]
+    rows += [[cid, *([""] * len(cols)), f"not reported: {why}", "", ""] for cid, why in (failed or {}).items()]
+    writer.writerows(sorted(rows, key=lambda row: row[0]))
     return buf.getvalue()
 
 
@@ -124,6 +129,6 @@ def summary(cases: list[CaseReport], cols: list[Column]) -> dict[str, dict[str, 
         if values.size == 0:
             continue
         stats = (values.mean(), np.median(values), values.min(), values.max())
-        digits = max(col.digits, 1)
+        digits = col.digits or 2  # a mean count of 0.25 is not "0.2"
         out[col.key] = {"n": str(values.size), **{k: fmt(float(v), digits) for k, v in zip(SUMMARY_STATS[1:], stats)}}
     return out
