@@ -16,7 +16,7 @@ from tumorseg.inference import Predictor, predict
 from tumorseg.cli import main
 from tumorseg.labels import (CONVENTIONS, MODALITIES, canonical_modality, convention, convention_from_names,
                              convention_from_header, convention_from_regions, convention_from_tag)
-from tumorseg.layouts import LAYOUTS, discover_cases, layout_labels, load_images
+from tumorseg.layouts import LAYOUTS, discover_cases, layout_labels, load_images, write_dataset_json
 from tumorseg.prepare import PrepareConfig, prepare
 from tumorseg.synth import synthesize
 from tumorseg.training import TrainConfig, train
@@ -670,6 +670,22 @@ def test_evaluate_never_guesses_conventions_silently(tmp_path):
     assert scores.notes == ["BraTS-GLI-00000-000: prediction read as brats2023 labels (untagged: as its ground truth; "
                             "--pred-labels to set)"]
     scores = evaluate(tmp_path / "pmsdu", layout_gt, pred_labels="msd", progress=False)
+    assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET")) and not scores.notes
+    # ... unless nnU-Net's dataset.json is beside them (its predict copies it there): read in its numbers
+    write_dataset_json(tmp_path / "pmsdu", "nnunet")
+    scores = evaluate(tmp_path / "pmsdu", layout_gt, progress=False)
+    assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET"))
+    assert scores.notes == ["BraTS-GLI-00000-000: prediction read as msd labels (the dataset.json beside it; "
+                            "--pred-labels to set)"]
+    from tumorseg.report import report
+
+    result = report(tmp_path / "pmsdu", gt=layout_gt, out=tmp_path / "rep", progress=False)
+    assert not result.failed, result.failed
+    assert result.cases[0].metrics["TC"]["dice"] == 1.0
+    assert result.cases[0].notes == ["untagged prediction read as msd labels (the dataset.json beside it; "
+                                     "--pred-labels to set)"]
+    _write_tagged(tmp_path / "pmsdu", "BraTS-GLI-00000-000", b23.from_training(truth), AFFINE, b23)  # a tag wins
+    scores = evaluate(tmp_path / "pmsdu", layout_gt, progress=False)
     assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET")) and not scores.notes
 
 

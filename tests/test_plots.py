@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -265,3 +266,30 @@ def test_training_curves_png(tmp_path, validated, recwarn):
     plot_curves(history, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert not [w for w in recwarn if "legend" in str(w.message)]  # no empty legend before validation
+
+
+def test_another_tools_prediction_is_read_in_the_convention_named(raw_case, tmp_path, capsys):
+    """nnU-Net's files hold MSD numbers (3 enhancing): --pred-labels names them; untagged, a note
+    says how they were read; a probability map is refused in a line, not its million values."""
+    from tumorseg.labels import CONVENTIONS
+
+    seg = nib.load(raw_case / "case_a_seg.nii.gz")
+    data = load_case(raw_case)
+    msd = CONVENTIONS["msd"].from_training(data.truth)
+    nib.save(nib.Nifti1Image(msd, seg.affine), tmp_path / "case_a.nii.gz")
+    capsys.readouterr()
+    assert np.array_equal(load_prediction(tmp_path / "case_a.nii.gz", data, CONVENTIONS["msd"]), data.truth)
+    assert "untagged" not in capsys.readouterr().err
+    assert main(["show", str(raw_case), "--pred", str(tmp_path / "case_a.nii.gz"), "--pred-labels", "msd",
+                 "--out", str(tmp_path / "a.png")]) == 0
+    with pytest.raises(TumorsegError, match=r"case_a\.nii\.gz has labels 3 outside the brats2020 labels 0, 1, 2, 4 "
+                                            r"\(label 3: enhancing tumour in BraTS 2021\+, MSD and nnU-Net numbers"):
+        load_prediction(tmp_path / "case_a.nii.gz", data)
+    assert "note: case_a: untagged prediction read as brats2020 labels (the case's; --pred-labels to set)" in \
+        capsys.readouterr().err
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.random(SHAPE, dtype=np.float32), seg.affine), tmp_path / "case_a.nii.gz")
+    assert main(["show", str(raw_case), "--pred", str(tmp_path / "case_a.nii.gz"), "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert re.search(r"case_a\.nii\.gz has \d{5} non-integer values \([\d.e-]+ to 0\.\d+\): a probability or "
+                     r"intensity map, not labels$", err) and len(err) < 300, err

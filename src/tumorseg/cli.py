@@ -200,7 +200,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     views = ("axial", "coronal", "sagittal") if args.view == "all" else (args.view,)
     path = save_case_plot(args.case, pred=args.pred, out=args.out, slice_index=args.slice, views=views,
-                          case_id=args.case_id)
+                          case_id=args.case_id, pred_labels=args.pred_labels)
     print(f"wrote {path}")
     return 0
 
@@ -380,8 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case", dest="case_id", metavar="ID",
                    help="the case to draw of a dataset folder or cases.csv (default: the one --pred is named for)")
     p.add_argument("--out", type=Path, help="PNG file (default: <case>.png here)")
-    p.add_argument("--slice", type=int, help="slice index (default: the slice with the most tumour)")
+    p.add_argument("--slice", type=int,
+                   help="the file's slice index, as a viewer numbers it (default: the slice with the most tumour)")
     p.add_argument("--view", choices=("all", "axial", "coronal", "sagittal"), default="all")
+    p.add_argument("--pred-labels", choices=LABEL_CONVENTIONS,
+                   help="the prediction's label convention (default: the tag predict writes, else the case's)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data (or --data DIR) on the CPU")

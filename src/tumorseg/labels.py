@@ -103,8 +103,13 @@ class LabelConvention:
         bad = self.invalid(seg)
         if not bad:
             return None
-        hint = " (label 3: training labels? BraTS 2020 files use 4 for enhancing tumour)" if 3 in bad and self == BRATS2020 else ""
-        return f"has labels {_format_values(bad)} outside the {self.name} labels {_format_values(self.values)}{hint}"
+        fractions = [v for v in bad if isinstance(v, float)]
+        if fractions:  # a float map: its every value listed would be megabytes of one line
+            return (f"has {len(fractions)} non-integer values ({min(fractions):g} to {max(fractions):g}): a probability "
+                    "or intensity map, not labels")
+        hint = (" (label 3: enhancing tumour in BraTS 2021+, MSD and nnU-Net numbers, or training labels; BraTS 2020 "
+                "files use 4: name the file's convention)") if 3 in bad and self == BRATS2020 else ""
+        return f"has labels {format_values(bad)} outside the {self.name} labels {format_values(self.values)}{hint}"
 
     def to_training(self, seg: np.ndarray, cavity: str | None = None) -> np.ndarray:
         """Raw labels -> training labels uint8 (valid values assumed: check `invalid` first).
@@ -162,8 +167,11 @@ BRATS2020 = CONVENTIONS["brats2020"]
 _TAG_RE = re.compile(r"labels=(?P<name>[\w.-]+):(?P<values>\d+(,\d+){2,3})")
 
 
-def _format_values(values) -> str:
-    return ", ".join(str(int(v)) if float(v).is_integer() else repr(float(v)) for v in values)
+def format_values(values, most: int = 10) -> str:
+    """Label values as a list, at most `most` of them: a float map's million values are no line."""
+    values = list(values)
+    more = f", ... ({len(values)} values)" if len(values) > most else ""
+    return ", ".join(str(int(v)) if float(v).is_integer() else f"{float(v):g}" for v in values[:most]) + more
 
 
 def convention(spec: str | dict | LabelConvention) -> LabelConvention:

@@ -251,6 +251,14 @@ def dataset_labels(meta: dict, layout: str, path: Path) -> LabelConvention:
         raise TumorsegError(f"{path}: 'labels' must map names to integer values (or lists of them)") from None
 
 
+def folder_labels(folder: str | os.PathLike) -> LabelConvention | None:
+    """The label convention a dataset.json in a folder of predictions names, or None: nnU-Net's
+    predict copies its dataset.json beside the files it writes (MSD numbers, or the region form),
+    and other tools' files carry no tag of their own."""
+    path = Path(folder) / DATASET_JSON
+    return dataset_labels(_read_dataset_json(path), "nnunet", path) if path.is_file() else None
+
+
 def dataset_channels(meta: dict, path: Path) -> dict[int, str]:
     """Channel index -> canonical modality from dataset.json ("channel_names" or MSD's "modality")."""
     names = meta.get("channel_names") or meta.get("modality")

@@ -49,7 +49,7 @@ from ..geometry import SUBVOXEL, Grid, labels_onto
 from ..io import NIFTI_RE, Volume, check_writable, load_labels, nifti_files, write_text
 from ..labels import (BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header,
                       model_from_header)
-from ..layouts import UNNAMED_CONVENTION, Case, discover_cases
+from ..layouts import UNNAMED_CONVENTION, Case, discover_cases, folder_labels
 from ..notes import grouped
 from ..pool import worker_pool
 from .lesionwise import LESION_HD95_MISS, case_challenge, challenge_name, lesionwise_metrics
@@ -242,10 +242,12 @@ def evaluate_case(
     challenge: str | None = None,
     pred_labels: LabelConvention | None = None,
     unscored: tuple[str, str] | None = None,
+    folder: LabelConvention | None = None,
 ) -> CaseResult:
     """Score one prediction file against one ground-truth file; errors become a status.
 
-    Conventions as `case_conventions` decides them; a guessed one is noted in the message.
+    Conventions as `case_conventions` decides them; a guessed one is noted in the message. An
+    untagged prediction takes `folder`, the convention a dataset.json beside it names, where given.
     `unscored` (status, message) is a case without a prediction to read (missing, or `.nii`
     beside `.nii.gz`): failed, once its truth is found usable, since an unusable truth is no
     model's failure.
@@ -263,7 +265,10 @@ def evaluate_case(
         return CaseResult(case_id, unscored[0], _failed_metrics(), unscored[1])
     try:
         pred = load_labels(pred_path, case_id)
-        metrics, notes = score_case(case_id, pred, gt, gt_labels, pred_labels, challenge)
+        by_folder = folder is not None and pred_labels is None and convention_from_header(pred.header) is None
+        metrics, notes = score_case(case_id, pred, gt, gt_labels, folder if by_folder else pred_labels, challenge)
+        if by_folder:
+            notes.append(f"prediction read as {folder.name} labels (the dataset.json beside it; --pred-labels to set)")
     except TumorsegError as exc:
         return CaseResult(case_id, STATUS_ERROR, _failed_metrics(), str(exc))
     note = "; ".join(notes)
@@ -391,12 +396,13 @@ def _pair_cases(
         with_seg = predicted
     forced = convention(labels) if labels else None
     pred_conv = convention(pred_labels) if pred_labels else None
+    folder = None if pred_conv else folder_labels(pred_dir)  # nnU-Net's output folder names its numbers
     jobs = []
     for case in with_seg:
         cid = case.case_id
         unscored = ((STATUS_ERROR, conflicts[cid]) if cid in conflicts else None if cid in preds
                     else (STATUS_MISSING, f"{cid}: no prediction {cid}.nii.gz in {pred_dir}"))
-        jobs.append((cid, preds.get(cid), case.seg, forced or truth_labels(case), challenge, pred_conv, unscored))
+        jobs.append((cid, preds.get(cid), case.seg, forced or truth_labels(case), challenge, pred_conv, unscored, folder))
     gt_ids = {c.case_id for c in with_seg}
     lists = {
         "extra": sorted((set(preds) | set(conflicts)) - gt_ids),

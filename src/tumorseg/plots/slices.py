@@ -29,7 +29,8 @@ import numpy as np
 from ..errors import TumorsegError
 from ..geometry import Grid, labels_onto
 from ..io import NIFTI_RE, atomic_path, load_labels, read_npy
-from ..labels import BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention_from_header, to_training_labels
+from ..labels import (BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention, convention_from_header,
+                      format_values, to_training_labels)
 from ..layouts import Case, discover_cases, is_case_list
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
@@ -96,6 +97,7 @@ def save_case_plot(
     slice_index: int | None = None,
     views: str | Sequence[str] = VIEWS,
     case_id: str | None = None,
+    pred_labels: str | LabelConvention | None = None,
 ) -> Path:
     """Write a PNG of a case's slices with ground truth and prediction overlays.
 
@@ -112,6 +114,8 @@ def save_case_plot(
         views: "all", one view name, or a sequence of "axial", "coronal", "sagittal".
         case_id: the case to draw where `case` holds several (a dataset folder, a cases.csv);
             default the one `pred`'s file is named for.
+        pred_labels: a NIfTI prediction's label convention (a name of `labels.CONVENTIONS`);
+            default the tag `predict` writes, else the case's own (said in a note).
 
     Returns:
         The path of the PNG written. Figure: rows = views, columns = channels (+ truth,
@@ -123,7 +127,7 @@ def save_case_plot(
     if data.truth_note:
         kind = "warning" if data.truth is None else "note"
         print(f"{kind}: {data.case_id}: {data.truth_note}", file=sys.stderr)
-    labels = None if pred is None else load_prediction(pred, data)
+    labels = None if pred is None else load_prediction(pred, data, convention(pred_labels) if pred_labels else None)
     images, truth, labels, spacing = to_lps(data, labels)
     brain = np.any(images != 0, axis=0)
     if slice_index is None:
@@ -269,8 +273,10 @@ def _prepared_grid(record: dict) -> tuple:
     return affine, spacing, tuple(record.get("network_shape", record.get("shape")))
 
 
-def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> np.ndarray:
-    """A prediction as training labels (X, Y, Z) uint8 on `data`'s grid, checked."""
+def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages,
+                    pred_labels: LabelConvention | None = None) -> np.ndarray:
+    """A prediction as training labels (X, Y, Z) uint8 on `data`'s grid, checked; a NIfTI file's
+    labels in `pred_labels`, else the convention its tag names, else the case's (with a note)."""
     if isinstance(pred, np.ndarray):
         labels, where = _npy_to_labels(pred, "prediction array"), "prediction array"
     else:
@@ -290,7 +296,12 @@ def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages) -> n
                 raw, note = labels_onto(raw, grid(vol), Grid(data.shape, data.affine), where.name, "the images")
                 if note:
                     print(f"note: {data.case_id}: {note}", file=sys.stderr)
-            labels = raw_to_labels(raw, where, convention_from_header(vol.header) or data.labels)
+            conv = pred_labels or convention_from_header(vol.header)
+            if conv is None:  # another tool's file: its numbers are a guess, as evaluate and report say
+                conv = data.labels
+                print(f"note: {data.case_id}: untagged prediction read as {conv.name} labels (the case's; "
+                      "--pred-labels to set)", file=sys.stderr)
+            labels = raw_to_labels(raw, where, conv)
     if labels.shape == data.shape:
         return labels
     if data.crop_box is not None and labels.shape == data.full_shape:
@@ -315,7 +326,7 @@ def _npy_to_labels(mask: np.ndarray, where, prepared: bool = False) -> np.ndarra
         return np.asarray(mask, dtype=np.uint8)
     if not values <= {0, 1, 2, 3, 4} or {3, 4} <= values:
         raise TumorsegError(
-            f"{where}: labels {sorted(values)} are neither training (0..3) nor BraTS (0, 1, 2, 4) labels"
+            f"{where}: labels {format_values(sorted(values))} are neither training (0..3) nor BraTS (0, 1, 2, 4) labels"
         )
     return to_training_labels(mask) if 4 in values else np.asarray(mask, dtype=np.uint8)
 

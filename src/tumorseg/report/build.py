@@ -32,7 +32,7 @@ from ..errors import TumorsegError
 from ..evaluation.evaluate import find_predictions
 from ..io import load_labels, sweep_stale_temps, write_text
 from ..labels import convention
-from ..layouts import discover_cases
+from ..layouts import discover_cases, folder_labels
 from ..lock import folder_lock
 from .case import CaseReport, prediction_labels, report_case
 from .figures import figure_paths
@@ -94,13 +94,15 @@ def report(
     image_cases = {c.case_id: c for c in discover_cases(images)} if images is not None else {}
     truths = truth_cases(gt) if gt is not None else None
     forced = convention(pred_labels) if pred_labels else None
+    beside = None if forced else folder_labels(pred_dir)  # nnU-Net's output folder names its numbers
     started = time.time() - 1.0  # file times come from a coarser clock
     with folder_lock(out, "report"):
         for folder in (out, out / CASES_DIR):
             sweep_stale_temps(folder)  # what a killed run left
         failed = dict(conflicts)
         reported: list[CaseReport] = []
-        settings = {"images": images, "gt": gt, "pred_labels": pred_labels}
+        settings = {"images": images, "gt": gt, "pred_labels": pred_labels,
+                    **({"dataset.json labels": beside.tag()} if beside else {})}  # earlier reports' records hold
         for cid, path in tqdm(sorted(preds.items()), desc="report", unit="case", disable=not progress):
             truth = truths.get(cid) if truths is not None else None
             scans = image_cases.get(cid)
@@ -113,7 +115,7 @@ def report(
                 continue
             try:
                 prediction = load_labels(path, cid)  # the one read of this file
-                labels = prediction_labels(prediction, image_cases.get(cid), truth, forced)
+                labels = prediction_labels(prediction, image_cases.get(cid), truth, forced, beside)
                 case = report_case(cid, prediction, image_cases.get(cid), labels, uncertainty.get(cid), out / CASES_DIR)
                 if images is not None and cid not in image_cases:
                     case.warnings.append(f"no images for this case in {images}: labels shown on black, "

@@ -45,17 +45,21 @@ class CaseReport:
 
 
 def prediction_labels(
-    prediction: Volume, images: Case | None, truth: Case | None, forced: LabelConvention | None = None
+    prediction: Volume, images: Case | None, truth: Case | None, forced: LabelConvention | None = None,
+    folder: LabelConvention | None = None,
 ) -> tuple[LabelConvention, str | None]:
     """The prediction's label convention, and a note when nothing named it.
 
-    `forced` (`--pred-labels`), else the tag `predict` writes in the header, else the convention its
-    images' or its truth's dataset names (BraTS 2023 numbers, MSD's), else a guess from its values
+    `forced` (`--pred-labels`), else the tag `predict` writes in the header, else `folder` (what a
+    dataset.json beside the predictions names, as nnU-Net's), else the convention its images' or its
+    truth's dataset names (BraTS 2023 numbers, MSD's), else a guess from its values
     (`evaluate.detect_labels`): never silently, as nnU-Net's MSD numbers are valid BraTS 2023 values.
     """
     tagged = forced or convention_from_header(prediction.header)
     if tagged is not None:
         return tagged, None
+    if folder is not None:
+        return folder, f"untagged prediction read as {folder.name} labels (the dataset.json beside it; --pred-labels to set)"
     for source, why in ((images, "its images' dataset's"), (truth, "its ground truth's")):
         named = truth_labels(source) if source is not None else None
         if named is not None:
