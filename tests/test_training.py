@@ -483,3 +483,16 @@ def test_a_fold_beyond_the_default_count_resumes_by_its_fold_alone(tmp_path):
     assert main(["train", str(tmp_path / "prep"), str(tmp_path / "cv/fold_5"), "--fold", "5", "--resume",
                  "--epochs", "3"]) == 0
     assert load_checkpoint(tmp_path / "cv/fold_5/last.pt")["epoch"] == 3
+
+
+@pytest.mark.parametrize("patch, message", [
+    ([48, 32, 32], r"patch \[48, 32, 32\] is larger than the prepared size \[32, 32, 32\]"),
+    ([24, 16, 16], r"patch \[24, 16, 16\] must be divisible by 16 for unet3d with these filters"),
+    ([16, 16, 16], r"patch \[16, 16, 16\] leaves a single voxel at unet3d's deepest level: make one side at least 32"),
+])
+def test_a_patch_the_network_cannot_take_is_one_line_before_any_work(prepared, tmp_path, patch, message):
+    """A 1-voxel bottleneck passed the divisibility check, then instance norm failed at step 1 with a traceback."""
+    with pytest.raises(TumorsegError, match=message):
+        train(prepared, tmp_path / "run", TrainConfig(epochs=1, patch=patch, filters=[4, 8, 16, 32, 64]), progress=False)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    train_module._check_patch(TrainConfig(patch=[32, 16, 16], filters=[4, 8, 16, 32, 64]), [32, 32, 32])  # 2 voxels: fine

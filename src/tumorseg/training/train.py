@@ -64,6 +64,9 @@ def _check_patch(config: TrainConfig, crop: list[int]) -> list[int]:
         raise TumorsegError(f"patch {patch} is larger than the prepared size {crop}")
     if any(p % divisor for p in patch):
         raise TumorsegError(f"patch {patch} must be divisible by {divisor} for {config.model} with these filters")
+    if math.prod(p // divisor for p in patch) < 2:  # instance norm over one voxel: torch's traceback at step 1
+        raise TumorsegError(f"patch {patch} leaves a single voxel at {config.model}'s deepest level: make one side "
+                            f"at least {2 * divisor}")
     return patch
 
 
