@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -418,6 +419,47 @@ def test_case_list_paths_gaps_and_mistakes(layouts, tmp_path, capsys):
         (tmp_path / "bad.csv").write_text(text)
         with pytest.raises(TumorsegError, match=f"bad.csv: {message}"):
             discover_cases(tmp_path / "bad.csv")
+
+
+def test_one_scan_given_as_two_modalities_is_refused(layouts, tmp_path):
+    """A table naming one 3-D scan for t1 and t1ce (as a relative and an absolute path, too): one
+    line, not a KeyError, and never one scan read as two modalities."""
+    (case, *_) = discover_cases(layouts / "brats2020")
+    (tmp_path / "scans").mkdir()
+    shutil.copy(case.images["t1ce"], tmp_path / "scans/gad.nii.gz")
+    rest = f"{case.images['t2']},{case.images['flair']}\n"
+    table, spelled = tmp_path / "same.csv", tmp_path / "spelled.csv"
+    table.write_text(f"case,t1,t1ce,t2,flair\ndup,scans/gad.nii.gz,scans/gad.nii.gz,{rest}")
+    spelled.write_text(f"case,t1,t1ce,t2,flair\ndup,{tmp_path / 'scans/gad.nii.gz'},./scans/gad.nii.gz,{rest}")
+    for data in (table, spelled):
+        (dup,) = discover_cases(data)
+        with pytest.raises(TumorsegError, match=r"dup: .* is given as both t1 and t1ce; each modality needs its own scan"):
+            load_images(dup, MODALITIES)
+        res = predict(_flair_predictor(), data, tmp_path / f"pred-{data.stem}", progress=False)
+        assert "is given as both t1 and t1ce" in res.failed["dup"]
+
+
+def test_a_folder_of_scans_named_for_no_modality_is_said_not_skipped(layouts, tmp_path, capsys):
+    """dcm2niix's series names beside recognised cases: a note names the folder (a patient is never
+    skipped without a word); alone, the error lists its files and how to name them."""
+    shutil.copytree(layouts / "brats2020", tmp_path / "data")
+    (case, *_) = discover_cases(tmp_path / "data")
+    patient = tmp_path / "data" / "Patient C"
+    patient.mkdir()
+    for m, name in zip(MODALITIES, ("3_t1_mprage_sag", "7_T1_POST_GAD_AX", "5_t2_tse_tra", "6_FLAIR_AX")):
+        shutil.copy(case.images[m], patient / f"{name}.nii.gz")
+    capsys.readouterr()
+    cases = discover_cases(tmp_path / "data")
+    assert "Patient C" not in {c.case_id for c in cases} and len(cases) == 3
+    assert capsys.readouterr().err == (f"note: {tmp_path / 'data'}: 1 folder(s) with NIfTI files named for no modality "
+                                       f"not read: Patient C (name each case's files t1, t1ce, t2, flair (or <case>_t1 "
+                                       "...), or list them in a cases.csv with columns case,t1,t1ce,t2,flair)\n")
+    discover_cases(tmp_path / "data", need_images=False)  # ground truth: images are not looked for
+    assert capsys.readouterr().err == ""
+    with pytest.raises(TumorsegError, match=r"Patient C: no cases found \(expected .*\); 3_t1_mprage_sag.nii.gz, "
+                                            r"5_t2_tse_tra.nii.gz, 6_FLAIR_AX.nii.gz, 7_T1_POST_GAD_AX.nii.gz in .* name no "
+                                            r"modality: name each case's files t1, t1ce, t2, flair"):
+        discover_cases(patient)
 
 
 @pytest.mark.real

@@ -35,6 +35,7 @@ import io
 import json
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -67,6 +68,8 @@ NNUNET_CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")  # nnU-Net's Br
 EXPECTED = ("BraTS case folders (<case>_{t1,t1ce,t2,flair}.nii[.gz] or <case>-{t1n,t1c,t2w,t2f}.nii.gz), "
             "case folders of files named by modality ({t1,t1ce,t2,flair}.nii[.gz]), "
             "an MSD / nnU-Net dataset (dataset.json with imagesTr/), a BIDS dataset, or a cases.csv")
+NAMING_HINT = ("name each case's files t1, t1ce, t2, flair (or <case>_t1 ...), or list them in a cases.csv with "
+               "columns case,t1,t1ce,t2,flair")
 _BRATS_SUFFIX_RE = re.compile(r"[_-](?P<key>[A-Za-z0-9]+)$")
 PLAIN_SEG_STEMS: tuple[str, ...] = ("seg", "segmentation", "label", "labels")
 FOLDER_WRAPPERS: tuple[str, ...] = ("_nifti",)  # `<case>_nifti/` (UCSF-PDGM) names the case `<case>`
@@ -128,11 +131,14 @@ def load_images(case: Case, modalities: tuple[str, ...] | list[str]) -> list[Vol
     """The case's volumes for `modalities`, in that order; each file is read once."""
     by_file: dict[Path, list[str]] = {}
     for m in modalities:
-        by_file.setdefault(case.image(m), []).append(m)
+        by_file.setdefault(case.image(m).resolve(), []).append(m)  # one file however its paths spell it
     loaded: dict[str, Volume] = {}
     for path, names in by_file.items():
         indices = [case.channel_index[m] for m in names] if names[0] in case.channel_index else None
-        for m, vol in zip(names, load_nifti_channels(path, case.case_id, indices)):
+        if indices is None and len(names) > 1:  # a table naming one 3-D scan twice: never one scan as two
+            raise TumorsegError(f"{case.case_id}: {case.image(names[0])} is given as both {names[0]} and {names[1]}; "
+                                "each modality needs its own scan")
+        for m, vol in zip(names, load_nifti_channels(case.image(names[0]), case.case_id, indices)):
             loaded[m] = vol
     return [loaded[m] for m in modalities]
 
@@ -485,8 +491,13 @@ def discover_cases(
     `need_images=False` (ground truth for `evaluate`) also accepts case folders holding only
     a segmentation, and a flat folder of `<case>.nii.gz` label files.
     """
-    cases = _all_cases(Path(root), need_images)
+    unread: list[Path] = []
+    cases = _all_cases(Path(root), need_images, unread)
     _check_unique(Path(root), cases)
+    if need_images and unread:  # a patient whose files name no modality is never skipped without a word
+        shown = ", ".join(str(f.relative_to(root)) if f != Path(root) else f.name for f in unread[:3])
+        print(f"note: {root}: {len(unread)} folder(s) with NIfTI files named for no modality not read: {shown}"
+              f"{', ...' if len(unread) > 3 else ''} ({NAMING_HINT})", file=sys.stderr)
     if only is not None:
         wanted = {only} if isinstance(only, str) else set(only)
         if not wanted:
@@ -498,7 +509,15 @@ def discover_cases(
     return sorted(cases, key=lambda c: c.case_id)
 
 
-def _all_cases(root: Path, need_images: bool) -> list[Case]:
+def _unread(folder: Path) -> bool:
+    """A folder of NIfTI files that made no case: scans named for no modality (dcm2niix's series
+    names), not BIDS files (another datatype's folder: dwi/, func/)."""
+    files = nifti_files(folder)
+    return bool(files) and not all(_BIDS_RE.match(_stem(f)) for f in files)
+
+
+def _all_cases(root: Path, need_images: bool, unread: list[Path]) -> list[Case]:
+    """Every case under `root`; the folders of NIfTI files that made none are added to `unread`."""
     if not root.exists():
         raise TumorsegError(f"{root}: no such folder")
     if is_case_list(root):
@@ -517,6 +536,8 @@ def _all_cases(root: Path, need_images: bool) -> list[Case]:
         if found is not None:
             cases += found
             continue
+        if _unread(folder):
+            unread.append(folder)
         if depth < MAX_DEPTH:
             skipped = BIDS_SKIPPED if (folder / BIDS_DESCRIPTION).is_file() else ()
             with contextlib.suppress(OSError):
@@ -530,6 +551,10 @@ def _all_cases(root: Path, need_images: bool) -> list[Case]:
     if not cases:
         pairs = next((p for pattern in ("*.hdr", "*/*.hdr") for p in root.glob(pattern)), None)  # Analyze pairs
         hint = f"; {pairs.name} and the like are .hdr/.img pairs: convert them to .nii.gz" if pairs else ""
+        if unread and not hint:
+            files = nifti_files(unread[0])
+            hint = (f"; {', '.join(f.name for f in files[:4])}{', ...' if len(files) > 4 else ''} in "
+                    f"{unread[0]} name no modality: {NAMING_HINT}")
         raise TumorsegError(f"{root}: no cases found (expected {EXPECTED}){hint}")
     if not flat:  # flat label files (evaluate's truth) are each read in the convention their name gives
         _check_one_layout(root, cases)
