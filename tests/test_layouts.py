@@ -929,6 +929,20 @@ def test_bids_sessions_contrast_entity_derivatives_and_ambiguous_runs(layouts, t
     assert pre.seg is None and "several tumour segmentations" in pre.seg_note and "rater2" in pre.seg_note
 
 
+def test_bids_names_outside_anat_are_read_as_bids(tmp_path):
+    """A subject's scans copied out of `anat/`: the contrast entity still makes T1CE, not a case
+    `sub-01_ses-pre_ce-gadolinium` whose "T1" is the gadolinium scan."""
+    names = ("T1w", "ce-gadolinium_T1w", "T2w", "FLAIR")
+    _touch(tmp_path / "flat", *(f"sub-01_ses-pre_{n}.nii.gz" for n in names))
+    (case,) = discover_cases(tmp_path / "flat")
+    assert case.case_id == "sub-01_ses-pre" and case.layout == "bids"
+    assert {m: p.name for m, p in case.images.items()} == {
+        "t1": "sub-01_ses-pre_T1w.nii.gz", "t1ce": "sub-01_ses-pre_ce-gadolinium_T1w.nii.gz",
+        "t2": "sub-01_ses-pre_T2w.nii.gz", "flair": "sub-01_ses-pre_FLAIR.nii.gz"}
+    _touch(tmp_path / "mixed", "sub-01_T1w.nii.gz", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz")  # not all BIDS: as before
+    assert [c.layout for c in discover_cases(tmp_path / "mixed")] == ["brats2020"]
+
+
 def test_visits_of_one_patient_in_folders_of_their_own_stay_apart(tmp_path):
     for visit in ("P001_pre", "P001_post"):
         _touch(tmp_path / visit, *(f"P001_{m}.nii.gz" for m in MODALITIES))

@@ -336,7 +336,9 @@ def _folder_cases(folder: Path, need_images: bool) -> list[Case] | None:
 
 
 def _bids_cases(folder: Path, files: list[Path]) -> list[Case] | None:
-    """The sessions of a BIDS `anat` folder, one case `sub-X[_ses-Y]` each, or None if it is none.
+    """The sessions of a BIDS `anat` folder, or of a folder whose every NIfTI file has a BIDS name,
+    one case `sub-X[_ses-Y]` each, or None if it is none (the BraTS reading of
+    `sub-01_ses-pre_ce-gadolinium_T1w` would make `ce-gadolinium` a case of its own).
 
     A subject's segmentation is its tumour `_dseg` file (`desc-tumor` or `label-tumor`) there or
     in the dataset's `derivatives/*/`; other `_dseg` files (fMRIPrep's tissue maps) are not.
@@ -344,8 +346,8 @@ def _bids_cases(folder: Path, files: list[Path]) -> list[Case] | None:
     choosing one silently could pick the wrong scan.
     """
     parsed = [(f, _BIDS_RE.match(_stem(f))) for f in files]
-    if folder.name != "anat" or not any(m for _, m in parsed):
-        return None
+    if not any(m for _, m in parsed) or (folder.name != "anat" and not all(m for _, m in parsed)):
+        return None  # BIDS names outside `anat/` (a subject's scans copied out): read as BIDS where all are
     found: dict[str, dict[str, list[Path]]] = {}
     for path, m in parsed:
         if m is None:
