@@ -318,6 +318,20 @@ def file_digest(path: str | os.PathLike) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def file_ends_digest(path: str | os.PathLike, ends: int = 64 * 1024) -> str:
+    """SHA-256 of a file's size and of its first and last `ends` bytes, hex: a scan's identity
+    without reading all of it (a .nii.gz ends with the CRC-32 of its whole content), alike for a
+    copy anywhere, since it holds no path or time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        digest.update(str(size).encode())
+        digest.update(fh.read(ends))
+        fh.seek(max(size - ends, 0))
+        digest.update(fh.read(ends))
+    return digest.hexdigest()
+
+
 def save_nifti(
     path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, header=None, description: str | None = None
 ) -> None:

@@ -214,10 +214,24 @@ _PREDICTION_TAG = "tumorseg "
 _MODEL_RE = re.compile(rf"^{_PREDICTION_TAG}labels=\S+ model=([0-9a-f]{{{MODEL_DIGITS}}})\b")
 
 
-def prediction_description(conv: LabelConvention, model: str | None) -> str:
+SCANS_DIGITS = 8  # hex digits of the fingerprint of the scans a prediction comes from
+_SCANS_RE = re.compile(rf" scans=([0-9a-f]{{{SCANS_DIGITS}}})\b")
+DESCRIPTION_BYTES = 80  # NIfTI-1's `descrip` field
+
+
+def prediction_description(conv: LabelConvention, model: str | None, scans: str | None = None) -> str:
     """What `predict` writes in a label file's header description: its convention's `tag()`, then
-    the model fingerprint (`Predictor.made_by`) where known; read back by the functions below."""
-    return f"{_PREDICTION_TAG}{conv.tag()}" + (f" model={model}" if model else "")
+    the model fingerprint (`Predictor.made_by`) and the scans' (`predict.scans_digest`) where
+    known (the latter only where it fits the field); read back by the functions below."""
+    text = f"{_PREDICTION_TAG}{conv.tag()}" + (f" model={model}" if model else "")
+    with_scans = f"{text} scans={scans}" if scans else text
+    return with_scans if len(with_scans) <= DESCRIPTION_BYTES else text
+
+
+def scans_from_header(header) -> str | None:
+    """The scans' fingerprint `predict` recorded in the header description, if any."""
+    found = _SCANS_RE.search(_description(header))
+    return found[1] if found else None
 
 
 def model_from_header(header) -> str | None:

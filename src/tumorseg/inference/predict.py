@@ -37,9 +37,9 @@ from ..checkpoint import checkpoint_file, checkpoint_files, read_checkpoint
 from ..devices import amp_dtype, autocast, describe, resolve_device, window_batch
 from ..errors import TumorsegError
 from ..geometry import Grid, resample_box
-from ..io import file_digest, nifti_whole, save_nifti, sweep_stale_temps
-from ..labels import (CLASS_ABBREVIATIONS, MODEL_DIGITS, RAW_LABELS, REGIONS, LabelConvention, convention,
-                      model_from_header, prediction_description, tumorseg_prediction)
+from ..io import file_digest, file_ends_digest, nifti_whole, save_nifti, sweep_stale_temps
+from ..labels import (CLASS_ABBREVIATIONS, MODEL_DIGITS, RAW_LABELS, REGIONS, SCANS_DIGITS, LabelConvention,
+                      convention, model_from_header, prediction_description, scans_from_header, tumorseg_prediction)
 from ..layouts import Case, discover_cases
 from ..lock import LOCK_NAME, folder_lock
 from ..networks import build_network, required_divisor
@@ -690,8 +690,24 @@ def output_paths(
     return paths
 
 
+def scans_digest(case: Case, channels: Sequence[str]) -> str | None:
+    """A fingerprint of the scans a case's labels come from (`io.file_ends_digest` of each channel's
+    file, in order), recorded in the label file: a re-run skips a finished case only while its
+    scans are the same files (a corrected case list, a scan exported again: predicted again).
+    None where a scan cannot be read (the case's own error says why)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        for m in channels:
+            digest.update(f"{m}:{case.channel_index.get(m)}:{file_ends_digest(case.image(m))};".encode())
+    except (TumorsegError, OSError):
+        return None
+    return digest.hexdigest()[:SCANS_DIGITS]
+
+
 def _write(pred: CasePrediction, case: Case, paths: list[Path], probabilities: bool, plots: bool,
-           made_by: str | None) -> list[Path]:
+           made_by: str | None, scans: str | None = None) -> list[Path]:
     """Write one case's outputs (in a writer thread while the network works on the next case).
 
     An earlier prediction's probabilities, uncertainty and plot go first: they record no model, so
@@ -700,7 +716,7 @@ def _write(pred: CasePrediction, case: Case, paths: list[Path], probabilities: b
     """
     for extra in output_paths(paths[0].parent, case.case_id, True, True, True)[1:]:
         extra.unlink(missing_ok=True)
-    description = prediction_description(pred.convention, made_by)
+    description = prediction_description(pred.convention, made_by, scans)
     save_nifti(paths[0], pred.labels, pred.affine, pred.header, description=description)
     if probabilities:
         probs = np.ascontiguousarray(np.moveaxis(pred.probabilities, 0, -1), dtype=np.float32)  # (X, Y, Z, K)
@@ -731,12 +747,14 @@ def _compile_if_it_pays(predictor: Predictor, seconds: float, passes_left: int, 
     return predictor if fast.model.failure else fast  # failed: the path that ran the first pass, not eager PyTorch
 
 
-def _made_by_others(out_dir: Path, made_by: str | None, redone: set[str]) -> tuple[list[str], list[str]]:
+def _made_by_others(out_dir: Path, made_by: str | None,
+                    redone: set[str]) -> tuple[list[str], list[str], dict[str, str]]:
     """Cases (not `redone`) whose label file in `out_dir` records another `Predictor.made_by`
-    (another model or other settings), and those tumorseg wrote before it recorded one (unknown).
-    Other tools' files are not judged."""
+    (another model or other settings), those tumorseg wrote before it recorded one (unknown), and
+    the scans' fingerprint (`scans_digest`) each of this model's files records. Other tools' files
+    are not judged."""
     if made_by is None or not out_dir.is_dir():
-        return [], []
+        return [], [], {}
     import nibabel as nib
 
     from ..evaluation.evaluate import find_predictions  # `<case>.nii[.gz]` label maps, as evaluate reads them
@@ -744,8 +762,8 @@ def _made_by_others(out_dir: Path, made_by: str | None, redone: set[str]) -> tup
     try:
         files = find_predictions(out_dir)[0]
     except TumorsegError:  # none there yet
-        return [], []
-    other, unknown = [], []
+        return [], [], {}
+    other, unknown, scans = [], [], {}
     for case_id, path in sorted(files.items()):
         if case_id in redone:
             continue
@@ -758,7 +776,9 @@ def _made_by_others(out_dir: Path, made_by: str | None, redone: set[str]) -> tup
             other.append(case_id)
         elif model is None and tumorseg_prediction(header):
             unknown.append(case_id)
-    return other, unknown
+        elif model is not None and (recorded := scans_from_header(header)) is not None:
+            scans[case_id] = recorded
+    return other, unknown, scans
 
 
 def _check_one_model(out_dir: Path, other: list[str], run_ids: set[str], redo_others: bool) -> None:
@@ -908,26 +928,31 @@ def predict(
     made_by = predictor.made_by()
     with _claim(out_dir, [p.name for paths in planned.values() for p in paths]):
         run_ids = {c.case_id for c in found}
-        other, unknown = _made_by_others(out_dir, made_by, run_ids if force else set())
+        other, unknown, recorded = _made_by_others(out_dir, made_by, run_ids if force else set())
         _check_one_model(out_dir, other, run_ids, redo_others)
         if unknown and _rank_world()[0] == 0:
             print(f"note: {out_dir}: {len(unknown)} prediction(s) there record no model (tumorseg wrote them before "
                   "it recorded one): kept as they are; --force redoes them", file=sys.stderr)
         result = PredictResult(out_dir=out_dir)
         todo = []
-        damaged = []
+        damaged, changed = [], []
         for case in mine:
             done = not force and case.case_id not in other and all(p.exists() for p in planned[case.case_id])
             if done and not all(nifti_whole(p) for p in planned[case.case_id] if p.suffix == ".gz"):
                 done = False  # emptied or cut short since it was written (a full disk, a copy): redone
                 damaged.append(case.case_id)
+            elif done and case.case_id in recorded and recorded[case.case_id] != scans_digest(case, predictor.channels):
+                done = False  # other scans under the case's name: labels of the old ones would pass for theirs
+                changed.append(case.case_id)
             if done:
                 result.skipped.append(case.case_id)
             else:
                 todo.append(case)
-        if damaged:
-            print(f"note: {out_dir}: {len(damaged)} case(s) with a damaged prediction file, predicted again: "
-                  f"{', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}", file=sys.stderr)
+        for cases_of, why in ((damaged, "with a damaged prediction file"),
+                              (changed, "whose scans changed since they were predicted")):
+            if cases_of:
+                print(f"note: {out_dir}: {len(cases_of)} case(s) {why}, predicted again: "
+                      f"{', '.join(cases_of[:3])}{', ...' if len(cases_of) > 3 else ''}", file=sys.stderr)
         bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress)
         # Reading the next case and writing the previous one overlap with the network's work.
         with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
@@ -952,7 +977,7 @@ def predict(
                     pred = predict_case(predictor, case, probabilities, current.result(), uncertainty,
                                         paced if timing else None)
                     writes.append((case, writer.submit(_write, pred, case, planned[case.case_id], probabilities, plots,
-                                                       made_by)))
+                                                       made_by, scans_digest(case, predictor.channels))))
                 except Exception as exc:  # noqa: BLE001 - one line naming the case, the others go on
                     result.failed[case.case_id] = _failure(case, exc)
                     bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)
