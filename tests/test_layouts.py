@@ -460,6 +460,15 @@ def test_a_folder_of_scans_named_for_no_modality_is_said_not_skipped(layouts, tm
                                             r"5_t2_tse_tra.nii.gz, 6_FLAIR_AX.nii.gz, 7_T1_POST_GAD_AX.nii.gz in .* name no "
                                             r"modality: name each case's files t1, t1ce, t2, flair"):
         discover_cases(patient)
+    shutil.rmtree(patient)
+    visit = case.folder / "Verlauf 2025"  # a later visit inside the patient's folder
+    shutil.copytree(case.folder, visit)
+    (case.folder / "DeepBraTumIA-segmentation").mkdir()  # a tool's output there (LUMIERE's): no case, no note
+    shutil.copy(case.seg, case.folder / "DeepBraTumIA-segmentation" / "seg_mask.nii.gz")
+    assert len(discover_cases(tmp_path / "data")) == 3
+    assert capsys.readouterr().err == (f"note: {tmp_path / 'data'}: 1 folder(s) of NIfTI files inside case folders not "
+                                       f"read: {case.case_id}/Verlauf 2025 (a case folder's sub-folders are not "
+                                       "searched: give each visit a folder of its own)\n")
 
 
 @pytest.mark.real

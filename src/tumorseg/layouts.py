@@ -494,12 +494,17 @@ def discover_cases(
     a segmentation, and a flat folder of `<case>.nii.gz` label files.
     """
     unread: list[Path] = []
-    cases = _all_cases(Path(root), need_images, unread)
+    nested: list[Path] = []
+    cases = _all_cases(Path(root), need_images, unread, nested)
     _check_unique(Path(root), cases)
-    if need_images and unread:  # a patient whose files name no modality is never skipped without a word
-        shown = ", ".join(str(f.relative_to(root)) if f != Path(root) else f.name for f in unread[:3])
-        print(f"note: {root}: {len(unread)} folder(s) with NIfTI files named for no modality not read: {shown}"
-              f"{', ...' if len(unread) > 3 else ''} ({NAMING_HINT})", file=sys.stderr)
+    if need_images:  # a patient (or a visit) is never left out without a word
+        for folders, why in ((unread, f"with NIfTI files named for no modality not read: {{}} ({NAMING_HINT})"),
+                             (nested, "of NIfTI files inside case folders not read: {} (a case folder's sub-folders "
+                                      "are not searched: give each visit a folder of its own)")):
+            if folders:
+                shown = ", ".join(str(f.relative_to(root)) if f != Path(root) else f.name for f in folders[:3])
+                print(f"note: {root}: {len(folders)} folder(s) " + why.format(shown + (", ..." if len(folders) > 3
+                                                                                       else "")), file=sys.stderr)
     if only is not None:
         wanted = {only} if isinstance(only, str) else set(only)
         if not wanted:
@@ -518,8 +523,9 @@ def _unread(folder: Path) -> bool:
     return bool(files) and not all(_BIDS_RE.match(_stem(f)) for f in files)
 
 
-def _all_cases(root: Path, need_images: bool, unread: list[Path]) -> list[Case]:
-    """Every case under `root`; the folders of NIfTI files that made none are added to `unread`."""
+def _all_cases(root: Path, need_images: bool, unread: list[Path], nested: list[Path]) -> list[Case]:
+    """Every case under `root`; the folders of NIfTI files that made none are added to `unread`, and
+    a case folder's sub-folders holding NIfTI files (a later visit inside a patient's) to `nested`."""
     if not root.exists():
         raise TumorsegError(f"{root}: no such folder")
     if is_case_list(root):
@@ -537,6 +543,10 @@ def _all_cases(root: Path, need_images: bool, unread: list[Path]) -> list[Case]:
         found = _folder_cases(folder, need_images)
         if found is not None:
             cases += found
+            if any(c.folder == folder for c in found):  # a case folder, not a dataset's root: a visit inside?
+                with contextlib.suppress(OSError):  # (a tool's output folders there, LUMIERE's, make no case)
+                    nested += sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                                     and any(c.images for c in _folder_cases(p, True) or ()))
             continue
         if _unread(folder):
             unread.append(folder)
