@@ -98,6 +98,11 @@ def test_prepared_case(tmp_path):
     # a full-size NIfTI prediction is cropped with the manifest's crop box
     full = tmp_path / "raw" / "case_p1" / "case_p1_seg.nii.gz"
     assert png_size(save_case_plot(image, full, tmp_path / "q.png")) == expected_size(3, 5)
+    finished = load_case(image)
+    (tmp_path / "prep" / "manifest.json").unlink()  # a prepare under way or cut short: the case's own record
+    during = load_case(image)
+    assert during.names == finished.names == ("t2", "t1ce", "flair") and during.crop_box == finished.crop_box
+    assert np.array_equal(during.affine, finished.affine)
 
 
 def test_prediction_shape_mismatch(raw_case, tmp_path):

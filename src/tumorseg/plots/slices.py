@@ -17,6 +17,8 @@ where it is not the usual one for the view (i sagittal, j coronal, k axial).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import sys
@@ -28,7 +30,7 @@ import numpy as np
 
 from ..errors import TumorsegError
 from ..geometry import Grid, labels_onto
-from ..io import NIFTI_RE, atomic_path, load_labels, read_npy
+from ..io import MANIFEST, NIFTI_RE, atomic_path, load_labels, read_npy
 from ..labels import (BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention, convention_from_header,
                       format_values, to_training_labels)
 from ..layouts import Case, discover_cases, is_case_list
@@ -238,14 +240,18 @@ def _load_prepared(path: Path) -> CaseImages:
     root = path.parent.parent
     names = tuple(f"channel {i}" for i in range(image.shape[0]))
     record: dict = {}
-    if (root / "manifest.json").is_file():
+    if (root / MANIFEST).is_file():
         from ..prepare.run import load_manifest
 
         manifest = load_manifest(root)
         channels = tuple(manifest.get("settings", {}).get("channels", ()))
-        if len(channels) == image.shape[0]:
-            names = channels
         record = next((c for c in manifest.get("cases", []) if c.get("case_id") == case_id), {})
+    else:  # a prepare under way or cut short: the case's own record, where it wrote one
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads((root / "records" / f"{case_id}.json").read_text())
+        channels = tuple(record.get("settings", {}).get("channels", ()))
+    if len(channels) == image.shape[0]:
+        names = channels
     truth = None
     mask_path = root / "masks" / path.name
     if mask_path.is_file():
