@@ -217,23 +217,24 @@ def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
     assert "taking it over" not in capsys.readouterr().err  # the lock was released, not left for the next run
 
 
-def test_training_ends_its_bars_before_its_resume_line(tmp_path):
-    """In a log file (not a terminal) each bar ends its line: the interrupt's lines start their own."""
-    from tumorseg.bars import end_bars, leave_in_log
-    from tqdm import tqdm
+def test_an_interrupt_mid_epoch_ends_the_bar_before_the_resume_line(trained, tmp_path, monkeypatch, capsys):
+    """In a log file (not a terminal) the epoch's bar keeps its last state and ends its line, so the
+    interrupt's lines start their own (a cleared bar left a carriage return before them)."""
+    import importlib
 
-    log = tmp_path / "log"
-    with open(log, "w") as stream:
-        monkey = pytest.MonkeyPatch()
-        monkey.setattr(sys, "stderr", stream)
-        try:
-            assert leave_in_log()
-            bar = tqdm(range(3), desc="epoch 1", leave=leave_in_log(), mininterval=0)
-            next(iter(bar))
-            end_bars()
-            print("interrupted: last.pt holds epoch 0", file=sys.stderr)
-        finally:
-            monkey.undo()
-    assert bar.disable  # closed
-    lines = log.read_text().split("\n")
-    assert lines[-2] == "interrupted: last.pt holds epoch 0" and lines[-3].rsplit("\r", 1)[-1].startswith("epoch 1:")
+    engine = importlib.import_module("tumorseg.training.engine")
+    real = engine.forward_backward
+    run = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        if (run / "last.pt").exists():  # the first epoch saved: Ctrl-C in the second one's first step
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "forward_backward", interrupted)
+    capsys.readouterr()
+    assert main(["train", str(trained / "prep"), str(run), "--filters", "4,8,16", "--epochs", "3"]) == 130
+    lines = capsys.readouterr().err.split("\n")
+    assert lines[-3:] == [f"interrupted: {run / 'last.pt'} holds epoch 1; continue with --resume",
+                          "tumorseg train: interrupted", ""]
+    assert lines[-4].rsplit("\r", 1)[-1].startswith("epoch 2:")  # the bar's last state, on its own line

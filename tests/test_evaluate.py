@@ -364,3 +364,15 @@ def test_an_unfetched_prediction_link_is_named_and_a_dead_twin_ignored(folders, 
     rows = {r.case_id: r for r in evaluate(pred, gt, progress=False, only_predicted=True).rows}
     assert rows[case_id(1)].status == "ok"
     assert rows[case_id(3)].status == "error" and "not fetched? `datalad get` it" in rows[case_id(3)].message
+
+
+def test_a_probability_map_given_as_labels_is_one_short_line(folders, tmp_path):
+    """Each of its values listed made a 6 MB line (and a 153 MB report page); no convention makes it right."""
+    gt, _ = folders
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.random(SHAPE, dtype=np.float32), AFFINE), preds / f"{case_id(1)}.nii.gz")
+    scores = evaluate(preds, gt, only_predicted=True, progress=False)
+    message = scores.errors[case_id(1)]
+    assert message.endswith(": a probability or intensity map, not labels") and len(message) < 300, message

@@ -296,3 +296,22 @@ def test_a_header_that_places_no_voxels_is_named(tmp_path):
     nib.save(img, tmp_path / "t2.nii.gz")
     with pytest.raises(TumorsegError, match=r"^case1: .*t2.nii.gz: its header places no voxels"):
         load_nifti(tmp_path / "t2.nii.gz", "case1")
+
+
+def test_a_scans_sample_digest_sees_the_brain_of_an_uncompressed_nifti(tmp_path):
+    """An uncompressed .nii begins and ends in header and background: two scans that differ only
+    inside the brain (T1 and T1CE) must not share a fingerprint; a copy elsewhere must."""
+    import shutil
+
+    from tumorseg.io import file_sample_digest
+
+    rng = np.random.default_rng(0)
+    volume = np.zeros((120, 120, 78), np.int16)
+    volume[30:90, 30:90, 20:60] = rng.integers(1, 1000, (60, 60, 40))
+    changed = volume.copy()
+    changed[30:90, 30:90, 20:60] += 1  # the contrast-enhanced scan: the same outside the brain
+    for name, data in (("t1.nii", volume), ("t1ce.nii", changed)):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / name)
+    assert file_sample_digest(tmp_path / "t1.nii") != file_sample_digest(tmp_path / "t1ce.nii")
+    shutil.copy(tmp_path / "t1.nii", tmp_path / "copy.nii")
+    assert file_sample_digest(tmp_path / "copy.nii") == file_sample_digest(tmp_path / "t1.nii")

@@ -461,6 +461,10 @@ def test_a_folder_of_scans_named_for_no_modality_is_said_not_skipped(layouts, tm
                                             r"modality: name each case's files t1, t1ce, t2, flair"):
         discover_cases(patient)
     shutil.rmtree(patient)
+    for folder, name in (("images_DTI/" + case.case_id, f"{case.case_id}_DTI_FA"), ("preds", case.case_id)):
+        (tmp_path / "data" / folder).mkdir(parents=True)  # a case's other series (UPENN-GBM), predictions: no note
+        shutil.copy(case.seg, tmp_path / "data" / folder / f"{name}.nii.gz")
+    assert len(discover_cases(tmp_path / "data")) == 3 and capsys.readouterr().err == ""
     visit = case.folder / "Verlauf 2025"  # a later visit inside the patient's folder
     shutil.copytree(case.folder, visit)
     (case.folder / "DeepBraTumIA-segmentation").mkdir()  # a tool's output there (LUMIERE's): no case, no note
@@ -469,6 +473,7 @@ def test_a_folder_of_scans_named_for_no_modality_is_said_not_skipped(layouts, tm
     assert capsys.readouterr().err == (f"note: {tmp_path / 'data'}: 1 folder(s) of NIfTI files inside case folders not "
                                        f"read: {case.case_id}/Verlauf 2025 (a case folder's sub-folders are not "
                                        "searched: give each visit a folder of its own)\n")
+    assert len(discover_cases(tmp_path / "data")) == 3 and capsys.readouterr().err == ""  # said once a process
 
 
 @pytest.mark.real
@@ -708,7 +713,7 @@ def test_evaluate_never_guesses_conventions_silently(tmp_path):
     _write_tagged(tmp_path / "p23u", "case", b23.from_training(truth), AFFINE, None)
     scores = evaluate(tmp_path / "p23u", tmp_path / "gt23", progress=False)  # untagged, flat: a guess, said aloud
     assert "guessed from its values" in scores.notes[0]
-    assert scores.notes[0].endswith("prediction read as brats2023 labels (untagged: as its ground truth; "
+    assert scores.notes[0].endswith("untagged prediction read as brats2023 labels (its ground truth's; "
                                      "--pred-labels to set)")
     # nnU-Net's MSD numbers, untagged, are valid BraTS 2023 values: scored as such, and said so
     _write_tagged(tmp_path / "pmsdu", "case", msd.from_training(truth), AFFINE, None)
@@ -718,7 +723,7 @@ def test_evaluate_never_guesses_conventions_silently(tmp_path):
     (tmp_path / "pmsdu/case.nii.gz").rename(tmp_path / "pmsdu/BraTS-GLI-00000-000.nii.gz")
     scores = evaluate(tmp_path / "pmsdu", layout_gt, progress=False)
     assert scores.rows[0].metrics["TC"]["dice"] < 1.0
-    assert scores.notes == ["BraTS-GLI-00000-000: prediction read as brats2023 labels (untagged: as its ground truth; "
+    assert scores.notes == ["BraTS-GLI-00000-000: untagged prediction read as brats2023 labels (its ground truth's; "
                             "--pred-labels to set)"]
     scores = evaluate(tmp_path / "pmsdu", layout_gt, pred_labels="msd", progress=False)
     assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET")) and not scores.notes
@@ -726,7 +731,7 @@ def test_evaluate_never_guesses_conventions_silently(tmp_path):
     write_dataset_json(tmp_path / "pmsdu", "nnunet")
     scores = evaluate(tmp_path / "pmsdu", layout_gt, progress=False)
     assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET"))
-    assert scores.notes == ["BraTS-GLI-00000-000: prediction read as msd labels (the dataset.json beside it; "
+    assert scores.notes == ["BraTS-GLI-00000-000: untagged prediction read as msd labels (the dataset.json beside it; "
                             "--pred-labels to set)"]
     from tumorseg.report import report
 
@@ -738,6 +743,10 @@ def test_evaluate_never_guesses_conventions_silently(tmp_path):
     _write_tagged(tmp_path / "pmsdu", "BraTS-GLI-00000-000", b23.from_training(truth), AFFINE, b23)  # a tag wins
     scores = evaluate(tmp_path / "pmsdu", layout_gt, progress=False)
     assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET")) and not scores.notes
+    (tmp_path / "pmsdu/dataset.json").write_text('{"training": []}')  # another tool's (a MONAI datalist): no labels
+    scores = evaluate(tmp_path / "pmsdu", layout_gt, progress=False)
+    assert all(scores.rows[0].metrics[r]["dice"] == 1.0 for r in ("WT", "TC", "ET")) and not scores.notes
+    assert report(tmp_path / "pmsdu", gt=layout_gt, out=tmp_path / "rep2", progress=False).failed == {}
 
 
 def test_a_flat_truth_folder_of_brats2023_ids_is_read_in_their_convention(tmp_path):
@@ -948,6 +957,9 @@ def test_bids_names_outside_anat_are_read_as_bids(tmp_path):
     assert {m: p.name for m, p in case.images.items()} == {
         "t1": "sub-01_ses-pre_T1w.nii.gz", "t1ce": "sub-01_ses-pre_ce-gadolinium_T1w.nii.gz",
         "t2": "sub-01_ses-pre_T2w.nii.gz", "flair": "sub-01_ses-pre_FLAIR.nii.gz"}
+    _touch(tmp_path / "brats", *(f"sub-001_{m}.nii.gz" for m in (*MODALITIES, "seg")))  # BraTS names of a `sub-` id
+    (brats,) = discover_cases(tmp_path / "brats")
+    assert brats.layout == "brats2020" and brats.seg.name == "sub-001_seg.nii.gz" and len(brats.images) == 4
     _touch(tmp_path / "mixed", "sub-01_T1w.nii.gz", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz")  # not all BIDS: as before
     assert [c.layout for c in discover_cases(tmp_path / "mixed")] == ["brats2020"]
 

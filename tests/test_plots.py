@@ -15,6 +15,7 @@ from tumorseg.cli import main
 from tumorseg.errors import TumorsegError
 from tumorseg.plots import save_case_plot
 from tumorseg.labels import to_raw_labels
+from tumorseg.layouts import write_dataset_json
 import tumorseg.plots.slices as slices_module
 from tumorseg.plots.slices import DPI, MARGIN_INCHES, PANEL_INCHES, choose_slices, display_slice, load_case, load_prediction
 from tumorseg.prepare import PrepareConfig, prepare
@@ -292,6 +293,11 @@ def test_another_tools_prediction_is_read_in_the_convention_named(raw_case, tmp_
         load_prediction(tmp_path / "case_a.nii.gz", data)
     assert "note: case_a: untagged prediction read as brats2020 labels (the case's; --pred-labels to set)" in \
         capsys.readouterr().err
+    write_dataset_json(tmp_path, "nnunet")  # nnU-Net's output folder: its dataset.json names the numbers
+    assert np.array_equal(load_prediction(tmp_path / "case_a.nii.gz", data), data.truth)
+    assert "untagged prediction read as msd labels (the dataset.json beside it; --pred-labels to set)" in \
+        capsys.readouterr().err
+    (tmp_path / "dataset.json").unlink()
     rng = np.random.default_rng(0)
     nib.save(nib.Nifti1Image(rng.random(SHAPE, dtype=np.float32), seg.affine), tmp_path / "case_a.nii.gz")
     assert main(["show", str(raw_case), "--pred", str(tmp_path / "case_a.nii.gz"), "--out", str(tmp_path / "b.png")]) == 2

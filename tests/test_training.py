@@ -496,3 +496,5 @@ def test_a_patch_the_network_cannot_take_is_one_line_before_any_work(prepared, t
         train(prepared, tmp_path / "run", TrainConfig(epochs=1, patch=patch, filters=[4, 8, 16, 32, 64]), progress=False)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
     train_module._check_patch(TrainConfig(patch=[32, 16, 16], filters=[4, 8, 16, 32, 64]), [32, 32, 32])  # 2 voxels: fine
+    train_module._check_patch(TrainConfig(model="segresnet", patch=[8, 8, 8]), [32, 32, 32])  # group norm: one will do
+    build_network("segresnet", 4, 4).train()(torch.zeros(2, 4, 8, 8, 8))  # ... as it trains

@@ -318,17 +318,19 @@ def file_digest(path: str | os.PathLike) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def file_ends_digest(path: str | os.PathLike, ends: int = 64 * 1024) -> str:
-    """SHA-256 of a file's size and of its first and last `ends` bytes, hex: a scan's identity
-    without reading all of it (a .nii.gz ends with the CRC-32 of its whole content), alike for a
-    copy anywhere, since it holds no path or time."""
+def file_sample_digest(path: str | os.PathLike, ends: int = 64 * 1024, blocks: int = 64, block: int = 4096) -> str:
+    """SHA-256 of a file's size, its first and last `ends` bytes and `blocks` blocks spread between:
+    a scan's identity without reading all of it (an uncompressed .nii begins and ends in header
+    and background, so the spread blocks are what cross the brain; a .nii.gz ends with the CRC-32
+    of its whole content), alike for a copy anywhere, since it holds no path or time."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         digest.update(str(size).encode())
-        digest.update(fh.read(ends))
-        fh.seek(max(size - ends, 0))
-        digest.update(fh.read(ends))
+        spread = ((size * (k + 1) // (blocks + 1), block) for k in range(blocks))
+        for start, length in ((0, ends), *spread, (max(size - ends, 0), ends)):
+            fh.seek(start)
+            digest.update(fh.read(length))
     return digest.hexdigest()
 
 

@@ -105,8 +105,7 @@ class LabelConvention:
             return None
         fractions = [v for v in bad if isinstance(v, float)]
         if fractions:  # a float map: its every value listed would be megabytes of one line
-            return (f"has {len(fractions)} non-integer values ({min(fractions):g} to {max(fractions):g}): a probability "
-                    "or intensity map, not labels")
+            return f"has {len(fractions)} non-integer values ({min(fractions):g} to {max(fractions):g}): {NOT_LABELS}"
         hint = (" (label 3: enhancing tumour in BraTS 2021+, MSD and nnU-Net numbers, or training labels; BraTS 2020 "
                 "files use 4: name the file's convention)") if 3 in bad and self == BRATS2020 else ""
         return f"has labels {format_values(bad)} outside the {self.name} labels {format_values(self.values)}{hint}"
@@ -164,6 +163,7 @@ CONVENTIONS: dict[str, LabelConvention] = {
     "peds2024": LabelConvention("peds2024", necrosis=2, oedema=4, enhancing=1, core_extra=(3,)),
 }
 BRATS2020 = CONVENTIONS["brats2020"]
+NOT_LABELS = "a probability or intensity map, not labels"  # no convention makes such a file right
 _TAG_RE = re.compile(r"labels=(?P<name>[\w.-]+):(?P<values>\d+(,\d+){2,3})")
 
 
@@ -226,6 +226,12 @@ def prediction_description(conv: LabelConvention, model: str | None, scans: str 
     text = f"{_PREDICTION_TAG}{conv.tag()}" + (f" model={model}" if model else "")
     with_scans = f"{text} scans={scans}" if scans else text
     return with_scans if len(with_scans) <= DESCRIPTION_BYTES else text
+
+
+def read_as(conv: LabelConvention, why: str) -> str:
+    """The note for an untagged prediction (another tool's) read in `conv` because of `why`: every
+    command says it alike, since a wrong convention mis-scores without an error."""
+    return f"untagged prediction read as {conv.name} labels ({why}; --pred-labels to set)"
 
 
 def scans_from_header(header) -> str | None:

@@ -79,6 +79,10 @@ _SEG_FILE_SUFFIX_RE = re.compile(rf"([_-]segm?|{'|'.join(TUMOUR_SEG_SUFFIXES)})$
 _BIDS_RE = re.compile(r"^(?P<sub>sub-[A-Za-z0-9]+)(?P<entities>(?:_[A-Za-z]+-[A-Za-z0-9]+)*)_(?P<suffix>[A-Za-z0-9]+)$")
 BIDS_DESCRIPTION = "dataset_description.json"
 BIDS_SEG_SUFFIX = "dseg"
+# BIDS's anatomical suffixes (case as the standard writes them): BraTS names of a case `sub-001`
+# (`sub-001_t1`, `sub-001_seg`) have the shape of BIDS names but none of these
+BIDS_ANAT_SUFFIXES = frozenset({"T1w", "T2w", "FLAIR", "T2starw", "PDw", "T1map", "T2map", "UNIT1", "angio",
+                                "inplaneT1", "inplaneT2", "PD", "T2star", BIDS_SEG_SUFFIX, "mask"})
 BIDS_SKIPPED: tuple[str, ...] = ("derivatives", "sourcedata")  # below a BIDS root: not the raw scans
 # UPENN-GBM keeps its expert segmentations (`<case>_segm.nii.gz`) apart from the case folders of
 # `images_structural/`, in a folder beside them (`automated_segm/` beside it is not expert truth).
@@ -257,12 +261,18 @@ def dataset_labels(meta: dict, layout: str, path: Path) -> LabelConvention:
         raise TumorsegError(f"{path}: 'labels' must map names to integer values (or lists of them)") from None
 
 
+BESIDE = "the dataset.json beside it"  # why a prediction was read in `folder_labels`' convention
+
+
 def folder_labels(folder: str | os.PathLike) -> LabelConvention | None:
     """The label convention a dataset.json in a folder of predictions names, or None: nnU-Net's
     predict copies its dataset.json beside the files it writes (MSD numbers, or the region form),
     and other tools' files carry no tag of their own."""
     path = Path(folder) / DATASET_JSON
-    return dataset_labels(_read_dataset_json(path), "nnunet", path) if path.is_file() else None
+    try:
+        return dataset_labels(_read_dataset_json(path), "nnunet", path) if path.is_file() else None
+    except TumorsegError:  # another tool's dataset.json (a MONAI datalist, another task's labels): names none
+        return None
 
 
 def dataset_channels(meta: dict, path: Path) -> dict[int, str]:
@@ -346,7 +356,8 @@ def _bids_cases(folder: Path, files: list[Path]) -> list[Case] | None:
     choosing one silently could pick the wrong scan.
     """
     parsed = [(f, _BIDS_RE.match(_stem(f))) for f in files]
-    if not any(m for _, m in parsed) or (folder.name != "anat" and not all(m for _, m in parsed)):
+    if not any(m for _, m in parsed) or (folder.name != "anat" and not all(
+            m and m["suffix"] in BIDS_ANAT_SUFFIXES for _, m in parsed)):
         return None  # BIDS names outside `anat/` (a subject's scans copied out): read as BIDS where all are
     found: dict[str, dict[str, list[Path]]] = {}
     for path, m in parsed:
@@ -498,13 +509,16 @@ def discover_cases(
     cases = _all_cases(Path(root), need_images, unread, nested)
     _check_unique(Path(root), cases)
     if need_images:  # a patient (or a visit) is never left out without a word
+        ids = {c.case_id for c in cases}  # a case's other series (UPENN-GBM's DTI), predictions: no patient's
+        unread = [f for f in unread if not all(_names_a_case(_stem(n), ids) for n in nifti_files(f))]
         for folders, why in ((unread, f"with NIfTI files named for no modality not read: {{}} ({NAMING_HINT})"),
                              (nested, "of NIfTI files inside case folders not read: {} (a case folder's sub-folders "
                                       "are not searched: give each visit a folder of its own)")):
-            if folders:
-                shown = ", ".join(str(f.relative_to(root)) if f != Path(root) else f.name for f in folders[:3])
-                print(f"note: {root}: {len(folders)} folder(s) " + why.format(shown + (", ..." if len(folders) > 3
-                                                                                       else "")), file=sys.stderr)
+            shown = ", ".join(str(f.relative_to(root)) if f != Path(root) else f.name for f in folders[:3])
+            note = f"note: {root}: {len(folders)} folder(s) " + why.format(shown + (", ..." if len(folders) > 3 else ""))
+            if folders and note not in _SAID:  # once a process: `predict --report` discovers its input twice
+                _SAID.add(note)
+                print(note, file=sys.stderr)
     if only is not None:
         wanted = {only} if isinstance(only, str) else set(only)
         if not wanted:
@@ -514,6 +528,14 @@ def discover_cases(
             raise TumorsegError(f"{root}: no case(s) {', '.join(absent)} among its {len(cases)}")
         cases = [c for c in cases if c.case_id in wanted]
     return sorted(cases, key=lambda c: c.case_id)
+
+
+_SAID: set[str] = set()  # the discovery notes this process has printed
+
+
+def _names_a_case(stem: str, ids: set[str]) -> bool:
+    """Whether a file's name is a case id or begins with one (`<case>_DTI_AD`, `<case>.nii.gz`)."""
+    return stem in ids or any(stem[:i] in ids for i, c in enumerate(stem) if c in "_-.")
 
 
 def _unread(folder: Path) -> bool:

@@ -48,8 +48,8 @@ from ..errors import TumorsegError
 from ..geometry import SUBVOXEL, Grid, labels_onto
 from ..io import NIFTI_RE, Volume, check_writable, load_labels, nifti_files, write_text
 from ..labels import (BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header,
-                      model_from_header)
-from ..layouts import UNNAMED_CONVENTION, Case, discover_cases, folder_labels
+                      NOT_LABELS, model_from_header, read_as)
+from ..layouts import BESIDE, UNNAMED_CONVENTION, Case, discover_cases, folder_labels
 from ..notes import grouped
 from ..pool import worker_pool
 from .lesionwise import LESION_HD95_MISS, case_challenge, challenge_name, lesionwise_metrics
@@ -171,10 +171,11 @@ def case_conventions(
         try:
             check_labels(values, "untagged prediction", gt_conv)
         except ValueError as exc:
-            raise TumorsegError(f"{pred.path}: {exc}, read as its ground truth's; "
-                                f"say its convention with --pred-labels ({', '.join(CONVENTIONS)})") from None
+            advice = "" if NOT_LABELS in str(exc) else (f", read as its ground truth's; say its convention with "
+                                                        f"--pred-labels ({', '.join(CONVENTIONS)})")
+            raise TumorsegError(f"{pred.path}: {exc}{advice}") from None
         pred_conv = gt_conv
-        untagged = f"prediction read as {gt_conv.name} labels (untagged: as its ground truth; --pred-labels to set)"
+        untagged = read_as(gt_conv, "its ground truth's")
         note = f"{note}; {untagged}" if note else untagged
     return pred_conv, gt_conv, note
 
@@ -268,7 +269,7 @@ def evaluate_case(
         by_folder = folder is not None and pred_labels is None and convention_from_header(pred.header) is None
         metrics, notes = score_case(case_id, pred, gt, gt_labels, folder if by_folder else pred_labels, challenge)
         if by_folder:
-            notes.append(f"prediction read as {folder.name} labels (the dataset.json beside it; --pred-labels to set)")
+            notes.append(read_as(folder, BESIDE))
     except TumorsegError as exc:
         return CaseResult(case_id, STATUS_ERROR, _failed_metrics(), str(exc))
     note = "; ".join(notes)

@@ -37,7 +37,7 @@ from ..checkpoint import checkpoint_file, checkpoint_files, read_checkpoint
 from ..devices import amp_dtype, autocast, describe, resolve_device, window_batch
 from ..errors import TumorsegError
 from ..geometry import Grid, resample_box
-from ..io import file_digest, file_ends_digest, nifti_whole, save_nifti, sweep_stale_temps
+from ..io import file_digest, file_sample_digest, nifti_whole, save_nifti, sweep_stale_temps
 from ..labels import (CLASS_ABBREVIATIONS, MODEL_DIGITS, RAW_LABELS, REGIONS, SCANS_DIGITS, LabelConvention,
                       convention, model_from_header, prediction_description, scans_from_header, tumorseg_prediction)
 from ..layouts import Case, discover_cases
@@ -691,16 +691,14 @@ def output_paths(
 
 
 def scans_digest(case: Case, channels: Sequence[str]) -> str | None:
-    """A fingerprint of the scans a case's labels come from (`io.file_ends_digest` of each channel's
+    """A fingerprint of the scans a case's labels come from (`io.file_sample_digest` of each channel's
     file, in order), recorded in the label file: a re-run skips a finished case only while its
     scans are the same files (a corrected case list, a scan exported again: predicted again).
     None where a scan cannot be read (the case's own error says why)."""
-    import hashlib
-
     digest = hashlib.sha256()
     try:
         for m in channels:
-            digest.update(f"{m}:{case.channel_index.get(m)}:{file_ends_digest(case.image(m))};".encode())
+            digest.update(f"{m}:{case.channel_index.get(m)}:{file_sample_digest(case.image(m))};".encode())
     except (TumorsegError, OSError):
         return None
     return digest.hexdigest()[:SCANS_DIGITS]

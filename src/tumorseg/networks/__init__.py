@@ -4,6 +4,7 @@ from .registry import (
     DEFAULT_FILTERS,
     NETWORKS,
     build_network,
+    deepest_voxels_needed,
     network_spec,
     required_divisor,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "NETWORKS",
     "UNet3D",
     "build_network",
+    "deepest_voxels_needed",
     "network_spec",
     "required_divisor",
 ]

@@ -186,3 +186,13 @@ def required_divisor(name: str, filters: Sequence[int] | None = None) -> int:
         raise TumorsegError(f"unknown network {name!r}; known networks: {', '.join(NETWORKS)}")
     levels = len(DEFAULT_FILTERS[name] if filters is None else filters)
     return 2 ** (levels - 1)
+
+
+GROUP_NORMALISED: frozenset[str] = frozenset({"segresnet"})  # the others normalise each channel over space
+
+
+def deepest_voxels_needed(name: str) -> int:
+    """The fewest voxels a training patch may leave at the network's deepest level: instance
+    normalisation in training mode needs two (one is torch's error at the first step); group
+    normalisation (SegResNet) takes one."""
+    return 1 if name in GROUP_NORMALISED else 2

@@ -11,8 +11,9 @@ posterior, k superior) before slicing, which changes nothing for BraTS data, and
 panel is displayed upright: axial with anterior at the top, coronal and sagittal with
 superior at the top, in radiological convention (the patient's right on the image's left),
 with the patient's sides lettered at each panel's edges. Slice numbers are the stored file's
-voxel indices, as a viewer (ITK-SNAP, FSLeyes) shows them, with the file's voxel axis named
-where it is not the usual one for the view (i sagittal, j coronal, k axial).
+voxel indices, as a viewer (ITK-SNAP, FSLeyes) shows them (a prepared .npy's own: its crop's),
+with the file's voxel axis named where it is not the usual one for the view (i sagittal, j
+coronal, k axial).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from ..errors import TumorsegError
 from ..geometry import Grid, labels_onto
 from ..io import MANIFEST, NIFTI_RE, atomic_path, load_labels, read_npy
 from ..labels import (BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention, convention_from_header,
-                      format_values, to_training_labels)
-from ..layouts import Case, discover_cases, is_case_list
+                      format_values, read_as, to_training_labels)
+from ..layouts import BESIDE, Case, discover_cases, folder_labels, is_case_list
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 VIEW_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}  # voxel axis in LPS order
@@ -304,9 +305,9 @@ def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages,
                     print(f"note: {data.case_id}: {note}", file=sys.stderr)
             conv = pred_labels or convention_from_header(vol.header)
             if conv is None:  # another tool's file: its numbers are a guess, as evaluate and report say
-                conv = data.labels
-                print(f"note: {data.case_id}: untagged prediction read as {conv.name} labels (the case's; "
-                      "--pred-labels to set)", file=sys.stderr)
+                beside = folder_labels(where.parent)
+                conv, why = (beside, BESIDE) if beside else (data.labels, "the case's")
+                print(f"note: {data.case_id}: {read_as(conv, why)}", file=sys.stderr)
             labels = raw_to_labels(raw, where, conv)
     if labels.shape == data.shape:
         return labels

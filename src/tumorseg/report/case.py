@@ -11,8 +11,8 @@ from ..errors import TumorsegError
 from ..evaluation.evaluate import detect_labels, truth_labels
 from ..geometry import Grid, labels_onto, resample
 from ..io import Volume, load_nifti
-from ..labels import LabelConvention, convention_from_header, model_from_header
-from ..layouts import Case
+from ..labels import LabelConvention, convention_from_header, model_from_header, read_as
+from ..layouts import BESIDE, Case
 from ..plots.slices import raw_to_labels, load_case
 from ..prepare.crop import brain_mask
 from .checks import case_warnings
@@ -59,13 +59,13 @@ def prediction_labels(
     if tagged is not None:
         return tagged, None
     if folder is not None:
-        return folder, f"untagged prediction read as {folder.name} labels (the dataset.json beside it; --pred-labels to set)"
+        return folder, read_as(folder, BESIDE)
     for source, why in ((images, "its images' dataset's"), (truth, "its ground truth's")):
         named = truth_labels(source) if source is not None else None
         if named is not None:
-            return named, f"untagged prediction read as {named.name} labels ({why}; --pred-labels to set)"
+            return named, read_as(named, why)
     guess = detect_labels(prediction.data)
-    return guess, f"untagged prediction read as {guess.name} labels (guessed from its values; --pred-labels to set)"
+    return guess, read_as(guess, "guessed from its values")
 
 
 def report_case(

@@ -128,7 +128,8 @@ def summary(cases: list[CaseReport], cols: list[Column]) -> dict[str, dict[str, 
         values = np.array([v for v in (col.value(c) for c in cases) if v is not None], dtype=np.float64)
         if values.size == 0:
             continue
-        stats = (values.mean(), np.median(values), values.min(), values.max())
-        digits = col.digits or 2  # a mean count of 0.25 is not "0.2"
-        out[col.key] = {"n": str(values.size), **{k: fmt(float(v), digits) for k, v in zip(SUMMARY_STATS[1:], stats)}}
+        averaged = col.digits or 2  # a mean count of 0.25 is not "0.2"; its min and max stay counts
+        stats = ((values.mean(), averaged), (np.median(values), averaged), (values.min(), col.digits),
+                 (values.max(), col.digits))
+        out[col.key] = {"n": str(values.size), **{k: fmt(float(v), d) for k, (v, d) in zip(SUMMARY_STATS[1:], stats)}}
     return out

@@ -33,7 +33,7 @@ from ..devices import amp_dtype as resolve_amp
 from ..devices import describe, deterministic
 from ..inference.postprocess import choose_default, statistics_state
 from ..labels import BRATS2020, NUM_CLASSES, RAW_LABELS, REGIONS
-from ..networks import build_network, network_spec, required_divisor
+from ..networks import build_network, deepest_voxels_needed, network_spec, required_divisor
 from ..plots import plot_curves
 from ..prepare import load_manifest
 from ..prepare.split import fold_split
@@ -64,7 +64,7 @@ def _check_patch(config: TrainConfig, crop: list[int]) -> list[int]:
         raise TumorsegError(f"patch {patch} is larger than the prepared size {crop}")
     if any(p % divisor for p in patch):
         raise TumorsegError(f"patch {patch} must be divisible by {divisor} for {config.model} with these filters")
-    if math.prod(p // divisor for p in patch) < 2:  # instance norm over one voxel: torch's traceback at step 1
+    if math.prod(p // divisor for p in patch) < deepest_voxels_needed(config.model):  # torch's traceback at step 1
         raise TumorsegError(f"patch {patch} leaves a single voxel at {config.model}'s deepest level: make one side "
                             f"at least {2 * divisor}")
     return patch
