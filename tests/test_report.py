@@ -645,3 +645,22 @@ def test_pages_fit_a_phone_and_name_their_units(built):
     count = Column("lesion_fp", "false positives", 0, lambda n: n, summary=True)  # the cases stand for their counts
     assert summary([0, 0, 0, 1], [count])["lesion_fp"] == {"n": "4", "mean": "0.25", "median": "0.00", "min": "0",
                                                         "max": "1"}
+
+
+def test_diameters_are_drawn_on_the_lesion_of_images_stored_otherwise(tmp_path):
+    """A prediction stored RAS or sagittally over LPS images is measured on its own grid: its segments
+    are moved onto the images' grid to be drawn (they were drawn with the images' axes, off the lesion)."""
+    folder = write_case(tmp_path / "data", "case_0", seed=0)
+    seg = nib.load(next(folder.glob("*_seg.nii.gz")))
+    data = np.asarray(seg.dataobj)
+    shape = data.shape
+    ras = seg.affine @ np.array([[-1, 0, 0, shape[0] - 1], [0, -1, 0, shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]])
+    sagittal = seg.affine[:, [2, 1, 0, 3]]  # stored k, j, i
+    for name, array, affine in (("lps", data, seg.affine), ("ras", data[::-1, ::-1], ras),
+                                ("sal", data.transpose(2, 1, 0), sagittal)):
+        (tmp_path / name).mkdir()
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(array), affine), tmp_path / name / "case_0.nii.gz")
+        result = report(tmp_path / name, images=tmp_path / "data", out=tmp_path / f"out-{name}", progress=False)
+        assert not result.failed
+    pictures = {name: (tmp_path / f"out-{name}/cases/case_0_diameters.png").read_bytes() for name in ("lps", "ras", "sal")}
+    assert pictures["ras"] == pictures["lps"] and pictures["sal"] == pictures["lps"]

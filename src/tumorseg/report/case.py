@@ -115,7 +115,12 @@ def report_case(
                 unc_map = resample(unc_map, *grids, order=1, mode="nearest")
         except TumorsegError as exc:
             warnings.append(f"{exc}; uncertainty not shown")
-    figures = save_figures(make_scene(data, drawn, brain, wt_drawn), measures, unc_map, figure_dir, case_id)
+    shown = measures  # the diameters drawn where the prediction lies over images stored otherwise
+    if drawn is not labels:
+        move = np.linalg.inv(np.asarray(grids[1].affine, float)) @ np.asarray(grids[0].affine, float)
+        shown = replace(measures, **{k: d.onto(move) for k in ("enhancing", "whole")
+                                     if (d := getattr(measures, k)) is not None})
+    figures = save_figures(make_scene(data, drawn, brain, wt_drawn), shown, unc_map, figure_dir, case_id)
     return CaseReport(case_id, path, conv, measures, warnings, figures, score, notes=notes,
                       model=model_from_header(prediction.header))
 

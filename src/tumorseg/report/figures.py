@@ -156,7 +156,7 @@ def _save_diameters(scene: Scene, measured: dict[str, Diameters], out: Path) -> 
     for ax, (name, d) in zip(axes[0], measured.items()):
         lps_axis = int(scene.transform[d.axis][0])  # the measured slice, in the view that shows it
         view = next(v for v, a in VIEW_AXIS.items() if a == lps_axis)
-        index = int(_lps_point(scene, d.longest_ends[0])[lps_axis])
+        index = int(round(_lps_point(scene, d.longest_ends[0])[lps_axis]))  # ends moved from another grid: off-voxel
         _panel(ax, scene, view, index)
         for ends, colour in ((d.longest_ends, LONGEST_COLOUR), (d.perpendicular_ends, PERPENDICULAR_COLOUR)):
             xy = np.array([display_xy(_lps_point(scene, e), view, scene.labels.shape) for e in ends])

@@ -26,7 +26,7 @@ Distances run between voxel centres: a lesion n voxels across measures n - 1 vox
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from nibabel.affines import apply_affine, voxel_sizes
@@ -61,6 +61,18 @@ class Diameters:
     @property
     def product(self) -> float:
         return self.longest * self.perpendicular
+
+    def onto(self, voxels_to_voxels: np.ndarray) -> "Diameters":
+        """The same segments at the voxel positions of another grid of the same world (`voxels_to_voxels`:
+        this grid's voxel indices to that grid's, 4x4), to draw them over images stored otherwise; the
+        axis is that grid's voxel axis nearest this one's, the slice the nearest there."""
+        from nibabel.affines import apply_affine
+
+        move = lambda ends: tuple(tuple(float(v) for v in apply_affine(voxels_to_voxels, e)) for e in ends)  # noqa: E731
+        longest, perpendicular = move(self.longest_ends), move(self.perpendicular_ends)
+        axis = int(np.argmax(np.abs(voxels_to_voxels[:3, self.axis])))
+        return replace(self, axis=axis, slice_index=int(round(longest[0][axis])), longest_ends=longest,
+                       perpendicular_ends=perpendicular)
 
 
 @dataclass(frozen=True)
