@@ -91,7 +91,7 @@ def make_predictor(name: str, filters: tuple[int, ...] | None, device: str, args
     import torch
 
     from tumorseg.devices import amp_dtype
-    from tumorseg.inference.predict import Predictor
+    from tumorseg.inference import Predictor
     from tumorseg.labels import NUM_CLASSES
     from tumorseg.networks import build_network, required_divisor
 

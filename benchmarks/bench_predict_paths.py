@@ -39,7 +39,7 @@ def parse_path(text: str) -> tuple[str, int | str | None, float, str]:
     """"onnx:96:0.25" -> ("onnx", 96, 0.25, "auto"); window "patch" -> None, "box" stays (predict's
     own); a fourth field is the amp mode ("torch:patch:0.5:bf16")."""
     from tumorseg.devices import AMP_MODES
-    from tumorseg.inference.predict import ENGINES
+    from tumorseg.inference.predictor import ENGINES
 
     try:
         engine, window, overlap, *amp = text.split(":")
@@ -58,7 +58,7 @@ def run_path(args: argparse.Namespace) -> dict:
     """Child: predict case `--case` with one path; labels to `--labels-dir`, times and memory as JSON."""
     from tumorseg.checkpoint import load_checkpoint
     from tumorseg.devices import precision_name
-    from tumorseg.inference.predict import Predictor
+    from tumorseg.inference import Predictor
     from tumorseg.layouts import discover_cases
 
     engine, window, overlap, amp = parse_path(args.child)

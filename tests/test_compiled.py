@@ -24,6 +24,7 @@ from test_predict import _state
 
 CPU = torch.device("cpu")
 PREDICT = sys.modules["tumorseg.inference.predict"]
+PREDICTOR = sys.modules["tumorseg.inference.predictor"]
 
 
 def test_compiled_prediction_equals_pytorch(tmp_path, capsys):
@@ -165,10 +166,10 @@ def test_predict_auto_compiles_after_the_first_pass_where_it_pays(pays, native, 
         write_case(tmp_path / "raw", cid, shape=(40, 44, 32))
     save_checkpoint(tmp_path / "m.pt", _state())
     native_cpu_bf16(monkeypatch, native)
-    first = "onnx" if not native and PREDICT.onnx_runtime_installed() else "torch"
+    first = "onnx" if not native and PREDICTOR.onnx_runtime_installed() else "torch"
     seen = []
     monkeypatch.setattr(PREDICT, "compile_pays", lambda seconds, left, saves: seen.append((seconds > 0, left, saves)) or pays)
-    monkeypatch.setattr(PREDICT, "CompiledNetwork", _Spy)
+    monkeypatch.setattr(PREDICTOR, "CompiledNetwork", _Spy)  # where `Predictor.compiled` makes it
     monkeypatch.setattr(_Spy, "calls", 0)
     result = predict(tmp_path / "m.pt", tmp_path / "raw", tmp_path / "out", device="cpu")
     assert len(result.predicted) == 3 and not result.failed
@@ -195,7 +196,7 @@ def test_predict_auto_compiles_within_a_case_for_its_tta_flips(tmp_path, monkeyp
     native_cpu_bf16(monkeypatch, True)
     seen = []
     monkeypatch.setattr(PREDICT, "compile_pays", lambda seconds, left, saves: seen.append(left) or True)
-    monkeypatch.setattr(PREDICT, "CompiledNetwork", _Spy)
+    monkeypatch.setattr(PREDICTOR, "CompiledNetwork", _Spy)  # where `Predictor.compiled` makes it
     monkeypatch.setattr(_Spy, "calls", 0)
     predict(tmp_path / "m.pt", tmp_path / "raw", tmp_path / "out", device="cpu", tta=True)
     assert seen == [3] and _Spy.calls > 1
@@ -226,7 +227,7 @@ def test_out_of_gpu_memory_retries_with_the_uncompiled_network_one_window_at_a_t
 
 
 def test_engine_compile_from_the_cli_and_refused_for_an_exported_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(PREDICT, "CompiledNetwork", _Spy)
+    monkeypatch.setattr(PREDICTOR, "CompiledNetwork", _Spy)  # where `Predictor.compiled` makes it
     write_case(tmp_path / "raw", "c0", shape=(40, 44, 32))
     save_checkpoint(tmp_path / "m.pt", _state())
     assert build_parser().parse_args(["predict", "m.pt", "in", "out", "--engine", "compile"]).engine == "compile"

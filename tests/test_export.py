@@ -183,13 +183,13 @@ def test_in_memory_onnx_engine_equals_pytorch(name, tmp_path):
 def test_engine_auto_uses_onnx_runtime_where_faster_and_falls_back(monkeypatch, capsys):
     import tumorseg.inference.onnx_model as onnx_model
 
-    predict_module = sys.modules["tumorseg.inference.predict"]  # the attribute is the function of that name
+    predictor_module = sys.modules["tumorseg.inference.predictor"]
     native_cpu_bf16(monkeypatch, False)  # a float32 CPU: PyTorch's bf16 is no option
 
     assert Predictor.from_checkpoint(_state(), device="cpu").engine == "onnx"  # unet3d: faster in ONNX Runtime
     for slower in ("unet", "unet-lite"):  # measured slower in ONNX Runtime (README, "Measured")
         assert Predictor.from_checkpoint(_state(slower, target="regions"), device="cpu").engine == "torch"
-    monkeypatch.setattr(predict_module, "onnx_runtime_installed", lambda: False)
+    monkeypatch.setattr(predictor_module, "onnx_runtime_installed", lambda: False)
     assert Predictor.from_checkpoint(_state(), device="cpu").engine == "torch"
     monkeypatch.undo()
     native_cpu_bf16(monkeypatch, False)
@@ -243,7 +243,7 @@ def test_onnx_runtime_without_a_working_cuda_provider_never_passes_for_the_gpu(t
     assert OnnxNetwork(path, gpu).device == cpu and OnnxNetwork(path, cpu).device == cpu
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert OnnxNetwork(path, gpu).device == cpu  # a GPU build offering CUDA that does not load
-    monkeypatch.setattr(sys.modules["tumorseg.inference.predict"], "resolve_device", lambda *args: gpu)
+    monkeypatch.setattr(sys.modules["tumorseg.inference.predictor"], "resolve_device", lambda *args: gpu)
     predictor = Predictor.from_checkpoint(path, amp="off")
     assert predictor.device == cpu and predictor.sw_batch_size == window_batch(cpu, (32, 32, 32))  # the CPU's
     assert "CUDA provider is not installed or did not load" in capsys.readouterr().err

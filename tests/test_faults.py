@@ -389,7 +389,7 @@ def test_out_of_gpu_memory_in_training_names_the_settings(base, tmp_path, monkey
 def test_torchrun_ranks_share_the_predict_folder(tmp_path, monkeypatch):
     """Each rank locks its own file and sweeps only its own cases' temporaries (another rank's,
     maybe on another host, are live)."""
-    from tumorseg.inference.predict import _claim
+    from tumorseg.inference.ranks import claim
     from tumorseg.lock import folder_lock
 
     others, mine = tmp_path / f".tmp-{_dead_pid()}-a.nii.gz", tmp_path / f".tmp-{_dead_pid()}-b.nii.gz"
@@ -398,6 +398,6 @@ def test_torchrun_ranks_share_the_predict_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     with folder_lock(tmp_path, "predict"):  # rank 0 of the same job
-        with _claim(tmp_path, ["b.nii.gz"]):
+        with claim(tmp_path, ["b.nii.gz"]):
             assert (tmp_path / ".tumorseg.lock.rank1").exists() and others.exists() and not mine.exists()
     assert list(tmp_path.iterdir()) == [others]

@@ -14,7 +14,8 @@ from torch import nn
 from tumorseg.cli import build_parser
 from tumorseg.errors import TumorsegError
 from tumorseg.inference import Predictor, predict, predict_case
-from tumorseg.inference.predict import check_window, inference_box, network_input
+from tumorseg.inference.predict import inference_box, network_input
+from tumorseg.inference.predictor import check_window
 from tumorseg.layouts import discover_cases
 from tumorseg.labels import to_raw_labels
 from tumorseg.networks import build_network, network_spec
@@ -318,7 +319,7 @@ def test_a_checkpoint_is_read_once_for_its_weights_and_fingerprint_and_unreadabl
     import hashlib
     from pathlib import Path
 
-    module = sys.modules["tumorseg.inference.predict"]
+    module = sys.modules["tumorseg.inference.predictor"]
     monkeypatch.setattr(module, "file_digest", lambda path: pytest.fail("the checkpoint was read a second time"))
     predictor = Predictor.from_checkpoint(ckpt, device="cpu")
     assert predictor.model_digest == hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
@@ -621,7 +622,7 @@ def test_window_sets_the_network_calls(raw, tmp_path, monkeypatch):
 
 def test_each_torchrun_rank_predicts_on_its_local_gpu(monkeypatch):
     """Under torchrun rank r of a node asks for its LOCAL_RANK device (cuda:r), not cuda:0 for all."""
-    module = sys.modules["tumorseg.inference.predict"]
+    module = sys.modules["tumorseg.inference.predictor"]
     asked = []
 
     def record(preference, local_rank=0):
@@ -641,28 +642,28 @@ def test_a_torchrun_rank_stops_waiting_when_its_launcher_is_gone(monkeypatch):
 
     import torch.distributed as dist
 
-    module = sys.modules["tumorseg.inference.predict"]
+    from tumorseg.inference import ranks as module
     store = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=30), wait_for_workers=False)  # torchrun's
     for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
                         "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(module, "MEETING_POLL", 0.05)
     with pytest.raises(TumorsegError, match="not every rank reached 'predicted' within"):
-        module._meet("predicted", os.getppid(), timeout=timedelta(seconds=0.3))
+        module.meet("predicted", os.getppid(), timeout=timedelta(seconds=0.3))
     launcher = os.getppid()
     looks = iter([launcher, launcher])  # alive when the rank arrives, then reaped: its parent is another process
     monkeypatch.setattr(os, "getppid", lambda: next(looks, launcher + 1))
     with pytest.raises(TumorsegError, match=rf"the torchrun launcher \(pid {launcher}\) is gone; this rank stopped "
                                             r"after 'predicted': its cases are written, run the same command again"):
-        module._meet("predicted", launcher, timeout=timedelta(seconds=30))
+        module.meet("predicted", launcher, timeout=timedelta(seconds=30))
     store.set(f"tumorseg/predict/0/{next(module._MEETINGS) + 1}/reported/all", "1")  # every rank already there
     monkeypatch.setattr(os, "getppid", lambda: launcher)
-    module._meet("reported", launcher, timeout=timedelta(seconds=30))
+    module.meet("reported", launcher, timeout=timedelta(seconds=30))
     module._check_launcher(None, "predicted")  # ranks started without torchrun: no launcher to lose
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    assert module._launcher() is None
+    assert module.launcher_pid() is None
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
-    assert module._launcher() == launcher
+    assert module.launcher_pid() == launcher
 
 
 def test_ranks_meet_on_rank_0s_store_whichever_arrives_last():
@@ -674,9 +675,9 @@ def test_ranks_meet_on_rank_0s_store_whichever_arrives_last():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = ("import os, time\nfrom tumorseg.inference.predict import _meet\n"
+    code = ("import os, time\nfrom tumorseg.inference.ranks import meet\n"
             "time.sleep(2.0 if os.environ['RANK'] == '0' else 0)\n"  # rank 0 still busy with its own cases
-            "_meet('predicted', os.getppid())\n_meet('reported', os.getppid())\nprint('met', flush=True)\n")
+            "meet('predicted', os.getppid())\nmeet('reported', os.getppid())\nprint('met', flush=True)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                                    "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "False"})

@@ -9,7 +9,8 @@ from .postprocess import (
     tune_et_threshold,
     tune_postprocessing,
 )
-from .predict import CasePrediction, PredictResult, Predictor, predict, predict_case
+from .predict import CasePrediction, PredictResult, predict, predict_case
+from .predictor import Predictor
 from .window import probabilities, to_labels
 
 __all__ = [
