@@ -1,6 +1,7 @@
 """The command line as a user meets it: each subcommand end to end, errors as one line."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -238,3 +239,36 @@ def test_an_interrupt_mid_epoch_ends_the_bar_before_the_resume_line(trained, tmp
     assert lines[-3:] == [f"interrupted: {run / 'last.pt'} holds epoch 1; continue with --resume",
                           "tumorseg train: interrupted", ""]
     assert lines[-4].rsplit("\r", 1)[-1].startswith("epoch 2:")  # the bar's last state, on its own line
+
+
+def test_a_second_sigterm_stops_a_stuck_clean_up(tmp_path):
+    """The first SIGTERM cleans up as Ctrl-C does; a second one during that clean-up (a pool's
+    shutdown waiting on its workers) stops the process at once instead of leaving it hung."""
+    code = ("import os, signal, time\nfrom tumorseg import cli\n"
+            "def stuck(args):\n"
+            "    try:\n        os.kill(os.getpid(), signal.SIGTERM)\n        time.sleep(5)\n"
+            "    finally:\n        os.kill(os.getpid(), signal.SIGTERM)\n        time.sleep(60)\n"
+            "cli.cmd_synth = stuck\n"
+            f"raise SystemExit(cli.main(['synth', {str(tmp_path / 'raw')!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 143 and "terminated again: stopping without cleaning up" in proc.stderr, proc.stderr
+
+
+def test_sigterm_to_every_process_of_a_training_with_loader_workers(trained, tmp_path):
+    """`scancel` signals the whole job: the loader's workers leave it to the training process, which
+    names the epoch to resume from (a worker killed by it made torch raise over that line)."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tumorseg.cli", "train", str(trained / "prep"), str(run),
+                             "--filters", "4,8,16", "--epochs", "50", "--workers", "2"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (run / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the next epoch, its workers loading
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert re.search(r"terminated: .*last\.pt holds epoch \d+; continue with --resume\ntumorseg train: terminated\n$", err)

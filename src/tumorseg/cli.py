@@ -428,7 +428,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, _stop_now)  # a second one: the clean-up is stuck, or not wanted
     raise Terminated
+
+
+def _stop_now(signum: int, frame: object) -> None:
+    os.write(sys.stderr.fileno(), b"tumorseg: terminated again: stopping without cleaning up\n")
+    os._exit(128 + signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:

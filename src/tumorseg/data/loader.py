@@ -6,7 +6,10 @@ on the seed and the epoch: a resumed run sees the same batches as an uninterrupt
 
 from __future__ import annotations
 
+import signal
+
 from monai.data import DataLoader
+from monai.data.utils import worker_init_fn as seed_worker
 from torch.utils.data.distributed import DistributedSampler
 
 from .dataset import PreparedDataset
@@ -34,7 +37,16 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         drop_last=False,
+        worker_init_fn=_start_worker,
     )
+
+
+def _start_worker(worker_id: int) -> None:
+    """MONAI's seeding of the worker's random transforms, and SIGTERM left to the main process:
+    `scancel` and `docker stop` signal every process of the job, and torch's worker, killed by it,
+    made the main process raise over its clean exit (which shuts the workers down itself)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    seed_worker(worker_id)
 
 
 def shard(case_ids: list[str], rank: int, world_size: int) -> list[str]:

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..bars import end_bars
 from ..data import PreparedDataset, eval_transform, make_loader, shard, split_ids, train_transform
-from ..errors import TumorsegError
+from ..errors import Terminated, TumorsegError
 from ..io import sweep_stale_temps, write_text
 from ..lock import folder_lock
 from ..devices import amp_dtype as resolve_amp
@@ -426,13 +426,14 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
                 if ctx.is_main:
                     print(f"stopping: the {config.max_minutes:g}-minute budget is spent", file=sys.stderr)
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         end_bars()
         if ctx.is_main:
             last = run_dir / "last.pt"  # written last when an epoch is saved: an interrupt may fall before it
-            print(f"interrupted: {last} holds epoch {saved}; continue with {resume_with}" if saved else
-                  f"interrupted: continue from {last} with {resume_with}" if last.is_file() else
-                  "interrupted before the first epoch was saved: nothing to resume; start the run again",
+            word = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            print(f"{word}: {last} holds epoch {saved}; continue with {resume_with}" if saved else
+                  f"{word}: continue from {last} with {resume_with}" if last.is_file() else
+                  f"{word} before the first epoch was saved: nothing to resume; start the run again",
                   file=sys.stderr)
         raise
     except (TumorsegError, torch.cuda.OutOfMemoryError) as exc:  # a diverging run, a full disk, GPU memory
