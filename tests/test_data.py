@@ -102,3 +102,21 @@ def test_loader_order_depends_only_on_seed_and_epoch(prepared):
 
     assert order(0) == order(0) and sorted(order(1)) == sorted(ds.case_ids)
     assert any(order(0) != order(e) for e in range(1, 6))
+
+
+@pytest.mark.parametrize("ending", ["normal", "error"])
+def test_loader_workers_end_with_the_process(ending):
+    """Workers exit quietly on SIGTERM (a job-wide `scancel` is the training process's to handle),
+    so the SIGTERM multiprocessing sends them at exit still ends them: an iterator alive when the
+    program ends must not hold it for ever."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom tumorseg.data import make_loader\n"
+            "class Numbers(torch.utils.data.Dataset):\n"
+            "    def __len__(self):\n        return 8\n"
+            "    def __getitem__(self, i):\n        return torch.tensor(i)\n"
+            "it = iter(make_loader(Numbers(), 1, False, 0, workers=2))\nnext(it)\nprint('main done', flush=True)\n"
+            + ("raise SystemExit(3)\n" if ending == "error" else ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout == "main done\n" and proc.returncode == (3 if ending == "error" else 0), proc.stderr[-2000:]

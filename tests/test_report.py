@@ -23,7 +23,7 @@ from tumorseg.report import bidimensional, measure, report
 from tumorseg.report.checks import case_warnings
 from tumorseg.report.figures import display_xy
 from tumorseg.report.measure import TUMOUR_CLASSES, uncertainty_score
-from tumorseg.report.measure import axial_axis, centroid_world, lesion_sizes, widest_pair
+from tumorseg.report.measure import Diameters, axial_axis, centroid_world, lesion_sizes, widest_pair
 
 SQRT2 = np.sqrt(2.0)
 
@@ -656,11 +656,27 @@ def test_diameters_are_drawn_on_the_lesion_of_images_stored_otherwise(tmp_path):
     shape = data.shape
     ras = seg.affine @ np.array([[-1, 0, 0, shape[0] - 1], [0, -1, 0, shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]])
     sagittal = seg.affine[:, [2, 1, 0, 3]]  # stored k, j, i
+    from scipy import ndimage
+
+    half = [[0.5, 0, 0, -0.25], [0, 0.5, 0, -0.25], [0, 0, 0.5, -0.25], [0, 0, 0, 1]]
+    fine = seg.affine @ np.array(half)  # the prediction at 0.5 mm over 1 mm images, the same field of view
     for name, array, affine in (("lps", data, seg.affine), ("ras", data[::-1, ::-1], ras),
-                                ("sal", data.transpose(2, 1, 0), sagittal)):
+                                ("sal", data.transpose(2, 1, 0), sagittal),
+                                ("fine", ndimage.zoom(data, 2, order=0, grid_mode=True, mode="grid-constant"), fine)):
         (tmp_path / name).mkdir()
         nib.save(nib.Nifti1Image(np.ascontiguousarray(array), affine), tmp_path / name / "case_0.nii.gz")
         result = report(tmp_path / name, images=tmp_path / "data", out=tmp_path / f"out-{name}", progress=False)
         assert not result.failed
     pictures = {name: (tmp_path / f"out-{name}/cases/case_0_diameters.png").read_bytes() for name in ("lps", "ras", "sal")}
     assert pictures["ras"] == pictures["lps"] and pictures["sal"] == pictures["lps"]
+    fine = report(tmp_path / "fine", images=tmp_path / "data", out=tmp_path / "out-fine2", progress=False).cases[0]
+    lesion = nib.load(tmp_path / "lps/case_0.nii.gz").get_fdata()
+    with pytest.MonkeyPatch.context() as mp:  # where its segments are drawn: on the images' voxels of the lesion
+        drawn = []
+        mp.setattr(Diameters, "onto", lambda self, move, axis, real=Diameters.onto: drawn.append(real(self, move, axis))
+                   or drawn[-1])
+        report(tmp_path / "fine", images=tmp_path / "data", out=tmp_path / "out-fine3", progress=False)
+    assert drawn and fine.measures.whole is not None
+    for d in drawn:
+        for end in (*d.longest_ends, *d.perpendicular_ends):
+            assert lesion[tuple(int(round(v)) for v in end)] > 0, (d, end)

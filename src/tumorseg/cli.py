@@ -7,6 +7,7 @@ instant. A `TumorsegError` becomes one line on stderr and exit code 2, never a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import signal
@@ -433,7 +434,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _stop_now(signum: int, frame: object) -> None:
-    os.write(sys.stderr.fileno(), b"tumorseg: terminated again: stopping without cleaning up\n")
+    with contextlib.suppress(OSError):
+        os.write(2, b"tumorseg: terminated again: stopping without cleaning up\n")
     os._exit(128 + signal.SIGTERM)
 
 

@@ -221,7 +221,7 @@ DESCRIPTION_BYTES = 80  # NIfTI-1's `descrip` field
 
 def prediction_description(conv: LabelConvention, model: str | None, scans: str | None = None) -> str:
     """What `predict` writes in a label file's header description: its convention's `tag()`, then
-    the model fingerprint (`Predictor.made_by`) and the scans' (`predict.scans_digest`) where
+    the model fingerprint (`Predictor.made_by`) and the scans' (`outputs.scans_digest`) where
     known (the latter only where it fits the field); read back by the functions below."""
     text = f"{_PREDICTION_TAG}{conv.tag()}" + (f" model={model}" if model else "")
     with_scans = f"{text} scans={scans}" if scans else text

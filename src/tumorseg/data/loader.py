@@ -6,6 +6,7 @@ on the seed and the epoch: a resumed run sees the same batches as an uninterrupt
 
 from __future__ import annotations
 
+import os
 import signal
 
 from monai.data import DataLoader
@@ -42,11 +43,16 @@ def make_loader(
 
 
 def _start_worker(worker_id: int) -> None:
-    """MONAI's seeding of the worker's random transforms, and SIGTERM left to the main process:
-    `scancel` and `docker stop` signal every process of the job, and torch's worker, killed by it,
-    made the main process raise over its clean exit (which shuts the workers down itself)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """MONAI's seeding of the worker's random transforms, and a quiet exit on SIGTERM: `scancel`
+    and `docker stop` signal every process of the job, and torch's worker, killed by a signal not
+    its parent's, made the main process raise over its own clean exit. Exiting with 0, as torch's
+    worker does on its parent's SIGTERM, leaves that exit to the main process."""
+    signal.signal(signal.SIGTERM, _quit)
     seed_worker(worker_id)
+
+
+def _quit(signum: int, frame: object) -> None:
+    os._exit(0)
 
 
 def shard(case_ids: list[str], rank: int, world_size: int) -> list[str]:

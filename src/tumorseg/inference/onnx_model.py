@@ -1,7 +1,7 @@
 """`tumorseg export`: a checkpoint -> one self-describing ONNX model, and that model run by ONNX Runtime.
 
 ONNX Runtime is also `predict`'s default engine on the CPU for the networks it ran faster than
-PyTorch on this project's machine (`predict.ONNX_FASTER`; `runtime_network` exports the
+PyTorch on this project's machine (`predictor.ONNX_FASTER`; `runtime_network` exports the
 checkpoint's network in memory when prediction starts; README, "Measured").
 
 The exported file holds the network in eval mode (for deep supervision, only the

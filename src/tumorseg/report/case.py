@@ -17,7 +17,7 @@ from ..plots.slices import raw_to_labels, load_case
 from ..prepare.crop import brain_mask
 from .checks import case_warnings
 from .figures import blank_case, make_scene, save_figures
-from .measure import Measures, measure, uncertainty_score, whole_tumour
+from .measure import Measures, axial_axis, measure, uncertainty_score, whole_tumour
 
 
 @dataclass
@@ -118,7 +118,7 @@ def report_case(
     shown = measures  # the diameters drawn where the prediction lies over images stored otherwise
     if drawn is not labels:
         move = np.linalg.inv(np.asarray(grids[1].affine, float)) @ np.asarray(grids[0].affine, float)
-        shown = replace(measures, **{k: d.onto(move) for k in ("enhancing", "whole")
+        shown = replace(measures, **{k: d.onto(move, axial_axis(grids[1].affine)) for k in ("enhancing", "whole")
                                      if (d := getattr(measures, k)) is not None})
     figures = save_figures(make_scene(data, drawn, brain, wt_drawn), shown, unc_map, figure_dir, case_id)
     return CaseReport(case_id, path, conv, measures, warnings, figures, score, notes=notes,

@@ -47,30 +47,27 @@ class Diameters:
     """RANO's bidimensional measurement on one axial slice.
 
     `longest_ends` and `perpendicular_ends` are the segments' end points as voxel indices
-    (i, j, k) of the volume measured, for drawing them; `axis` is the axial voxel axis and
-    `slice_index` the slice's index along it.
+    (i, j, k) of the volume measured (of another grid's, off-voxel, after `onto`), for drawing
+    them; `axis` is the axial voxel axis and `slice_index` the slice's index along it.
     """
 
     longest: float
     perpendicular: float
     axis: int
     slice_index: int
-    longest_ends: tuple[tuple[int, int, int], tuple[int, int, int]]
-    perpendicular_ends: tuple[tuple[int, int, int], tuple[int, int, int]]
+    longest_ends: tuple[tuple[float, float, float], tuple[float, float, float]]
+    perpendicular_ends: tuple[tuple[float, float, float], tuple[float, float, float]]
 
     @property
     def product(self) -> float:
         return self.longest * self.perpendicular
 
-    def onto(self, voxels_to_voxels: np.ndarray) -> "Diameters":
+    def onto(self, voxels_to_voxels: np.ndarray, axis: int) -> "Diameters":
         """The same segments at the voxel positions of another grid of the same world (`voxels_to_voxels`:
-        this grid's voxel indices to that grid's, 4x4), to draw them over images stored otherwise; the
-        axis is that grid's voxel axis nearest this one's, the slice the nearest there."""
-        from nibabel.affines import apply_affine
-
+        this grid's voxel indices to that grid's, 4x4), to draw them over images stored otherwise on
+        that grid's axial `axis` (`axial_axis`), the slice the nearest there."""
         move = lambda ends: tuple(tuple(float(v) for v in apply_affine(voxels_to_voxels, e)) for e in ends)  # noqa: E731
         longest, perpendicular = move(self.longest_ends), move(self.perpendicular_ends)
-        axis = int(np.argmax(np.abs(voxels_to_voxels[:3, self.axis])))
         return replace(self, axis=axis, slice_index=int(round(longest[0][axis])), longest_ends=longest,
                        perpendicular_ends=perpendicular)
 
