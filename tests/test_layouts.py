@@ -408,6 +408,7 @@ def test_case_list_paths_gaps_and_mistakes(layouts, tmp_path, capsys):
     (tmp_path / "scans/p1/4_AX_T2.nii.gz").unlink()
     res = predict(_flair_predictor(), table, tmp_path / "pred2", progress=False)
     assert "p1: " + str(tmp_path / "scans/p1/4_AX_T2.nii.gz") + ": file not found" in res.failed["p1"]
+    assert [c.case_id for c in discover_cases(tmp_path)] == ["p1", "p2"]  # the folder given for the table in it
     for text, message in [
         ("t1,t2\n", "no cases listed"),
         ("t1,t2\na.nii,b.nii\n", "no case id column"),

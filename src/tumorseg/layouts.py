@@ -554,6 +554,9 @@ def _all_cases(root: Path, need_images: bool, unread: list[Path], nested: list[P
         return list_cases(root)
     if not root.is_dir():
         raise TumorsegError(f"{root}: not a folder")
+    table = next((root / f"cases{suffix}" for suffix in CASE_LIST_SUFFIXES if (root / f"cases{suffix}").is_file()), None)
+    if table is not None:  # the folder given for the table in it: its scans' names may half match a layout
+        return list_cases(table)
     cases: list[Case] = []
     seg_folders = [root.parent / name for name in SEGMENTATION_FOLDERS if root.name.startswith("images_structural")]
     stack = [(root, 0)]
