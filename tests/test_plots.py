@@ -236,6 +236,23 @@ def test_reoriented_case_matches(tmp_path):
         "axial slice 2 (voxel axis i)"
 
 
+def test_each_panels_letters_sit_at_the_edges_they_name():
+    """`mark_sides` puts SIDES' top, bottom, left and right letters at those edges of the panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for view, letters in slices_module.SIDES.items():
+        fig, ax = plt.subplots()
+        slices_module.mark_sides(ax, view)
+        placed = {t.get_text(): t.get_position() for t in ax.texts}
+        plt.close(fig)
+        (top, bottom, left, right) = letters
+        assert placed[top][1] > 0.9 and placed[bottom][1] < 0.1, view
+        assert placed[left][0] < 0.1 and placed[right][0] > 0.9, view
+
+
 def test_the_lettered_sides_are_the_patients():
     """Each view's letters name the edge where a voxel at that side of the patient is drawn."""
     vol = np.zeros((4, 5, 6))

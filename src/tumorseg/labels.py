@@ -225,7 +225,7 @@ def prediction_description(conv: LabelConvention, model: str | None, scans: str 
     known (the latter only where it fits the field); read back by the functions below."""
     text = f"{_PREDICTION_TAG}{conv.tag()}" + (f" model={model}" if model else "")
     with_scans = f"{text} scans={scans}" if scans else text
-    return with_scans if len(with_scans) <= DESCRIPTION_BYTES else text
+    return with_scans if len(with_scans.encode()) <= DESCRIPTION_BYTES else text
 
 
 def read_as(conv: LabelConvention, why: str) -> str:

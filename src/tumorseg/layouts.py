@@ -504,21 +504,17 @@ def discover_cases(
     `need_images=False` (ground truth for `evaluate`) also accepts case folders holding only
     a segmentation, and a flat folder of `<case>.nii.gz` label files.
     """
-    unread: list[Path] = []
+    unread: dict[Path, list[Path]] = {}
     nested: list[Path] = []
     cases = _all_cases(Path(root), need_images, unread, nested)
     _check_unique(Path(root), cases)
     if need_images:  # a patient (or a visit) is never left out without a word
         ids = {c.case_id for c in cases}  # a case's other series (UPENN-GBM's DTI), predictions: no patient's
-        unread = [f for f in unread if not all(_names_a_case(_stem(n), ids) for n in nifti_files(f))]
-        for folders, why in ((unread, f"with NIfTI files named for no modality not read: {{}} ({NAMING_HINT})"),
-                             (nested, "of NIfTI files inside case folders not read: {} (a case folder's sub-folders "
-                                      "are not searched: give each visit a folder of its own)")):
-            shown = ", ".join(str(f.relative_to(root)) if f != Path(root) else f.name for f in folders[:3])
-            note = f"note: {root}: {len(folders)} folder(s) " + why.format(shown + (", ..." if len(folders) > 3 else ""))
-            if folders and note not in _SAID:  # once a process: `predict --report` discovers its input twice
-                _SAID.add(note)
-                print(note, file=sys.stderr)
+        _note_left_out(Path(root), [f for f, files in unread.items()
+                                    if not all(_names_a_case(_stem(n), ids) for n in files)],
+                       "with NIfTI files named for no modality", NAMING_HINT)
+        _note_left_out(Path(root), nested, "of NIfTI files inside case folders",
+                       "a case folder's sub-folders are not searched: give each visit a folder of its own")
     if only is not None:
         wanted = {only} if isinstance(only, str) else set(only)
         if not wanted:
@@ -533,21 +529,32 @@ def discover_cases(
 _SAID: set[str] = set()  # the discovery notes this process has printed
 
 
+def _note_left_out(root: Path, folders: list[Path], what: str, why: str) -> None:
+    """One note naming a few of the `folders` discovery did not read, once a process (`predict
+    --report` discovers its input twice)."""
+    shown = ", ".join(str(f.relative_to(root)) if f != root else f.name for f in folders[:3])
+    note = f"note: {root}: {len(folders)} folder(s) {what} not read: {shown}{', ...' if len(folders) > 3 else ''} ({why})"
+    if folders and note not in _SAID:
+        _SAID.add(note)
+        print(note, file=sys.stderr)
+
+
 def _names_a_case(stem: str, ids: set[str]) -> bool:
     """Whether a file's name is a case id or begins with one (`<case>_DTI_AD`, `<case>.nii.gz`)."""
     return stem in ids or any(stem[:i] in ids for i, c in enumerate(stem) if c in "_-.")
 
 
-def _unread(folder: Path) -> bool:
-    """A folder of NIfTI files that made no case: scans named for no modality (dcm2niix's series
-    names), not BIDS files (another datatype's folder: dwi/, func/)."""
+def _unread(folder: Path) -> list[Path]:
+    """The NIfTI files of a folder that made no case where they are scans named for no modality
+    (dcm2niix's series names); none for BIDS files (another datatype's folder: dwi/, func/)."""
     files = nifti_files(folder)
-    return bool(files) and not all(_BIDS_RE.match(_stem(f)) for f in files)
+    return [] if all(_BIDS_RE.match(_stem(f)) for f in files) else files
 
 
-def _all_cases(root: Path, need_images: bool, unread: list[Path], nested: list[Path]) -> list[Case]:
-    """Every case under `root`; the folders of NIfTI files that made none are added to `unread`, and
-    a case folder's sub-folders holding NIfTI files (a later visit inside a patient's) to `nested`."""
+def _all_cases(root: Path, need_images: bool, unread: dict[Path, list[Path]], nested: list[Path]) -> list[Case]:
+    """Every case under `root`; the folders of NIfTI files that made none are added to `unread` (with
+    their files), and a case folder's sub-folders holding a case (a later visit inside a patient's)
+    to `nested`."""
     if not root.exists():
         raise TumorsegError(f"{root}: no such folder")
     if is_case_list(root):
@@ -573,8 +580,8 @@ def _all_cases(root: Path, need_images: bool, unread: list[Path], nested: list[P
                     nested += sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
                                      and any(c.images for c in _folder_cases(p, True) or ()))
             continue
-        if _unread(folder):
-            unread.append(folder)
+        if files := _unread(folder):
+            unread[folder] = files
         if depth < MAX_DEPTH:
             skipped = BIDS_SKIPPED if (folder / BIDS_DESCRIPTION).is_file() else ()
             with contextlib.suppress(OSError):
@@ -589,9 +596,9 @@ def _all_cases(root: Path, need_images: bool, unread: list[Path], nested: list[P
         pairs = next((p for pattern in ("*.hdr", "*/*.hdr") for p in root.glob(pattern)), None)  # Analyze pairs
         hint = f"; {pairs.name} and the like are .hdr/.img pairs: convert them to .nii.gz" if pairs else ""
         if unread and not hint:
-            files = nifti_files(unread[0])
+            folder, files = next(iter(unread.items()))
             hint = (f"; {', '.join(f.name for f in files[:4])}{', ...' if len(files) > 4 else ''} in "
-                    f"{unread[0]} name no modality: {NAMING_HINT}")
+                    f"{folder} name no modality: {NAMING_HINT}")
         raise TumorsegError(f"{root}: no cases found (expected {EXPECTED}){hint}")
     if not flat:  # flat label files (evaluate's truth) are each read in the convention their name gives
         _check_one_layout(root, cases)

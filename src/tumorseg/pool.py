@@ -23,8 +23,8 @@ PARENT_POLL_S = 1.0
 
 class _Pool(ProcessPoolExecutor):
     """Left by an exception (Ctrl-C, SIGTERM, an error), the pool starts none of the jobs still
-    queued: the executor's own exit would run every one of them first (a 1,000-case `prepare`
-    interrupted at its tenth case went on to the last). The jobs under way finish."""
+    queued: the executor's own exit would run every one of them first (an interrupted `prepare`
+    went on through its queued cases). The jobs under way finish."""
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.shutdown(wait=True, cancel_futures=exc_type is not None)

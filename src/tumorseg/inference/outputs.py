@@ -53,7 +53,7 @@ def scans_digest(case: Case, channels: Sequence[str]) -> str | None:
 
 
 def write_outputs(pred: CasePrediction, case: Case, paths: list[Path], probabilities: bool, plots: bool,
-           made_by: str | None, scans: str | None = None) -> list[Path]:
+                  made_by: str | None, scans: str | None = None) -> list[Path]:
     """Write one case's outputs (in a writer thread while the network works on the next case).
 
     An earlier prediction's probabilities, uncertainty and plot go first: they record no model, so

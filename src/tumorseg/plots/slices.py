@@ -399,12 +399,10 @@ def _check_views(views: str | Sequence[str]) -> tuple[str, ...]:
 
 def _check_slice(index: int, view: str, data: CaseImages) -> int:
     """The LPS slice of the stored file's slice `index` in `view` (checked against the file's size)."""
-    transform = lps_transform(data.affine)
-    axis, _ = stored_slice(transform, data.shape, view, 0)
-    size = data.shape[axis]
-    if not 0 <= int(index) < size:
-        raise TumorsegError(f"{data.case_id}: slice {index} is outside the {view} range 0..{size - 1}")
-    return stored_slice(transform, data.shape, view, int(index))[1]
+    axis, lps = stored_slice(lps_transform(data.affine), data.shape, view, int(index))
+    if not 0 <= int(index) < data.shape[axis]:
+        raise TumorsegError(f"{data.case_id}: slice {index} is outside the {view} range 0..{data.shape[axis] - 1}")
+    return lps
 
 
 def display_window(channel: np.ndarray) -> tuple[float, float]:

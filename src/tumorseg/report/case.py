@@ -117,7 +117,7 @@ def report_case(
             warnings.append(f"{exc}; uncertainty not shown")
     shown = measures  # the diameters drawn where the prediction lies over images stored otherwise
     if drawn is not labels:
-        move = np.linalg.inv(np.asarray(grids[1].affine, float)) @ np.asarray(grids[0].affine, float)
+        move = np.linalg.inv(grids[1].affine) @ grids[0].affine  # prediction voxels -> image voxels
         shown = replace(measures, **{k: d.onto(move, axial_axis(grids[1].affine)) for k in ("enhancing", "whole")
                                      if (d := getattr(measures, k)) is not None})
     figures = save_figures(make_scene(data, drawn, brain, wt_drawn), shown, unc_map, figure_dir, case_id)

@@ -25,7 +25,7 @@ _METRIC_DIGITS = {"hd95": 2, "lesion_hd95": 2, "lesion_fp": 0}
 METRIC_UNITS = {"hd95": "mm", "lesion_hd95": "mm"}
 # what the report shows against a ground truth: BraTS 2020's metrics, then the 2023+ lesion-wise
 # Dice and HD95 and the false-positive components that cost them (`evaluation.lesionwise`)
-REPORT_METRICS = {**{m: f"BraTS {m}" + (" (mm)" if m == "hd95" else "") for m in METRICS},
+REPORT_METRICS = {**{m: f"BraTS {m}" + (f" ({METRIC_UNITS[m]})" if m in METRIC_UNITS else "") for m in METRICS},
                   "lesion_dice": "BraTS 2023+ lesion-wise Dice",
                   "lesion_hd95": "BraTS 2023+ lesion-wise HD95 (mm)",
                   "lesion_fp": "false-positive components (lesion-wise)"}
