@@ -168,7 +168,7 @@ def test_brats_peds_2024_told_from_2023_by_the_release_folder_or_label_4(layouts
         cases = discover_cases(root, need_images=False)
         assert {c.labels.name for c in cases} == {name} and all(why in c.seg_note for c in cases), root
     assert {c.labels.name for c in discover_cases(layouts / "brats2023")} == {"brats2023"}  # GLI: 4 is a cavity
-    import tumorseg.layouts as layouts_module
+    import tumorseg.layouts.peds as layouts_module
 
     reads = layouts_module._holds_version.cache_info().misses
     discover_cases(by_value, need_images=False)  # a second search (predict, then its report): no file read again
