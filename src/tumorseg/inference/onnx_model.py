@@ -50,7 +50,7 @@ from ..checkpoint import checkpoint_file, read_checkpoint
 from ..errors import TumorsegError
 from ..io import atomic_path
 from ..networks import network_spec, required_divisor
-from .predictor import check_state, network_from_state
+from .model_state import check_state, network_from_state
 
 MIN_OPSET, MAX_OPSET = 13, 20  # every network exports and runs from 13 (SegResNet); 20: the TorchScript exporter's last
 OPSET = 17

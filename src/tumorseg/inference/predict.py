@@ -25,19 +25,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..devices import amp_dtype, autocast, describe, window_batch
+from ..devices import amp_dtype, autocast, describe
 from ..errors import TumorsegError
 from ..geometry import Grid, resample_box
 from ..io import nifti_whole
-from ..labels import CLASS_ABBREVIATIONS, REGIONS, LabelConvention, convention
+from ..labels import CLASS_ABBREVIATIONS, REGIONS, LabelConvention
 from ..layouts import Case, discover_cases
 from ..prepare.case import (check_brain_size, check_headers, check_intensities, load_channels, scaled_window,
                             to_network_grid)
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
-from .compiled import COMPILED_SAVES, COMPILED_SAVES_ONNX, CompiledNetwork, compile_pays
+from .compiled import COMPILED_SAVES, COMPILED_SAVES_ONNX, compile_pays
 from .outputs import check_one_model, made_by_others, output_paths, scans_digest, write_outputs
 from .postprocess import NO_COMPONENT_STEP, postprocess
-from .predictor import Predictor, check_window
+from .predictor import Predictor
 from .ranks import claim, launcher_pid, meet, rank_world, shard
 from .window import flip_dims, passes, to_labels, tta_probabilities
 
@@ -197,8 +197,7 @@ def predict_case(
                 torch.cuda.empty_cache()
             tqdm.write(f"note: {case.case_id}: out of GPU memory; retrying with the windows one at a time and stitched "
                        "on the CPU (slower)", file=sys.stderr)
-            eager = predictor.model.model if isinstance(predictor.model, CompiledNetwork) else predictor.model
-            model = _StitchedOnCpu(eager, predictor.device, predictor.amp_dtype)  # one window at a time: no padding
+            model = _StitchedOnCpu(predictor.eager(), predictor.device, predictor.amp_dtype)  # one window at a time: no padding
             probs, disagreement = tta_probabilities(model, x, roi, predictor.target, predictor.overlap,
                                                     predictor.tta, uncertainty=uncertainty)
     probs = probs[0]
@@ -316,13 +315,7 @@ def predict(
     out_dir = Path(out_dir)
     found = discover_cases(input_dir, only=cases)
     if isinstance(checkpoint, Predictor):
-        new_window = check_window(window, checkpoint.divisor) or checkpoint.window
-        predictor = replace(checkpoint, tta=checkpoint.tta if tta is None else bool(tta),
-                            overlap=checkpoint.overlap if overlap is None else float(overlap),
-                            labels=convention(labels) if labels else checkpoint.labels, window=new_window,
-                            sw_batch_size=window_batch(checkpoint.device, new_window) if window else checkpoint.sw_batch_size)
-        if isinstance(predictor.model, CompiledNetwork) and predictor.model.batch != predictor.sw_batch_size:
-            predictor = replace(predictor, model=CompiledNetwork(predictor.model.model, predictor.sw_batch_size))
+        predictor = checkpoint.with_settings(tta, overlap, labels, window)
     else:
         predictor = Predictor.from_checkpoints(checkpoint, device=device, tta=tta, labels=labels, amp=amp,
                                                engine=engine, overlap=0.5 if overlap is None else overlap, window=window)

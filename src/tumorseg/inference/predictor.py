@@ -24,13 +24,13 @@ from ..checkpoint import checkpoint_file, checkpoint_files, read_checkpoint
 from ..devices import amp_dtype, autocast, resolve_device, window_batch
 from ..errors import TumorsegError
 from ..io import file_digest
-from ..labels import MODEL_DIGITS, RAW_LABELS, REGIONS, LabelConvention, convention
-from ..networks import build_network, required_divisor
+from ..labels import MODEL_DIGITS, REGIONS, LabelConvention, convention
+from ..networks import required_divisor
 from .compiled import CompiledNetwork, compiles_faster
 from .ensemble import EnsembleNetwork, ensemble_postprocessing
+from .model_state import check_state, network_from_state
 from .postprocess import NO_COMPONENT_STEP
 
-REQUIRED_KEYS: tuple[str, ...] = ("network", "model", "prepare", "patch", "target")
 ENGINES: tuple[str, ...] = ("auto", "torch", "compile", "onnx")
 # Networks ONNX Runtime ran faster than PyTorch on the CPU (bench_predict_paths, README "Measured"): our
 # UNet3D 1.4x per case at 128^3. MONAI's UNet was 7-25 % slower there (PyTorch batches its windows well),
@@ -174,6 +174,24 @@ class Predictor:
         predictor = replace(self, model=CompiledNetwork(model, self.sw_batch_size).eval(), engine="compile",
                             pytorch_model=None)
         predictor.warm_up()
+        return predictor
+
+    def eager(self) -> nn.Module:
+        """The PyTorch network without its compiled wrapper (the out-of-memory retry runs it window
+        by window)."""
+        return self.model.model if isinstance(self.model, CompiledNetwork) else self.model
+
+    def with_settings(self, tta: bool | None = None, overlap: float | None = None, labels: str | None = None,
+                      window: str | Sequence[int] | None = None) -> "Predictor":
+        """This predictor with the settings given (None: as they are); a compiled network batches
+        the windows a new window size fits."""
+        new_window = check_window(window, self.divisor) or self.window
+        predictor = replace(self, tta=self.tta if tta is None else bool(tta),
+                            overlap=self.overlap if overlap is None else float(overlap),
+                            labels=convention(labels) if labels else self.labels, window=new_window,
+                            sw_batch_size=window_batch(self.device, new_window) if window else self.sw_batch_size)
+        if isinstance(predictor.model, CompiledNetwork) and predictor.model.batch != predictor.sw_batch_size:
+            predictor = replace(predictor, model=CompiledNetwork(predictor.model.model, predictor.sw_batch_size))
         return predictor
 
     def warm_up(self) -> None:
@@ -410,67 +428,3 @@ def check_window(window: str | int | Sequence[int] | None, divisor: int) -> tupl
 def onnx_runtime_installed() -> bool:
     """ONNX Runtime and the exporter's `onnx` package are importable."""
     return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
-
-
-def check_state(state: dict[str, Any], where: str, weights: bool = True) -> None:
-    """One line naming `where` when a checkpoint lacks what prediction needs (`weights`: the model too)."""
-    missing = [k for k in REQUIRED_KEYS if k not in state and (weights or k != "model")]
-    if missing:
-        raise TumorsegError(f"{where}: checkpoint lacks {', '.join(missing)}")
-    damaged = [name for name, ok in _settings_checks(state) if not ok]
-    if damaged:  # edited by hand, or another program's: one line, not a traceback deep in the network's code
-        raise TumorsegError(f"{where}: damaged checkpoint settings ({', '.join(damaged)}); not as tumorseg train writes them")
-    _check_label_map(state, where)
-
-
-def _settings_checks(state: dict[str, Any]) -> list[tuple[str, bool]]:
-    """(setting, whether it has the form prediction reads) for each setting it reads."""
-    def ints(value: Any, n: int | None = None, least: int = 1) -> bool:
-        return (isinstance(value, (list, tuple)) and (n is None or len(value) == n) and len(value) > 0
-                and all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in value))
-
-    net, prep = state["network"], state["prepare"]
-    minimum = state["inference"].get("postprocess_min_component") if isinstance(state.get("inference"), dict) else None
-    net_ok = isinstance(net, dict) and isinstance(net.get("name"), str)
-    prep_ok = isinstance(prep, dict)
-    return [
-        ("network", net_ok),
-        ("network.filters", not net_ok or net.get("filters") is None or ints(net["filters"])),
-        ("prepare", prep_ok),
-        ("prepare.channels", not prep_ok or (isinstance(prep.get("channels"), (list, tuple)) and len(prep["channels"]) > 0
-                                             and all(isinstance(c, str) for c in prep["channels"]))),
-        ("prepare.norm", not prep_ok or isinstance(prep.get("norm"), str)),
-        ("prepare.spacing", not prep_ok or prep.get("spacing") is None or (
-            isinstance(prep["spacing"], (list, tuple)) and len(prep["spacing"]) == 3
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in prep["spacing"]))),
-        ("patch", ints(state["patch"], 3)),
-        ("target", state["target"] in ("labels", "regions")),
-        ("inference.postprocess_min_component", minimum is None or ints(minimum, len(NO_COMPONENT_STEP), least=0)),
-    ]
-
-
-def network_from_state(state: dict[str, Any], where: str) -> nn.Module:
-    """The checkpoint's network with its weights (eval mode, on the CPU)."""
-    try:
-        model = build_network(**state["network"])
-    except (TypeError, ValueError, KeyError) as exc:
-        raise TumorsegError(f"{where}: damaged checkpoint settings (network: {type(exc).__name__}: {exc})") from None
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        reason = str(exc).splitlines()[0]
-        raise TumorsegError(f"{where}: weights do not fit the stored network ({reason})") from None
-    return model.eval()
-
-
-def _check_label_map(state: dict[str, Any], where: str) -> None:
-    """Training classes 1, 2, 3 must mean necrosis, oedema, enhancing tumour (BraTS 2020's
-    1, 2, 4), as `labels` converts them; refuse a checkpoint that disagrees."""
-    label_map = state.get("label_map")
-    if label_map is None:
-        return
-    expected = {i: RAW_LABELS[i] for i in range(len(RAW_LABELS))}
-    if {int(k): int(v) for k, v in label_map.items() if int(k) in expected} != expected:
-        raise TumorsegError(f"{where}: label map {label_map} differs from BraTS's {expected}")
-
-
