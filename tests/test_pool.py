@@ -64,3 +64,17 @@ def test_a_pool_left_by_an_exception_starts_none_of_the_queued_jobs(tmp_path):
         for i in range(8, 12):
             pool.submit(_mark, str(tmp_path / str(i)))
     assert len(list(tmp_path.iterdir())) == ran + 4
+
+
+def test_as_done_gives_out_no_job_ahead_of_the_workers(tmp_path):
+    """Handed out one by one, an interrupted pool ends with the job under way: the executor alone would
+    also run the one it had queued for its workers (3 jobs here, not 2)."""
+    with pytest.raises(KeyboardInterrupt):
+        with worker_pool(1) as pool:
+            for _ in pool.as_done(_mark, [(str(tmp_path / str(i)),) for i in range(8)]):
+                time.sleep(1.0)  # the next job runs meanwhile
+                raise KeyboardInterrupt
+    assert len(list(tmp_path.iterdir())) == 2
+    with worker_pool(2) as pool:  # every job, each once, its index beside its result
+        done = list(pool.as_done(pow, [(i, 2) for i in range(7)]))
+    assert sorted(done) == [(i, i * i) for i in range(7)]

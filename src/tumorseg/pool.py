@@ -9,32 +9,59 @@ OpenMP threads (PyTorch's DataLoader workers do the same).
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing.context import BaseContext
+from typing import Any, TypeVar
 
 from .lock import pid_alive
 
 PARENT_POLL_S = 1.0
+T = TypeVar("T")
 
 
-class _Pool(ProcessPoolExecutor):
+class WorkerPool(ProcessPoolExecutor):
     """Left by an exception (Ctrl-C, SIGTERM, an error), the pool starts none of the jobs still
     queued: the executor's own exit would run every one of them first (an interrupted `prepare`
     went on through its queued cases). The jobs under way finish."""
+
+    def __init__(self, workers: int, **kwargs: Any) -> None:
+        super().__init__(max_workers=workers, **kwargs)
+        self.workers = workers
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.shutdown(wait=True, cancel_futures=exc_type is not None)
         return False
 
+    def as_done(self, fn: Callable[..., T], jobs: Iterable[tuple]) -> Iterator[tuple[int, T]]:
+        """(index, fn(*job)) for each job, in the order they finish, with no more jobs given out
+        than there are workers: the executor hands one job to its workers ahead of those running,
+        where no cancel reaches it, so a pool left early would still start it."""
+        todo = enumerate(jobs)
+        running: dict[Future, int] = {}
 
-def worker_pool(workers: int, context: BaseContext | None = None) -> ProcessPoolExecutor:
+        def give_out() -> None:
+            for index, job in itertools.islice(todo, 1):
+                running[self.submit(fn, *job)] = index
+
+        for _ in range(self.workers):
+            give_out()
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                give_out()  # the next job starts before this one's result is handled
+                yield running.pop(future), future.result()
+
+
+def worker_pool(workers: int, context: BaseContext | None = None) -> WorkerPool:
     """A process pool (of `context`'s start method; None: the default) whose workers exit within
     about a second of the calling process's death."""
-    return _Pool(max_workers=workers, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),))
+    return WorkerPool(workers, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),))
 
 
 def _exit_with_parent(parent: int) -> None:

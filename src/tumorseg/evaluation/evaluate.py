@@ -296,9 +296,11 @@ def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[CaseResul
     bar = dict(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
     if workers <= 1 or len(jobs) <= 1:
         return [evaluate_case(*job) for job in tqdm(jobs, **bar)]
+    results: list[CaseResult] = [None] * len(jobs)  # type: ignore[list-item]  # each filled as its case ends
     with worker_pool(min(workers, len(jobs))) as pool:
-        results = pool.map(evaluate_case, *zip(*jobs))
-        return list(tqdm(results, **bar))
+        for index, result in tqdm(pool.as_done(evaluate_case, jobs), **bar):
+            results[index] = result
+    return results
 
 
 def summarize(rows: Iterable[CaseResult]) -> dict[str, dict[str, dict[str, float]]]:

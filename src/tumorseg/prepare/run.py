@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from concurrent.futures import as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -109,10 +108,8 @@ def prepare(
                 records[case.case_id] = _report(_run_one(case, config, out_dir), bar)
         else:
             with worker_pool(workers) as pool:
-                futures = [pool.submit(_run_one, case, config, out_dir) for case in todo]
-                for fut in as_completed(futures):
-                    record = _report(fut.result(), bar)
-                    records[record["case_id"]] = record
+                for _, record in pool.as_done(_run_one, ((case, config, out_dir) for case in todo)):
+                    records[record["case_id"]] = _report(record, bar)
         bar.close()
         manifest = _manifest(data_dir, config, [records[c.case_id] for c in cases], cases)
         write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
