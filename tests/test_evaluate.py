@@ -8,7 +8,7 @@ import pytest
 from tumorseg.cli import main
 from tumorseg.errors import TumorsegError
 from tumorseg.evaluation import FAILED_CASE, evaluate
-from tumorseg.evaluation.evaluate import STATS
+from tumorseg.evaluation.results import STATS
 from tumorseg.labels import BRATS2020, prediction_description
 
 from factory import AFFINE, write_case

@@ -1,6 +1,6 @@
 """Evaluation: BraTS region metrics per case and leaderboard-style summaries over folders."""
 
-from .evaluate import CaseResult, EvaluationResult, evaluate, format_table
+from .evaluate import evaluate
 from .metrics import (
     FAILED_CASE,
     HD95_ONE_EMPTY,
@@ -12,6 +12,7 @@ from .metrics import (
     sensitivity,
     specificity,
 )
+from .results import CaseResult, EvaluationResult, format_table
 
 __all__ = [
     "CaseResult",
