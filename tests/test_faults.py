@@ -33,6 +33,7 @@ from tumorseg.synth import synthesize
 from tumorseg.training import TrainConfig, train
 
 train_module = importlib.import_module("tumorseg.training.train")
+run_files = importlib.import_module("tumorseg.training.run_files")
 
 CLI = [sys.executable, "-m", "tumorseg.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run: the same float sums
@@ -164,7 +165,7 @@ def test_kill_between_checkpoint_writes_keeps_best_pt_the_best_epoch(base, tmp_p
     class Killed(BaseException):
         pass
 
-    real_save = train_module.save_checkpoint
+    real_save = run_files.save_checkpoint
 
     def save_then_die(path, state):
         real_save(path, state)
@@ -173,11 +174,11 @@ def test_kill_between_checkpoint_writes_keeps_best_pt_the_best_epoch(base, tmp_p
 
     run, dice = tmp_path / "run", iter([0.1, 0.3])
     monkeypatch.setattr(train_module, "mean_dice", lambda _: next(dice))
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(run_files, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         train(base / "prep", run, replace(TINY, epochs=3), progress=False)
     dice = iter([0.3, 0.2])  # epoch 2 again (a resumed run repeats it exactly), then 3
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(run_files, "save_checkpoint", real_save)
     train(base / "prep", run, replace(TINY, epochs=3), resume=True, progress=False)
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [float(r["dice_mean"]) for r in rows] == [0.1, 0.3, 0.2]

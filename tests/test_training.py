@@ -18,6 +18,7 @@ from tumorseg.prepare import load_manifest
 from tumorseg.prepare.split import fold_split
 from tumorseg.training import TrainConfig, build_loss, load_checkpoint, resolve_config, train
 from tumorseg.training.distributed import DistContext
+from tumorseg.training.run_files import cases_digest, split_digest
 
 train_module = importlib.import_module("tumorseg.training.train")
 engine = importlib.import_module("tumorseg.training.engine")
@@ -279,7 +280,7 @@ def test_cross_validation_folds_train_apart_and_predict_as_their_ensemble(prepar
     for k in range(2):
         state = load_checkpoint(tmp_path / f"cv/fold_{k}/best.pt")
         fold = fold_split(cases, 2, k, seed)
-        assert state["data_split"] == train_module.split_digest(fold["train"], fold["val"])
+        assert state["data_split"] == split_digest(fold["train"], fold["val"])
         assert state["config"]["fold"] == k and len(state["inference"]["postprocess_statistics"]) == len(fold["val"])
     ensemble = Predictor.from_checkpoints(tmp_path / "cv", device="cpu")
     assert ensemble.members == 2  # post-processing chosen on every prepared case, each validated by one fold
@@ -299,8 +300,8 @@ def test_cross_validation_folds_train_apart_and_predict_as_their_ensemble(prepar
         train(prepared, tmp_path / "cv/fold_0", TrainConfig(**{**config, "epochs": 5}), resume=True, progress=False)
     # the folder of folds is one cross-validation: a fold trained as another's, or missing, is named
     for k in range(2):  # the cases and the seed that dealt them: folds of another deal overlap, so never one
-        assert load_checkpoint(tmp_path / f"cv/fold_{k}/best.pt")["data_cases"] == train_module.cases_digest(cases, seed)
-    assert train_module.cases_digest(cases, seed + 1) != train_module.cases_digest(cases, seed)
+        assert load_checkpoint(tmp_path / f"cv/fold_{k}/best.pt")["data_cases"] == cases_digest(cases, seed)
+    assert cases_digest(cases, seed + 1) != cases_digest(cases, seed)
     (tmp_path / "cv/fold_1").rename(tmp_path / "cv/moved")
     with pytest.raises(TumorsegError, match=r"trained as 2 folds, 1 found \(fold_1 missing: train --fold 1 --folds 2\)"):
         Predictor.from_checkpoints(tmp_path / "cv", device="cpu")

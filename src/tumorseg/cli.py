@@ -133,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import resolve_config, train
     from .recipes import load_recipe
     from .training.config import read_config_file
-    from .training.train import fold_dir
+    from .training.run_files import fold_dir
 
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}
     for key in ("filters", "patch"):

@@ -8,10 +8,6 @@ exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
-import io as _io
-import json
 import math
 import random
 import sys
@@ -32,21 +28,16 @@ from ..lock import folder_lock
 from ..devices import amp_dtype as resolve_amp
 from ..devices import describe, deterministic
 from ..inference.postprocess import choose_default, statistics_state
-from ..labels import BRATS2020, NUM_CLASSES, RAW_LABELS, REGIONS
+from ..labels import NUM_CLASSES, REGIONS
 from ..networks import build_network, deepest_voxels_needed, network_spec, required_divisor
-from ..plots import plot_curves
 from ..prepare import load_manifest
 from ..prepare.split import fold_split
 from . import crossval, distributed
-from ..checkpoint import load_checkpoint, save_checkpoint
-from .rng import rng_state, set_rng_state
+from .rng import set_rng_state
 from .config import TrainConfig
 from .engine import LossGuard, mean_dice, train_epoch, validate
 from .losses import build_loss
-
-MIN_COLUMNS = tuple(f"min_{r.lower()}" for r in REGIONS)  # post-processing's smallest component kept, per region
-COLUMNS = ["epoch", "train_loss", "skipped_steps", "val_loss", *(f"dice_{r}" for r in REGIONS), "dice_mean",
-           "largest_tumour", "et_threshold", *MIN_COLUMNS, "lesion_dice", "lr", "seconds", "best"]
+from .run_files import MIN_COLUMNS, fold_dir, last_kept, resumed_state, run_state, save_epoch
 
 
 @dataclass
@@ -107,147 +98,11 @@ def _seed_epoch(seed: int, epoch: int, rank: int, transform) -> None:
     transform.set_random_state(seed=s % 2**32)
 
 
-def _write_history(run_dir: Path, history: list[dict], best_epoch: int | None) -> None:
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
-    writer.writeheader()
-    for row in history:  # "best": 1 on the epoch best.pt holds
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS} | {"best": int(row["epoch"] == best_epoch)})
-    write_text(run_dir / "metrics.csv", buf.getvalue())
-    plot_curves(history, run_dir / "curves.png")
-
-
-def _state(model, optimizer, scheduler, scaler, epoch, history, best, best_epoch, spec, config, manifest, patch, ids,
-           statistics) -> dict:
-    settings = manifest["settings"]
-    tuned = next((row for row in reversed(history) if "dice_mean" in row), {})  # the latest validated epoch
-    return {
-        "network": spec,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "history": history,
-        "best_metric": best,
-        "best_epoch": best_epoch,
-        "config": config.to_dict(),
-        "prepare": {k: settings.get(k) for k in PREPARE_KEYS},
-        "data_split": split_digest(*ids),  # what --resume checks it goes on with (ids themselves not shared)
-        "data_cases": cases_digest(ids[0] + ids[1], int(settings.get("seed", 0))),  # what a cross-validation's folds share
-        "layout": manifest.get("layout", "brats2020"),
-        "labels": manifest.get("labels", BRATS2020.to_dict()),  # the training data's convention
-        "patch": list(patch),
-        "target": config.target,
-        "label_map": {i: RAW_LABELS[i] for i in range(NUM_CLASSES)},  # training label -> BraTS label
-        "regions": list(REGIONS),
-        "inference": {
-            "tta": config.tta,
-            "postprocess_largest_tumour": bool(tuned.get("largest_tumour", False)),
-            "postprocess_et_threshold": tuned.get("et_threshold"),
-            "postprocess_min_component": [int(tuned.get(c) or 0) for c in MIN_COLUMNS],  # WT, TC, ET voxels; 0: off
-            "postprocess_statistics": statistics,  # what they were chosen on: an ensemble of runs chooses on all
-        },
-        "rng": rng_state(),
-        "torch_version": str(torch.__version__),
-    }
-
-
 def _tune_postprocessing(stats: list) -> dict:
     """nnU-Net's BraTS post-processing (largest tumour only, smallest ET worth keeping) and the
     smallest component worth keeping per region (lesion-wise Dice), on validation: a metrics row."""
     tuned = choose_default(stats)
     return {**{k: v for k, v in tuned.items() if k != "min_component"}, **dict(zip(MIN_COLUMNS, tuned["min_component"]))}
-
-
-# Held by last.pt's optimizer and scheduler state, or by its network's output layers
-RESUME_FIXED = ("optimizer", "lr", "weight_decay", "schedule", "target", "dropout", "deep_supervision")
-PREPARE_KEYS = ("channels", "norm", "crop_size", "crop_mode", "spacing", "cavity")
-
-
-def fold_dir(run_dir: Path, fold: int | None) -> Path:
-    """Where fold `fold` of a cross-validation in `run_dir` trains: `run_dir/fold_K`, or `run_dir`
-    itself when that is fold K's folder; another fold's folder is refused in one line."""
-    run_dir = Path(run_dir)
-    if fold is None or run_dir.name == f"fold_{fold}":
-        return run_dir
-    if run_dir.name.startswith("fold_") and run_dir.name[5:].isdigit():
-        raise TumorsegError(f"{run_dir}: the folder of fold {run_dir.name[5:]}, not of fold {fold}: give the "
-                            f"cross-validation's folder ({run_dir.parent}) with --fold {fold}")
-    return run_dir / f"fold_{fold}"
-
-
-def cases_digest(case_ids: list[str], split_seed: int) -> str:
-    """SHA-256 of all the cases a run drew from and the seed that dealt them: a cross-validation's
-    folds share it (the same cases dealt alike), so folds of other deals never make one."""
-    return hashlib.sha256(json.dumps({"cases": sorted(case_ids), "seed": split_seed}).encode()).hexdigest()
-
-
-def split_digest(train_ids: list[str], val_ids: list[str]) -> str:
-    """SHA-256 of the run's train/val case ids: a checkpoint shared with others names no case."""
-    split = {"train": sorted(train_ids), "val": sorted(val_ids)}
-    return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()
-
-
-def _resume(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, ids: tuple[list[str], list[str]],
-            main: bool = True) -> dict:
-    state = load_checkpoint(run_dir / "last.pt")
-    was = state.get("config", {})
-    was_fold = (was.get("fold"), was.get("folds")) if was.get("fold") is not None else None
-    if "fold" in was and was_fold != ((config.fold, config.folds) if config.fold is not None else None):
-        # another fold trains and validates on other cases, under the same curves and best epoch
-        trained = (f"trained as fold {was_fold[0]} of {was_fold[1]}; resume it with --fold {was_fold[0]} "
-                   f"--folds {was_fold[1]}") if was_fold else "trained on the prepared split; resume it without --fold"
-        raise TumorsegError(f"{run_dir / 'last.pt'}: {trained}")
-    changed = [f"{k} {was[k]} -> {getattr(config, k)}" for k in RESUME_FIXED if k in was and was[k] != getattr(config, k)]
-    if changed:  # the loaded optimizer state would keep the old values (or not fit another optimizer)
-        raise TumorsegError(f"{run_dir / 'last.pt'}: --resume continues the run as it trained, not with "
-                            f"{', '.join(changed)}: drop the change or start a new run")
-    if state["prepare"]["channels"] != manifest["settings"]["channels"]:
-        raise TumorsegError(f"{run_dir / 'last.pt'}: trained on channels {state['prepare']['channels']}, data has {manifest['settings']['channels']}")
-    if state["network"] != spec:
-        raise TumorsegError(
-            f"{run_dir / 'last.pt'}: checkpoint of another network ({state['network']['name']} "
-            f"{list(state['network']['filters'])}, this run: {spec['name']} {list(spec['filters'])}): to continue "
-            f"it, give its --model {state['network']['name']} --filters "
-            f"{','.join(str(f) for f in state['network']['filters'])} (a recipe may have changed its network)"
-        )
-    other = [k for k in PREPARE_KEYS[1:]  # the channels: said above
-             if k in state["prepare"] and state["prepare"][k] != manifest["settings"].get(k)]
-    if state.get("data_split") not in (None, split_digest(*ids)):  # older checkpoints record none
-        other.append("its train/validation cases")
-    if other:  # the run would go on with other data under the same curves and best epoch
-        raise TumorsegError(f"{run_dir / 'last.pt'}: --resume goes on with the data the run trained on; this prepared "
-                            f"folder differs in {', '.join(other)}: give that folder, or start a new run")
-    return _with_best_checkpoint(run_dir, state, main)
-
-
-def _with_best_checkpoint(run_dir: Path, state: dict, main: bool = True) -> dict:
-    """`state` once `best.pt` holds its best epoch. Damaged or removed since, it is rewritten from
-    last.pt: the best epoch's own weights where that is the last epoch saved; else those are lost,
-    said so, and best.pt holds the last epoch saved until a later one validates better. So a
-    resumed run that reports success always leaves a usable best.pt. Only the `main` rank writes."""
-    best_epoch = state.get("best_epoch") or 0
-    try:
-        if not best_epoch or load_checkpoint(run_dir / "best.pt").get("epoch") == best_epoch:
-            return state
-    except TumorsegError:
-        pass
-    lost = state["epoch"] != best_epoch
-    if lost:
-        validated = [row["dice_mean"] for row in state["history"] if row.get("epoch") == state["epoch"] and "dice_mean" in row]
-        state = {**state, "best_epoch": state["epoch"], "best_metric": validated[0] if validated else -1.0}
-    if main and not lost:
-        save_checkpoint(run_dir / "best.pt", state)
-    elif main:  # a new best epoch: metrics.csv marks it and last.pt records it now (no epoch may follow)
-        try:
-            _save(run_dir, state, state["history"], best=True)
-        except TumorsegError as exc:  # a full disk: last.pt is as it was
-            raise TumorsegError(f"{exc}; {_kept(run_dir, state['epoch'])}") from None
-        print(f"warning: {run_dir / 'best.pt'} did not hold epoch {best_epoch}, the best so far (damaged or "
-              f"removed): its weights are lost; best.pt holds epoch {state['epoch']}, the last saved, until a "
-              "later epoch validates better", file=sys.stderr)
-    return state
 
 
 def train(
@@ -298,7 +153,7 @@ def train(
             # under rank 0's lock: another run into this folder could be rewriting last.pt
             if not resume and (run_dir / "last.pt").exists():
                 raise TumorsegError(f"{run_dir}: already holds a run (last.pt); use --resume or another folder")
-            state = _resume(run_dir, spec, manifest, config, (train_ids, val_ids), ctx.is_main) if resume else None
+            state = resumed_state(run_dir, spec, manifest, config, (train_ids, val_ids), ctx.is_main) if resume else None
             result = _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress,
                           resume_with)
         if config.fold is not None and ctx.is_main:  # the last fold to finish sums the cross-validation up
@@ -415,9 +270,9 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
                 best, best_epoch = row["dice_mean"], epoch + 1
             _check_finite(model, epoch)
             if ctx.is_main:
-                state = _state(model, optimizer, scheduler, scaler, epoch + 1, history, best, best_epoch, spec, config,
+                state = run_state(model, optimizer, scheduler, scaler, epoch + 1, history, best, best_epoch, spec, config,
                                manifest, patch, (train_ids, val_ids), statistics)
-                _save(run_dir, state, history, best=improved or not val_ids)
+                save_epoch(run_dir, state, history, best=improved or not val_ids)
             saved = epoch + 1  # before the line and the barrier: a Ctrl-C there still names this epoch
             if ctx.is_main:
                 print(_format_row(row), file=sys.stderr)
@@ -440,29 +295,14 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         reason = exc if isinstance(exc, TumorsegError) else (
             f"out of GPU memory in epoch {len(history) + 1} with batch {config.batch_size} and patch {patch}: "
             "lower --batch-size or --patch")
-        raise TumorsegError(f"{reason}; {_kept(run_dir, saved)}") from None
+        raise TumorsegError(f"{reason}; {last_kept(run_dir, saved)}") from None
     return TrainResult(run_dir, history, best, best_epoch)
-
-
-def _kept(run_dir: Path, saved: int) -> str:
-    """What a failed save left: last.pt's epoch, which it still holds."""
-    return f"{run_dir / 'last.pt'} keeps epoch {saved}, the last good one" if saved else "no epoch was saved"
 
 
 def _check_finite(model: torch.nn.Module, epoch: int) -> None:
     """Refuse to save NaN or infinite weights (every rank checks: their weights are the same)."""
     if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()):
         raise TumorsegError(f"the weights became NaN or infinite in epoch {epoch + 1}; lower the learning rate (--lr)")
-
-
-def _save(run_dir: Path, state: dict, history: list[dict], best: bool) -> None:
-    """best.pt, then metrics.csv and curves, then last.pt: a kill between them leaves last.pt at the
-    previous epoch, which a resumed run repeats exactly, so best.pt always holds the epoch that
-    metrics.csv shows best (last.pt first could leave a stale best.pt that no resume rewrites)."""
-    if best:
-        save_checkpoint(run_dir / "best.pt", state)
-    _write_history(run_dir, history, state["best_epoch"] or (state["epoch"] if best else None))  # no validation: the last
-    save_checkpoint(run_dir / "last.pt", state)
 
 
 def _format_row(row: dict) -> str:
