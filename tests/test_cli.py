@@ -64,8 +64,10 @@ def test_help_is_instant_and_lists_commands():
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "tumorseg evaluate: error:" in proc.stderr
 
 
-def test_synth(tmp_path, capsys):
+def test_synth(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     assert main(["synth", str(tmp_path), "--cases", "2", "--shape", "32,32,24", "--seed", "1"]) == 0
+    assert "TQDM_MININTERVAL" not in os.environ  # set for the command's bars in a log, not left for the caller's
     assert "wrote 2 synthetic cases" in capsys.readouterr().out
     assert nib.load(tmp_path / "BraTS20_Training_002/BraTS20_Training_002_seg.nii.gz").shape == (32, 32, 24)
     assert main(["synth", str(tmp_path), "--cases", "0"]) == 2

@@ -321,3 +321,35 @@ def test_another_tools_prediction_is_read_in_the_convention_named(raw_case, tmp_
     err = capsys.readouterr().err.splitlines()[-1]
     assert re.search(r"case_a\.nii\.gz has \d{5} non-integer values \([\d.e-]+ to 0\.\d+\): a probability or "
                      r"intensity map, not labels$", err) and len(err) < 300, err
+
+
+def test_arrays_in_a_convention_and_predict_cases_result(raw_case):
+    """An array of MSD numbers is read in the convention named; `predict_case`'s result in its own
+    (a notebook drawing `predict_case(...)` of an MSD case would otherwise swap oedema and core)."""
+    from tumorseg.inference.predict import CasePrediction
+    from tumorseg.labels import CONVENTIONS
+
+    data = load_case(raw_case)
+    msd = CONVENTIONS["msd"].from_training(data.truth)
+    assert not np.array_equal(load_prediction(msd, data), data.truth)  # read as training labels, as documented
+    assert np.array_equal(load_prediction(msd, data, CONVENTIONS["msd"]), data.truth)
+    result = CasePrediction(msd, None, AFFINE, None, CONVENTIONS["msd"])
+    assert np.array_equal(load_prediction(result, data), data.truth)
+
+
+def test_drawing_leaves_the_callers_matplotlib_as_it_was(raw_case, tmp_path):
+    """No backend switched (a notebook's inline one) and no figure left open in pyplot."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from tumorseg.plots import plot_curves
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        save_case_plot(raw_case, out=tmp_path / "a.png")
+        plot_curves([{"epoch": 1, "train_loss": 1.0}], tmp_path / "curves.png")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
+    finally:
+        matplotlib.use(before)
+    assert png_size(tmp_path / "a.png") == expected_size(3, 4 + 1)

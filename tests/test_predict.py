@@ -694,3 +694,35 @@ def test_a_predictors_own_overlap_is_kept_unless_given(edge_case, tmp_path):
         out = predict(own, folder, tmp_path / str(given), overlap=given, progress=False).written[0]
         made_by = bytes(nib.load(out).header["descrip"]).decode().rstrip("\x00")
         assert f"model={replace(own, overlap=used).made_by()}" in made_by.split(), (given, made_by)
+
+
+def test_a_script_predicting_on_one_rank_alone(raw, ckpt, tmp_path, monkeypatch, capsys):
+    """A script of its own torchrun job predicting on rank 0 alone: `distributed=False` predicts every
+    case, and a rank whose others never come says why it waits."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tumorseg.inference import ranks as module
+
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=30), wait_for_workers=False)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+                        "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(name, value)
+    result = predict(ckpt, raw, tmp_path / "alone", device="cpu", progress=False, distributed=False)
+    assert sorted(p.name for p in result.written) == ["c0.nii.gz", "v1.nii.gz"] and module.rank_world() == (0, 2)
+    monkeypatch.setattr(module, "WAIT_NOTE_S", 0.0)
+    with pytest.raises(TumorsegError, match="not every rank reached 'predicted' within"):
+        module.meet("predicted", None, timeout=timedelta(seconds=0.5))
+    assert ("note: rank 0 waits for the other 1 rank(s) to reach 'predicted': every rank of the job predicts its "
+            "share (a script predicting on one rank alone: predict(..., distributed=False))") in capsys.readouterr().err
+    with pytest.raises(TumorsegError, match=r"distributed='no': give True or False"):
+        predict(ckpt, raw, tmp_path / "x", device="cpu", progress=False, distributed="no")
+
+
+def test_predict_case_takes_a_case_folder(raw, ckpt):
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    case = discover_cases(raw / "c0")[0]
+    assert np.array_equal(predict_case(predictor, raw / "c0").labels, predict_case(predictor, case).labels)
+    with pytest.raises(TumorsegError, match=r"2 cases, not one: give one case's folder"):
+        predict_case(predictor, str(raw))

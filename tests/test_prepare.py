@@ -66,8 +66,10 @@ def test_drop_rule_and_manifest(tmp_path):
     assert (tmp_path / "out/images/val_only.npy").exists() and not (tmp_path / "out/masks/val_only.npy").exists()
     on_disk = json.loads((tmp_path / "out/manifest.json").read_text())
     assert on_disk["counts"] == {"kept": 1, "dropped": 1, "unlabelled": 1, "failed": 0}
-    res = prepare(tmp_path / "raw", tmp_path / "out2", PrepareConfig(min_tumour=0.0, **SMALL), workers=1, progress=False)
+    res = prepare(tmp_path / "raw", tmp_path / "out2", {"min_tumour": 0.0, **SMALL}, workers=1, progress=False)  # a dict
     assert res.kept == ["big", "tiny"]
+    with pytest.raises(TumorsegError, match=r"^prepare: config must be a PrepareConfig or a dict, not str$"):
+        prepare(tmp_path / "raw", tmp_path / "out3", "seed", workers=1, progress=False)
 
 
 def test_split_is_deterministic_and_seeded():

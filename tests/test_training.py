@@ -1,10 +1,12 @@
 import importlib
 import json
 import os
+import random
 import subprocess
 import sys
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,11 +121,12 @@ def test_checkpoint_is_self_describing_and_safe(prepared, tmp_path):
     assert net(torch.zeros(1, 3, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
 
 
-def test_ctrl_c_leaves_a_usable_last_checkpoint(prepared, tmp_path, monkeypatch):
+def test_ctrl_c_leaves_a_usable_last_checkpoint(prepared, tmp_path, monkeypatch, capsys):
     real = interrupt_training(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(prepared, tmp_path / "run", TrainConfig(epochs=3, **TINY), progress=False)
     assert load_checkpoint(tmp_path / "run/last.pt")["epoch"] == 1
+    assert "holds epoch 1; continue with resume=True" in capsys.readouterr().err  # from Python: the argument, not the flag
     monkeypatch.setattr(train_module, "train_epoch", real)
     assert len(train(prepared, tmp_path / "run", TrainConfig(epochs=2, **TINY), resume=True, progress=False).history) == 2
 
@@ -499,3 +502,32 @@ def test_a_patch_the_network_cannot_take_is_one_line_before_any_work(prepared, t
     train_module._check_patch(TrainConfig(patch=[32, 16, 16], filters=[4, 8, 16, 32, 64]), [32, 32, 32])  # 2 voxels: fine
     train_module._check_patch(TrainConfig(model="segresnet", patch=[8, 8, 8]), [32, 32, 32])  # group norm: one will do
     build_network("segresnet", 4, 4).train()(torch.zeros(2, 4, 8, 8, 8))  # ... as it trains
+
+
+def test_the_callers_random_generators_are_left_as_they_were(prepared, tmp_path):
+    """Training seeds every generator: a notebook's draws after `train` must not be the same whatever its seed."""
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    def seeded(seed):
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+    seeded(1)
+    expected = draws()
+    seeded(1)
+    result = train(prepared, tmp_path / "run", TrainConfig(epochs=1, **TINY), progress=False)
+    assert draws() == expected
+    seeded(2)
+    expected = draws()
+    seeded(2)
+    Predictor.from_checkpoint(result.best_checkpoint, device="cpu")  # its network's initial weights drew none
+    assert draws() == expected
+
+
+def test_settings_given_as_a_file_a_dict_or_nothing_else(prepared, tmp_path):
+    (tmp_path / "cfg.yaml").write_text("epochs: 1\nfilters: [4, 8, 16]\nbatch_size: 2\n")
+    result = train(prepared, tmp_path / "run", str(tmp_path / "cfg.yaml"), progress=False)
+    assert len(result.history) == 1 and result.best_checkpoint == tmp_path / "run/best.pt"
+    assert list(load_checkpoint(result.best_checkpoint)["network"]["filters"]) == [4, 8, 16]
+    with pytest.raises(TumorsegError, match=r"^train: config must be a TrainConfig, a dict or a settings file, not list$"):
+        train(prepared, tmp_path / "run2", [1, 2], progress=False)

@@ -159,7 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 f"{'; ...' if len(differ) > 4 else ''}): --resume goes on with the run's; drop --recipe "
                                 "(flags still change what may change) or start a new run")
     config = config or resolve_config(args.config, overrides, recipe=args.recipe)  # recipe < file < flags
-    result = train(args.prepared_dir, args.run_dir, config, resume=args.resume)
+    result = train(args.prepared_dir, args.run_dir, config, resume=args.resume, resume_with="--resume")
     best = f"best mean Dice {result.best_metric:.3f} at epoch {result.best_epoch}" if result.best_epoch else "no validation"
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(f"trained {len(result.history)} epochs; {best}; checkpoints in {result.run_dir}")
@@ -441,8 +441,9 @@ def _stop_now(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if not sys.stderr.isatty():  # a log file (nohup, SLURM): a progress line a minute, not ten a second
-        os.environ.setdefault("TQDM_MININTERVAL", "60")
+    quieter = not sys.stderr.isatty() and "TQDM_MININTERVAL" not in os.environ
+    if quieter:  # a log file (nohup, SLURM): a progress line a minute, not ten a second (workers inherit it)
+        os.environ["TQDM_MININTERVAL"] = "60"
     on_main = threading.current_thread() is threading.main_thread()  # signal handlers live there
     before = signal.signal(signal.SIGTERM, _terminate) if on_main else None
     try:
@@ -459,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if on_main:  # main() called from Python (tests, a notebook) leaves the caller's handler as it was
             signal.signal(signal.SIGTERM, before)
+        if quieter:  # and the caller's progress bars
+            os.environ.pop("TQDM_MININTERVAL", None)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,10 @@ def _held_out(prepared: Path, data: Path) -> list[str]:
 
 
 def run_demo(work_dir: str | Path = "demo_out", data: str | Path | None = None, settings: DemoSettings | None = None):
-    """Run the pipeline into `work_dir`; returns the evaluation result of the held-out cases."""
+    """The whole pipeline on the CPU into `work_dir`: synthetic cases (or `data`'s real ones) prepared,
+    trained on, the held-out cases predicted, evaluated, reported and drawn; `settings`: its sizes
+    (`DemoSettings`). Run again on the same folder, it goes on where it stopped. Returns the
+    evaluation of the held-out cases (`evaluation.EvaluationResult`)."""
     from .evaluation import evaluate
     from .inference import predict
     from .prepare import PrepareConfig, prepare

@@ -296,8 +296,10 @@ def evaluate(
     """Score every prediction in `pred_dir` against the BraTS cases in `gt_dir`.
 
     Args:
-        pred_dir: folder of `<case_id>.nii.gz` (or `.nii`) label maps, raw labels 0/1/2/4.
-        gt_dir: BraTS case folders (any layout `io.discover_cases` knows).
+        pred_dir: folder of `<case_id>.nii.gz` (or `.nii`) label maps, in any label convention
+            (see `pred_labels`).
+        gt_dir: the ground truth: a dataset in any layout `layouts.discover_cases` finds, case
+            folders holding only a segmentation, or a flat folder of `<case>.nii.gz` label files.
         out_csv: per-case CSV to write (atomically); None writes none.
         out_json: summary JSON; default `<csv stem>_summary.json` beside `out_csv`.
         progress: show a tqdm bar over the cases.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import TumorsegError
@@ -55,7 +56,8 @@ def _settings_checks(state: dict[str, Any]) -> list[tuple[str, bool]]:
 def network_from_state(state: dict[str, Any], where: str) -> nn.Module:
     """The checkpoint's network with its weights (eval mode, on the CPU)."""
     try:
-        model = build_network(**state["network"])
+        with torch.random.fork_rng(devices=[]):  # the initial weights, replaced below, draw from the caller's generator
+            model = build_network(**state["network"])
     except (TypeError, ValueError, KeyError) as exc:
         raise TumorsegError(f"{where}: damaged checkpoint settings (network: {type(exc).__name__}: {exc})") from None
     try:

@@ -13,6 +13,7 @@ The header's description records the convention for `evaluate`.
 
 from __future__ import annotations
 
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -38,7 +39,7 @@ from .compiled import COMPILED_SAVES, COMPILED_SAVES_ONNX, compile_pays
 from .outputs import check_one_model, made_by_others, output_paths, scans_digest, write_outputs
 from .postprocess import NO_COMPONENT_STEP, postprocess
 from .predictor import Predictor
-from .ranks import claim, launcher_pid, meet, rank_world, shard
+from .ranks import alone, claim, launcher_pid, meet, rank_world, shard
 from .window import flip_dims, passes, to_labels, tta_probabilities
 
 class CasePrediction(NamedTuple):
@@ -170,15 +171,21 @@ def _runtime_line(predictor: Predictor, amp: str) -> str:
 
 
 def predict_case(
-    predictor: Predictor, case: Case, probabilities: bool = False, inp: CaseInput | None = None,
+    predictor: Predictor, case: Case | str | os.PathLike, probabilities: bool = False, inp: CaseInput | None = None,
     uncertainty: bool = False, after_pass: Callable[[float, int], nn.Module | None] | None = None,
 ) -> CasePrediction:
     """Segment one case in its original grid (see `CasePrediction`); `inp` if already loaded.
 
-    `uncertainty` (needs the flips of TTA) adds the voxel-wise flip disagreement. `after_pass`:
-    `window.tta_probabilities`'s hook between sliding-window passes.
+    `case`: a `Case` (`layouts.discover_cases`) or one case's folder. `uncertainty` (needs the
+    flips of TTA) adds the voxel-wise flip disagreement. `after_pass`: `window.tta_probabilities`'s
+    hook between sliding-window passes.
     Raises TumorsegError naming the case and file for a missing, unreadable or mismatched scan.
     """
+    if not isinstance(case, Case):
+        found = discover_cases(case)
+        if len(found) != 1:
+            raise TumorsegError(f"{case}: {len(found)} cases, not one: give one case's folder (or predict the folder)")
+        case = found[0]
     if uncertainty and not predictor.tta:
         raise TumorsegError("uncertainty comes from the TTA flips: predict with --tta")
     image, box, src, net, affine, header = inp or load_input(predictor, case)
@@ -262,6 +269,7 @@ def predict(
     window: str | Sequence[int] | None = None,
     cases: Collection[str] | None = None,
     redo_others: bool = False,
+    distributed: bool = True,
 ) -> PredictResult:
     """Segment every BraTS case under `input_dir` into `out_dir/<case_id>.nii.gz`.
 
@@ -299,6 +307,8 @@ def predict(
         cases: only the cases of these ids (None: all under `input_dir`).
         redo_others: predict again this run's cases whose files another model (or other settings)
             made, instead of refusing the run (the demo's own folder, after more training).
+        distributed: under torchrun (RANK, WORLD_SIZE set), share the cases with the other ranks,
+            each of which must call `predict` too; False: this process predicts every case.
 
     A folder holds one model's predictions (`Predictor.made_by`, in each label file's header): a
     run that would keep files another model made is refused in one line. A failing case is
@@ -306,8 +316,12 @@ def predict(
     process per GPU, any number of nodes) each rank predicts its share of the cases (`shard`);
     outputs are written atomically, so a re-run skips what is done.
     """
+    given = dict(locals())
+    if not distributed and rank_world()[1] > 1:  # torchrun's variables, but a call of this process's own
+        with alone():
+            return predict(**{**given, "distributed": True})
     switches = {"tta": tta, "postprocess": postprocess, "probabilities": probabilities, "force": force, "plots": plots,
-                "uncertainty": uncertainty, "report": report}
+                "uncertainty": uncertainty, "report": report, "distributed": distributed}
     wrong = [f"{k}={v!r}" for k, v in switches.items() if v is not None and not isinstance(v, (bool, np.bool_))]
     if wrong:  # bool("no") is True: a notebook's tta="no" would silently run the 8 flips
         raise TumorsegError(f"predict: {', '.join(wrong)}: give True or False")

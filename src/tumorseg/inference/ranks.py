@@ -9,7 +9,9 @@ a rank whose launcher is gone stops waiting in one line.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
+import sys
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -23,9 +25,25 @@ from ..layouts import Case
 from ..lock import LOCK_NAME, folder_lock
 
 
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("tumorseg_predict_alone", default=False)
+
+
 def rank_world() -> tuple[int, int]:
-    """This process's RANK and the WORLD_SIZE under `torchrun`; (0, 1) otherwise."""
+    """This process's RANK and the WORLD_SIZE under `torchrun`; (0, 1) otherwise, or `alone`."""
+    if _ALONE.get():
+        return 0, 1
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """This process predicts every case itself, torchrun's variables or not (a script calling
+    `predict` on one rank of its own job)."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
 
 
 def shard(cases: list[Case]) -> list[Case]:
@@ -87,16 +105,25 @@ def meet(step: str, launcher: int | None, timeout: timedelta = timedelta(days=1)
 
 
 def _poll(done: Callable[[], bool], launcher: int | None, step: str, deadline: float, timeout: timedelta) -> None:
-    """Until `done()`, looking at the launcher between looks (a timed-out store wait logs a warning each time)."""
+    """Until `done()`, looking at the launcher between looks (a timed-out store wait logs a warning each
+    time); a note once the others are long in coming, as they never come where one rank alone predicts."""
+    noted = time.monotonic() + WAIT_NOTE_S
     while not done():
         _check_launcher(launcher, step)
         if time.monotonic() > deadline:
             raise TumorsegError(f"not every rank reached '{step}' within {timeout}")
+        if noted is not None and time.monotonic() > noted:
+            noted = None
+            rank, world = rank_world()
+            print(f"note: rank {rank} waits for the other {world - 1} rank(s) to reach '{step}': every rank of the "
+                  "job predicts its share (a script predicting on one rank alone: predict(..., distributed=False))",
+                  file=sys.stderr)
         time.sleep(MEETING_POLL)
 
 
 _MEETINGS = itertools.count()
 _STORES: dict[tuple[str, int], Any] = {}
+WAIT_NOTE_S = 120.0  # a rank's share done, the others' may take longer than that: no note sooner
 STORE_CONNECT = timedelta(minutes=5)  # to torchrun's agent's store, up before any rank starts
 MEETING_POLL = 0.05  # s between looks: the last rank to arrive leaves at once and may exit (torchrun then
 # stops the others), so the ranks waiting for it must not sleep through their last lines

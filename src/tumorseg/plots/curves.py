@@ -4,19 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import atomic_path
 from ..labels import REGIONS
+from .canvas import figure_grid, save_png
 
 
 def plot_curves(history: list[dict], path: str | Path) -> None:
     """Write a two-panel PNG: train/val loss, and WT/TC/ET/mean validation Dice."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ((ax_loss, ax_dice),) = figure_grid(1, 2, (11, 4))
     ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
     val = [(row["epoch"], row["val_loss"]) for row in history if row.get("val_loss") is not None]
     if val:
@@ -31,6 +26,4 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
     if ax_dice.lines:  # nothing validated yet (val_every > epochs so far)
         ax_dice.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_png(fig, path, 100)

@@ -25,16 +25,17 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..errors import TumorsegError
 from ..geometry import Grid, labels_onto
-from ..io import MANIFEST, NIFTI_RE, atomic_path, load_labels, read_npy
+from ..io import MANIFEST, NIFTI_RE, load_labels, read_npy
 from ..labels import (BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention, convention_from_header,
                       format_values, read_as, to_training_labels)
 from ..layouts import BESIDE, Case, discover_cases, folder_labels, is_case_list
+from .canvas import figure_grid, save_png
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 VIEW_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}  # voxel axis in LPS order
@@ -95,7 +96,7 @@ class CaseImages:
 
 def save_case_plot(
     case: str | os.PathLike | Case,
-    pred: str | os.PathLike | np.ndarray | None = None,
+    pred: str | os.PathLike | np.ndarray | Any | None = None,
     out: str | os.PathLike | None = None,
     slice_index: int | None = None,
     views: str | Sequence[str] = VIEWS,
@@ -105,20 +106,21 @@ def save_case_plot(
     """Write a PNG of a case's slices with ground truth and prediction overlays.
 
     Args:
-        case: a raw BraTS case folder (or `io.Case`, or one of its NIfTI files), or a
+        case: a raw BraTS case folder (or `layouts.Case`, or one of its NIfTI files), or a
             prepared case `<prepared>/images/<case>.npy` (mask from `<prepared>/masks/`,
             channel names from `<prepared>/manifest.json`).
-        pred: prediction on the case's grid: NIfTI with BraTS labels 0, 1, 2, 4, or `.npy`
-            (or array) with training labels 0..3. For a prepared case a full-size
-            prediction is cropped with the manifest's crop box. Optional.
+        pred: prediction on the case's grid: a NIfTI file, a `.npy` or an array of training
+            labels 0..3 (of labels in `pred_labels` where given), or `predict_case`'s result (its
+            labels in its convention). For a prepared case a full-size prediction is cropped
+            with the manifest's crop box. Optional.
         out: PNG path, written atomically; default `<case_id>.png` in the current folder.
         slice_index: the slice shown in every view; default the slice with the most tumour
             (ground truth, else prediction, else the middle of the brain).
         views: "all", one view name, or a sequence of "axial", "coronal", "sagittal".
         case_id: the case to draw where `case` holds several (a dataset folder, a cases.csv);
             default the one `pred`'s file is named for.
-        pred_labels: a NIfTI prediction's label convention (a name of `labels.CONVENTIONS`);
-            default the tag `predict` writes, else the case's own (said in a note).
+        pred_labels: the prediction's label convention (a name of `labels.CONVENTIONS`); default
+            for a NIfTI file the tag `predict` writes, else the case's own (said in a note).
 
     Returns:
         The path of the PNG written. Figure: rows = views, columns = channels (+ truth,
@@ -280,12 +282,16 @@ def _prepared_grid(record: dict) -> tuple:
     return affine, spacing, tuple(record.get("network_shape", record.get("shape")))
 
 
-def load_prediction(pred: str | os.PathLike | np.ndarray, data: CaseImages,
+def load_prediction(pred: str | os.PathLike | np.ndarray | Any, data: CaseImages,
                     pred_labels: LabelConvention | None = None) -> np.ndarray:
     """A prediction as training labels (X, Y, Z) uint8 on `data`'s grid, checked; a NIfTI file's
-    labels in `pred_labels`, else the convention its tag names, else the case's (with a note)."""
+    labels in `pred_labels`, else the convention its tag names, else the case's (with a note); an
+    array's in `pred_labels`, else training labels; `predict_case`'s result in its own convention."""
+    if hasattr(pred, "labels") and isinstance(getattr(pred, "convention", None), LabelConvention):
+        pred, pred_labels = pred.labels, pred_labels or pred.convention  # `inference.CasePrediction`
     if isinstance(pred, np.ndarray):
-        labels, where = _npy_to_labels(pred, "prediction array"), "prediction array"
+        where = "prediction array"
+        labels = raw_to_labels(pred, where, pred_labels) if pred_labels else _npy_to_labels(pred, where)
     else:
         where = Path(pred)
         # another case's file draws without error on a grid of the same shape (`_0012` is not `_001`'s)
@@ -422,10 +428,6 @@ def label_overlay(labels2d: np.ndarray) -> np.ndarray:
 
 
 def draw_views(data, images, truth, pred, spacing, slices: dict[str, int], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     base = data.names.index("flair") if "flair" in data.names else len(data.names) - 1
@@ -436,10 +438,7 @@ def draw_views(data, images, truth, pred, spacing, slices: dict[str, int], out: 
     windows = [display_window(c) for c in images]
     transform = lps_transform(data.affine)
     nrows, ncols = len(slices), len(columns)
-    fig, axes = plt.subplots(
-        nrows, ncols, squeeze=False, layout="constrained",
-        figsize=(PANEL_INCHES * ncols, PANEL_INCHES * nrows + MARGIN_INCHES),
-    )
+    fig, axes = figure_grid(nrows, ncols, (PANEL_INCHES * ncols, PANEL_INCHES * nrows + MARGIN_INCHES), "constrained")
     for row, (view, index) in enumerate(slices.items()):
         sx, sy, sz = spacing
         aspect = {"axial": sy / sx, "coronal": sz / sx, "sagittal": sz / sy}[view]
@@ -468,8 +467,4 @@ def draw_views(data, images, truth, pred, spacing, slices: dict[str, int], out: 
             if label < 4 or label in shown  # the resection cavity only where a case has one
         ]
         fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=10, frameon=False)
-    try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, dpi=DPI, format="png")
-    finally:
-        plt.close(fig)
+    save_png(fig, out, DPI)

@@ -24,7 +24,8 @@ from .split import split_cases
 
 @dataclass
 class PrepareResult:
-    """What a prepare run did; `manifest` is what was written to manifest.json."""
+    """What a prepare run did: `manifest` is what it wrote to manifest.json, `failed` the cases that
+    could not be prepared (case id -> why), `skipped` how many were already prepared."""
 
     out_dir: Path
     manifest: dict
@@ -70,17 +71,31 @@ def _finished(case: Case, config: PrepareConfig, out_dir: Path) -> dict | None:
 def prepare(
     data_dir: str | Path,
     out_dir: str | Path,
-    config: PrepareConfig | None = None,
+    config: PrepareConfig | dict | None = None,
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> PrepareResult:
-    """Prepare every BraTS case under `data_dir` into `out_dir` (images/, masks/, manifest.json).
+    """Prepare every case under `data_dir` into `out_dir` (images/, masks/, records/, manifest.json).
 
-    Cases already prepared with the same settings are skipped unless `force`. A failing case
-    is reported in one line and recorded; the others are still processed.
+    Args:
+        data_dir: a dataset in any layout `layouts.discover_cases` finds, or a cases.csv.
+        out_dir: the prepared folder (created); cases already prepared there with the same
+            settings are skipped unless `force`.
+        config: the settings (`PrepareConfig`, or a dict of its fields, e.g. a recipe's
+            `recipes.load_recipe("brats-gpu")["prepare"]`; None: the seed's defaults).
+        workers: processes (None or 0: one per core, at most the cases to prepare).
+        progress: a progress bar on stderr.
+
+    A failing case is reported in one line and recorded (`PrepareResult.failed`); the others are
+    still processed.
     """
-    config = config or PrepareConfig()
+    if isinstance(config, dict):
+        config = PrepareConfig.from_dict(config)
+    elif config is None:
+        config = PrepareConfig()
+    elif not isinstance(config, PrepareConfig):
+        raise TumorsegError(f"prepare: config must be a PrepareConfig or a dict, not {type(config).__name__}")
     out_dir = Path(out_dir)
     cases = training_cases(discover_cases(data_dir))
     if config.spacing is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_path
+from ..plots.canvas import figure_grid, save_png
 from ..plots.slices import (
     VIEW_AXIS,
     CaseImages,
@@ -97,9 +97,6 @@ def figure_paths(folder: Path, stem: str) -> dict[str, Path]:
 def save_figures(scene: Scene, measures: Measures, uncertainty: np.ndarray | None, folder: Path,
                  stem: str) -> dict[str, Path]:
     """Write the case's PNGs as `folder/<stem>_<kind>.png`; returns kind -> path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     out = figure_paths(folder, stem)
     draw_views(scene.data, scene.images, scene.truth, scene.labels, scene.spacing, scene.slices, out["views"])
     measured = {"largest enhancing lesion": measures.enhancing, "largest whole-tumour lesion": measures.whole}
@@ -149,10 +146,8 @@ def _panel(ax, scene: Scene, view: str, index: int, sides: bool = True) -> None:
 
 
 def _save_diameters(scene: Scene, measured: dict[str, Diameters], out: Path) -> None:
-    import matplotlib.pyplot as plt
-
     n = max(len(measured), 1)
-    fig, axes = plt.subplots(1, n, squeeze=False, figsize=(PANEL_INCHES * n, PANEL_INCHES + 0.6), layout="constrained")
+    fig, axes = figure_grid(1, n, (PANEL_INCHES * n, PANEL_INCHES + 0.6), "constrained")
     for ax, (name, d) in zip(axes[0], measured.items()):
         lps_axis = int(scene.transform[d.axis][0])  # the measured slice, in the view that shows it
         view = next(v for v, a in VIEW_AXIS.items() if a == lps_axis)
@@ -166,15 +161,13 @@ def _save_diameters(scene: Scene, measured: dict[str, Diameters], out: Path) -> 
     if not measured:
         axes[0, 0].axis("off")
         axes[0, 0].text(0.5, 0.5, "no tumour to measure", ha="center", va="center")
-    _save(fig, out)
+    save_png(fig, out, DPI)
 
 
 def _save_uncertainty(scene: Scene, uncertainty: np.ndarray, out: Path) -> None:
-    import matplotlib.pyplot as plt
-
     top = float(uncertainty.max()) or 1.0
     n = len(scene.slices)
-    fig, axes = plt.subplots(1, n, squeeze=False, figsize=(PANEL_INCHES * n, PANEL_INCHES), layout="constrained")
+    fig, axes = figure_grid(1, n, (PANEL_INCHES * n, PANEL_INCHES), "constrained")
     for ax, (view, index) in zip(axes[0], scene.slices.items()):
         aspect = _aspect(scene, view)
         shown = ax.imshow(display_slice(uncertainty, view, index), cmap=UNCERTAINTY_CMAP, vmin=0, vmax=top,
@@ -187,24 +180,13 @@ def _save_uncertainty(scene: Scene, uncertainty: np.ndarray, out: Path) -> None:
         ax.set_yticks([])
         mark_sides(ax, view)
     fig.colorbar(shown, ax=axes[0].tolist(), shrink=0.8, label="uncertainty (bits)")
-    _save(fig, out)
+    save_png(fig, out, DPI)
 
 
 def _save_thumbnail(scene: Scene, out: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(THUMB_INCHES, THUMB_INCHES))
+    fig, axes = figure_grid(1, 1, (THUMB_INCHES, THUMB_INCHES), None)
     fig.subplots_adjust(0, 0, 1, 1)
+    ax = axes[0, 0]
     _panel(ax, scene, "axial", scene.slices["axial"], sides=False)
     ax.axis("off")
-    _save(fig, out)
-
-
-def _save(fig, out: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, dpi=DPI, format="png")
-    finally:
-        plt.close(fig)
+    save_png(fig, out, DPI)

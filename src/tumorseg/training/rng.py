@@ -7,7 +7,9 @@ nothing, and a run saved on 8 GPUs resumes on 1.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,3 +33,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])  # a "cuda" entry of older checkpoints is ignored (see above)
+
+
+@contextlib.contextmanager
+def callers_rng_kept() -> Iterator[None]:
+    """The caller's Python, NumPy and torch generators as they were, whatever the block seeds or draws:
+    training seeds them all, and a notebook's own draws after `train` would be the same whatever its
+    seed. CUDA's are kept where the caller had started CUDA (else it never drew from them)."""
+    python, numpy = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)

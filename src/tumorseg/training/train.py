@@ -33,8 +33,8 @@ from ..networks import build_network, deepest_voxels_needed, network_spec, requi
 from ..prepare import load_manifest
 from ..prepare.split import fold_split
 from . import crossval, distributed
-from .rng import set_rng_state
-from .config import TrainConfig
+from .rng import callers_rng_kept, set_rng_state
+from .config import TrainConfig, resolve_config
 from .engine import LossGuard, mean_dice, train_epoch, validate
 from .losses import build_loss
 from .run_files import MIN_COLUMNS, fold_dir, last_kept, resumed_state, run_state, save_epoch
@@ -42,10 +42,24 @@ from .run_files import MIN_COLUMNS, fold_dir, last_kept, resumed_state, run_stat
 
 @dataclass
 class TrainResult:
+    """What a run left in `run_dir` (with a fold: the fold's folder).
+
+    Attributes:
+        history: one dict per epoch with metrics.csv's columns (epoch, train_loss, val_loss, dice_WT,
+            dice_TC, dice_ET, dice_mean, lesion_dice, the post-processing chosen, lr, seconds).
+        best_metric: the best validated mean Dice (-1.0 where no epoch was validated).
+        best_epoch: the epoch `best.pt` holds (None without validation: it holds the last epoch).
+    """
+
     run_dir: Path
     history: list[dict]
     best_metric: float
     best_epoch: int | None
+
+    @property
+    def best_checkpoint(self) -> Path:
+        """The checkpoint to predict with."""
+        return self.run_dir / "best.pt"
 
 
 def _check_patch(config: TrainConfig, crop: list[int]) -> list[int]:
@@ -108,18 +122,40 @@ def _tune_postprocessing(stats: list) -> dict:
 def train(
     prepared_dir: str | Path,
     run_dir: str | Path,
-    config: TrainConfig | dict | None = None,
+    config: TrainConfig | dict | str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    resume_with: str = "--resume",
+    resume_with: str = "resume=True",
 ) -> TrainResult:
     """Train a network on a prepared folder; checkpoints, metrics.csv and curves.png go to `run_dir`.
 
-    Under torchrun this is data-parallel (DDP); only rank 0 writes. Ctrl-C leaves the
-    `last.pt` of the last finished epoch, from which `resume=True` continues; the line it prints
-    names `resume_with` as the way to continue (the CLI's flag; the demo: running it again).
+    Args:
+        prepared_dir: a folder `tumorseg prepare` wrote.
+        run_dir: where best.pt, last.pt, metrics.csv, curves.png and config.yaml go; with
+            `config.fold`, the fold's folder inside it (`run_dir/fold_K`).
+        config: the settings (`TrainConfig`, or a dict of its fields, or a YAML / TOML / JSON file
+            of them; None: the defaults). A recipe's: `resolve_config(recipe="brats-cpu")`.
+        resume: go on from `run_dir/last.pt` as the run would have gone on uninterrupted.
+        progress: progress bars and a line per epoch on stderr.
+        resume_with: how the line printed on an interruption says to continue (the CLI: `--resume`).
+
+    Under torchrun this is data-parallel (DDP); only rank 0 writes. Ctrl-C leaves the `last.pt` of
+    the last finished epoch. The caller's random generators are left as they were.
     """
-    config = TrainConfig.from_dict(config) if isinstance(config, dict) else config or TrainConfig()
+    with callers_rng_kept():
+        return _train(prepared_dir, run_dir, config, resume, progress, resume_with)
+
+
+def _train(prepared_dir: str | Path, run_dir: str | Path, config: TrainConfig | dict | None, resume: bool,
+           progress: bool, resume_with: str) -> TrainResult:
+    if isinstance(config, (str, Path)):
+        config = resolve_config(config)
+    elif isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    elif config is None:
+        config = TrainConfig()
+    elif not isinstance(config, TrainConfig):
+        raise TumorsegError(f"train: config must be a TrainConfig, a dict or a settings file, not {type(config).__name__}")
     prepared_dir, run_dir = Path(prepared_dir), Path(run_dir)
     manifest = load_manifest(prepared_dir)
     train_ids, val_ids = split_ids(prepared_dir, "train"), split_ids(prepared_dir, "val")
