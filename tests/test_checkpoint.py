@@ -38,3 +38,13 @@ def test_a_run_folder_stands_for_its_best_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TumorsegError, match=r"empty: a folder without best.pt; give a checkpoint file"):
         load_checkpoint(tmp_path / "empty")
+
+
+def test_another_programs_pickle_is_one_line_without_torchs_warnings(tmp_path, recwarn):
+    import pickle
+
+    with open(tmp_path / "model.pt", "wb") as fh:
+        pickle.dump({"weights": [1, 2]}, fh, protocol=4)
+    with pytest.raises(TumorsegError, match=r"model\.pt: not a readable tumorseg checkpoint"):
+        load_checkpoint(tmp_path / "model.pt")
+    assert not recwarn.list

@@ -44,7 +44,7 @@ TINY = TrainConfig(filters=[4, 8, 16], epochs=2, steps_per_epoch=2, device="cpu"
 
 
 def _tumorseg(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300)
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, errors="replace", env=ENV, timeout=300)
 
 
 @pytest.fixture(autouse=True)
@@ -402,3 +402,21 @@ def test_torchrun_ranks_share_the_predict_folder(tmp_path, monkeypatch):
         with claim(tmp_path, ["b.nii.gz"]):
             assert (tmp_path / ".tumorseg.lock.rank1").exists() and others.exists() and not mine.exists()
     assert list(tmp_path.iterdir()) == [others]
+
+
+def test_a_case_folder_named_in_no_utf8_is_predicted_scored_and_reported(base, tmp_path):
+    """An old zip's `patient_\\xe9` (held as a surrogate): evaluate's CSV, report's pages and figures
+    keep its bytes instead of failing once all the work is done."""
+    name = os.fsdecode(b"patient_\xe9")
+    data = tmp_path / "data"
+    shutil.copytree(next(p for p in sorted((base / "data").iterdir()) if p.is_dir()), data / name)
+    for f in (data / name).iterdir():
+        f.rename(f.with_name(f.name.split("_")[-1]))  # plain names: the case is its folder's
+    done = _tumorseg("predict", base / "run/last.pt", data, tmp_path / "pred", *PREDICT, "--report")
+    assert done.returncode == 0 and "report: open" in done.stdout, done.stderr
+    assert not (tmp_path / "pred/report/volumes.csv").read_bytes().count(b"not reported")
+    assert b"patient_\xe9" in (tmp_path / "pred/report/volumes.csv").read_bytes()
+    assert b"patient_%E9" in (tmp_path / "pred/report/index.html").read_bytes()  # a link to the file itself
+    done = _tumorseg("evaluate", tmp_path / "pred", data)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "pred/metrics.csv").read_bytes().splitlines()[1].startswith(b"patient_\xe9,ok,")

@@ -298,6 +298,14 @@ def test_a_header_that_places_no_voxels_is_named(tmp_path):
         load_nifti(tmp_path / "t2.nii.gz", "case1")
 
 
+@pytest.mark.parametrize("kind, dtype", [("complex", np.complex64), ("RGB", [("R", "u1"), ("G", "u1"), ("B", "u1")])])
+def test_voxels_that_are_no_scalar_are_named(tmp_path, kind, dtype):
+    """A complex scan (its imaginary part would be dropped with Python's warnings) or an RGB map given as labels."""
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), dtype), np.eye(4)), tmp_path / "t1.nii.gz")
+    with pytest.raises(TumorsegError, match=rf"^case1: .*t1.nii.gz: {kind} voxels; give a scalar image"):
+        load_nifti(tmp_path / "t1.nii.gz", "case1")
+
+
 def test_a_scans_sample_digest_sees_the_brain_of_an_uncompressed_nifti(tmp_path):
     """An uncompressed .nii begins and ends in header and background: two scans that differ only
     inside the brain (T1 and T1CE) must not share a fingerprint; a copy elsewhere must."""

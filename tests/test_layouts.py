@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -658,6 +659,10 @@ def test_dataset_json_variants_and_odd_folders(layouts, tmp_path):
     (stray / "imagesTr/notes.nii.gz").write_bytes(b"")
     with pytest.raises(TumorsegError, match=r"notes.nii.gz: not an nnU-Net image name"):
         discover_cases(stray)
+    for text in ("null", "[1, 2]"):  # valid JSON, but no object
+        (stray / "dataset.json").write_text(text)
+        with pytest.raises(TumorsegError, match=rf"dataset.json: dataset.json holds {re.escape(text)}, not an object"):
+            discover_cases(stray)
     case = write_case(tmp_path / "dup", "v1", seg=None)  # an unlabelled case with FLAIR twice
     (case / "v1_flair.nii").write_bytes(nib.load(case / "v1_flair.nii.gz").to_bytes())
     assert discover_cases(case)[0].seg is None

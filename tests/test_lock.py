@@ -119,3 +119,20 @@ def test_an_unusable_output_folder_is_one_line(tmp_path):
     with pytest.raises(TumorsegError, match="cannot create the output folder"):
         with folder_lock(tmp_path / "file" / "out", "predict"):
             pass
+
+
+def test_a_damaged_lock_is_one_line(tmp_path):
+    """Bytes that are no UTF-8, or a folder in its place: one line, as for an empty lock."""
+    (tmp_path / LOCK_NAME).write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(TumorsegError, match=rf"is in use by another tumorseg run \(its lock is being written or "
+                                            rf"unreadable\); wait for it or remove .*{LOCK_NAME} if it is gone"):
+        with folder_lock(tmp_path, "prepare"):
+            pass
+    os.utime(tmp_path / LOCK_NAME, (0, 0))  # old: an unreadable lock nobody can prove they hold is taken over
+    with folder_lock(tmp_path, "prepare"):
+        pass
+    (tmp_path / "d" / LOCK_NAME).mkdir(parents=True)
+    with pytest.raises(TumorsegError, match=rf"^{tmp_path / 'd' / LOCK_NAME}: a folder where tumorseg keeps its lock "
+                                            r"file; remove it$"):
+        with folder_lock(tmp_path / "d", "prepare"):
+            pass

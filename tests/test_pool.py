@@ -1,4 +1,6 @@
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -6,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tumorseg.errors import TumorsegError
 from tumorseg.pool import worker_pool
 
 PARENT = """
@@ -78,3 +81,14 @@ def test_as_done_gives_out_no_job_ahead_of_the_workers(tmp_path):
     with worker_pool(2) as pool:  # every job, each once, its index beside its result
         done = list(pool.as_done(pow, [(i, 2) for i in range(7)]))
     assert sorted(done) == [(i, i * i) for i in range(7)]
+
+
+def _killed(_: int) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+
+
+def test_a_killed_worker_is_one_line():
+    with pytest.raises(TumorsegError, match=r"^a worker process was killed \(out of memory\?\) with 2 workers: run "
+                                            r"again with fewer --workers$"):
+        with worker_pool(2) as pool:
+            list(pool.as_done(_killed, [(i,) for i in range(4)]))

@@ -67,3 +67,14 @@ def test_numpy_values_from_the_api():
                                    "spacing": np.array([1.0, 1.0, 2.5]), "flag": np.bool_(True)}, "api")
     assert got == {"count": 3, "rate": 0.5, "sizes": [64, 64, 32], "spacing": (1.0, 1.0, 2.5), "flag": True}
     assert all(type(v) in (int, float, bool, list, tuple) for v in got.values())
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 10**20])
+def test_a_seed_numpy_cannot_take_is_one_line(seed):
+    from tumorseg.prepare import PrepareConfig
+    from tumorseg.training import TrainConfig
+
+    with pytest.raises(TumorsegError, match=r"seed must be in \[0, 2\*\*32\)"):
+        PrepareConfig(seed=seed)
+    with pytest.raises(TumorsegError, match=r"seed must be in \[0, 2\*\*32\)"):
+        TrainConfig(seed=seed)

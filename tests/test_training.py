@@ -156,7 +156,8 @@ def test_ctrl_c_before_any_epoch_is_saved_says_there_is_nothing_to_resume(prepar
 
 
 @pytest.mark.parametrize("bad", [{"patch": [0, 32, 32]}, {"workers": -1}, {"steps_per_epoch": -3},
-                                 {"max_minutes": -1.0}, {"val_every": 0}, {"weight_decay": -0.1}])
+                                 {"max_minutes": -1.0}, {"val_every": 0}, {"weight_decay": -0.1},
+                                 {"seed": 2**64}, {"seed": -1}])
 def test_impossible_settings_are_one_line_before_training(bad):
     with pytest.raises(TumorsegError, match="must be"):
         TrainConfig(**{**TINY, **bad})
@@ -168,8 +169,19 @@ def test_bad_inputs_are_one_line_errors(prepared, tmp_path):
     train(prepared, tmp_path / "run", TrainConfig(epochs=1, **TINY), progress=False)
     with pytest.raises(TumorsegError, match="already holds a run"):
         train(prepared, tmp_path / "run", TrainConfig(epochs=1, **TINY))
+    best = (tmp_path / "run/best.pt").read_bytes()
+    (tmp_path / "run/last.pt").write_bytes(b"damaged")  # --resume fails: deleting last.pt must not look like the way on
+    with pytest.raises(TumorsegError, match=r"not a readable tumorseg checkpoint .*; the run cannot go on, but .*best\.pt "
+                                            r"is untouched: predict with it, or train into another folder$"):
+        train(prepared, tmp_path / "run", TrainConfig(epochs=2, **TINY), resume=True)
+    (tmp_path / "run/last.pt").unlink()
+    with pytest.raises(TumorsegError, match=r"already holds a trained model \(best\.pt; without its last\.pt the run "
+                                            r"cannot be resumed\): train into another folder$"):
+        train(prepared, tmp_path / "run", TrainConfig(epochs=1, **TINY))
+    assert (tmp_path / "run/best.pt").read_bytes() == best
+    train(prepared, tmp_path / "run1", TrainConfig(epochs=1, **TINY), progress=False)
     with pytest.raises(TumorsegError, match="checkpoint of another network.*give its --model unet3d --filters 4,8,16 "):
-        train(prepared, tmp_path / "run", TrainConfig(epochs=2, **{**TINY, "filters": [4, 8]}), resume=True)
+        train(prepared, tmp_path / "run1", TrainConfig(epochs=2, **{**TINY, "filters": [4, 8]}), resume=True)
     with pytest.raises(TumorsegError, match="patch"):
         train(prepared, tmp_path / "r2", TrainConfig(patch=[10, 10, 10], **TINY))
     with pytest.raises(TumorsegError, match=r"class_weights for target 'regions' must be 3 non-negative values"):
@@ -177,6 +189,11 @@ def test_bad_inputs_are_one_line_errors(prepared, tmp_path):
     (tmp_path / "bad.toml").write_text("epochs = 2\nlearning_rate = 1\n")
     with pytest.raises(TumorsegError, match="unknown key.*learning_rate"):
         resolve_config(tmp_path / "bad.toml")
+    (tmp_path / "latin1.yaml").write_bytes("# réglages\nepochs: 2\n".encode("latin-1"))  # or Notepad's UTF-16
+    with pytest.raises(TumorsegError, match=r"latin1\.yaml: cannot read config \(not UTF-8 text: save it as UTF-8\)$"):
+        resolve_config(tmp_path / "latin1.yaml")
+    (tmp_path / "bom.yaml").write_bytes("\ufeffepochs: 2\n".encode("utf-8"))  # Notepad's UTF-8 begins with a mark
+    assert resolve_config(tmp_path / "bom.yaml").epochs == 2
     if not torch.cuda.is_available():
         with pytest.raises(TumorsegError, match="no CUDA GPU"):
             train(prepared, tmp_path / "r3", TrainConfig(device="cuda", **TINY))
@@ -531,3 +548,14 @@ def test_settings_given_as_a_file_a_dict_or_nothing_else(prepared, tmp_path):
     assert list(load_checkpoint(result.best_checkpoint)["network"]["filters"]) == [4, 8, 16]
     with pytest.raises(TumorsegError, match=r"^train: config must be a TrainConfig, a dict or a settings file, not list$"):
         train(prepared, tmp_path / "run2", [1, 2], progress=False)
+
+
+def test_a_killed_loader_worker_is_one_line(prepared, tmp_path, monkeypatch):
+    """The out-of-memory killer taking a loader worker: torch's RuntimeError becomes the usual line."""
+    def killed(*args, **kwargs):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(train_module, "train_epoch", killed)
+    with pytest.raises(TumorsegError, match=r"^DataLoader worker \(pid 4242\) is killed by signal: Killed \(out of "
+                                            r"memory\?\): lower --workers; no epoch was saved$"):
+        train(prepared, tmp_path / "run", TrainConfig(epochs=1, **TINY), progress=False)

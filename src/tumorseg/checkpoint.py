@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
     except OSError as exc:
         raise TumorsegError(f"{path}: cannot read the checkpoint ({exc.strerror or type(exc).__name__})") from None
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warning on an old pickle protocol would precede the line below
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, or one holding arbitrary objects
         raise TumorsegError(f"{path}: not a readable tumorseg checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

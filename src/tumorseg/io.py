@@ -146,6 +146,9 @@ def load_nifti_channels(path: str | os.PathLike, case_id: str | None, indices: l
         raise TumorsegError(f"{where}{path}: file not found") from None
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise TumorsegError(f"{where}{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+    if data.dtype.kind not in "biuf":  # RGB (structured) or complex voxels: no intensity or label to read
+        kind = "complex" if data.dtype.kind == "c" else "RGB" if data.dtype.names else str(data.dtype)
+        raise TumorsegError(f"{where}{path}: {kind} voxels; give a scalar image (a magnitude, a label map)")
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise TumorsegError(f"{where}{path}: its header places no voxels (an affine that is singular, zero voxel "
@@ -357,6 +360,7 @@ def save_nifti(
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Atomically write a text file (JSON manifests, CSV tables, configs)."""
+    """Atomically write a UTF-8 text file (JSON manifests, CSV tables, configs, pages). A file name
+    that is no UTF-8 (an old zip's `patient_\xe9`) is written back as the bytes it was read from."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")

@@ -39,6 +39,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _read(path: Path) -> str:
+    """A lock's text; bytes that are no UTF-8 (a damaged file) read as replacement characters: unreadable."""
+    return path.read_bytes().decode("utf-8", "replace")
+
+
 def _holder(text: str) -> dict | None:
     """A lock's content, or None when it is unreadable (then nobody can prove they hold it)."""
     try:
@@ -102,7 +107,7 @@ def _take_over(path: Path, stale: str) -> bool:
         os.rename(path, aside)
     except FileNotFoundError:
         return True
-    if aside.read_text() == stale:
+    if _read(aside) == stale:
         aside.unlink()
         return True
     os.rename(aside, path)
@@ -124,14 +129,16 @@ def folder_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> 
                        "argv": sys.argv})
     while not _create(path, mine):
         try:
-            stale = path.read_text()
+            stale = _read(path)
             holder = _holder(stale)
             dead = _dead(holder, path)
         except FileNotFoundError:
             continue  # released meanwhile
+        except IsADirectoryError:
+            raise TumorsegError(f"{path}: a folder where tumorseg keeps its lock file; remove it") from None
         if not dead or not _take_over(path, stale):
             with contextlib.suppress(OSError):
-                holder = _holder(path.read_text()) or holder  # the run that took it over first
+                holder = _holder(_read(path)) or holder  # the run that took it over first
             raise TumorsegError(f"{folder} is in use by {_describe(holder)}; "
                                 f"wait for it or remove {path} if it is gone")
         print(f"note: {path} was left by {_describe(holder)}, which is gone; "

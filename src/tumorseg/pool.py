@@ -16,9 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.context import BaseContext
 from typing import Any, TypeVar
 
+from .errors import TumorsegError
 from .lock import pid_alive
 
 PARENT_POLL_S = 1.0
@@ -49,13 +51,17 @@ class WorkerPool(ProcessPoolExecutor):
             for index, job in itertools.islice(todo, 1):
                 running[self.submit(fn, *job)] = index
 
-        for _ in range(self.workers):
-            give_out()
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                give_out()  # the next job starts before this one's result is handled
-                yield running.pop(future), future.result()
+        try:
+            for _ in range(self.workers):
+                give_out()
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    give_out()  # the next job starts before this one's result is handled
+                    yield running.pop(future), future.result()
+        except BrokenProcessPool:  # a worker killed (the out-of-memory killer, kill -9): the others are stopped
+            raise TumorsegError(f"a worker process was killed (out of memory?) with {self.workers} workers: run "
+                                "again with fewer --workers") from None
 
 
 def worker_pool(workers: int, context: BaseContext | None = None) -> WorkerPool:

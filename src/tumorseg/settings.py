@@ -17,6 +17,7 @@ import numpy as np
 from .errors import TumorsegError
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+SEED_LIMIT = 2**32  # seeds: NumPy's generators take none larger
 
 
 def typed_settings(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:

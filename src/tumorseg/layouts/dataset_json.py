@@ -23,9 +23,13 @@ _NNUNET_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 def _read_dataset_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise TumorsegError(f"{path}: unreadable dataset.json ({exc})") from None
+    if not isinstance(meta, dict):
+        raise TumorsegError(f"{path}: dataset.json holds {json.dumps(meta)[:40]}, not an object of keys "
+                            "(channel_names, labels, ...)")
+    return meta
 
 
 def dataset_labels(meta: dict, layout: str, path: Path) -> LabelConvention:

@@ -3,6 +3,7 @@ figure is left open in pyplot's registry; PNGs written atomically."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..io import atomic_path
@@ -19,3 +20,9 @@ def figure_grid(rows: int, columns: int, inches: tuple[float, float], layout: st
 def save_png(fig, out: str | Path, dpi: int) -> None:
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
+
+
+def drawable(name: str) -> str:
+    """A name as a figure can draw it: bytes of a file name that are no UTF-8 (an old zip's
+    `patient_\xe9`, held as surrogates) shown as replacement characters, which fonts have."""
+    return os.fsencode(name).decode("utf-8", "replace")

@@ -35,7 +35,7 @@ from ..io import MANIFEST, NIFTI_RE, load_labels, read_npy
 from ..labels import (BRATS2020, CLASS_NAMES, MODALITIES, LabelConvention, convention, convention_from_header,
                       format_values, read_as, to_training_labels)
 from ..layouts import BESIDE, Case, discover_cases, folder_labels, is_case_list
-from .canvas import figure_grid, save_png
+from .canvas import drawable, figure_grid, save_png
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 VIEW_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}  # voxel axis in LPS order
@@ -455,7 +455,7 @@ def draw_views(data, images, truth, pred, spacing, slices: dict[str, int], out: 
                 ax.set_title(title, fontsize=11)
             if col == 0:
                 ax.set_ylabel(slice_title(transform, data.shape, view, index), fontsize=11)
-    fig.suptitle(data.case_id, fontsize=13)
+    fig.suptitle(drawable(data.case_id), fontsize=13)
     if truth is not None or pred is not None:
         shown = set(np.unique(truth)) if truth is not None else set()
         shown |= set(np.unique(pred)) if pred is not None else set()

@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from ..errors import TumorsegError
-from ..settings import typed_settings
+from ..settings import SEED_LIMIT, typed_settings
 from ..labels import CAVITY_MODES, MODALITIES, SEED_CHANNELS, parse_channels
 from .crop import CROP_MODES
 from .scaling import NORMS
@@ -66,6 +66,8 @@ class PrepareConfig:
             raise TumorsegError(f"unknown cavity mode '{self.cavity}' (choose from {', '.join(CAVITY_MODES)})")
         if not 0.0 <= self.val_fraction < 1.0:
             raise TumorsegError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise TumorsegError(f"seed must be in [0, 2**32), got {self.seed}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

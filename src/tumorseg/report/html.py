@@ -103,8 +103,9 @@ def page(title: str, body: str) -> str:
 
 
 def link(target: Path, start: Path) -> str:
-    """A relative URL from the folder `start` to `target`, escaped for an attribute."""
-    return escape(quote(Path(os.path.relpath(target, start)).as_posix()))
+    """A relative URL from the folder `start` to `target`, escaped for an attribute; the file name's
+    own bytes percent-encoded (a name that is no UTF-8 still links to its file)."""
+    return escape(quote(os.fsencode(Path(os.path.relpath(target, start)).as_posix())))
 
 
 def case_page_name(case_id: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..devices import AMP_MODES, DEVICES
 from ..errors import TumorsegError
-from ..settings import typed_settings
+from ..settings import SEED_LIMIT, typed_settings
 
 TARGETS = ("labels", "regions")
 SCHEDULES = ("none", "cosine", "poly")
@@ -78,6 +78,7 @@ class TrainConfig:
             (self.optimizer in ("adam", "adamw", "sgd"), f"unknown optimizer '{self.optimizer}' (adam, adamw, sgd)"),
             (self.epochs >= 1 and self.batch_size >= 1, f"epochs and batch size must be >= 1 (got {self.epochs}, {self.batch_size})"),
             (self.lr > 0, f"learning rate must be > 0 (got {self.lr})"),
+            (0 <= self.seed < SEED_LIMIT, f"seed must be in [0, 2**32) (got {self.seed})"),
             (0.0 <= self.fg_ratio <= 1.0, f"fg_ratio must be in [0, 1] (got {self.fg_ratio})"),
             (self.patch is None or (len(self.patch) == 3 and min(self.patch) >= 1),
              f"patch must be 3 integers >= 1 (got {self.patch})"),
@@ -113,9 +114,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """Settings from a YAML (.yaml/.yml), TOML (.toml) or JSON file, as a plain dict."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # Notepad may begin it with a byte-order mark
     except OSError as exc:
         raise TumorsegError(f"{path}: cannot read config ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise TumorsegError(f"{path}: cannot read config (not UTF-8 text: save it as UTF-8)") from None
     try:
         suffix = path.suffix.lower()
         if suffix == ".toml":

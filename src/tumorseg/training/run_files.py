@@ -92,7 +92,13 @@ def run_state(model, optimizer, scheduler, scaler, epoch, history, best, best_ep
 
 def resumed_state(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig, ids: tuple[list[str], list[str]],
             main: bool = True) -> dict:
-    state = load_checkpoint(run_dir / "last.pt")
+    try:
+        state = load_checkpoint(run_dir / "last.pt")
+    except TumorsegError as exc:  # a damaged last.pt: deleting it must not look like the way on
+        if (run_dir / "best.pt").is_file():
+            raise TumorsegError(f"{exc}; the run cannot go on, but {run_dir / 'best.pt'} is untouched: predict with "
+                                "it, or train into another folder") from None
+        raise
     was = state.get("config", {})
     was_fold = (was.get("fold"), was.get("folds")) if was.get("fold") is not None else None
     if "fold" in was and was_fold != ((config.fold, config.folds) if config.fold is not None else None):

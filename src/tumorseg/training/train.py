@@ -39,6 +39,8 @@ from .engine import LossGuard, mean_dice, train_epoch, validate
 from .losses import build_loss
 from .run_files import MIN_COLUMNS, fold_dir, last_kept, resumed_state, run_state, save_epoch
 
+LOADER_WORKER_DIED = "DataLoader worker (pid"  # how torch's errors for a killed or crashed loader worker begin
+
 
 @dataclass
 class TrainResult:
@@ -189,6 +191,9 @@ def _train(prepared_dir: str | Path, run_dir: str | Path, config: TrainConfig | 
             # under rank 0's lock: another run into this folder could be rewriting last.pt
             if not resume and (run_dir / "last.pt").exists():
                 raise TumorsegError(f"{run_dir}: already holds a run (last.pt); use --resume or another folder")
+            if not resume and (run_dir / "best.pt").exists():  # last.pt deleted to save space: best.pt is the model
+                raise TumorsegError(f"{run_dir}: already holds a trained model (best.pt; without its last.pt the run "
+                                    "cannot be resumed): train into another folder")
             state = resumed_state(run_dir, spec, manifest, config, (train_ids, val_ids), ctx.is_main) if resume else None
             result = _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spec, state, ctx, progress,
                           resume_with)
@@ -332,6 +337,11 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
             f"out of GPU memory in epoch {len(history) + 1} with batch {config.batch_size} and patch {patch}: "
             "lower --batch-size or --patch")
         raise TumorsegError(f"{reason}; {last_kept(run_dir, saved)}") from None
+    except RuntimeError as exc:
+        if not str(exc).startswith(LOADER_WORKER_DIED):  # torch's words for a loader worker killed (out of memory)
+            raise
+        raise TumorsegError(f"{str(exc).splitlines()[0].rstrip('. ')} (out of memory?): lower --workers; "
+                            f"{last_kept(run_dir, saved)}") from None
     return TrainResult(run_dir, history, best, best_epoch)
 
 
