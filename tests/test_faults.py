@@ -185,6 +185,28 @@ def test_kill_between_checkpoint_writes_keeps_best_pt_the_best_epoch(base, tmp_p
     assert load_checkpoint(run / "best.pt")["epoch"] == 2 and load_checkpoint(run / "last.pt")["epoch"] == 3
 
 
+def test_a_kill_in_the_first_save_leaves_a_run_to_resume_not_a_lone_best_pt(base, tmp_path, monkeypatch):
+    """best.pt without last.pt is a finished run's model (train refuses the folder): the first epoch
+    saved writes last.pt first, so a kill right after it is resumed and writes best.pt then."""
+    class Killed(BaseException):
+        pass
+
+    real_save = run_files.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise Killed
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(run_files, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(base / "prep", run, replace(TINY, epochs=2), progress=False)
+    assert (run / "last.pt").exists() and not (run / "best.pt").exists()
+    monkeypatch.setattr(run_files, "save_checkpoint", real_save)
+    train(base / "prep", run, replace(TINY, epochs=2), resume=True, progress=False)
+    assert load_checkpoint(run / "best.pt")["epoch"] in (1, 2) and load_checkpoint(run / "last.pt")["epoch"] == 2
+
+
 def test_predict_killed_and_rerun_equals_uninterrupted(base, tmp_path):
     rng, out = random.Random(0), tmp_path / "pred"
     args = ["predict", base / "run/last.pt", base / "data", out, *PREDICT, "--tta"]  # TTA: slow enough to kill mid-run

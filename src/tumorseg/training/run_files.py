@@ -160,11 +160,17 @@ def with_best_checkpoint(run_dir: Path, state: dict, main: bool = True) -> dict:
 def save_epoch(run_dir: Path, state: dict, history: list[dict], best: bool) -> None:
     """best.pt, then metrics.csv and curves, then last.pt: a kill between them leaves last.pt at the
     previous epoch, which a resumed run repeats exactly, so best.pt always holds the epoch that
-    metrics.csv shows best (last.pt first could leave a stale best.pt that no resume rewrites)."""
+    metrics.csv shows best (last.pt first could leave a stale best.pt that no resume rewrites).
+    The first epoch saved writes last.pt first: a kill after it leaves a run to resume (which writes
+    its best.pt), never a best.pt alone, which `train` takes for a finished run's model."""
+    first = not (run_dir / "last.pt").exists()
+    if first:
+        save_checkpoint(run_dir / "last.pt", state)
     if best:
         save_checkpoint(run_dir / "best.pt", state)
     write_history(run_dir, history, state["best_epoch"] or (state["epoch"] if best else None))  # no validation: the last
-    save_checkpoint(run_dir / "last.pt", state)
+    if not first:
+        save_checkpoint(run_dir / "last.pt", state)
 
 
 def write_history(run_dir: Path, history: list[dict], best_epoch: int | None) -> None:
