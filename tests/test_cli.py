@@ -67,7 +67,7 @@ def test_help_is_instant_and_lists_commands():
 def test_synth(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     assert main(["synth", str(tmp_path), "--cases", "2", "--shape", "32,32,24", "--seed", "1"]) == 0
-    assert "TQDM_MININTERVAL" not in os.environ  # set for the command's bars in a log, not left for the caller's
+    assert "TQDM_MININTERVAL" not in os.environ  # the command's setting (`run`), not main's: a caller's bars keep theirs
     assert "wrote 2 synthetic cases" in capsys.readouterr().out
     assert nib.load(tmp_path / "BraTS20_Training_002/BraTS20_Training_002_seg.nii.gz").shape == (32, 32, 24)
     assert main(["synth", str(tmp_path), "--cases", "0"]) == 2
@@ -179,13 +179,18 @@ def test_evaluate_says_when_it_replaces_earlier_scores(trained, tmp_path, capsys
 
 
 def test_progress_bars_written_to_a_log_file_update_once_a_minute(tmp_path):
-    """In a fresh process, as the CLI runs: tqdm takes its TQDM_* defaults when first imported."""
-    code = ("import os, sys\nfrom tumorseg.cli import main\n"
-            f"main(['synth', {str(tmp_path / 'raw')!r}, '--cases', '1', '--shape', '16,16,16'])\n"
-            "from tqdm import tqdm\nprint(tqdm(total=1, file=open(os.devnull, 'w')).mininterval)")
+    """In a fresh process, as the command runs: tqdm takes its TQDM_* defaults when first imported; `main`
+    called from Python (a notebook) leaves the caller's later bars at tqdm's own interval."""
+    bar = "from tqdm import tqdm\nprint(tqdm(total=1, file=open(os.devnull, 'w')).mininterval)"
+    command = ("import os, sys\nfrom tumorseg.cli import run\n"
+               f"sys.argv = ['tumorseg', 'synth', {str(tmp_path / 'a')!r}, '--cases', '1', '--shape', '16,16,16']\n"
+               f"try:\n    run()\nexcept SystemExit:\n    pass\n{bar}")
+    notebook = ("import os\nfrom tumorseg.cli import main\n"
+                f"main(['synth', {str(tmp_path / 'b')!r}, '--cases', '1', '--shape', '16,16,16'])\n{bar}")
     env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "60.0", proc.stderr[-2000:]
+    for code, interval in ((command, "60.0"), (notebook, "0.1")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == interval, proc.stderr[-2000:]
 
 
 def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path, monkeypatch, capsys):

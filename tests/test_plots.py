@@ -323,7 +323,7 @@ def test_another_tools_prediction_is_read_in_the_convention_named(raw_case, tmp_
                      r"intensity map, not labels$", err) and len(err) < 300, err
 
 
-def test_arrays_in_a_convention_and_predict_cases_result(raw_case):
+def test_arrays_in_a_convention_and_predict_cases_result(raw_case, tmp_path):
     """An array of MSD numbers is read in the convention named; `predict_case`'s result in its own
     (a notebook drawing `predict_case(...)` of an MSD case would otherwise swap oedema and core)."""
     from tumorseg.inference.predict import CasePrediction
@@ -335,6 +335,8 @@ def test_arrays_in_a_convention_and_predict_cases_result(raw_case):
     assert np.array_equal(load_prediction(msd, data, CONVENTIONS["msd"]), data.truth)
     result = CasePrediction(msd, None, AFFINE, None, CONVENTIONS["msd"])
     assert np.array_equal(load_prediction(result, data), data.truth)
+    np.save(tmp_path / "case_a.npy", msd)  # a .npy file too
+    assert np.array_equal(load_prediction(tmp_path / "case_a.npy", data, CONVENTIONS["msd"]), data.truth)
 
 
 def test_drawing_leaves_the_callers_matplotlib_as_it_was(raw_case, tmp_path):

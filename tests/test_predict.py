@@ -716,8 +716,9 @@ def test_a_script_predicting_on_one_rank_alone(raw, ckpt, tmp_path, monkeypatch,
         module.meet("predicted", None, timeout=timedelta(seconds=0.5))
     assert ("note: rank 0 waits for the other 1 rank(s) to reach 'predicted': every rank of the job predicts its "
             "share (a script predicting on one rank alone: predict(..., distributed=False))") in capsys.readouterr().err
-    with pytest.raises(TumorsegError, match=r"distributed='no': give True or False"):
-        predict(ckpt, raw, tmp_path / "x", device="cpu", progress=False, distributed="no")
+    for wrong in ("no", 0):  # checked under torchrun's variables as without them
+        with pytest.raises(TumorsegError, match=rf"distributed={wrong!r}: give True or False"):
+            predict(ckpt, raw, tmp_path / "x", device="cpu", progress=False, distributed=wrong)
 
 
 def test_predict_case_takes_a_case_folder(raw, ckpt):

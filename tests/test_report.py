@@ -526,6 +526,9 @@ def test_a_rerun_redoes_only_the_cases_whose_files_or_settings_changed(tmp_path,
     done.clear()
     import tumorseg.report.record as record
 
+    code = Path(record.__file__).parent.parent  # every module the digest names is there (a split module is not lost)
+    for folder, names in (("report", record.CASE_CODE), ("evaluation", record.SCORING_CODE), ("plots", record.DRAWING_CODE)):
+        assert all((code / folder / name).is_file() for name in names), (folder, names)
     monkeypatch.setattr(record, "_code_digest", lambda: "another version")  # measured or drawn anew
     report(preds, images=tmp_path / "data", out=out, progress=False)
     assert done == ["case_0", "case_1", "case_2"]

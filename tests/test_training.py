@@ -559,3 +559,18 @@ def test_a_killed_loader_worker_is_one_line(prepared, tmp_path, monkeypatch):
     with pytest.raises(TumorsegError, match=r"^DataLoader worker \(pid 4242\) is killed by signal: Killed \(out of "
                                             r"memory\?\): lower --workers; no epoch was saved$"):
         train(prepared, tmp_path / "run", TrainConfig(epochs=1, **TINY), progress=False)
+
+
+def test_the_cuda_seed_a_caller_left_waiting_is_left_again(monkeypatch):
+    """CUDA not started: `torch.manual_seed` leaves its seed for CUDA's first use; training's own
+    seeding must not take its place (checked with the CUDA calls stood in for, on any machine)."""
+    from tumorseg.training.rng import callers_rng_kept
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    torch.manual_seed(7)
+    with callers_rng_kept():
+        torch.manual_seed(0)
+    assert seeded == [7, 0, 7] and torch.initial_seed() == 7  # the caller's, the block's, the caller's again

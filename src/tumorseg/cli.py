@@ -439,11 +439,19 @@ def _stop_now(signum: int, frame: object) -> None:
     os._exit(128 + signal.SIGTERM)
 
 
+def run() -> None:
+    """The `tumorseg` command (and `python -m tumorseg`). Its progress bars in a log file (nohup,
+    SLURM) update once a minute, not ten times a second: tqdm takes TQDM_* when first imported, so
+    this is set here, for the command's process and its workers, and not by `main`, which a
+    notebook may call (its own later bars would keep the setting)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "60")
+    sys.exit(main())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command line (`argv`: its words after `tumorseg`; None: the program's); returns its exit code."""
     args = parse(argv)
-    quieter = not sys.stderr.isatty() and "TQDM_MININTERVAL" not in os.environ
-    if quieter:  # a log file (nohup, SLURM): a progress line a minute, not ten a second (workers inherit it)
-        os.environ["TQDM_MININTERVAL"] = "60"
     on_main = threading.current_thread() is threading.main_thread()  # signal handlers live there
     before = signal.signal(signal.SIGTERM, _terminate) if on_main else None
     try:
@@ -460,9 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if on_main:  # main() called from Python (tests, a notebook) leaves the caller's handler as it was
             signal.signal(signal.SIGTERM, before)
-        if quieter:  # and the caller's progress bars
-            os.environ.pop("TQDM_MININTERVAL", None)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -317,14 +317,14 @@ def predict(
     outputs are written atomically, so a re-run skips what is done.
     """
     given = dict(locals())
-    if not distributed and rank_world()[1] > 1:  # torchrun's variables, but a call of this process's own
-        with alone():
-            return predict(**{**given, "distributed": True})
     switches = {"tta": tta, "postprocess": postprocess, "probabilities": probabilities, "force": force, "plots": plots,
                 "uncertainty": uncertainty, "report": report, "distributed": distributed}
     wrong = [f"{k}={v!r}" for k, v in switches.items() if v is not None and not isinstance(v, (bool, np.bool_))]
     if wrong:  # bool("no") is True: a notebook's tta="no" would silently run the 8 flips
         raise TumorsegError(f"predict: {', '.join(wrong)}: give True or False")
+    if not distributed and rank_world()[1] > 1:  # torchrun's variables, but a call of this process's own
+        with alone():
+            return predict(**{**given, "distributed": True})
     launcher = launcher_pid()
     out_dir = Path(out_dir)
     found = discover_cases(input_dir, only=cases)

@@ -299,7 +299,8 @@ def load_prediction(pred: str | os.PathLike | np.ndarray | Any, data: CaseImages
             print(f"note: {data.case_id}: the prediction {where.name} is not named for this case (predict writes "
                   f"{data.case_id}.nii.gz)", file=sys.stderr)
         if where.suffix == ".npy":
-            labels = _npy_to_labels(read_npy(where), where)
+            array = read_npy(where)
+            labels = raw_to_labels(array, where, pred_labels) if pred_labels else _npy_to_labels(array, where)
         else:
             vol = load_labels(where, data.case_id)
             raw = vol.data

@@ -24,6 +24,7 @@ from .measure import Diameters, Measures
 
 # The modules whose code decides what a case's record holds (measures, checks, figures, metrics).
 CASE_CODE: tuple[str, ...] = ("case.py", "checks.py", "figures.py", "measure.py", "truth.py", "record.py")
+DRAWING_CODE: tuple[str, ...] = ("slices.py", "canvas.py")  # the panels, letters and overlays the figures draw with
 
 
 def record_path(folder: Path, case_id: str) -> Path:
@@ -43,13 +44,14 @@ def record_key(files: list[Path | None], settings: dict[str, Any]) -> dict[str, 
     return {"code": _code_digest(), "files": stamps, **{k: str(v) for k, v in settings.items()}}
 
 
-SCORING_CODE: tuple[str, ...] = ("evaluate.py", "lesionwise.py", "metrics.py")  # evaluation/: the metrics a record holds
+SCORING_CODE: tuple[str, ...] = ("evaluate.py", "lesionwise.py", "metrics.py", "results.py")  # evaluation/: the metrics a record holds
 
 
 @lru_cache(maxsize=1)
 def _code_digest() -> str:
     here = Path(__file__).parent
-    files = [here / name for name in CASE_CODE] + [here.parent / "evaluation" / name for name in SCORING_CODE]
+    files = ([here / name for name in CASE_CODE] + [here.parent / "evaluation" / name for name in SCORING_CODE]
+             + [here.parent / "plots" / name for name in DRAWING_CODE])
     return hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()[:16]
 
 

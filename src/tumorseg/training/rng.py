@@ -39,12 +39,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def callers_rng_kept() -> Iterator[None]:
     """The caller's Python, NumPy and torch generators as they were, whatever the block seeds or draws:
     training seeds them all, and a notebook's own draws after `train` would be the same whatever its
-    seed. CUDA's are kept where the caller had started CUDA (else it never drew from them)."""
+    seed. CUDA's are kept where the caller had started CUDA; else the seed the caller's last
+    `torch.manual_seed` left for CUDA's first use is left for it again."""
     python, numpy = random.getstate(), np.random.get_state()
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=cuda):
+    started = torch.cuda.is_initialized()
+    seed = torch.initial_seed()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if started else []):
         try:
             yield
         finally:
             random.setstate(python)
             np.random.set_state(numpy)
+            if not started and torch.cuda.is_available():
+                torch.cuda.manual_seed_all(seed)
