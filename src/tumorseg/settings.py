@@ -8,9 +8,11 @@ naming the key, instead of failing later inside a comparison with a Python-worde
 from __future__ import annotations
 
 import math
+import os
 import types
 import typing
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -18,6 +20,7 @@ from .errors import TumorsegError
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 SEED_LIMIT = 2**32  # seeds: NumPy's generators take none larger
+T = TypeVar("T")
 
 
 def typed_settings(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -100,3 +103,18 @@ def _describe(hint: Any) -> str:
 def _fixed_length(origin: Any, args: tuple) -> bool:
     """`tuple[int, int, int]` has a length; `tuple[str, ...]` and `list[int]` have none."""
     return origin is tuple and not (len(args) == 2 and args[1] is Ellipsis)
+
+
+def settings_object(value: Any, cls: type[T], command: str, from_file: Callable[[Any], T] | None = None) -> T:
+    """The settings an API call was given as a `cls`: itself, the defaults for None, built from a dict
+    of its fields (`cls.from_dict`) or, where `from_file` reads one, from a settings file; else one line."""
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        return cls.from_dict(value)
+    if from_file is not None and isinstance(value, (str, os.PathLike)):
+        return from_file(value)
+    kinds = [f"a {cls.__name__}", "a dict"] + (["a settings file"] if from_file else [])
+    raise TumorsegError(f"{command}: config must be {', '.join(kinds[:-1])} or {kinds[-1]}, not {type(value).__name__}")

@@ -17,6 +17,7 @@ from ..layouts import Case, dataset_layout, discover_cases
 from ..lock import folder_lock
 from ..notes import grouped
 from ..pool import worker_pool
+from ..settings import settings_object
 from .case import prepare_case, record_path
 from .config import PrepareConfig, default_workers
 from .split import split_cases
@@ -90,12 +91,7 @@ def prepare(
     A failing case is reported in one line and recorded (`PrepareResult.failed`); the others are
     still processed.
     """
-    if isinstance(config, dict):
-        config = PrepareConfig.from_dict(config)
-    elif config is None:
-        config = PrepareConfig()
-    elif not isinstance(config, PrepareConfig):
-        raise TumorsegError(f"prepare: config must be a PrepareConfig or a dict, not {type(config).__name__}")
+    config = settings_object(config, PrepareConfig, "prepare")
     out_dir = Path(out_dir)
     cases = training_cases(discover_cases(data_dir))
     if config.spacing is None:

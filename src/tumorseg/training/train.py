@@ -32,6 +32,7 @@ from ..labels import NUM_CLASSES, REGIONS
 from ..networks import build_network, deepest_voxels_needed, network_spec, required_divisor
 from ..prepare import load_manifest
 from ..prepare.split import fold_split
+from ..settings import settings_object
 from . import crossval, distributed
 from .rng import callers_rng_kept, set_rng_state
 from .config import TrainConfig, resolve_config
@@ -150,14 +151,7 @@ def train(
 
 def _train(prepared_dir: str | Path, run_dir: str | Path, config: TrainConfig | dict | None, resume: bool,
            progress: bool, resume_with: str) -> TrainResult:
-    if isinstance(config, (str, Path)):
-        config = resolve_config(config)
-    elif isinstance(config, dict):
-        config = TrainConfig.from_dict(config)
-    elif config is None:
-        config = TrainConfig()
-    elif not isinstance(config, TrainConfig):
-        raise TumorsegError(f"train: config must be a TrainConfig, a dict or a settings file, not {type(config).__name__}")
+    config = settings_object(config, TrainConfig, "train", resolve_config)
     prepared_dir, run_dir = Path(prepared_dir), Path(run_dir)
     manifest = load_manifest(prepared_dir)
     train_ids, val_ids = split_ids(prepared_dir, "train"), split_ids(prepared_dir, "val")
