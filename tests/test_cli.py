@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -279,3 +280,13 @@ def test_sigterm_to_every_process_of_a_training_with_loader_workers(trained, tmp
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
     assert re.search(r"terminated: .*last\.pt holds epoch \d+; continue with --resume\ntumorseg train: terminated\n$", err)
+
+
+def test_options_may_stand_between_a_commands_positionals():
+    """`predict A.pt B.onnx --force DATA OUT`: argparse alone ended the models at the option and named OUT unrecognised."""
+    from tumorseg.cli import parse
+
+    args = parse(["predict", "a.pt", "b.onnx", "--force", "data", "out", "--cases", "x"])
+    assert (args.checkpoint, args.input, args.out_dir, args.force, args.command) == (
+        [Path("a.pt"), Path("b.onnx")], Path("data"), Path("out"), True, "predict")
+    assert parse(["evaluate", "--workers", "2", "preds", "gt"]).workers == 2

@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tumorseg", description="Brain tumour segmentation for BraTS MRI.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # command -> its parser, for `parse`
 
     p = sub.add_parser("synth", help="write synthetic BraTS-format cases")
     p.add_argument("out_dir", type=Path, help="where the case folders are written")
@@ -418,8 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; an unknown option is the command's error (its usage, not the top level's),
-    with the nearest option it has."""
-    args, unknown = build_parser().parse_known_args(argv)
+    with the nearest option it has. A command's options may stand between its positionals
+    (`predict A.pt B.onnx --force DATA OUT`): argparse alone would end the models at the option."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not words or words[0] not in parser.commands:  # --help, --version, no or an unknown command: argparse's say
+        return parser.parse_args(words)
+    args, unknown = parser.commands[words[0]].parse_known_intermixed_args(words[1:])
+    args.command = words[0]
     if unknown:
         options = [o for action in args.subparser._actions for o in action.option_strings]
         hints = [f"{u} (did you mean {near[0]}?)" if (near := difflib.get_close_matches(u.split("=")[0], options, 1))
