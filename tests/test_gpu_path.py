@@ -195,13 +195,18 @@ def test_resume_with_fewer_gpus_than_saved(prepared, tmp_path, monkeypatch):
     assert len(_run(prepared, tmp_path / "run", monkeypatch, None, 2, resume=True).history) == 2
 
 
-def test_deterministic_mode_is_scoped():
+def test_deterministic_mode_is_scoped(monkeypatch):
+    import os
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # the environment a caller's settings live in too
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
     with devices.deterministic(True):
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     with devices.deterministic(False):
         assert torch.backends.cudnn.benchmark  # fixed-size patches: let cuDNN pick its fastest kernels
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
 def _floor(spec: str) -> tuple[int, ...]:

@@ -238,16 +238,12 @@ def test_reoriented_case_matches(tmp_path):
 
 def test_each_panels_letters_sit_at_the_edges_they_name():
     """`mark_sides` puts SIDES' top, bottom, left and right letters at those edges of the panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tumorseg.plots.canvas import figure_grid
 
     for view, letters in slices_module.SIDES.items():
-        fig, ax = plt.subplots()
-        slices_module.mark_sides(ax, view)
-        placed = {t.get_text(): t.get_position() for t in ax.texts}
-        plt.close(fig)
+        _, axes = figure_grid(1, 1, (3, 3))
+        slices_module.mark_sides(axes[0, 0], view)
+        placed = {t.get_text(): t.get_position() for t in axes[0, 0].texts}
         (top, bottom, left, right) = letters
         assert placed[top][1] > 0.9 and placed[bottom][1] < 0.1, view
         assert placed[left][0] < 0.1 and placed[right][0] > 0.9, view

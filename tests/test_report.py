@@ -668,18 +668,17 @@ def test_diameters_are_drawn_on_the_lesion_of_images_stored_otherwise(tmp_path):
                                 ("fine", ndimage.zoom(data, 2, order=0, grid_mode=True, mode="grid-constant"), fine)):
         (tmp_path / name).mkdir()
         nib.save(nib.Nifti1Image(np.ascontiguousarray(array), affine), tmp_path / name / "case_0.nii.gz")
-        result = report(tmp_path / name, images=tmp_path / "data", out=tmp_path / f"out-{name}", progress=False)
-        assert not result.failed
-    pictures = {name: (tmp_path / f"out-{name}/cases/case_0_diameters.png").read_bytes() for name in ("lps", "ras", "sal")}
-    assert pictures["ras"] == pictures["lps"] and pictures["sal"] == pictures["lps"]
-    fine = report(tmp_path / "fine", images=tmp_path / "data", out=tmp_path / "out-fine2", progress=False).cases[0]
-    lesion = nib.load(tmp_path / "lps/case_0.nii.gz").get_fdata()
-    with pytest.MonkeyPatch.context() as mp:  # where its segments are drawn: on the images' voxels of the lesion
-        drawn = []
+    drawn = []  # where the segments are drawn: on the images' voxels of the lesion
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Diameters, "onto", lambda self, move, axis, real=Diameters.onto: drawn.append(real(self, move, axis))
                    or drawn[-1])
-        report(tmp_path / "fine", images=tmp_path / "data", out=tmp_path / "out-fine3", progress=False)
-    assert drawn and fine.measures.whole is not None
+        results = {name: report(tmp_path / name, images=tmp_path / "data", out=tmp_path / f"out-{name}", progress=False)
+                   for name in ("lps", "ras", "sal", "fine")}
+    assert not any(r.failed for r in results.values())
+    pictures = {name: (tmp_path / f"out-{name}/cases/case_0_diameters.png").read_bytes() for name in ("lps", "ras", "sal")}
+    assert pictures["ras"] == pictures["lps"] and pictures["sal"] == pictures["lps"]
+    lesion = nib.load(tmp_path / "lps/case_0.nii.gz").get_fdata()
+    assert drawn and results["fine"].cases[0].measures.whole is not None
     for d in drawn:
         for end in (*d.longest_ends, *d.perpendicular_ends):
             assert lesion[tuple(int(round(v)) for v in end)] > 0, (d, end)

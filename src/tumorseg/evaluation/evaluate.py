@@ -220,11 +220,8 @@ def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[CaseResul
     bar = dict(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
     if workers <= 1 or len(jobs) <= 1:
         return [evaluate_case(*job) for job in tqdm(jobs, **bar)]
-    results: list[CaseResult] = [None] * len(jobs)  # type: ignore[list-item]  # each filled as its case ends
-    with worker_pool(min(workers, len(jobs))) as pool:
-        for index, result in tqdm(pool.as_done(evaluate_case, jobs), **bar):
-            results[index] = result
-    return results
+    with worker_pool(min(workers, len(jobs))) as pool:  # in the order they end: `evaluate` sorts them
+        return [result for _, result in tqdm(pool.as_done(evaluate_case, jobs), **bar)]
 
 
 def labelled(cases: list[Case], gt_dir: str | os.PathLike) -> list[Case]:

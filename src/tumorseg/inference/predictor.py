@@ -179,7 +179,7 @@ class Predictor:
     def eager(self) -> nn.Module:
         """The PyTorch network without its compiled wrapper (the out-of-memory retry runs it window
         by window)."""
-        return self.model.model if isinstance(self.model, CompiledNetwork) else self.model
+        return _uncompiled(self.model)
 
     def with_settings(self, tta: bool | None = None, overlap: float | None = None, labels: str | None = None,
                       window: str | Sequence[int] | None = None) -> "Predictor":
@@ -402,8 +402,12 @@ class Predictor:
 def _networks(model: nn.Module) -> list[nn.Module]:
     """The networks a predictor's model averages: an ensemble's members (so a nested ensemble weighs
     each network once, not each group), the network itself uncompiled, or the model as it is."""
-    model = model.model if isinstance(model, CompiledNetwork) else model
+    model = _uncompiled(model)
     return list(model.members) if isinstance(model, EnsembleNetwork) else [model]
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    return model.model if isinstance(model, CompiledNetwork) else model
 
 
 BOX_SIDE = 4096  # a window side beyond any brain's box: `roi` clips it to the box, one window over it

@@ -184,7 +184,7 @@ def _save_uncertainty(scene: Scene, uncertainty: np.ndarray, out: Path) -> None:
 
 
 def _save_thumbnail(scene: Scene, out: Path) -> None:
-    fig, axes = figure_grid(1, 1, (THUMB_INCHES, THUMB_INCHES), None)
+    fig, axes = figure_grid(1, 1, (THUMB_INCHES, THUMB_INCHES))
     fig.subplots_adjust(0, 0, 1, 1)
     ax = axes[0, 0]
     _panel(ax, scene, "axial", scene.slices["axial"], sides=False)

@@ -25,10 +25,9 @@ _METRIC_DIGITS = {"hd95": 2, "lesion_hd95": 2, "lesion_fp": 0}
 METRIC_UNITS = {"hd95": "mm", "lesion_hd95": "mm"}
 # what the report shows against a ground truth: BraTS 2020's metrics, then the 2023+ lesion-wise
 # Dice and HD95 and the false-positive components that cost them (`evaluation.lesionwise`)
-REPORT_METRICS = {**{m: f"BraTS {m}" + (f" ({METRIC_UNITS[m]})" if m in METRIC_UNITS else "") for m in METRICS},
-                  "lesion_dice": "BraTS 2023+ lesion-wise Dice",
-                  "lesion_hd95": "BraTS 2023+ lesion-wise HD95 (mm)",
-                  "lesion_fp": "false-positive components (lesion-wise)"}
+_METRIC_NAMES = {**{m: f"BraTS {m}" for m in METRICS}, "lesion_dice": "BraTS 2023+ lesion-wise Dice",
+                 "lesion_hd95": "BraTS 2023+ lesion-wise HD95", "lesion_fp": "false-positive components (lesion-wise)"}
+REPORT_METRICS = {m: name + (f" ({METRIC_UNITS[m]})" if m in METRIC_UNITS else "") for m, name in _METRIC_NAMES.items()}
 
 
 @dataclass(frozen=True)

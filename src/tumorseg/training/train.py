@@ -149,8 +149,8 @@ def train(
         return _train(prepared_dir, run_dir, config, resume, progress, resume_with)
 
 
-def _train(prepared_dir: str | Path, run_dir: str | Path, config: TrainConfig | dict | None, resume: bool,
-           progress: bool, resume_with: str) -> TrainResult:
+def _train(prepared_dir: str | Path, run_dir: str | Path, config: TrainConfig | dict | str | Path | None,
+           resume: bool, progress: bool, resume_with: str) -> TrainResult:
     config = settings_object(config, TrainConfig, "train", resolve_config)
     prepared_dir, run_dir = Path(prepared_dir), Path(run_dir)
     manifest = load_manifest(prepared_dir)
