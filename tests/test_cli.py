@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tumorseg.cli import main
+from tumorseg.cli import build_parser, main
 
 from factory import write_case
 
@@ -63,6 +63,12 @@ def test_help_is_instant_and_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "tumorseg", "evaluate", "/nonexistent", "/nonexistent"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "tumorseg evaluate: error:" in proc.stderr
+
+
+def test_every_command_runs_a_function():
+    from tumorseg.cli import COMMANDS
+
+    assert set(COMMANDS) == set(build_parser().commands)  # a command added to the parser alone would be a KeyError
 
 
 def test_synth(tmp_path, capsys, monkeypatch):
@@ -256,7 +262,7 @@ def test_a_second_sigterm_stops_a_stuck_clean_up(tmp_path):
             "def stuck(args):\n"
             "    try:\n        os.kill(os.getpid(), signal.SIGTERM)\n        time.sleep(5)\n"
             "    finally:\n        os.kill(os.getpid(), signal.SIGTERM)\n        time.sleep(60)\n"
-            "cli.cmd_synth = stuck\n"
+            "cli.COMMANDS['synth'] = stuck\n"
             f"raise SystemExit(cli.main(['synth', {str(tmp_path / 'raw')!r}]))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
     assert proc.returncode == 143 and "terminated again: stopping without cleaning up" in proc.stderr, proc.stderr
