@@ -59,7 +59,8 @@ def test_layout_detected_with_modalities_and_labels(layouts, layout):
 
 @pytest.mark.parametrize("layout", ["brats2023", "msd", "nnunet"])
 def test_show_draws_any_layout_with_its_labels(layouts, layout, tmp_path):
-    from tumorseg.plots.slices import load_case, save_case_plot
+    from tumorseg.plots.case_images import load_case
+    from tumorseg.plots.slices import save_case_plot
 
     case = discover_cases(layouts / layout)[1]
     data = load_case(case.image("t2"))  # one file of the case, even inside imagesTr/
@@ -548,7 +549,7 @@ def test_real_truth_and_scans_on_different_grids(real_data_dir, tmp_path):
     import shutil
 
     from tumorseg.geometry import Grid, network_grid, resample
-    from tumorseg.plots.slices import load_case
+    from tumorseg.plots.case_images import load_case
 
     source = real_data_dir / "Brats18_CBICA_AQT_1"
     (case,) = discover_cases(source)

@@ -17,7 +17,8 @@ from tumorseg.plots import save_case_plot
 from tumorseg.labels import to_raw_labels
 from tumorseg.layouts import write_dataset_json
 import tumorseg.plots.slices as slices_module
-from tumorseg.plots.slices import DPI, MARGIN_INCHES, PANEL_INCHES, choose_slices, display_slice, load_case, load_prediction
+from tumorseg.plots.case_images import load_case, load_prediction
+from tumorseg.plots.slices import DPI, MARGIN_INCHES, PANEL_INCHES, choose_slices, display_slice
 from tumorseg.prepare import PrepareConfig, prepare
 
 SHAPE = (40, 40, 32)
@@ -117,7 +118,7 @@ def test_prediction_shape_mismatch(raw_case, tmp_path):
 
 
 def test_a_prediction_stored_in_another_orientation_is_drawn_in_place(raw_case, tmp_path):
-    from tumorseg.plots.slices import load_case, load_prediction
+    from tumorseg.plots.case_images import load_case, load_prediction
 
     seg = nib.load(raw_case / "case_a_seg.nii.gz")
     flip = np.array([[-1, 0, 0, SHAPE[0] - 1], [0, -1, 0, SHAPE[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]])
@@ -129,7 +130,7 @@ def test_a_prediction_stored_in_another_orientation_is_drawn_in_place(raw_case, 
 def test_a_truth_that_cannot_be_placed_is_left_out_and_said(raw_case, tmp_path, capsys):
     import shutil
 
-    from tumorseg.plots.slices import load_case
+    from tumorseg.plots.case_images import load_case
 
     case = tmp_path / "case_a"
     shutil.copytree(raw_case, case)

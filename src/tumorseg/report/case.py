@@ -13,7 +13,7 @@ from ..geometry import Grid, labels_onto, resample
 from ..io import Volume, load_nifti
 from ..labels import LabelConvention, convention_from_header, model_from_header, read_as
 from ..layouts import BESIDE, Case
-from ..plots.slices import raw_to_labels, load_case
+from ..plots.case_images import load_case, raw_to_labels
 from ..prepare.crop import brain_mask
 from .checks import case_warnings
 from .figures import blank_case, make_scene, save_figures

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ..plots.canvas import figure_grid, save_png
+from ..plots.case_images import CaseImages
 from ..plots.slices import (
     VIEW_AXIS,
-    CaseImages,
     draw_views,
     label_overlay,
     to_lps,

@@ -24,7 +24,8 @@ from .measure import Diameters, Measures
 
 # The modules whose code decides what a case's record holds (measures, checks, figures, metrics).
 CASE_CODE: tuple[str, ...] = ("case.py", "checks.py", "figures.py", "measure.py", "truth.py", "record.py")
-DRAWING_CODE: tuple[str, ...] = ("slices.py", "canvas.py")  # the panels, letters and overlays the figures draw with
+# plots/: the scans and labels read for the figures, and the panels, letters and overlays they draw with
+DRAWING_CODE: tuple[str, ...] = ("case_images.py", "slices.py", "canvas.py")
 
 
 def record_path(folder: Path, case_id: str) -> Path:
