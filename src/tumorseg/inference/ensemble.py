@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..errors import TumorsegError
 from .postprocess import NO_COMPONENT_STEP, choose_default, statistics_from_state
 
 EPS = 1e-7  # probabilities clamped off 0 and 1 before their logarithm
@@ -83,3 +84,39 @@ def ensemble_postprocessing(members: Sequence[Any], names: Sequence[str]) -> Ens
     return EnsemblePostprocessing(False, None, NO_COMPONENT_STEP, None,
                                   f"none: the members chose differently and it cannot be chosen on their validation "
                                   f"cases ({name} {why}{hint})")
+
+
+def check_members(members: Sequence[Any], names: Sequence[str]) -> int | None:
+    """The members' shared output channels (None: not known), after checking that they read the same
+    input and predict the same output on one device; one line naming the member that differs."""
+    first = members[0]
+    runs = [m for m in members if m.engine != "onnx"] or members  # an exported model may fall back to the CPU
+    for member, name in zip(members[1:], names[1:]):
+        for what in ("channels", "norm", "spacing", "target"):
+            if getattr(member, what) != getattr(first, what):
+                raise TumorsegError(f"{name}: {what} {getattr(member, what)}, but {names[0]}: "
+                                    f"{getattr(first, what)}; an ensemble's models share their input and output")
+        if member.engine != "onnx" and member.device != runs[0].device:
+            raise TumorsegError(f"{name}: on {member.device}, but {runs[0].device}: an ensemble runs on one device")
+    known = [(m.out_channels, name) for m, name in zip(members, names) if m.out_channels is not None]
+    for channels, name in known[1:]:  # None: not known (a network built in Python)
+        if channels != known[0][0]:
+            raise TumorsegError(f"{name}: out_channels {channels}, but {known[0][1]}: {known[0][0]}; an "
+                                "ensemble's models share their input and output")
+    return known[0][0] if known else None
+
+
+def member_digests(members: Sequence[Any], names: Sequence[str]) -> list[str | None]:
+    """Each network's model digest, nested ensembles flattened; one line where a model comes twice (a
+    checkpoint and its export, or a copy: one model counted twice)."""
+    seen: dict[str, str] = {}  # digest -> the member holding it
+    digests: list[str | None] = []
+    for member, name in zip(members, names):
+        for d in member.member_digests or (member.model_digest,):
+            if d in seen:
+                raise TumorsegError(f"{name}: {'holds ' if member.members > 1 else ''}the same model as {seen[d]}; "
+                                    "an ensemble takes each model once")
+            if d is not None:
+                seen[d] = name
+            digests.append(d)
+    return digests

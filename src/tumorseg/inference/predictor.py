@@ -16,7 +16,6 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,9 +26,10 @@ from ..io import file_digest
 from ..labels import MODEL_DIGITS, REGIONS, LabelConvention, convention
 from ..networks import required_divisor
 from .compiled import CompiledNetwork, compiles_faster
-from .ensemble import EnsembleNetwork, ensemble_postprocessing
+from .ensemble import EnsembleNetwork, check_members, ensemble_postprocessing, member_digests
 from .model_state import check_state, network_from_state
 from .postprocess import NO_COMPONENT_STEP
+from .window import check_window
 
 ENGINES: tuple[str, ...] = ("auto", "torch", "compile", "onnx")
 # Networks ONNX Runtime ran faster than PyTorch on the CPU (bench_predict_paths, README "Measured"): our
@@ -338,32 +338,12 @@ class Predictor:
             raise TumorsegError("an ensemble needs at least one model")
         first = members[0]
         runs = [m for m in members if m.engine != "onnx"] or members  # an exported model may fall back to the CPU
-        for member, name in zip(members[1:], names[1:]):
-            for what in ("channels", "norm", "spacing", "target"):
-                if getattr(member, what) != getattr(first, what):
-                    raise TumorsegError(f"{name}: {what} {getattr(member, what)}, but {names[0]}: "
-                                        f"{getattr(first, what)}; an ensemble's models share their input and output")
-            if member.engine != "onnx" and member.device != runs[0].device:
-                raise TumorsegError(f"{name}: on {member.device}, but {runs[0].device}: an ensemble runs on one device")
-        known = [(m.out_channels, name) for m, name in zip(members, names) if m.out_channels is not None]
-        for channels, name in known[1:]:  # None: not known (a network built in Python)
-            if channels != known[0][0]:
-                raise TumorsegError(f"{name}: out_channels {channels}, but {known[0][1]}: {known[0][0]}; an "
-                                    "ensemble's models share their input and output")
-        seen: dict[str, str] = {}  # digest -> the member holding it
-        digests: list[str | None] = []  # one per network, nested ensembles flattened
-        for member, name in zip(members, names):  # a checkpoint and its export, or a copy: one model counted twice
-            for d in member.member_digests or (member.model_digest,):
-                if d in seen:
-                    raise TumorsegError(f"{name}: {'holds ' if member.members > 1 else ''}the same model as {seen[d]}; "
-                                        "an ensemble takes each model once")
-                if d is not None:
-                    seen[d] = name
-                digests.append(d)
+        out_channels = check_members(members, names)
+        digests = member_digests(members, names)
         divisor = math.lcm(*(m.divisor for m in members))
         patch = tuple(-(-max(sides) // divisor) * divisor for sides in zip(*(m.patch for m in members)))
         post = ensemble_postprocessing(members, names)
-        digest = (hashlib.sha256(("ensemble:" + ",".join(sorted(seen))).encode()).hexdigest()
+        digest = (hashlib.sha256(("ensemble:" + ",".join(sorted(set(digests)))).encode()).hexdigest()
                   if None not in digests else None)
         engines = {"torch" if m.engine == "compile" else m.engine for m in members}  # compiled: `compiled` again
         engine = engines.pop() if len(engines) == 1 else "mixed"
@@ -394,7 +374,7 @@ class Predictor:
             model_digest=digest,
             statistics=post.statistics,
             postprocess_source=post.source,
-            out_channels=known[0][0] if known else None,
+            out_channels=out_channels,
             member_digests=tuple(digests),
         )
 
@@ -408,25 +388,6 @@ def _networks(model: nn.Module) -> list[nn.Module]:
 
 def _uncompiled(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, CompiledNetwork) else model
-
-
-BOX_SIDE = 4096  # a window side beyond any brain's box: `roi` clips it to the box, one window over it
-
-
-def check_window(window: str | int | Sequence[int] | None, divisor: int) -> tuple[int, int, int] | None:
-    """`window` (one size for all three axes, or three, or "box": one window over the brain's
-    whole box) as three ints, or one line saying why it cannot be a sliding window for this network."""
-    if window is None:
-        return None
-    if isinstance(window, str):
-        if window != "box":
-            raise TumorsegError(f"window must be three positive multiples of {divisor} or 'box', got '{window}'")
-        return (BOX_SIDE,) * 3
-    window = (window,) * 3 if np.ndim(window) == 0 else tuple(window)
-    if len(window) != 3 or any(int(w) < 1 or (int(w) % divisor and int(w) != BOX_SIDE) for w in window):
-        raise TumorsegError(f"window must be three positive multiples of {divisor} (the network's downsampling), "
-                            f"got {tuple(window)}")
-    return tuple(int(w) for w in window)
 
 
 def onnx_runtime_installed() -> bool:

@@ -16,7 +16,26 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from ..devices import autocast
+from ..errors import TumorsegError
 from ..labels import labels_from_regions
+
+BOX_SIDE = 4096  # a window side beyond any brain's box: `roi` clips it to the box, one window over it
+
+
+def check_window(window: str | int | Sequence[int] | None, divisor: int) -> tuple[int, int, int] | None:
+    """`window` (one size for all three axes, or three, or "box": one window over the brain's
+    whole box) as three ints, or one line saying why it cannot be a sliding window for this network."""
+    if window is None:
+        return None
+    if isinstance(window, str):
+        if window != "box":
+            raise TumorsegError(f"window must be three positive multiples of {divisor} or 'box', got '{window}'")
+        return (BOX_SIDE,) * 3
+    window = (window,) * 3 if np.ndim(window) == 0 else tuple(window)
+    if len(window) != 3 or any(int(w) < 1 or (int(w) % divisor and int(w) != BOX_SIDE) for w in window):
+        raise TumorsegError(f"window must be three positive multiples of {divisor} (the network's downsampling), "
+                            f"got {tuple(window)}")
+    return tuple(int(w) for w in window)
 
 
 def flip_dims(tta: bool) -> list[tuple[int, ...]]:
