@@ -210,8 +210,7 @@ def instrument(predictor, sync) -> dict:
     batched) and `postprocess`; the rest of `predict_case` (labels, uncrop, resampling back) is
     "other". Returns a dict that fills as cases run, one entry per case and stage.
     """
-    # the module, not the `predict` function that `tumorseg.inference` exports under that name
-    predict_module = importlib.import_module("tumorseg.inference.predict")
+    case_module = importlib.import_module("tumorseg.inference.case")  # where `predict_case` finds them
     stats: dict = {"forwards": 0, "box": None}
     clear_stages(stats)
 
@@ -226,7 +225,7 @@ def instrument(predictor, sync) -> dict:
         return wrapper
 
     for name, attr in zip(STAGES, ("load_input", "tta_probabilities", "postprocess")):
-        setattr(predict_module, attr, wrap(name, getattr(predict_module, attr)))
+        setattr(case_module, attr, wrap(name, getattr(case_module, attr)))
 
     def count(*_):
         stats["forwards"] += 1
@@ -244,7 +243,7 @@ def predict_and_save(predictor, case, path: Path, sync,
                      describe: Callable | None = None) -> tuple[object, float, float]:
     """`predict_case` then `io.save_nifti` of its labels to `path`: the prediction, and the
     seconds of each. `describe(prediction)`, where given, is the header description to write."""
-    from tumorseg.inference.predict import predict_case
+    from tumorseg.inference import predict_case
     from tumorseg.io import save_nifti
 
     pred, predict_s = timed(lambda: predict_case(predictor, case), sync)

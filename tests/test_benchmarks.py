@@ -29,7 +29,7 @@ import uncertainty_ranking  # noqa: E402
 
 def test_stage_timers_wrap_what_predict_case_calls(monkeypatch):
     """`instrument` patches predict's stages by name: a renamed stage must fail here, not in a benchmark run."""
-    module = importlib.import_module("tumorseg.inference.predict")
+    module = importlib.import_module("tumorseg.inference.case")
     for attr in ("load_input", "tta_probabilities", "postprocess"):
         monkeypatch.setattr(module, attr, getattr(module, attr))  # restored after the test
     predictor = module.Predictor(torch.nn.Identity(), torch.device("cpu"), ("t1",), "minmax", (16, 16, 16))

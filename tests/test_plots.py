@@ -323,7 +323,7 @@ def test_another_tools_prediction_is_read_in_the_convention_named(raw_case, tmp_
 def test_arrays_in_a_convention_and_predict_cases_result(raw_case, tmp_path):
     """An array of MSD numbers is read in the convention named; `predict_case`'s result in its own
     (a notebook drawing `predict_case(...)` of an MSD case would otherwise swap oedema and core)."""
-    from tumorseg.inference.predict import CasePrediction
+    from tumorseg.inference import CasePrediction
     from tumorseg.labels import CONVENTIONS
 
     data = load_case(raw_case)

@@ -14,7 +14,7 @@ from torch import nn
 from tumorseg.cli import build_parser
 from tumorseg.errors import TumorsegError
 from tumorseg.inference import Predictor, predict, predict_case
-from tumorseg.inference.predict import inference_box, network_input
+from tumorseg.inference.case import inference_box, network_input
 from tumorseg.inference.window import check_window
 from tumorseg.layouts import discover_cases
 from tumorseg.labels import to_raw_labels

@@ -9,7 +9,8 @@ from .postprocess import (
     tune_et_threshold,
     tune_postprocessing,
 )
-from .predict import CasePrediction, PredictResult, predict, predict_case
+from .case import CasePrediction, predict_case
+from .predict import PredictResult, predict
 from .predictor import Predictor
 from .window import probabilities, to_labels
 

@@ -21,7 +21,7 @@ from ..labels import SCANS_DIGITS, model_from_header, prediction_description, sc
 from ..layouts import Case
 
 if TYPE_CHECKING:
-    from .predict import CasePrediction
+    from .case import CasePrediction
 
 
 def output_paths(
