@@ -4,12 +4,12 @@ import os
 import random
 import subprocess
 import sys
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
+from tumorseg import bars
 from tumorseg.cli import main
 from tumorseg.errors import TumorsegError
 from tumorseg.networks import build_network
@@ -455,12 +455,13 @@ def test_a_damaged_manifest_is_one_line_naming_it(prepared, tmp_path, damage):
 
 
 def test_a_training_epoch_writes_its_progress_at_the_bars_pace(monkeypatch, capsys):
-    """In a log file (TQDM_MININTERVAL=60, as the CLI sets it) the running loss must not force a
-    progress line every step."""
+    """In a log file (bars update once a minute there: `bars.progress_bar`) the running loss must not
+    force a progress line every step."""
     class Loader(list):
         sampler = type("Sampler", (), {"set_epoch": lambda self, epoch: None})()
 
-    monkeypatch.setattr(engine, "tqdm", partial(engine.tqdm, mininterval=60))  # tqdm reads TQDM_* on import
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.setattr(bars, "in_log_file", lambda: True)
     torch.manual_seed(0)
     loader = Loader({"image": torch.randn(1, 1, 8, 8, 8), "label": torch.randint(0, 4, (1, 1, 8, 8, 8))}
                     for _ in range(6))

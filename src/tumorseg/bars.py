@@ -1,9 +1,31 @@
 """Progress bars that end their lines, so that a last line (an error, an interrupt, an epoch's
-figures) stands on its own, in a terminal and in a log file."""
+figures) stands on its own, in a terminal and in a log file, and that in a log file update once a
+minute rather than ten times a second."""
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
+
+LOG_INTERVAL_S = 60.0  # seconds between a bar's updates in a log file: tqdm's 0.1 s would write a line per step
+
+
+def progress_bar(iterable: Any = None, **options: Any) -> Any:
+    """A tqdm bar (`options`: tqdm's); in a log file (`in_log_file`) it updates every
+    `LOG_INTERVAL_S`, for the command and the Python API alike. `TQDM_MININTERVAL`, where set, wins."""
+    from tqdm import tqdm  # not at import: `tumorseg --help` stays instant
+
+    if in_log_file() and "TQDM_MININTERVAL" not in os.environ:
+        options.setdefault("mininterval", LOG_INTERVAL_S)
+    return tqdm(iterable, **options)
+
+
+def in_log_file() -> bool:
+    """Whether the bars' stream, stderr, goes to a file or a pipe (nohup, SLURM, `2> log`): not a
+    terminal, and not a Jupyter kernel's cell, where a bar redraws in place as in a terminal."""
+    stream = sys.stderr
+    return stream is not None and not stream.isatty() and "ipykernel" not in sys.modules
 
 
 def end_bars() -> None:

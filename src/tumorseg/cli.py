@@ -181,12 +181,7 @@ def _stop_now(signum: int, frame: object) -> None:
 
 
 def run() -> None:
-    """The `tumorseg` command (and `python -m tumorseg`). Its progress bars in a log file (nohup,
-    SLURM) update once a minute, not ten times a second: tqdm takes TQDM_* when first imported, so
-    this is set here, for the command's process and its workers, and not by `main`, which a
-    notebook may call (its own later bars would keep the setting)."""
-    if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_MININTERVAL", "60")
+    """The `tumorseg` command (and `python -m tumorseg`)."""
     sys.exit(main())
 
 

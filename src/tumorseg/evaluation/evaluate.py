@@ -42,6 +42,7 @@ from typing import Any, Collection
 
 import numpy as np
 
+from ..bars import progress_bar
 from ..errors import TumorsegError
 from ..geometry import SUBVOXEL, Grid, labels_onto
 from ..io import NIFTI_RE, Volume, check_writable, load_labels, nifti_files, write_text
@@ -215,13 +216,11 @@ def score_case(
 
 
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[CaseResult]:
-    from tqdm import tqdm
-
     bar = dict(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
     if workers <= 1 or len(jobs) <= 1:
-        return [evaluate_case(*job) for job in tqdm(jobs, **bar)]
+        return [evaluate_case(*job) for job in progress_bar(jobs, **bar)]
     with worker_pool(min(workers, len(jobs))) as pool:  # in the order they end: `evaluate` sorts them
-        return [result for _, result in tqdm(pool.as_done(evaluate_case, jobs), **bar)]
+        return [result for _, result in progress_bar(pool.as_done(evaluate_case, jobs), **bar)]
 
 
 def labelled(cases: list[Case], gt_dir: str | os.PathLike) -> list[Case]:

@@ -19,6 +19,7 @@ import numpy as np
 from torch import nn
 from tqdm import tqdm
 
+from ..bars import progress_bar
 from ..devices import amp_dtype, describe
 from ..errors import TumorsegError
 from ..io import nifti_whole
@@ -207,7 +208,7 @@ def predict(
             if cases_of:
                 print(f"note: {out_dir}: {len(cases_of)} case(s) {why}, predicted again: "
                       f"{', '.join(cases_of[:3])}{', ...' if len(cases_of) > 3 else ''}", file=sys.stderr)
-        bar = tqdm(total=len(todo), desc="predict", unit="case", disable=not progress)
+        bar = progress_bar(total=len(todo), desc="predict", unit="case", disable=not progress)
         # Reading the next case and writing the previous one overlap with the network's work.
         with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
             loading = reader.submit(load_input, predictor, todo[0]) if todo else None

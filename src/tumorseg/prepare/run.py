@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..bars import progress_bar
 from ..errors import TumorsegError
 from ..io import MANIFEST, read_npy, sweep_stale_temps, unfinished_prepare, write_text
 from ..geometry import grid_of, network_grid
@@ -113,7 +114,7 @@ def prepare(
         if todo:  # arrays are about to change: a run cut short must not leave the old manifest vouching for them
             (out_dir / MANIFEST).unlink(missing_ok=True)
         workers = max(1, min(workers or default_workers(), len(todo) or 1))
-        bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress)
+        bar = progress_bar(total=len(todo), desc="prepare", unit="case", disable=not progress)
         if workers == 1:
             for case in todo:
                 records[case.case_id] = _report(_run_one(case, config, out_dir), bar)

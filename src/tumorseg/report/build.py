@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..bars import progress_bar
 from ..errors import TumorsegError
 from ..evaluation.evaluate import find_predictions
 from ..io import load_labels, sweep_stale_temps, write_text
@@ -82,8 +83,6 @@ def report(
     Raises:
         TumorsegError: a folder is missing or holds no predictions (a bad case only fails itself).
     """
-    from tqdm import tqdm
-
     pred_dir = Path(pred_dir)
     preds, conflicts = find_predictions(pred_dir)  # label maps only: `predict`'s extras are left out
     uncertainty = {cid: pred_dir / f"{cid}{UNCERTAINTY_SUFFIX}.nii.gz" for cid in preds
@@ -103,7 +102,7 @@ def report(
         reported: list[CaseReport] = []
         settings = {"images": images, "gt": gt, "pred_labels": pred_labels,
                     **({"dataset.json labels": beside.tag()} if beside else {})}  # earlier reports' records hold
-        for cid, path in tqdm(sorted(preds.items()), desc="report", unit="case", disable=not progress):
+        for cid, path in progress_bar(sorted(preds.items()), desc="report", unit="case", disable=not progress):
             truth = truths.get(cid) if truths is not None else None
             scans = image_cases.get(cid)
             read = [c for c in (scans, truth) if c is not None]  # their files and how their labels are read

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bars import progress_bar
 from ..errors import TumorsegError
 from ..labels import MODALITIES, to_training_labels
 from ..layouts import LAYOUTS, layout_case_id, write_case, write_dataset_json
@@ -49,11 +50,9 @@ def synthesize(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise TumorsegError(f"{out}: exists and is not a folder")
-    from tqdm import tqdm
-
     folders = []
     numbers = range(start_index, start_index + cases)
-    for index in tqdm(numbers, desc="synth", unit="case", disable=not progress):
+    for index in progress_bar(numbers, desc="synth", unit="case", disable=not progress):
         images, seg = make_case(shape, seed, index)
         folders.append(_write_case(out, index, images, seg, dtype, layout))
     if layout in ("msd", "nnunet"):

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from ..bars import leave_in_log
+from ..bars import leave_in_log, progress_bar
 from ..data import PreparedDataset
 from ..devices import autocast, window_batch
 from ..errors import TumorsegError
@@ -100,7 +99,7 @@ def train_epoch(
     model.train()
     total = torch.zeros(2, dtype=torch.float64)
     n = steps or len(loader)
-    bar = tqdm(_batches(loader, epoch, steps), total=n, desc=f"epoch {epoch + 1}", leave=leave_in_log(), disable=not progress)
+    bar = progress_bar(_batches(loader, epoch, steps), total=n, desc=f"epoch {epoch + 1}", leave=leave_in_log(), disable=not progress)
     for batch in bar:
         image = batch["image"].to(ctx.device, non_blocking=True)
         label = batch["label"].to(ctx.device, non_blocking=True)
@@ -140,7 +139,7 @@ def validate(
     """
     model.eval()
     sums = torch.zeros(2 + len(REGIONS), dtype=torch.float64)  # loss, dice per region, count
-    for index in tqdm(range(len(dataset)), desc="validate", leave=leave_in_log(), disable=not progress):
+    for index in progress_bar(range(len(dataset)), desc="validate", leave=leave_in_log(), disable=not progress):
         sample = dataset.load(index)
         image = sample["image"][None].to(ctx.device)
         label = sample["label"][None].to(ctx.device)
