@@ -273,6 +273,17 @@ def test_full_disk_while_preparing_fails_that_case_only(base, tmp_path, monkeypa
     assert _leftovers(tmp_path / "prep") == []
 
 
+def test_disk_full_at_a_cases_image_leaves_no_mask_of_it(base, tmp_path, monkeypatch):
+    """The mask is written first: a disk that fills at the image had left masks/<case>.npy behind,
+    an array of a failed case that no manifest names."""
+    image = f"images{os.sep}.tmp-{os.getpid()}-BraTS20_Training_002"
+    monkeypatch.setattr(np, "save", _no_space_for(image, np.save, file_arg=0))
+    res = prepare(base / "data", tmp_path / "prep", PrepareConfig(crop_size=(32, 32, 32), min_tumour=0.0), workers=1,
+                  progress=False)
+    assert list(res.failed) == ["BraTS20_Training_002"] and len(res.kept) == 3
+    assert sorted(p.name for p in (tmp_path / "prep/masks").iterdir()) == sorted(f"{c}.npy" for c in res.kept)
+
+
 def test_full_disk_while_predicting_fails_that_case_only(base, tmp_path, monkeypatch):
     monkeypatch.setattr(nib, "save", _no_space_for("BraTS20_Training_003", nib.save))
     res = predict(base / "run/last.pt", base / "data", tmp_path / "pred", device="cpu", progress=False)

@@ -106,6 +106,37 @@ def test_resumable_and_force(tmp_path):
     assert other.skipped == 0  # changed settings redo the cases
 
 
+def test_a_case_whose_files_changed_is_prepared_again(tmp_path):
+    """A corrected segmentation or a scan exported again had been skipped as "already done", its old
+    arrays trained on; a dataset moved elsewhere is still done (the digest holds no path)."""
+    import shutil
+
+    for i in range(3):
+        write_case(tmp_path / "raw", f"c{i}", seed=i)
+    cfg = PrepareConfig(**SMALL)
+    assert prepare(tmp_path / "raw", tmp_path / "out", cfg, workers=1, progress=False).skipped == 0
+    seg = _nii(tmp_path / "raw", "c1", "seg")
+    vol = nib.load(seg)
+    corrected = np.asarray(vol.dataobj).copy()
+    corrected[corrected == 4] = 1  # the enhancing tumour relabelled as necrosis
+    nib.save(nib.Nifti1Image(corrected, vol.affine, vol.header), seg)
+    flair = _nii(tmp_path / "raw", "c2", "flair")
+    vol = nib.load(flair)
+    nib.save(nib.Nifti1Image(np.asarray(vol.dataobj) // 2, vol.affine, vol.header), flair)  # exported again
+    again = prepare(tmp_path / "raw", tmp_path / "out", cfg, workers=1, progress=False)
+    assert again.skipped == 1 and len(again.kept) == 3
+    assert 3 not in np.load(tmp_path / "out/masks/c1.npy")  # the corrected labels, not the old ones
+    shutil.move(tmp_path / "raw", tmp_path / "moved")
+    assert prepare(tmp_path / "moved", tmp_path / "out", cfg, workers=1, progress=False).skipped == 3
+    record = tmp_path / "out/records/c0.json"  # written before records kept a digest: taken as it is
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "files_digest"}))
+    assert prepare(tmp_path / "moved", tmp_path / "out", cfg, workers=1, progress=False).skipped == 3
+    _nii(tmp_path / "moved", "c2", "seg").unlink()  # a case given out without its labels: no stale mask left
+    unlabelled = prepare(tmp_path / "moved", tmp_path / "out", cfg, workers=1, progress=False)
+    assert unlabelled.skipped == 2 and unlabelled.manifest["counts"]["unlabelled"] == 1
+    assert not (tmp_path / "out/masks/c2.npy").exists() and (tmp_path / "out/images/c2.npy").exists()
+
+
 @pytest.mark.parametrize(
     "breakage, message",
     [

@@ -8,7 +8,6 @@ its labels came from.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,9 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import TumorsegError
-from ..io import file_sample_digest, save_nifti
+from ..io import save_nifti
 from ..labels import SCANS_DIGITS, model_from_header, prediction_description, scans_from_header, tumorseg_prediction
-from ..layouts import Case
+from ..layouts import Case, files_digest
 
 if TYPE_CHECKING:
     from .case import CasePrediction
@@ -43,13 +42,10 @@ def scans_digest(case: Case, channels: Sequence[str]) -> str | None:
     file, in order), recorded in the label file: a re-run skips a finished case only while its
     scans are the same files (a corrected case list, a scan exported again: predicted again).
     None where a scan cannot be read (the case's own error says why)."""
-    digest = hashlib.sha256()
     try:
-        for m in channels:
-            digest.update(f"{m}:{case.channel_index.get(m)}:{file_sample_digest(case.image(m))};".encode())
+        return files_digest(case, channels)[:SCANS_DIGITS]
     except (TumorsegError, OSError):
         return None
-    return digest.hexdigest()[:SCANS_DIGITS]
 
 
 def write_outputs(pred: CasePrediction, case: Case, paths: list[Path], probabilities: bool, plots: bool,

@@ -27,7 +27,7 @@ alias above) and optionally `seg`, paths relative to the table (`list_cases`).
 `write_case` writes every layout (for `tumorseg synth --layout` and for tests).
 """
 
-from .case import LAYOUTS, UNNAMED_CONVENTION, Case, load_images
+from .case import LAYOUTS, UNNAMED_CONVENTION, Case, files_digest, load_images
 from .dataset_json import BESIDE, DATASET_JSON, dataset_labels, folder_labels, write_dataset_json
 from .discover import NAMING_HINT, dataset_layout, discover_cases
 from .table import is_case_list, list_cases
@@ -35,6 +35,6 @@ from .write import layout_case_id, layout_labels, write_case
 
 __all__ = [
     "BESIDE", "DATASET_JSON", "LAYOUTS", "NAMING_HINT", "UNNAMED_CONVENTION", "Case", "dataset_labels", "dataset_layout",
-    "discover_cases", "folder_labels", "is_case_list", "layout_case_id", "layout_labels", "list_cases", "load_images",
+    "discover_cases", "files_digest", "folder_labels", "is_case_list", "layout_case_id", "layout_labels", "list_cases", "load_images",
     "write_case", "write_dataset_json",
 ]

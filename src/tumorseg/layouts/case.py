@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import TumorsegError
-from ..io import NIFTI_RE, Volume, load_nifti_channels
+from ..io import NIFTI_RE, Volume, file_digest, file_sample_digest, load_nifti_channels
 from ..labels import BRATS2020, MODALITIES, LabelConvention
 
 
@@ -59,6 +61,19 @@ def load_images(case: Case, modalities: tuple[str, ...] | list[str]) -> list[Vol
         for m, vol in zip(names, load_nifti_channels(case.image(names[0]), case.case_id, indices)):
             loaded[m] = vol
     return [loaded[m] for m in modalities]
+
+
+def files_digest(case: Case, channels: Sequence[str], seg: bool = False) -> str:
+    """SHA-256 (hex) of the files a case's outputs come from, alike for a copy anywhere: each
+    channel's scan by `io.file_sample_digest`, in order, and with `seg` the segmentation's whole
+    content (a corrected label map may differ in a few voxels of a `.nii`). Raises TumorsegError or
+    OSError where a file cannot be read."""
+    digest = hashlib.sha256()
+    for m in channels:
+        digest.update(f"{m}:{case.channel_index.get(m)}:{file_sample_digest(case.image(m))};".encode())
+    if seg and case.seg is not None:
+        digest.update(f"seg:{file_digest(case.seg)};".encode())
+    return digest.hexdigest()
 
 
 def file_stem(path: Path) -> str:

@@ -17,7 +17,7 @@ from ..errors import TumorsegError
 from ..geometry import Grid, labels_onto, network_grid, overlap_fraction, reorient, resample, same_voxels
 from ..io import Volume, load_labels, orientation_problem, save_npy, write_text
 from ..labels import CAVITY_CLASS
-from ..layouts import Case, load_images
+from ..layouts import Case, files_digest, load_images
 from .config import PrepareConfig
 from .crop import Box, background, brain_mask, crop, crop_box, inside
 from .scaling import scale
@@ -67,6 +67,7 @@ def load_channels(case: Case, channels: tuple[str, ...]) -> list[Volume]:
     return out
 
 
+FILES_DIGITS = 16  # hex digits of a case's files digest its record keeps
 MAX_BRAIN_LITRES = 2.5  # skull-stripped adult brains: 1.2-1.7 L in the real sample cases; a head is 3-5 L
 
 
@@ -179,6 +180,7 @@ def prepare_case(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
         "network_affine": np.round(net.affine, 6).tolist(),
         "crop_box": [list(b) for b in box],
         "settings": config.case_settings(),
+        "files_digest": files_digest(case, config.channels, seg=True)[:FILES_DIGITS],  # read without error above
     }
     if case.seg is None:
         record.update(status="unlabelled", reason="no segmentation: prepared for prediction only")
@@ -200,10 +202,9 @@ def prepare_case(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
             record.update(status="kept", reason=None)
             # A contiguous copy (2 MB) first: np.save of a strided view iterates in small buffers.
             save_npy(out_dir / "masks" / f"{case.case_id}.npy", np.ascontiguousarray(mask))
-    if record["status"] == "dropped":
-        for kind in ("images", "masks"):  # left over from a run with other settings
-            (out_dir / kind / f"{case.case_id}.npy").unlink(missing_ok=True)
-    else:
+    if record["status"] != "kept":  # left over from a run with other settings
+        remove_arrays(out_dir, case.case_id, ("images", "masks") if record["status"] == "dropped" else ("masks",))
+    if record["status"] != "dropped":
         save_npy(out_dir / "images" / f"{case.case_id}.npy", np.ascontiguousarray(image))
     write_text(record_path(out_dir, case.case_id), json.dumps(record, indent=1))
     return record
@@ -211,3 +212,10 @@ def prepare_case(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
 
 def record_path(out_dir: Path, case_id: str) -> Path:
     return out_dir / "records" / f"{case_id}.json"
+
+
+def remove_arrays(out_dir: Path, case_id: str, kinds: tuple[str, ...] = ("images", "masks")) -> None:
+    """A case's arrays of these kinds, gone: a dropped or failed case keeps none (a mask written before
+    its image failed to write, on a full disk, would be left alone otherwise)."""
+    for kind in kinds:
+        (out_dir / kind / f"{case_id}.npy").unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field, replace
@@ -14,12 +15,12 @@ from ..bars import progress_bar
 from ..errors import TumorsegError
 from ..io import MANIFEST, read_npy, sweep_stale_temps, unfinished_prepare, write_text
 from ..geometry import grid_of, network_grid
-from ..layouts import Case, dataset_layout, discover_cases
+from ..layouts import Case, dataset_layout, discover_cases, files_digest
 from ..lock import folder_lock
 from ..notes import grouped
 from ..pool import worker_pool
 from ..settings import settings_object
-from .case import prepare_case, record_path
+from .case import FILES_DIGITS, prepare_case, record_path, remove_arrays
 from .config import PrepareConfig, default_workers
 from .split import split_cases
 
@@ -44,13 +45,16 @@ def _run_one(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
     try:
         return prepare_case(case, config, out_dir)
     except TumorsegError as exc:
-        return {"case_id": case.case_id, "status": "failed", "reason": str(exc)}
+        reason = str(exc)
     except (MemoryError, Exception) as exc:  # a bug or resource problem: still name the case
-        return {"case_id": case.case_id, "status": "failed", "reason": f"{case.case_id}: {type(exc).__name__}: {exc}"}
+        reason = f"{case.case_id}: {type(exc).__name__}: {exc}"
+    with contextlib.suppress(OSError):
+        remove_arrays(out_dir, case.case_id)
+    return {"case_id": case.case_id, "status": "failed", "reason": reason}
 
 
 def _finished(case: Case, config: PrepareConfig, out_dir: Path) -> dict | None:
-    """The saved record of a case already prepared with the same settings, else None."""
+    """The saved record of a case already prepared with the same settings from the same files, else None."""
     path = record_path(out_dir, case.case_id)
     try:
         record = json.loads(path.read_text())
@@ -58,6 +62,12 @@ def _finished(case: Case, config: PrepareConfig, out_dir: Path) -> dict | None:
         return None
     if record.get("settings") != config.case_settings():
         return None
+    if "files_digest" in record:  # records from before it was kept: taken as they are
+        try:
+            if record["files_digest"] != files_digest(case, config.channels, seg=True)[:FILES_DIGITS]:
+                return None  # a scan or segmentation replaced since (a corrected label map): prepared again
+        except (TumorsegError, OSError):
+            return None  # the case's own error says why
     needed = [] if record["status"] == "dropped" else ["images"] + (["masks"] if record["status"] == "kept" else [])
     size = tuple(stop - start for start, stop in record.get("crop_box", ()))
     shapes = {"images": (len(config.channels), *size), "masks": size}
