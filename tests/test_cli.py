@@ -58,7 +58,7 @@ def test_help_is_instant_and_lists_commands():
     for module in ("tumorseg", "tumorseg.cli"):  # `python -m tumorseg` where the script is not on PATH
         proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and proc.stdout.startswith("usage: tumorseg ")
-        for command in ("synth", "prepare", "train", "predict", "evaluate", "show", "report", "export", "demo"):
+        for command in ("synth", "cases", "prepare", "train", "predict", "evaluate", "show", "report", "export", "demo"):
             assert command in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "tumorseg", "evaluate", "/nonexistent", "/nonexistent"],
                           capture_output=True, text=True, timeout=60)

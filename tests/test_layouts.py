@@ -456,7 +456,8 @@ def test_a_folder_of_scans_named_for_no_modality_is_said_not_skipped(layouts, tm
     assert "Patient C" not in {c.case_id for c in cases} and len(cases) == 3
     assert capsys.readouterr().err == (f"note: {tmp_path / 'data'}: 1 folder(s) with NIfTI files named for no modality "
                                        f"not read: Patient C (name each case's files t1, t1ce, t2, flair (or <case>_t1 "
-                                       "...), or list them in a cases.csv with columns case,t1,t1ce,t2,flair)\n")
+                                       "...), or list them in a cases.csv with columns case,t1,t1ce,t2,flair: "
+                                       "`tumorseg cases DIR cases.csv` proposes one from series names)\n")
     discover_cases(tmp_path / "data", need_images=False)  # ground truth: images are not looked for
     assert capsys.readouterr().err == ""
     with pytest.raises(TumorsegError, match=r"Patient C: no cases found \(expected .*\); 3_t1_mprage_sag.nii.gz, "

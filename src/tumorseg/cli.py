@@ -29,6 +29,26 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cases(args: argparse.Namespace) -> int:
+    from .layouts import propose_case_list, write_case_list
+
+    if args.out.exists() and not args.force:
+        raise TumorsegError(f"{args.out}: exists; --force replaces it")
+    if args.out.suffix.lower() not in (".csv", ".tsv"):
+        raise TumorsegError(f"{args.out}: a case list is a .csv file (prepare and predict read it by its suffix)")
+    rows = propose_case_list(args.data_dir)
+    path = write_case_list(rows, args.out)
+    guessed = [r for r in rows if r.source == "series names"]
+    print(f"wrote {path}: {len(rows)} case(s), {len(guessed)} of them guessed from series names")
+    for row in guessed:
+        files = ", ".join(f"{kind} {p.name}" for kind, p in row.files.items()) or "no file"
+        print(f"  {row.case_id}: {files}" + "".join(f"\n    {note}" for note in row.notes))
+    if guessed:
+        print(f"check the guessed files (a T1 after contrast taken for one before would go unnoticed), then: "
+              f"tumorseg predict MODEL {path} OUT")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .prepare import PrepareConfig, prepare
     from .recipes import load_recipe
@@ -165,8 +185,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate,
-            "predict": cmd_predict, "show": cmd_show, "demo": cmd_demo, "export": cmd_export, "report": cmd_report}
+COMMANDS = {"synth": cmd_synth, "cases": cmd_cases, "prepare": cmd_prepare, "train": cmd_train,
+            "evaluate": cmd_evaluate, "predict": cmd_predict, "show": cmd_show, "demo": cmd_demo, "export": cmd_export,
+            "report": cmd_report}
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=LAYOUTS, default="brats2020",
                    help="dataset layout: file names, 4D files, dataset.json and label convention")
 
+    p = sub.add_parser("cases", help="write a cases.csv of a folder's cases for you to check, the modalities of "
+                                     "scans named by series (dcm2niix) guessed")
+    p.add_argument("data_dir", type=Path, help="the patients' scans: a folder of NIfTI files per patient, named by "
+                                               "series (3_t1_mprage_sag.nii.gz), or any layout")
+    p.add_argument("out", type=Path, help="the case list to write (.csv); prepare, predict, evaluate and show read it")
+    p.add_argument("--force", action="store_true", help="replace OUT where it exists")
+
     p = sub.add_parser("prepare", help="BraTS case folders -> training arrays (.npy) + manifest")
     p.add_argument("data_dir", type=Path, help="BraTS download, folder of case folders, one case folder, or a cases.csv naming each "
                         "case's files")

@@ -30,11 +30,12 @@ alias above) and optionally `seg`, paths relative to the table (`list_cases`).
 from .case import LAYOUTS, UNNAMED_CONVENTION, Case, files_digest, load_images
 from .dataset_json import BESIDE, DATASET_JSON, dataset_labels, folder_labels, write_dataset_json
 from .discover import NAMING_HINT, dataset_layout, discover_cases
+from .series import propose_case_list, write_case_list
 from .table import is_case_list, list_cases
 from .write import layout_case_id, layout_labels, write_case
 
 __all__ = [
     "BESIDE", "DATASET_JSON", "LAYOUTS", "NAMING_HINT", "UNNAMED_CONVENTION", "Case", "dataset_labels", "dataset_layout",
     "discover_cases", "files_digest", "folder_labels", "is_case_list", "layout_case_id", "layout_labels", "list_cases", "load_images",
-    "write_case", "write_dataset_json",
+    "propose_case_list", "write_case", "write_case_list", "write_dataset_json",
 ]

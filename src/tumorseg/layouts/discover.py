@@ -27,7 +27,7 @@ EXPECTED = ("BraTS case folders (<case>_{t1,t1ce,t2,flair}.nii[.gz] or <case>-{t
             "case folders of files named by modality ({t1,t1ce,t2,flair}.nii[.gz]), "
             "an MSD / nnU-Net dataset (dataset.json with imagesTr/), a BIDS dataset, or a cases.csv")
 NAMING_HINT = ("name each case's files t1, t1ce, t2, flair (or <case>_t1 ...), or list them in a cases.csv with "
-               "columns case,t1,t1ce,t2,flair")
+               "columns case,t1,t1ce,t2,flair: `tumorseg cases DIR cases.csv` proposes one from series names")
 # UPENN-GBM keeps its expert segmentations (`<case>_segm.nii.gz`) apart from the case folders of
 # `images_structural/`, in a folder beside them (`automated_segm/` beside it is not expert truth).
 SEGMENTATION_FOLDERS: tuple[str, ...] = ("images_segm",)
@@ -102,6 +102,30 @@ def _all_cases(root: Path, need_images: bool, unread: dict[Path, list[Path]], ne
     table = next((root / f"cases{suffix}" for suffix in CASE_LIST_SUFFIXES if (root / f"cases{suffix}").is_file()), None)
     if table is not None:  # the folder given for the table in it: its scans' names may half match a layout
         return list_cases(table)
+    cases, seg_folders = walk(root, need_images, unread, nested)
+    flat = not cases and not need_images
+    if flat:
+        cases = label_files(root)
+    if not cases and prepared_folder(root):  # `tumorseg prepare`'s output
+        raise TumorsegError(f"{root}: a prepared folder (arrays for training); give the scans it was prepared from")
+    if not cases:
+        pairs = next((p for pattern in ("*.hdr", "*/*.hdr") for p in root.glob(pattern)), None)  # Analyze pairs
+        hint = f"; {pairs.name} and the like are .hdr/.img pairs: convert them to .nii.gz" if pairs else ""
+        if unread and not hint:
+            folder, files = next(iter(unread.items()))
+            hint = (f"; {', '.join(f.name for f in files[:4])}{', ...' if len(files) > 4 else ''} in "
+                    f"{folder} name no modality: {NAMING_HINT}")
+        raise TumorsegError(f"{root}: no cases found (expected {EXPECTED}){hint}")
+    if not flat:  # flat label files (evaluate's truth) are each read in the convention their name gives
+        _check_one_layout(root, cases)
+    return _named_apart(root, pediatric_labels(root, _with_segmentations_beside(cases, seg_folders)))
+
+
+def walk(root: Path, need_images: bool, unread: dict[Path, list[Path]], nested: list[Path]) -> tuple[list[Case], list[Path]]:
+    """The cases of every layout in `root`'s folders (to `MAX_DEPTH` levels), and the folders beside
+    them that hold segmentations (UPENN-GBM's); the folders of NIfTI files that made no case are
+    added to `unread` (with their files), and a case folder's sub-folders holding a case (a later
+    visit inside a patient's) to `nested`."""
     cases: list[Case] = []
     seg_folders = [root.parent / name for name in SEGMENTATION_FOLDERS if root.name.startswith("images_structural")]
     stack = [(root, 0)]
@@ -125,22 +149,7 @@ def _all_cases(root: Path, need_images: bool, unread: dict[Path, list[Path]], ne
             with contextlib.suppress(OSError):
                 stack.extend((p, depth + 1) for p in folder.iterdir()
                              if p.is_dir() and not p.name.startswith(".") and p.name not in skipped)
-    flat = not cases and not need_images
-    if flat:
-        cases = label_files(root)
-    if not cases and prepared_folder(root):  # `tumorseg prepare`'s output
-        raise TumorsegError(f"{root}: a prepared folder (arrays for training); give the scans it was prepared from")
-    if not cases:
-        pairs = next((p for pattern in ("*.hdr", "*/*.hdr") for p in root.glob(pattern)), None)  # Analyze pairs
-        hint = f"; {pairs.name} and the like are .hdr/.img pairs: convert them to .nii.gz" if pairs else ""
-        if unread and not hint:
-            folder, files = next(iter(unread.items()))
-            hint = (f"; {', '.join(f.name for f in files[:4])}{', ...' if len(files) > 4 else ''} in "
-                    f"{folder} name no modality: {NAMING_HINT}")
-        raise TumorsegError(f"{root}: no cases found (expected {EXPECTED}){hint}")
-    if not flat:  # flat label files (evaluate's truth) are each read in the convention their name gives
-        _check_one_layout(root, cases)
-    return _named_apart(root, pediatric_labels(root, _with_segmentations_beside(cases, seg_folders)))
+    return cases, seg_folders
 
 
 def _folder_cases(folder: Path, need_images: bool) -> list[Case] | None:
