@@ -361,3 +361,17 @@ def test_labels_onto_keeps_the_edges_and_copies_nothing_further():
     wider = Grid((20, 24, 121), fine.affine)  # one fine slice beyond the coarse view (99.2 % shared)
     moved, _ = labels_onto(np.ones((10, 12, 60), np.uint8), coarse, wider, "seg", "the images")
     assert moved[..., :120].all() and not moved[..., 120].any()  # beyond the map's view: background, not its edge
+
+
+def test_box_overlap_exact_for_aligned_and_turned_boxes():
+    from tumorseg.box_overlap import box_overlap, corners, polytope_overlap
+
+    lo, hi = np.zeros(3), np.full(3, 10.0)
+    assert box_overlap(corners(lo + [5, 0, 0], hi + [5, 0, 0]), lo, hi) == pytest.approx(0.5)  # half along x
+    assert box_overlap(corners(lo + [0, 0, 20], hi + [0, 0, 20]), lo, hi) == 0.0
+    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    turned = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])  # a 2-voxel cube turned 45 degrees about z, at the centre
+    assert polytope_overlap(turned, np.array([5.0, 5.0, 5.0]), lo, lo + 2, lo, hi) == pytest.approx(1.0)
+    # a unit cube turned 45 degrees about z with its centre on the face x = 0: half of it inside
+    assert polytope_overlap(turned, np.array([0.0, 5.0, 5.0]), np.full(3, -0.5), np.full(3, 0.5), lo, hi) == pytest.approx(0.5)
+    assert polytope_overlap(turned, np.array([-5.0, 5.0, 5.0]), lo, lo + 1, lo, hi) == 0.0  # outside
