@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tumorseg.prepare import PrepareConfig, prepare
+
+from factory import write_case
+
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "tumorseg"
 INTERVAL = "from tumorseg.bars import progress_bar\nprint(progress_bar(total=1, file=open(os.devnull, 'w')).mininterval)"
@@ -42,3 +46,20 @@ def test_every_bar_is_made_by_progress_bar():
     made = [str(p.relative_to(SRC)) for p in sorted(SRC.rglob("*.py"))
             if p.name != "bars.py" and re.search(r"\btqdm\(", p.read_text(encoding="utf-8"))]
     assert not made
+
+
+def test_bars_take_a_stderr_without_isatty(tmp_path, monkeypatch):
+    """A program's logger adapter with `write` and `flush` alone as stderr had made prepare raise."""
+    class Adapter:
+        def __init__(self):
+            self.text = ""
+
+        def write(self, text):
+            self.text += text
+
+        def flush(self):
+            pass
+
+    write_case(tmp_path / "raw", "c0")
+    monkeypatch.setattr(sys, "stderr", Adapter())
+    assert prepare(tmp_path / "raw", tmp_path / "prep", PrepareConfig(crop_size=(32, 32, 24)), workers=1).kept == ["c0"]

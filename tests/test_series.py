@@ -1,5 +1,8 @@
 import csv
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -7,7 +10,7 @@ from tumorseg.cli import main
 from tumorseg.errors import TumorsegError
 from tumorseg.labels import MODALITIES
 from tumorseg.layouts import discover_cases
-from tumorseg.layouts.series import guess_modality, propose_case_list
+from tumorseg.layouts.series import guess_case, guess_modality, propose_case_list
 from tumorseg.prepare import PrepareConfig, prepare
 from tumorseg.synth import synthesize
 
@@ -28,10 +31,32 @@ SERIES = {"t1": "DICOM_t1_mprage_sag_p2_iso_20190101120000_3", "t1ce": "DICOM_t1
     ("localizer_1.nii.gz", None), ("AAHead_Scout_1.nii.gz", None), ("ep2d_diff_ADC_6.nii.gz", None),
     ("t1_mprage_sag_ph_3.nii.gz", None), ("AX_SWI_8.nii.gz", None), ("t2_star_gre_7.nii.gz", None), ("AX_T2*_GRE_7.nii.gz", None), ("AX_T2_GRE_7.nii.gz", None),
     ("brain_mask.nii.gz", None), ("20190101120000_11.nii.gz", None),
+    # before contrast said outright; a post-operative scan is no contrast
+    ("t1_se_tra_vor_KM_3.nii.gz", "t1"), ("AX_T1_NON_CONTRAST_3.nii.gz", "t1"), ("T1_W_O_GAD.nii.gz", "t1"),
+    ("AX_T1_C-_3.nii.gz", "t1"), ("T1_post_op.nii.gz", "t1"), ("00001_t1n_bet.nii.gz", "t1"),
+    ("T1_gadovist.nii.gz", "t1ce"), ("T1_postgado.nii.gz", "t1ce"), ("T1WGd.nii.gz", "t1ce"), ("00001_t1c_bet.nii.gz", "t1ce"),
+    ("00001_t2f_bet.nii.gz", "flair"), ("t2_spc_da-fl_sag_p2_iso_7.nii.gz", "flair"),
+    ("T2W_FFE_6.nii.gz", None), ("t2_fl2d_tra_hemo_8.nii.gz", None), ("t2_medic_tra.nii.gz", None),  # T2*
+    ("SUB_T1_POST-PRE_12.nii.gz", None), ("t1_vibe_fs_tra_SUB.nii.gz", None), ("T1map.nii.gz", None),
+    ("T1_relCBV.nii.gz", None), ("mp2rage_UNI_Images.nii.gz", None), ("AX_T1_TUMOR_PROTOCOL.nii.gz", "t1"),
 ])
 def test_modalities_guessed_from_series_names(name, modality):
     """Siemens', GE's and Philips' protocol names; diffusion, phase, T2* and localizers are no modality."""
     assert guess_modality(name) == modality
+
+
+@pytest.mark.parametrize("names, t1, t1ce", [
+    (["t1_mprage_sag_3", "t1_mprage_sag_POST_GAD_9"], "t1_mprage_sag_3", "t1_mprage_sag_POST_GAD_9"),
+    (["t1_se_tra_vor_KM_3", "t1_mprage_sag_p2_iso_9"], "t1_se_tra_vor_KM_3", None),  # the MPRAGE: after? not said
+    (["AX_T1_NON_CONTRAST_3", "AX_3D_BRAVO_9"], "AX_T1_NON_CONTRAST_3", None),
+    (["t1_mprage_sag_p2_iso_9"], None, None),  # an MPRAGE acquired only after gadolinium is common
+    (["T1_PRE_3", "T1_MPRAGE_5", "T1_POST_9"], "T1_PRE_3", "T1_POST_9"),
+])
+def test_t1s_told_apart_only_by_what_their_names_say(names, t1, t1ce):
+    case = guess_case("p", [Path(f"{n}.nii.gz") for n in names])
+    assert (case.files.get("t1"), case.files.get("t1ce")) == tuple(Path(f"{n}.nii.gz") if n else None for n in (t1, t1ce))
+    if t1ce is None:
+        assert any(n.startswith("t1ce: T1 series whose names do not say before or after contrast") for n in case.notes)
 
 
 def _series_patient(folder, scans: dict) -> None:
@@ -93,3 +118,45 @@ def test_a_proposed_list_of_real_scans_is_prepared(real_data_dir, tmp_path):
     assert result.manifest["counts"]["failed"] == 0 and len(result.manifest["cases"]) == 2
     for record in result.manifest["cases"]:
         assert record["sources"]["t1ce"].endswith(SERIES["t1ce"] + ".nii.gz") and record["segmentation"]
+
+
+def test_cases_keeps_what_discovery_knows_and_refuses_labels_a_list_cannot_carry(tmp_path):
+    for patient in ("Patient-001", "Patient-002"):  # longitudinal: visits named alike, told apart by their patient
+        write_case(tmp_path / "long" / patient, "week-000")
+    ids = [r.case_id for r in propose_case_list(tmp_path / "long")]
+    assert ids == ["Patient-001_week-000", "Patient-002_week-000"]
+    synthesize(tmp_path / "b23", 1, shape=(16, 16, 16), layout="brats2023", progress=False)
+    with pytest.raises(TumorsegError, match="brats2023 cases with brats2023 labels, which a case list cannot carry"):
+        propose_case_list(tmp_path / "b23")
+
+
+def test_a_series_folder_named_by_plane_is_not_read_as_a_case_called_ax(tmp_path, capsys):
+    """dcm2niix -f %d: `AX_T1`, `AX_T1_POST` had made a case `AX` (and `Sag_T1` beside them a case `Sag`)."""
+    write_case(tmp_path / "raw", "p")
+    folder = tmp_path / "data" / "P1"
+    folder.mkdir(parents=True)
+    for m, name in (("t1", "AX_T1"), ("t1ce", "AX_T1_POST"), ("t2", "AX_T2"), ("flair", "Sag_FLAIR")):
+        os.symlink(tmp_path / "raw" / "p" / f"p_{m}.nii.gz", folder / f"{name}.nii.gz")
+    with pytest.raises(TumorsegError, match="no cases found"):
+        discover_cases(tmp_path / "data")
+    (row,) = propose_case_list(tmp_path / "data")
+    assert row.case_id == "P1" and {k: p.name for k, p in row.files.items()} == {
+        "t1": "AX_T1.nii.gz", "t1ce": "AX_T1_POST.nii.gz", "t2": "AX_T2.nii.gz", "flair": "Sag_FLAIR.nii.gz"}
+
+
+def test_lists_read_back_from_a_linked_folder_a_patients_own_folder_and_names_not_utf8(tmp_path, monkeypatch):
+    write_case(tmp_path / "raw", "p")
+    patient = tmp_path / "data" / os.fsdecode(b"M\xfcller")  # an old zip's name: not UTF-8
+    _series_patient(patient, {m: tmp_path / "raw" / "p" / f"p_{m}.nii.gz" for m in MODALITIES})
+    (tmp_path / "far" / "lists").mkdir(parents=True)
+    os.symlink(tmp_path / "far" / "lists", tmp_path / "lists")  # a list written through a link to its folder
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # a strict stdout
+    proc = subprocess.run([sys.executable, "-m", "tumorseg", "cases", str(tmp_path / "data"), str(tmp_path / "lists/c.csv")],
+                          capture_output=True, timeout=60, env=env)
+    assert proc.returncode == 0 and b"M\xfcller" in proc.stdout, proc.stderr
+    (case,) = discover_cases(tmp_path / "lists" / "c.csv")
+    assert case.case_id == os.fsdecode(b"M\xfcller") and all(case.image(m).exists() for m in MODALITIES)
+    monkeypatch.chdir(patient)  # one patient's folder given as `.`: named by its folder
+    (row,) = propose_case_list(".")
+    assert row.case_id == os.fsdecode(b"M\xfcller")
+

@@ -24,8 +24,7 @@ def progress_bar(iterable: Any = None, **options: Any) -> Any:
 def in_log_file() -> bool:
     """Whether the bars' stream, stderr, goes to a file or a pipe (nohup, SLURM, `2> log`): not a
     terminal, and not a Jupyter kernel's cell, where a bar redraws in place as in a terminal."""
-    stream = sys.stderr
-    return stream is not None and not stream.isatty() and "ipykernel" not in sys.modules
+    return sys.stderr is not None and not _terminal() and "ipykernel" not in sys.modules
 
 
 def end_bars() -> None:
@@ -40,4 +39,14 @@ def leave_in_log() -> bool:
     """`leave` for a bar that goes once done: in a terminal it is cleared, while in a log file its
     last state stays and ends its line. A bar cleared in a log file leaves a carriage return that
     the next line would follow on the same line."""
-    return not sys.stderr.isatty()
+    return not _terminal()
+
+
+def _terminal() -> bool:
+    """Whether stderr is a terminal; a stream a program put there may have no `isatty` (a logger's
+    adapter with `write` alone)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty()) if isatty is not None else False
+    except (OSError, ValueError):  # closed
+        return False

@@ -202,7 +202,11 @@ def _stop_now(signum: int, frame: object) -> None:
 
 
 def run() -> None:
-    """The `tumorseg` command (and `python -m tumorseg`)."""
+    """The `tumorseg` command (and `python -m tumorseg`). A file name that is not UTF-8 (an old
+    zip's `patient_\xe9`) is written as its own bytes, as `ls` writes it, not as a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):  # a stream that is no text file keeps its own
+            stream.reconfigure(errors="surrogateescape")
     sys.exit(main())
 
 

@@ -7,11 +7,11 @@ synthetic resolution, a few minutes of training. Re-running continues where it s
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TumorsegError
+from .log import say
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ STEPS = 6
 
 
 def _step(number: int, text: str) -> None:
-    print(f"[{number}/{STEPS}] {text}", file=sys.stderr, flush=True)
+    say(f"[{number}/{STEPS}] {text}")
 
 
 def _synthetic_data(work: Path, s: DemoSettings) -> tuple[Path, Path]:
@@ -84,10 +84,10 @@ def run_demo(work_dir: str | Path = "demo_out", data: str | Path | None = None, 
     _step(2, f"preparing -> {work / 'prepared'}")
     prepared = prepare(raw, work / "prepared", prep_cfg)
     counts, split = prepared.manifest["counts"], prepared.manifest["split"]
-    print(f"  {counts['kept']} kept ({len(split['train'])} train, {len(split['val'])} validation), "
-          f"{counts['dropped']} dropped (under {prep_cfg.min_tumour * 100:g}% tumour in the crop)", file=sys.stderr)
+    say(f"  {counts['kept']} kept ({len(split['train'])} train, {len(split['val'])} validation), "
+        f"{counts['dropped']} dropped (under {prep_cfg.min_tumour * 100:g}% tumour in the crop)")
     if prepared.failed:
-        print(f"  {len(prepared.failed)} case(s) failed and are left out", file=sys.stderr)
+        say(f"  {len(prepared.failed)} case(s) failed and are left out")
     held_out = None if data is None else _held_out(work / "prepared", raw)  # else all of test/
     run = work / "run"
     _step(3, f"training a small 3D U-Net for {s.epochs} epochs on the CPU -> {run}")
@@ -96,7 +96,7 @@ def run_demo(work_dir: str | Path = "demo_out", data: str | Path | None = None, 
     trained = train(work / "prepared", run, config, resume=(run / "last.pt").exists(),
                     resume_with=f"the same demo command again (its folder: {work})")
     if trained.best_epoch:
-        print(f"  best.pt: epoch {trained.best_epoch}, validation mean Dice {trained.best_metric:.3f}", file=sys.stderr)
+        say(f"  best.pt: epoch {trained.best_epoch}, validation mean Dice {trained.best_metric:.3f}")
     which = test if held_out is None else f"{len(held_out)} validation cases of {test}"
     _step(4, f"predicting the held-out cases ({which}) -> {work / 'predictions'} (NIfTI + PNG)")
     predicted = predict(run / "best.pt", test, work / "predictions", plots=True, cases=held_out,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import TumorsegError
+from .log import say
 
 LOCK_NAME = ".tumorseg.lock"
 UNREADABLE_GRACE_S = 5.0
@@ -141,8 +142,8 @@ def folder_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> 
                 holder = _holder(_read(path)) or holder  # the run that took it over first
             raise TumorsegError(f"{folder} is in use by {_describe(holder)}; "
                                 f"wait for it or remove {path} if it is gone")
-        print(f"note: {path} was left by {_describe(holder)}, which is gone; "
-              "taking it over", file=sys.stderr)
+        say(f"note: {path} was left by {_describe(holder)}, which is gone; "
+            "taking it over")
     done = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(path, done), daemon=True, name="tumorseg-lock")
     beat.start()

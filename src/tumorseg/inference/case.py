@@ -7,20 +7,19 @@ post-processed in the case's label convention (`predict_case`). `predict` runs i
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..devices import autocast
 from ..errors import TumorsegError
 from ..geometry import Grid, resample_box
 from ..labels import CLASS_ABBREVIATIONS, REGIONS, LabelConvention
 from ..layouts import Case, discover_cases
+from ..log import say
 from ..prepare.case import (check_brain_size, check_headers, check_intensities, load_channels, scaled_window,
                             to_network_grid)
 from ..prepare.crop import Box, bounding_box, brain_mask, uncrop
@@ -113,7 +112,7 @@ def load_input(predictor: Predictor, case: Case) -> CaseInput:
     data, src, net = to_network_grid(vols, predictor.spacing)
     brain = brain_mask(data)
     for warning in warnings + check_brain_size(case, brain, net):
-        tqdm.write(f"warning: {warning}", file=sys.stderr)
+        say(f"warning: {warning}")
     image, box = network_input(data, predictor, brain)
     return CaseInput(image, box, src, net, vols[0].affine, vols[0].header)
 
@@ -163,8 +162,8 @@ def predict_case(
         if out_of_memory:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            tqdm.write(f"note: {case.case_id}: out of GPU memory; retrying with the windows one at a time and stitched "
-                       "on the CPU (slower)", file=sys.stderr)
+            say(f"note: {case.case_id}: out of GPU memory; retrying with the windows one at a time and stitched "
+                "on the CPU (slower)")
             model = _StitchedOnCpu(predictor.eager(), predictor.device, predictor.amp_dtype)  # one window at a time: no padding
             probs, disagreement = tta_probabilities(model, x, roi, predictor.target, predictor.overlap,
                                                     predictor.tta, uncertainty=uncertainty)

@@ -15,11 +15,11 @@ support) costs a one-line note, and the run goes on uncompiled.
 
 from __future__ import annotations
 
-import sys
 
 import torch
 from torch import nn
-from tqdm import tqdm
+
+from ..log import say
 
 # Networks whose cases compiled took at most 0.64x of their time uncompiled at their default
 # widths, in bf16 and in float32 (`bench_predict.py --engines torch,compile`, 128^3 windows, two
@@ -82,5 +82,5 @@ class CompiledNetwork(nn.Module):
             out = self.model(x)  # raises the network's own error where the input is at fault
             cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # Dynamo wraps the backend's error
             self.failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
-            tqdm.write(f"note: torch.compile failed ({self.failure}); predicting uncompiled", file=sys.stderr)
+            say(f"note: torch.compile failed ({self.failure}); predicting uncompiled")
             return out

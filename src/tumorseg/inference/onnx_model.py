@@ -36,7 +36,6 @@ import copy
 import inspect
 import io
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from .. import __version__
 from ..checkpoint import checkpoint_file, read_checkpoint
 from ..errors import TumorsegError
 from ..io import atomic_path
+from ..log import say
 from ..networks import network_spec, required_divisor
 from .model_state import check_state, network_from_state
 
@@ -202,7 +202,7 @@ def runtime_network(model: nn.Module, spec: dict[str, Any], device: torch.device
         if required:
             raise
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"note: {reason}; predicting with PyTorch", file=sys.stderr)
+        say(f"note: {reason}; predicting with PyTorch")
         return model, "torch"
 
 

@@ -9,7 +9,6 @@ skipped, and the ranks of a torchrun job share the cases, each predicted once.
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..devices import amp_dtype, describe
 from ..errors import TumorsegError
 from ..io import nifti_whole
 from ..layouts import Case, discover_cases
+from ..log import say
 from .case import load_input, predict_case
 from .compiled import COMPILED_SAVES, COMPILED_SAVES_ONNX, compile_pays
 from .outputs import check_one_model, made_by_others, output_paths, scans_digest, write_outputs
@@ -68,8 +68,8 @@ def _compile_if_it_pays(predictor: Predictor, seconds: float, passes_left: int, 
                         COMPILED_SAVES_ONNX if predictor.engine == "onnx" else COMPILED_SAVES):
         return predictor
     if bar is not None:
-        bar.write(f"predict: {seconds:.0f} s per sliding-window pass, {passes_left} passes to go: compiling the "
-                  "network (torch.compile)", file=sys.stderr)
+        say(f"predict: {seconds:.0f} s per sliding-window pass, {passes_left} passes to go: compiling the "
+            "network (torch.compile)")
     fast = predictor.compiled()
     return predictor if fast.model.failure else fast  # failed: the path that ran the first pass, not eager PyTorch
 
@@ -165,17 +165,17 @@ def predict(
         predictor = Predictor.from_checkpoints(checkpoint, device=device, tta=tta, labels=labels, amp=amp,
                                                engine=engine, overlap=0.5 if overlap is None else overlap, window=window)
         if progress:
-            print(f"predict: {_runtime_line(predictor, amp)}", file=sys.stderr)
+            say(f"predict: {_runtime_line(predictor, amp)}")
         if predictor.engine == "compile" and predictor.fixed_window():
             predictor.warm_up()  # compiles before the first case
         elif predictor.engine == "compile":
-            print("note: windows larger than the training patch differ from case to case; the network compiles "
-                  "again for each new size", file=sys.stderr)
+            say("note: windows larger than the training patch differ from case to case; the network compiles "
+                "again for each new size")
     if not postprocess:
         predictor = replace(predictor, largest_tumour=False, et_threshold=None, min_component=NO_COMPONENT_STEP,
                             postprocess_source=None, statistics=None)
     if progress and rank_world()[0] == 0:
-        print(f"predict: {predictor.settings_line()}", file=sys.stderr)
+        say(f"predict: {predictor.settings_line()}")
     if uncertainty and not predictor.tta:
         raise TumorsegError("--uncertainty comes from the TTA flips: add --tta (or use a checkpoint trained with --tta)")
     mine = shard(found)
@@ -186,8 +186,8 @@ def predict(
         other, unknown, recorded = made_by_others(out_dir, made_by, run_ids if force else set())
         check_one_model(out_dir, other, run_ids, redo_others)
         if unknown and rank_world()[0] == 0:
-            print(f"note: {out_dir}: {len(unknown)} prediction(s) there record no model (tumorseg wrote them before "
-                  "it recorded one): kept as they are; --force redoes them", file=sys.stderr)
+            say(f"note: {out_dir}: {len(unknown)} prediction(s) there record no model (tumorseg wrote them before "
+                "it recorded one): kept as they are; --force redoes them")
         result = PredictResult(out_dir=out_dir)
         todo = []
         damaged, changed = [], []
@@ -206,8 +206,8 @@ def predict(
         for cases_of, why in ((damaged, "with a damaged prediction file"),
                               (changed, "whose scans changed since they were predicted")):
             if cases_of:
-                print(f"note: {out_dir}: {len(cases_of)} case(s) {why}, predicted again: "
-                      f"{', '.join(cases_of[:3])}{', ...' if len(cases_of) > 3 else ''}", file=sys.stderr)
+                say(f"note: {out_dir}: {len(cases_of)} case(s) {why}, predicted again: "
+                    f"{', '.join(cases_of[:3])}{', ...' if len(cases_of) > 3 else ''}")
         bar = progress_bar(total=len(todo), desc="predict", unit="case", disable=not progress)
         # Reading the next case and writing the previous one overlap with the network's work.
         with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
@@ -235,7 +235,7 @@ def predict(
                                                        made_by, scans_digest(case, predictor.channels))))
                 except Exception as exc:  # noqa: BLE001 - one line naming the case, the others go on
                     result.failed[case.case_id] = _failure(case, exc)
-                    bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)
+                    say(f"error: {result.failed[case.case_id]}")
                 bar.update(1)
             for case, future in writes:
                 try:
@@ -243,7 +243,7 @@ def predict(
                     result.predicted.append(case.case_id)
                 except Exception as exc:  # noqa: BLE001
                     result.failed[case.case_id] = _failure(case, exc)
-                    bar.write(f"error: {result.failed[case.case_id]}", file=sys.stderr)
+                    say(f"error: {result.failed[case.case_id]}")
         bar.close()
     # Under torchrun every rank waits for all (an early exit would make torchrun stop the others),
     # and the report, of all the cases, is rank 0's alone.

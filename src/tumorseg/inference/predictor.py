@@ -10,7 +10,6 @@ import hashlib
 import importlib.util
 import math
 import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from ..devices import amp_dtype, autocast, resolve_device, window_batch
 from ..errors import TumorsegError
 from ..io import file_digest
 from ..labels import MODEL_DIGITS, REGIONS, LabelConvention, convention
+from ..log import say
 from ..networks import required_divisor
 from .compiled import CompiledNetwork, compiles_faster
 from .ensemble import EnsembleNetwork, check_members, ensemble_postprocessing, member_digests
@@ -245,8 +245,8 @@ class Predictor:
             except OSError as exc:  # gone or unreadable since ONNX Runtime read it
                 raise TumorsegError(f"{path}: cannot read it ({exc.strerror})") from None
             if dev.type == "cuda" and model.device.type != "cuda":
-                print(f"note: {checkpoint}: ONNX Runtime's CUDA provider is not installed or did not load "
-                      "(onnxruntime-gpu, built for this CUDA); the exported model runs on the CPU", file=sys.stderr)
+                say(f"note: {checkpoint}: ONNX Runtime's CUDA provider is not installed or did not load "
+                    "(onnxruntime-gpu, built for this CUDA); the exported model runs on the CPU")
                 dev = model.device
         else:
             state, digest = read_checkpoint(path) if path is not None else (checkpoint, None)

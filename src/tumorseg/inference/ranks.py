@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-import sys
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from ..errors import TumorsegError
 from ..io import sweep_stale_temps
 from ..layouts import Case
 from ..lock import LOCK_NAME, folder_lock
+from ..log import say
 
 
 _ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("tumorseg_predict_alone", default=False)
@@ -115,9 +115,8 @@ def _poll(done: Callable[[], bool], launcher: int | None, step: str, deadline: f
         if noted is not None and time.monotonic() > noted:
             noted = None
             rank, world = rank_world()
-            print(f"note: rank {rank} waits for the other {world - 1} rank(s) to reach '{step}': every rank of the "
-                  "job predicts its share (a script predicting on one rank alone: predict(..., distributed=False))",
-                  file=sys.stderr)
+            say(f"note: rank {rank} waits for the other {world - 1} rank(s) to reach '{step}': every rank of the "
+                "job predicts its share (a script predicting on one rank alone: predict(..., distributed=False))")
         time.sleep(MEETING_POLL)
 
 

@@ -28,10 +28,20 @@ def _case_key(stem: str) -> tuple[str, str] | None:
         if lower.endswith(suffix):
             return stem[: -len(suffix)], "seg"
     m = _BRATS_SUFFIX_RE.search(stem)
-    if m is None:
+    if m is None or _series_words(stem[: m.start()]):
         return None
     kind = "seg" if m["key"].lower() == "seg" else canonical_modality(m["key"])
     return (stem[: m.start()], kind) if kind is not None else None
+
+
+SCAN_PLANES = frozenset(("ax", "axial", "sag", "sagittal", "cor", "coronal", "tra", "transverse", "3d", "2d"))
+
+
+def _series_words(prefix: str) -> bool:
+    """Whether a name's prefix is a scanner's series words (`AX_T1`, `3_Sag_T1` from dcm2niix), not a
+    case: a plane, with series numbers at most. Those scans are named for no case (`tumorseg cases`)."""
+    words = [w for w in re.split(r"[^a-z0-9]+", prefix.lower()) if w]
+    return any(w in SCAN_PLANES for w in words) and all(w in SCAN_PLANES or w.isdigit() for w in words)
 
 
 def brats_cases(folder: Path, files: list[Path], need_images: bool) -> list[Case] | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Collection
 from ..errors import TumorsegError
 from ..io import nifti_files, prepared_folder
 from ..labels import LabelConvention
+from ..log import say
 from .bids import BIDS_DESCRIPTION, BIDS_RE, BIDS_SKIPPED, bids_cases
 from .brats import brats_cases, label_files
 from .case import Case, file_stem
@@ -74,7 +74,7 @@ def _note_left_out(root: Path, folders: list[Path], what: str, why: str) -> None
     note = f"note: {root}: {len(folders)} folder(s) {what} not read: {shown}{', ...' if len(folders) > 3 else ''} ({why})"
     if folders and note not in _SAID:
         _SAID.add(note)
-        print(note, file=sys.stderr)
+        say(note)
 
 
 def _names_a_case(stem: str, ids: set[str]) -> bool:
@@ -118,7 +118,7 @@ def _all_cases(root: Path, need_images: bool, unread: dict[Path, list[Path]], ne
         raise TumorsegError(f"{root}: no cases found (expected {EXPECTED}){hint}")
     if not flat:  # flat label files (evaluate's truth) are each read in the convention their name gives
         _check_one_layout(root, cases)
-    return _named_apart(root, pediatric_labels(root, _with_segmentations_beside(cases, seg_folders)))
+    return named_cases(root, cases, seg_folders)
 
 
 def walk(root: Path, need_images: bool, unread: dict[Path, list[Path]], nested: list[Path]) -> tuple[list[Case], list[Path]]:
@@ -150,6 +150,12 @@ def walk(root: Path, need_images: bool, unread: dict[Path, list[Path]], nested: 
                 stack.extend((p, depth + 1) for p in folder.iterdir()
                              if p.is_dir() and not p.name.startswith(".") and p.name not in skipped)
     return cases, seg_folders
+
+
+def named_cases(root: Path, cases: list[Case], seg_folders: list[Path]) -> list[Case]:
+    """`walk`'s cases as discovery gives them: with the segmentations kept beside them, the
+    pediatric label numbers of their year, and names told apart where folders repeat them."""
+    return _named_apart(root, pediatric_labels(root, _with_segmentations_beside(cases, seg_folders)))
 
 
 def _folder_cases(folder: Path, need_images: bool) -> list[Case] | None:

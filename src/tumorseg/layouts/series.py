@@ -18,51 +18,86 @@ from pathlib import Path
 
 from ..errors import TumorsegError
 from ..io import NIFTI_RE, write_text
-from ..labels import MODALITIES, canonical_modality
+from ..labels import BRATS2020, MODALITIES, canonical_modality
 from .case import Case, file_stem
-from .discover import walk
+from .discover import MAX_DEPTH, named_cases, walk
 
-# Series that are no structural scan of the four (dcm2niix adds `_ph` to phase images, `_ROI1` to ROIs).
+# Series that are no structural scan of the four (dcm2niix adds `_ph` to phase images, `_ROI1` to
+# ROIs); derived maps and subtractions (`SUB_T1_POST-PRE`) neither.
 NOT_STRUCTURAL = frozenset((
     "localizer", "localiser", "loc", "scout", "aahscout", "survey", "calibration", "cal", "dwi", "dti", "diff",
     "diffusion", "adc", "trace", "tracew", "swi", "swan", "mag", "pha", "phase", "ph", "perf", "perfusion", "pwi",
     "dsc", "dce", "asl", "pcasl", "mra", "tof", "angio", "fa", "colfa", "tensor", "b0", "b1000", "mip", "minip", "sbref",
-    "mosaic", "fmri", "bold", "rest", "spectro", "csi", "svs", "t2star", "star", "roi1", "roi2", "map",
+    "mosaic", "fmri", "bold", "rest", "spectro", "csi", "svs", "t2star", "star", "roi1", "roi2", "map", "sub",
+    "subtraction", "subtract", "cbv", "relcbv", "rcbv", "cbf", "mtt", "ttp", "uni", "inv1", "inv2", "t1map", "t2map",
+    "r2star", "mpr", "reformat", "mip",
 ))
-CONTRAST = frozenset(("post", "postcontrast", "gd", "gad", "gado", "gadolinium", "contrast", "ce", "c", "km", "mdc",
-                      "plus", "enhanced", "postgd", "postgad"))
+T2_STAR = frozenset(("gre", "ffe", "fl2d", "hemo", "medic", "merge", "t2s"))  # T2 gradient echoes: T2*-weighted
+# After contrast: the words, `+C`, `C+`, and the agents' names (`gadovist`, `gado`, `dotarem`, ...)
+CONTRAST = frozenset(("post", "postcontrast", "gd", "km", "mdc", "contrast", "ce", "enhanced", "dotarem", "multihance",
+                      "magnevist", "prohance", "clariscan", "omniscan", "elucirem", "vueway"))
+# Before contrast, said outright: `vor_KM`, `NON_CONTRAST`, `without`, `nativ`, GE's `C-`, BraTS's `t1n`
+BEFORE = frozenset(("pre", "precontrast", "vor", "non", "noncontrast", "no", "without", "wo", "nativ", "native",
+                    "plain", "t1n", "unenhanced"))
+CONTRAST_AFTER_POST = frozenset(("gd", "c", "km", "contrast"))  # `postgd`, `postc`: one word
+NOT_CONTRAST_POST = frozenset(("op", "operative", "surgery", "surgical", "resection", "tx", "treatment", "rt"))
 T1_SEQUENCES = ("mprage", "mp2rage", "bravo", "spgr", "fspgr", "tfe", "fl3d", "vibe")  # T1-weighted by name
-SEGMENTATION = frozenset(("seg", "segmentation", "tumor", "tumour", "label", "labels"))
+SEGMENTATION = frozenset(("seg", "segmentation", "label", "labels"))
+# (modality, contrast): contrast "after", "before" or None (the name does not say) for a T1
+Guess = tuple[str, str | None]
 
 
 def _tokens(stem: str) -> list[str]:
     stem = re.sub(r"t2\s*\*", " t2star ", stem.lower())  # `AX_T2*_GRE`
+    stem = re.sub(r"(?<![a-z0-9])c\s*-(?![a-z0-9])", " pre ", stem)  # GE's `C-`: without contrast
     stem = re.sub(r"\+\s*c\b|\bc\s*\+|\+", " post ", stem)  # `T1+C`, `BRAVO_C+`: after contrast
+    stem = re.sub(r"(?<![a-z0-9])w[^a-z0-9]*o(?![a-z0-9])", " without ", stem)  # `W_O_GAD`, `w/o`
     return [t for t in re.split(r"[^a-z0-9]+", stem) if t]
 
 
-def guess_modality(name: str) -> str | None:
-    """The modality a series name suggests (`t1`, `t1ce`, `t2`, `flair`), `seg` for a segmentation,
-    or None (a localizer, diffusion, perfusion, phase image, or a name that says nothing)."""
+def _contrast(tokens: list[str]) -> str | None:
+    """What a T1's name says of contrast: "before", "after" or None."""
+    if any(t in BEFORE for t in tokens):
+        return "before"
+    after = [i for i, t in enumerate(tokens) if t in CONTRAST or "gad" in t or canonical_modality(t) == "t1ce"
+             or (t.startswith("t1") and t.endswith("gd")) or (t.startswith("post") and t[4:] in CONTRAST_AFTER_POST)]
+    if any(not (tokens[i] == "post" and i + 1 < len(tokens) and tokens[i + 1] in NOT_CONTRAST_POST) for i in after):
+        return "after"
+    return None
+
+
+def guess_series(name: str) -> Guess | None:
+    """The modality a series name suggests (`t1`, `t2`, `flair`; `seg` for a segmentation) with, for
+    a T1, what the name says of contrast; None for a localizer, diffusion, perfusion, phase, T2*,
+    a derived map or subtraction, or a name that says nothing."""
     named = NIFTI_RE.match(name)
     stem = named["stem"] if named else name
-    if canonical_modality(stem):  # `T1Gd`, `flair`: a modality's own name
-        return canonical_modality(stem)
+    if (whole := canonical_modality(stem)) is not None:  # `T1Gd`, `flair`: a modality's own name
+        return ("t1", "after") if whole == "t1ce" else (whole, "before" if stem.lower() == "t1n" else None)
     tokens = _tokens(stem)
-    if any(t in NOT_STRUCTURAL for t in tokens):
+    if any(t in NOT_STRUCTURAL or (t.endswith("map") and len(t) > 3) for t in tokens):
         return None
     if any(t in SEGMENTATION for t in tokens):
-        return "seg"
-    after = any(t in CONTRAST or canonical_modality(t) == "t1ce" for t in tokens) and "pre" not in tokens
-    if any(t.startswith("t1") for t in tokens):  # GE's `AX T1 FLAIR` is T1-weighted
-        return "t1ce" if after else "t1"
-    if any("flair" in t or "tirm" in t for t in tokens) or {"dark", "fluid"} <= set(tokens):
-        return "flair"
-    if any(t.startswith("t2") for t in tokens):
-        return None if "gre" in tokens else "t2"  # a T2 gradient echo is T2*-weighted
+        return "seg", None
+    kinds = {canonical_modality(t) for t in tokens}
+    if "t1" in kinds or "t1ce" in kinds or any(t.startswith("t1") for t in tokens):  # GE's `AX T1 FLAIR`: T1-weighted
+        return "t1", _contrast(tokens)
+    if ("flair" in kinds or any("flair" in t or "tirm" in t for t in tokens) or {"dark", "fluid"} <= set(tokens)
+            or {"da", "fl"} <= set(tokens)):  # Siemens' `t2_spc_da-fl`, BraTS's `t2f`
+        return "flair", None
+    if "t2" in kinds or any(t.startswith("t2") for t in tokens):
+        return None if any(t in T2_STAR for t in tokens) else ("t2", None)
     if any(any(s in t for s in T1_SEQUENCES) for t in tokens):
-        return "t1ce" if after else "t1"
+        return "t1", _contrast(tokens)
     return None
+
+
+def guess_modality(name: str) -> str | None:
+    """`guess_series` as a modality alone: a T1 after contrast is `t1ce`."""
+    guess = guess_series(name)
+    if guess is None:
+        return None
+    return "t1ce" if guess == ("t1", "after") else guess[0]
 
 
 @dataclass
@@ -78,11 +113,23 @@ class ProposedCase:
 
 def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
     """A folder's series as one case: each modality (and the segmentation) taken where exactly one
-    file suggests it; where none or several do, left empty with a note naming the candidates."""
+    file suggests it; where none or several do, left empty with a note naming the candidates.
+
+    The T1s are told apart only by what their names say: T1CE is the one T1 named after contrast;
+    T1 the one named before it, or else, beside a T1CE so named, the one other T1. A T1 whose name
+    says nothing is never taken alone: an MPRAGE acquired only after gadolinium is common."""
     found: dict[str, list[Path]] = {}
+    t1s: dict[str | None, list[Path]] = {}
     for path in files:
-        if (kind := guess_modality(path.name)) is not None:
-            found.setdefault(kind, []).append(path)
+        if (guess := guess_series(path.name)) is None:
+            continue
+        if guess[0] == "t1":
+            t1s.setdefault(guess[1], []).append(path)
+        else:
+            found.setdefault(guess[0], []).append(path)
+    after, before, unsaid = (sorted(t1s.get(k, [])) for k in ("after", "before", None))
+    found["t1ce"] = after
+    found["t1"] = before or (unsaid if len(after) == 1 else [])
     proposed = ProposedCase(case_id, source="series names")
     for kind in (*MODALITIES, "seg"):
         candidates = sorted(found.get(kind, []))
@@ -91,6 +138,10 @@ def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
         elif candidates:
             names = ", ".join(file_stem(p) for p in candidates)
             proposed.notes.append(f"{kind}: {len(candidates)} candidates ({names}); fill in the one to use")
+        elif kind in ("t1", "t1ce") and unsaid:
+            names = ", ".join(file_stem(p) for p in unsaid)
+            proposed.notes.append(f"{kind}: T1 series whose names do not say before or after contrast ({names}); "
+                                  "fill it in from the scanner's protocol")
         elif kind != "seg":
             proposed.notes.append(f"{kind}: no series name suggests it; fill it in, or leave it empty")
     return proposed
@@ -104,16 +155,21 @@ def propose_case_list(root: str | os.PathLike) -> list[ProposedCase]:
     if not root.is_dir():
         raise TumorsegError(f"{root}: not a folder (give the folder of the patients' scans)")
     unread: dict[Path, list[Path]] = {}
-    cases, _ = walk(root, True, unread, [])
+    cases = named_cases(root, *walk(root, True, unread, []))
     four_d = [c.case_id for c in cases if c.channel_index]
     if four_d:
         raise TumorsegError(f"{root}: {four_d[0]} and the like are 4-D files (MSD): tumorseg reads them as they are, "
                             "without a case list")
+    other = [c for c in cases if c.labels != BRATS2020]  # a list's labels are read as BraTS 2020's
+    if other:
+        raise TumorsegError(f"{root}: {other[0].case_id} and the like are {other[0].layout} cases with {other[0].labels.name} "
+                            "labels, which a case list cannot carry: tumorseg reads them as they are, without one")
     rows = [_as_listed(c) for c in cases]
     names = _folder_names(root, list(unread))
     rows += [guess_case(names[folder], files) for folder, files in unread.items()]
     if not rows:
-        raise TumorsegError(f"{root}: no NIfTI scans found (convert DICOM series with dcm2niix first)")
+        raise TumorsegError(f"{root}: no NIfTI scans found within {MAX_DEPTH} folder levels (convert DICOM series "
+                            "with dcm2niix first)")
     ids = [r.case_id for r in rows]
     twice = sorted({i for i in ids if ids.count(i) > 1})
     if twice:
@@ -129,7 +185,7 @@ def _as_listed(case: Case) -> ProposedCase:
 def _folder_names(root: Path, folders: list[Path]) -> dict[Path, str]:
     """Each folder's name, or its path below `root` joined by `_` where names repeat (a patient's
     `visit_1` beside another's)."""
-    parts = {f: (f.relative_to(root).parts or (root.name,)) for f in folders}
+    parts = {f: (f.relative_to(root).parts or (root.resolve().name,)) for f in folders}  # `.`: its own name
     for k in range(1, max((len(p) for p in parts.values()), default=1) + 1):
         names = {f: "_".join(p[-k:]) for f, p in parts.items()}
         if len(set(names.values())) == len(names):
@@ -139,13 +195,14 @@ def _folder_names(root: Path, folders: list[Path]) -> dict[Path, str]:
 
 def write_case_list(rows: list[ProposedCase], out: str | os.PathLike) -> Path:
     """`rows` as a `cases.csv` (`layouts.list_cases` reads it): case, t1, t1ce, t2, flair, seg, with
-    paths relative to its folder (links kept as links); written atomically."""
+    paths relative to its folder (where the folder is a link, to the folder it links to, as the
+    list's reader resolves them); written atomically."""
     out = Path(out)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["case", *MODALITIES, "seg"])
     for row in rows:
-        writer.writerow([row.case_id, *(os.path.relpath(os.path.abspath(row.files[k]), os.path.abspath(out.parent))
+        writer.writerow([row.case_id, *(os.path.relpath(os.path.abspath(row.files[k]), os.path.realpath(out.parent))
                                         if k in row.files else "" for k in (*MODALITIES, "seg"))])
     write_text(out, buffer.getvalue())
     return out

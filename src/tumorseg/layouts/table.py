@@ -32,8 +32,10 @@ def list_cases(table: str | os.PathLike) -> list[Case]:
     """
     table = Path(table)
     try:
-        text = table.read_text(encoding="utf-8-sig")  # Excel writes a byte-order mark
-    except (OSError, UnicodeDecodeError) as exc:
+        # Excel writes a byte-order mark; names that are not UTF-8 (`tumorseg cases` of an old zip's
+        # folders) stand for their bytes, as the files' own names do
+        text = table.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    except OSError as exc:
         raise TumorsegError(f"{table}: cannot read the case list ({exc})") from None
     rows = [row for row in csv.reader(io.StringIO(text), delimiter=_delimiter(table, text)) if any(c.strip() for c in row)]
     if len(rows) < 2:

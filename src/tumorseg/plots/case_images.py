@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from ..io import MANIFEST, NIFTI_RE, load_labels, read_npy
 from ..labels import (BRATS2020, MODALITIES, LabelConvention, convention_from_header, format_values, read_as,
                       to_training_labels)
 from ..layouts import BESIDE, Case, discover_cases, folder_labels, is_case_list
+from ..log import say
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,8 @@ def load_prediction(pred: str | os.PathLike | np.ndarray | Any, data: CaseImages
         where = Path(pred)
         # another case's file draws without error on a grid of the same shape (`_0012` is not `_001`'s)
         if not re.search(rf"(^|[^0-9A-Za-z]){re.escape(data.case_id)}($|[^0-9A-Za-z])", where.name):
-            print(f"note: {data.case_id}: the prediction {where.name} is not named for this case (predict writes "
-                  f"{data.case_id}.nii.gz)", file=sys.stderr)
+            say(f"note: {data.case_id}: the prediction {where.name} is not named for this case (predict writes "
+                f"{data.case_id}.nii.gz)")
         if where.suffix == ".npy":
             array = read_npy(where)
             labels = raw_to_labels(array, where, pred_labels) if pred_labels else _npy_to_labels(array, where)
@@ -183,12 +183,12 @@ def load_prediction(pred: str | os.PathLike | np.ndarray | Any, data: CaseImages
 
                 raw, note = labels_onto(raw, grid(vol), Grid(data.shape, data.affine), where.name, "the images")
                 if note:
-                    print(f"note: {data.case_id}: {note}", file=sys.stderr)
+                    say(f"note: {data.case_id}: {note}")
             conv = pred_labels or convention_from_header(vol.header)
             if conv is None:  # another tool's file: its numbers are a guess, as evaluate and report say
                 beside = folder_labels(where.parent)
                 conv, why = (beside, BESIDE) if beside else (data.labels, "the case's")
-                print(f"note: {data.case_id}: {read_as(conv, why)}", file=sys.stderr)
+                say(f"note: {data.case_id}: {read_as(conv, why)}")
             labels = raw_to_labels(raw, where, conv)
     if labels.shape == data.shape:
         return labels

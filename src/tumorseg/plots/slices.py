@@ -19,7 +19,6 @@ coronal, k axial).
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +27,7 @@ import numpy as np
 from ..errors import TumorsegError
 from ..labels import CLASS_NAMES, LabelConvention, convention
 from ..layouts import Case
+from ..log import say
 from .canvas import drawable, figure_grid, save_png
 from .case_images import CaseImages, load_case, load_prediction
 
@@ -89,7 +89,7 @@ def save_case_plot(
     data = load_case(case, case_id, Path(pred) if isinstance(pred, (str, os.PathLike)) else None)
     if data.truth_note:
         kind = "warning" if data.truth is None else "note"
-        print(f"{kind}: {data.case_id}: {data.truth_note}", file=sys.stderr)
+        say(f"{kind}: {data.case_id}: {data.truth_note}")
     labels = None if pred is None else load_prediction(pred, data, convention(pred_labels) if pred_labels else None)
     images, truth, labels, spacing = to_lps(data, labels)
     brain = np.any(images != 0, axis=0)

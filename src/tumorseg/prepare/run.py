@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from ..io import MANIFEST, read_npy, sweep_stale_temps, unfinished_prepare, writ
 from ..geometry import grid_of, network_grid
 from ..layouts import Case, dataset_layout, discover_cases, files_digest
 from ..lock import folder_lock
+from ..log import say
 from ..notes import grouped
 from ..pool import worker_pool
 from ..settings import settings_object
@@ -119,7 +119,7 @@ def prepare(
             else:
                 todo.append(case)
         for note in grouped([c.seg_note for c in cases if c.seg_note]):
-            _say(note)
+            say(note)
         skipped = len(records)
         if todo:  # arrays are about to change: a run cut short must not leave the old manifest vouching for them
             (out_dir / MANIFEST).unlink(missing_ok=True)
@@ -141,15 +141,11 @@ def prepare(
 
 def _report(record: dict, bar: tqdm) -> dict:
     if record["status"] == "failed":
-        _say(f"error: {record['reason']}", bar)
+        say(f"error: {record['reason']}")
     for warning in record.get("warnings", ()):
-        _say(f"warning: {warning}", bar)
+        say(f"warning: {warning}")
     bar.update(1)
     return record
-
-
-def _say(line: str, bar: tqdm | None = None) -> None:
-    (bar.write if bar is not None else print)(line, file=sys.stderr)
 
 
 def training_cases(cases: list[Case]) -> list[Case]:

@@ -9,7 +9,6 @@ import csv
 import hashlib
 import io as _io
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import TumorsegError
 from ..io import write_text
 from ..labels import BRATS2020, NUM_CLASSES, RAW_LABELS, REGIONS
+from ..log import say
 from ..plots import plot_curves
 from .config import TrainConfig
 from .rng import rng_state
@@ -151,9 +151,9 @@ def with_best_checkpoint(run_dir: Path, state: dict, main: bool = True) -> dict:
             save_epoch(run_dir, state, state["history"], best=True)
         except TumorsegError as exc:  # a full disk: last.pt is as it was
             raise TumorsegError(f"{exc}; {last_kept(run_dir, state['epoch'])}") from None
-        print(f"warning: {run_dir / 'best.pt'} did not hold epoch {best_epoch}, the best so far (damaged or "
-              f"removed): its weights are lost; best.pt holds epoch {state['epoch']}, the last saved, until a "
-              "later epoch validates better", file=sys.stderr)
+        say(f"warning: {run_dir / 'best.pt'} did not hold epoch {best_epoch}, the best so far (damaged or "
+            f"removed): its weights are lost; best.pt holds epoch {state['epoch']}, the last saved, until a "
+            "later epoch validates better")
     return state
 
 

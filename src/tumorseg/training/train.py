@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..devices import amp_dtype as resolve_amp
 from ..devices import describe, deterministic
 from ..inference.postprocess import choose_default, statistics_state
 from ..labels import NUM_CLASSES, REGIONS
+from ..log import say
 from ..networks import build_network, deepest_voxels_needed, network_spec, required_divisor
 from ..prepare import load_manifest
 from ..prepare.split import fold_split
@@ -194,7 +194,7 @@ def _train(prepared_dir: str | Path, run_dir: str | Path, config: TrainConfig | 
         if config.fold is not None and ctx.is_main:  # the last fold to finish sums the cross-validation up
             line = crossval.report(run_dir.parent, [len(f["val"]) for f in folds])
             if line and progress:
-                print(line, file=sys.stderr)
+                say(line)
         return result
     finally:
         distributed.cleanup()
@@ -262,13 +262,13 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", _config_yaml(config, prepared_dir))
         fold = f"fold {config.fold} of {config.folds} ({run_dir}): " if config.fold is not None else ""
-        print(f"{fold}training {spec['name']} on {len(train_ids)} cases, "
-              + (f"validating on {len(val_ids)}" if val_ids else "no validation cases")
-              + (f" every {config.val_every} epochs" if config.val_every > 1 and val_ids else "") + f", patch {patch}, "
-              f"{describe(ctx.device, config.amp, amp_dtype)}{f' x{ctx.world_size}' if ctx.distributed else ''}, "
-              + (f"epochs {start + 1}-{end}" if start < end else f"all {config.epochs} epochs already done"
-                 if start == config.epochs else f"its {config.max_minutes:g}-minute budget is already spent "
-                 f"({clock['spent'] / 60:.1f} minutes; give --max-minutes above that to train on)"), file=sys.stderr)
+        say(f"{fold}training {spec['name']} on {len(train_ids)} cases, "
+            + (f"validating on {len(val_ids)}" if val_ids else "no validation cases")
+            + (f" every {config.val_every} epochs" if config.val_every > 1 and val_ids else "") + f", patch {patch}, "
+            f"{describe(ctx.device, config.amp, amp_dtype)}{f' x{ctx.world_size}' if ctx.distributed else ''}, "
+            + (f"epochs {start + 1}-{end}" if start < end else f"all {config.epochs} epochs already done"
+               if start == config.epochs else f"its {config.max_minutes:g}-minute budget is already spent "
+               f"({clock['spent'] / 60:.1f} minutes; give --max-minutes above that to train on)"))
     guard, saved = LossGuard(), start  # saved: the epoch last.pt holds
     try:
         for epoch in range(start, end):
@@ -310,21 +310,20 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
                 save_epoch(run_dir, state, history, best=improved or not val_ids)
             saved = epoch + 1  # before the line and the barrier: a Ctrl-C there still names this epoch
             if ctx.is_main:
-                print(_format_row(row), file=sys.stderr)
+                say(_format_row(row))
             distributed.barrier(ctx)
             if out_of_time:
                 if ctx.is_main:
-                    print(f"stopping: the {config.max_minutes:g}-minute budget is spent", file=sys.stderr)
+                    say(f"stopping: the {config.max_minutes:g}-minute budget is spent")
                 break
     except KeyboardInterrupt as exc:
         end_bars()
         if ctx.is_main:
             last = run_dir / "last.pt"  # written last when an epoch is saved: an interrupt may fall before it
             word = "terminated" if isinstance(exc, Terminated) else "interrupted"
-            print(f"{word}: {last} holds epoch {saved}; continue with {resume_with}" if saved else
-                  f"{word}: continue from {last} with {resume_with}" if last.is_file() else
-                  f"{word} before the first epoch was saved: nothing to resume; start the run again",
-                  file=sys.stderr)
+            say(f"{word}: {last} holds epoch {saved}; continue with {resume_with}" if saved else
+                f"{word}: continue from {last} with {resume_with}" if last.is_file() else
+                f"{word} before the first epoch was saved: nothing to resume; start the run again")
         raise
     except (TumorsegError, torch.cuda.OutOfMemoryError) as exc:  # a diverging run, a full disk, GPU memory
         reason = exc if isinstance(exc, TumorsegError) else (
