@@ -282,6 +282,7 @@ def test_disk_full_at_a_cases_image_leaves_no_mask_of_it(base, tmp_path, monkeyp
                   progress=False)
     assert list(res.failed) == ["BraTS20_Training_002"] and len(res.kept) == 3
     assert sorted(p.name for p in (tmp_path / "prep/masks").iterdir()) == sorted(f"{c}.npy" for c in res.kept)
+    assert not (tmp_path / "prep/records/BraTS20_Training_002.json").exists()
 
 
 def test_full_disk_while_predicting_fails_that_case_only(base, tmp_path, monkeypatch):

@@ -48,8 +48,9 @@ def _run_one(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
         reason = str(exc)
     except (MemoryError, Exception) as exc:  # a bug or resource problem: still name the case
         reason = f"{case.case_id}: {type(exc).__name__}: {exc}"
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # nothing of an earlier run left vouching for the case
         remove_arrays(out_dir, case.case_id)
+        record_path(out_dir, case.case_id).unlink(missing_ok=True)
     return {"case_id": case.case_id, "status": "failed", "reason": reason}
 
 
