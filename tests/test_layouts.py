@@ -440,6 +440,8 @@ def test_one_scan_given_as_two_modalities_is_refused(layouts, tmp_path):
             load_images(dup, MODALITIES)
         res = predict(_flair_predictor(), data, tmp_path / f"pred-{data.stem}", progress=False)
         assert "is given as both t1 and t1ce" in res.failed["dup"]
+        with pytest.raises(TumorsegError, match=r"dup: .* is given as both t1ce and t1; each modality needs"):
+            load_images(dup, ("t2", "t1ce", "flair"))  # the seed's channels: T1 not read, yet given as T1CE too
 
 
 def test_a_folder_of_scans_named_for_no_modality_is_said_not_skipped(layouts, tmp_path, capsys):
@@ -953,6 +955,9 @@ def test_bids_sessions_contrast_entity_derivatives_and_ambiguous_runs(layouts, t
                                             r"sub-01_ses-pre_run-2_T2w\); keep one"):
         pre.image("t2")
     assert pre.seg is None and "several tumour segmentations" in pre.seg_note and "rater2" in pre.seg_note
+    _touch(root / "derivatives/other/sub-01/ses-post/anat", "sub-01_ses-post_desc-tumor_dseg.nii.gz")
+    post = {c.case_id: c for c in discover_cases(root)}["sub-01_ses-post"]  # one name in two pipelines: two files
+    assert post.seg is None and "several tumour segmentations" in post.seg_note and "other" in post.seg_note
 
 
 def test_bids_names_outside_anat_are_read_as_bids(tmp_path):

@@ -143,7 +143,7 @@ def test_a_case_whose_files_changed_is_prepared_again(tmp_path):
         ("missing", "missing modality 't1ce'"),
         ("corrupt", "bad_t2.nii.gz: cannot read NIfTI"),
         ("shape", "bad_flair.nii.gz and bad_t2.nii.gz do not overlap in world space"),
-        ("label3", "bad_seg.nii.gz has labels 3 outside the brats2020 labels 0, 1, 2, 4 (label 3: enhancing tumour in BraTS 2021+, MSD and nnU-Net numbers, or training labels"),
+        ("label3", "bad_seg.nii.gz has labels 3 outside the brats2020 labels 0, 1, 2, 4 (label 3: enhancing tumour in BraTS 2023+, MSD and nnU-Net numbers, or training labels"),
         ("nan", "bad_t2.nii.gz (t2) has 2 NaN or infinite voxel(s)"),
         ("inf", "bad_t2.nii.gz (t2) has 1 NaN or infinite voxel(s)"),
         ("2d", "bad_t1ce.nii.gz: expected a 3D volume, got shape (40, 40)"),

@@ -682,3 +682,17 @@ def test_diameters_are_drawn_on_the_lesion_of_images_stored_otherwise(tmp_path):
     for d in drawn:
         for end in (*d.longest_ends, *d.perpendicular_ends):
             assert lesion[tuple(int(round(v)) for v in end)] > 0, (d, end)
+
+
+def test_a_probability_map_given_as_labels_is_one_line_naming_the_case(tmp_path):
+    """Its line had run on into how untagged labels are read, in nested brackets, and named no case."""
+    for i in range(2):
+        write_case(tmp_path / "data", f"c{i}", seed=i)
+    seg = nib.load(tmp_path / "data/c1/c1_seg.nii.gz")
+    (tmp_path / "preds").mkdir()
+    shutil.copy(tmp_path / "data/c0/c0_seg.nii.gz", tmp_path / "preds/c0.nii.gz")
+    probs = np.linspace(0, 1, np.prod(seg.shape), dtype=np.float32).reshape(seg.shape)
+    nib.save(nib.Nifti1Image(probs, seg.affine), tmp_path / "preds/c1.nii.gz")
+    result = report(tmp_path / "preds", images=tmp_path / "data", out=tmp_path / "out", progress=False)
+    message = result.failed["c1"]
+    assert message.startswith("c1: ") and message.endswith("a probability or intensity map, not labels"), message

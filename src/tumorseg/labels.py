@@ -106,8 +106,8 @@ class LabelConvention:
         fractions = [v for v in bad if isinstance(v, float)]
         if fractions:  # a float map: its every value listed would be megabytes of one line
             return f"has {len(fractions)} non-integer values ({min(fractions):g} to {max(fractions):g}): {NOT_LABELS}"
-        hint = (" (label 3: enhancing tumour in BraTS 2021+, MSD and nnU-Net numbers, or training labels; BraTS 2020 "
-                "files use 4: name the file's convention)") if 3 in bad and self == BRATS2020 else ""
+        hint = (" (label 3: enhancing tumour in BraTS 2023+, MSD and nnU-Net numbers, or training labels; BraTS "
+                "2020 and 2021 files use 4: name the file's convention)") if 3 in bad and self == BRATS2020 else ""
         return f"has labels {format_values(bad)} outside the {self.name} labels {format_values(self.values)}{hint}"
 
     def to_training(self, seg: np.ndarray, cavity: str | None = None) -> np.ndarray:

@@ -57,7 +57,8 @@ def bids_cases(folder: Path, files: list[Path]) -> list[Case] | None:
         picked = {kind: paths[0] for kind, paths in kinds.items()}
         conflicts = {kind: why for kind, paths in kinds.items()
                      if (why := several_scans(folder, cid, kind, paths)) is not None}
-        seg = segs[0] if len({file_stem(p) for p in segs}) == 1 else None
+        # one file, or its `.nii` beside its `.nii.gz`; one name in two pipelines' folders is two
+        seg = segs[0] if len({(p.parent, file_stem(p)) for p in segs}) == 1 else None
         note = None
         if seg is None and segs:
             note = f"{cid}: several tumour segmentations ({', '.join(map(str, segs))}): none taken; keep one"

@@ -52,6 +52,11 @@ def load_images(case: Case, modalities: tuple[str, ...] | list[str]) -> list[Vol
     by_file: dict[Path, list[str]] = {}
     for m in modalities:
         by_file.setdefault(case.image(m).resolve(), []).append(m)  # one file however its paths spell it
+    for m in MODALITIES:  # the same 3-D scan under a modality not read here: T1 given as T1CE too
+        if m not in modalities and m in case.images and m not in case.channel_index:
+            twin = by_file.get(case.images[m].resolve())
+            if twin is not None and twin[0] not in case.channel_index:
+                twin.append(m)
     loaded: dict[str, Volume] = {}
     for path, names in by_file.items():
         indices = [case.channel_index[m] for m in names] if names[0] in case.channel_index else None

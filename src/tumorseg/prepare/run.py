@@ -120,7 +120,7 @@ def prepare(
             else:
                 todo.append(case)
         for note in grouped([c.seg_note for c in cases if c.seg_note]):
-            say(note)
+            say(f"note: {note}")
         skipped = len(records)
         if todo:  # arrays are about to change: a run cut short must not leave the old manifest vouching for them
             (out_dir / MANIFEST).unlink(missing_ok=True)

@@ -11,7 +11,7 @@ from ..errors import TumorsegError
 from ..evaluation.evaluate import detect_labels, truth_labels
 from ..geometry import Grid, labels_onto, resample
 from ..io import Volume, load_nifti
-from ..labels import LabelConvention, convention_from_header, model_from_header, read_as
+from ..labels import NOT_LABELS, LabelConvention, convention_from_header, model_from_header, read_as
 from ..layouts import BESIDE, Case
 from ..plots.case_images import load_case, raw_to_labels
 from ..prepare.crop import brain_mask
@@ -86,8 +86,9 @@ def report_case(
     conv, note = reading
     try:
         labels = raw_to_labels(prediction.data, path, conv)
-    except TumorsegError as exc:
-        raise TumorsegError(f"{exc}{f' ({note})' if note else ''}") from None
+    except TumorsegError as exc:  # how untagged labels were read, where it matters: a float map has no reading
+        said = f"; {note}" if note and NOT_LABELS not in str(exc) else ""
+        raise TumorsegError(f"{case_id}: {exc}{said}") from None
     drawn, grids, note_moved, apart = labels, None, None, []  # drawn: the prediction on its images' grid
     data = replace(load_case(images), labels=conv) if images is not None else None
     if data is not None:
