@@ -39,6 +39,15 @@ SERIES = {"t1": "DICOM_t1_mprage_sag_p2_iso_20190101120000_3", "t1ce": "DICOM_t1
     ("T2W_FFE_6.nii.gz", None), ("t2_fl2d_tra_hemo_8.nii.gz", None), ("t2_medic_tra.nii.gz", None),  # T2*
     ("SUB_T1_POST-PRE_12.nii.gz", None), ("t1_vibe_fs_tra_SUB.nii.gz", None), ("T1map.nii.gz", None),
     ("T1_relCBV.nii.gz", None), ("mp2rage_UNI_Images.nii.gz", None), ("AX_T1_TUMOR_PROTOCOL.nii.gz", "t1"),
+    # a second review: negations in other languages, words that are no contrast, T2* without its `*`
+    ("T1_SE_TRA_SANS_GADO_3.nii.gz", "t1"), ("t1_se_tra_ohne_KM_3.nii.gz", "t1"), ("T1_senza_mdc.nii.gz", "t1"),
+    ("T1_PREGAD_5.nii.gz", "t1"), ("T1_NONGAD.nii.gz", "t1"), ("T1_sin_contraste.nii.gz", "t1"), ("T1pre.nii.gz", "t1"),
+    ("AX_T1_POST_NO_FS_9.nii.gz", "t1ce"), ("AX_T1_POST_FOSSA_6.nii.gz", "t1"), ("postT1.nii.gz", "t1ce"),
+    ("t1_mprage_KM-nativ_13.nii.gz", "t1"), ("t1_mp2rage_sag_p3_iso_T1_Images_5.nii.gz", None),
+    ("T2_EPI.nii.gz", None), ("t2_swi3d1r.nii.gz", None), ("t2_tirm_cor.nii.gz", None),  # a STIR
+    ("t2_tirm_tra_dark-fluid_native_5.nii.gz", "flair"), ("t2_spcir_sag.nii.gz", "flair"),
+    ("t1_mprage_sag_KM_MorphoBox_Segmentation_14.nii.gz", None), ("T1_pilot.nii.gz", None),
+    ("t1_mprage_sag_p2_iso_ND_5.nii.gz", None), ("AX_BRAVO_C+_Reformatted.nii.gz", None),
 ])
 def test_modalities_guessed_from_series_names(name, modality):
     """Siemens', GE's and Philips' protocol names; diffusion, phase, T2* and localizers are no modality."""
@@ -51,12 +60,25 @@ def test_modalities_guessed_from_series_names(name, modality):
     (["AX_T1_NON_CONTRAST_3", "AX_3D_BRAVO_9"], "AX_T1_NON_CONTRAST_3", None),
     (["t1_mprage_sag_p2_iso_9"], None, None),  # an MPRAGE acquired only after gadolinium is common
     (["T1_PRE_3", "T1_MPRAGE_5", "T1_POST_9"], "T1_PRE_3", "T1_POST_9"),
+    # the folder's words (dcm2niix's %f) decide no series' contrast
+    (["MRI_BRAIN_W_WO_CONTRAST_SAG_3D_T1_BRAVO_C+_20230101120000_9", "MRI_BRAIN_W_WO_CONTRAST_AX_T1_20230101120000_3"],
+     "MRI_BRAIN_W_WO_CONTRAST_AX_T1_20230101120000_3", "MRI_BRAIN_W_WO_CONTRAST_SAG_3D_T1_BRAVO_C+_20230101120000_9"),
+    (["Brain_Pre_Op_t1_mprage_sag_Gd_20230101_12", "Brain_Pre_Op_t2_tse_tra_20230101_4"], None, "Brain_Pre_Op_t1_mprage_sag_Gd_20230101_12"),
+    (["T1_SE_TRA_SANS_GADO_3", "T1_MPRAGE_SAG_3D_7"], "T1_SE_TRA_SANS_GADO_3", None),
 ])
 def test_t1s_told_apart_only_by_what_their_names_say(names, t1, t1ce):
     case = guess_case("p", [Path(f"{n}.nii.gz") for n in names])
     assert (case.files.get("t1"), case.files.get("t1ce")) == tuple(Path(f"{n}.nii.gz") if n else None for n in (t1, t1ce))
     if t1ce is None:
         assert any(n.startswith("t1ce: T1 series whose names do not say before or after contrast") for n in case.notes)
+
+
+def test_series_of_two_studies_in_one_folder_fill_no_row():
+    names = ["P_t1_mprage_20230101120000_3", "P_t2_tse_20230101120000_4", "P_t1_mprage_POST_20230815120000_9",
+             "P_flair_20230815120000_5"]
+    case = guess_case("p", [Path(f"{n}.nii.gz") for n in names])
+    assert case.files == {} and case.notes == ["series of 2 studies (20230101, 20230815) in one folder: give each study "
+                                               "a folder of its own, or fill the row in"]
 
 
 def _series_patient(folder, scans: dict) -> None:
@@ -139,6 +161,13 @@ def test_a_series_folder_named_by_plane_is_not_read_as_a_case_called_ax(tmp_path
         os.symlink(tmp_path / "raw" / "p" / f"p_{m}.nii.gz", folder / f"{name}.nii.gz")
     with pytest.raises(TumorsegError, match="no cases found"):
         discover_cases(tmp_path / "data")
+    for names in (("3_SAG_T1_FLAIR", "5_AX_T2_FLAIR"), ("T2W_FLAIR", "T2W_TSE"), ("T2_native", "T1W_SE")):
+        other = tmp_path / "more" / names[0]  # a prefix naming a modality is a series' words (`T2` + `native`)
+        other.mkdir(parents=True)
+        for name in names:
+            os.symlink(tmp_path / "raw" / "p" / "p_t2.nii.gz", other / f"{name}.nii.gz")
+        with pytest.raises(TumorsegError, match="no cases found"):
+            discover_cases(other)
     (row,) = propose_case_list(tmp_path / "data")
     assert row.case_id == "P1" and {k: p.name for k, p in row.files.items()} == {
         "t1": "AX_T1.nii.gz", "t1ce": "AX_T1_POST.nii.gz", "t2": "AX_T2.nii.gz", "flair": "Sag_FLAIR.nii.gz"}

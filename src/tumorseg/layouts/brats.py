@@ -38,10 +38,11 @@ SCAN_PLANES = frozenset(("ax", "axial", "sag", "sagittal", "cor", "coronal", "tr
 
 
 def _series_words(prefix: str) -> bool:
-    """Whether a name's prefix is a scanner's series words (`AX_T1`, `3_Sag_T1` from dcm2niix), not a
-    case: a plane, with series numbers at most. Those scans are named for no case (`tumorseg cases`)."""
+    """Whether a name's prefix is a scanner's series words, not a case: it names a plane or a
+    modality (`AX_T1` of `AX_T1_POST`, `3_SAG_T1` of `3_SAG_T1_FLAIR`, `T2W` of `T2W_FLAIR`, from
+    dcm2niix). Those scans are named for no case (`tumorseg cases` proposes a list)."""
     words = [w for w in re.split(r"[^a-z0-9]+", prefix.lower()) if w]
-    return any(w in SCAN_PLANES for w in words) and all(w in SCAN_PLANES or w.isdigit() for w in words)
+    return any(w in SCAN_PLANES or canonical_modality(w) is not None for w in words)
 
 
 def brats_cases(folder: Path, files: list[Path], need_images: bool) -> list[Case] | None:

@@ -22,72 +22,94 @@ from ..labels import BRATS2020, MODALITIES, canonical_modality
 from .case import Case, file_stem
 from .discover import MAX_DEPTH, named_cases, walk
 
-# Series that are no structural scan of the four (dcm2niix adds `_ph` to phase images, `_ROI1` to
-# ROIs); derived maps and subtractions (`SUB_T1_POST-PRE`) neither.
+# Series that are no structural scan of the four: localizers, diffusion, perfusion, phase images
+# (dcm2niix's `_ph`, `_real`), ROIs, masks, derived maps, subtractions, reformats and duplicates
+# (Siemens' `_ND`, GE's `Reformatted`, dcm2niix's `_Eq_1`), MP2RAGE's images, echoes of a dual echo.
 NOT_STRUCTURAL = frozenset((
-    "localizer", "localiser", "loc", "scout", "aahscout", "survey", "calibration", "cal", "dwi", "dti", "diff",
-    "diffusion", "adc", "trace", "tracew", "swi", "swan", "mag", "pha", "phase", "ph", "perf", "perfusion", "pwi",
-    "dsc", "dce", "asl", "pcasl", "mra", "tof", "angio", "fa", "colfa", "tensor", "b0", "b1000", "mip", "minip", "sbref",
-    "mosaic", "fmri", "bold", "rest", "spectro", "csi", "svs", "t2star", "star", "roi1", "roi2", "map", "sub",
-    "subtraction", "subtract", "cbv", "relcbv", "rcbv", "cbf", "mtt", "ttp", "uni", "inv1", "inv2", "t1map", "t2map",
-    "r2star", "mpr", "reformat", "mip",
+    "localizer", "localiser", "loc", "scout", "aahscout", "survey", "calibration", "cal", "pilot", "locator",
+    "planning", "plan", "ref", "dwi", "dti", "diff", "diffusion", "adc", "trace", "tracew", "swi", "swan", "mag", "pha",
+    "phase", "ph", "real", "imaginary", "perf", "perfusion", "pwi", "dsc", "dce", "asl", "pcasl", "mra", "tof", "angio",
+    "fa", "colfa", "tensor", "b0", "b1000", "mip", "minip", "sbref", "mosaic", "fmri", "bold", "rest", "spectro", "csi",
+    "svs", "t2star", "star", "roi", "roi1", "roi2", "mask", "map", "sub", "subt", "subtraction", "subtract",
+    "subtracted", "cbv", "relcbv", "rcbv", "cbf", "mtt", "ttp", "uni", "inv1", "inv2", "t1map", "t2map", "r2star", "mpr",
+    "reformat", "reformatted", "nd", "eq", "mp2rage", "e1", "e2", "pd", "stir",
 ))
-T2_STAR = frozenset(("gre", "ffe", "fl2d", "hemo", "medic", "merge", "t2s"))  # T2 gradient echoes: T2*-weighted
-# After contrast: the words, `+C`, `C+`, and the agents' names (`gadovist`, `gado`, `dotarem`, ...)
-CONTRAST = frozenset(("post", "postcontrast", "gd", "km", "mdc", "contrast", "ce", "enhanced", "dotarem", "multihance",
-                      "magnevist", "prohance", "clariscan", "omniscan", "elucirem", "vueway"))
-# Before contrast, said outright: `vor_KM`, `NON_CONTRAST`, `without`, `nativ`, GE's `C-`, BraTS's `t1n`
-BEFORE = frozenset(("pre", "precontrast", "vor", "non", "noncontrast", "no", "without", "wo", "nativ", "native",
-                    "plain", "t1n", "unenhanced"))
-CONTRAST_AFTER_POST = frozenset(("gd", "c", "km", "contrast"))  # `postgd`, `postc`: one word
-NOT_CONTRAST_POST = frozenset(("op", "operative", "surgery", "surgical", "resection", "tx", "treatment", "rt"))
-T1_SEQUENCES = ("mprage", "mp2rage", "bravo", "spgr", "fspgr", "tfe", "fl3d", "vibe")  # T1-weighted by name
+# T2 gradient echoes are T2*-weighted; dcm2niix drops the `*` of `T2*` (its issue 425)
+T2_STAR = frozenset(("gre", "ffe", "fl2d", "fl3d", "hemo", "medic", "merge", "t2s", "epi", "grass", "swi3d1r"))
+# After contrast: the words, `+C`, `C+`, `postgd`, and the agents' names (`gadovist`, `gado`, `dotarem`, ...)
+CONTRAST = frozenset(("post", "postcontrast", "postcon", "gd", "km", "mdc", "contrast", "contraste", "contrasto",
+                      "kontrast", "con", "ce", "enhanced",
+                      "gad", "gado", "gadolinium", "gadovist", "gadavist", "dotarem", "multihance", "magnevist",
+                      "prohance", "clariscan", "omniscan", "elucirem", "vueway", "injection", "inj"))
+# Before contrast, said outright: `pre`, `nativ`, BraTS's `t1n`, GE's `C-` (read as `pre`)
+BEFORE = frozenset(("pre", "precontrast", "precon", "nativ", "native", "plain", "t1n", "unenhanced", "basale"))
+# Words that deny the contrast word after them: `NON_CONTRAST`, `w/o gad`, `sans gado`, `ohne KM`, `vor KM`
+NEGATIONS = frozenset(("no", "non", "without", "wo", "sans", "sin", "senza", "ohne", "sem", "zonder", "voor", "vor",
+                       "avant", "antes"))
+NOT_CONTRAST = frozenset(("op", "operative", "surgery", "surgical", "resection", "tx", "treatment", "rt", "fossa",
+                          "sat", "scan"))  # after `post` or `pre`: no contrast meant (post-op, posterior fossa)
+T1_SEQUENCES = ("mprage", "bravo", "spgr", "fspgr", "tfe", "fl3d", "vibe")  # T1-weighted by name
+FLAIR_WORDS = ("flair", "darkfluid", "spcir")  # Siemens' `dark-fluid` and `da-fl` are two words each
 SEGMENTATION = frozenset(("seg", "segmentation", "label", "labels"))
+DATE_RE = re.compile(r"^(19|20)\d{6}(\d{4,6})?$")  # dcm2niix's `%t`: a study's date and time
 # (modality, contrast): contrast "after", "before" or None (the name does not say) for a T1
 Guess = tuple[str, str | None]
 
 
 def _tokens(stem: str) -> list[str]:
     stem = re.sub(r"t2\s*\*", " t2star ", stem.lower())  # `AX_T2*_GRE`
-    stem = re.sub(r"(?<![a-z0-9])c\s*-(?![a-z0-9])", " pre ", stem)  # GE's `C-`: without contrast
-    stem = re.sub(r"\+\s*c\b|\bc\s*\+|\+", " post ", stem)  # `T1+C`, `BRAVO_C+`: after contrast
+    stem = re.sub(r"(?<![a-z0-9])(c|km|mdc|gd|gad|gado)\s*-(?![a-z0-9])", " pre ", stem)  # GE's `C-`, `KM-`
+    stem = re.sub(r"\+\s*c\b|\bc\s*\+|\+", " post ", stem)  # `T1+C`, `BRAVO_C+`, `mdc+`: after contrast
     stem = re.sub(r"(?<![a-z0-9])w[^a-z0-9]*o(?![a-z0-9])", " without ", stem)  # `W_O_GAD`, `w/o`
+    stem = re.sub(r"(?<![a-z])(pre|post|non|no|wo)(gad|gado|gd|con|contrast|t1)", r"\1 \2", stem)  # `PREGAD`, `postT1`
+    stem = re.sub(r"(?<![a-z0-9])(t1w?)(pre|post)", r"\1 \2", stem)  # `T1pre`, `T1post`
     return [t for t in re.split(r"[^a-z0-9]+", stem) if t]
 
 
 def _contrast(tokens: list[str]) -> str | None:
-    """What a T1's name says of contrast: "before", "after" or None."""
-    if any(t in BEFORE for t in tokens):
-        return "before"
-    after = [i for i, t in enumerate(tokens) if t in CONTRAST or "gad" in t or canonical_modality(t) == "t1ce"
-             or (t.startswith("t1") and t.endswith("gd")) or (t.startswith("post") and t[4:] in CONTRAST_AFTER_POST)]
-    if any(not (tokens[i] == "post" and i + 1 < len(tokens) and tokens[i + 1] in NOT_CONTRAST_POST) for i in after):
-        return "after"
-    return None
+    """What a T1's name says of contrast: "before", "after", or None where it says neither, or
+    both (`t1_mprage_KM-nativ`: a subtraction)."""
+    said = set()
+    for i, t in enumerate(tokens):
+        after = t in CONTRAST or t.startswith("gad") or canonical_modality(t) == "t1ce" or (
+            t.startswith("t1") and t.endswith("gd"))
+        next_word = tokens[i + 1] if i + 1 < len(tokens) else ""
+        if (t in NEGATIONS or t == "pre") and (next_word in CONTRAST or next_word.startswith("gad")):
+            said.add("before")  # `pre gad`, `non contrast`
+        elif t in ("pre", "post") and next_word in NOT_CONTRAST:
+            continue  # pre-operative, posterior fossa, pre-saturation
+        elif t in BEFORE:
+            said.add("before")
+        elif after and not (i > 0 and (tokens[i - 1] in NEGATIONS or tokens[i - 1] == "pre")):
+            said.add("after")
+    return said.pop() if len(said) == 1 else None
 
 
-def guess_series(name: str) -> Guess | None:
+def guess_series(name: str, skip: int = 0) -> Guess | None:
     """The modality a series name suggests (`t1`, `t2`, `flair`; `seg` for a segmentation) with, for
     a T1, what the name says of contrast; None for a localizer, diffusion, perfusion, phase, T2*,
-    a derived map or subtraction, or a name that says nothing."""
+    a derived map or subtraction, or a name that says nothing. `skip`: leading words that are no
+    series' (dcm2niix's `%f`, the folder's name, shared by every file of the folder)."""
     named = NIFTI_RE.match(name)
     stem = named["stem"] if named else name
-    if (whole := canonical_modality(stem)) is not None:  # `T1Gd`, `flair`: a modality's own name
+    if (whole := canonical_modality(stem)) is not None and skip == 0:  # `T1Gd`, `flair`: a modality's own name
         return ("t1", "after") if whole == "t1ce" else (whole, "before" if stem.lower() == "t1n" else None)
-    tokens = _tokens(stem)
+    tokens = _tokens(stem)[skip:]
     if any(t in NOT_STRUCTURAL or (t.endswith("map") and len(t) > 3) for t in tokens):
         return None
-    if any(t in SEGMENTATION for t in tokens):
-        return "seg", None
-    kinds = {canonical_modality(t) for t in tokens}
+    kinds = {canonical_modality(t) for t in tokens if t not in BEFORE}  # `native` is contrast, not a T1 here
+    sequences = any(any(s in t for s in T1_SEQUENCES) for t in tokens)
+    if any(t in SEGMENTATION for t in tokens):  # a segmentation of a T1 (MorphoBox's) is no tumour's
+        return ("seg", None) if not (kinds - {None} or sequences) else None
     if "t1" in kinds or "t1ce" in kinds or any(t.startswith("t1") for t in tokens):  # GE's `AX T1 FLAIR`: T1-weighted
         return "t1", _contrast(tokens)
-    if ("flair" in kinds or any("flair" in t or "tirm" in t for t in tokens) or {"dark", "fluid"} <= set(tokens)
-            or {"da", "fl"} <= set(tokens)):  # Siemens' `t2_spc_da-fl`, BraTS's `t2f`
+    words = set(tokens)
+    if "flair" in kinds or any(w in t for t in tokens for w in FLAIR_WORDS) or {"dark", "fluid"} <= words or {
+            "da", "fl"} <= words:
         return "flair", None
     if "t2" in kinds or any(t.startswith("t2") for t in tokens):
-        return None if any(t in T2_STAR for t in tokens) else ("t2", None)
-    if any(any(s in t for s in T1_SEQUENCES) for t in tokens):
+        return None if words & T2_STAR or "tirm" in words else ("t2", None)  # `t2_tirm_cor`: a STIR
+    if sequences:
         return "t1", _contrast(tokens)
     return None
 
@@ -118,10 +140,18 @@ def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
     The T1s are told apart only by what their names say: T1CE is the one T1 named after contrast;
     T1 the one named before it, or else, beside a T1CE so named, the one other T1. A T1 whose name
     says nothing is never taken alone: an MPRAGE acquired only after gadolinium is common."""
+    proposed = ProposedCase(case_id, source="series names")
+    stems = {path: NIFTI_RE.match(path.name)["stem"] for path in files}
+    dates = sorted({t[:8] for stem in stems.values() for t in _tokens(stem) if DATE_RE.match(t)})
+    if len(dates) > 1:  # dcm2niix's `%t`: series of several studies, which one row would mix
+        proposed.notes.append(f"series of {len(dates)} studies ({', '.join(dates)}) in one folder: give each study "
+                              "a folder of its own, or fill the row in")
+        return proposed
+    skip = _shared_words(list(stems.values()))
     found: dict[str, list[Path]] = {}
     t1s: dict[str | None, list[Path]] = {}
     for path in files:
-        if (guess := guess_series(path.name)) is None:
+        if (guess := guess_series(path.name, skip)) is None:
             continue
         if guess[0] == "t1":
             t1s.setdefault(guess[1], []).append(path)
@@ -130,7 +160,6 @@ def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
     after, before, unsaid = (sorted(t1s.get(k, [])) for k in ("after", "before", None))
     found["t1ce"] = after
     found["t1"] = before or (unsaid if len(after) == 1 else [])
-    proposed = ProposedCase(case_id, source="series names")
     for kind in (*MODALITIES, "seg"):
         candidates = sorted(found.get(kind, []))
         if len(candidates) == 1:
@@ -145,6 +174,25 @@ def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
         elif kind != "seg":
             proposed.notes.append(f"{kind}: no series name suggests it; fill it in, or leave it empty")
     return proposed
+
+
+def _shared_words(stems: list[str]) -> int:
+    """How many leading words every file of a folder shares before any word naming a scan (dcm2niix's
+    `%f`, the folder's or the study's name, `MRI_BRAIN_W_WO_CONTRAST_...`): words of no one series,
+    which would decide every T1's contrast alike; each name keeps one word at least."""
+    words = [_tokens(s) for s in stems]
+    if len(words) < 2:
+        return 0
+    shared = 0
+    while (all(len(w) > shared + 1 for w in words) and len({w[shared] for w in words}) == 1
+           and not _names_a_scan(words[0][shared])):  # `t1_mprage_sag_3`, `t1_mprage_sag_POST_9`: the series'
+        shared += 1
+    return shared
+
+
+def _names_a_scan(word: str) -> bool:
+    return (canonical_modality(word) is not None or word.startswith(("t1", "t2"))
+            or any(w in word for w in (*T1_SEQUENCES, *FLAIR_WORDS)))
 
 
 def propose_case_list(root: str | os.PathLike) -> list[ProposedCase]:
