@@ -303,7 +303,7 @@ def test_another_tools_prediction_is_read_in_the_convention_named(raw_case, tmp_
     assert main(["show", str(raw_case), "--pred", str(tmp_path / "case_a.nii.gz"), "--pred-labels", "msd",
                  "--out", str(tmp_path / "a.png")]) == 0
     with pytest.raises(TumorsegError, match=r"case_a\.nii\.gz has labels 3 outside the brats2020 labels 0, 1, 2, 4 "
-                                            r"\(label 3: enhancing tumour in BraTS 2021\+, MSD and nnU-Net numbers"):
+                                            r"\(label 3: enhancing tumour in BraTS 2023\+, MSD and nnU-Net numbers"):
         load_prediction(tmp_path / "case_a.nii.gz", data)
     assert "note: case_a: untagged prediction read as brats2020 labels (the case's; --pred-labels to set)" in \
         capsys.readouterr().err
