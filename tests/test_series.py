@@ -48,6 +48,8 @@ SERIES = {"t1": "DICOM_t1_mprage_sag_p2_iso_20190101120000_3", "t1ce": "DICOM_t1
     ("t2_tirm_tra_dark-fluid_native_5.nii.gz", "flair"), ("t2_spcir_sag.nii.gz", "flair"),
     ("t1_mprage_sag_KM_MorphoBox_Segmentation_14.nii.gz", None), ("T1_pilot.nii.gz", None),
     ("t1_mprage_sag_p2_iso_ND_5.nii.gz", None), ("AX_BRAVO_C+_Reformatted.nii.gz", None),
+    ("AX_T1_W_O_IV_CONTRAST_3.nii.gz", "t1"), ("T1_SENZA_MEZZO_DI_CONTRASTO.nii.gz", "t1"), ("T1_bez_Gd.nii.gz", "t1"),
+    ("T2_FE_AX_5.nii.gz", None), ("T2_FLASH_TRA.nii.gz", None), ("CT_1.nii.gz", None), ("T1_POST_BIOPSY.nii.gz", "t1"),
 ])
 def test_modalities_guessed_from_series_names(name, modality):
     """Siemens', GE's and Philips' protocol names; diffusion, phase, T2* and localizers are no modality."""
@@ -62,7 +64,11 @@ def test_modalities_guessed_from_series_names(name, modality):
     (["T1_PRE_3", "T1_MPRAGE_5", "T1_POST_9"], "T1_PRE_3", "T1_POST_9"),
     # the folder's words (dcm2niix's %f) decide no series' contrast
     (["MRI_BRAIN_W_WO_CONTRAST_SAG_3D_T1_BRAVO_C+_20230101120000_9", "MRI_BRAIN_W_WO_CONTRAST_AX_T1_20230101120000_3"],
-     "MRI_BRAIN_W_WO_CONTRAST_AX_T1_20230101120000_3", "MRI_BRAIN_W_WO_CONTRAST_SAG_3D_T1_BRAVO_C+_20230101120000_9"),
+     None, "MRI_BRAIN_W_WO_CONTRAST_SAG_3D_T1_BRAVO_C+_20230101120000_9"),  # another protocol: after contrast too?
+    (["t1_se_tra_KM_10", "t1_mprage_sag_p2_iso_9"], None, "t1_se_tra_KM_10"),
+    (["AX_T1_NO_IV_CONTRAST_3", "8_SAG_3D_T1_MPRAGE"], "AX_T1_NO_IV_CONTRAST_3", None),
+    (["t1_se_tra_uten_kontrast_3", "t1_mprage_sag_p2_iso_9"], "t1_se_tra_uten_kontrast_3", None),
+    (["T1W_SE+FS_3", "T1W_3D_TFE_9"], None, None),  # `+FS`: fat saturation, no contrast
     (["Brain_Pre_Op_t1_mprage_sag_Gd_20230101_12", "Brain_Pre_Op_t2_tse_tra_20230101_4"], None, "Brain_Pre_Op_t1_mprage_sag_Gd_20230101_12"),
     (["T1_SE_TRA_SANS_GADO_3", "T1_MPRAGE_SAG_3D_7"], "T1_SE_TRA_SANS_GADO_3", None),
 ])
@@ -71,6 +77,14 @@ def test_t1s_told_apart_only_by_what_their_names_say(names, t1, t1ce):
     assert (case.files.get("t1"), case.files.get("t1ce")) == tuple(Path(f"{n}.nii.gz") if n else None for n in (t1, t1ce))
     if t1ce is None:
         assert any(n.startswith("t1ce: T1 series whose names do not say before or after contrast") for n in case.notes)
+
+
+def test_a_users_file_beside_the_series_leaves_the_folders_words_out():
+    words = "MRI_BRAIN_WITH_CONTRAST_"
+    names = [f"{words}t1_se_tra_20200101120000_3", f"{words}t2_tse_tra_20200101120000_4",
+             f"{words}t2_tirm_tra_dark-fluid_20200101120000_5", "seg"]
+    case = guess_case("p", [Path(f"{n}.nii.gz") for n in names])
+    assert "t1" not in case.files and "t1ce" not in case.files and case.files["seg"] == Path("seg.nii.gz")
 
 
 def test_series_of_two_studies_in_one_folder_fill_no_row():
@@ -161,6 +175,14 @@ def test_a_series_folder_named_by_plane_is_not_read_as_a_case_called_ax(tmp_path
         os.symlink(tmp_path / "raw" / "p" / f"p_{m}.nii.gz", folder / f"{name}.nii.gz")
     with pytest.raises(TumorsegError, match="no cases found"):
         discover_cases(tmp_path / "data")
+    for case_id, names in (("P01", ("P01_T1w", "P01_T1Gd", "P01_T2w", "P01_T2-FLAIR")),  # one modality, two words
+                           ("GBM-COR-012", ("GBM-COR-012_t1", "GBM-COR-012_t1ce", "GBM-COR-012_t2", "GBM-COR-012_flair"))):
+        usual = tmp_path / "usual" / case_id  # a case id holding a plane's word is still a case
+        usual.mkdir(parents=True)
+        for name, m in zip(names, MODALITIES):
+            os.symlink(tmp_path / "raw" / "p" / f"p_{m}.nii.gz", usual / f"{name}.nii.gz")
+        (case,) = discover_cases(usual)
+        assert case.case_id == case_id and set(case.images) == set(MODALITIES)
     for names in (("3_SAG_T1_FLAIR", "5_AX_T2_FLAIR"), ("T2W_FLAIR", "T2W_TSE"), ("T2_native", "T1W_SE")):
         other = tmp_path / "more" / names[0]  # a prefix naming a modality is a series' words (`T2` + `native`)
         other.mkdir(parents=True)

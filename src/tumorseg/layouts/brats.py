@@ -12,6 +12,7 @@ from .case import Case, file_stem, several_scans
 
 
 _BRATS_SUFFIX_RE = re.compile(r"[_-](?P<key>[A-Za-z0-9]+)$")
+_BRATS_TWO_WORDS_RE = re.compile(r"[_-](?P<key>[A-Za-z0-9]+[_-][A-Za-z0-9]+)$")
 # File names of each layout's modalities and the separator before them.
 BRATS2023_NAMES: dict[str, str] = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
 PLAIN_SEG_STEMS: tuple[str, ...] = ("seg", "segmentation", "label", "labels")
@@ -27,7 +28,8 @@ def _case_key(stem: str) -> tuple[str, str] | None:
     for suffix in TUMOUR_SEG_SUFFIXES:
         if lower.endswith(suffix):
             return stem[: -len(suffix)], "seg"
-    m = _BRATS_SUFFIX_RE.search(stem)
+    two = _BRATS_TWO_WORDS_RE.search(stem)  # `<case>_T2_FLAIR`, `<case>-t1-post`: one modality in two words
+    m = two if two is not None and canonical_modality(two["key"]) is not None else _BRATS_SUFFIX_RE.search(stem)
     if m is None or _series_words(stem[: m.start()]):
         return None
     kind = "seg" if m["key"].lower() == "seg" else canonical_modality(m["key"])
@@ -38,11 +40,13 @@ SCAN_PLANES = frozenset(("ax", "axial", "sag", "sagittal", "cor", "coronal", "tr
 
 
 def _series_words(prefix: str) -> bool:
-    """Whether a name's prefix is a scanner's series words, not a case: it names a plane or a
-    modality (`AX_T1` of `AX_T1_POST`, `3_SAG_T1` of `3_SAG_T1_FLAIR`, `T2W` of `T2W_FLAIR`, from
-    dcm2niix). Those scans are named for no case (`tumorseg cases` proposes a list)."""
+    """Whether a name's prefix is a scanner's series words, not a case: it ends in a plane or a
+    modality (`3_SAG_T1` of `3_SAG_T1_FLAIR`, `T2W` of `T2W_FLAIR`, `AX` of `AX_T2`, from dcm2niix),
+    or is planes and series numbers alone. Those scans are named for no case (`tumorseg cases`
+    proposes a list); a case id with such a word inside (`GBM-COR-012`) is still one."""
     words = [w for w in re.split(r"[^a-z0-9]+", prefix.lower()) if w]
-    return any(w in SCAN_PLANES or canonical_modality(w) is not None for w in words)
+    series = [w in SCAN_PLANES or canonical_modality(w) is not None for w in words]
+    return bool(words) and (series[-1] or (any(series) and all(s or w.isdigit() for s, w in zip(series, words))))
 
 
 def brats_cases(folder: Path, files: list[Path], need_images: bool) -> list[Case] | None:

@@ -35,7 +35,8 @@ NOT_STRUCTURAL = frozenset((
     "reformat", "reformatted", "nd", "eq", "mp2rage", "e1", "e2", "pd", "stir",
 ))
 # T2 gradient echoes are T2*-weighted; dcm2niix drops the `*` of `T2*` (its issue 425)
-T2_STAR = frozenset(("gre", "ffe", "fl2d", "fl3d", "hemo", "medic", "merge", "t2s", "epi", "grass", "swi3d1r"))
+T2_STAR = frozenset(("gre", "ffe", "fe", "fl2d", "fl3d", "hemo", "medic", "me2d", "merge", "t2s", "epi", "grass", "flash",
+                     "swi3d1r"))
 # After contrast: the words, `+C`, `C+`, `postgd`, and the agents' names (`gadovist`, `gado`, `dotarem`, ...)
 CONTRAST = frozenset(("post", "postcontrast", "postcon", "gd", "km", "mdc", "contrast", "contraste", "contrasto",
                       "kontrast", "con", "ce", "enhanced",
@@ -45,9 +46,10 @@ CONTRAST = frozenset(("post", "postcontrast", "postcon", "gd", "km", "mdc", "con
 BEFORE = frozenset(("pre", "precontrast", "precon", "nativ", "native", "plain", "t1n", "unenhanced", "basale"))
 # Words that deny the contrast word after them: `NON_CONTRAST`, `w/o gad`, `sans gado`, `ohne KM`, `vor KM`
 NEGATIONS = frozenset(("no", "non", "without", "wo", "sans", "sin", "senza", "ohne", "sem", "zonder", "voor", "vor",
-                       "avant", "antes"))
+                       "avant", "antes", "uten", "utan", "for", "bez"))
+NEGATION_REACH = 3  # words a negation reaches over: `NO IV CONTRAST`, `SENZA MEZZO DI CONTRASTO`
 NOT_CONTRAST = frozenset(("op", "operative", "surgery", "surgical", "resection", "tx", "treatment", "rt", "fossa",
-                          "sat", "scan"))  # after `post` or `pre`: no contrast meant (post-op, posterior fossa)
+                          "sat", "scan", "biopsy"))  # after `post` or `pre`: no contrast meant (post-op, posterior fossa)
 T1_SEQUENCES = ("mprage", "bravo", "spgr", "fspgr", "tfe", "fl3d", "vibe")  # T1-weighted by name
 FLAIR_WORDS = ("flair", "darkfluid", "spcir")  # Siemens' `dark-fluid` and `da-fl` are two words each
 SEGMENTATION = frozenset(("seg", "segmentation", "label", "labels"))
@@ -59,7 +61,8 @@ Guess = tuple[str, str | None]
 def _tokens(stem: str) -> list[str]:
     stem = re.sub(r"t2\s*\*", " t2star ", stem.lower())  # `AX_T2*_GRE`
     stem = re.sub(r"(?<![a-z0-9])(c|km|mdc|gd|gad|gado)\s*-(?![a-z0-9])", " pre ", stem)  # GE's `C-`, `KM-`
-    stem = re.sub(r"\+\s*c\b|\bc\s*\+|\+", " post ", stem)  # `T1+C`, `BRAVO_C+`, `mdc+`: after contrast
+    stem = re.sub(r"\+\s*c(?![a-z0-9])|(?<![a-z0-9])(c|km|mdc|gd|gad|gado)\s*\+", " post ", stem)  # `T1+C`, `C+`, `mdc+`
+    stem = stem.replace("+", " ")  # `T1W+FS`: with fat saturation, no contrast
     stem = re.sub(r"(?<![a-z0-9])w[^a-z0-9]*o(?![a-z0-9])", " without ", stem)  # `W_O_GAD`, `w/o`
     stem = re.sub(r"(?<![a-z])(pre|post|non|no|wo)(gad|gado|gd|con|contrast|t1)", r"\1 \2", stem)  # `PREGAD`, `postT1`
     stem = re.sub(r"(?<![a-z0-9])(t1w?)(pre|post)", r"\1 \2", stem)  # `T1pre`, `T1post`
@@ -69,18 +72,20 @@ def _tokens(stem: str) -> list[str]:
 def _contrast(tokens: list[str]) -> str | None:
     """What a T1's name says of contrast: "before", "after", or None where it says neither, or
     both (`t1_mprage_KM-nativ`: a subtraction)."""
-    said = set()
+    said, negated = set(), set()
     for i, t in enumerate(tokens):
         after = t in CONTRAST or t.startswith("gad") or canonical_modality(t) == "t1ce" or (
             t.startswith("t1") and t.endswith("gd"))
-        next_word = tokens[i + 1] if i + 1 < len(tokens) else ""
-        if (t in NEGATIONS or t == "pre") and (next_word in CONTRAST or next_word.startswith("gad")):
-            said.add("before")  # `pre gad`, `non contrast`
-        elif t in ("pre", "post") and next_word in NOT_CONTRAST:
+        reach = tokens[i + 1: i + 1 + NEGATION_REACH]
+        denied = [i + 1 + k for k, w in enumerate(reach) if w in CONTRAST or w.startswith("gad")]
+        if (t in NEGATIONS or t == "pre") and denied:
+            said.add("before")  # `pre gad`, `non contrast`, `no IV contrast`
+            negated.update(denied)
+        elif t in ("pre", "post") and reach[:1] and reach[0] in NOT_CONTRAST:
             continue  # pre-operative, posterior fossa, pre-saturation
         elif t in BEFORE:
             said.add("before")
-        elif after and not (i > 0 and (tokens[i - 1] in NEGATIONS or tokens[i - 1] == "pre")):
+        elif after and i not in negated:
             said.add("after")
     return said.pop() if len(said) == 1 else None
 
@@ -92,7 +97,8 @@ def guess_series(name: str, skip: int = 0) -> Guess | None:
     series' (dcm2niix's `%f`, the folder's name, shared by every file of the folder)."""
     named = NIFTI_RE.match(name)
     stem = named["stem"] if named else name
-    if (whole := canonical_modality(stem)) is not None and skip == 0:  # `T1Gd`, `flair`: a modality's own name
+    whole = canonical_modality(stem) if all(len(t) > 1 and not t.isdigit() for t in _tokens(stem)) else None
+    if whole is not None and skip == 0:  # `T1Gd`, `T2-FLAIR`: a modality's own name (not `CT_1`, `T1_C`)
         return ("t1", "after") if whole == "t1ce" else (whole, "before" if stem.lower() == "t1n" else None)
     tokens = _tokens(stem)[skip:]
     if any(t in NOT_STRUCTURAL or (t.endswith("map") and len(t) > 3) for t in tokens):
@@ -138,8 +144,9 @@ def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
     file suggests it; where none or several do, left empty with a note naming the candidates.
 
     The T1s are told apart only by what their names say: T1CE is the one T1 named after contrast;
-    T1 the one named before it, or else, beside a T1CE so named, the one other T1. A T1 whose name
-    says nothing is never taken alone: an MPRAGE acquired only after gadolinium is common."""
+    T1 the one named before it, or else, beside a T1CE so named, the one other T1 of the same
+    protocol (`_same_protocol`). A T1 whose name says nothing is never taken alone: an MPRAGE
+    acquired only after gadolinium is common."""
     proposed = ProposedCase(case_id, source="series names")
     stems = {path: NIFTI_RE.match(path.name)["stem"] for path in files}
     dates = sorted({t[:8] for stem in stems.values() for t in _tokens(stem) if DATE_RE.match(t)})
@@ -147,11 +154,12 @@ def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
         proposed.notes.append(f"series of {len(dates)} studies ({', '.join(dates)}) in one folder: give each study "
                               "a folder of its own, or fill the row in")
         return proposed
-    skip = _shared_words(list(stems.values()))
+    shared = _shared_words(list(stems.values()))
+    skips = {path: len(shared) if _tokens(stem)[:len(shared)] == shared else 0 for path, stem in stems.items()}
     found: dict[str, list[Path]] = {}
     t1s: dict[str | None, list[Path]] = {}
     for path in files:
-        if (guess := guess_series(path.name, skip)) is None:
+        if (guess := guess_series(path.name, skips[path])) is None:
             continue
         if guess[0] == "t1":
             t1s.setdefault(guess[1], []).append(path)
@@ -159,7 +167,7 @@ def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
             found.setdefault(guess[0], []).append(path)
     after, before, unsaid = (sorted(t1s.get(k, [])) for k in ("after", "before", None))
     found["t1ce"] = after
-    found["t1"] = before or (unsaid if len(after) == 1 else [])
+    found["t1"] = before or [p for p in unsaid if len(after) == 1 and _same_protocol(p, after[0], skips)]
     for kind in (*MODALITIES, "seg"):
         candidates = sorted(found.get(kind, []))
         if len(candidates) == 1:
@@ -176,18 +184,27 @@ def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
     return proposed
 
 
-def _shared_words(stems: list[str]) -> int:
-    """How many leading words every file of a folder shares before any word naming a scan (dcm2niix's
-    `%f`, the folder's or the study's name, `MRI_BRAIN_W_WO_CONTRAST_...`): words of no one series,
-    which would decide every T1's contrast alike; each name keeps one word at least."""
-    words = [_tokens(s) for s in stems]
+def _same_protocol(plain: Path, contrast: Path, skips: dict[Path, int]) -> bool:
+    """Whether a T1 whose name says nothing is the protocol a T1CE's name repeats with contrast words
+    (`t1_mprage_sag_3`, `t1_mprage_sag_POST_GAD_9`): then it is the one before. Another protocol
+    (an MPRAGE beside `t1_se_tra_KM`) may have been acquired after contrast too."""
+    def words(path: Path) -> set[str]:
+        return {t for t in _tokens(NIFTI_RE.match(path.name)["stem"])[skips[path]:] if not t.isdigit()}
+    return words(plain) <= words(contrast)
+
+
+def _shared_words(stems: list[str]) -> list[str]:
+    """The leading words every series name of a folder shares before any word naming a scan
+    (dcm2niix's `%f`, the folder's or the study's name, `MRI_BRAIN_W_WO_CONTRAST_...`): words of no
+    one series, which would decide every T1's contrast alike; each name keeps one word at least."""
+    words = [w for w in map(_tokens, stems) if len(w) > 1]  # a user's `seg` beside the series shares nothing
     if len(words) < 2:
-        return 0
+        return []
     shared = 0
     while (all(len(w) > shared + 1 for w in words) and len({w[shared] for w in words}) == 1
            and not _names_a_scan(words[0][shared])):  # `t1_mprage_sag_3`, `t1_mprage_sag_POST_9`: the series'
         shared += 1
-    return shared
+    return words[0][:shared]
 
 
 def _names_a_scan(word: str) -> bool:
