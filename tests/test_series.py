@@ -211,3 +211,19 @@ def test_lists_read_back_from_a_linked_folder_a_patients_own_folder_and_names_no
     (row,) = propose_case_list(".")
     assert row.case_id == os.fsdecode(b"M\xfcller")
 
+
+
+def test_a_folder_per_series_makes_one_case_per_patient(tmp_path):
+    """dcm2niix run in each series' folder (`P1/3_t1_mprage_sag/*.nii.gz`): one patient's row, named by
+    the patient, the series told by their folders' names (a helper's review: one case per series)."""
+    write_case(tmp_path / "raw", "p")
+    series = {"3_t1_mprage_sag": "t1", "9_t1_mprage_sag_POST_GAD": "t1ce", "4_t2_tse_tra": "t2",
+              "5_t2_tirm_tra_dark-fluid": "flair", "1_localizer": "t2"}
+    for patient in ("P1", "P2"):
+        for folder, m in series.items():
+            (tmp_path / "data" / patient / folder).mkdir(parents=True)
+            os.symlink(tmp_path / "raw" / "p" / f"p_{m}.nii.gz", tmp_path / "data" / patient / folder / "image.nii.gz")
+    rows = propose_case_list(tmp_path / "data")
+    assert [r.case_id for r in rows] == ["P1", "P2"]
+    assert {k: p.parent.name for k, p in rows[0].files.items()} == {
+        "t1": "3_t1_mprage_sag", "t1ce": "9_t1_mprage_sag_POST_GAD", "t2": "4_t2_tse_tra", "flair": "5_t2_tirm_tra_dark-fluid"}

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import TumorsegError
 from ..io import NIFTI_RE, write_text
 from ..labels import BRATS2020, MODALITIES, canonical_modality
-from .case import Case, file_stem
+from .case import Case
 from .discover import MAX_DEPTH, named_cases, walk
 
 # Series that are no structural scan of the four: localizers, diffusion, perfusion, phase images
@@ -139,16 +139,18 @@ class ProposedCase:
     notes: list[str] = field(default_factory=list)
 
 
-def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
+def guess_case(case_id: str, files: list[Path], series: dict[Path, str] | None = None) -> ProposedCase:
     """A folder's series as one case: each modality (and the segmentation) taken where exactly one
     file suggests it; where none or several do, left empty with a note naming the candidates.
+    `series`: the name each file's series goes by where it is not the file's own (a folder per
+    series: `3_t1_mprage_sag/image.nii.gz`).
 
     The T1s are told apart only by what their names say: T1CE is the one T1 named after contrast;
     T1 the one named before it, or else, beside a T1CE so named, the one other T1 of the same
     protocol (`_same_protocol`). A T1 whose name says nothing is never taken alone: an MPRAGE
     acquired only after gadolinium is common."""
     proposed = ProposedCase(case_id, source="series names")
-    stems = {path: NIFTI_RE.match(path.name)["stem"] for path in files}
+    stems = {path: NIFTI_RE.match((series or {}).get(path, path.name))["stem"] for path in files}
     dates = sorted({t[:8] for stem in stems.values() for t in _tokens(stem) if DATE_RE.match(t)})
     if len(dates) > 1:  # dcm2niix's `%t`: series of several studies, which one row would mix
         proposed.notes.append(f"series of {len(dates)} studies ({', '.join(dates)}) in one folder: give each study "
@@ -159,7 +161,7 @@ def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
     found: dict[str, list[Path]] = {}
     t1s: dict[str | None, list[Path]] = {}
     for path in files:
-        if (guess := guess_series(path.name, skips[path])) is None:
+        if (guess := guess_series(f"{stems[path]}.nii", skips[path])) is None:
             continue
         if guess[0] == "t1":
             t1s.setdefault(guess[1], []).append(path)
@@ -167,16 +169,16 @@ def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
             found.setdefault(guess[0], []).append(path)
     after, before, unsaid = (sorted(t1s.get(k, [])) for k in ("after", "before", None))
     found["t1ce"] = after
-    found["t1"] = before or [p for p in unsaid if len(after) == 1 and _same_protocol(p, after[0], skips)]
+    found["t1"] = before or [p for p in unsaid if len(after) == 1 and _same_protocol(p, after[0], stems, skips)]
     for kind in (*MODALITIES, "seg"):
         candidates = sorted(found.get(kind, []))
         if len(candidates) == 1:
             proposed.files[kind] = candidates[0]
         elif candidates:
-            names = ", ".join(file_stem(p) for p in candidates)
+            names = ", ".join(stems[p] for p in candidates)
             proposed.notes.append(f"{kind}: {len(candidates)} candidates ({names}); fill in the one to use")
         elif kind in ("t1", "t1ce") and unsaid:
-            names = ", ".join(file_stem(p) for p in unsaid)
+            names = ", ".join(stems[p] for p in unsaid)
             proposed.notes.append(f"{kind}: T1 series whose names do not say before or after contrast ({names}); "
                                   "fill it in from the scanner's protocol")
         elif kind != "seg":
@@ -184,12 +186,12 @@ def guess_case(case_id: str, files: list[Path]) -> ProposedCase:
     return proposed
 
 
-def _same_protocol(plain: Path, contrast: Path, skips: dict[Path, int]) -> bool:
+def _same_protocol(plain: Path, contrast: Path, stems: dict[Path, str], skips: dict[Path, int]) -> bool:
     """Whether a T1 whose name says nothing is the protocol a T1CE's name repeats with contrast words
     (`t1_mprage_sag_3`, `t1_mprage_sag_POST_GAD_9`): then it is the one before. Another protocol
     (an MPRAGE beside `t1_se_tra_KM`) may have been acquired after contrast too."""
     def words(path: Path) -> set[str]:
-        return {t for t in _tokens(NIFTI_RE.match(path.name)["stem"])[skips[path]:] if not t.isdigit()}
+        return {t for t in _tokens(stems[path])[skips[path]:] if not t.isdigit()}
     return words(plain) <= words(contrast)
 
 
@@ -230,8 +232,13 @@ def propose_case_list(root: str | os.PathLike) -> list[ProposedCase]:
         raise TumorsegError(f"{root}: {other[0].case_id} and the like are {other[0].layout} cases with {other[0].labels.name} "
                             "labels, which a case list cannot carry: tumorseg reads them as they are, without one")
     rows = [_as_listed(c) for c in cases]
-    names = _folder_names(root, list(unread))
+    patients = _series_folders(unread)
+    unread = {f: files for f, files in unread.items() if not any(f in folders for folders in patients.values())}
+    names = _folder_names(root, [*unread, *patients])
     rows += [guess_case(names[folder], files) for folder, files in unread.items()]
+    for patient, folders in patients.items():  # the folder's name is its series'; the file's may be any
+        rows.append(guess_case(names[patient], [f for files in folders.values() for f in files],
+                               {f: f"{folder.name}_{f.name}" for folder, files in folders.items() for f in files}))
     if not rows:
         raise TumorsegError(f"{root}: no NIfTI scans found within {MAX_DEPTH} folder levels (convert DICOM series "
                             "with dcm2niix first)")
@@ -240,6 +247,18 @@ def propose_case_list(root: str | os.PathLike) -> list[ProposedCase]:
     if twice:
         raise TumorsegError(f"{root}: case id {twice[0]} found twice; give one dataset's folder")
     return sorted(rows, key=lambda r: r.case_id)
+
+
+def _series_folders(unread: dict[Path, list[Path]]) -> dict[Path, dict[Path, list[Path]]]:
+    """Patients whose scans dcm2niix wrote into a folder per series (`P1/3_t1_mprage_sag/*.nii.gz`):
+    each patient's folder -> its series' folders and their files, where two or more of its folders
+    are named as series are (a scan's words, or a localizer's, a diffusion's) and hold a file or two
+    each, and the patient's folder holds no scans of its own."""
+    by_patient: dict[Path, dict[Path, list[Path]]] = {}
+    for folder, files in unread.items():
+        if len(files) <= 2 and any(_names_a_scan(t) or t in NOT_STRUCTURAL for t in _tokens(folder.name)):
+            by_patient.setdefault(folder.parent, {})[folder] = files
+    return {p: folders for p, folders in by_patient.items() if len(folders) > 1 and p not in unread}
 
 
 def _as_listed(case: Case) -> ProposedCase:
