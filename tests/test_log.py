@@ -1,4 +1,6 @@
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -44,3 +46,17 @@ def test_a_program_takes_the_lines_with_its_own_handlers(caplog, capsys, logger_
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.INFO, "note: a"), (logging.WARNING, "warning: b"), (logging.ERROR, "error: c")]
     assert capsys.readouterr().err == ""  # once, through the program's handler
+
+
+def test_settings_made_before_the_import_stay_and_dict_config_drops_no_error(tmp_path):
+    """A review's finds: a level set at the top of a script had been reset to INFO when tumorseg's
+    logger was set up, and dictConfig after the import (disable_existing_loggers) had dropped every
+    line, errors included."""
+    code = ("import logging, logging.config\n"
+            "logging.getLogger('tumorseg').setLevel(logging.WARNING)\n"
+            "from tumorseg.log import say\n"
+            "say('note: quiet')\n"
+            "logging.config.dictConfig({'version': 1, 'root': {'level': 'INFO'}})\n"
+            "say('error: kept')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "error: kept\n", proc.stderr

@@ -1,8 +1,9 @@
 """The lines tumorseg writes for people (notes, warnings, a run's progress) go through the
 `tumorseg` logger, so a program using the Python API can quiet them
-(`logging.getLogger("tumorseg").setLevel(logging.WARNING)` leaves warnings and errors) or take
-them with handlers of its own (`logger.handlers.clear(); logger.propagate = True`). By default
-each line is written to stderr as it is, with no level or time: the command's lines."""
+(`logging.getLogger("tumorseg").setLevel(logging.WARNING)`, before or after importing tumorseg,
+leaves warnings and errors) or take them (`LOGGER.handlers.clear(); LOGGER.propagate = True` after
+importing `LOGGER` from here). By default each line is written to stderr as it is, with no level or
+time: the command's lines."""
 
 from __future__ import annotations
 
@@ -30,14 +31,18 @@ class StderrLines(logging.Handler):
             self.handleError(record)
 
 
-if not LOGGER.handlers:  # once, however often this module is imported
+if not any(isinstance(h, StderrLines) for h in LOGGER.handlers):  # once, however often this is imported
     LOGGER.addHandler(StderrLines())
-    LOGGER.setLevel(logging.INFO)
+    if LOGGER.level == logging.NOTSET:  # a level the program set before importing tumorseg stays
+        LOGGER.setLevel(logging.INFO)
     LOGGER.propagate = False  # a root handler the program set up would write each line twice
 
 
 def say(line: str) -> None:
     """Write `line` for people: a warning or an error where it says so ("warning: ...", "error:
     ..."), else a note or a step of the run (INFO)."""
+    # logging.config's dictConfig and fileConfig disable the loggers made before them by default,
+    # which would drop even the errors without a trace: the way to quiet tumorseg is its level
+    LOGGER.disabled = False
     level = next((lvl for prefix, lvl in LEVELS.items() if line.startswith(prefix)), logging.INFO)
     LOGGER.log(level, line)
