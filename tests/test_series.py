@@ -50,6 +50,9 @@ SERIES = {"t1": "DICOM_t1_mprage_sag_p2_iso_20190101120000_3", "t1ce": "DICOM_t1
     ("t1_mprage_sag_p2_iso_ND_5.nii.gz", None), ("AX_BRAVO_C+_Reformatted.nii.gz", None),
     ("AX_T1_W_O_IV_CONTRAST_3.nii.gz", "t1"), ("T1_SENZA_MEZZO_DI_CONTRASTO.nii.gz", "t1"), ("T1_bez_Gd.nii.gz", "t1"),
     ("T2_FE_AX_5.nii.gz", None), ("T2_FLASH_TRA.nii.gz", None), ("CT_1.nii.gz", None), ("T1_POST_BIOPSY.nii.gz", "t1"),
+    # a fourth review: a negation of something else (fat saturation, a navigator) is no contrast's
+    ("Ax_3D_SPGR_FOR_STEALTH_+C_10.nii.gz", "t1ce"), ("10_t1_se_tra_NON_FS_POST.nii.gz", "t1ce"),
+    ("T1_NO_FS_+C.nii.gz", "t1ce"), ("AX_T1_NO_SAT_POST.nii.gz", "t1ce"), ("T1_PRE_AND_POST.nii.gz", "t1"),
 ])
 def test_modalities_guessed_from_series_names(name, modality):
     """Siemens', GE's and Philips' protocol names; diffusion, phase, T2* and localizers are no modality."""
@@ -183,8 +186,16 @@ def test_a_series_folder_named_by_plane_is_not_read_as_a_case_called_ax(tmp_path
             os.symlink(tmp_path / "raw" / "p" / f"p_{m}.nii.gz", usual / f"{name}.nii.gz")
         (case,) = discover_cases(usual)
         assert case.case_id == case_id and set(case.images) == set(MODALITIES)
-    for names in (("3_SAG_T1_FLAIR", "5_AX_T2_FLAIR"), ("T2W_FLAIR", "T2W_TSE"), ("T2_native", "T1W_SE")):
-        other = tmp_path / "more" / names[0]  # a prefix naming a modality is a series' words (`T2` + `native`)
+    for case_id in ("P01_T1", "P01_T2"):  # timepoints named T1, T2: their folder's name is the case's
+        timepoint = tmp_path / "timepoints" / case_id
+        timepoint.mkdir(parents=True)
+        for m in MODALITIES:
+            os.symlink(tmp_path / "raw" / "p" / f"p_{m}.nii.gz", timepoint / f"{case_id}_{m}.nii.gz")
+    cases = discover_cases(tmp_path / "timepoints")
+    assert [c.case_id for c in cases] == ["P01_T1", "P01_T2"] and all(set(c.images) == set(MODALITIES) for c in cases)
+    for i, names in enumerate((("3_SAG_T1_FLAIR", "5_AX_T2_FLAIR"), ("T2W_FLAIR", "T2W_TSE"), ("T2_native", "T1W_SE"),
+                               ("3_T1", "5_T2", "6_FLAIR", "9_T1_POST"))):  # dcm2niix -f %s_%d: series numbers
+        other = tmp_path / "more" / f"P{i}"  # a prefix naming a modality is a series' words (`T2` + `native`)
         other.mkdir(parents=True)
         for name in names:
             os.symlink(tmp_path / "raw" / "p" / "p_t2.nii.gz", other / f"{name}.nii.gz")
@@ -227,3 +238,25 @@ def test_a_folder_per_series_makes_one_case_per_patient(tmp_path):
     assert [r.case_id for r in rows] == ["P1", "P2"]
     assert {k: p.parent.name for k, p in rows[0].files.items()} == {
         "t1": "3_t1_mprage_sag", "t1ce": "9_t1_mprage_sag_POST_GAD", "t2": "4_t2_tse_tra", "flair": "5_t2_tirm_tra_dark-fluid"}
+
+
+def test_export_trees_keep_patients_apart_and_together(tmp_path):
+    """A fourth review's trees: patients' series folders side by side (`P001_t1_mprage_sag_3/`) stay
+    apart; a series folder of three files (echoes, phase), and the patient's own segmentation, stay
+    with the patient."""
+    def tree(paths):
+        for path in paths:
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / path).write_bytes(b"")
+
+    tree(["side/P001_t1_mprage_sag_3/a.nii.gz", "side/P001_t1_mprage_sag_post_9/a.nii.gz",
+          "side/P002_t2_tse_tra_5/a.nii.gz", "side/P002_t2_flair_tra_6/a.nii.gz"])
+    assert "side" not in {r.case_id for r in propose_case_list(tmp_path / "side")}  # never one row of two patients
+    tree(["one/P1/3_t1_mprage_sag/a.nii.gz", "one/P1/9_t1_mprage_sag_POST/a.nii.gz", "one/P1/6_t2_flair_tra/a.nii.gz",
+          "one/P1/5_t2_tse_tra/a_e1.nii.gz", "one/P1/5_t2_tse_tra/a_e2.nii.gz", "one/P1/5_t2_tse_tra/a_ph.nii.gz",
+          "one/P1/seg.nii.gz"])
+    (row,) = propose_case_list(tmp_path / "one")
+    assert row.case_id == "P1" and row.files["seg"].name == "seg.nii.gz"
+    assert {k: p.parent.name for k, p in row.files.items() if k != "seg"} == {
+        "t1": "3_t1_mprage_sag", "t1ce": "9_t1_mprage_sag_POST", "flair": "6_t2_flair_tra"}
+    assert any(n.startswith("t2: ") for n in row.notes)  # a dual echo's: which one is for a person to say

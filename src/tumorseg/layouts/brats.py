@@ -22,16 +22,21 @@ _SEG_FILE_SUFFIX_RE = re.compile(rf"([_-]segm?|{'|'.join(TUMOUR_SEG_SUFFIXES)})$
 _BRATS2023_CASE_RE = re.compile(r"^BraTS-[A-Za-z]+-\d+-\d+$", re.IGNORECASE)  # BraTS 2023+ ids: BraTS-GLI-00000-000
 
 
-def _case_key(stem: str) -> tuple[str, str] | None:
-    """(case prefix, modality or "seg") of a `<case>_<key>` / `<case>-<key>` file stem, or None."""
+def _case_key(stem: str, folder: str = "") -> tuple[str, str] | None:
+    """(case prefix, modality or "seg") of a `<case>_<key>` / `<case>-<key>` file stem in `folder`
+    (its name), or None."""
     lower = stem.lower()
     for suffix in TUMOUR_SEG_SUFFIXES:
         if lower.endswith(suffix):
             return stem[: -len(suffix)], "seg"
-    two = _BRATS_TWO_WORDS_RE.search(stem)  # `<case>_T2_FLAIR`, `<case>-t1-post`: one modality in two words
-    m = two if two is not None and canonical_modality(two["key"]) is not None else _BRATS_SUFFIX_RE.search(stem)
-    if m is None or _series_words(stem[: m.start()]):
-        return None
+    one, two = _BRATS_SUFFIX_RE.search(stem), _BRATS_TWO_WORDS_RE.search(stem)
+    m = one  # `<case>_T2_FLAIR`, `<case>-t1-post`: one modality in two words, unless the folder names
+    if two is not None and canonical_modality(two["key"]) is not None and not (  # `P01_T2/P01_T2_flair`
+            one is not None and folder and folder.lower().startswith(stem[: one.start()].lower())):
+        m = two
+    prefix = stem[: m.start()] if m is not None else ""
+    if m is None or (_series_words(prefix) and not folder.lower().startswith(prefix.lower())):
+        return None  # the folder's own name is a case's (`P01_T1/P01_T1_flair`: a timepoint T1)
     kind = "seg" if m["key"].lower() == "seg" else canonical_modality(m["key"])
     return (stem[: m.start()], kind) if kind is not None else None
 
@@ -42,11 +47,12 @@ SCAN_PLANES = frozenset(("ax", "axial", "sag", "sagittal", "cor", "coronal", "tr
 def _series_words(prefix: str) -> bool:
     """Whether a name's prefix is a scanner's series words, not a case: it ends in a plane or a
     modality (`3_SAG_T1` of `3_SAG_T1_FLAIR`, `T2W` of `T2W_FLAIR`, `AX` of `AX_T2`, from dcm2niix),
-    or is planes and series numbers alone. Those scans are named for no case (`tumorseg cases`
-    proposes a list); a case id with such a word inside (`GBM-COR-012`) is still one."""
+    or is planes and series numbers alone (`3` of `3_T1`). Those scans are named for no case
+    (`tumorseg cases` proposes a list), unless the prefix is their folder's name; a case id with such
+    a word inside (`GBM-COR-012`) is still one."""
     words = [w for w in re.split(r"[^a-z0-9]+", prefix.lower()) if w]
     series = [w in SCAN_PLANES or canonical_modality(w) is not None for w in words]
-    return bool(words) and (series[-1] or (any(series) and all(s or w.isdigit() for s, w in zip(series, words))))
+    return bool(words) and (series[-1] or all(s or w.isdigit() for s, w in zip(series, words)))
 
 
 def brats_cases(folder: Path, files: list[Path], need_images: bool) -> list[Case] | None:
@@ -56,7 +62,7 @@ def brats_cases(folder: Path, files: list[Path], need_images: bool) -> list[Case
     with_images: set[str] = set()
     for path in files:
         stem = file_stem(path)
-        key = _case_key(stem) if canonical_modality(stem) is None else None
+        key = _case_key(stem, folder.name) if canonical_modality(stem) is None else None
         if key is not None:
             groups.setdefault(key[0], []).append(path)
             if key[1] != "seg":
@@ -84,7 +90,7 @@ def _brats_case(folder: Path, files: list[Path], need_images: bool, case_id: str
     for path in files:
         stem = file_stem(path)
         whole = canonical_modality(stem)  # `plain`: the stem is the modality (`T1`, `T2-FLAIR`)
-        key = _case_key(stem) if whole is None else None
+        key = _case_key(stem, folder.name) if whole is None else None
         if stem.lower() in PLAIN_SEG_STEMS or (key is not None and key[1] == "seg"):
             segs.append(path)
         elif whole is not None or key is not None:  # a second copy (`.nii` beside `.nii.gz`) is no segmentation

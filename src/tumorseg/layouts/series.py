@@ -46,8 +46,8 @@ CONTRAST = frozenset(("post", "postcontrast", "postcon", "gd", "km", "mdc", "con
 BEFORE = frozenset(("pre", "precontrast", "precon", "nativ", "native", "plain", "t1n", "unenhanced", "basale"))
 # Words that deny the contrast word after them: `NON_CONTRAST`, `w/o gad`, `sans gado`, `ohne KM`, `vor KM`
 NEGATIONS = frozenset(("no", "non", "without", "wo", "sans", "sin", "senza", "ohne", "sem", "zonder", "voor", "vor",
-                       "avant", "antes", "uten", "utan", "for", "bez"))
-NEGATION_REACH = 3  # words a negation reaches over: `NO IV CONTRAST`, `SENZA MEZZO DI CONTRASTO`
+                       "avant", "antes", "uten", "utan", "bez"))
+FILLERS = frozenset(("iv", "i", "v", "mezzo", "di", "de", "del", "of", "medio", "agent"))  # `NO IV CONTRAST`
 NOT_CONTRAST = frozenset(("op", "operative", "surgery", "surgical", "resection", "tx", "treatment", "rt", "fossa",
                           "sat", "scan", "biopsy"))  # after `post` or `pre`: no contrast meant (post-op, posterior fossa)
 T1_SEQUENCES = ("mprage", "bravo", "spgr", "fspgr", "tfe", "fl3d", "vibe")  # T1-weighted by name
@@ -76,8 +76,9 @@ def _contrast(tokens: list[str]) -> str | None:
     for i, t in enumerate(tokens):
         after = t in CONTRAST or t.startswith("gad") or canonical_modality(t) == "t1ce" or (
             t.startswith("t1") and t.endswith("gd"))
-        reach = tokens[i + 1: i + 1 + NEGATION_REACH]
-        denied = [i + 1 + k for k, w in enumerate(reach) if w in CONTRAST or w.startswith("gad")]
+        reach = tokens[i + 1:]
+        gap = next((k for k, w in enumerate(reach) if w not in FILLERS), len(reach))  # `SENZA MEZZO DI CONTRASTO`
+        denied = [i + 1 + gap] if gap < len(reach) and (reach[gap] in CONTRAST or reach[gap].startswith("gad")) else []
         if (t in NEGATIONS or t == "pre") and denied:
             said.add("before")  # `pre gad`, `non contrast`, `no IV contrast`
             negated.update(denied)
@@ -238,7 +239,8 @@ def propose_case_list(root: str | os.PathLike) -> list[ProposedCase]:
     rows += [guess_case(names[folder], files) for folder, files in unread.items()]
     for patient, folders in patients.items():  # the folder's name is its series'; the file's may be any
         rows.append(guess_case(names[patient], [f for files in folders.values() for f in files],
-                               {f: f"{folder.name}_{f.name}" for folder, files in folders.items() for f in files}))
+                               {f: f"{folder.name}_{f.name}" for folder, files in folders.items() if folder != patient
+                                for f in files}))
     if not rows:
         raise TumorsegError(f"{root}: no NIfTI scans found within {MAX_DEPTH} folder levels (convert DICOM series "
                             "with dcm2niix first)")
@@ -252,13 +254,27 @@ def propose_case_list(root: str | os.PathLike) -> list[ProposedCase]:
 def _series_folders(unread: dict[Path, list[Path]]) -> dict[Path, dict[Path, list[Path]]]:
     """Patients whose scans dcm2niix wrote into a folder per series (`P1/3_t1_mprage_sag/*.nii.gz`):
     each patient's folder -> its series' folders and their files, where two or more of its folders
-    are named as series are (a scan's words, or a localizer's, a diffusion's) and hold a file or two
-    each, and the patient's folder holds no scans of its own."""
+    are named as series are (a scan's words, or a localizer's, a diffusion's), hold a few files each
+    and begin with no two patients' ids; the patient's folder itself (with a file or two of its own,
+    a segmentation) is one of them."""
     by_patient: dict[Path, dict[Path, list[Path]]] = {}
     for folder, files in unread.items():
-        if len(files) <= 2 and any(_names_a_scan(t) or t in NOT_STRUCTURAL for t in _tokens(folder.name)):
-            by_patient.setdefault(folder.parent, {})[folder] = files
-    return {p: folders for p, folders in by_patient.items() if len(folders) > 1 and p not in unread}
+        if len(files) <= 4 and any(_names_a_scan(t) or t in NOT_STRUCTURAL for t in _tokens(folder.name)):
+            by_patient.setdefault(folder.parent, {})[folder] = files  # a series' echoes, phase, `a` copies
+    return {p: {**({p: unread[p]} if p in unread else {}), **folders} for p, folders in by_patient.items()
+            if len(folders) > 1 and len(unread.get(p, ())) <= 2 and len({_patient_words(f.name) for f in folders}) == 1}
+
+
+def _patient_words(name: str) -> tuple[str, ...]:
+    """The words a series folder's name begins with before any naming a scan, series numbers left out:
+    a patient's id where dcm2niix wrote `P001_t1_mprage_sag_3/` (two ids: two patients, not one)."""
+    words = []
+    for t in _tokens(name):
+        if _names_a_scan(t) or t in NOT_STRUCTURAL:
+            break
+        if not t.isdigit():
+            words.append(t)
+    return tuple(words)
 
 
 def _as_listed(case: Case) -> ProposedCase:
