@@ -934,6 +934,7 @@ def test_bids_sessions_contrast_entity_derivatives_and_ambiguous_runs(layouts, t
                f"sub-01_{ses}_desc-aseg_dseg.nii.gz")
     # preprocessed copies in derivatives are another dataset: never mixed into the raw one's cases
     _touch(root / "derivatives/preproc/sub-01/ses-pre/anat", "sub-01_ses-pre_desc-brain_T1w.nii.gz")
+    _touch(root / "tmp_dcm2bids/sub-01_ses-pre", "sub-01_ses-pre_T1w.nii.gz")  # dcm2bids' copies, not a second case
     cases = {c.case_id: c for c in discover_cases(root)}
     assert set(cases) == {"sub-01_ses-pre", "sub-01_ses-post"}
     case = cases["sub-01_ses-pre"]

@@ -21,7 +21,8 @@ BIDS_SEG_SUFFIX = "dseg"
 # (`sub-001_t1`, `sub-001_seg`) have the shape of BIDS names but none of these
 BIDS_ANAT_SUFFIXES = frozenset({"T1w", "T2w", "FLAIR", "T2starw", "PDw", "T1map", "T2map", "UNIT1", "angio",
                                 "inplaneT1", "inplaneT2", "PD", "T2star", BIDS_SEG_SUFFIX, "mask"})
-BIDS_SKIPPED: tuple[str, ...] = ("derivatives", "sourcedata")  # below a BIDS root: not the raw scans
+# below a BIDS root: not the raw scans (dcm2bids leaves its conversions' copies in `tmp_dcm2bids/`)
+BIDS_SKIPPED: tuple[str, ...] = ("derivatives", "sourcedata", "tmp_dcm2bids")
 BIDS_NAMES: dict[str, str] = {"t1": "T1w", "t1ce": "ce-gadolinium_T1w", "t2": "T2w", "flair": "FLAIR"}
 
 
