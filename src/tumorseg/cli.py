@@ -207,7 +207,17 @@ def run() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):  # a stream that is no text file keeps its own
             stream.reconfigure(errors="surrogateescape")
+    sys.unraisablehook = quiet_loader_teardown
     sys.exit(main())
+
+
+def quiet_loader_teardown(unraisable: "sys.UnraisableHookArgs") -> None:
+    """Python's hook for errors in `__del__`, without the one torch's DataLoader raises when a
+    SIGTERM or Ctrl-C lands while it starts its workers: the half-made iterator's `__del__` misses an
+    attribute (`_workers`), a traceback after the run's own last line. Any other goes to Python's hook."""
+    half_made = isinstance(unraisable.exc_value, AttributeError) and "DataLoaderIter" in repr(unraisable.object)
+    if not half_made:
+        sys.__unraisablehook__(unraisable)
 
 
 def main(argv: list[str] | None = None) -> int:
