@@ -290,16 +290,41 @@ def test_a_loader_stopped_while_it_starts_its_workers_leaves_no_traceback(capsys
 
     import torch
 
-    from tumorseg.cli import quiet_loader_teardown
+    from tumorseg.cli import unraisable_hook
 
     class Noisy:
         def __del__(self):
             raise AttributeError("other")
 
-    monkeypatch.setattr(sys, "unraisablehook", quiet_loader_teardown)  # as `run` sets it for the command
+    monkeypatch.setattr(sys, "unraisablehook", unraisable_hook)  # as `run` sets it for the command
     object.__new__(torch.utils.data.dataloader._MultiProcessingDataLoaderIter)  # half made, then collected
     gc.collect()
     assert capsys.readouterr().err == ""
     Noisy()
     gc.collect()
     assert "AttributeError: other" in capsys.readouterr().err  # any other: Python's own say
+
+
+def test_a_sigterm_python_swallowed_is_delivered_again(monkeypatch):
+    """A SIGTERM landing in logging's fork callback (as the DataLoader starts its workers) raised
+    `Terminated` where Python only reports it: the training went on, then failed on its killed
+    workers with exit 2 (a clean-clone run's flaky test). It is delivered again and stops the run."""
+    import signal
+    import time
+
+    from tumorseg import cli
+    from tumorseg.errors import Terminated
+
+    class InAForkCallback:
+        def __del__(self):  # where Python reports, and swallows, what is raised
+            cli._terminate(signal.SIGTERM, None)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(sys, "unraisablehook", cli.unraisable_hook)
+    try:
+        with pytest.raises(Terminated):
+            InAForkCallback()
+            time.sleep(5)  # the run going on: the signal comes again within it
+        assert signal.getsignal(signal.SIGTERM) == cli._stop_now  # armed again for a second one
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -207,16 +207,32 @@ def run() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):  # a stream that is no text file keeps its own
             stream.reconfigure(errors="surrogateescape")
-    sys.unraisablehook = quiet_loader_teardown
+    sys.unraisablehook = unraisable_hook
     sys.exit(main())
 
 
-def quiet_loader_teardown(unraisable: "sys.UnraisableHookArgs") -> None:
-    """Python's hook for errors in `__del__`, without the one torch's DataLoader raises when a
-    SIGTERM or Ctrl-C lands while it starts its workers: the half-made iterator's `__del__` misses an
-    attribute (`_workers`), a traceback after the run's own last line. Any other goes to Python's hook."""
-    half_made = isinstance(unraisable.exc_value, AttributeError) and "DataLoaderIter" in repr(unraisable.object)
-    if not half_made:
+REDELIVER_S = 0.05  # seconds before an interrupt Python swallowed is delivered again
+
+
+def unraisable_hook(unraisable: "sys.UnraisableHookArgs") -> None:
+    """Python's hook for errors it can only report (in `__del__`, in a fork's lock callbacks), for
+    what a SIGTERM or Ctrl-C leaves there while torch's DataLoader starts its workers:
+    - the interrupt itself, raised inside logging's fork callback where Python swallows it: the run
+      went on, then failed on its killed workers. It is delivered again, where it stops the run;
+    - the half-made iterator's `__del__` missing an attribute (`_workers`): a traceback after the
+      run's own last line, left out.
+    Any other goes to Python's hook."""
+    exc = unraisable.exc_value
+    if isinstance(exc, KeyboardInterrupt):  # `Terminated` is one
+        on_main = threading.current_thread() is threading.main_thread()
+        if isinstance(exc, Terminated) and on_main:
+            signal.signal(signal.SIGTERM, _terminate)  # `_terminate` had armed the second one's hard stop
+        again = threading.Timer(REDELIVER_S, os.kill,  # after this hook: raised in it, it would be swallowed again
+                                (os.getpid(), signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
+        again.daemon = True
+        again.start()
+        return
+    if not (isinstance(exc, AttributeError) and "DataLoaderIter" in repr(unraisable.object)):
         sys.__unraisablehook__(unraisable)
 
 
