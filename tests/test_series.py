@@ -10,7 +10,7 @@ from tumorseg.cli import main
 from tumorseg.errors import TumorsegError
 from tumorseg.labels import MODALITIES
 from tumorseg.layouts import discover_cases
-from tumorseg.layouts.series import guess_case, guess_modality, propose_case_list
+from tumorseg.layouts.series import guess_case, guess_series, propose_case_list
 from tumorseg.prepare import PrepareConfig, prepare
 from tumorseg.synth import synthesize
 
@@ -56,7 +56,8 @@ SERIES = {"t1": "DICOM_t1_mprage_sag_p2_iso_20190101120000_3", "t1ce": "DICOM_t1
 ])
 def test_modalities_guessed_from_series_names(name, modality):
     """Siemens', GE's and Philips' protocol names; diffusion, phase, T2* and localizers are no modality."""
-    assert guess_modality(name) == modality
+    guess = guess_series(name)
+    assert ("t1ce" if guess == ("t1", "after") else guess and guess[0]) == modality
 
 
 @pytest.mark.parametrize("names, t1, t1ce", [
@@ -135,6 +136,9 @@ def test_cases_proposes_a_list_for_series_named_scans_beside_a_layouts_cases(tmp
     assert main(["cases", str(tmp_path / "data"), str(table)]) == 2  # a list someone may have corrected
     assert capsys.readouterr().err.strip() == f"tumorseg cases: error: {table}: exists; --force replaces it"
     assert main(["cases", str(tmp_path / "data"), str(tmp_path / "cases.txt")]) == 2
+    tsv = tmp_path / "cases.tsv"  # read back by its suffix: tab-separated
+    assert main(["cases", str(tmp_path / "data"), str(tsv)]) == 0
+    assert [c.case_id for c in discover_cases(tsv)] == [c.case_id for c in discover_cases(table)]
 
 
 def test_cases_refuses_what_a_list_cannot_hold(tmp_path):

@@ -19,11 +19,12 @@ from pathlib import Path
 from ..errors import TumorsegError
 from ..io import NIFTI_RE, write_text
 from ..labels import BRATS2020, MODALITIES, canonical_modality
+from .brats import PLAIN_SEG_STEMS
 from .case import Case
 from .discover import MAX_DEPTH, named_cases, walk
 
 # Series that are no structural scan of the four: localizers, diffusion, perfusion, phase images
-# (dcm2niix's `_ph`, `_real`), ROIs, masks, derived maps, subtractions, reformats and duplicates
+# (dcm2niix's `_ph`, `_real`), ROIs, masks, derived maps (and any `...map`), subtractions, reformats and duplicates
 # (Siemens' `_ND`, GE's `Reformatted`, dcm2niix's `_Eq_1`), MP2RAGE's images, echoes of a dual echo.
 NOT_STRUCTURAL = frozenset((
     "localizer", "localiser", "loc", "scout", "aahscout", "survey", "calibration", "cal", "pilot", "locator",
@@ -31,7 +32,7 @@ NOT_STRUCTURAL = frozenset((
     "phase", "ph", "real", "imaginary", "perf", "perfusion", "pwi", "dsc", "dce", "asl", "pcasl", "mra", "tof", "angio",
     "fa", "colfa", "tensor", "b0", "b1000", "mip", "minip", "sbref", "mosaic", "fmri", "bold", "rest", "spectro", "csi",
     "svs", "t2star", "star", "roi", "roi1", "roi2", "mask", "map", "sub", "subt", "subtraction", "subtract",
-    "subtracted", "cbv", "relcbv", "rcbv", "cbf", "mtt", "ttp", "uni", "inv1", "inv2", "t1map", "t2map", "r2star", "mpr",
+    "subtracted", "cbv", "relcbv", "rcbv", "cbf", "mtt", "ttp", "uni", "inv1", "inv2", "r2star", "mpr",
     "reformat", "reformatted", "nd", "eq", "mp2rage", "e1", "e2", "pd", "stir",
 ))
 # T2 gradient echoes are T2*-weighted; dcm2niix drops the `*` of `T2*` (its issue 425)
@@ -52,7 +53,6 @@ NOT_CONTRAST = frozenset(("op", "operative", "surgery", "surgical", "resection",
                           "sat", "scan", "biopsy"))  # after `post` or `pre`: no contrast meant (post-op, posterior fossa)
 T1_SEQUENCES = ("mprage", "bravo", "spgr", "fspgr", "tfe", "fl3d", "vibe")  # T1-weighted by name
 FLAIR_WORDS = ("flair", "darkfluid", "spcir")  # Siemens' `dark-fluid` and `da-fl` are two words each
-SEGMENTATION = frozenset(("seg", "segmentation", "label", "labels"))
 DATE_RE = re.compile(r"^(19|20)\d{6}(\d{4,6})?$")  # dcm2niix's `%t`: a study's date and time
 # (modality, contrast): contrast "after", "before" or None (the name does not say) for a T1
 Guess = tuple[str, str | None]
@@ -74,11 +74,9 @@ def _contrast(tokens: list[str]) -> str | None:
     both (`t1_mprage_KM-nativ`: a subtraction)."""
     said, negated = set(), set()
     for i, t in enumerate(tokens):
-        after = t in CONTRAST or t.startswith("gad") or canonical_modality(t) == "t1ce" or (
-            t.startswith("t1") and t.endswith("gd"))
         reach = tokens[i + 1:]
         gap = next((k for k, w in enumerate(reach) if w not in FILLERS), len(reach))  # `SENZA MEZZO DI CONTRASTO`
-        denied = [i + 1 + gap] if gap < len(reach) and (reach[gap] in CONTRAST or reach[gap].startswith("gad")) else []
+        denied = [i + 1 + gap] if gap < len(reach) and _contrast_word(reach[gap]) else []
         if (t in NEGATIONS or t == "pre") and denied:
             said.add("before")  # `pre gad`, `non contrast`, `no IV contrast`
             negated.update(denied)
@@ -86,9 +84,14 @@ def _contrast(tokens: list[str]) -> str | None:
             continue  # pre-operative, posterior fossa, pre-saturation
         elif t in BEFORE:
             said.add("before")
-        elif after and i not in negated:
+        elif i not in negated and (_contrast_word(t) or canonical_modality(t) == "t1ce"
+                                   or (t.startswith("t1") and t.endswith("gd"))):  # `T1Gd`, `T1WGd`
             said.add("after")
     return said.pop() if len(said) == 1 else None
+
+
+def _contrast_word(word: str) -> bool:
+    return word in CONTRAST or word.startswith("gad")  # `gadovist`, `gado`
 
 
 def guess_series(name: str, skip: int = 0) -> Guess | None:
@@ -98,15 +101,16 @@ def guess_series(name: str, skip: int = 0) -> Guess | None:
     series' (dcm2niix's `%f`, the folder's name, shared by every file of the folder)."""
     named = NIFTI_RE.match(name)
     stem = named["stem"] if named else name
-    whole = canonical_modality(stem) if all(len(t) > 1 and not t.isdigit() for t in _tokens(stem)) else None
+    all_tokens = _tokens(stem)
+    whole = canonical_modality(stem) if all(len(t) > 1 and not t.isdigit() for t in all_tokens) else None
     if whole is not None and skip == 0:  # `T1Gd`, `T2-FLAIR`: a modality's own name (not `CT_1`, `T1_C`)
         return ("t1", "after") if whole == "t1ce" else (whole, "before" if stem.lower() == "t1n" else None)
-    tokens = _tokens(stem)[skip:]
+    tokens = all_tokens[skip:]
     if any(t in NOT_STRUCTURAL or (t.endswith("map") and len(t) > 3) for t in tokens):
         return None
     kinds = {canonical_modality(t) for t in tokens if t not in BEFORE}  # `native` is contrast, not a T1 here
     sequences = any(any(s in t for s in T1_SEQUENCES) for t in tokens)
-    if any(t in SEGMENTATION for t in tokens):  # a segmentation of a T1 (MorphoBox's) is no tumour's
+    if any(t in PLAIN_SEG_STEMS for t in tokens):  # a segmentation of a T1 (MorphoBox's) is no tumour's
         return ("seg", None) if not (kinds - {None} or sequences) else None
     if "t1" in kinds or "t1ce" in kinds or any(t.startswith("t1") for t in tokens):  # GE's `AX T1 FLAIR`: T1-weighted
         return "t1", _contrast(tokens)
@@ -119,14 +123,6 @@ def guess_series(name: str, skip: int = 0) -> Guess | None:
     if sequences:
         return "t1", _contrast(tokens)
     return None
-
-
-def guess_modality(name: str) -> str | None:
-    """`guess_series` as a modality alone: a T1 after contrast is `t1ce`."""
-    guess = guess_series(name)
-    if guess is None:
-        return None
-    return "t1ce" if guess == ("t1", "after") else guess[0]
 
 
 @dataclass
@@ -162,7 +158,7 @@ def guess_case(case_id: str, files: list[Path], series: dict[Path, str] | None =
     found: dict[str, list[Path]] = {}
     t1s: dict[str | None, list[Path]] = {}
     for path in files:
-        if (guess := guess_series(f"{stems[path]}.nii", skips[path])) is None:
+        if (guess := guess_series(stems[path], skips[path])) is None:
             continue
         if guess[0] == "t1":
             t1s.setdefault(guess[1], []).append(path)
@@ -294,15 +290,16 @@ def _folder_names(root: Path, folders: list[Path]) -> dict[Path, str]:
 
 
 def write_case_list(rows: list[ProposedCase], out: str | os.PathLike) -> Path:
-    """`rows` as a `cases.csv` (`layouts.list_cases` reads it): case, t1, t1ce, t2, flair, seg, with
-    paths relative to its folder (where the folder is a link, to the folder it links to, as the
-    list's reader resolves them); written atomically."""
+    """`rows` as a `cases.csv` (a `.tsv` tab-separated; `layouts.list_cases` reads both): case, t1,
+    t1ce, t2, flair, seg, with paths relative to its folder (where the folder is a link, to the
+    folder it links to, as the list's reader resolves them); written atomically."""
     out = Path(out)
+    folder = os.path.realpath(out.parent)
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, delimiter="\t" if out.suffix.lower() == ".tsv" else ",", lineterminator="\n")
     writer.writerow(["case", *MODALITIES, "seg"])
     for row in rows:
-        writer.writerow([row.case_id, *(os.path.relpath(os.path.abspath(row.files[k]), os.path.realpath(out.parent))
+        writer.writerow([row.case_id, *(os.path.relpath(os.path.abspath(row.files[k]), folder)
                                         if k in row.files else "" for k in (*MODALITIES, "seg"))])
     write_text(out, buffer.getvalue())
     return out

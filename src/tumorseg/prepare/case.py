@@ -180,7 +180,7 @@ def prepare_case(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
         "network_affine": np.round(net.affine, 6).tolist(),
         "crop_box": [list(b) for b in box],
         "settings": config.case_settings(),
-        "files_digest": files_digest(case, config.channels, seg=True)[:FILES_DIGITS],  # read without error above
+        "files_digest": case_files_digest(case, config),  # its files were read without error above
     }
     if case.seg is None:
         record.update(status="unlabelled", reason="no segmentation: prepared for prediction only")
@@ -208,6 +208,12 @@ def prepare_case(case: Case, config: PrepareConfig, out_dir: Path) -> dict:
         save_npy(out_dir / "images" / f"{case.case_id}.npy", np.ascontiguousarray(image))
     write_text(record_path(out_dir, case.case_id), json.dumps(record, indent=1))
     return record
+
+
+def case_files_digest(case: Case, config: PrepareConfig) -> str:
+    """What a record keeps of the files a case was prepared from: its channels' scans and its
+    segmentation (`layouts.files_digest`), so a re-run redoes a case whose files changed."""
+    return files_digest(case, config.channels, seg=True)[:FILES_DIGITS]
 
 
 def record_path(out_dir: Path, case_id: str) -> Path:

@@ -14,13 +14,13 @@ from ..bars import progress_bar
 from ..errors import TumorsegError
 from ..io import MANIFEST, read_npy, sweep_stale_temps, unfinished_prepare, write_text
 from ..geometry import grid_of, network_grid
-from ..layouts import Case, dataset_layout, discover_cases, files_digest
+from ..layouts import Case, dataset_layout, discover_cases
 from ..lock import folder_lock
 from ..log import say
 from ..notes import grouped
 from ..pool import worker_pool
 from ..settings import settings_object
-from .case import FILES_DIGITS, prepare_case, record_path, remove_arrays
+from .case import case_files_digest, prepare_case, record_path, remove_arrays
 from .config import PrepareConfig, default_workers
 from .split import split_cases
 
@@ -65,7 +65,7 @@ def _finished(case: Case, config: PrepareConfig, out_dir: Path) -> dict | None:
         return None
     if "files_digest" in record:  # records from before it was kept: taken as they are
         try:
-            if record["files_digest"] != files_digest(case, config.channels, seg=True)[:FILES_DIGITS]:
+            if record["files_digest"] != case_files_digest(case, config):
                 return None  # a scan or segmentation replaced since (a corrected label map): prepared again
         except (TumorsegError, OSError):
             return None  # the case's own error says why
