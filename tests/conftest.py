@@ -12,6 +12,16 @@ SYNTH_SHAPE = (48, 48, 40)
 SYNTH_CASES = 6
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_temporaries(tmp_path_factory):
+    """The commands the tests start write their temporaries (torchrun's log folders, one per run)
+    below pytest's own folder, which pytest prunes, rather than leave them in the system's."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     """Folder of real BraTS case folders (`../shared/data/brats`); skips when absent."""
