@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import os
 import shutil
 from collections import Counter
@@ -492,6 +493,22 @@ def test_rerun_removes_the_reports_stale_pages_and_figures_and_nothing_else(tmp_
     assert all((out / unquote(src)).is_file() for src in index.images)
 
 
+def test_the_images_segmentations_are_scored_where_no_truth_is_given(tmp_path):
+    """The views draw the images' segmentations as the ground truth: without `gt` they are scored
+    too, and the index says where the truth came from; images without any give no metrics."""
+    preds = small_cohort(tmp_path, 2)
+    given = report(preds, images=tmp_path / "data", gt=tmp_path / "data", out=tmp_path / "given", progress=False)
+    found = report(preds, images=tmp_path / "data", out=tmp_path / "found", progress=False)
+    assert all(c.metrics for c in found.cases) and [c.metrics for c in found.cases] == [c.metrics for c in given.cases]
+    assert found.csv.read_text() == given.csv.read_text()
+    assert html.escape(f"ground truth: {tmp_path / 'data'} (the images' segmentations)") in found.index.read_text()
+    for seg in (tmp_path / "data").glob("*/*_seg.nii.gz"):
+        seg.unlink()
+    bare = report(preds, images=tmp_path / "data", out=tmp_path / "bare", progress=False)
+    assert not any(c.metrics for c in bare.cases) and "dice" not in bare.csv.read_text().lower()
+    assert "ground truth: not given" in bare.index.read_text()
+
+
 def test_a_rerun_redoes_only_the_cases_whose_files_or_settings_changed(tmp_path, monkeypatch):
     """A report killed half-way, or run again, goes on from each case's record: the same pages and
     table, without reading or drawing again what did not change."""
@@ -521,7 +538,9 @@ def test_a_rerun_redoes_only_the_cases_whose_files_or_settings_changed(tmp_path,
     report(preds, images=tmp_path / "data", gt=tmp_path / "data", out=out, progress=False)
     assert done == ["case_0", "case_1", "case_2"]
     done.clear()
-    report(preds, images=tmp_path / "data", out=out, progress=False)  # without the truth: other columns
+    report(preds, images=tmp_path / "data", out=out, progress=False)  # the images' segmentations: the same truth
+    assert done == []
+    report(preds, images=tmp_path / "data", out=out, progress=False, pred_labels="brats2020")  # another setting
     assert done == ["case_0", "case_1", "case_2"]
     done.clear()
     import tumorseg.report.record as record

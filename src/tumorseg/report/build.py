@@ -9,7 +9,7 @@ Output (`out`, default `PRED_DIR/report`):
 Predictions are `PRED_DIR/<case>.nii.gz` (as `tumorseg predict` writes them, any label
 convention its header tag names); `<case>_uncertainty.nii.gz` beside one adds the uncertainty
 view and score. A case that cannot be read is one line naming the file; the others are still
-reported. Each prediction is read once: measured, drawn and (with `gt`) scored from that read.
+reported. Each prediction is read once: measured, drawn and (with `gt`, else the images' segmentations) scored from that read.
 
 A case reported is recorded (`cases/<case>.json`, `record`): a re-run, after a kill or over the
 same folder, redoes only the cases whose files or settings changed.
@@ -72,7 +72,8 @@ def report(
         images: the cases' dataset (any layout `layouts.discover_cases` finds): the views show
             the modalities, the brain-mask edge is checked, and untagged predictions take its
             label convention. None: labels on black.
-        gt: ground truth for the BraTS metrics per case (as `tumorseg evaluate` takes it).
+        gt: ground truth for the BraTS metrics per case (as `tumorseg evaluate` takes it). None:
+            the segmentations of `images`, where it holds any (the views draw them as the truth).
         out: report folder; default `pred_dir/report`.
         progress: show a progress bar over the cases.
         pred_labels: the predictions' label convention (a name of `labels.CONVENTIONS`: "brats2020",
@@ -92,6 +93,11 @@ def report(
     out = Path(out) if out is not None else pred_dir / "report"
     image_cases = {c.case_id: c for c in discover_cases(images)} if images is not None else {}
     truths = truth_cases(gt) if gt is not None else None
+    truth_source = str(gt) if gt is not None else "not given"
+    if truths is None and any(c.seg is not None for c in image_cases.values()):
+        gt = images  # the views draw the images' segmentations as the ground truth: they are scored too
+        truths = {cid: c for cid, c in image_cases.items() if c.seg is not None}
+        truth_source = f"{images} (the images' segmentations)"
     forced = convention(pred_labels) if pred_labels else None
     beside = None if forced else folder_labels(pred_dir)  # nnU-Net's output folder names its numbers
     started = time.time() - 1.0  # file times come from a coarser clock
@@ -132,8 +138,8 @@ def report(
             reported.append(case)
             with contextlib.suppress(TumorsegError):  # without its record the case is only done again next time
                 save_record(record_path(out / CASES_DIR, cid), case, key)
-        sources = {"predictions": pred_dir, "images": images or "not given", "ground truth": gt or "not given"}
-        result = _write(reported, failed, gt is not None, out, {k: str(v) for k, v in sources.items()})
+        sources = {"predictions": pred_dir, "images": images or "not given", "ground truth": truth_source}
+        result = _write(reported, failed, truths is not None, out, {k: str(v) for k, v in sources.items()})
         _remove_stale(out / CASES_DIR, result, started)
         return result
 
