@@ -187,6 +187,41 @@ def test_constant_modality_is_a_recorded_warning(tmp_path, capsys):
     assert f"warning: {record['warnings'][0]}" in capsys.readouterr().err
 
 
+def test_a_scan_that_covers_part_of_the_brain_is_a_recorded_warning(tmp_path, capsys):
+    """A FLAIR slab over half the brain: the network would read the rest as empty brain."""
+    folder = write_case(tmp_path / "raw", "slab")
+    img = nib.load(folder / "slab_flair.nii.gz")
+    data = np.asarray(img.dataobj).copy()
+    data[:, :, 16:] = 0
+    nib.save(nib.Nifti1Image(data, img.affine), folder / "slab_flair.nii.gz")
+    res = prepare(tmp_path / "raw", tmp_path / "out", PrepareConfig(**SMALL), workers=1, progress=False)
+    (record,) = res.manifest["cases"]
+    assert len(record["warnings"]) == 1, record["warnings"]
+    assert "slab_flair.nii.gz (flair) is 0 in " in record["warnings"][0]
+    assert "of what the other scans show: it covers part of the brain" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change", ["none", "slab", "moved"])
+def test_real_scans_that_miss_part_of_the_brain_are_named(real_data_dir, change):
+    """Real cases' modalities agree on the brain (at most 3.5 % of it is 0 in one of them, in
+    Brats18_2013_3_1); a FLAIR covering slices 60-150 only, or moved 20 mm off the others, is named."""
+    from tumorseg.layouts import discover_cases
+    from tumorseg.prepare.case import check_intensities, load_channels
+
+    case = discover_cases(real_data_dir, only=["Brats18_2013_3_1"])[0]
+    channels = ("t1", "t1ce", "t2", "flair")
+    vols = load_channels(case, channels)
+    if change == "slab":
+        vols[3].data[:, :, list(range(60)) + list(range(151, 155))] = 0
+    elif change == "moved":
+        vols[3].data[:] = np.roll(vols[3].data, 20, axis=1)
+    warnings = check_intensities(case, channels, vols)
+    assert (warnings == []) == (change == "none"), warnings
+    assert any("(flair) is 0 in " in w for w in warnings) == (change != "none")
+    if change == "slab":  # the others show what the slab misses; moved, each misses some of the others'
+        assert len(warnings) == 1
+
+
 def test_a_whole_head_is_a_recorded_warning(tmp_path, capsys):
     """Scans that are not skull-stripped: their non-background region is larger than any brain."""
     folder = write_case(tmp_path / "raw", "head")

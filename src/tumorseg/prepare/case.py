@@ -68,15 +68,19 @@ def load_channels(case: Case, channels: tuple[str, ...]) -> list[Volume]:
 
 
 FILES_DIGITS = 16  # hex digits of a case's files digest its record keeps
+MAX_UNSEEN = 0.10  # share of the scans' union a modality may be 0 in: the 20 real sample cases, at most 3.5 %
 MAX_BRAIN_LITRES = 2.5  # skull-stripped adult brains: 1.2-1.7 L in the real sample cases; a head is 3-5 L
 
 
 def check_intensities(case: Case, channels: tuple[str, ...], vols: list[Volume]) -> list[str]:
     """Refuse NaN or infinite voxels (min-max scaling would silently turn the volume into zeros);
-    return a warning for each constant modality (scaled to zeros; it usually means a broken scan)
-    and for each whose background is not 0 (`crop.background`: the brain mask then rests on an
-    estimate, and an offset background often means a scan that is not skull-stripped)."""
+    return a warning for each constant modality (scaled to zeros; it usually means a broken scan),
+    for each whose background is not 0 (`crop.background`: the brain mask then rests on an
+    estimate, and an offset background often means a scan that is not skull-stripped), and for each
+    that is 0 over much of what the others show (`vols` on one grid): a slab covering part of the
+    brain, or a scan not co-registered with the others, which the network would read as empty."""
     warnings = []
+    shown = np.logical_or.reduce([vol.data != 0 for vol in vols])
     for modality, vol in zip(channels, vols):
         lo, hi = float(np.min(vol.data)), float(np.max(vol.data))  # NaN and +-inf all show in these two
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -85,11 +89,17 @@ def check_intensities(case: Case, channels: tuple[str, ...], vols: list[Volume])
         if lo == hi:
             warnings.append(f"{case.case_id}: {vol.path} ({modality}) holds the single value {lo:g}: a broken scan? "
                             "it is scaled to zeros")
-        elif (level := background(vol.data)) is not None:
+            continue
+        if (level := background(vol.data)) is not None:
             brain = "not at that level" if level[1] == 0 else f"more than {level[1]:.3g} away from it"
             warnings.append(f"{case.case_id}: {vol.path} ({modality}): the background is not 0 (about {level[0]:.3g} "
                             f"on the volume's faces); the brain is taken as the voxels {brain}. tumorseg expects "
                             "skull-stripped scans with a zero background")
+        unseen = np.count_nonzero(shown & (vol.data == 0)) / max(np.count_nonzero(shown), 1)
+        if unseen > MAX_UNSEEN:
+            warnings.append(f"{case.case_id}: {vol.path} ({modality}) is 0 in {unseen:.0%} of what the other scans show: "
+                            "it covers part of the brain, or is not co-registered with them? The network reads it "
+                            "as empty there")
     return warnings
 
 
