@@ -1,6 +1,8 @@
 import errno
 import os
 import re
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -196,6 +198,23 @@ def test_a_short_write_on_a_full_disk_is_out_of_space(tmp_path, monkeypatch):
         save_npy(tmp_path / "a.npy", np.zeros(512))  # room left: say what happened, nothing more
 
 
+def test_a_file_size_limit_is_named(tmp_path, monkeypatch):
+    """`ulimit -f` (a scheduler's limit): numpy's short write has no errno, EFBIG has one."""
+    import resource
+
+    script = ("import resource, numpy as np; from tumorseg.io import save_npy; "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20)); "
+              f"save_npy({str(tmp_path / 'a.npy')!r}, np.zeros(2**20, np.float32))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stderr.strip().endswith(f"{tmp_path / 'a.npy'}: cannot write (larger than the file-size limit "
+                                        "(1.0 MB, `ulimit -f`))"), proc.stderr
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    with pytest.raises(TumorsegError, match=r"b.bin: cannot write \(larger than the file-size limit\)$"):
+        with atomic_path(tmp_path / "b.bin"):
+            raise OSError(errno.EFBIG, "File too large")  # a file system's own limit
+
+
 def test_a_read_only_folder_is_one_line_before_and_during_a_write(tmp_path, monkeypatch):
     """On a read-only disk the failed write's temporary cannot be removed either (EROFS)."""
     import tempfile
@@ -323,3 +342,15 @@ def test_a_scans_sample_digest_sees_the_brain_of_an_uncompressed_nifti(tmp_path)
     assert file_sample_digest(tmp_path / "t1.nii") != file_sample_digest(tmp_path / "t1ce.nii")
     shutil.copy(tmp_path / "t1.nii", tmp_path / "copy.nii")
     assert file_sample_digest(tmp_path / "copy.nii") == file_sample_digest(tmp_path / "t1.nii")
+
+
+def test_a_full_disk_tells_what_was_needed_from_what_was_free(tmp_path, monkeypatch):
+    import shutil
+
+    def no_space(fh, array):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", no_space)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 2**21 - 2**14))
+    with pytest.raises(TumorsegError, match=r"cannot write \(out of disk space; 2\.00 MB needed; 1\.98 MB free\)"):
+        save_npy(tmp_path / "a.npy", np.zeros(2**19, np.float32))

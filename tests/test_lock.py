@@ -136,3 +136,32 @@ def test_a_damaged_lock_is_one_line(tmp_path):
                                             r"file; remove it$"):
         with folder_lock(tmp_path / "d", "prepare"):
             pass
+
+
+def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch):
+    """An empty lock left behind would turn the next run away as another run's."""
+    import errno
+
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fd, mode):
+            self.fh = real(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", Full)
+    with pytest.raises(TumorsegError, match=rf"^{tmp_path / LOCK_NAME}: cannot write \(out of disk space; 1 KB needed; "):
+        with folder_lock(tmp_path, "prepare"):
+            pass
+    assert not (tmp_path / LOCK_NAME).exists()
+    monkeypatch.undo()
+    with folder_lock(tmp_path, "prepare"):  # room again: the next run goes on
+        pass

@@ -6,11 +6,9 @@ Case discovery (which files make a case, in which dataset layout) is `layouts`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import re
-import shutil
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -21,6 +19,7 @@ import numpy as np
 
 from .errors import TumorsegError
 from .lock import pid_alive
+from .write_failure import write_failure
 
 NIFTI_RE = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$", re.IGNORECASE)
 
@@ -216,11 +215,9 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         # would keep its space for as long as anyone holds this exception, and a full disk would
         # fail every later write of the run. Clearing their locals closes it.
         traceback.clear_frames(exc.__traceback__)
-        full = _disk_full(exc, path)
-        written = tmp.stat().st_size if full and tmp.exists() else 0
+        written = tmp.stat().st_size if tmp.exists() else 0
         _remove(tmp)
-        reason = _no_space(path, written, size) if full else exc.strerror or str(exc)
-        raise TumorsegError(f"{path}: cannot write ({reason})") from None
+        raise TumorsegError(f"{path}: cannot write ({write_failure(exc, path, written, size)})") from None
     except BaseException:
         _remove(tmp)
         raise
@@ -244,31 +241,6 @@ def _remove(tmp: Path) -> None:
     """Remove a failed write's temporary; on a read-only disk there is none, and unlink fails too."""
     with contextlib.suppress(OSError):
         tmp.unlink(missing_ok=True)
-
-
-def _disk_full(exc: OSError, path: Path) -> bool:
-    """ENOSPC, or a short write without an errno (numpy's `tofile`) on a disk with under 1 MB free."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    try:
-        return exc.errno is None and shutil.disk_usage(path.parent).free < 2**20
-    except OSError:
-        return False
-
-
-def _no_space(path: Path, written: int, size: int | None) -> str:
-    """The reason for ENOSPC with what the write needed: `size`, else more than it had `written`;
-    the space free is measured with the failed temporary removed."""
-    need = f"{_mb(size)} needed" if size else f"more than {_mb(written)} needed" if written else None
-    try:
-        free = f"{_mb(shutil.disk_usage(path.parent).free)} free"
-    except OSError:
-        free = None
-    return "; ".join(["out of disk space"] + [part for part in (need, free) if part])
-
-
-def _mb(size: int) -> str:
-    return f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{-(-size // 1024)} KB"
 
 
 def sweep_stale_temps(folder: str | os.PathLike, targets: Iterable[str] | None = None) -> list[Path]:

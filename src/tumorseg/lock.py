@@ -22,6 +22,7 @@ from typing import Iterator
 
 from .errors import TumorsegError
 from .log import say
+from .write_failure import write_failure
 
 LOCK_NAME = ".tumorseg.lock"
 UNREADABLE_GRACE_S = 5.0
@@ -95,8 +96,12 @@ def _create(path: Path, text: str) -> bool:
         return False
     except OSError as exc:  # a read-only folder
         raise TumorsegError(f"{path.parent}: cannot write there ({exc.strerror})") from None
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+    except OSError as exc:  # a full disk: an empty lock left would turn the next run away as "in use"
+        path.unlink(missing_ok=True)
+        raise TumorsegError(f"{path}: cannot write ({write_failure(exc, path, size=len(text))})") from None
     return True
 
 
