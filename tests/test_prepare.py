@@ -106,6 +106,36 @@ def test_resumable_and_force(tmp_path):
     assert other.skipped == 0  # changed settings redo the cases
 
 
+@pytest.mark.parametrize("damage", ["null", "[]", "no status", "status weird", "crop_box 5", "crop_box short",
+                                    "another case"])
+def test_a_damaged_record_is_prepared_again(tmp_path, damage):
+    """A record is only trusted as `prepare` writes it: a hand-edited or damaged one had crashed
+    the re-run with a traceback, or (a status it never writes) dropped the case from the manifest."""
+    for i in range(2):
+        write_case(tmp_path / "raw", f"c{i}", seed=i)
+    cfg = PrepareConfig(**SMALL)
+    first = prepare(tmp_path / "raw", tmp_path / "out", cfg, workers=1, progress=False)
+    path = tmp_path / "out/records/c1.json"
+    record = json.loads(path.read_text())
+    text = {"null": "null", "[]": "[]"}.get(damage)
+    if text is None:
+        if damage == "no status":
+            del record["status"]
+        elif damage == "status weird":
+            record["status"] = "weird"
+        elif damage == "crop_box 5":
+            record["crop_box"] = 5
+        elif damage == "crop_box short":
+            record["crop_box"] = record["crop_box"][:2]
+        else:
+            record["case_id"] = "c0"
+        text = json.dumps(record)
+    path.write_text(text)
+    again = prepare(tmp_path / "raw", tmp_path / "out", cfg, workers=1, progress=False)
+    assert again.skipped == 1 and again.kept == first.kept == ["c0", "c1"]
+    assert json.loads(path.read_text())["status"] == "kept"
+
+
 def test_a_case_whose_files_changed_is_prepared_again(tmp_path):
     """A corrected segmentation or a scan exported again had been skipped as "already done", its old
     arrays trained on; a dataset moved elsewhere is still done (the digest holds no path)."""

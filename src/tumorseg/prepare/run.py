@@ -24,6 +24,7 @@ from .case import case_files_digest, prepare_case, record_path, remove_arrays
 from .config import PrepareConfig, default_workers
 from .split import split_cases
 
+RECORDED = ("kept", "dropped", "unlabelled")  # the statuses a case's record is saved with (a failed case has none)
 
 @dataclass
 class PrepareResult:
@@ -61,7 +62,7 @@ def _finished(case: Case, config: PrepareConfig, out_dir: Path) -> dict | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if record.get("settings") != config.case_settings():
+    if not _well_formed(record, case.case_id) or record.get("settings") != config.case_settings():
         return None
     if "files_digest" in record:  # records from before it was kept: taken as they are
         try:
@@ -79,6 +80,16 @@ def _finished(case: Case, config: PrepareConfig, out_dir: Path) -> dict | None:
         except TumorsegError:
             return None
     return record
+
+
+def _well_formed(record: object, case_id: str) -> bool:
+    """Whether `record` is one `prepare_case` writes for this case: a damaged or hand-edited one
+    is prepared again rather than trusted (a status it never writes had dropped the case)."""
+    if not isinstance(record, dict) or record.get("case_id") != case_id or record.get("status") not in RECORDED:
+        return False
+    box = record.get("crop_box")
+    return isinstance(box, list) and len(box) == 3 and all(
+        isinstance(b, list) and len(b) == 2 and all(type(v) is int for v in b) and b[0] < b[1] for b in box)
 
 
 def prepare(
