@@ -715,3 +715,17 @@ def test_a_probability_map_given_as_labels_is_one_line_naming_the_case(tmp_path)
     result = report(tmp_path / "preds", images=tmp_path / "data", out=tmp_path / "out", progress=False)
     message = result.failed["c1"]
     assert message.startswith("c1: ") and message.endswith("a probability or intensity map, not labels"), message
+
+
+def test_a_case_named_with_a_newline_is_scored_and_reported(tmp_path):
+    """A name holding a newline (a file system takes any byte but / and NUL): evaluate had scored its
+    prediction as missing (Dice 0) and report had left it out without a word."""
+    from tumorseg.evaluation import evaluate
+
+    cases = {cid: write_case(tmp_path / "data", cid, shape=SMALL, seed=i) for i, cid in enumerate(["plain", "two\nlines"])}
+    copy_predictions(cases, tmp_path / "preds")
+    scores = evaluate(tmp_path / "preds", tmp_path / "data", progress=False)
+    assert sorted(c.case_id for c in scores.rows) == ["plain", "two\nlines"] and not scores.missing
+    assert all(c.status == "ok" and c.metrics["WT"]["dice"] == 1.0 for c in scores.rows)
+    reported = report(tmp_path / "preds", images=tmp_path / "data", out=tmp_path / "out", progress=False)
+    assert sorted(c.case_id for c in reported.cases) == ["plain", "two\nlines"] and not reported.failed

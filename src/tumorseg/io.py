@@ -21,7 +21,7 @@ from .errors import TumorsegError
 from .lock import pid_alive
 from .write_failure import write_failure
 
-NIFTI_RE = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$", re.IGNORECASE)
+NIFTI_RE = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?\Z", re.IGNORECASE | re.DOTALL)  # any byte a name may hold
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ def nifti_whole(path: str | os.PathLike) -> bool:
         return False
 
 
-TEMP_RE = re.compile(r"^\.tmp-(?P<pid>\d+)-(?P<name>.+)$")
+TEMP_RE = re.compile(r"^\.tmp-(?P<pid>\d+)-(?P<name>.+)\Z", re.DOTALL)
 STALE_AFTER_S = 24 * 3600  # a temporary this old is stale whoever wrote it (another host, a reused pid)
 
 
