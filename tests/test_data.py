@@ -9,12 +9,15 @@ from tumorseg.prepare import PrepareConfig, prepare
 from factory import write_case
 
 
+PREPARE = PrepareConfig(crop_size=(32, 32, 24), val_fraction=0.4)
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     for i in range(5):
         write_case(root / "raw", f"c{i}", seed=i)
-    prepare(root / "raw", root / "prep", PrepareConfig(crop_size=(32, 32, 24), val_fraction=0.4), workers=1, progress=False)
+    prepare(root / "raw", root / "prep", PREPARE, workers=1, progress=False)
     return root / "prep"
 
 
@@ -71,6 +74,24 @@ def test_masks_outside_the_training_classes_name_their_file(prepared, tmp_path, 
         PreparedDataset(broken, [case], classes=4)[0]
     if not np.isnan(bad):  # no classes given: not checked
         PreparedDataset(broken, [case])[0]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_an_image_holding_nan_names_its_file(prepared, tmp_path, bad):
+    """A damaged image array (a NaN voxel) had trained on, validating to a loss of NaN and Dice 0."""
+    import shutil
+
+    broken = tmp_path / "copy"
+    shutil.copytree(prepared, broken)
+    case = split_ids(prepared, "val")[0]
+    image = np.load(prepared / "images" / f"{case}.npy")
+    image[0, 3, 3, 3] = bad
+    np.save(broken / "images" / f"{case}.npy", image)
+    with pytest.raises(TumorsegError, match=rf"images/{case}.npy: 1 NaN or infinite value\(s\); delete it and run the same "):
+        PreparedDataset(broken, [case])[0]
+    (broken / "images" / f"{case}.npy").unlink()  # as the line says: prepare makes it again
+    prepare(prepared.parent / "raw", broken, PREPARE, workers=1, progress=False)
+    assert np.array_equal(PreparedDataset(broken, [case])[0]["image"].numpy(), np.load(prepared / "images" / f"{case}.npy"))
 
 
 def test_patches_and_augmentation_shapes(prepared):

@@ -490,7 +490,7 @@ def test_a_prepared_mask_outside_the_training_classes_is_one_line_naming_it(prep
     assert main(args) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert f"masks/{case}.npy: labels 0, " in last and "9 outside the training classes 0..3" in last
+    assert f"masks/{case}.npy: labels 0, " in last and "9 outside the training classes 0..3; delete it and run" in last
     assert "Traceback" not in err and last.endswith("no epoch was saved")
 
 

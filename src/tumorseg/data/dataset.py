@@ -63,12 +63,17 @@ class PreparedDataset(Dataset):
         self._check_shapes(case_id, image.shape, label.shape)
         # One copy out of the page cache; the arrays on disk are never written to.
         label = np.array(label)
+        remade = "delete it and run the same `tumorseg prepare` again"  # its re-run checks shapes, not values
         if self.classes is not None and label.size and not self._classes_only(label):
             found = ", ".join(str(v) for v in np.unique(label)[:8])
             raise TumorsegError(f"{self.root / 'masks' / f'{case_id}.npy'}: labels {found} outside the training "
-                                f"classes 0..{self.classes - 1}; {again}")
+                                f"classes 0..{self.classes - 1}; {remade}")
+        image = np.array(image, dtype=np.float32)
+        if not np.isfinite(image).all():  # a loss and Dice of NaN would train on and pick a best epoch of nothing
+            bad = int(np.count_nonzero(~np.isfinite(image)))
+            raise TumorsegError(f"{self.root / 'images' / f'{case_id}.npy'}: {bad} NaN or infinite value(s); {remade}")
         return {
-            "image": torch.from_numpy(np.array(image, dtype=np.float32)),
+            "image": torch.from_numpy(image),
             "label": torch.from_numpy(label.astype(np.uint8, copy=False)[None]),
             "case_id": case_id,
         }
