@@ -18,6 +18,7 @@ from factory import AFFINE, write_case
 from nibabel.affines import apply_affine
 
 from tumorseg.cli import main
+from tumorseg.errors import TumorsegError
 from tumorseg.labels import BRATS2020, CONVENTIONS
 from tumorseg.plots.slices import display_slice
 from tumorseg.report import bidimensional, measure, report
@@ -729,3 +730,25 @@ def test_a_case_named_with_a_newline_is_scored_and_reported(tmp_path):
     assert all(c.status == "ok" and c.metrics["WT"]["dice"] == 1.0 for c in scores.rows)
     reported = report(tmp_path / "preds", images=tmp_path / "data", out=tmp_path / "out", progress=False)
     assert sorted(c.case_id for c in reported.cases) == ["plain", "two\nlines"] and not reported.failed
+
+
+def test_a_damaged_scan_costs_its_own_view_not_the_case(tmp_path, capsys):
+    """A T1 cut short (which a model reading T1CE, T2 and FLAIR never needed): the case is reported
+    and drawn from the scans that can be read, with a warning naming the file (it had been a row of
+    blanks, its volumes and diameters lost)."""
+    from tumorseg.plots import save_case_plot
+
+    preds = small_cohort(tmp_path, 2)
+    t1 = tmp_path / "data/case_0/case_0_t1.nii.gz"
+    t1.write_bytes(t1.read_bytes()[:400])
+    result = report(preds, images=tmp_path / "data", out=tmp_path / "out", progress=False)
+    assert not result.failed and [c.case_id for c in result.cases] == ["case_0", "case_1"]
+    (damaged,) = [w for w in result.cases[0].warnings if w.startswith("not drawn: ")]
+    assert str(t1) in damaged and not any("not drawn" in w for w in result.cases[1].warnings)
+    assert html.escape(damaged) in (tmp_path / "out/cases/case_0.html").read_text()
+    save_case_plot(tmp_path / "data/case_0", preds / "case_0.nii.gz", tmp_path / "case_0.png")
+    assert f"warning: not drawn: case_0: {t1}: " in capsys.readouterr().err and (tmp_path / "case_0.png").is_file()
+    for name in ("t1ce", "t2", "flair"):
+        (tmp_path / f"data/case_0/case_0_{name}.nii.gz").write_bytes(b"")
+    with pytest.raises(TumorsegError, match="case_0"):  # nothing to draw: the case's own line, as before
+        save_case_plot(tmp_path / "data/case_0", preds / "case_0.nii.gz", tmp_path / "none.png")

@@ -40,6 +40,7 @@ class CaseImages:
         labels: label convention of the case's files (a prediction's own tag wins).
         truth_note: why the ground truth is not drawn (truth None), or how it was put on the
             images' grid (nearest neighbour), or None.
+        unread: why a scan of the case is left out of `names` (it could not be read), or None.
     """
 
     case_id: str
@@ -53,6 +54,7 @@ class CaseImages:
     crop_box: tuple[tuple[int, int], ...] | None = None
     labels: LabelConvention = BRATS2020
     truth_note: str | None = None
+    unread: str | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -93,7 +95,20 @@ def _load_raw(case: Case) -> CaseImages:
     from ..prepare.case import grid, load_channels  # modalities on one grid, 4D files split
 
     names = tuple(m for m in MODALITIES if m in case.images)
-    vols = load_channels(case, names)
+    try:
+        vols, unread = load_channels(case, names), None
+    except TumorsegError:  # a damaged scan costs its own column: the others still show the labels
+        drawable, why = [], []
+        for m in names:
+            try:
+                load_channels(case, (m,))
+                drawable.append(m)
+            except TumorsegError as exc:
+                why.append(str(exc))
+        if not drawable or not why:
+            raise  # none readable, or the scans fail together (apart in world space)
+        names, unread = tuple(drawable), "not drawn: " + "; ".join(why)
+        vols = load_channels(case, names)
     images = np.stack([v.data.astype(np.float32, copy=False) for v in vols])
     truth, note = None, None
     if case.seg is not None:  # a truth that cannot be drawn leaves the scans and the prediction drawable
@@ -104,7 +119,7 @@ def _load_raw(case: Case) -> CaseImages:
         except TumorsegError as exc:
             note = f"ground truth not drawn: {exc}"
     return CaseImages(case.case_id, names, images, truth, case.folder, vols[0].affine, vols[0].spacing,
-                      labels=case.labels, truth_note=note)
+                      labels=case.labels, truth_note=note, unread=unread)
 
 
 def _load_prepared(path: Path) -> CaseImages:

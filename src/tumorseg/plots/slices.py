@@ -90,6 +90,8 @@ def save_case_plot(
     if data.truth_note:
         kind = "warning" if data.truth is None else "note"
         say(f"{kind}: {data.case_id}: {data.truth_note}")
+    if data.unread:
+        say(f"warning: {data.unread}")  # its lines name the case
     labels = None if pred is None else load_prediction(pred, data, convention(pred_labels) if pred_labels else None)
     images, truth, labels, spacing = to_lps(data, labels)
     brain = np.any(images != 0, axis=0)

@@ -107,6 +107,7 @@ def report_case(
     notes = [n for n in (note, note_moved) if n]
     if data.truth_note:  # the truth is only drawn here: a bad one costs its overlay, not the case
         (warnings if data.truth is None else notes).append(data.truth_note)
+    warnings += [data.unread] if data.unread else []
     unc_map, score = None, None
     if uncertainty is not None:
         try:
