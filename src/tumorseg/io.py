@@ -113,7 +113,9 @@ def load_labels(path: str | os.PathLike, case_id: str | None = None) -> Volume:
     if vol.data.dtype.kind != "f":
         return vol
     whole = np.rint(vol.data)
-    if not np.all(np.abs(vol.data - whole) <= 1e-3):  # NaN fails too: left for the check
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, no warning on stderr
+        fractions = np.abs(vol.data - whole)
+    if not np.all(fractions <= 1e-3):  # NaN and infinities fail too: left for the check
         return vol
     if whole.size and (whole.min() < np.iinfo(np.int32).min or whole.max() > np.iinfo(np.int32).max):
         return vol  # no label map holds such values: left as they are for the check to name
