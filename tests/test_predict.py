@@ -400,6 +400,11 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(TumorsegError, match="overlap must be in"):
         Predictor.from_checkpoint(_state(), device="cpu", overlap=1.0)
     state = _state()
+    diverged = {k: v.clone() for k, v in state["model"].items()}
+    first = next(k for k, v in diverged.items() if v.is_floating_point())
+    diverged[first].view(-1)[0] = float("nan")  # a diverged run's weights: every case would be background
+    with pytest.raises(TumorsegError, match=rf"^checkpoint: weights hold NaN or infinite values \({re.escape(first)}\); "):
+        Predictor.from_checkpoint({**state, "model": diverged}, device="cpu")
     for damaged, name in (({"network": "garbage"}, "network"), ({"prepare": {}}, "prepare.channels, prepare.norm"),
                           ({"network": {**state["network"], "filters": "abc"}}, "network.filters"),
                           ({"patch": "x"}, "patch"), ({"target": 3}, "target"),

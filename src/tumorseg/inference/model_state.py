@@ -65,6 +65,10 @@ def network_from_state(state: dict[str, Any], where: str) -> nn.Module:
     except RuntimeError as exc:
         reason = str(exc).splitlines()[0]
         raise TumorsegError(f"{where}: weights do not fit the stored network ({reason})") from None
+    broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:  # a diverged run's: every case would come out as background without a word
+        raise TumorsegError(f"{where}: weights hold NaN or infinite values ({', '.join(broken[:3])}"
+                            f"{', ...' if len(broken) > 3 else ''}); not a model to predict with")
     return model.eval()
 
 
