@@ -313,6 +313,24 @@ def test_an_unfetched_annex_file_is_named_not_a_missing_modality(tmp_path):
         load_images(case, ("t1", "t1ce"))
 
 
+def test_a_link_to_itself_is_named_as_a_loop(tmp_path):
+    """A link loop had been `RuntimeError: Symlink loop` in prepare and an unfetched DataLad file in
+    predict and evaluate."""
+    from tumorseg.io import load_labels
+    from tumorseg.layouts import load_images
+
+    folder = write_case(tmp_path, "BraTS20_Training_001")
+    t1 = folder / "BraTS20_Training_001_t1.nii.gz"
+    t1.unlink()
+    t1.symlink_to(t1.name)
+    (case,) = discover_cases(tmp_path)
+    loop = rf"{re.escape(str(t1))}: a link that leads back to itself \(a symlink loop\); link it to the scan$"
+    with pytest.raises(TumorsegError, match=rf"^BraTS20_Training_001: {loop}"):
+        load_images(case, ("t1", "t1ce"))
+    with pytest.raises(TumorsegError, match=rf"^{loop}"):
+        load_labels(t1)
+
+
 def test_a_header_that_places_no_voxels_is_named(tmp_path):
     """An sform of zeros (and no qform): one line naming the file, not a bare 'singular affine'."""
     img = nib.Nifti1Image(np.ones((4, 4, 4), np.int16), np.eye(4))

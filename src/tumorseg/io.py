@@ -6,6 +6,7 @@ Case discovery (which files make a case, in which dataset layout) is `layouts`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -123,6 +124,15 @@ def load_labels(path: str | os.PathLike, case_id: str | None = None) -> Volume:
     return replace(vol, data=whole.astype(np.uint8 if small else np.int32))
 
 
+def _link_loop(path: Path) -> bool:
+    """Whether `path` is a link that leads back to itself (nibabel calls it a file not found)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
 def load_nifti_channels(path: str | os.PathLike, case_id: str | None, indices: list[int] | None) -> list[Volume]:
     """Read a NIfTI file once: the 3D volume (`indices` None) or the given channels of a 4D one.
 
@@ -141,6 +151,9 @@ def load_nifti_channels(path: str | os.PathLike, case_id: str | None, indices: l
         else:
             data = img.get_fdata(dtype=np.float32)
     except FileNotFoundError:
+        if _link_loop(path):
+            raise TumorsegError(f"{where}{path}: a link that leads back to itself (a symlink loop); link it to "
+                                "the scan") from None
         if path.is_symlink():  # DataLad / git-annex keep unfetched files as links to content not there
             raise TumorsegError(f"{where}{path}: a link to {os.readlink(path)}, which is not there (a DataLad or "
                                 "git-annex dataset whose content is not fetched? `datalad get` it)") from None

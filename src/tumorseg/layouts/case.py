@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +52,10 @@ def load_images(case: Case, modalities: tuple[str, ...] | list[str]) -> list[Vol
     """The case's volumes for `modalities`, in that order; each file is read once."""
     by_file: dict[Path, list[str]] = {}
     for m in modalities:
-        by_file.setdefault(case.image(m).resolve(), []).append(m)  # one file however its paths spell it
+        by_file.setdefault(_real(case.image(m)), []).append(m)  # one file however its paths spell it
     for m in MODALITIES:  # the same 3-D scan under a modality not read here: T1 given as T1CE too
         if m not in modalities and m in case.images and m not in case.channel_index:
-            twin = by_file.get(case.images[m].resolve())
+            twin = by_file.get(_real(case.images[m]))
             if twin is not None and twin[0] not in case.channel_index:
                 twin.append(m)
     loaded: dict[str, Volume] = {}
@@ -66,6 +67,12 @@ def load_images(case: Case, modalities: tuple[str, ...] | list[str]) -> list[Vol
         for m, vol in zip(names, load_nifti_channels(case.image(names[0]), case.case_id, indices)):
             loaded[m] = vol
     return [loaded[m] for m in modalities]
+
+
+def _real(path: Path) -> Path:
+    """`path` with its links followed; a link loop as it is (reading it then says so: `Path.resolve`
+    raised RuntimeError)."""
+    return Path(os.path.realpath(path))
 
 
 def files_digest(case: Case, channels: Sequence[str], seg: bool = False) -> str:
