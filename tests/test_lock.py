@@ -1,8 +1,10 @@
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -165,3 +167,30 @@ def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock(tmp_path, monkey
     monkeypatch.undo()
     with folder_lock(tmp_path, "prepare"):  # room again: the next run goes on
         pass
+
+
+def test_a_reader_of_a_folder_a_live_run_writes_hears_of_it(tmp_path, capsys):
+    """evaluate and report on a folder a predict still writes: its unfinished cases are not missing
+    from the model, and the line says so; a run's own lock (predict --report) is no other run."""
+    from tumorseg.evaluation import evaluate
+    from tumorseg.lock import live_holder
+
+    from factory import write_case
+
+    truth = write_case(tmp_path / "data", "c0")
+    (tmp_path / "preds").mkdir()
+    assert live_holder(tmp_path / "preds") is None
+    (tmp_path / "preds" / LOCK_NAME).write_text(json.dumps(
+        {"pid": os.getppid(), "host": socket.gethostname(), "command": "predict", "started": time.time()}))
+    assert live_holder(tmp_path / "preds").startswith(f"tumorseg predict (pid {os.getppid()} on ")
+    with pytest.raises(TumorsegError):  # no predictions yet: the line before the error says why
+        evaluate(tmp_path / "preds", tmp_path / "data", progress=False)
+    assert f"warning: {tmp_path / 'preds'} is being written by tumorseg predict" in capsys.readouterr().err
+    from tumorseg.report import report
+
+    shutil.copy(truth / "c0_seg.nii.gz", tmp_path / "preds" / "c0.nii.gz")
+    report(tmp_path / "preds", progress=False)
+    assert "the cases it has not finished are not in this report" in capsys.readouterr().err
+    with folder_lock(tmp_path / "mine", "predict"):
+        assert live_holder(tmp_path / "mine") is None
+    assert truth.is_dir() and live_holder(tmp_path / "preds") is not None

@@ -120,6 +120,18 @@ def _take_over(path: Path, stale: str) -> bool:
     return False
 
 
+def live_holder(folder: str | os.PathLike, name: str = LOCK_NAME) -> str | None:
+    """The run holding `folder` now, in words (`folder_lock`'s line names it alike), or None: for a
+    reader of a folder that a live run is still writing (evaluate, report of a predict under way)."""
+    path = Path(folder) / name
+    try:
+        holder = _holder(_read(path))
+        mine = holder is not None and holder["pid"] == os.getpid() and holder.get("host") == socket.gethostname()
+        return None if mine or _dead(holder, path) else _describe(holder)
+    except OSError:  # none, or released meanwhile
+        return None
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> Iterator[Path]:
     """Hold `folder/name` (created with the folder) for the duration; `what` is the command

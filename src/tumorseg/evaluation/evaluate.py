@@ -49,6 +49,8 @@ from ..io import NIFTI_RE, Volume, check_writable, load_labels, nifti_files, wri
 from ..labels import (BRATS2020, CONVENTIONS, REGIONS, LabelConvention, convention, convention_from_header,
                       NOT_LABELS, model_from_header, read_as)
 from ..layouts import BESIDE, UNNAMED_CONVENTION, Case, discover_cases, folder_labels
+from ..lock import live_holder
+from ..log import say
 from ..pool import worker_pool
 from .lesionwise import case_challenge, challenge_name, lesionwise_metrics
 from .metrics import FAILED_CASE, check_labels, region_metrics
@@ -314,6 +316,8 @@ def evaluate(
         TumorsegError: a folder is missing, holds no predictions or no segmentations.
     """
     challenge = challenge_name(challenge) if challenge is not None else None
+    if (writer := live_holder(pred_dir)) is not None:
+        say(f"warning: {pred_dir} is being written by {writer}: the cases it has not finished are scored as missing")
     jobs, lists = _pair_cases(gt_dir, pred_dir, labels, challenge, pred_labels, cases, only_predicted)
     for out in (out_csv, out_json):
         if out is not None:  # the inputs are checked; now, before the scoring a failed write would lose

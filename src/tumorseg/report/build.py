@@ -34,7 +34,8 @@ from ..evaluation.evaluate import find_predictions
 from ..io import load_labels, sweep_stale_temps, write_text
 from ..labels import convention
 from ..layouts import discover_cases, folder_labels
-from ..lock import folder_lock
+from ..lock import folder_lock, live_holder
+from ..log import say
 from .case import CaseReport, prediction_labels, report_case
 from .figures import figure_paths
 from .html import case_page, case_page_name, index_page, page_case_id
@@ -90,6 +91,8 @@ def report(
                    if (pred_dir / f"{cid}{UNCERTAINTY_SUFFIX}.nii.gz").is_file()}
     if not preds:
         raise TumorsegError(f"{pred_dir}: no predictions found (expected <case_id>.nii.gz files)")
+    if (writer := live_holder(pred_dir)) is not None:
+        say(f"warning: {pred_dir} is being written by {writer}: the cases it has not finished are not in this report")
     out = Path(out) if out is not None else pred_dir / "report"
     image_cases = {c.case_id: c for c in discover_cases(images)} if images is not None else {}
     truths = truth_cases(gt) if gt is not None else None
