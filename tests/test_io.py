@@ -199,6 +199,13 @@ def test_a_short_write_on_a_full_disk_is_out_of_space(tmp_path, monkeypatch):
         save_npy(tmp_path / "a.npy", np.zeros(512))  # room left: say what happened, nothing more
 
 
+def test_a_file_where_a_folder_is_needed_is_named(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TumorsegError, match=rf"^{tmp_path}/afile/sub/x.npy: cannot write \({tmp_path}/afile is a file, "
+                                            r"not a folder\)$"):
+        save_npy(tmp_path / "afile" / "sub" / "x.npy", np.zeros(3))
+
+
 def test_a_file_size_limit_is_named(tmp_path, monkeypatch):
     """`ulimit -f` (a scheduler's limit): numpy's short write has no errno, EFBIG has one."""
     import resource

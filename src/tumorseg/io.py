@@ -221,6 +221,9 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
     """
     path = Path(path)
     tmp = path.parent / f".tmp-{os.getpid()}-{path.name}"
+    file_above = next((p for p in path.parents if p.is_file()), None)
+    if file_above is not None:  # mkdir would say only "File exists"
+        raise TumorsegError(f"{path}: cannot write ({file_above} is a file, not a folder)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
