@@ -2,6 +2,7 @@ import importlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -229,6 +230,21 @@ def test_cli_train_and_resume(prepared, tmp_path, capsys):
     assert load_checkpoint(tmp_path / "run/last.pt")["epoch"] == 2  # settings came from the run's config.yaml
     assert main(["train", str(tmp_path), str(tmp_path / "x")]) == 2
     assert "not a prepared folder" in capsys.readouterr().err
+
+
+def test_a_resume_with_a_config_file_or_dict_changes_only_what_it_names(prepared, tmp_path):
+    """`--resume --config more.yaml` and `train(..., {"epochs": 3}, resume=True)` had started from the
+    defaults instead of the run's settings: another patch, seed and steps, and TTA off in the model."""
+    run = ["--filters", "4,8,16", "--epochs", "1", "--patch", "16,16,16", "--seed", "3", "--tta", "--steps-per-epoch", "2"]
+    assert main(["train", str(prepared), str(tmp_path / "cli"), *run]) == 0
+    shutil.copytree(tmp_path / "cli", tmp_path / "api")
+    (tmp_path / "more.yaml").write_text("epochs: 2\n")
+    assert main(["train", str(prepared), str(tmp_path / "cli"), "--config", str(tmp_path / "more.yaml"), "--resume"]) == 0
+    train(prepared, tmp_path / "api", {"epochs": 2}, resume=True, progress=False)
+    for name in ("cli", "api"):
+        config = load_checkpoint(tmp_path / name / "last.pt")["config"]
+        assert {k: config[k] for k in ("epochs", "patch", "seed", "tta", "steps_per_epoch", "filters")} == {
+            "epochs": 2, "patch": [16, 16, 16], "seed": 3, "tta": True, "steps_per_epoch": 2, "filters": [4, 8, 16]}, name
 
 
 def test_ddp_two_cpu_processes(prepared, tmp_path):

@@ -84,7 +84,7 @@ TRAIN_FLAGS = ("model", "filters", "epochs", "batch_size", "lr", "patch", "targe
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import resolve_config, train
     from .recipes import load_recipe
-    from .training.config import read_config_file
+    from .training.config import read_config_file, resumed_config
     from .training.run_files import fold_dir
 
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}
@@ -98,8 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                             f"(0..{args.folds - 1})")
     run_file = fold_dir(args.run_dir, fold) / "config.yaml"
     config = None
-    if args.resume and args.config is None and run_file.is_file():  # a resumed run keeps its settings; flags override
-        config = resolve_config(run_file, overrides)
+    if args.resume and run_file.is_file():  # a resumed run keeps its settings; a --config file and flags override
+        config = resumed_config(run_file, args.config, overrides)
         differ = []
         if args.recipe:  # the recipe's settings (flags over them) against the run's
             asked = resolve_config(None, {**overrides, "fold": config.fold, "folds": config.folds}, recipe=args.recipe)

@@ -148,3 +148,14 @@ def resolve_config(
     source = str(file) if file else f"recipe '{recipe}'" if recipe else "config"
     merged = {**base, **values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     return TrainConfig.from_dict(merged, source)
+
+
+def resumed_config(run_file: Path, given: dict[str, Any] | str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A resumed run's settings: its own (`run_file`, the config.yaml it wrote) <- those `given` (a
+    file or dict names only what changes, as flags do) <- explicit overrides (CLI flags given).
+    Whether a change may be made on resuming is `run_files.resumed_state`'s to say."""
+    changed = read_config_file(given) if isinstance(given, (str, Path)) else dict(given or {})
+    values = {**read_config_file(run_file), **changed, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    return TrainConfig.from_dict(values, str(given) if isinstance(given, (str, Path)) else str(run_file))
+

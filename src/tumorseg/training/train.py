@@ -35,7 +35,7 @@ from ..prepare.split import fold_split
 from ..settings import settings_object
 from . import crossval, distributed
 from .rng import callers_rng_kept, set_rng_state
-from .config import TrainConfig, resolve_config
+from .config import TrainConfig, read_config_file, resolve_config, resumed_config
 from .engine import LossGuard, mean_dice, train_epoch, validate
 from .losses import build_loss
 from .run_files import MIN_COLUMNS, fold_dir, last_kept, resumed_state, run_state, save_epoch
@@ -137,9 +137,11 @@ def train(
         run_dir: where best.pt, last.pt, metrics.csv, curves.png and config.yaml go; with
             `config.fold`, the fold's folder inside it (`run_dir/fold_K`).
         config: the settings (`TrainConfig`, or a dict of its fields, or a YAML / TOML / JSON file
-            of them; None: the defaults). A recipe's: `resolve_config(recipe="brats-cpu")`.
+            of them; None: the defaults). A recipe's: `resolve_config(recipe="brats-cpu")`. With
+            `resume`, a dict or file names only what changes (more epochs): the run's own
+            config.yaml gives the rest; a `TrainConfig` is taken whole.
         resume: go on from `run_dir/last.pt` as the run would have gone on uninterrupted.
-        progress: progress bars and a line per epoch on stderr.
+        progress: progress bars (the lines of the run go through the `tumorseg` logger).
         resume_with: how the line printed on an interruption says to continue (the CLI: `--resume`).
 
     Under torchrun this is data-parallel (DDP); only rank 0 writes. Ctrl-C leaves the `last.pt` of
@@ -151,6 +153,11 @@ def train(
 
 def _train(prepared_dir: str | Path, run_dir: str | Path, config: TrainConfig | dict | str | Path | None,
            resume: bool, progress: bool, resume_with: str) -> TrainResult:
+    if resume and (config is None or isinstance(config, (dict, str, Path))):  # what changes, over the run's own
+        given = read_config_file(config) if isinstance(config, (str, Path)) else dict(config or {})
+        run_file = fold_dir(Path(run_dir), given.get("fold")) / "config.yaml"
+        if run_file.is_file():
+            config = resumed_config(run_file, config)
     config = settings_object(config, TrainConfig, "train", resolve_config)
     prepared_dir, run_dir = Path(prepared_dir), Path(run_dir)
     manifest = load_manifest(prepared_dir)
