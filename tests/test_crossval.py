@@ -18,10 +18,16 @@ def _fold(root, k, folds, dice, statistics=None, cases="abc"):
 def test_summary_waits_for_every_fold_of_its_own_cross_validation(tmp_path):
     _fold(tmp_path, 0, 2, (0.9, 0.6, 0.3))
     assert crossval.report(tmp_path, [3, 2]) is None and not (tmp_path / crossval.SUMMARY).exists()
+    _fold(tmp_path, 1, 2, (0.8, 0.5, 0.2))
+    assert crossval.report(tmp_path, [3, 2]).startswith("cross-validation of 2 folds")
     _fold(tmp_path, 1, 3, (0.8, 0.5, 0.2))  # a fold of another (3-fold) cross-validation
-    assert crossval.summarize(tmp_path, [3, 2]) is None
+    assert crossval.report(tmp_path, [3, 2]) == (f"warning: the folds in {tmp_path} are not one cross-validation, not "
+                                                 "summed: fold_1: a fold of a 3-fold cross-validation, not of 2; "
+                                                 "retrain it with --folds 2")
+    assert not (tmp_path / crossval.SUMMARY).exists()  # the earlier summary is not left to vouch for them
     _fold(tmp_path, 1, 2, (0.8, 0.5, 0.2), cases="other")  # of a 2-fold cross-validation over other cases
-    assert crossval.summarize(tmp_path, [3, 2]) is None
+    assert crossval.report(tmp_path, [3, 2]).endswith("fold_1: trained on other cases than the other folds (another "
+                                                      "prepared folder or split seed); retrain it on theirs")
     _fold(tmp_path, 1, 2, (0.8, 0.5, 0.2))
     line = crossval.report(tmp_path, [3, 2])
     summary = json.loads((tmp_path / crossval.SUMMARY).read_text())

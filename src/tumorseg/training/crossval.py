@@ -20,7 +20,8 @@ def summarize(cv_dir: Path, sizes: list[int]) -> dict[str, Any] | None:
     """The out-of-fold Dice of the `len(sizes)`-fold cross-validation in `cv_dir` (fold k validated
     `sizes[k]` cases): each fold's best epoch, their case-weighted mean per region and, where every
     fold stores its validation statistics, the post-processing their ensemble chooses on them and its
-    lesion-wise Dice. None until every fold of this cross-validation has a `best.pt`."""
+    lesion-wise Dice. None until every fold of this cross-validation has a `best.pt`; TumorsegError
+    where a fold's folder holds another cross-validation's fold (other settings, fold count or cases)."""
     folds, rows, stats, cases, first = len(sizes), [], [], None, None
     for k in range(folds):
         try:
@@ -37,8 +38,14 @@ def summarize(cv_dir: Path, sizes: list[int]) -> dict[str, Any] | None:
                      and "dice_mean" in row), None)
         its_cases = state.get("data_cases")  # None: trained before it was recorded, not compared
         cases = cases or its_cases
-        if (config.get("fold"), config.get("folds")) != (k, folds) or best is None or its_cases not in (None, cases):
-            return None  # another cross-validation's folder (other folds or cases), or a fold never validated
+        if config.get("folds") != folds:  # a stale summary must not vouch for folds of two cross-validations
+            raise TumorsegError(f"fold_{k}: a fold of a {config.get('folds')}-fold cross-validation, not of "
+                                f"{folds}; retrain it with --folds {folds}")
+        if its_cases not in (None, cases):
+            raise TumorsegError(f"fold_{k}: trained on other cases than the other folds (another prepared folder "
+                                "or split seed); retrain it on theirs")
+        if config.get("fold") != k or best is None:
+            return None  # not this fold's run, or a fold never validated
         rows.append({"fold": k, "cases": sizes[k], "best_epoch": best["epoch"],
                      **{f"dice_{r}": best[f"dice_{r}"] for r in REGIONS}})
         stored = (state.get("inference") or {}).get("postprocess_statistics")
