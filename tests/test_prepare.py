@@ -231,10 +231,13 @@ def test_a_scan_that_covers_part_of_the_brain_is_a_recorded_warning(tmp_path, ca
     assert "of what the other scans show: it covers part of the brain" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("change", ["none", "slab", "moved"])
+@pytest.mark.parametrize("change", ["none", "slab", "moved", "offset", "constant"])
 def test_real_scans_that_miss_part_of_the_brain_are_named(real_data_dir, change):
     """Real cases' modalities agree on the brain (at most 3.5 % of it is 0 in one of them, in
-    Brats18_2013_3_1); a FLAIR covering slices 60-150 only, or moved 20 mm off the others, is named."""
+    Brats18_2013_3_1); a FLAIR covering slices 60-150 only, or moved 20 mm off the others, is named;
+    a T1 off 0 or constant is named for that alone, not the others as partial beside it."""
+    from dataclasses import replace
+
     from tumorseg.layouts import discover_cases
     from tumorseg.prepare.case import check_intensities, load_channels
 
@@ -245,8 +248,13 @@ def test_real_scans_that_miss_part_of_the_brain_are_named(real_data_dir, change)
         vols[3].data[:, :, list(range(60)) + list(range(151, 155))] = 0
     elif change == "moved":
         vols[3].data[:] = np.roll(vols[3].data, 20, axis=1)
+    elif change in ("offset", "constant"):  # the T1's own warning; the others are not partial for it
+        vols[0] = replace(vols[0], data=vols[0].data + 10 if change == "offset" else np.ones_like(vols[0].data))
     warnings = check_intensities(case, channels, vols)
     assert (warnings == []) == (change == "none"), warnings
+    if change in ("offset", "constant"):
+        assert len(warnings) == 1 and "(t1)" in warnings[0], warnings
+        return
     assert any("(flair) is 0 in " in w for w in warnings) == (change != "none")
     if change == "slab":  # the others show what the slab misses; moved, each misses some of the others'
         assert len(warnings) == 1

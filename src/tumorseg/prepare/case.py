@@ -79,8 +79,7 @@ def check_intensities(case: Case, channels: tuple[str, ...], vols: list[Volume])
     estimate, and an offset background often means a scan that is not skull-stripped), and for each
     that is 0 over much of what the others show (`vols` on one grid): a slab covering part of the
     brain, or a scan not co-registered with the others, which the network would read as empty."""
-    warnings = []
-    shown = np.logical_or.reduce([vol.data != 0 for vol in vols])
+    warnings, zero_background = [], []
     for modality, vol in zip(channels, vols):
         lo, hi = float(np.min(vol.data)), float(np.max(vol.data))  # NaN and +-inf all show in these two
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -89,13 +88,27 @@ def check_intensities(case: Case, channels: tuple[str, ...], vols: list[Volume])
         if lo == hi:
             warnings.append(f"{case.case_id}: {vol.path} ({modality}) holds the single value {lo:g}: a broken scan? "
                             "it is scaled to zeros")
-            continue
-        if (level := background(vol.data)) is not None:
+        elif (level := background(vol.data)) is not None:
             brain = "not at that level" if level[1] == 0 else f"more than {level[1]:.3g} away from it"
             warnings.append(f"{case.case_id}: {vol.path} ({modality}): the background is not 0 (about {level[0]:.3g} "
                             f"on the volume's faces); the brain is taken as the voxels {brain}. tumorseg expects "
                             "skull-stripped scans with a zero background")
-        unseen = np.count_nonzero(shown & (vol.data == 0)) / max(np.count_nonzero(shown), 1)
+        else:
+            zero_background.append((modality, vol))
+    return warnings + _unseen(case, zero_background)
+
+
+def _unseen(case: Case, vols: list[tuple[str, Volume]]) -> list[str]:
+    """A warning for each scan that is 0 over more than `MAX_UNSEEN` of what the others show, among
+    those of a zero background (where 0 is outside the head: an offset or constant scan has its
+    own warning, and would make every other scan look partial)."""
+    if len(vols) < 2:
+        return []
+    shown = np.logical_or.reduce([vol.data != 0 for _, vol in vols])
+    total = max(np.count_nonzero(shown), 1)
+    warnings = []
+    for modality, vol in vols:
+        unseen = np.count_nonzero(shown & (vol.data == 0)) / total
         if unseen > MAX_UNSEEN:
             warnings.append(f"{case.case_id}: {vol.path} ({modality}) is 0 in {unseen:.0%} of what the other scans show: "
                             "it covers part of the brain, or is not co-registered with them? The network reads it "
