@@ -206,6 +206,14 @@ def test_a_file_where_a_folder_is_needed_is_named(tmp_path):
         save_npy(tmp_path / "afile" / "sub" / "x.npy", np.zeros(3))
 
 
+def test_a_name_too_long_is_one_line(tmp_path):
+    """The temporary's `.tmp-<pid>-` prefix makes a 245-character name too long; so is a 300-character folder."""
+    for path in (tmp_path / ("c" * 245 + ".json"), tmp_path / ("d" * 300) / "x.json"):
+        with pytest.raises(TumorsegError, match=r": cannot write \(File name too long\)$"):
+            with atomic_path(path) as tmp:
+                tmp.write_text("{}")
+
+
 def test_a_file_size_limit_is_named(tmp_path, monkeypatch):
     """`ulimit -f` (a scheduler's limit): numpy's short write has no errno, EFBIG has one."""
     import resource

@@ -221,7 +221,7 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
     """
     path = Path(path)
     tmp = path.parent / f".tmp-{os.getpid()}-{path.name}"
-    file_above = next((p for p in path.parents if p.is_file()), None)
+    file_above = next((p for p in path.parents if _is_file(p)), None)
     if file_above is not None:  # mkdir would say only "File exists"
         raise TumorsegError(f"{path}: cannot write ({file_above} is a file, not a folder)")
     try:
@@ -233,12 +233,23 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         # would keep its space for as long as anyone holds this exception, and a full disk would
         # fail every later write of the run. Clearing their locals closes it.
         traceback.clear_frames(exc.__traceback__)
-        written = tmp.stat().st_size if tmp.exists() else 0
+        written = 0
+        with contextlib.suppress(OSError):  # none written (a name too long, a folder it may not enter)
+            written = tmp.stat().st_size
         _remove(tmp)
         raise TumorsegError(f"{path}: cannot write ({write_failure(exc, path, written, size)})") from None
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False where it cannot be looked at (Python 3.11 raises on a name too long
+    or a folder without search permission)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def check_writable(folder: str | os.PathLike, hint: str = "") -> None:
