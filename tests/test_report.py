@@ -503,6 +503,10 @@ def test_the_images_segmentations_are_scored_where_no_truth_is_given(tmp_path):
     assert all(c.metrics for c in found.cases) and [c.metrics for c in found.cases] == [c.metrics for c in given.cases]
     assert found.csv.read_text() == given.csv.read_text()
     assert html.escape(f"ground truth: {tmp_path / 'data'} (the images' segmentations)") in found.index.read_text()
+    (tmp_path / "data/case_1/case_1_seg.nii.gz").unlink()  # one case unlabelled: no truth asked for, no warning
+    part = report(preds, images=tmp_path / "data", out=tmp_path / "part", progress=False)
+    assert part.cases[0].metrics and not part.cases[1].metrics
+    assert not any("ground truth" in w for w in part.cases[1].warnings), part.cases[1].warnings
     for seg in (tmp_path / "data").glob("*/*_seg.nii.gz"):
         seg.unlink()
     bare = report(preds, images=tmp_path / "data", out=tmp_path / "bare", progress=False)

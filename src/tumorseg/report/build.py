@@ -97,7 +97,8 @@ def report(
     image_cases = {c.case_id: c for c in discover_cases(images)} if images is not None else {}
     truths = truth_cases(gt) if gt is not None else None
     truth_source = str(gt) if gt is not None else "not given"
-    if truths is None and any(c.seg is not None for c in image_cases.values()):
+    from_images = truths is None and any(c.seg is not None for c in image_cases.values())
+    if from_images:
         gt = images  # the views draw the images' segmentations as the ground truth: they are scored too
         truths = {cid: c for cid, c in image_cases.items() if c.seg is not None}
         truth_source = f"{images} (the images' segmentations)"
@@ -128,7 +129,7 @@ def report(
                 if images is not None and cid not in image_cases:
                     case.warnings.append(f"no images for this case in {images}: labels shown on black, "
                                          "brain edge not checked")
-                if truths is not None:
+                if truths is not None and (truth is not None or not from_images):  # an unlabelled image case: none asked for
                     case.metrics, warnings, notes = score(prediction, truth, gt, case.labels)
                     case.warnings += warnings
                     case.notes += notes
