@@ -123,13 +123,16 @@ def _take_over(path: Path, stale: str) -> bool:
 def live_holder(folder: str | os.PathLike, name: str = LOCK_NAME) -> str | None:
     """The run holding `folder` now, in words (`folder_lock`'s line names it alike), or None: for a
     reader of a folder that a live run is still writing (evaluate, report of a predict under way)."""
-    path = Path(folder) / name
-    try:
-        holder = _holder(_read(path))
-        mine = holder is not None and holder["pid"] == os.getpid() and holder.get("host") == socket.gethostname()
-        return None if mine or _dead(holder, path) else _describe(holder)
-    except OSError:  # none, or released meanwhile
-        return None
+    folder = Path(folder)
+    for path in (folder / name, *sorted(folder.glob(f"{name}.rank*"))):  # torchrun's ranks 1.. write on after rank 0
+        try:
+            holder = _holder(_read(path))
+            mine = holder is not None and holder["pid"] == os.getpid() and holder.get("host") == socket.gethostname()
+            if not mine and not _dead(holder, path):
+                return _describe(holder)
+        except OSError:  # none, or released meanwhile
+            continue
+    return None
 
 
 @contextlib.contextmanager
