@@ -87,6 +87,41 @@ def test_resume_mends_a_damaged_best_checkpoint_or_says_its_weights_are_lost(pre
     assert load_checkpoint(tmp_path / "run/best.pt")["epoch"] == load_checkpoint(tmp_path / "run/last.pt")["best_epoch"]
 
 
+def test_a_kill_between_best_and_last_goes_on_from_best(prepared, tmp_path, monkeypatch, capsys):
+    """`save_epoch` writes best.pt, then metrics.csv and last.pt: killed between them, best.pt holds
+    the next epoch whole and the run goes on from it. Repeating the epoch instead had taken best.pt
+    for damaged ("its weights are lost") and marked a worse epoch best where no epoch followed."""
+    run_files = importlib.import_module("tumorseg.training.run_files")
+    scores = iter([0.5, 0.1, 0.9])  # epoch 2 worse than 1, epoch 3 the best
+    monkeypatch.setattr(train_module, "mean_dice", lambda dice: next(scores))
+    train(prepared, tmp_path / "full", TrainConfig(epochs=3, **TINY), progress=False)
+
+    class Killed(BaseException):
+        pass
+
+    real = run_files.save_checkpoint
+
+    def killed_after_best(path, state):
+        real(path, state)
+        if path.name == "best.pt" and state["epoch"] == 3:
+            raise Killed
+
+    scores = iter([0.5, 0.1, 0.9])
+    monkeypatch.setattr(run_files, "save_checkpoint", killed_after_best)
+    with pytest.raises(Killed):
+        train(prepared, tmp_path / "cut", TrainConfig(epochs=3, **TINY), progress=False)
+    assert load_checkpoint(tmp_path / "cut/last.pt")["epoch"] == 2 and load_checkpoint(tmp_path / "cut/best.pt")["epoch"] == 3
+    monkeypatch.setattr(run_files, "save_checkpoint", real)
+    resumed = train(prepared, tmp_path / "cut", TrainConfig(epochs=3, **TINY), resume=True, progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3] and resumed.best_epoch == 3
+    assert "weights are lost" not in capsys.readouterr().err
+    full, cut = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    assert load_checkpoint(tmp_path / "cut/last.pt")["epoch"] == 3
+    rows = [line.split(",") for line in (tmp_path / "cut/metrics.csv").read_text().splitlines()]
+    assert [r[rows[0].index("best")] for r in rows[1:]] == ["0", "0", "1"]
+
+
 def test_resume_on_other_prepared_data_is_refused(prepared, tmp_path):
     """--resume goes on with the run's own data: another prepared folder (other cases, other
     settings) would carry on its curves and best epoch on other data."""

@@ -99,6 +99,7 @@ def resumed_state(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig
             raise TumorsegError(f"{exc}; the run cannot go on, but {run_dir / 'best.pt'} is untouched: predict with "
                                 "it, or train into another folder") from None
         raise
+    state = _went_on(run_dir, state, main)
     was = state.get("config", {})
     was_fold = (was.get("fold"), was.get("folds")) if was.get("fold") is not None else None
     if "fold" in was and was_fold != ((config.fold, config.folds) if config.fold is not None else None):
@@ -127,6 +128,28 @@ def resumed_state(run_dir: Path, spec: dict, manifest: dict, config: TrainConfig
         raise TumorsegError(f"{run_dir / 'last.pt'}: --resume goes on with the data the run trained on; this prepared "
                             f"folder differs in {', '.join(other)}: give that folder, or start a new run")
     return with_best_checkpoint(run_dir, state, main)
+
+
+def _went_on(run_dir: Path, state: dict, main: bool) -> dict:
+    """`state` (last.pt's), or best.pt's where a kill fell between the two writes of `save_epoch`
+    (best.pt first): best.pt then holds the run's next epoch whole (weights, optimizer, generators,
+    history), and the run goes on from it, its metrics.csv and last.pt written now as that epoch
+    would have written them. Repeating the epoch instead had taken best.pt for damaged and marked a
+    worse epoch best wherever the resume ran no epoch further."""
+    try:
+        best = load_checkpoint(run_dir / "best.pt")
+    except TumorsegError:
+        return state
+    history = best.get("history") or []
+    if not (best.get("epoch") == state["epoch"] + 1 and best.get("best_epoch") == best["epoch"]
+            and history[:-1] == state["history"] and "optimizer" in best):
+        return state
+    if main:
+        try:
+            save_epoch(run_dir, best, history, best=False)
+        except TumorsegError as exc:  # a full disk: last.pt is as it was
+            raise TumorsegError(f"{exc}; {last_kept(run_dir, state['epoch'])}") from None
+    return best
 
 
 def with_best_checkpoint(run_dir: Path, state: dict, main: bool = True) -> dict:
@@ -159,8 +182,9 @@ def with_best_checkpoint(run_dir: Path, state: dict, main: bool = True) -> dict:
 
 def save_epoch(run_dir: Path, state: dict, history: list[dict], best: bool) -> None:
     """best.pt, then metrics.csv and curves, then last.pt: a kill between them leaves last.pt at the
-    previous epoch, which a resumed run repeats exactly, so best.pt always holds the epoch that
-    metrics.csv shows best (last.pt first could leave a stale best.pt that no resume rewrites).
+    previous epoch and best.pt at this one, whole, which a resumed run goes on from (`_went_on`), so
+    best.pt always holds the epoch that metrics.csv shows best (last.pt first could leave a stale
+    best.pt that no resume rewrites).
     The first epoch saved writes last.pt first: a kill after it leaves a run to resume (which writes
     its best.pt), never a best.pt alone, which `train` takes for a finished run's model."""
     first = not (run_dir / "last.pt").exists()
