@@ -17,7 +17,8 @@ def write_failure(exc: OSError, path: Path, written: int = 0, size: int | None =
         return _no_space(path, written, size)
     if exc.errno == errno.EFBIG or (exc.errno is None and _size_limited(written)):
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        return "larger than the file-size limit" + (f" ({_mb(limit)}, `ulimit -f`)" if limit != resource.RLIM_INFINITY else "")
+        named = f" ({_mb(limit)}, `ulimit -f`)" if limit != resource.RLIM_INFINITY else ""  # else the file system's
+        return f"larger than the file-size limit{named}"
     return exc.strerror or str(exc)
 
 

@@ -9,7 +9,8 @@ Output (`out`, default `PRED_DIR/report`):
 Predictions are `PRED_DIR/<case>.nii.gz` (as `tumorseg predict` writes them, any label
 convention its header tag names); `<case>_uncertainty.nii.gz` beside one adds the uncertainty
 view and score. A case that cannot be read is one line naming the file; the others are still
-reported. Each prediction is read once: measured, drawn and (with `gt`, else the images' segmentations) scored from that read.
+reported. Each prediction is read once: measured, drawn and (with `gt`, else the images'
+segmentations) scored from that read.
 
 A case reported is recorded (`cases/<case>.json`, `record`): a re-run, after a kill or over the
 same folder, redoes only the cases whose files or settings changed.
@@ -129,7 +130,7 @@ def report(
                 if images is not None and cid not in image_cases:
                     case.warnings.append(f"no images for this case in {images}: labels shown on black, "
                                          "brain edge not checked")
-                if truths is not None and (truth is not None or not from_images):  # an unlabelled image case: none asked for
+                if truths is not None and (truth is not None or not from_images):  # unlabelled images: none asked
                     case.metrics, warnings, notes = score(prediction, truth, gt, case.labels)
                     case.warnings += warnings
                     case.notes += notes
