@@ -125,6 +125,24 @@ def test_loader_order_depends_only_on_seed_and_epoch(prepared):
     assert any(order(0) != order(e) for e in range(1, 6))
 
 
+def test_more_workers_than_cores_is_one_note_not_torchs_warning_each_epoch(prepared):
+    """A recipe's 8 workers on a 2-core laptop: torch warned at the loader's making and at every epoch."""
+    import os
+    import warnings
+
+    from tumorseg.data import workers_note
+
+    cores = len(os.sched_getaffinity(0))
+    assert workers_note(cores) is None
+    assert workers_note(cores + 1) == (f"note: {cores + 1} loader workers on {cores} CPU cores, more than can run at "
+                                       f"once: --workers {cores} may be as fast")
+    ds = PreparedDataset(prepared, split_ids(prepared, "train"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader = make_loader(ds, batch_size=1, shuffle=False, seed=0, workers=cores + 1)
+        assert len([b["case_id"][0] for b in loader]) == len(ds)
+
+
 @pytest.mark.parametrize("ending", ["normal", "error"])
 def test_loader_workers_end_with_the_process(ending):
     """Workers exit quietly on SIGTERM (a job-wide `scancel` is the training process's to handle),

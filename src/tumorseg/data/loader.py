@@ -30,7 +30,7 @@ def make_loader(
     sampler = DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
     )
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -40,6 +40,24 @@ def make_loader(
         drop_last=False,
         worker_init_fn=_start_worker,
     )
+
+
+class _Loader(DataLoader):
+    """MONAI's DataLoader without torch's warning on more workers than cores, which it repeats at
+    every epoch's start: `train` says it once, as a note (`workers_note`)."""
+
+    def check_worker_number_rationality(self) -> None:
+        return None
+
+
+def workers_note(workers: int) -> str | None:
+    """A note where `workers` loader processes are more than this process may run on (a recipe's 8
+    on a laptop), else None."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers <= cores:
+        return None
+    return (f"note: {workers} loader workers on {cores} CPU cores, more than can run at once: "
+            f"--workers {cores} may be as fast")
 
 
 def _start_worker(worker_id: int) -> None:

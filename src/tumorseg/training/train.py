@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..bars import end_bars
-from ..data import PreparedDataset, eval_transform, make_loader, shard, split_ids, train_transform
+from ..data import PreparedDataset, eval_transform, make_loader, shard, split_ids, train_transform, workers_note
 from ..errors import Terminated, TumorsegError
 from ..io import sweep_stale_temps, write_text
 from ..lock import folder_lock
@@ -276,6 +276,8 @@ def _run(prepared_dir, run_dir, config, manifest, train_ids, val_ids, patch, spe
             + (f"epochs {start + 1}-{end}" if start < end else f"all {config.epochs} epochs already done"
                if start == config.epochs else f"its {config.max_minutes:g}-minute budget is already spent "
                f"({clock['spent'] / 60:.1f} minutes; give --max-minutes above that to train on)"))
+        if note := workers_note(config.workers):
+            say(note)
     guard, saved = LossGuard(), start  # saved: the epoch last.pt holds
     try:
         for epoch in range(start, end):
