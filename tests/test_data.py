@@ -126,7 +126,8 @@ def test_loader_order_depends_only_on_seed_and_epoch(prepared):
 
 
 def test_more_workers_than_cores_is_one_note_not_torchs_warning_each_epoch(prepared):
-    """A recipe's 8 workers on a 2-core laptop: torch warned at the loader's making and at every epoch."""
+    """A recipe's 8 workers on a 2-core laptop: torch warned when the loader was made and when its
+    first epoch started."""
     import os
     import warnings
 

@@ -229,6 +229,12 @@ def test_a_file_size_limit_is_named(tmp_path, monkeypatch):
     with pytest.raises(TumorsegError, match=r"b.bin: cannot write \(larger than the file-size limit\)$"):
         with atomic_path(tmp_path / "b.bin"):
             raise OSError(errno.EFBIG, "File too large")  # a file system's own limit
+    import tumorseg.write_failure
+
+    monkeypatch.setattr(tumorseg.write_failure, "resource", None)  # Windows: no `resource` module, no limit to name
+    with pytest.raises(TumorsegError, match=r"b.bin: cannot write \(larger than the file-size limit\)$"):
+        with atomic_path(tmp_path / "b.bin"):
+            raise OSError(errno.EFBIG, "File too large")
 
 
 def test_a_read_only_folder_is_one_line_before_and_during_a_write(tmp_path, monkeypatch):

@@ -221,9 +221,6 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
     """
     path = Path(path)
     tmp = path.parent / f".tmp-{os.getpid()}-{path.name}"
-    file_above = next((p for p in path.parents if _is_file(p)), None)
-    if file_above is not None:  # mkdir would say only "File exists"
-        raise TumorsegError(f"{path}: cannot write ({file_above} is a file, not a folder)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
@@ -237,7 +234,9 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         with contextlib.suppress(OSError):  # none written (a name too long, a folder it may not enter)
             written = tmp.stat().st_size
         _remove(tmp)
-        raise TumorsegError(f"{path}: cannot write ({write_failure(exc, path, written, size)})") from None
+        file_above = next((p for p in path.parents if _is_file(p)), None)  # mkdir says only "File exists"
+        reason = f"{file_above} is a file, not a folder" if file_above else write_failure(exc, path, written, size)
+        raise TumorsegError(f"{path}: cannot write ({reason})") from None
     except BaseException:
         _remove(tmp)
         raise

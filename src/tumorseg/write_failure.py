@@ -5,9 +5,13 @@ write and both name the file."""
 from __future__ import annotations
 
 import errno
-import resource
 import shutil
 from pathlib import Path
+
+try:
+    import resource  # Unix: the process's file-size limit
+except ImportError:  # Windows has none to name
+    resource = None
 
 
 def write_failure(exc: OSError, path: Path, written: int = 0, size: int | None = None) -> str:
@@ -15,10 +19,9 @@ def write_failure(exc: OSError, path: Path, written: int = 0, size: int | None =
     not known); the failed file already removed, so the space free is what is left."""
     if _disk_full(exc, path):
         return _no_space(path, written, size)
-    if exc.errno == errno.EFBIG or (exc.errno is None and _size_limited(written)):
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        named = f" ({_mb(limit)}, `ulimit -f`)" if limit != resource.RLIM_INFINITY else ""  # else the file system's
-        return f"larger than the file-size limit{named}"
+    limit = _file_size_limit()
+    if exc.errno == errno.EFBIG or (exc.errno is None and limit is not None and written >= limit):
+        return "larger than the file-size limit" + (f" ({_mb(limit)}, `ulimit -f`)" if limit is not None else "")
     return exc.strerror or str(exc)
 
 
@@ -32,10 +35,13 @@ def _disk_full(exc: OSError, path: Path) -> bool:
         return False
 
 
-def _size_limited(written: int) -> bool:
-    """A short write without an errno that stopped at the process's file-size limit."""
+def _file_size_limit() -> int | None:
+    """The process's file-size limit in bytes (`ulimit -f`), None where it has none (EFBIG is then
+    the file system's own limit)."""
+    if resource is None:
+        return None
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    return limit != resource.RLIM_INFINITY and written >= limit
+    return None if limit == resource.RLIM_INFINITY else limit
 
 
 def _no_space(path: Path, written: int, size: int | None) -> str:

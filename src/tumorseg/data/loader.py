@@ -43,8 +43,8 @@ def make_loader(
 
 
 class _Loader(DataLoader):
-    """MONAI's DataLoader without torch's warning on more workers than cores, which it repeats at
-    every epoch's start: `train` says it once, as a note (`workers_note`)."""
+    """MONAI's DataLoader without torch's warning on more workers than cores (given twice: when the
+    loader is made and when its first epoch starts): `train` says it once, as a note (`workers_note`)."""
 
     def check_worker_number_rationality(self) -> None:
         return None

@@ -15,7 +15,6 @@ support) costs a one-line note, and the run goes on uncompiled.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

@@ -38,7 +38,7 @@ def _case_key(stem: str, folder: str = "") -> tuple[str, str] | None:
     if m is None or (_series_words(prefix) and not folder.lower().startswith(prefix.lower())):
         return None  # the folder's own name is a case's (`P01_T1/P01_T1_flair`: a timepoint T1)
     kind = "seg" if m["key"].lower() == "seg" else canonical_modality(m["key"])
-    return (stem[: m.start()], kind) if kind is not None else None
+    return (prefix, kind) if kind is not None else None
 
 
 SCAN_PLANES = frozenset(("ax", "axial", "sag", "sagittal", "cor", "coronal", "tra", "transverse", "3d", "2d"))

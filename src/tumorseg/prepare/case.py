@@ -104,11 +104,12 @@ def _unseen(case: Case, vols: list[tuple[str, Volume]]) -> list[str]:
     own warning, and would make every other scan look partial)."""
     if len(vols) < 2:
         return []
-    shown = np.logical_or.reduce([vol.data != 0 for _, vol in vols])
+    nonzero = [vol.data != 0 for _, vol in vols]
+    shown = np.logical_or.reduce(nonzero)
     total = max(np.count_nonzero(shown), 1)
     warnings = []
-    for modality, vol in vols:
-        unseen = np.count_nonzero(shown & (vol.data == 0)) / total
+    for (modality, vol), seen in zip(vols, nonzero):
+        unseen = np.count_nonzero(shown & ~seen) / total
         if unseen > MAX_UNSEEN:
             warnings.append(f"{case.case_id}: {vol.path} ({modality}) is 0 in {unseen:.0%} of what the other scans show: "
                             "it covers part of the brain, or is not co-registered with them? The network reads it "

@@ -26,6 +26,7 @@ from .split import split_cases
 
 RECORDED = ("kept", "dropped", "unlabelled")  # the statuses a case's record is saved with (a failed case has none)
 
+
 @dataclass
 class PrepareResult:
     """What a prepare run did: `manifest` is what it wrote to manifest.json, `failed` the cases that
